@@ -1,1 +1,433 @@
-//! TODO
+//! `segq.toml`, the Rust-native counterpart of a Python pipeline's `config.py`: the schema, its defaults, and the
+//! merge order defaults < file < environment < command line. Unknown keys and bad values name the key and file line.
+//! The file never holds secrets: a W&B or Hub key in it is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The whole configuration; every key has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub dataset: DatasetConfig,
+    pub quant: QuantConfig,
+    pub eval: EvalConfig,
+    pub output: OutputConfig,
+    pub tracking: TrackingConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// "embedded" (the demo model), a local folder or checkpoint file, a Hub id `owner/name[@revision]`, or a URL.
+    pub source: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            source: "embedded".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    /// "embedded" (the demo set), a Hub dataset id, a Parquet file or folder, an ADEChallengeData2016 folder,
+    /// "IMAGES_DIR:MASKS_DIR", or a list file of `image<TAB>mask` lines.
+    pub source: String,
+    pub split: String,
+    /// Hub Parquet conversion config name (Scene Parse 150: `scene_parsing`).
+    pub subset: String,
+    pub image_column: String,
+    pub label_column: String,
+    /// ADE20K convention: 0 is "other" (ignored), k becomes class k-1.
+    pub reduce_labels: bool,
+    pub ignore_index: u8,
+    /// Raw label value -> label value, applied before `reduce_labels` (e.g. Cityscapes ids to train ids).
+    pub label_map: BTreeMap<String, u8>,
+    /// "fail" stops at the first bad example; "skip" counts and reports it.
+    pub on_error: String,
+    /// Decoding threads (0 = one per core).
+    pub workers: usize,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            source: "embedded".into(),
+            split: "validation".into(),
+            subset: "scene_parsing".into(),
+            image_column: "image".into(),
+            label_column: "annotation".into(),
+            reduce_labels: true,
+            ignore_index: 255,
+            label_map: BTreeMap::new(),
+            on_error: "fail".into(),
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantConfig {
+    /// Levels to evaluate: f32, f16, bf16, f8 (float8), f8e5m2, int8, int8-dyn, int4, int2.
+    pub levels: Vec<String>,
+    /// Methods to compare at each quantized level: rtn, hqq.
+    pub methods: Vec<String>,
+    /// Weights per group for int4/int2 (default 64 for int4, 32 for int2).
+    pub group_size: Option<usize>,
+    /// Symmetric (no zero point) instead of affine for int4/int2.
+    pub symmetric: Option<bool>,
+    /// Glob patterns over weight names kept in float (mixed precision), e.g. "decode_head.classifier".
+    pub skip: Vec<String>,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        Self {
+            levels: ["f32", "f16", "f8", "int8", "int4", "int2"]
+                .map(String::from)
+                .to_vec(),
+            methods: vec!["rtn".into(), "hqq".into()],
+            group_size: None,
+            symmetric: None,
+            skip: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub batch_size: usize,
+    /// Evaluate at most this many examples (after offset and shard).
+    pub limit: Option<usize>,
+    pub offset: usize,
+    /// "I/N" (0-based part I of N) or "auto" (Slurm array / Kubernetes indexed job variables).
+    pub shard: Option<String>,
+    /// "transformers" (resize to the processor size) or "mmseg" (keep-ratio fit to 2048x512).
+    pub protocol: String,
+    /// Compute threads (0 = one per core).
+    pub threads: usize,
+    /// Images per level saved as overlays.
+    pub samples: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 4,
+            limit: None,
+            offset: 0,
+            shard: None,
+            protocol: "transformers".into(),
+            threads: 0,
+            samples: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("segq-out"),
+        }
+    }
+}
+
+/// W&B settings; WANDB_* environment variables override them. The API key is never read from here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// online, offline or disabled (default: offline when no API key is found, disabled with no `[tracking]`).
+    pub mode: Option<String>,
+    pub project: Option<String>,
+    pub entity: Option<String>,
+    pub name: Option<String>,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    /// Folder where the `wandb/` run folders go.
+    pub dir: Option<PathBuf>,
+    pub base_url: Option<String>,
+}
+
+/// Keys that would hold a secret; the file is refused if it has one, so keys never end up in version control.
+const SECRET_KEYS: [&str; 5] = ["api_key", "wandb_api_key", "key", "token", "hf_token"];
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+fn find_secret(table: &toml::Table, path: &str) -> Option<String> {
+    for (k, v) in table {
+        let here = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        if SECRET_KEYS.contains(&k.to_ascii_lowercase().as_str()) {
+            return Some(here);
+        }
+        if let toml::Value::Table(t) = v {
+            if let Some(found) = find_secret(t, &here) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+impl Config {
+    /// Parses `segq.toml` text; `origin` names the file in errors ("segq.toml line 7: unknown field ...").
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            Error::Config(format!("{origin} line {line}: {}", e.message()))
+        })?;
+        if let Some(key) = find_secret(&table, "") {
+            return Err(Error::Config(format!(
+                "{origin}: key `{key}` looks like a secret; segq never reads keys from its config file (files get shared and committed): set WANDB_API_KEY / HF_TOKEN in the environment or use ~/.netrc"
+            )));
+        }
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            Error::Config(format!("{origin} line {line}: {}", e.message().trim()))
+        })?;
+        config
+            .validate()
+            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Loads `path` if given, else `./segq.toml` if present, else defaults.
+    pub fn load(path: Option<&Path>) -> Result<(Self, Option<PathBuf>)> {
+        match path {
+            Some(p) => Ok((Self::from_file(p)?, Some(p.to_path_buf()))),
+            None => {
+                let default = Path::new("segq.toml");
+                if default.exists() {
+                    Ok((Self::from_file(default)?, Some(default.to_path_buf())))
+                } else {
+                    Ok((Self::default(), None))
+                }
+            }
+        }
+    }
+
+    /// Applies `section.key=value` overrides (value in TOML syntax, bare strings allowed), re-validating the result.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+            Error::Config(format!("--set `{assignment}`: expected section.key=value"))
+        })?;
+        let key = key.trim();
+        let (section, field) = key.split_once('.').ok_or_else(|| {
+            Error::Config(format!(
+                "--set `{key}`: expected section.key (e.g. eval.batch_size)"
+            ))
+        })?;
+        if SECRET_KEYS.contains(&field.to_ascii_lowercase().as_str()) {
+            return Err(Error::Config(format!(
+                "--set `{key}`: secrets are read from the environment only"
+            )));
+        }
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+        let mut table =
+            toml::Table::try_from(&*self).map_err(|e| Error::Config(format!("internal: {e}")))?;
+        let section_table = table
+            .get_mut(section)
+            .and_then(|s| s.as_table_mut())
+            .ok_or_else(|| Error::Config(format!("--set `{key}`: unknown section `{section}`")))?;
+        section_table.insert(field.to_string(), value);
+        let merged: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    Error::Config(format!("--set `{key}`: {}", e.message().trim()))
+                })?;
+        merged
+            .validate()
+            .map_err(|e| Error::Config(format!("--set `{key}`: {e}")))?;
+        *self = merged;
+        Ok(())
+    }
+
+    /// Checks values that serde's types cannot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.eval.batch_size == 0 {
+            return Err("eval.batch_size must be at least 1".into());
+        }
+        if !matches!(self.dataset.on_error.as_str(), "fail" | "skip") {
+            return Err(format!(
+                "dataset.on_error = \"{}\": expected \"fail\" or \"skip\"",
+                self.dataset.on_error
+            ));
+        }
+        if !matches!(self.eval.protocol.as_str(), "transformers" | "mmseg") {
+            return Err(format!(
+                "eval.protocol = \"{}\": expected \"transformers\" or \"mmseg\"",
+                self.eval.protocol
+            ));
+        }
+        if let Some(mode) = &self.tracking.mode {
+            if !matches!(mode.as_str(), "online" | "offline" | "disabled") {
+                return Err(format!(
+                    "tracking.mode = \"{mode}\": expected online, offline or disabled"
+                ));
+            }
+        }
+        if self.quant.levels.is_empty() {
+            return Err("quant.levels is empty".into());
+        }
+        for (k, _) in &self.dataset.label_map {
+            k.parse::<u8>().map_err(|_| {
+                format!("dataset.label_map key \"{k}\" is not a label value 0..255")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The merged configuration as TOML, for `segq config show` (it holds no secrets by construction).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// The commented file `segq config init` writes.
+pub const DEFAULT_FILE: &str = r#"# segq.toml: what `segq eval` (and predict, quantize, bench) run on. Every key can be overridden on the
+# command line (dedicated flags, or --set section.key=value). Secrets never go here: W&B reads WANDB_API_KEY or
+# ~/.netrc, the Hub reads HF_TOKEN.
+
+[model]
+# "embedded" (the demo model in the binary), a local folder with config.json + weights, a Hub repo id
+# with optional @revision (e.g. "nvidia/segformer-b0-finetuned-ade-512-512"), or an http(s) URL.
+source = "embedded"
+
+[dataset]
+# "embedded" (12 demo images), a Hub dataset id (e.g. "scene_parse_150", read from its Parquet conversion),
+# a Parquet file or folder, an ADEChallengeData2016 folder, "IMAGES_DIR:MASKS_DIR", or a list file of image<TAB>mask.
+source = "embedded"
+split = "validation"
+subset = "scene_parsing"      # Hub Parquet config name
+image_column = "image"
+label_column = "annotation"
+reduce_labels = true          # ADE20K: 0 = other (ignored), k -> class k-1
+ignore_index = 255
+label_map = {}                # raw value -> label, before reduce_labels, e.g. { "7" = 0, "8" = 1 }
+on_error = "fail"             # or "skip": count and report bad examples
+workers = 0                   # decoding threads, 0 = one per core
+
+[quant]
+levels = ["f32", "f16", "f8", "int8", "int4", "int2"]   # also bf16, f8e5m2, int8-dyn
+methods = ["rtn", "hqq"]
+# group_size = 64             # int4 default 64, int2 default 32
+# symmetric = false
+skip = []                     # weight-name globs kept in float, e.g. ["decode_head.classifier"]
+
+[eval]
+batch_size = 4
+# limit = 100
+offset = 0
+# shard = "0/4"               # or "auto": SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX
+protocol = "transformers"     # or "mmseg": keep-ratio resize to fit 2048x512
+threads = 0                   # 0 = one per core
+samples = 3                   # overlay images saved per level
+
+[output]
+dir = "segq-out"
+
+[tracking]
+# mode = "offline"            # online | offline | disabled; WANDB_MODE overrides
+# project = "segq"
+# entity = "my-team"
+# group = "b0-ade"
+tags = []
+# dir = "."                   # run folders go in <dir>/wandb/
+# base_url = "https://api.wandb.ai"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_parses_to_defaults() {
+        let c = Config::from_toml(DEFAULT_FILE, "segq.toml").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::from_toml("[eval]\nbatch_size = 2\nbatchsize = 3\n", "my.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("my.toml line 3:"), "{e}");
+        assert!(e.contains("batchsize"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let e = Config::from_toml("[eval]\n\nbatch_size = \"two\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml line 3:"), "{e}");
+        let e = Config::from_toml("[eval]\nbatch_size = 0\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eval.batch_size must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn refuses_secrets() {
+        let e = Config::from_toml("[tracking]\napi_key = \"abc123\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tracking.api_key") && !e.contains("abc123"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn set_overrides_any_key() {
+        let mut c = Config::default();
+        c.set("eval.batch_size=8").unwrap();
+        c.set("quant.levels=[\"int4\"]").unwrap();
+        c.set("dataset.split=train").unwrap();
+        assert_eq!(c.eval.batch_size, 8);
+        assert_eq!(c.quant.levels, vec!["int4"]);
+        assert_eq!(c.dataset.split, "train");
+        assert!(
+            c.set("eval.nope=1")
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
+        assert!(c.set("eval.batch_size=0").is_err());
+    }
+}

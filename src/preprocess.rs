@@ -1,1 +1,399 @@
-//! TODO
+//! Images to model input and logits back to masks, exactly as the Python pipeline does it:
+//! `SegformerImageProcessor` (Pillow's antialiased bilinear resize on 8-bit pixels, rescale, normalise) on the way in;
+//! PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` then argmax on the way out.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The keys of `preprocessor_config.json` that change pixels; defaults are transformers'.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreprocessorConfig {
+    #[serde(default = "yes")]
+    pub do_resize: bool,
+    #[serde(default = "default_size")]
+    pub size: ImageSize,
+    #[serde(default = "default_resample")]
+    pub resample: u32,
+    #[serde(default = "yes")]
+    pub do_rescale: bool,
+    #[serde(default = "default_rescale")]
+    pub rescale_factor: f64,
+    #[serde(default = "yes")]
+    pub do_normalize: bool,
+    #[serde(default = "default_mean")]
+    pub image_mean: Vec<f64>,
+    #[serde(default = "default_std")]
+    pub image_std: Vec<f64>,
+    #[serde(default)]
+    pub do_reduce_labels: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_size() -> ImageSize {
+    ImageSize {
+        height: 512,
+        width: 512,
+    }
+}
+fn default_resample() -> u32 {
+    2
+}
+fn default_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn default_mean() -> Vec<f64> {
+    vec![0.485, 0.456, 0.406]
+}
+fn default_std() -> Vec<f64> {
+    vec![0.229, 0.224, 0.225]
+}
+
+impl Default for PreprocessorConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults deserialise")
+    }
+}
+
+impl PreprocessorConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let c: PreprocessorConfig = serde_json::from_str(text)
+            .map_err(|e| format!("malformed preprocessor_config.json: {e}"))?;
+        if c.image_mean.len() != 3 || c.image_std.len() != 3 {
+            return Err("image_mean and image_std must have 3 entries".into());
+        }
+        if c.image_std.iter().any(|s| *s == 0.0) {
+            return Err("image_std has a zero entry".into());
+        }
+        if c.resample != 2 {
+            return Err(format!(
+                "resample = {} is not supported (segq implements Pillow BILINEAR = 2, SegFormer's default)",
+                c.resample
+            ));
+        }
+        if c.size.height == 0 || c.size.width == 0 {
+            return Err("size must be positive".into());
+        }
+        Ok(c)
+    }
+}
+
+/// How images are sized for the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// transformers': resize to the processor's size, ignoring aspect ratio.
+    #[default]
+    Transformers,
+    /// mmsegmentation / SegFormer paper: keep-ratio resize to fit 2048x512, whole-image inference.
+    Mmseg,
+}
+
+/// The size (width, height) an image is resized to under `protocol`.
+pub fn target_size(
+    config: &PreprocessorConfig,
+    protocol: Protocol,
+    width: usize,
+    height: usize,
+) -> (usize, usize) {
+    match protocol {
+        Protocol::Transformers if config.do_resize => (config.size.width, config.size.height),
+        Protocol::Transformers => (width, height),
+        Protocol::Mmseg => {
+            // mmcv's rescale with keep_ratio: scale = min(long/long_side, short/short_side), sizes rounded.
+            let (long, short) = (2048.0f64, 512.0f64);
+            let scale = (long / width.max(height) as f64).min(short / width.min(height) as f64);
+            let w = (width as f64 * scale + 0.5).floor() as usize;
+            let h = (height as f64 * scale + 0.5).floor() as usize;
+            (w.max(1), h.max(1))
+        }
+    }
+}
+
+/// Turns an RGB image into normalised pixels [3, H, W] (float32, C order).
+pub fn preprocess(image: &RgbImage, config: &PreprocessorConfig, protocol: Protocol) -> Vec<f32> {
+    let (w, h) = target_size(
+        config,
+        protocol,
+        image.width() as usize,
+        image.height() as usize,
+    );
+    let resized;
+    let img = if (w, h) != (image.width() as usize, image.height() as usize) {
+        resized = resize_bilinear_pillow(image, w, h);
+        &resized
+    } else {
+        image
+    };
+    normalize(img, config)
+}
+
+/// Rescale and normalise as transformers does in float32: (f32(v * factor) - mean) / std.
+pub fn normalize(image: &RgbImage, config: &PreprocessorConfig) -> Vec<f32> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let mut out = vec![0f32; 3 * w * h];
+    let raw = image.as_raw();
+    for c in 0..3 {
+        let mean = config.image_mean[c] as f32;
+        let std = config.image_std[c] as f32;
+        let plane = &mut out[c * w * h..(c + 1) * w * h];
+        for (i, v) in plane.iter_mut().enumerate() {
+            let mut x = raw[i * 3 + c] as f64;
+            if config.do_rescale {
+                x *= config.rescale_factor;
+            }
+            let mut x = x as f32;
+            if config.do_normalize {
+                x = (x - mean) / std;
+            }
+            *v = x;
+        }
+    }
+    out
+}
+
+/// Stacks preprocessed images of one size into a batch tensor [B, 3, H, W].
+pub fn batch_tensor(pixels: Vec<Vec<f32>>, height: usize, width: usize) -> Result<Tensor> {
+    let b = pixels.len();
+    let flat: Vec<f32> = pixels.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, (b, 3, height, width), &Device::Cpu)?)
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's per-output-pixel filter taps for one axis: (first input index, taps) in fixed point.
+struct Coefficients {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+fn bilinear_filter(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+/// libImaging/Resample.c `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear filter (support 1).
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coefficients {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut taps = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C casts truncate toward zero; the clamp at 0 makes that equal to floor here.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let count = xmax - xmin;
+        let mut total = 0.0;
+        for (x, tap) in taps.iter_mut().enumerate().take(count) {
+            let w = bilinear_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *tap = w;
+            total += w;
+        }
+        for x in 0..count {
+            let w = if total != 0.0 {
+                taps[x] / total
+            } else {
+                taps[x]
+            };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, count));
+    }
+    Coefficients {
+        bounds,
+        ksize,
+        weights,
+    }
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's `Image.resize((w, h), Image.BILINEAR)` on an RGB image, bit for bit: fixed-point coefficients,
+/// a horizontal pass rounded to 8 bits over the rows the vertical pass needs, then the vertical pass.
+pub fn resize_bilinear_pillow(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let (in_w, in_h) = (image.width() as usize, image.height() as usize);
+    if (in_w, in_h) == (out_w, out_h) {
+        return image.clone();
+    }
+    let src = image.as_raw();
+    let horiz = precompute_coeffs(in_w, out_w);
+    let vert = precompute_coeffs(in_h, out_h);
+    let need_horizontal = out_w != in_w;
+    let need_vertical = out_h != in_h;
+    let half = 1i64 << (PRECISION_BITS - 1);
+
+    // Horizontal pass over the source rows the vertical pass reads.
+    let (first_row, last_row) = if need_vertical {
+        let (lo, _) = vert.bounds[0];
+        let (hi, n) = vert.bounds[out_h - 1];
+        (lo, hi + n)
+    } else {
+        (0, in_h)
+    };
+    let (temp, temp_w) = if need_horizontal {
+        let rows = last_row - first_row;
+        let mut temp = vec![0u8; rows * out_w * 3];
+        temp.par_chunks_mut(out_w * 3)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let y = r + first_row;
+                let line = &src[y * in_w * 3..(y + 1) * in_w * 3];
+                for xx in 0..out_w {
+                    let (xmin, count) = horiz.bounds[xx];
+                    let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + count];
+                    let mut acc = [half; 3];
+                    for (x, &kw) in k.iter().enumerate() {
+                        let p = (xmin + x) * 3;
+                        for c in 0..3 {
+                            acc[c] += line[p + c] as i64 * kw as i64;
+                        }
+                    }
+                    for c in 0..3 {
+                        row[xx * 3 + c] = clip8(acc[c]);
+                    }
+                }
+            });
+        (temp, out_w)
+    } else {
+        (
+            src[first_row * in_w * 3..last_row * in_w * 3].to_vec(),
+            in_w,
+        )
+    };
+    if !need_vertical {
+        return RgbImage::from_raw(out_w as u32, out_h as u32, temp).expect("size matches");
+    }
+    let mut out = vec![0u8; out_w * out_h * 3];
+    out.par_chunks_mut(out_w * 3)
+        .enumerate()
+        .for_each(|(yy, row)| {
+            let (ymin, count) = vert.bounds[yy];
+            let ymin = ymin - first_row;
+            let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + count];
+            for x in 0..temp_w * 3 {
+                let mut acc = half;
+                for (y, &kw) in k.iter().enumerate() {
+                    acc += temp[(ymin + y) * temp_w * 3 + x] as i64 * kw as i64;
+                }
+                row[x] = clip8(acc);
+            }
+        });
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("size matches")
+}
+
+/// PyTorch's source coordinate and weights for bilinear, align_corners=False, computed in f32 as its CPU kernel does.
+fn linear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = in_size as f32 / out_size as f32;
+    (0..out_size)
+        .map(|dst| {
+            let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src as usize).min(in_size - 1);
+            let l1 = src - i0 as f32;
+            let i1 = if i0 < in_size - 1 { i0 + 1 } else { i0 };
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+/// Class index per pixel at (out_h, out_w) from logits [C, h, w]: bilinear upsampling (align_corners=False) fused
+/// with argmax, so the C x H x W upsampled logits are never materialised. Ties go to the lowest class, as torch.argmax.
+pub fn upsample_argmax(
+    logits: &[f32],
+    classes: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<u16> {
+    let ys = linear_taps(h, out_h);
+    let xs = linear_taps(w, out_w);
+    let plane = h * w;
+    let mut out = vec![0u16; out_h * out_w];
+    out.par_chunks_mut(out_w).enumerate().for_each(|(oy, row)| {
+        let (y0, y1, wy0, wy1) = ys[oy];
+        let mut best = vec![f32::NEG_INFINITY; out_w];
+        for c in 0..classes {
+            let base = &logits[c * plane..(c + 1) * plane];
+            let r0 = &base[y0 * w..(y0 + 1) * w];
+            let r1 = &base[y1 * w..(y1 + 1) * w];
+            for (ox, &(x0, x1, wx0, wx1)) in xs.iter().enumerate() {
+                let v = (r0[x0] * wx0 + r0[x1] * wx1) * wy0 + (r1[x0] * wx0 + r1[x1] * wx1) * wy1;
+                // NaN never wins, as torch.argmax would pick it; logits here are finite.
+                if v > best[ox] {
+                    best[ox] = v;
+                    row[ox] = c as u16;
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_resize_is_a_copy() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        assert_eq!(resize_bilinear_pillow(&img, 5, 4), img);
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = RgbImage::from_pixel(13, 7, image::Rgb([200, 17, 99]));
+        for (w, h) in [(64, 64), (3, 2), (13, 20), (40, 7)] {
+            let out = resize_bilinear_pillow(&img, w, h);
+            assert!(out.pixels().all(|p| p.0 == [200, 17, 99]), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn upsample_argmax_same_size_is_argmax() {
+        // 2 classes on a 2x2 map, output at the same size: plain argmax with ties to class 0.
+        let logits = [1.0, 0.0, 3.0, 5.0, 2.0, 0.0, 3.0, 4.0];
+        assert_eq!(upsample_argmax(&logits, 2, 2, 2, 2, 2), vec![1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn mmseg_size_fits_2048x512() {
+        let c = PreprocessorConfig::default();
+        assert_eq!(target_size(&c, Protocol::Mmseg, 683, 512), (683, 512));
+        assert_eq!(target_size(&c, Protocol::Mmseg, 4000, 1000), (2048, 512));
+        assert_eq!(
+            target_size(&c, Protocol::Transformers, 683, 512),
+            (512, 512)
+        );
+    }
+}

@@ -1,1 +1,2 @@
-//! TODO
+//! Datasets (temporary: decoding only until the data branch lands).
+pub mod decode;

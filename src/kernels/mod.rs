@@ -1,1 +1,2 @@
-//! TODO
+//! Hand-written CPU kernels (placeholder until the kernels branch lands).
+pub mod dwconv;

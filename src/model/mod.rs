@@ -1,1 +1,272 @@
-//! TODO
+//! Models: where a checkpoint comes from (`ModelSource`), loading it with its configs (`load`), and the SegFormer
+//! network built from float or quantized layers. A new model family adds a file here behind `LoadedModel`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod layers;
+pub mod segformer;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use checkpoint::TensorStore;
+use config::SegformerConfig;
+use segformer::Segformer;
+
+use crate::hub::{self, HubId, HubRepo};
+use crate::preprocess::PreprocessorConfig;
+use crate::{Error, Result};
+
+/// The demo model shipped in the repository (a SegFormer-B0 trained on synthetic scenes, 20 classes).
+pub mod embedded {
+    pub const CONFIG: &str = include_str!("../../assets/demo/model/config.json");
+    pub const PREPROCESSOR: &str = include_str!("../../assets/demo/model/preprocessor_config.json");
+    pub const WEIGHTS: &[u8] = include_bytes!("../../assets/demo/model/model.safetensors");
+}
+
+/// Where `--model` points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The demo model compiled into the binary.
+    Embedded,
+    /// A folder with `config.json` and weights, or a checkpoint file with `config.json` beside it.
+    Local(PathBuf),
+    /// A Hugging Face Hub repo id with optional `@revision`.
+    Hub(HubId),
+    /// An http(s) URL to a checkpoint file with `config.json` beside it.
+    Url(String),
+}
+
+impl ModelSource {
+    /// Interprets `--model`: no value or "embedded" is the demo; an existing path is local; `http(s)://` is a URL;
+    /// `owner/name[@rev]` is a Hub id.
+    pub fn parse(value: Option<&str>) -> Result<Self> {
+        let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(Self::Embedded);
+        };
+        if v == "embedded" || v == "demo" {
+            return Ok(Self::Embedded);
+        }
+        if v.starts_with("http://") || v.starts_with("https://") {
+            return Ok(Self::Url(v.to_string()));
+        }
+        let path = Path::new(v);
+        if path.exists() || v.starts_with('.') || v.starts_with('/') || v.starts_with('~') {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        HubId::parse(v).map(Self::Hub).ok_or_else(|| {
+            Error::Model(format!(
+                "--model `{v}`: no such file or folder, and not a Hub repo id (owner/name[@revision])"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embedded => write!(
+                f,
+                "embedded demo model (SegFormer-B0 architecture, 20 synthetic classes)"
+            ),
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub(id) => write!(f, "hf://{}@{}", id.repo, id.revision),
+            Self::Url(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// The files of a checkpoint on disk.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub preprocessor: Option<PathBuf>,
+    pub weights: Vec<PathBuf>,
+}
+
+/// A loaded model with everything needed to run and describe it.
+pub struct LoadedModel {
+    pub model: Segformer,
+    pub preprocessor: PreprocessorConfig,
+    pub source: ModelSource,
+    /// `config.json` and `preprocessor_config.json` as read (copied into quantized checkpoints).
+    pub config_json: String,
+    pub preprocessor_json: Option<String>,
+    pub load_time: Duration,
+    pub bytes_by_dtype: BTreeMap<String, usize>,
+}
+
+impl LoadedModel {
+    pub fn class_names(&self) -> Vec<String> {
+        self.model.config.class_names()
+    }
+
+    /// Bytes of all Linear/Conv weights as currently stored (float or quantized).
+    pub fn weight_bytes(&self) -> usize {
+        self.model
+            .layers()
+            .iter()
+            .map(|l| l.weight_bytes + l.bias_bytes)
+            .sum()
+    }
+}
+
+/// Finds the checkpoint files of a local folder or file.
+pub fn local_files(path: &Path) -> Result<ModelFiles> {
+    if !path.exists() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
+    }
+    let (dir, explicit) = if path.is_dir() {
+        (path.to_path_buf(), None)
+    } else {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            Some(path.to_path_buf()),
+        )
+    };
+    let config = dir.join("config.json");
+    if !config.exists() {
+        return Err(Error::Model(format!(
+            "{}: no config.json in this folder",
+            dir.display()
+        )));
+    }
+    let weights = match explicit {
+        Some(file) => vec![file],
+        None => {
+            let single = dir.join("model.safetensors");
+            let index = dir.join("model.safetensors.index.json");
+            let bin = dir.join("pytorch_model.bin");
+            if single.exists() {
+                vec![single]
+            } else if index.exists() {
+                checkpoint::shards_from_index(&index)?
+            } else if bin.exists() {
+                vec![bin]
+            } else {
+                return Err(Error::Model(format!(
+                    "{}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
+                    dir.display()
+                )));
+            }
+        }
+    };
+    let preprocessor = Some(dir.join("preprocessor_config.json")).filter(|p| p.exists());
+    Ok(ModelFiles {
+        config,
+        preprocessor,
+        weights,
+    })
+}
+
+fn hub_files(id: &HubId) -> Result<ModelFiles> {
+    let repo = HubRepo::model(id.clone());
+    let config = repo.get("config.json")?;
+    let preprocessor = repo.get("preprocessor_config.json").ok();
+    let weights = match repo.get("model.safetensors") {
+        Ok(p) => vec![p],
+        Err(first) => match repo.get("model.safetensors.index.json") {
+            Ok(index) => {
+                let names = checkpoint::shards_from_index(&index)?;
+                names
+                    .iter()
+                    .map(|p| repo.get(&p.file_name().unwrap_or_default().to_string_lossy()))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Err(_) => match repo.get("pytorch_model.bin") {
+                Ok(p) => vec![p],
+                Err(_) => return Err(first),
+            },
+        },
+    };
+    Ok(ModelFiles {
+        config,
+        preprocessor,
+        weights,
+    })
+}
+
+fn url_files(url: &str) -> Result<ModelFiles> {
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
+    let weights = vec![hub::fetch_url(url)?];
+    let config = hub::fetch_url(&format!("{base}/config.json"))?;
+    let preprocessor = hub::fetch_url(&format!("{base}/preprocessor_config.json")).ok();
+    Ok(ModelFiles {
+        config,
+        preprocessor,
+        weights,
+    })
+}
+
+/// Loads a model from any source, logging where from, how long it took, weight bytes by dtype and peak memory.
+pub fn load(source: &ModelSource) -> Result<LoadedModel> {
+    let start = Instant::now();
+    let (config_json, preprocessor_json, mut store) = match source {
+        ModelSource::Embedded => (
+            embedded::CONFIG.to_string(),
+            Some(embedded::PREPROCESSOR.to_string()),
+            TensorStore::from_safetensors_bytes("embedded model.safetensors", embedded::WEIGHTS)?,
+        ),
+        other => {
+            let files = match other {
+                ModelSource::Local(p) => local_files(p)?,
+                ModelSource::Hub(id) => hub_files(id)?,
+                ModelSource::Url(u) => url_files(u)?,
+                ModelSource::Embedded => unreachable!("handled above"),
+            };
+            let config_json =
+                std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+            let pre = match &files.preprocessor {
+                Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+                None => None,
+            };
+            // Validate the config before reading weights, naming the file on error.
+            SegformerConfig::from_json(&config_json)
+                .map_err(|e| Error::Model(format!("{}: {e}", files.config.display())))?;
+            if let (Some(p), Some(text)) = (&files.preprocessor, &pre) {
+                PreprocessorConfig::from_json(text)
+                    .map_err(|e| Error::Model(format!("{}: {e}", p.display())))?;
+            }
+            (config_json, pre, TensorStore::from_files(&files.weights)?)
+        }
+    };
+    let config = SegformerConfig::from_json(&config_json)
+        .map_err(|e| Error::Model(format!("{source}: {e}")))?;
+    let preprocessor = match &preprocessor_json {
+        Some(text) => PreprocessorConfig::from_json(text)
+            .map_err(|e| Error::Model(format!("{source}: {e}")))?,
+        None => {
+            tracing::warn!(source = %source, "no preprocessor_config.json: using SegformerImageProcessor defaults (512x512)");
+            PreprocessorConfig::default()
+        }
+    };
+    let bytes_by_dtype = store.bytes_by_dtype.clone();
+    let model = Segformer::load(&config, &mut store)?;
+    drop(store);
+    let load_time = start.elapsed();
+    let by_dtype: Vec<String> = bytes_by_dtype
+        .iter()
+        .map(|(k, v)| format!("{k}: {v} B"))
+        .collect();
+    tracing::info!(
+        source = %source,
+        seconds = load_time.as_secs_f64(),
+        weights = %by_dtype.join(", "),
+        peak_rss_mb = crate::sysinfo::peak_rss_bytes() as f64 / 1e6,
+        "model loaded"
+    );
+    Ok(LoadedModel {
+        model,
+        preprocessor,
+        source: source.clone(),
+        config_json,
+        preprocessor_json,
+        load_time,
+        bytes_by_dtype,
+    })
+}

@@ -1,1 +1,2 @@
-//! TODO
+//! Reports (temporary: overlays only until the metrics branch lands).
+pub mod overlay;

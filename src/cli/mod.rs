@@ -1,0 +1,136 @@
+//! Command-line definitions (clap derive), one file per subcommand; each merges its flags into the configuration
+//! (defaults < segq.toml < environment < flags) and calls the library.
+
+mod config_cmd;
+mod inspect;
+mod predict;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use segq::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "segq",
+    version,
+    about = "Quantize SegFormer models and measure what each level costs: mIoU, memory, speed"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less log output (-q: warnings only, -qq: errors only).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub quiet: u8,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Configuration file (default: ./segq.toml when present).
+    #[arg(short, long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Override any configuration key: --set section.key=value (repeatable), e.g. --set eval.batch_size=8.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Compute threads (0 = one per core); overrides eval.threads.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Segment images: class-index mask PNG, colour overlay, optional raw logits.
+    Predict(predict::PredictArgs),
+    /// Show a model's configuration and, per layer, kind, shape, parameters, format and bytes.
+    Inspect(inspect::InspectArgs),
+    /// Write or show the configuration file.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+}
+
+/// Sets up `tracing` from -v/-q, RUST_LOG and --log-format; logs go to stderr.
+pub fn init_logging(args: &GlobalArgs) -> Result<()> {
+    let level = match (args.verbose as i8) - (args.quiet as i8) {
+        i8::MIN..=-2 => "error",
+        -1 => "warn",
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() && args.verbose == 0 && args.quiet == 0 => {
+            tracing_subscriber::EnvFilter::try_new(v)?
+        }
+        _ => tracing_subscriber::EnvFilter::try_new(format!(
+            "{level},ureq=warn,rustls=warn,hf_hub=warn"
+        ))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_target(false).compact().init(),
+    }
+    Ok(())
+}
+
+/// Loads the configuration and applies the global --set overrides.
+pub fn load_config(global: &GlobalArgs) -> Result<Config> {
+    let (mut config, path) = Config::load(global.config.as_deref())?;
+    if let Some(p) = &path {
+        tracing::debug!(path = %p.display(), "configuration file");
+    }
+    for assignment in &global.set {
+        config.set(assignment)?;
+    }
+    if let Some(t) = global.threads {
+        config.eval.threads = t;
+    }
+    Ok(config)
+}
+
+/// Sizes the global thread pool (rayon, and candle's GEMM through RAYON_NUM_THREADS) once.
+pub fn set_threads(threads: usize) -> usize {
+    let n = if threads == 0 {
+        segq::sysinfo::logical_cores()
+    } else {
+        threads
+    };
+    // SAFETY: called once at start-up, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    n
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Some(Command::Predict(args)) => predict::run(&global, args),
+        Some(Command::Inspect(args)) => inspect::run(&global, args),
+        Some(Command::Config(cmd)) => config_cmd::run(&global, cmd),
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            Ok(())
+        }
+    }
+}
