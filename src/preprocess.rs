@@ -239,77 +239,88 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow's `Image.resize((w, h), Image.BILINEAR)` on an RGB image, bit for bit: fixed-point coefficients,
-/// a horizontal pass rounded to 8 bits over the rows the vertical pass needs, then the vertical pass.
+/// Pillow's `Image.resize((w, h), Image.BILINEAR)` on an RGB image, bit for bit: fixed-point coefficients and two
+/// separable passes, each rounded to 8 bits. Pillow 13 runs the vertical pass first when the image loses more than
+/// twice as many rows as columns (read from its `ImagingResampleInner`), otherwise the horizontal pass first over
+/// only the rows the vertical pass needs.
 pub fn resize_bilinear_pillow(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     if (in_w, in_h) == (out_w, out_h) {
         return image.clone();
     }
     let src = image.as_raw();
-    let horiz = precompute_coeffs(in_w, out_w);
-    let vert = precompute_coeffs(in_h, out_h);
     let need_horizontal = out_w != in_w;
     let need_vertical = out_h != in_h;
-    let half = 1i64 << (PRECISION_BITS - 1);
-
-    // Horizontal pass over the source rows the vertical pass reads.
-    let (first_row, last_row) = if need_vertical {
-        let (lo, _) = vert.bounds[0];
-        let (hi, n) = vert.bounds[out_h - 1];
-        (lo, hi + n)
+    let vertical_first = need_horizontal
+        && need_vertical
+        && in_h > out_h
+        && (in_h as i64 - out_h as i64) > 2 * (in_w as i64 - out_w as i64);
+    let out = if vertical_first {
+        let vert = precompute_coeffs(in_h, out_h);
+        let temp = vertical_pass(src, in_w, &vert, out_h, 0);
+        horizontal_pass(&temp, in_w, 0, out_h, &precompute_coeffs(in_w, out_w), out_w)
     } else {
-        (0, in_h)
+        let vert = need_vertical.then(|| precompute_coeffs(in_h, out_h));
+        // The horizontal pass covers only the source rows the vertical pass reads.
+        let (first_row, last_row) = match &vert {
+            Some(v) => (v.bounds[0].0, v.bounds[out_h - 1].0 + v.bounds[out_h - 1].1),
+            None => (0, in_h),
+        };
+        let temp = if need_horizontal {
+            horizontal_pass(src, in_w, first_row, last_row, &precompute_coeffs(in_w, out_w), out_w)
+        } else {
+            src[first_row * in_w * 3..last_row * in_w * 3].to_vec()
+        };
+        match &vert {
+            Some(v) => vertical_pass(&temp, out_w, v, out_h, first_row),
+            None => temp,
+        }
     };
-    let (temp, temp_w) = if need_horizontal {
-        let rows = last_row - first_row;
-        let mut temp = vec![0u8; rows * out_w * 3];
-        temp.par_chunks_mut(out_w * 3)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let y = r + first_row;
-                let line = &src[y * in_w * 3..(y + 1) * in_w * 3];
-                for xx in 0..out_w {
-                    let (xmin, count) = horiz.bounds[xx];
-                    let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + count];
-                    let mut acc = [half; 3];
-                    for (x, &kw) in k.iter().enumerate() {
-                        let p = (xmin + x) * 3;
-                        for c in 0..3 {
-                            acc[c] += line[p + c] as i64 * kw as i64;
-                        }
-                    }
-                    for c in 0..3 {
-                        row[xx * 3 + c] = clip8(acc[c]);
-                    }
-                }
-            });
-        (temp, out_w)
-    } else {
-        (
-            src[first_row * in_w * 3..last_row * in_w * 3].to_vec(),
-            in_w,
-        )
-    };
-    if !need_vertical {
-        return RgbImage::from_raw(out_w as u32, out_h as u32, temp).expect("size matches");
-    }
-    let mut out = vec![0u8; out_w * out_h * 3];
-    out.par_chunks_mut(out_w * 3)
-        .enumerate()
-        .for_each(|(yy, row)| {
-            let (ymin, count) = vert.bounds[yy];
-            let ymin = ymin - first_row;
-            let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + count];
-            for x in 0..temp_w * 3 {
-                let mut acc = half;
-                for (y, &kw) in k.iter().enumerate() {
-                    acc += temp[(ymin + y) * temp_w * 3 + x] as i64 * kw as i64;
-                }
-                row[x] = clip8(acc);
-            }
-        });
     RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("size matches")
+}
+
+/// Resamples rows `first_row..last_row` of an RGB buffer `in_w` wide to `out_w` columns.
+fn horizontal_pass(src: &[u8], in_w: usize, first_row: usize, last_row: usize, coeffs: &Coefficients, out_w: usize) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; (last_row - first_row) * out_w * 3];
+    out.par_chunks_mut(out_w * 3).enumerate().for_each(|(r, row)| {
+        let y = r + first_row;
+        let line = &src[y * in_w * 3..(y + 1) * in_w * 3];
+        for xx in 0..out_w {
+            let (xmin, count) = coeffs.bounds[xx];
+            let k = &coeffs.weights[xx * coeffs.ksize..xx * coeffs.ksize + count];
+            let mut acc = [half; 3];
+            for (x, &kw) in k.iter().enumerate() {
+                let p = (xmin + x) * 3;
+                for c in 0..3 {
+                    acc[c] += line[p + c] as i64 * kw as i64;
+                }
+            }
+            for c in 0..3 {
+                row[xx * 3 + c] = clip8(acc[c]);
+            }
+        }
+    });
+    out
+}
+
+/// Resamples an RGB buffer `width` wide to `out_h` rows; `row_offset` is the source row of the buffer's first row.
+fn vertical_pass(src: &[u8], width: usize, coeffs: &Coefficients, out_h: usize, row_offset: usize) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; width * out_h * 3];
+    out.par_chunks_mut(width * 3).enumerate().for_each(|(yy, row)| {
+        let (ymin, count) = coeffs.bounds[yy];
+        let ymin = ymin - row_offset;
+        let k = &coeffs.weights[yy * coeffs.ksize..yy * coeffs.ksize + count];
+        for (x, value) in row.iter_mut().enumerate() {
+            let mut acc = half;
+            for (y, &kw) in k.iter().enumerate() {
+                acc += src[(ymin + y) * width * 3 + x] as i64 * kw as i64;
+            }
+            *value = clip8(acc);
+        }
+    });
+    out
 }
 
 /// PyTorch's source coordinate and weights for bilinear, align_corners=False, computed in f32 as its CPU kernel does.

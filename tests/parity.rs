@@ -132,3 +132,20 @@ fn logits_match_transformers() {
         "preprocessing differs from SegformerImageProcessor: {pixel_faults:?}"
     );
 }
+
+/// The embedded demo model on a demo JPEG: decode, preprocess and forward against transformers' logits.
+#[test]
+fn embedded_demo_model_matches_transformers() {
+    let loaded = model::load(&ModelSource::Embedded).unwrap();
+    let jpg = common::repo_root().join("assets/demo/ade/ADEChallengeData2016/images/validation/SYN_val_00000001.jpg");
+    let image = segq::data::decode::read_rgb(&jpg).unwrap();
+    let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
+    let input = preprocess::batch_tensor(vec![pixels], 256, 256).unwrap();
+    let logits = loaded.model.forward(&input).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected = Npy::read(&fixtures().join("demo/SYN_val_00000001.logits.npy"));
+    assert_eq!(expected.shape, vec![20, 64, 64]);
+    let exp = expected.f32s();
+    let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let max_diff = logits.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff <= 1e-4 * max_ref, "max diff {max_diff} vs bound {}", 1e-4 * max_ref);
+}
