@@ -1,9 +1,13 @@
 //! Command-line definitions (clap derive), one file per subcommand; each merges its flags into the configuration
 //! (defaults < segq.toml < environment < flags) and calls the library.
 
+mod bench;
 mod config_cmd;
+mod eval;
 mod inspect;
+mod merge;
 mod predict;
+mod quantize;
 
 use std::path::PathBuf;
 
@@ -55,6 +59,14 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Evaluate every quantization level and method on a dataset: mIoU, accuracy, agreement, memory, speed.
+    Eval(eval::EvalArgs),
+    /// Write a quantized checkpoint (loadable with --model DIR), or a report of quantization error.
+    Quantize(quantize::QuantizeArgs),
+    /// Time forward passes per quantization level.
+    Bench(bench::BenchArgs),
+    /// Merge sharded evaluation results into one, identical to an unsharded run.
+    Merge(merge::MergeArgs),
     /// Segment images: class-index mask PNG, colour overlay, optional raw logits.
     Predict(predict::PredictArgs),
     /// Show a model's configuration and, per layer, kind, shape, parameters, format and bytes.
@@ -124,13 +136,59 @@ pub fn set_threads(threads: usize) -> usize {
 pub fn run(cli: Cli) -> Result<()> {
     let global = cli.global;
     match cli.command {
+        Some(Command::Eval(args)) => eval::run(&global, args),
+        Some(Command::Quantize(args)) => quantize::run(&global, args),
+        Some(Command::Bench(args)) => bench::run(&global, args),
+        Some(Command::Merge(args)) => merge::run(&global, args),
         Some(Command::Predict(args)) => predict::run(&global, args),
         Some(Command::Inspect(args)) => inspect::run(&global, args),
         Some(Command::Config(cmd)) => config_cmd::run(&global, cmd),
-        None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            Ok(())
+        // The main job: with no subcommand, evaluate the configured (by default embedded) model and dataset.
+        None => eval::run(&global, eval::EvalArgs::default()),
+    }
+}
+
+/// Logs an evaluation to Weights & Biases as configured: segq.toml's [tracking] < WANDB_* variables < --wandb.
+pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eval::runner::RunOutput) -> Result<()> {
+    use segq::track::{TrackingMode, TrackingSettings};
+    let t = &config.tracking;
+    let parse_mode = |m: &str| {
+        TrackingMode::parse(m).ok_or_else(|| anyhow::anyhow!("tracking mode `{m}`: expected online, offline or disabled"))
+    };
+    let file = TrackingSettings {
+        mode: t.mode.as_deref().map(parse_mode).transpose()?,
+        project: t.project.clone(),
+        entity: t.entity.clone(),
+        name: t.name.clone(),
+        group: t.group.clone(),
+        tags: (!t.tags.is_empty()).then(|| t.tags.clone()),
+        dir: t.dir.clone(),
+        base_url: t.base_url.clone(),
+    };
+    let mut settings = TrackingSettings::from_env_over(file)?;
+    if let Some(m) = cli_mode {
+        settings.mode = Some(parse_mode(m)?);
+    }
+    if settings.mode == Some(TrackingMode::Disabled) {
+        return Ok(());
+    }
+    // Run folders go beside the other outputs unless WANDB_DIR or tracking.dir say otherwise.
+    if settings.dir.is_none() {
+        settings.dir = Some(config.output.dir.clone());
+    }
+    let group = settings.group.clone().unwrap_or_else(|| format!("segq-eval-{}", output.results.created_utc.replace([':', '-'], "")));
+    let tags = settings.tags.clone().unwrap_or_default();
+    let runs = segq::report::wandb_runs::run_logs(&output.results, &output.samples, &group, settings.name.as_deref(), &tags);
+    let outcome = segq::track::log_runs(&settings, &runs)?;
+    for run in &outcome.runs {
+        for w in &run.warnings {
+            tracing::warn!(run = %run.name, "{w}");
+        }
+        match (&run.url, &run.offline_dir) {
+            (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
+            (None, Some(dir)) => tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline (upload with `wandb sync`)"),
+            _ => {}
         }
     }
+    Ok(())
 }

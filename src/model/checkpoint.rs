@@ -82,9 +82,26 @@ impl TensorStore {
         })
     }
 
-    /// Takes a layer weight by name: float as stored.
+    /// Takes a layer weight by name: quantized when the checkpoint stores it quantized, else float.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
-        Ok(Weight::Float(self.take(name, shape)?))
+        let Some(meta) = self.quant_map.remove(name) else {
+            return Ok(Weight::Float(self.take(name, shape)?));
+        };
+        let rows = shape[0];
+        let cols = shape.iter().product::<usize>() / rows.max(1);
+        if (meta.rows, meta.cols) != (rows, cols) {
+            return Err(Error::Model(format!(
+                "{}: quantized tensor `{name}` is [{}, {}], the config expects [{rows}, {cols}]",
+                self.origin, meta.rows, meta.cols
+            )));
+        }
+        let raw = &self.raw;
+        let q = QuantTensor::from_tensors(name, &meta, |part| raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice())))
+            .map_err(|e| Error::Model(format!("{}: {e}", self.origin)))?;
+        for suffix in ["qdata", "scale", "zero"] {
+            self.raw.remove(&format!("{name}.{suffix}"));
+        }
+        Ok(Weight::Quantized(Arc::new(q)))
     }
 
     /// Drops a tensor the model does not use (BatchNorm's `num_batches_tracked`).
@@ -94,10 +111,10 @@ impl TensorStore {
 
     /// Fails if tensors are left over: a checkpoint for another architecture or configuration.
     pub fn finish(&self) -> Result<()> {
-        if self.tensors.is_empty() {
+        if self.tensors.is_empty() && self.raw.is_empty() && self.quant_map.is_empty() {
             return Ok(());
         }
-        let mut names: Vec<&String> = self.tensors.keys().collect();
+        let mut names: Vec<&String> = self.tensors.keys().chain(self.raw.keys()).chain(self.quant_map.keys()).collect();
         names.sort();
         let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
         Err(Error::Model(format!(
@@ -106,37 +123,6 @@ impl TensorStore {
             names.len(),
             shown.join(", "),
             if names.len() > 5 { ", ..." } else { "" }
-        )))
-    }
-}
-
-fn read_tensor_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    if !path.exists() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        ));
-    }
-    if name.ends_with(".safetensors") {
-        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            Error::Model(format!("{}: cannot read safetensors: {e}", path.display()))
-        })?;
-        Ok(map.into_iter().collect())
-    } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
-        candle_core::pickle::read_all(path).map_err(|e| {
-            Error::Model(format!(
-                "{}: cannot read PyTorch checkpoint: {e}",
-                path.display()
-            ))
-        })
-    } else {
-        Err(Error::Model(format!(
-            "{}: unknown checkpoint format (expected .safetensors or .bin)",
-            path.display()
         )))
     }
 }
@@ -158,4 +144,53 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Writes a quantized model as a segq checkpoint folder: `model.safetensors` (packed codes, scales and zero points
+/// for quantized weights, float32 for the rest, the recipe and per-weight layout in its metadata) plus the original
+/// `config.json` and `preprocessor_config.json`. Returns the bytes of the safetensors file.
+pub fn save_quantized(
+    model: &super::segformer::Segformer,
+    recipe: &crate::quant::Recipe,
+    config_json: &str,
+    preprocessor_json: Option<&str>,
+    dir: &std::path::Path,
+) -> Result<u64> {
+    use super::segformer::StateTensor;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let state = model.state_dict();
+    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut quantized: Vec<(String, Arc<QuantTensor>)> = Vec::new();
+    for (name, entry) in state {
+        match entry {
+            StateTensor::Float(t) => {
+                let shape = t.dims().to_vec();
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                stored.push((name, Dtype::F32, shape, bytes));
+            }
+            StateTensor::Quantized(q) => {
+                stored.extend(q.to_tensors(&name));
+                quantized.push((name, q));
+            }
+        }
+    }
+    let metadata = quant::checkpoint_metadata(recipe, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Model(format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
+    if let Some(pre) = preprocessor_json {
+        let p = dir.join("preprocessor_config.json");
+        std::fs::write(&p, pre).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }

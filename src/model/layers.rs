@@ -1,22 +1,28 @@
 //! The one layer type every SegFormer Linear and Conv2d uses: a weight held in float or in a quantized format,
 //! plus its float bias. Forward passes go through here, so a quantized model never keeps a float copy.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
 use crate::kernels;
+use crate::quant::QuantTensor;
 
-/// A layer's weight: float32, or a packed quantized tensor dequantized per call into a short-lived buffer.
+/// A layer's weight: float32, or a packed quantized tensor dequantized per call into a short-lived buffer (so a
+/// quantized model holds no float copy of its weights).
 #[derive(Debug, Clone)]
 pub enum Weight {
     Float(Tensor),
+    Quantized(Arc<QuantTensor>),
 }
 
 impl Weight {
-    /// Bytes the weight occupies in memory, as stored.
+    /// Bytes the weight occupies in memory, as stored (packed codes, scales and zero points).
     pub fn bytes(&self) -> usize {
         match self {
             Weight::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.weight_bytes(),
         }
     }
 
@@ -24,28 +30,33 @@ impl Weight {
     pub fn format_name(&self) -> String {
         match self {
             Weight::Float(_) => "f32".into(),
+            Weight::Quantized(q) => q.format_name(),
         }
     }
 
     pub fn bits_per_weight(&self) -> f64 {
         match self {
             Weight::Float(_) => 32.0,
+            Weight::Quantized(q) => q.bits_per_weight(),
         }
     }
 
-    /// The weight as float32 in its original shape (for float weights, no copy).
-    pub fn to_f32(&self) -> Result<Tensor> {
+    /// The weight as float32 in `shape` (for float weights, no copy; quantized ones are dequantized).
+    pub fn to_f32(&self, shape: &[usize]) -> Result<Tensor> {
         match self {
             Weight::Float(t) => Ok(t.clone()),
+            Weight::Quantized(q) => Ok(Tensor::from_vec(q.dequantize(), shape, &Device::Cpu)?),
         }
     }
 
     /// The weight as float32 flattened to [out, in]: the layout quantization works on.
-    pub fn as_rows(&self) -> Result<(Vec<f32>, usize, usize)> {
-        let t = self.to_f32()?;
-        let rows = t.dim(0)?;
-        let cols = t.elem_count() / rows.max(1);
-        Ok((t.flatten_all()?.to_vec1::<f32>()?, rows, cols))
+    pub fn as_rows(&self, shape: &[usize]) -> Result<(Vec<f32>, usize, usize)> {
+        let rows = shape[0];
+        let cols = shape.iter().product::<usize>() / rows.max(1);
+        match self {
+            Weight::Float(t) => Ok((t.flatten_all()?.to_vec1::<f32>()?, rows, cols)),
+            Weight::Quantized(q) => Ok((q.dequantize(), rows, cols)),
+        }
     }
 }
 
@@ -77,7 +88,7 @@ impl Linear {
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
         let x2 = x.reshape((rows, in_features))?;
-        let w = self.weight.to_f32()?;
+        let w = self.weight.to_f32(&self.shape)?;
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -126,7 +137,7 @@ impl Conv2d {
         {
             return self.depthwise3x3(x, false);
         }
-        let w = self.weight.to_f32()?;
+        let w = self.weight.to_f32(&self.shape)?;
         let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 && self.groups == 1 {
             // A 1x1 convolution is a GEMM over channels.
             let (b, c, h, wd) = x.dims4()?;
@@ -145,7 +156,7 @@ impl Conv2d {
     /// Depthwise 3x3 (stride 1, padding 1) through the direct kernel, optionally fused with exact GELU.
     pub fn depthwise3x3(&self, x: &Tensor, fuse_gelu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let weight = self.weight.to_f32()?.flatten_all()?.to_vec1::<f32>()?;
+        let (weight, _, _) = self.weight.as_rows(&self.shape)?;
         let bias = match &self.bias {
             Some(t) => t.to_vec1::<f32>()?,
             None => vec![0.0; c],
@@ -223,6 +234,8 @@ impl LayerNorm {
 pub struct BatchNorm2d {
     pub scale: Tensor,
     pub shift: Tensor,
+    /// The checkpoint's tensors (weight, bias, running_mean, running_var), kept to save the model again.
+    pub stored: [Tensor; 4],
 }
 
 impl BatchNorm2d {
@@ -237,7 +250,7 @@ impl BatchNorm2d {
         let inv_std = (var + eps)?.sqrt()?.recip()?;
         let scale = (weight * &inv_std)?;
         let shift = (bias - (mean * &scale)?)?;
-        Ok(Self { scale, shift })
+        Ok(Self { scale, shift, stored: [weight.clone(), bias.clone(), mean.clone(), var.clone()] })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -96,6 +96,8 @@ pub struct LoadedModel {
     pub preprocessor_json: Option<String>,
     pub load_time: Duration,
     pub bytes_by_dtype: BTreeMap<String, usize>,
+    /// The quantization recipe when the checkpoint was written by `segq quantize`.
+    pub recipe: Option<crate::quant::RecipeHeader>,
 }
 
 impl LoadedModel {
@@ -246,6 +248,7 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
         }
     };
     let bytes_by_dtype = store.bytes_by_dtype.clone();
+    let recipe = store.recipe.take();
     let model = Segformer::load(&config, &mut store)?;
     drop(store);
     let load_time = start.elapsed();
@@ -257,6 +260,7 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
         source = %source,
         seconds = load_time.as_secs_f64(),
         weights = %by_dtype.join(", "),
+        quantization = recipe.as_ref().map(|r| r.label.as_str()).unwrap_or("none"),
         peak_rss_mb = crate::sysinfo::peak_rss_bytes() as f64 / 1e6,
         "model loaded"
     );
@@ -268,5 +272,98 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
         preprocessor_json,
         load_time,
         bytes_by_dtype,
+        recipe,
     })
+}
+
+/// What quantizing a model did, for logs, `segq inspect` and error reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeReport {
+    pub label: String,
+    pub quantized_layers: usize,
+    /// Layers kept in float by `--skip` patterns.
+    pub skipped_layers: Vec<String>,
+    pub seconds: f64,
+    /// sqrt(sum ||W - deq(Q(W))||^2 / sum ||W||^2) over the quantized weights.
+    pub weight_rel_error: f64,
+    /// Stored bits per weight over all Linear/Conv weights (float ones count 32).
+    pub bits_per_weight: f64,
+}
+
+/// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
+/// changed; weights are shared until replaced). Layers run in parallel; each error names its weight.
+pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
+    use rayon::prelude::*;
+    use std::sync::Arc;
+
+    let start = Instant::now();
+    let mut out = model.clone();
+    if recipe.level.is_float_baseline() {
+        let report = QuantizeReport {
+            label: recipe.label(),
+            quantized_layers: 0,
+            skipped_layers: Vec::new(),
+            seconds: 0.0,
+            weight_rel_error: 0.0,
+            bits_per_weight: 32.0,
+        };
+        return Ok((out, report));
+    }
+    let mut jobs: Vec<(String, Vec<f32>, usize, usize)> = Vec::new();
+    let mut skipped = Vec::new();
+    out.for_each_weight_mut(&mut |name, shape, weight| {
+        if recipe.skips(name) {
+            skipped.push(name.to_string());
+        } else {
+            let (data, rows, cols) = weight.as_rows(shape)?;
+            jobs.push((name.to_string(), data, rows, cols));
+        }
+        Ok(())
+    })?;
+    let results: Vec<(String, crate::quant::QuantTensor, f64, f64)> = jobs
+        .par_iter()
+        .map(|(name, data, rows, cols)| {
+            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe, None)?;
+            let deq = q.dequantize();
+            let err: f64 = data.iter().zip(&deq).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let norm: f64 = data.iter().map(|a| (*a as f64).powi(2)).sum();
+            Ok((name.clone(), q, err, norm))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (mut err, mut norm) = (0.0, 0.0);
+    let mut by_name: std::collections::HashMap<String, crate::quant::QuantTensor> = std::collections::HashMap::new();
+    for (name, q, e, n) in results {
+        err += e;
+        norm += n;
+        by_name.insert(name, q);
+    }
+    let quantized_layers = by_name.len();
+    out.for_each_weight_mut(&mut |name, _, weight| {
+        if let Some(q) = by_name.remove(name) {
+            *weight = layers::Weight::Quantized(Arc::new(q));
+        }
+        Ok(())
+    })?;
+    let (bits, count) = out.layers().iter().fold((0.0, 0usize), |(b, c), l| {
+        let n: usize = l.shape.iter().product();
+        (b + l.bits_per_weight * n as f64, c + n)
+    });
+    let report = QuantizeReport {
+        label: recipe.label(),
+        quantized_layers,
+        skipped_layers: skipped,
+        seconds: start.elapsed().as_secs_f64(),
+        weight_rel_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
+        bits_per_weight: bits / count.max(1) as f64,
+    };
+    tracing::info!(
+        recipe = %report.label,
+        layers = report.quantized_layers,
+        skipped = report.skipped_layers.len(),
+        seconds = report.seconds,
+        bits_per_weight = report.bits_per_weight,
+        weight_rel_error = report.weight_rel_error,
+        "quantized"
+    );
+    Ok((out, report))
 }

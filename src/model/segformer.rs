@@ -468,29 +468,95 @@ impl Segformer {
     ) -> Result<()> {
         for (i, stage) in self.encoder.block.iter_mut().enumerate() {
             let proj = &mut self.encoder.patch_embeddings[i].proj;
-            f(&proj.name, &mut proj.weight)?;
+            f(&proj.name, &proj.shape, &mut proj.weight)?;
             for layer in stage {
                 let a = &mut layer.attention.self_attention;
                 for l in [&mut a.query, &mut a.key, &mut a.value] {
-                    f(&l.name, &mut l.weight)?;
+                    f(&l.name, &l.shape, &mut l.weight)?;
                 }
                 if let Some((sr, _)) = &mut a.sr {
-                    f(&sr.name, &mut sr.weight)?;
+                    f(&sr.name, &sr.shape, &mut sr.weight)?;
                 }
                 let o = &mut layer.attention.output_dense;
-                f(&o.name, &mut o.weight)?;
+                f(&o.name, &o.shape, &mut o.weight)?;
                 let m = &mut layer.mlp;
-                f(&m.dense1.name, &mut m.dense1.weight)?;
-                f(&m.dwconv.name, &mut m.dwconv.weight)?;
-                f(&m.dense2.name, &mut m.dense2.weight)?;
+                f(&m.dense1.name, &m.dense1.shape, &mut m.dense1.weight)?;
+                f(&m.dwconv.name, &m.dwconv.shape, &mut m.dwconv.weight)?;
+                f(&m.dense2.name, &m.dense2.shape, &mut m.dense2.weight)?;
             }
         }
         for l in &mut self.decode_head.linear_c {
-            f(&l.name, &mut l.weight)?;
+            f(&l.name, &l.shape, &mut l.weight)?;
         }
         let fuse = &mut self.decode_head.linear_fuse;
-        f(&fuse.name, &mut fuse.weight)?;
+        f(&fuse.name, &fuse.shape, &mut fuse.weight)?;
         let cls = &mut self.decode_head.classifier;
-        f(&cls.name, &mut cls.weight)
+        f(&cls.name, &cls.shape, &mut cls.weight)
+    }
+
+    /// Every tensor of the model under its checkpoint name, in checkpoint order: what a saved checkpoint holds.
+    pub fn state_dict(&self) -> Vec<(String, StateTensor)> {
+        let mut out = Vec::new();
+        let mut linear = |out: &mut Vec<(String, StateTensor)>, name: &str, w: &Weight, b: &Option<Tensor>| {
+            out.push((format!("{name}.weight"), StateTensor::from(w)));
+            if let Some(b) = b {
+                out.push((format!("{name}.bias"), StateTensor::Float(b.clone())));
+            }
+        };
+        let norm = |out: &mut Vec<(String, StateTensor)>, name: &str, n: &LayerNorm| {
+            out.push((format!("{name}.weight"), StateTensor::Float(n.weight.clone())));
+            out.push((format!("{name}.bias"), StateTensor::Float(n.bias.clone())));
+        };
+        for (i, stage) in self.encoder.block.iter().enumerate() {
+            let pe = &self.encoder.patch_embeddings[i];
+            linear(&mut out, &pe.proj.name, &pe.proj.weight, &pe.proj.bias);
+            norm(&mut out, &format!("segformer.encoder.patch_embeddings.{i}.layer_norm"), &pe.layer_norm);
+            for (j, layer) in stage.iter().enumerate() {
+                let p = format!("segformer.encoder.block.{i}.{j}");
+                norm(&mut out, &format!("{p}.layer_norm_1"), &layer.layer_norm_1);
+                let a = &layer.attention.self_attention;
+                for l in [&a.query, &a.key, &a.value] {
+                    linear(&mut out, &l.name, &l.weight, &l.bias);
+                }
+                if let Some((sr, sr_norm)) = &a.sr {
+                    linear(&mut out, &sr.name, &sr.weight, &sr.bias);
+                    norm(&mut out, &format!("{p}.attention.self.layer_norm"), sr_norm);
+                }
+                let o = &layer.attention.output_dense;
+                linear(&mut out, &o.name, &o.weight, &o.bias);
+                norm(&mut out, &format!("{p}.layer_norm_2"), &layer.layer_norm_2);
+                let m = &layer.mlp;
+                linear(&mut out, &m.dense1.name, &m.dense1.weight, &m.dense1.bias);
+                linear(&mut out, &m.dwconv.name, &m.dwconv.weight, &m.dwconv.bias);
+                linear(&mut out, &m.dense2.name, &m.dense2.weight, &m.dense2.bias);
+            }
+            norm(&mut out, &format!("segformer.encoder.layer_norm.{i}"), &self.encoder.layer_norm[i]);
+        }
+        for l in &self.decode_head.linear_c {
+            linear(&mut out, &l.name, &l.weight, &l.bias);
+        }
+        let f = &self.decode_head.linear_fuse;
+        linear(&mut out, &f.name, &f.weight, &f.bias);
+        for (key, t) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&self.decode_head.batch_norm.stored) {
+            out.push((format!("decode_head.batch_norm.{key}"), StateTensor::Float(t.clone())));
+        }
+        let c = &self.decode_head.classifier;
+        linear(&mut out, &c.name, &c.weight, &c.bias);
+        out
+    }
+}
+
+/// One entry of [`Segformer::state_dict`].
+pub enum StateTensor {
+    Float(Tensor),
+    Quantized(std::sync::Arc<crate::quant::QuantTensor>),
+}
+
+impl From<&Weight> for StateTensor {
+    fn from(w: &Weight) -> Self {
+        match w {
+            Weight::Float(t) => StateTensor::Float(t.clone()),
+            Weight::Quantized(q) => StateTensor::Quantized(q.clone()),
+        }
     }
 }

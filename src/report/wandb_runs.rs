@@ -1,0 +1,119 @@
+//! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
+//! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use crate::eval::results::EvalResults;
+use crate::eval::runner::Sample;
+use crate::track::{MaskedImage, RunLog, Table};
+
+fn finite(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+/// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason).
+pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, name_prefix: Option<&str>, tags: &[String]) -> Vec<RunLog> {
+    let class_names = &results.model.class_names;
+    let class_labels: BTreeMap<u32, String> = class_names.iter().enumerate().map(|(i, n)| (i as u32, n.clone())).collect();
+    let baseline = results.baseline().and_then(|b| b.metrics());
+    results
+        .levels
+        .iter()
+        .map(|level| {
+            let mut config = Map::new();
+            config.insert("model".into(), json!(results.model.source));
+            config.insert("dataset".into(), json!(results.dataset.source));
+            config.insert("split".into(), json!(results.dataset.split));
+            config.insert("level".into(), json!(level.level));
+            config.insert("method".into(), json!(level.method));
+            config.insert("group_size".into(), json!(level.group_size));
+            config.insert("threads".into(), json!(results.machine.threads));
+            config.insert("segq_version".into(), json!(results.segq_version));
+            config.insert("examples".into(), json!(results.counts.evaluated));
+            let mut metrics = Map::new();
+            let mut tables = Vec::new();
+            if let Some(m) = level.metrics() {
+                metrics.insert("mean_iou".into(), finite(m.mean_iou));
+                metrics.insert("mean_accuracy".into(), finite(m.mean_accuracy));
+                metrics.insert("overall_accuracy".into(), finite(m.overall_accuracy));
+                metrics.insert("delta_mean_iou_vs_f32".into(), finite(results.delta_miou(level)));
+                let mut rows = Vec::new();
+                for (id, iou) in m.per_category_iou.iter().enumerate() {
+                    let name = class_names.get(id).cloned().unwrap_or_else(|| format!("class_{id}"));
+                    let acc = m.per_category_accuracy.get(id).copied().flatten();
+                    let base = baseline.as_ref().and_then(|b| b.per_category_iou.get(id).copied().flatten());
+                    if let Some(v) = iou {
+                        metrics.insert(format!("class_iou/{name}"), finite(*v));
+                    }
+                    rows.push(vec![
+                        json!(id),
+                        json!(name),
+                        iou.map(finite).unwrap_or(Value::Null),
+                        acc.map(finite).unwrap_or(Value::Null),
+                        base.map(finite).unwrap_or(Value::Null),
+                        match (iou, base) {
+                            (Some(a), Some(b)) => finite(a - b),
+                            _ => Value::Null,
+                        },
+                    ]);
+                }
+                tables.push(Table {
+                    key: "per_class_iou".into(),
+                    columns: ["class_id", "class", "iou", "accuracy", "iou_f32", "delta_iou"].map(String::from).to_vec(),
+                    rows,
+                });
+            }
+            if let Some(a) = level.agreement_metrics() {
+                metrics.insert("agreement/pixel".into(), finite(a.pixel_agreement));
+                metrics.insert("agreement/mean_iou".into(), finite(a.mean_iou));
+            }
+            metrics.insert("images_per_s".into(), finite(level.images_per_s_model()));
+            metrics.insert("images_per_s_pipeline".into(), finite(level.images_per_s_pipeline()));
+            metrics.insert("latency_ms/median".into(), finite(level.model_median_ms()));
+            metrics.insert("latency_ms/p95".into(), finite(level.model_p95_ms()));
+            metrics.insert("weight_mb".into(), finite(level.weight_bytes_memory as f64 / 1e6));
+            metrics.insert("weight_ratio_to_f32".into(), finite(level.ratio_to_f32));
+            metrics.insert("bits_per_weight".into(), finite(level.bits_per_weight));
+            metrics.insert("load_time_s".into(), finite(level.load_time_s));
+            metrics.insert("peak_rss_mb".into(), finite(level.peak_rss_bytes as f64 / 1e6));
+            let failed = !level.is_ok();
+            if let crate::eval::results::LevelStatus::Failed { reason } = &level.status {
+                metrics.insert("failure".into(), json!(reason));
+            }
+            let images = samples
+                .iter()
+                .filter_map(|s| {
+                    let pred = s.predictions.get(&level.label)?;
+                    let (w, h) = (s.image.width(), s.image.height());
+                    let pred_mask = image::GrayImage::from_fn(w, h, |x, y| {
+                        image::Luma([pred[(y * w + x) as usize].min(255) as u8])
+                    });
+                    Some(MaskedImage {
+                        key: "samples".into(),
+                        caption: s.id.clone(),
+                        rgb: s.image.clone(),
+                        masks: vec![("ground_truth".into(), s.label.clone()), ("predictions".into(), pred_mask)],
+                        class_labels: class_labels.clone(),
+                    })
+                })
+                .collect();
+            let name = match name_prefix {
+                Some(p) => format!("{p}-{}", level.label),
+                None => level.label.clone(),
+            };
+            RunLog {
+                name,
+                group: group.to_string(),
+                tags: tags.to_vec(),
+                config,
+                history: vec![metrics.clone()],
+                summary: metrics,
+                tables,
+                images,
+                exit_code: i32::from(failed),
+            }
+        })
+        .collect()
+}
