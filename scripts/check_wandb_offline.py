@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks a W&B offline run folder written by segq with the installed `wandb` package's own code.
 
-Usage: check_wandb_offline.py RUN_DIR [--config-keys a,b] [--history-keys a,b] [--summary-keys a,b]
+Usage: check_wandb_offline.py RUN_DIR [--config-keys a,b] [--history-keys a,b] [--summary-keys a,b] [--sync]
 
 Two readers must accept the folder's run-<id>.wandb:
   1. wandb-core (Go), through `wandb leet inspect --json` (wandb >= 0.31): prints every record it decodes and
@@ -9,6 +9,9 @@ Two readers must accept the folder's run-<id>.wandb:
   2. wandb's generated protobuf classes (`wandb.proto.wandb_internal_pb2.Record.ParseFromString`), fed by a
      framing reader written here from the format's description (header, 32 KiB blocks, CRC-32 chunks).
 Then the content is checked: run id, config keys, history steps and keys, summary, files present, exit record.
+With --sync, `wandb sync` uploads a copy of the folder to a fake W&B server on a loopback port (no network, a
+dummy key), and the requests it makes are checked: the run is created, every history row, the summary and every
+media file arrive, and the run is marked complete with its exit code.
 Exits 0 when everything holds, 1 with one line per problem otherwise.
 """
 
@@ -79,12 +82,131 @@ def leet_records(wandb_file, problems):
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
+class FakeServer:
+    """Just enough of W&B's API for `wandb sync`: GraphQL, file_stream and upload PUTs, all recorded."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self):
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_PUT(self):
+                fake.requests.append(("PUT", self.path, self._body()))
+                self._reply({})
+
+            def do_GET(self):
+                fake.requests.append(("GET", self.path, b""))
+                self._reply({})
+
+            def do_POST(self):
+                body = self._body()
+                try:
+                    req = json.loads(body or b"{}")
+                except ValueError:
+                    req = {}
+                fake.requests.append(("POST", self.path, req))
+                if not self.path.startswith("/graphql"):
+                    return self._reply({})
+                query, var = req.get("query", ""), req.get("variables") or {}
+                if "upsertBucket" in query:
+                    project = {"id": "cA==", "name": var.get("project") or "segq",
+                               "entity": {"id": "ZQ==", "name": var.get("entity") or "me"}}
+                    return self._reply({"data": {"upsertBucket": {"inserted": True, "bucket": {
+                        "id": "Yg==", "name": var.get("name"), "displayName": var.get("displayName"),
+                        "description": None, "sweepName": None, "historyLineCount": 0, "project": project}}}})
+                if "createRunFiles" in query:
+                    port = self.server.server_address[1]
+                    files = [{"name": f, "uploadUrl": "http://127.0.0.1:%d/upload/%s" % (port, f)}
+                             for f in var.get("files", [])]
+                    return self._reply({"data": {"createRunFiles": {"runID": "Yg==", "uploadHeaders": [],
+                                                                    "files": files}}})
+                if "serverInfo" in query:
+                    return self._reply({"data": {"serverInfo": {"features": []}}})
+                if "viewer" in query:
+                    return self._reply({"data": {"viewer": {"id": "dg==", "entity": "me", "username": "me",
+                                                            "flags": "{}", "teams": {"edges": []}}}})
+                return self._reply({"data": {}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def check_sync(run_dir, run_id, history, summary, files, exit_code, problems):
+    """Runs `wandb sync` on a copy of run_dir against a FakeServer and checks what it uploaded."""
+    import tempfile
+
+    exe = shutil.which("wandb", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        problems.append("--sync: no wandb executable next to %s" % sys.executable)
+        return
+    server = FakeServer()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, os.path.basename(run_dir))
+        shutil.copytree(run_dir, copy)
+        env = dict(os.environ, HOME=tmp, WANDB_BASE_URL=server.url, WANDB_API_KEY="0" * 40,
+                   WANDB_CONFIG_DIR=os.path.join(tmp, "config"), NETRC=os.path.join(tmp, "netrc"))
+        env.pop("WANDB_ENTITY", None)
+        env.pop("WANDB_PROJECT", None)
+        done = subprocess.run([exe, "sync", "--include-synced", copy], capture_output=True, text=True, env=env,
+                              cwd=tmp, timeout=300)
+    server.server.shutdown()
+    if done.returncode != 0:
+        problems.append("wandb sync exited %d: %s" % (done.returncode, (done.stdout + done.stderr).strip()[-400:]))
+        return
+    gql = [body for method, path, body in server.requests if method == "POST" and path.startswith("/graphql")]
+    upserts = [b["variables"] for b in gql if "upsertBucket" in b.get("query", "")]
+    if not any(v.get("name") == run_id for v in upserts):
+        problems.append("sync: no UpsertBucket for run %s" % run_id)
+    elif not any("config" in v and v["config"] for v in upserts):
+        problems.append("sync: UpsertBucket carried no config")
+    streams = [body for method, path, body in server.requests
+               if method == "POST" and path.endswith("/%s/file_stream" % run_id)]
+    lines = [json.loads(line) for s in streams
+             for line in s.get("files", {}).get("wandb-history.jsonl", {}).get("content", [])]
+    if [row.get("_step") for row in lines] != [row.get("_step") for row in history]:
+        problems.append("sync: history steps sent %s, log has %s"
+                        % ([r.get("_step") for r in lines], [r.get("_step") for r in history]))
+    summaries = [json.loads(line) for s in streams
+                 for line in s.get("files", {}).get("wandb-summary.json", {}).get("content", [])]
+    missing = [k for k in summary if not summaries or k not in summaries[-1]]
+    if missing:
+        problems.append("sync: summary sent lacks %s" % missing[:10])
+    finals = [s for s in streams if s.get("complete")]
+    if not finals or finals[-1].get("exitcode") != exit_code:
+        problems.append("sync: no final file_stream request with complete and exitcode %d" % exit_code)
+    put_paths = {path for method, path, _ in server.requests if method == "PUT"}
+    for path in files:
+        if "/upload/" + path not in put_paths:
+            problems.append("sync: media file %s was not uploaded" % path)
+    print("sync: %d GraphQL requests, %d file_stream requests (%d history lines), %d uploads"
+          % (len(gql), len(streams), len(lines), len(put_paths)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--config-keys", default="")
     parser.add_argument("--history-keys", default="")
     parser.add_argument("--summary-keys", default="")
+    parser.add_argument("--sync", action="store_true", help="also upload a copy with `wandb sync` to a fake server")
     args = parser.parse_args()
 
     from wandb.proto import wandb_internal_pb2 as pb
@@ -167,6 +289,9 @@ def main():
         leet_kinds = [r.get("type") for r in leet]
         if leet_kinds != kinds:
             problems.append("wandb leet inspect saw %s, protobuf reader saw %s" % (leet_kinds, kinds))
+
+    if args.sync and not problems:
+        check_sync(run_dir, run_id, history, summary, files, exits[0].exit_code, problems)
 
     if problems:
         for line in problems:

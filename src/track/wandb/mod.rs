@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::secret::{self, Secret};
+use super::secret;
 use super::{RunLog, RunOutcome, TrackOutcome, TrackingMode, TrackingSettings};
 use crate::{Error, Result};
 
@@ -341,7 +341,7 @@ pub fn log_runs_with(
                     run.warnings.push(line);
                 }
             }
-        } else if notice.is_none() {
+        } else {
             run.warnings.push(format!("W&B run {} kept offline; {}", prepared.run_id, sync_hint(&offline_dir)));
         }
         outcome.runs.push(run);
