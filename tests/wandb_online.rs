@@ -9,7 +9,9 @@ use base64::Engine;
 use segq::track::wandb::{OnlineOptions, log_runs_with};
 use segq::track::{TrackingMode, TrackingSettings};
 use serde_json::Value;
-use wandb_support::{Recorded, ScriptedServer, all_files, example_run, run_folders, temp_dir, wandb_like};
+use wandb_support::{
+    Recorded, ScriptedServer, all_files, example_run, run_folders, temp_dir, wandb_like,
+};
 
 const FAKE_KEY: &str = "0123456789abcdef-fake-wandb-key";
 
@@ -46,7 +48,13 @@ fn assert_key_absent(dir: &std::path::Path, texts: &[String]) {
     }
     for file in all_files(dir) {
         let bytes = std::fs::read(&file).unwrap();
-        assert!(!bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()), "key in {}", file.display());
+        assert!(
+            !bytes
+                .windows(FAKE_KEY.len())
+                .any(|w| w == FAKE_KEY.as_bytes()),
+            "key in {}",
+            file.display()
+        );
     }
 }
 
@@ -63,57 +71,96 @@ fn uploads_a_run_like_the_official_client() {
     .unwrap();
     let run = &outcome.runs[0];
     assert_eq!(run.mode, TrackingMode::Online, "{:?}", run.warnings);
-    assert_eq!(run.url.as_deref(), Some(format!("{}/me/segq/runs/{}", server.base_url, run.run_id).as_str()));
+    assert_eq!(
+        run.url.as_deref(),
+        Some(format!("{}/me/segq/runs/{}", server.base_url, run.run_id).as_str())
+    );
     let folder = run.offline_dir.as_ref().unwrap();
-    assert!(folder.file_name().unwrap().to_str().unwrap().starts_with("run-"), "uploaded run is marked synced");
+    assert!(
+        folder
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("run-"),
+        "uploaded run is marked synced"
+    );
 
     let requests = server.recorded();
-    let expected_auth =
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("api:{FAKE_KEY}")));
+    let expected_auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("api:{FAKE_KEY}"))
+    );
     let graphql: Vec<&Recorded> = requests.iter().filter(|r| r.path == "/graphql").collect();
     assert_eq!(graphql.len(), 2);
     for request in &graphql {
         assert_eq!(request.method, "POST");
         assert_eq!(request.headers.get("authorization"), Some(&expected_auth));
-        assert_eq!(request.headers.get("content-type").map(String::as_str), Some("application/json"));
+        assert_eq!(
+            request.headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
     }
 
     let upsert = graphql[0].json();
     assert_eq!(upsert["operationName"], "UpsertBucket");
-    assert!(upsert["query"].as_str().unwrap().contains("upsertBucket(input:"));
+    assert!(
+        upsert["query"]
+            .as_str()
+            .unwrap()
+            .contains("upsertBucket(input:")
+    );
     let vars = &upsert["variables"];
     assert_eq!(vars["name"], run.run_id.as_str());
     assert_eq!(vars["project"], "segq");
     assert_eq!(vars["groupName"], "eval-2026");
     assert_eq!(vars["displayName"], "int4-hqq");
     assert_eq!(vars["tags"], serde_json::json!(["int4", "hqq"]));
-    assert!(vars.get("entity").is_none(), "no entity set: the server picks the key's default");
+    assert!(
+        vars.get("entity").is_none(),
+        "no entity set: the server picks the key's default"
+    );
     let config: Value = serde_json::from_str(vars["config"].as_str().unwrap()).unwrap();
     assert_eq!(config["level"]["value"], "int4");
     assert_eq!(config["group_size"]["value"], 64);
-    let labels = &config["_wandb"]["value"]["mask/class_labels"]["sample_0_wandb_delimeter_predictions"];
+    let labels =
+        &config["_wandb"]["value"]["mask/class_labels"]["sample_0_wandb_delimeter_predictions"];
     assert_eq!(labels["value"]["1"], "floor");
 
     let create = graphql[1].json();
     assert_eq!(create["operationName"], "CreateRunFiles");
     assert_eq!(create["variables"]["entity"], "me");
     assert_eq!(create["variables"]["run"], run.run_id.as_str());
-    let names: Vec<String> =
-        create["variables"]["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = create["variables"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names.len(), 4, "table, image and two masks: {names:?}");
 
     let puts: Vec<&Recorded> = requests.iter().filter(|r| r.method == "PUT").collect();
     assert_eq!(puts.len(), 4);
     for put in &puts {
-        assert!(put.headers.get("authorization").is_none(), "the key never goes to upload URLs");
-        assert_eq!(put.headers.get("x-upload-test").map(String::as_str), Some("yes"));
+        assert!(
+            !put.headers.contains_key("authorization"),
+            "the key never goes to upload URLs"
+        );
+        assert_eq!(
+            put.headers.get("x-upload-test").map(String::as_str),
+            Some("yes")
+        );
         let name = put.path.strip_prefix("/upload/").unwrap();
         let local = std::fs::read(folder.join("files").join(name)).unwrap();
         assert_eq!(put.body, local, "{name}");
     }
 
     let stream_path = format!("/files/me/segq/{}/file_stream", run.run_id);
-    let streams: Vec<Value> = requests.iter().filter(|r| r.path == stream_path).map(Recorded::json).collect();
+    let streams: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.path == stream_path)
+        .map(Recorded::json)
+        .collect();
     assert_eq!(streams.len(), 3);
     let history = &streams[0]["files"]["wandb-history.jsonl"];
     assert_eq!(history["offset"], 0);
@@ -124,14 +171,25 @@ fn uploads_a_run_like_the_official_client() {
         .map(|l| serde_json::from_str(l.as_str().unwrap()).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!((lines[0]["_step"].as_u64(), lines[1]["_step"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (lines[0]["_step"].as_u64(), lines[1]["_step"].as_u64()),
+        (Some(0), Some(1))
+    );
     assert_eq!(lines[1]["mean_iou"], 0.35);
     assert_eq!(lines[1]["sample_0"]["_type"], "image-file");
-    let summary_line = streams[1]["files"]["wandb-summary.json"]["content"][0].as_str().unwrap();
+    let summary_line = streams[1]["files"]["wandb-summary.json"]["content"][0]
+        .as_str()
+        .unwrap();
     let summary: Value = serde_json::from_str(summary_line).unwrap();
     assert_eq!(summary["images_per_s"], 2.25);
     assert_eq!(summary["per_class_iou"]["wall"], 0.71);
-    assert_eq!((streams[2]["complete"].as_bool(), streams[2]["exitcode"].as_i64()), (Some(true), Some(0)));
+    assert_eq!(
+        (
+            streams[2]["complete"].as_bool(),
+            streams[2]["exitcode"].as_i64()
+        ),
+        (Some(true), Some(0))
+    );
     let uploaded: Vec<Value> = streams[2]["uploaded"].as_array().unwrap().clone();
     assert_eq!(uploaded.len(), 4);
     assert_key_absent(&dir, &[format!("{outcome:?}")]);
@@ -141,15 +199,33 @@ fn uploads_a_run_like_the_official_client() {
 fn retries_on_500_and_429_then_succeeds() {
     let server = ScriptedServer::start(|request, index, base| match index {
         0 => (500, Vec::new(), "{\"error\": \"boom\"}".into()),
-        1 => (429, vec![("Retry-After".into(), "0".into())], "{\"error\": \"slow down\"}".into()),
+        1 => (
+            429,
+            vec![("Retry-After".into(), "0".into())],
+            "{\"error\": \"slow down\"}".into(),
+        ),
         _ => wandb_like(request, base),
     });
     let dir = temp_dir("online-retry");
-    let outcome =
-        log_runs_with(&online_settings(&server.base_url, &dir), &[example_run("a")], &fast_options(), &env_with_key)
-            .unwrap();
-    assert_eq!(outcome.runs[0].mode, TrackingMode::Online, "{:?}", outcome.runs[0].warnings);
-    let operations: Vec<Option<String>> = server.recorded().iter().take(4).map(Recorded::operation).collect();
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
+    assert_eq!(
+        outcome.runs[0].mode,
+        TrackingMode::Online,
+        "{:?}",
+        outcome.runs[0].warnings
+    );
+    let operations: Vec<Option<String>> = server
+        .recorded()
+        .iter()
+        .take(4)
+        .map(Recorded::operation)
+        .collect();
     let upsert = Some("UpsertBucket".to_string());
     assert_eq!(operations[..3], [upsert.clone(), upsert.clone(), upsert]);
     assert_eq!(operations[3].as_deref(), Some("CreateRunFiles"));
@@ -171,13 +247,27 @@ fn persistent_server_errors_keep_the_offline_folder_and_say_how_to_sync() {
     for run in &outcome.runs {
         assert_eq!(run.mode, TrackingMode::Offline);
         let folder = run.offline_dir.as_ref().unwrap();
-        assert!(folder.file_name().unwrap().to_str().unwrap().starts_with("offline-run-"));
+        assert!(
+            folder
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("offline-run-")
+        );
         assert!(folder.join(format!("run-{}.wandb", run.run_id)).is_file());
         let hint = run.warnings.last().unwrap();
-        assert!(hint.contains(&format!("wandb sync {}", folder.display())), "{hint}");
+        assert!(
+            hint.contains(&format!("wandb sync {}", folder.display())),
+            "{hint}"
+        );
         assert!(!hint.contains('\n'));
     }
-    assert!(outcome.runs[0].warnings[0].contains("HTTP 503"), "{:?}", outcome.runs[0].warnings);
+    assert!(
+        outcome.runs[0].warnings[0].contains("HTTP 503"),
+        "{:?}",
+        outcome.runs[0].warnings
+    );
     assert_eq!(run_folders(&dir).len(), 2);
     assert_key_absent(&dir, &[format!("{outcome:?}")]);
 }
@@ -190,49 +280,100 @@ fn connection_refused_falls_back_to_offline() {
     };
     let dir = temp_dir("online-refused");
     let settings = online_settings(&format!("http://127.0.0.1:{port}"), &dir);
-    let outcome = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
+    let outcome = log_runs_with(
+        &settings,
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
     let run = &outcome.runs[0];
     assert_eq!(run.mode, TrackingMode::Offline);
     assert!(run.url.is_none());
     let hint = run.warnings.join(" | ");
-    assert!(hint.contains("wandb sync") && hint.contains("gave up after 3 tries"), "{hint}");
+    assert!(
+        hint.contains("wandb sync") && hint.contains("gave up after 3 tries"),
+        "{hint}"
+    );
     assert_key_absent(&dir, &[hint]);
 }
 
 #[test]
 fn client_errors_are_not_retried() {
-    let server = ScriptedServer::start(|_, _, _| (401, Vec::new(), "{\"errors\": [{\"message\": \"bad key\"}]}".into()));
+    let server = ScriptedServer::start(|_, _, _| {
+        (
+            401,
+            Vec::new(),
+            "{\"errors\": [{\"message\": \"bad key\"}]}".into(),
+        )
+    });
     let dir = temp_dir("online-401");
-    let outcome =
-        log_runs_with(&online_settings(&server.base_url, &dir), &[example_run("a")], &fast_options(), &env_with_key)
-            .unwrap();
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
     assert_eq!(server.recorded().len(), 1);
-    assert!(outcome.runs[0].warnings[0].contains("HTTP 401"), "{:?}", outcome.runs[0].warnings);
+    assert!(
+        outcome.runs[0].warnings[0].contains("HTTP 401"),
+        "{:?}",
+        outcome.runs[0].warnings
+    );
 }
 
 #[test]
 fn key_is_refused_over_plain_http_to_another_host() {
     let dir = temp_dir("online-http");
     let settings = online_settings("http://wandb.example.com", &dir);
-    let err = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key).unwrap_err().to_string();
+    let err = log_runs_with(
+        &settings,
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("https") && !err.contains(FAKE_KEY), "{err}");
-    assert!(run_folders(&dir).is_empty(), "nothing written before the check");
+    assert!(
+        run_folders(&dir).is_empty(),
+        "nothing written before the check"
+    );
 }
 
 #[test]
 fn online_without_a_key_is_an_error_and_auto_mode_goes_offline() {
     let dir = temp_dir("online-nokey");
     let no_env = |_: &str| None;
-    let err = log_runs_with(&online_settings("https://api.wandb.ai", &dir), &[example_run("a")], &fast_options(), &no_env)
-        .unwrap_err()
-        .to_string();
+    let err = log_runs_with(
+        &online_settings("https://api.wandb.ai", &dir),
+        &[example_run("a")],
+        &fast_options(),
+        &no_env,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no W&B API key"), "{err}");
-    let auto = TrackingSettings { dir: Some(dir.clone()), ..Default::default() };
+    let auto = TrackingSettings {
+        dir: Some(dir.clone()),
+        ..Default::default()
+    };
     let outcome = log_runs_with(&auto, &[example_run("a")], &fast_options(), &no_env).unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Offline);
     assert!(outcome.runs[0].warnings[0].contains("logging offline"));
-    let disabled = TrackingSettings { mode: Some(TrackingMode::Disabled), dir: Some(dir.join("d")), ..Default::default() };
-    let outcome = log_runs_with(&disabled, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
+    let disabled = TrackingSettings {
+        mode: Some(TrackingMode::Disabled),
+        dir: Some(dir.join("d")),
+        ..Default::default()
+    };
+    let outcome = log_runs_with(
+        &disabled,
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Disabled);
     assert!(!dir.join("d").exists());
 }

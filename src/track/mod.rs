@@ -17,10 +17,16 @@ pub const DEFAULT_PROJECT: &str = "segq";
 /// W&B's public API server.
 pub const DEFAULT_BASE_URL: &str = "https://api.wandb.ai";
 /// Keys in segq.toml's `[tracking]` table that look like credentials; see [`refuse_key_in_config`].
-pub const CONFIG_KEY_NAMES: &[&str] = &["api_key", "key", "wandb_api_key", "token", "password", "secret"];
+pub const CONFIG_KEY_NAMES: &[&str] = &[
+    "api_key",
+    "key",
+    "wandb_api_key",
+    "token",
+    "password",
+    "secret",
+];
 /// Why segq.toml may not hold the key.
-pub const KEY_IN_CONFIG_MESSAGE: &str =
-    "W&B API keys do not belong in segq.toml (it gets committed and shared); set WANDB_API_KEY or run `wandb login`";
+pub const KEY_IN_CONFIG_MESSAGE: &str = "W&B API keys do not belong in segq.toml (it gets committed and shared); set WANDB_API_KEY or run `wandb login`";
 
 /// Where tracking data goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +87,17 @@ impl TrackingSettings {
         file: TrackingSettings,
         vars: &dyn Fn(&str) -> Option<String>,
     ) -> crate::Result<TrackingSettings> {
-        let var = |name: &str| vars(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let var = |name: &str| {
+            vars(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let mut merged = file;
         if let Some(mode) = var("WANDB_MODE") {
             merged.mode = Some(TrackingMode::parse(&mode).ok_or_else(|| {
-                crate::Error::Config(format!("WANDB_MODE={mode}: expected online, offline or disabled"))
+                crate::Error::Config(format!(
+                    "WANDB_MODE={mode}: expected online, offline or disabled"
+                ))
             })?);
         }
         merged.project = var("WANDB_PROJECT").or(merged.project);
@@ -123,18 +135,31 @@ impl TrackingSettings {
     }
 
     pub fn base_url_or_default(&self) -> &str {
-        self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL).trim_end_matches('/')
+        self.base_url
+            .as_deref()
+            .unwrap_or(DEFAULT_BASE_URL)
+            .trim_end_matches('/')
     }
 }
 
 /// Splits a comma list of tags, dropping blanks.
 pub fn split_tags(text: &str) -> Vec<String> {
-    text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Errors if segq.toml's `[tracking]` table holds anything that looks like an API key (`file` names segq.toml).
-pub fn refuse_key_in_config(tracking_table: &toml::Table, file: &std::path::Path) -> crate::Result<()> {
-    match tracking_table.keys().find(|k| CONFIG_KEY_NAMES.contains(&k.to_ascii_lowercase().as_str())) {
+pub fn refuse_key_in_config(
+    tracking_table: &toml::Table,
+    file: &std::path::Path,
+) -> crate::Result<()> {
+    match tracking_table
+        .keys()
+        .find(|k| CONFIG_KEY_NAMES.contains(&k.to_ascii_lowercase().as_str()))
+    {
         Some(key) => Err(crate::Error::Config(format!(
             "{}: [tracking].{key}: {KEY_IN_CONFIG_MESSAGE}",
             file.display()
@@ -200,7 +225,9 @@ pub struct RunOutcome {
 
 /// Logs every run as configured; see [`wandb::log_runs_with`] for the knobs tests use.
 pub fn log_runs(settings: &TrackingSettings, runs: &[RunLog]) -> crate::Result<TrackOutcome> {
-    wandb::log_runs_with(settings, runs, &wandb::OnlineOptions::default(), &|name| std::env::var(name).ok())
+    wandb::log_runs_with(settings, runs, &wandb::OnlineOptions::default(), &|name| {
+        std::env::var(name).ok()
+    })
 }
 
 #[cfg(test)]
@@ -226,22 +253,37 @@ mod tests {
         let merged = TrackingSettings::from_vars_over(file, &vars).unwrap();
         assert_eq!(merged.mode, Some(TrackingMode::Offline));
         assert_eq!(merged.project.as_deref(), Some("from-env"));
-        assert_eq!(merged.entity.as_deref(), Some("team"), "blank env var does not override");
+        assert_eq!(
+            merged.entity.as_deref(),
+            Some("team"),
+            "blank env var does not override"
+        );
         assert_eq!(merged.tags, Some(vec!["a".into(), "b".into(), "c".into()]));
         assert_eq!(merged.dir, Some(PathBuf::from("/tmp/x")));
-        let cli = TrackingSettings { project: Some("from-cli".into()), ..Default::default() };
+        let cli = TrackingSettings {
+            project: Some("from-cli".into()),
+            ..Default::default()
+        };
         let last = merged.overlay(cli);
         assert_eq!(last.project_or_default(), "from-cli");
         assert_eq!(last.mode, Some(TrackingMode::Offline));
         assert_eq!(TrackingSettings::default().project_or_default(), "segq");
-        assert_eq!(TrackingSettings::default().base_url_or_default(), "https://api.wandb.ai");
+        assert_eq!(
+            TrackingSettings::default().base_url_or_default(),
+            "https://api.wandb.ai"
+        );
     }
 
     #[test]
     fn bad_mode_is_one_line_error() {
         let vars = |name: &str| (name == "WANDB_MODE").then(|| "sometimes".to_string());
-        let err = TrackingSettings::from_vars_over(TrackingSettings::default(), &vars).unwrap_err().to_string();
-        assert!(err.contains("WANDB_MODE=sometimes") && !err.contains('\n'), "{err}");
+        let err = TrackingSettings::from_vars_over(TrackingSettings::default(), &vars)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("WANDB_MODE=sometimes") && !err.contains('\n'),
+            "{err}"
+        );
     }
 
     #[test]
@@ -252,7 +294,12 @@ mod tests {
         assert_eq!(settings.mode, Some(TrackingMode::Offline));
         assert!(refuse_key_in_config(&table, std::path::Path::new("segq.toml")).is_ok());
         let with_key: toml::Table = toml::from_str("api_key = \"abcdef\"\n").unwrap();
-        let err = refuse_key_in_config(&with_key, std::path::Path::new("segq.toml")).unwrap_err().to_string();
-        assert!(err.contains("segq.toml: [tracking].api_key") && !err.contains("abcdef"), "{err}");
+        let err = refuse_key_in_config(&with_key, std::path::Path::new("segq.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("segq.toml: [tracking].api_key") && !err.contains("abcdef"),
+            "{err}"
+        );
     }
 }

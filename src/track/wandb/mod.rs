@@ -66,7 +66,11 @@ pub fn new_run_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     // RandomState is seeded from the OS per instance; mixing in time and pid keeps ids distinct across processes.
     let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     hasher.write_u32(std::process::id());
     let mut bits = hasher.finish();
     (0..8)
@@ -79,12 +83,23 @@ pub fn new_run_id() -> String {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A media key made safe for a file name (keys like `samples/0` become `samples_0`).
 fn file_stem(key: &str) -> String {
-    key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn encode_png<P: image::PixelWithColorType, C: std::ops::Deref<Target = [P::Subpixel]>>(
@@ -101,12 +116,17 @@ where
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Builds W&B's view of `log`: renders media to PNG/JSON files, adds W&B's step keys to history, and makes
 /// the summary the last value of every history key overlaid by the explicit summary.
-pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) -> Result<PreparedRun> {
+pub fn prepare_run(
+    settings: &TrackingSettings,
+    log: &RunLog,
+    run_id: String,
+) -> Result<PreparedRun> {
     let start_time = SystemTime::now();
     let display_name = match (&settings.name, log.name.is_empty()) {
         (Some(prefix), false) => format!("{prefix}-{}", log.name),
@@ -131,14 +151,25 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
     let mut seen_keys = BTreeSet::new();
     for key in log.history.iter().flat_map(|row| row.keys()) {
         if key.starts_with('_') {
-            return Err(Error::Track(format!("run {}: history key {key}: names starting with _ are W&B's", log.name)));
+            return Err(Error::Track(format!(
+                "run {}: history key {key}: names starting with _ are W&B's",
+                log.name
+            )));
         }
     }
     for table in &log.tables {
         if !seen_keys.insert(table.key.clone()) {
-            return Err(Error::Track(format!("run {}: media key {} used twice", log.name, table.key)));
+            return Err(Error::Track(format!(
+                "run {}: media key {} used twice",
+                log.name, table.key
+            )));
         }
-        if let Some((row, cells)) = table.rows.iter().enumerate().find(|(_, r)| r.len() != table.columns.len()) {
+        if let Some((row, cells)) = table
+            .rows
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len() != table.columns.len())
+        {
             return Err(Error::Track(format!(
                 "run {}: table {} row {row}: {} cells for {} columns",
                 log.name,
@@ -150,7 +181,11 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
         let bytes = serde_json::to_vec(&json!({"columns": table.columns, "data": table.rows}))
             .map_err(|e| Error::Track(format!("table {}: {e}", table.key)))?;
         let sha = sha256_hex(&bytes);
-        let path = format!("media/table/{}_{media_step}_{}.table.json", file_stem(&table.key), &sha[..20]);
+        let path = format!(
+            "media/table/{}_{media_step}_{}.table.json",
+            file_stem(&table.key),
+            &sha[..20]
+        );
         media_values.insert(
             table.key.clone(),
             json!({"_type": "table-file", "path": path, "sha256": sha, "size": bytes.len(),
@@ -160,19 +195,29 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
     }
     for image in &log.images {
         if !seen_keys.insert(image.key.clone()) {
-            return Err(Error::Track(format!("run {}: media key {} used twice", log.name, image.key)));
+            return Err(Error::Track(format!(
+                "run {}: media key {} used twice",
+                log.name, image.key
+            )));
         }
         let bytes = encode_png(&image.rgb, &image.key)?;
         let sha = sha256_hex(&bytes);
-        let path = format!("media/images/{}_{media_step}_{}.png", file_stem(&image.key), &sha[..20]);
+        let path = format!(
+            "media/images/{}_{media_step}_{}.png",
+            file_stem(&image.key),
+            &sha[..20]
+        );
         let mut value = json!({"_type": "image-file", "path": path, "sha256": sha, "size": bytes.len(),
             "format": "png", "width": image.rgb.width(), "height": image.rgb.height()});
         media.push(MediaFile { path, bytes });
         if !image.caption.is_empty() {
             value["caption"] = json!(image.caption);
         }
-        let labels: Map<String, Value> =
-            image.class_labels.iter().map(|(id, name)| (id.to_string(), json!(name))).collect();
+        let labels: Map<String, Value> = image
+            .class_labels
+            .iter()
+            .map(|(id, name)| (id.to_string(), json!(name)))
+            .collect();
         let mut masks = Map::new();
         for (mask_name, mask) in &image.masks {
             if mask.dimensions() != image.rgb.dimensions() {
@@ -187,8 +232,15 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
             }
             let bytes = encode_png(mask, &format!("{} mask {mask_name}", image.key))?;
             let sha = sha256_hex(&bytes);
-            let path = format!("media/images/mask/{}_{media_step}_{}.mask.png", file_stem(&image.key), &sha[..20]);
-            masks.insert(mask_name.clone(), json!({"_type": "mask", "path": path, "sha256": sha, "size": bytes.len()}));
+            let path = format!(
+                "media/images/mask/{}_{media_step}_{}.mask.png",
+                file_stem(&image.key),
+                &sha[..20]
+            );
+            masks.insert(
+                mask_name.clone(),
+                json!({"_type": "mask", "path": path, "sha256": sha, "size": bytes.len()}),
+            );
             // Identical masks (same hash) share one file, as W&B's client does.
             if !media.iter().any(|m| m.path == path) {
                 media.push(MediaFile { path, bytes });
@@ -290,7 +342,8 @@ pub fn log_runs_with(
         None => match secret::find_api_key(&base_url, env) {
             Some((key, _)) => (TrackingMode::Online, Some(key)),
             None => {
-                let line = "no W&B API key found (WANDB_API_KEY or netrc): logging offline".to_string();
+                let line =
+                    "no W&B API key found (WANDB_API_KEY or netrc): logging offline".to_string();
                 tracing::info!("{line}");
                 notice = Some(line);
                 (TrackingMode::Offline, None)
@@ -301,10 +354,7 @@ pub fn log_runs_with(
         secret::check_transport(&base_url)?;
     }
     let wandb_dir = settings.dir_or_default().join("wandb");
-    let client = match key {
-        Some(key) => Some(online::Client::new(&base_url, key, options.clone())),
-        None => None,
-    };
+    let client = key.map(|key| online::Client::new(&base_url, key, options.clone()));
     let mut network_down: Option<String> = None;
     let mut outcome = TrackOutcome::default();
     for log in runs {
@@ -322,7 +372,9 @@ pub fn log_runs_with(
         if mode == TrackingMode::Online {
             let result = match (&client, &network_down) {
                 (Some(client), None) => client.upload_run(&prepared),
-                (_, Some(reason)) => Err(Error::Track(format!("skipped after an earlier failure: {reason}"))),
+                (_, Some(reason)) => Err(Error::Track(format!(
+                    "skipped after an earlier failure: {reason}"
+                ))),
                 (None, None) => Err(Error::Track("no API client".into())),
             };
             match result {
@@ -333,7 +385,11 @@ pub fn log_runs_with(
                     run.url = Some(url);
                 }
                 Err(err) => {
-                    let line = format!("W&B upload of run {} failed ({err}); {}", prepared.run_id, sync_hint(&offline_dir));
+                    let line = format!(
+                        "W&B upload of run {} failed ({err}); {}",
+                        prepared.run_id,
+                        sync_hint(&offline_dir)
+                    );
                     tracing::warn!("{line}");
                     if network_down.is_none() {
                         network_down = Some(err.to_string());
@@ -342,7 +398,11 @@ pub fn log_runs_with(
                 }
             }
         } else {
-            run.warnings.push(format!("W&B run {} kept offline; {}", prepared.run_id, sync_hint(&offline_dir)));
+            run.warnings.push(format!(
+                "W&B run {} kept offline; {}",
+                prepared.run_id,
+                sync_hint(&offline_dir)
+            ));
         }
         outcome.runs.push(run);
     }
@@ -350,7 +410,11 @@ pub fn log_runs_with(
 }
 
 /// Used by the online client to sleep between retries; a function so tests can see the schedule.
-pub(crate) fn backoff_delay(options: &OnlineOptions, attempt: u32, retry_after: Option<Duration>) -> Duration {
+pub(crate) fn backoff_delay(
+    options: &OnlineOptions,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
     let exponential = options.base_delay.saturating_mul(1u32 << attempt.min(16));
     retry_after.unwrap_or(exponential).min(options.max_delay)
 }
@@ -369,12 +433,21 @@ pub fn folder_stamp(time: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}_{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}{month:02}{day:02}_{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The offline run folder's path for a run.
 pub fn run_folder(wandb_dir: &std::path::Path, run: &PreparedRun) -> PathBuf {
-    wandb_dir.join(format!("offline-run-{}-{}", folder_stamp(run.start_time), run.run_id))
+    wandb_dir.join(format!(
+        "offline-run-{}-{}",
+        folder_stamp(run.start_time),
+        run.run_id
+    ))
 }
 
 #[cfg(test)]
@@ -394,7 +467,8 @@ mod tests {
         };
         let mut summary = Map::new();
         summary.insert("images_per_s".into(), json!(2.5));
-        let rgb = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        let rgb =
+            image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
         let gt = image::GrayImage::from_fn(6, 4, |x, _| image::Luma([(x % 3) as u8]));
         let pred = image::GrayImage::from_fn(6, 4, |_, y| image::Luma([(y % 3) as u8]));
         RunLog {
@@ -407,14 +481,21 @@ mod tests {
             tables: vec![Table {
                 key: "per_class_iou".into(),
                 columns: vec!["class".into(), "iou".into()],
-                rows: vec![vec![json!("wall"), json!(0.7)], vec![json!("floor"), Value::Null]],
+                rows: vec![
+                    vec![json!("wall"), json!(0.7)],
+                    vec![json!("floor"), Value::Null],
+                ],
             }],
             images: vec![MaskedImage {
                 key: "samples/0".into(),
                 caption: "ADE_val_00000001".into(),
                 rgb,
                 masks: vec![("ground_truth".into(), gt), ("predictions".into(), pred)],
-                class_labels: BTreeMap::from([(0, "wall".into()), (1, "floor".into()), (2, "sky".into())]),
+                class_labels: BTreeMap::from([
+                    (0, "wall".into()),
+                    (1, "floor".into()),
+                    (2, "sky".into()),
+                ]),
             }],
             exit_code: 0,
         }
@@ -424,20 +505,33 @@ mod tests {
     fn run_ids_are_eight_lowercase_alphanumerics() {
         let a = new_run_id();
         assert_eq!(a.len(), 8);
-        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
         assert_ne!(a, new_run_id());
     }
 
     #[test]
     fn folder_stamp_is_utc_civil_time() {
         assert_eq!(folder_stamp(UNIX_EPOCH), "19700101_000000");
-        assert_eq!(folder_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_723)), "20000229_010203");
-        assert_eq!(folder_stamp(UNIX_EPOCH + Duration::from_secs(1_795_957_738)), "20261129_130858");
+        assert_eq!(
+            folder_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_723)),
+            "20000229_010203"
+        );
+        assert_eq!(
+            folder_stamp(UNIX_EPOCH + Duration::from_secs(1_795_957_738)),
+            "20261129_130858"
+        );
     }
 
     #[test]
     fn prepare_adds_steps_media_and_class_labels() {
-        let settings = TrackingSettings { name: Some("exp".into()), tags: Some(vec!["t".into()]), ..Default::default() };
+        let settings = TrackingSettings {
+            name: Some("exp".into()),
+            tags: Some(vec!["t".into()]),
+            ..Default::default()
+        };
         let run = prepare_run(&settings, &sample_log(), "abc12345".into()).unwrap();
         assert_eq!(run.display_name, "exp-int8-rtn");
         assert_eq!(run.tags, vec!["t".to_string(), "int8".to_string()]);
@@ -449,9 +543,14 @@ mod tests {
         assert_eq!(image["_type"], "image-file");
         assert_eq!(image["width"], 6);
         let gt_path = image["masks"]["ground_truth"]["path"].as_str().unwrap();
-        assert!(gt_path.starts_with("media/images/mask/samples_0_1_") && gt_path.ends_with(".mask.png"));
+        assert!(
+            gt_path.starts_with("media/images/mask/samples_0_1_") && gt_path.ends_with(".mask.png")
+        );
         let table = &run.history[1]["per_class_iou"];
-        assert_eq!((table["_type"].as_str(), table["nrows"].as_u64()), (Some("table-file"), Some(2)));
+        assert_eq!(
+            (table["_type"].as_str(), table["nrows"].as_u64()),
+            (Some("table-file"), Some(2))
+        );
         assert!(!run.history[0].contains_key("per_class_iou"));
         // 1 table + 1 image + 2 distinct masks.
         assert_eq!(run.media.len(), 4);
@@ -463,7 +562,8 @@ mod tests {
         let decoded = image::load_from_memory(&mask_file.bytes).unwrap();
         assert_eq!(decoded.color(), image::ColorType::L8);
         assert_eq!(decoded.to_luma8().get_pixel(2, 0).0, [2]);
-        let labels = &run.wandb_config["mask/class_labels"]["samples/0_wandb_delimeter_predictions"];
+        let labels =
+            &run.wandb_config["mask/class_labels"]["samples/0_wandb_delimeter_predictions"];
         assert_eq!(labels["type"], "mask/class_labels");
         assert_eq!(labels["value"]["2"], "sky");
         assert_eq!(run.summary["mean_iou"], json!(0.35));
@@ -475,11 +575,15 @@ mod tests {
     fn bad_inputs_are_one_line_errors() {
         let mut log = sample_log();
         log.tables[0].rows.push(vec![json!("x")]);
-        let err = prepare_run(&TrackingSettings::default(), &log, "a".into()).unwrap_err().to_string();
+        let err = prepare_run(&TrackingSettings::default(), &log, "a".into())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("table per_class_iou row 2"), "{err}");
         let mut log = sample_log();
         log.images[0].masks[0].1 = image::GrayImage::new(3, 3);
-        let err = prepare_run(&TrackingSettings::default(), &log, "a".into()).unwrap_err().to_string();
+        let err = prepare_run(&TrackingSettings::default(), &log, "a".into())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mask ground_truth: 3x3"), "{err}");
         let mut log = sample_log();
         log.history[0].insert("_step".into(), json!(3));

@@ -8,8 +8,9 @@ use prost::Message;
 use serde_json::{Map, Value};
 
 use super::records::{
-    ConfigItem, ConfigRecord, FileType, FilesItem, FilesRecord, HistoryItem, HistoryRecord, HistoryStep, Record,
-    RecordType, RunExitRecord, RunRecord, SummaryItem, SummaryRecord, Timestamp,
+    ConfigItem, ConfigRecord, FileType, FilesItem, FilesRecord, HistoryItem, HistoryRecord,
+    HistoryStep, Record, RecordType, RunExitRecord, RunRecord, SummaryItem, SummaryRecord,
+    Timestamp,
 };
 use super::txlog::TxLogWriter;
 use super::{PreparedRun, run_folder};
@@ -21,18 +22,29 @@ fn json_text(value: &Value) -> String {
 }
 
 fn config_items(config: &Map<String, Value>) -> Vec<ConfigItem> {
-    config.iter().map(|(key, value)| ConfigItem { key: key.clone(), value_json: json_text(value) }).collect()
+    config
+        .iter()
+        .map(|(key, value)| ConfigItem {
+            key: key.clone(),
+            value_json: json_text(value),
+        })
+        .collect()
 }
 
 /// The records of a run, in the order `wandb sync` expects them, numbered from 1.
 pub fn run_records(run: &PreparedRun) -> Vec<Record> {
-    let since_epoch = run.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = run
+        .start_time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let mut kinds = vec![
         RecordType::Run(RunRecord {
             run_id: run.run_id.clone(),
             entity: run.entity.clone(),
             project: run.project.clone(),
-            config: Some(ConfigRecord { update: config_items(&run.config) }),
+            config: Some(ConfigRecord {
+                update: config_items(&run.config),
+            }),
             run_group: run.group.clone(),
             job_type: String::new(),
             display_name: run.display_name.clone(),
@@ -43,11 +55,16 @@ pub fn run_records(run: &PreparedRun) -> Vec<Record> {
                 nanos: since_epoch.subsec_nanos() as i32,
             }),
         }),
-        RecordType::Config(ConfigRecord { update: config_items(&run.full_config()) }),
+        RecordType::Config(ConfigRecord {
+            update: config_items(&run.full_config()),
+        }),
     ];
     for row in &run.history {
         let step = row.get("_step").and_then(Value::as_i64).unwrap_or(0);
-        let item = row.iter().map(|(key, value)| HistoryItem { key: key.clone(), value_json: json_text(value) });
+        let item = row.iter().map(|(key, value)| HistoryItem {
+            key: key.clone(),
+            value_json: json_text(value),
+        });
         kinds.push(RecordType::History(HistoryRecord {
             item: item.collect(),
             step: Some(HistoryStep { num: step }),
@@ -57,14 +74,32 @@ pub fn run_records(run: &PreparedRun) -> Vec<Record> {
         let files = run
             .media
             .iter()
-            .map(|file| FilesItem { path: file.path.clone(), r#type: FileType::Media as i32 })
+            .map(|file| FilesItem {
+                path: file.path.clone(),
+                r#type: FileType::Media as i32,
+            })
             .collect();
         kinds.push(RecordType::Files(FilesRecord { files }));
     }
-    let summary = run.summary.iter().map(|(key, value)| SummaryItem { key: key.clone(), value_json: json_text(value) });
-    kinds.push(RecordType::Summary(SummaryRecord { update: summary.collect() }));
-    kinds.push(RecordType::Exit(RunExitRecord { exit_code: run.exit_code, runtime: run.runtime_s.round() as i32 }));
-    kinds.into_iter().zip(1..).map(|(kind, num)| Record { num, record_type: Some(kind) }).collect()
+    let summary = run.summary.iter().map(|(key, value)| SummaryItem {
+        key: key.clone(),
+        value_json: json_text(value),
+    });
+    kinds.push(RecordType::Summary(SummaryRecord {
+        update: summary.collect(),
+    }));
+    kinds.push(RecordType::Exit(RunExitRecord {
+        exit_code: run.exit_code,
+        runtime: run.runtime_s.round() as i32,
+    }));
+    kinds
+        .into_iter()
+        .zip(1..)
+        .map(|(kind, num)| Record {
+            num,
+            record_type: Some(kind),
+        })
+        .collect()
 }
 
 /// Writes the run folder under `wandb_dir` and returns its path.
@@ -81,9 +116,12 @@ pub fn write_run(wandb_dir: &Path, run: &PreparedRun) -> Result<PathBuf> {
     }
     let log_path = dir.join(format!("run-{}.wandb", run.run_id));
     let file = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let mut writer = TxLogWriter::new(std::io::BufWriter::new(file)).map_err(|e| Error::io(&log_path, e))?;
+    let mut writer =
+        TxLogWriter::new(std::io::BufWriter::new(file)).map_err(|e| Error::io(&log_path, e))?;
     for record in run_records(run) {
-        writer.append(&record.encode_to_vec()).map_err(|e| Error::io(&log_path, e))?;
+        writer
+            .append(&record.encode_to_vec())
+            .map_err(|e| Error::io(&log_path, e))?;
     }
     writer.finish().map_err(|e| Error::io(&log_path, e))?;
     Ok(dir)
@@ -112,13 +150,24 @@ mod tests {
     #[test]
     fn written_folder_reads_back_record_by_record() {
         let root = std::env::temp_dir().join(format!("segq-offline-{}", std::process::id()));
-        let run = prepare_run(&TrackingSettings::default(), &sample_log(), "abcd1234".into()).unwrap();
+        let run = prepare_run(
+            &TrackingSettings::default(),
+            &sample_log(),
+            "abcd1234".into(),
+        )
+        .unwrap();
         let dir = write_run(&root, &run).unwrap();
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
-        assert!(name.starts_with("offline-run-") && name.ends_with("-abcd1234"), "{name}");
+        assert!(
+            name.starts_with("offline-run-") && name.ends_with("-abcd1234"),
+            "{name}"
+        );
         let bytes = std::fs::read(dir.join("run-abcd1234.wandb")).unwrap();
         let payloads = txlog::read_records(&bytes).unwrap();
-        let records: Vec<Record> = payloads.iter().map(|p| Record::decode(p.as_slice()).unwrap()).collect();
+        let records: Vec<Record> = payloads
+            .iter()
+            .map(|p| Record::decode(p.as_slice()).unwrap())
+            .collect();
         let kinds: Vec<&str> = records
             .iter()
             .map(|r| match r.record_type.as_ref().unwrap() {
@@ -130,18 +179,46 @@ mod tests {
                 RecordType::Exit(_) => "exit",
             })
             .collect();
-        assert_eq!(kinds, ["run", "config", "history", "history", "files", "summary", "exit"]);
-        assert_eq!(records.iter().map(|r| r.num).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
-        let Some(RecordType::Run(run_record)) = &records[0].record_type else { unreachable!() };
-        assert_eq!((run_record.run_id.as_str(), run_record.project.as_str()), ("abcd1234", "segq"));
-        let Some(RecordType::History(history)) = &records[3].record_type else { unreachable!() };
+        assert_eq!(
+            kinds,
+            [
+                "run", "config", "history", "history", "files", "summary", "exit"
+            ]
+        );
+        assert_eq!(
+            records.iter().map(|r| r.num).collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+        let Some(RecordType::Run(run_record)) = &records[0].record_type else {
+            unreachable!()
+        };
+        assert_eq!(
+            (run_record.run_id.as_str(), run_record.project.as_str()),
+            ("abcd1234", "segq")
+        );
+        let Some(RecordType::History(history)) = &records[3].record_type else {
+            unreachable!()
+        };
         assert_eq!(history.step.as_ref().unwrap().num, 1);
-        let Some(RecordType::Files(files)) = &records[4].record_type else { unreachable!() };
+        let Some(RecordType::Files(files)) = &records[4].record_type else {
+            unreachable!()
+        };
         for item in &files.files {
-            assert!(dir.join("files").join(&item.path).is_file(), "{}", item.path);
+            assert!(
+                dir.join("files").join(&item.path).is_file(),
+                "{}",
+                item.path
+            );
         }
         let synced = mark_synced(&dir).unwrap();
-        assert!(synced.file_name().unwrap().to_str().unwrap().starts_with("run-"));
+        assert!(
+            synced
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("run-")
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

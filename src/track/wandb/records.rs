@@ -159,14 +159,29 @@ mod tests {
         // Record{num: 1, exit: {exit_code: 3, runtime: 2}}: tag 1 varint, tag 18 length-delimited.
         let record = Record {
             num: 1,
-            record_type: Some(RecordType::Exit(RunExitRecord { exit_code: 3, runtime: 2 })),
+            record_type: Some(RecordType::Exit(RunExitRecord {
+                exit_code: 3,
+                runtime: 2,
+            })),
         };
-        assert_eq!(record.encode_to_vec(), vec![0x08, 0x01, 0x92, 0x01, 0x04, 0x08, 0x03, 0x10, 0x02]);
+        assert_eq!(
+            record.encode_to_vec(),
+            vec![0x08, 0x01, 0x92, 0x01, 0x04, 0x08, 0x03, 0x10, 0x02]
+        );
         // ConfigItem.value_json is field 16: tag bytes 0x82 0x01.
-        let item = ConfigItem { key: "a".into(), value_json: "1".into() };
-        assert_eq!(item.encode_to_vec(), vec![0x0a, 0x01, b'a', 0x82, 0x01, 0x01, b'1']);
+        let item = ConfigItem {
+            key: "a".into(),
+            value_json: "1".into(),
+        };
+        assert_eq!(
+            item.encode_to_vec(),
+            vec![0x0a, 0x01, b'a', 0x82, 0x01, 0x01, b'1']
+        );
         // FilesItem.type is field 3.
-        let file = FilesItem { path: "x".into(), r#type: FileType::Media as i32 };
+        let file = FilesItem {
+            path: "x".into(),
+            r#type: FileType::Media as i32,
+        };
         assert_eq!(file.encode_to_vec(), vec![0x0a, 0x01, b'x', 0x18, 0x02]);
     }
 }

@@ -39,7 +39,10 @@ impl<W: Write> TxLogWriter<W> {
     /// Starts a log by writing the file header.
     pub fn new(mut out: W) -> std::io::Result<Self> {
         out.write_all(&FILE_HEADER)?;
-        Ok(Self { out, block_used: FILE_HEADER.len() })
+        Ok(Self {
+            out,
+            block_used: FILE_HEADER.len(),
+        })
     }
 
     /// Writes one record, splitting it into chunks at block boundaries.
@@ -63,7 +66,8 @@ impl<W: Write> TxLogWriter<W> {
                 (false, true) => ChunkType::Last,
             } as u8;
             let (data, tail) = rest.split_at(take);
-            self.out.write_all(&chunk_crc(chunk_type, data).to_le_bytes())?;
+            self.out
+                .write_all(&chunk_crc(chunk_type, data).to_le_bytes())?;
             // `take` < BLOCK_SIZE, so it fits in u16.
             self.out.write_all(&(take as u16).to_le_bytes())?;
             self.out.write_all(&[chunk_type])?;
@@ -111,7 +115,9 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         let chunk_type = bytes[pos + 6];
         let start = pos + CHUNK_HEADER_SIZE;
         if len > left_in_block - CHUNK_HEADER_SIZE || start + len > bytes.len() {
-            return Err(format!("offset {pos}: chunk of {len} bytes runs past its block or the file"));
+            return Err(format!(
+                "offset {pos}: chunk of {len} bytes runs past its block or the file"
+            ));
         }
         let data = &bytes[start..start + len];
         if chunk_crc(chunk_type, data) != crc {
@@ -179,18 +185,30 @@ mod tests {
         let payload: Vec<u8> = (0..2 * BLOCK_SIZE + 100).map(|i| (i % 251) as u8).collect();
         let bytes = write_log(&[payload.clone(), b"after".to_vec()]);
         let first_len = BLOCK_SIZE - 7 - 7;
-        assert_eq!(u16::from_le_bytes([bytes[11], bytes[12]]) as usize, first_len);
+        assert_eq!(
+            u16::from_le_bytes([bytes[11], bytes[12]]) as usize,
+            first_len
+        );
         assert_eq!(bytes[13], ChunkType::First as u8);
         let middle = BLOCK_SIZE;
-        assert_eq!(u16::from_le_bytes([bytes[middle + 4], bytes[middle + 5]]) as usize, BLOCK_SIZE - 7);
+        assert_eq!(
+            u16::from_le_bytes([bytes[middle + 4], bytes[middle + 5]]) as usize,
+            BLOCK_SIZE - 7
+        );
         assert_eq!(bytes[middle + 6], ChunkType::Middle as u8);
         let last = 2 * BLOCK_SIZE;
         let last_len = payload.len() - first_len - (BLOCK_SIZE - 7);
-        assert_eq!(u16::from_le_bytes([bytes[last + 4], bytes[last + 5]]) as usize, last_len);
+        assert_eq!(
+            u16::from_le_bytes([bytes[last + 4], bytes[last + 5]]) as usize,
+            last_len
+        );
         assert_eq!(bytes[last + 6], ChunkType::Last as u8);
         let crc = u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap());
         assert_eq!(crc, chunk_crc(4, &payload[payload.len() - last_len..]));
-        assert_eq!(read_records(&bytes).unwrap(), vec![payload, b"after".to_vec()]);
+        assert_eq!(
+            read_records(&bytes).unwrap(),
+            vec![payload, b"after".to_vec()]
+        );
     }
 
     #[test]
@@ -201,7 +219,10 @@ mod tests {
         assert_eq!(&bytes[BLOCK_SIZE - 3..BLOCK_SIZE], &[0, 0, 0]);
         assert_eq!(bytes[BLOCK_SIZE + 6], ChunkType::Full as u8);
         assert_eq!(&bytes[BLOCK_SIZE + 7..], b"next");
-        assert_eq!(read_records(&bytes).unwrap(), vec![filler, b"next".to_vec()]);
+        assert_eq!(
+            read_records(&bytes).unwrap(),
+            vec![filler, b"next".to_vec()]
+        );
     }
 
     #[test]
