@@ -126,40 +126,54 @@ fn proximal_zero(w: &[f32], bits: u32, s: f32, z0: f32, options: &HqqOptions) ->
     let qmax = affine_qmax(bits) as f32;
     let mut z = z0;
     let mut beta = options.beta;
-    let mut best = (z0, affine_sq_error(w, s, z0, bits));
+    let mut best = (z0, f64::INFINITY);
     for _ in 0..options.iters {
-        let mut sum = 0f64;
+        // One pass scores the current zero point and accumulates the next one.
+        let (mut sum, mut err) = (0f64, 0f64);
         for &x in w {
             let q = affine_code(x, s, z, qmax);
-            let e = shrink_lp(x - (q - z) * s, beta, options.lp_norm);
+            let residual = x - (q - z) * s;
+            err += (residual as f64) * (residual as f64);
+            let e = shrink_lp(residual, beta, options.lp_norm);
             sum += (q - (x - e) / s) as f64;
         }
-        z = (sum / w.len() as f64) as f32;
-        beta *= options.kappa;
-        let err = affine_sq_error(w, s, z, bits);
         if err < best.1 {
             best = (z, err);
         }
+        z = (sum / w.len() as f64) as f32;
+        beta *= options.kappa;
+    }
+    if affine_sq_error(w, s, z, bits) < best.1 {
+        best.0 = z;
     }
     (s, best.0)
+}
+
+/// Squared error of a group under `(s, z)` and the sums the least-squares refit needs, in one pass:
+/// `(error, sum q, sum w, sum q^2, sum q w)`.
+fn refit_stats(w: &[f32], s: f32, z: f32, qmax: f32) -> [f64; 5] {
+    let mut acc = [0f64; 5];
+    for &x in w {
+        let q = affine_code(x, s, z, qmax);
+        let residual = (x - (q - z) * s) as f64;
+        let (q, x) = (q as f64, x as f64);
+        acc[0] += residual * residual;
+        acc[1] += q;
+        acc[2] += x;
+        acc[3] += q * q;
+        acc[4] += q * x;
+    }
+    acc
 }
 
 /// Alternates optimal codes (rounding) and the least-squares scale and zero for those codes, while it helps.
 /// Returns `(scale, zero, squared error)`.
 fn refit(w: &[f32], bits: u32, mut s: f32, mut z: f32, iters: usize) -> (f32, f32, f64) {
     let qmax = affine_qmax(bits) as f32;
-    let mut err = affine_sq_error(w, s, z, bits);
     let n = w.len() as f64;
+    let mut stats = refit_stats(w, s, z, qmax);
     for _ in 0..iters {
-        let (mut sq, mut sw, mut sqq, mut sqw) = (0f64, 0f64, 0f64, 0f64);
-        for &x in w {
-            let q = affine_code(x, s, z, qmax) as f64;
-            let x = x as f64;
-            sq += q;
-            sw += x;
-            sqq += q * q;
-            sqw += q * x;
-        }
+        let [_, sq, sw, sqq, sqw] = stats;
         let var = sqq - sq * sq / n;
         if var <= 0.0 {
             break;
@@ -170,13 +184,13 @@ fn refit(w: &[f32], bits: u32, mut s: f32, mut z: f32, iters: usize) -> (f32, f3
             break;
         }
         let (ns, nz) = (slope as f32, (-intercept / slope) as f32);
-        let new_err = affine_sq_error(w, ns, nz, bits);
-        if new_err.is_nan() || new_err >= err {
+        let next = refit_stats(w, ns, nz, qmax);
+        if next[0].is_nan() || next[0] >= stats[0] {
             break;
         }
-        (s, z, err) = (ns, nz, new_err);
+        (s, z, stats) = (ns, nz, next);
     }
-    (s, z, err)
+    (s, z, stats[0])
 }
 
 #[cfg(test)]
