@@ -225,8 +225,7 @@ fn weight_bytes(m: &segq::model::segformer::Segformer) -> usize {
 pub fn resolve_dataset(config: &Config) -> Result<(data::DatasetSpec, String)> {
     let d = &config.dataset;
     if d.source == "embedded" || d.source == "demo" {
-        let root = segq::data::demo_dataset_root()?;
-        return Ok((data::DatasetSpec::AdeFolder { root: root.clone(), split: "validation".into() }, "embedded demo dataset (12 synthetic scenes)".into()));
+        return Ok((data::demo_dataset()?, "embedded demo dataset (12 synthetic scenes, Scene Parse 150 schema)".into()));
     }
     let path = std::path::Path::new(&d.source);
     let spec = if path.exists() || d.source.contains(',') {

@@ -1,0 +1,624 @@
+//! Parquet datasets, as written by Hugging Face `datasets` (and the Hub's Parquet conversion): finding the files
+//! (locally or on the Hub through hf-hub's cache), indexing rows from the footers' row counts, and reading the
+//! image and label bytes of a row range one row group at a time (never a whole file).
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
+
+use super::split_aliases;
+use crate::{Error, Result};
+
+/// Rows decoded from Parquet per Arrow batch: small, so memory follows the loader's bound, not the row group's.
+const ARROW_BATCH_ROWS: usize = 8;
+
+/// All `.parquet` files under `dir` (sorted by path). When some of their relative paths name a split (a folder
+/// component, or a `<split>-NNNNN-of-NNNNN.parquet` file name), only those naming `split` are kept, and it is an
+/// error if none do.
+pub fn find_parquet_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect(dir, &mut files)?;
+    files.sort();
+    let split_of = |path: &PathBuf| -> Option<String> {
+        let relative = path.strip_prefix(dir).unwrap_or(path);
+        let mut names: Vec<String> = relative
+            .iter()
+            .map(|c| c.to_string_lossy().to_ascii_lowercase())
+            .collect();
+        let file = names.pop().unwrap_or_default();
+        let known = [
+            "train",
+            "training",
+            "validation",
+            "val",
+            "valid",
+            "test",
+            "testing",
+        ];
+        names
+            .into_iter()
+            .rev()
+            .find(|n| known.contains(&n.as_str()))
+            .or_else(|| {
+                file.split_once('-')
+                    .map(|(s, _)| s.to_string())
+                    .filter(|s| known.contains(&s.as_str()))
+            })
+    };
+    if !files.iter().any(|f| split_of(f).is_some()) {
+        return Ok(files);
+    }
+    let wanted = split_aliases(split);
+    let (kept, other): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| split_of(f).is_some_and(|s| wanted.contains(&s)));
+    if kept.is_empty() {
+        let mut found: Vec<String> = other.iter().filter_map(split_of).collect();
+        found.sort();
+        found.dedup();
+        return Err(Error::Data(format!(
+            "{}: no Parquet files for split '{split}' (splits found: {})",
+            dir.display(),
+            found.join(", ")
+        )));
+    }
+    Ok(kept)
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Lists and fetches `<config>/<split>/*.parquet` of a Hub dataset at `revision` (usually `refs/convert/parquet`)
+/// through hf-hub's cache. With `HF_HUB_OFFLINE=1` only the cache is consulted. Cache location: `HF_HUB_CACHE`,
+/// else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; token: `HF_TOKEN`, else the cache's token file.
+pub fn hub_parquet_files(
+    repo: &str,
+    config: &str,
+    split: &str,
+    revision: &str,
+) -> Result<Vec<PathBuf>> {
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
+        None => hf_hub::Cache::from_env(),
+    };
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    });
+    hub_parquet_files_in(&cache, offline, repo, config, split, revision)
+}
+
+/// [`hub_parquet_files`] with the cache and the offline switch given rather than read from the environment.
+pub fn hub_parquet_files_in(
+    cache: &hf_hub::Cache,
+    offline: bool,
+    repo: &str,
+    config: &str,
+    split: &str,
+    revision: &str,
+) -> Result<Vec<PathBuf>> {
+    let cache = cache.clone();
+    let hub_repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Dataset,
+        revision.to_string(),
+    );
+    let splits = split_aliases(split);
+    let wanted = |name: &str| -> bool {
+        let parts: Vec<&str> = name.split('/').collect();
+        parts.len() == 3
+            && parts[0] == config
+            && splits.iter().any(|s| s == parts[1])
+            && parts[2].ends_with(".parquet")
+    };
+    if offline {
+        return cached_parquet_files(&cache, &hub_repo, config, split, &wanted);
+    }
+    let token = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| cache.token());
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+        .with_endpoint(
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()),
+        )
+        .with_token(token)
+        .with_progress(false)
+        .build()
+        .map_err(|e| Error::Hub(format!("dataset {repo}: cannot start the Hub client: {e}")))?;
+    let api_repo = api.repo(hub_repo);
+    let info = api_repo
+        .info()
+        .map_err(|e| Error::Hub(format!("dataset {repo}@{revision}: cannot list files: {e}")))?;
+    let mut names: Vec<String> = info
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.clone())
+        .filter(|n| wanted(n))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        let mut available: Vec<String> = info
+            .siblings
+            .iter()
+            .filter(|s| s.rfilename.ends_with(".parquet"))
+            .filter_map(|s| s.rfilename.rsplit_once('/').map(|(dir, _)| dir.to_string()))
+            .collect();
+        available.sort();
+        available.dedup();
+        return Err(Error::Hub(format!(
+            "dataset {repo}@{revision}: no Parquet files for config '{config}' split '{split}' (available: {})",
+            if available.is_empty() {
+                "none".to_string()
+            } else {
+                available.join(", ")
+            }
+        )));
+    }
+    let mut paths = Vec::with_capacity(names.len());
+    for name in &names {
+        tracing::info!("fetching {repo}/{name} ({revision})");
+        let path = api_repo
+            .get(name)
+            .map_err(|e| Error::Hub(format!("dataset {repo}@{revision}: {name}: {e}")))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Offline: the files of a cached snapshot, found through `refs/<revision>` (or the revision itself if it is a
+/// commit hash) in the hf-hub / huggingface_hub cache layout.
+fn cached_parquet_files(
+    cache: &hf_hub::Cache,
+    repo: &hf_hub::Repo,
+    config: &str,
+    split: &str,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>> {
+    let repo_dir = cache.path().join(repo.folder_name());
+    let revision = repo.revision();
+    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
+        revision.to_string()
+    } else {
+        let ref_file = repo_dir.join("refs").join(revision);
+        std::fs::read_to_string(&ref_file)
+            .map_err(|e| {
+                Error::Hub(format!(
+                    "HF_HUB_OFFLINE is set and dataset {} at {revision} is not cached ({}: {e})",
+                    repo.url(),
+                    ref_file.display()
+                ))
+            })?
+            .trim()
+            .to_string()
+    };
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    let mut found = Vec::new();
+    for split_name in split_aliases(split) {
+        let dir = snapshot.join(config).join(&split_name);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = format!(
+                "{config}/{split_name}/{}",
+                entry.file_name().to_string_lossy()
+            );
+            if wanted(&name) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        return Err(Error::Hub(format!(
+            "HF_HUB_OFFLINE is set and no Parquet files of {config}/{split} are cached in {}",
+            snapshot.display()
+        )));
+    }
+    Ok(found)
+}
+
+/// How the image or label bytes are stored in a column.
+#[derive(Clone, Debug)]
+enum ColumnKind {
+    /// `datasets` Image feature: struct {bytes, path}.
+    Struct,
+    /// Plain binary column.
+    Binary,
+}
+
+/// One Parquet file's index: its footer, row counts and where the two columns are.
+pub struct ParquetFile {
+    pub path: PathBuf,
+    /// Rows per row group, from the footer.
+    pub row_groups: Vec<usize>,
+    pub rows: usize,
+    metadata: ArrowReaderMetadata,
+    /// Root column indices of image and label, or why the file cannot provide them.
+    columns: std::result::Result<[(usize, ColumnKind); 2], String>,
+    column_names: [String; 2],
+}
+
+impl ParquetFile {
+    /// Reads the footer (only) and checks the columns. A footer that cannot be read is an error (the row count is
+    /// unknown); a missing or mistyped column is kept as a per-file problem, reported for each of its rows.
+    pub fn open(path: &Path, image_column: &str, label_column: &str) -> Result<ParquetFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let metadata =
+            ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+                Error::Data(format!(
+                    "{}: not a readable Parquet file: {e}",
+                    path.display()
+                ))
+            })?;
+        let row_groups: Vec<usize> = metadata
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows().max(0) as usize)
+            .collect();
+        let rows = row_groups.iter().sum();
+        let schema = metadata.schema().clone();
+        let find = |name: &str| -> std::result::Result<(usize, ColumnKind), String> {
+            let Ok(index) = schema.index_of(name) else {
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(format!(
+                    "missing column '{name}' (columns: {})",
+                    names.join(", ")
+                ));
+            };
+            match schema.field(index).data_type() {
+                DataType::Struct(fields) => match fields
+                    .iter()
+                    .find(|f| f.name() == "bytes")
+                    .map(|f| f.data_type())
+                {
+                    Some(DataType::Binary | DataType::LargeBinary | DataType::BinaryView) => {
+                        Ok((index, ColumnKind::Struct))
+                    }
+                    _ => Err(format!(
+                        "column '{name}' is a struct without a binary 'bytes' field"
+                    )),
+                },
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
+                    Ok((index, ColumnKind::Binary))
+                }
+                other => Err(format!(
+                    "column '{name}' has type {other}, expected {{bytes, path}} struct or binary"
+                )),
+            }
+        };
+        let columns = find(image_column).and_then(|i| Ok([i, find(label_column)?]));
+        Ok(ParquetFile {
+            path: path.to_path_buf(),
+            row_groups,
+            rows,
+            metadata,
+            columns,
+            column_names: [image_column.to_string(), label_column.to_string()],
+        })
+    }
+
+    /// Why this file's rows cannot be read (missing column, wrong type), if so.
+    pub fn problem(&self) -> Option<&str> {
+        self.columns.as_ref().err().map(String::as_str)
+    }
+
+    /// Reads rows `range` (file-local) in order, one row group at a time, calling `emit` once per row.
+    /// `emit` returns false to stop early.
+    pub fn read_rows(&self, range: Range<usize>, emit: &mut dyn FnMut(usize, RawRow) -> bool) {
+        let columns = match &self.columns {
+            Ok(columns) => columns,
+            Err(problem) => {
+                for row in range {
+                    if !emit(
+                        row,
+                        RawRow {
+                            image_path: None,
+                            bytes: Err(problem.clone()),
+                        },
+                    ) {
+                        return;
+                    }
+                }
+                return;
+            }
+        };
+        let mut group_start = 0;
+        for (group, &group_rows) in self.row_groups.iter().enumerate() {
+            let group_range = group_start..group_start + group_rows;
+            group_start += group_rows;
+            let lo = range.start.max(group_range.start);
+            let hi = range.end.min(group_range.end);
+            if lo >= hi {
+                continue;
+            }
+            let mut next_row = lo;
+            let outcome = self.read_group(
+                group,
+                group_range.clone(),
+                lo..hi,
+                columns,
+                &mut |row, result| {
+                    next_row = row + 1;
+                    emit(row, result)
+                },
+            );
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    // The rest of the row group is unreadable: every remaining selected row reports it.
+                    let why = format!(
+                        "cannot read row group {group} (rows {}..{}): {e}",
+                        group_range.start, group_range.end
+                    );
+                    for row in next_row..hi {
+                        if !emit(
+                            row,
+                            RawRow {
+                                image_path: None,
+                                bytes: Err(why.clone()),
+                            },
+                        ) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_group(
+        &self,
+        group: usize,
+        group_range: Range<usize>,
+        rows: Range<usize>,
+        columns: &[(usize, ColumnKind); 2],
+        emit: &mut dyn FnMut(usize, RawRow) -> bool,
+    ) -> std::result::Result<bool, String> {
+        let file = File::open(&self.path).map_err(|e| e.to_string())?;
+        let mut selectors = vec![];
+        if rows.start > group_range.start {
+            selectors.push(RowSelector::skip(rows.start - group_range.start));
+        }
+        selectors.push(RowSelector::select(rows.len()));
+        if group_range.end > rows.end {
+            selectors.push(RowSelector::skip(group_range.end - rows.end));
+        }
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
+        let mask = ProjectionMask::roots(builder.parquet_schema(), [columns[0].0, columns[1].0]);
+        let reader = builder
+            .with_row_groups(vec![group])
+            .with_row_selection(RowSelection::from(selectors))
+            .with_projection(mask)
+            .with_batch_size(ARROW_BATCH_ROWS)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut row = rows.start;
+        for batch in reader {
+            let batch = batch.map_err(|e| e.to_string())?;
+            let image = column(&batch, &self.column_names[0])?;
+            let label = column(&batch, &self.column_names[1])?;
+            for i in 0..batch.num_rows() {
+                let image_path = cell_path(image, &columns[0].1, i);
+                let bytes =
+                    cell_bytes(image, &columns[0].1, i, &self.column_names[0]).and_then(|image| {
+                        Ok((
+                            image,
+                            cell_bytes(label, &columns[1].1, i, &self.column_names[1])?,
+                        ))
+                    });
+                let result = RawRow { image_path, bytes };
+                if !emit(row, result) {
+                    return Ok(false);
+                }
+                row += 1;
+            }
+        }
+        if row != rows.end {
+            return Err(format!(
+                "row group ended after {} of {} selected rows",
+                row - rows.start,
+                rows.len()
+            ));
+        }
+        Ok(true)
+    }
+}
+
+/// One row as read: its image bytes and label bytes, or why they cannot be had.
+pub struct RawRow {
+    /// The image's stored `path`, when the column is a {bytes, path} struct and it is set.
+    pub image_path: Option<String>,
+    pub bytes: std::result::Result<(Vec<u8>, Vec<u8>), String>,
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> std::result::Result<&'a ArrayRef, String> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| format!("column '{name}' missing from the decoded batch"))
+}
+
+fn binary_value(array: &dyn Array, i: usize) -> Option<Vec<u8>> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Binary => Some(array.as_binary::<i32>().value(i).to_vec()),
+        DataType::LargeBinary => Some(array.as_binary::<i64>().value(i).to_vec()),
+        DataType::BinaryView => Some(array.as_binary_view().value(i).to_vec()),
+        _ => None,
+    }
+}
+
+fn string_value(array: &dyn Array, i: usize) -> Option<String> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
+        _ => None,
+    }
+}
+
+fn cell_path(array: &ArrayRef, kind: &ColumnKind, i: usize) -> Option<String> {
+    match kind {
+        ColumnKind::Binary => None,
+        ColumnKind::Struct => {
+            let array = array.as_struct_opt()?;
+            if array.is_null(i) {
+                return None;
+            }
+            cell_path_of(array, i)
+        }
+    }
+}
+
+fn cell_bytes(
+    array: &ArrayRef,
+    kind: &ColumnKind,
+    i: usize,
+    name: &str,
+) -> std::result::Result<Vec<u8>, String> {
+    if array.is_null(i) {
+        return Err(format!("'{name}' is null"));
+    }
+    match kind {
+        ColumnKind::Binary => {
+            binary_value(array.as_ref(), i).ok_or_else(|| format!("'{name}' is not binary"))
+        }
+        ColumnKind::Struct => {
+            let array = array
+                .as_struct_opt()
+                .ok_or_else(|| format!("'{name}' is not a struct"))?;
+            match array
+                .column_by_name("bytes")
+                .and_then(|b| binary_value(b.as_ref(), i))
+            {
+                Some(bytes) => Ok(bytes),
+                None => {
+                    let path = cell_path_of(array, i);
+                    Err(format!(
+                        "'{name}' has no embedded bytes{}",
+                        path.map(|p| format!(" (only a path: {p})"))
+                            .unwrap_or_default()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn cell_path_of(array: &arrow_array::StructArray, i: usize) -> Option<String> {
+    array
+        .column_by_name("path")
+        .and_then(|p| string_value(p.as_ref(), i))
+        .filter(|p| !p.is_empty())
+}
+
+/// One row for [`write_parquet_dataset`]: image and label bytes (None writes a null cell) and the image's path.
+pub struct FixtureRow {
+    pub image: Option<Vec<u8>>,
+    pub label: Option<Vec<u8>>,
+    pub path: Option<String>,
+}
+
+/// Writes a Parquet file with the schema `datasets` uses for Scene Parse 150: `image` and `annotation` as
+/// {bytes, path} structs and `scene_category` as int64, `row_group_rows` rows per row group. For tests and
+/// fixtures (corrupt and edge cases); `image_column`/`label_column` rename the two columns.
+pub fn write_parquet_dataset(
+    path: &Path,
+    rows: &[FixtureRow],
+    row_group_rows: usize,
+    image_column: &str,
+    label_column: &str,
+) -> Result<()> {
+    use arrow_array::{BinaryArray, Int64Array, StringArray, StructArray};
+    use arrow_schema::{Field, Fields, Schema};
+    let struct_fields = Fields::from(vec![
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ]);
+    let image_struct =
+        |get: &dyn Fn(&FixtureRow) -> Option<Vec<u8>>, with_path: bool| -> ArrayRef {
+            let bytes: BinaryArray = rows.iter().map(get).collect();
+            let paths: StringArray = rows
+                .iter()
+                .map(|r| {
+                    if with_path {
+                        r.path.clone()
+                    } else {
+                        r.path.as_ref().map(|p| {
+                            Path::new(p)
+                                .with_extension("png")
+                                .to_string_lossy()
+                                .into_owned()
+                        })
+                    }
+                })
+                .collect();
+            Arc::new(StructArray::new(
+                struct_fields.clone(),
+                vec![Arc::new(bytes), Arc::new(paths)],
+                None,
+            ))
+        };
+    let image = image_struct(&|r| r.image.clone(), true);
+    let label = image_struct(&|r| r.label.clone(), false);
+    let category: ArrayRef = Arc::new(Int64Array::from_iter_values(
+        (0..rows.len() as i64).map(|i| i % 3),
+    ));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(image_column, DataType::Struct(struct_fields.clone()), true),
+        Field::new(label_column, DataType::Struct(struct_fields.clone()), true),
+        Field::new("scene_category", DataType::Int64, true),
+    ]));
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![image, label, category]).map_err(|e| {
+            Error::Data(format!(
+                "{}: cannot build the fixture batch: {e}",
+                path.display()
+            ))
+        })?;
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .build();
+    let write_err = |e: parquet::errors::ParquetError| {
+        Error::Data(format!("{}: cannot write Parquet: {e}", path.display()))
+    };
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(write_err)?;
+    writer.write(&batch).map_err(write_err)?;
+    writer.close().map_err(write_err)?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Which rows of a dataset one run reads: `--offset`/`--limit` cut a window of rows, then `--shard I/N` takes
+//! the I-th of N contiguous, disjoint parts of that window. Every row of the window lands in exactly one shard
+//! for any N, including N larger than the number of rows (some shards are then empty).
+
+use std::ops::Range;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// Row selection over a dataset's global row order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Selection {
+    /// (index, count), index 0-based and below count.
+    pub shard: Option<(usize, usize)>,
+    /// Rows skipped at the start of the dataset.
+    pub offset: usize,
+    /// At most this many rows after the offset (before sharding).
+    pub limit: Option<usize>,
+}
+
+impl Selection {
+    /// Parses `I/N` (0-based I < N) as given to `--shard`.
+    pub fn parse_shard(text: &str) -> Result<(usize, usize)> {
+        let bad = |why: &str| {
+            Error::Config(format!(
+                "--shard '{text}': {why} (expected I/N with 0 <= I < N, e.g. 0/4)"
+            ))
+        };
+        let (i, n) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("missing '/'"))?;
+        let i: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| bad("I is not a non-negative integer"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| bad("N is not a non-negative integer"))?;
+        if n == 0 {
+            return Err(bad("N must be at least 1"));
+        }
+        if i >= n {
+            return Err(bad("I must be below N"));
+        }
+        Ok((i, n))
+    }
+
+    /// The global rows this selection takes from a dataset of `total` rows.
+    pub fn rows(&self, total: usize) -> Range<usize> {
+        let start = self.offset.min(total);
+        let end = match self.limit {
+            Some(limit) => start.saturating_add(limit).min(total),
+            None => total,
+        };
+        match self.shard {
+            None => start..end,
+            Some((index, count)) => {
+                let len = end - start;
+                // Part i covers [floor(i*len/N), floor((i+1)*len/N)): sizes differ by at most one.
+                let bound = |i: usize| start + ((i as u128 * len as u128) / count as u128) as usize;
+                bound(index)..bound(index + 1)
+            }
+        }
+    }
+}
+
+impl FromStr for Selection {
+    type Err = Error;
+
+    /// Parses a shard alone (`I/N`) into a selection with no offset or limit.
+    fn from_str(text: &str) -> Result<Self> {
+        Ok(Selection {
+            shard: Some(Selection::parse_shard(text)?),
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_every_row_once_for_many_counts() {
+        for total in [0usize, 1, 5, 12, 100, 101] {
+            for (offset, limit) in [
+                (0, None),
+                (3, None),
+                (2, Some(7)),
+                (0, Some(1000)),
+                (200, Some(3)),
+            ] {
+                let window = Selection {
+                    shard: None,
+                    offset,
+                    limit,
+                }
+                .rows(total);
+                for n in [1usize, 2, 3, 7, 50] {
+                    let mut seen = vec![0u32; total];
+                    let mut sizes = Vec::new();
+                    for i in 0..n {
+                        let r = Selection {
+                            shard: Some((i, n)),
+                            offset,
+                            limit,
+                        }
+                        .rows(total);
+                        sizes.push(r.len());
+                        for row in r {
+                            seen[row] += 1;
+                        }
+                    }
+                    for (row, count) in seen.iter().enumerate() {
+                        let expected = u32::from(window.contains(&row));
+                        assert_eq!(
+                            *count, expected,
+                            "total {total} offset {offset} limit {limit:?} n {n} row {row}"
+                        );
+                    }
+                    let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                    assert!(max - min <= 1, "unbalanced shards {sizes:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn offset_and_limit_cut_a_window() {
+        let s = Selection {
+            shard: None,
+            offset: 3,
+            limit: Some(4),
+        };
+        assert_eq!(s.rows(10), 3..7);
+        assert_eq!(s.rows(5), 3..5);
+        assert_eq!(s.rows(2), 2..2);
+        assert_eq!(Selection::default().rows(9), 0..9);
+    }
+
+    #[test]
+    fn shard_parsing_accepts_and_explains() {
+        assert_eq!(Selection::parse_shard("0/1").unwrap(), (0, 1));
+        assert_eq!(Selection::parse_shard(" 3 / 7 ").unwrap(), (3, 7));
+        let s: Selection = "2/5".parse().unwrap();
+        assert_eq!(s.shard, Some((2, 5)));
+        for (text, why) in [
+            ("3", "missing '/'"),
+            ("a/2", "I is not"),
+            ("1/x", "N is not"),
+            ("0/0", "at least 1"),
+            ("2/2", "below N"),
+            ("-1/2", "I is not"),
+        ] {
+            let e = Selection::parse_shard(text).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(text), "{text}: {e}");
+        }
+    }
+}
