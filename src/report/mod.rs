@@ -1,2 +1,196 @@
-//! Reports (temporary: overlays only until the metrics branch lands).
+//! Publishing an evaluation's results as files people read: `results.json`, `summary.csv`, `summary.md`,
+//! plots, and (through [`overlay`]) coloured prediction masks.
+
 pub mod overlay;
+pub mod plots;
+pub mod wandb_runs;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+
+use crate::eval::results::EvalResults;
+use crate::{Error, Result};
+
+pub use table::{format_table, summary_csv, summary_markdown};
+
+/// Writes every report of `results` into `out_dir` (created if needed) and returns the files written:
+/// `results.json`, `summary.csv`, `summary.md` and `plots/*.{png,svg}` (plots that have no data are skipped).
+pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let mut written = Vec::new();
+
+    let json = out_dir.join("results.json");
+    results.write(&json)?;
+    written.push(json);
+
+    for (name, text) in [
+        ("summary.csv", summary_csv(results)),
+        ("summary.md", summary_markdown(results)),
+    ] {
+        let path = out_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+    }
+
+    written.extend(plots::write_plots(results, &out_dir.join("plots"))?);
+    tracing::info!(dir = %out_dir.display(), files = written.len(), "wrote reports");
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::results::LevelStatus;
+    use crate::eval::results::test_support::run;
+
+    #[test]
+    fn write_all_writes_every_report_and_they_parse_back() {
+        let dir = std::env::temp_dir().join(format!("segq-report-{}", std::process::id()));
+        let mut results = run(0..8, 8, None);
+        results.levels[1].status = LevelStatus::Failed {
+            reason: "weights, \"int8\" missing".into(),
+        };
+        results.levels[1].confusion = None;
+        results.levels[1].agreement = None;
+        let written = write_all(&results, &dir).unwrap();
+        let names: Vec<String> = written
+            .iter()
+            .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
+        for expected in [
+            "results.json",
+            "summary.csv",
+            "summary.md",
+            "plots/miou_vs_bits.png",
+            "plots/miou_vs_bits.svg",
+            "plots/throughput.png",
+            "plots/throughput.svg",
+            "plots/class_iou_drop.png",
+            "plots/class_iou_drop.svg",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from {names:?}"
+            );
+            assert!(
+                std::fs::metadata(dir.join(expected)).unwrap().len() > 100,
+                "{expected} is empty"
+            );
+        }
+
+        let back = EvalResults::read(&dir.join("results.json")).unwrap();
+        assert_eq!(back.levels.len(), 3);
+        assert_eq!(back.levels[2].confusion, results.levels[2].confusion);
+
+        let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0].split(',').collect::<Vec<_>>(),
+            table::csv_columns()
+        );
+        assert_eq!(lines.len(), 4);
+        let int4: Vec<&str> = lines[3].split(',').collect();
+        assert_eq!(int4.len(), table::csv_columns().len());
+        assert_eq!(int4[0], "int4-hqq-g64");
+        let miou: f64 = int4[3].parse().unwrap();
+        assert_eq!(miou, results.levels[2].miou());
+        let delta: f64 = int4[4].parse().unwrap();
+        assert_eq!(delta, results.delta_miou(&results.levels[2]));
+        assert_eq!(int4[17], "ok");
+        // The failed level: empty score fields and its reason quoted (it holds a comma and quotes).
+        assert!(lines[2].starts_with("int8,rtn,8.25,,,,,,,"), "{}", lines[2]);
+        assert!(
+            lines[2].ends_with(r#","failed: weights, ""int8"" missing""#),
+            "{}",
+            lines[2]
+        );
+
+        let markdown = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+        assert!(markdown.contains("| level | method | bits/weight | mIoU % | Δ mIoU vs f32 |"));
+        let percent = format!("| {:.2} | {:+.2} |", miou * 100.0, delta * 100.0);
+        assert!(markdown.contains(&percent), "{percent} not in\n{markdown}");
+
+        for (plot, size) in [
+            ("miou_vs_bits", (1000, 650)),
+            ("throughput", (1000, 700)),
+            ("class_iou_drop", (1000, 650)),
+        ] {
+            let png = image::open(dir.join(format!("plots/{plot}.png"))).unwrap();
+            assert_eq!((png.width(), png.height()), size, "{plot}");
+            // Text was drawn: some pixels are dark (axes, labels), many are white.
+            let grey = png.to_luma8();
+            assert!(
+                grey.pixels().filter(|p| p.0[0] < 60).count() > 500,
+                "{plot}.png has almost no dark pixels"
+            );
+            let svg = std::fs::read_to_string(dir.join(format!("plots/{plot}.svg"))).unwrap();
+            assert!(
+                svg.starts_with("<svg") && svg.contains("<text"),
+                "{plot}.svg"
+            );
+        }
+        let svg = std::fs::read_to_string(dir.join("plots/class_iou_drop.svg")).unwrap();
+        assert!(svg.contains("int4-hqq-g64"), "the worst level is named");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn terminal_table_aligns_columns() {
+        let results = run(0..5, 5, Some((0, 2)));
+        let table = format_table(&results);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("shard 0/2"), "{}", lines[0]);
+        let header = lines[1];
+        assert!(header.starts_with("level"));
+        // Numeric columns are right-aligned: each value ends where its header ends.
+        // Positions in characters: the header holds a multi-byte "Δ".
+        let end_of = |name: &str| {
+            header[..header.find(name).unwrap()].chars().count() + name.chars().count()
+        };
+        for line in &lines[2..] {
+            let chars: Vec<char> = line.chars().collect();
+            for name in ["mIoU %", "weight MB", "peak RSS MB"] {
+                let end = end_of(name);
+                let last = chars[end - 1];
+                assert!(
+                    last.is_ascii_digit() || last == '-',
+                    "{name} misaligned in {line:?}"
+                );
+                assert_eq!(chars[end], ' ', "{name} misaligned in {line:?}");
+            }
+        }
+        assert_eq!(lines.len(), 2 + results.levels.len());
+    }
+
+    #[test]
+    fn no_plots_without_data() {
+        let dir = std::env::temp_dir().join(format!("segq-report-empty-{}", std::process::id()));
+        let mut results = run(0..0, 0, None);
+        for level in &mut results.levels {
+            level.status = LevelStatus::Failed {
+                reason: "model did not load".into(),
+            };
+            level.confusion = None;
+        }
+        let written = write_all(&results, &dir).unwrap();
+        assert_eq!(written.len(), 3, "{written:?}");
+        assert!(!dir.join("plots").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_single_level_gets_no_class_drop_plot() {
+        let dir = std::env::temp_dir().join(format!("segq-report-single-{}", std::process::id()));
+        let mut results = run(0..3, 3, None);
+        results.levels.truncate(1);
+        let written = write_all(&results, &dir).unwrap();
+        let plots: Vec<_> = written
+            .iter()
+            .filter(|p| p.starts_with(dir.join("plots")))
+            .collect();
+        assert_eq!(plots.len(), 4, "{plots:?}");
+        assert!(!dir.join("plots/class_iou_drop.png").exists());
+        assert!(plots::worst_class_drops(&results).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,31 +1,187 @@
-//! Colour overlays and mask PNGs (temporary).
-use crate::{Error, Result};
-use image::{GrayImage, RgbImage};
+//! Class masks as pictures: a fixed palette of distinct colours, coloured masks, masks blended over the input
+//! image, and class-id PNGs (the form W&B and most tools read).
+
 use std::path::Path;
-pub fn colorize(mask: &[u16], w: usize, h: usize) -> RgbImage {
-    RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        let c = mask[y as usize * w + x as usize] as u32;
-        image::Rgb([
-            (c * 67 % 256) as u8,
-            (c * 131 % 256) as u8,
-            (c * 199 % 256) as u8,
-        ])
-    })
+
+use image::{ImageBuffer, Luma, Rgb, RgbImage};
+
+use crate::{Error, Result};
+
+/// Number of distinct colours in the palette; class ids repeat colours beyond it.
+pub const PALETTE_SIZE: usize = 7 * 7 * 6;
+
+/// Colour of class `id`: a point of a 7 x 7 x 6 grid over the RGB cube (any two colours differ by at least 42
+/// in one channel), visited in a scrambled order (`id * 101 + 37` modulo the grid size, 101 being coprime to
+/// it) so that neighbouring ids, which are often related classes, get very different colours.
+/// Fixed forever: the same class has the same colour in every run and every legend.
+pub fn class_color(id: usize) -> [u8; 3] {
+    const SEVEN_LEVELS: [u8; 7] = [0, 42, 85, 128, 170, 213, 255];
+    const SIX_LEVELS: [u8; 6] = [0, 51, 102, 153, 204, 255];
+    let cell = (id % PALETTE_SIZE * 101 + 37) % PALETTE_SIZE;
+    [
+        SEVEN_LEVELS[cell % 7],
+        SEVEN_LEVELS[cell / 7 % 7],
+        SIX_LEVELS[cell / 49],
+    ]
 }
-pub fn overlay(image: &RgbImage, mask: &[u16], alpha: f32) -> RgbImage {
-    let colors = colorize(mask, image.width() as usize, image.height() as usize);
-    RgbImage::from_fn(image.width(), image.height(), |x, y| {
-        let a = image.get_pixel(x, y).0;
-        let b = colors.get_pixel(x, y).0;
-        image::Rgb(
-            [0, 1, 2].map(|i| (a[i] as f32 * (1.0 - alpha) + b[i] as f32 * alpha).round() as u8),
-        )
-    })
+
+/// The first `num_labels` colours of [`class_color`], for legends.
+pub fn palette(num_labels: usize) -> Vec<[u8; 3]> {
+    (0..num_labels).map(class_color).collect()
 }
-pub fn save_mask_png(mask: &[u16], w: usize, h: usize, path: &Path) -> Result<()> {
-    let img = GrayImage::from_fn(w as u32, h as u32, |x, y| {
-        image::Luma([mask[y as usize * w + x as usize] as u8])
-    });
-    img.save(path)
-        .map_err(|e| Error::Report(format!("{}: {e}", path.display())))
+
+fn check_size(mask: &[u16], width: u32, height: u32) -> Result<()> {
+    let expected = width as usize * height as usize;
+    if mask.len() != expected {
+        return Err(Error::Report(format!(
+            "mask has {} pixels, expected {width}x{height} = {expected}",
+            mask.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The mask (row-major class ids) drawn in palette colours.
+pub fn colorize(mask: &[u16], width: u32, height: u32) -> Result<RgbImage> {
+    check_size(mask, width, height)?;
+    let mut image = RgbImage::new(width, height);
+    for (pixel, &class) in image.pixels_mut().zip(mask) {
+        *pixel = Rgb(class_color(usize::from(class)));
+    }
+    Ok(image)
+}
+
+/// `image` with the coloured mask blended over it: `alpha` 0 shows only the image, 1 only the mask.
+pub fn overlay(image: &RgbImage, mask: &[u16], alpha: f32) -> Result<RgbImage> {
+    let (width, height) = image.dimensions();
+    check_size(mask, width, height)?;
+    let alpha = alpha.clamp(0.0, 1.0);
+    let mut blended = image.clone();
+    for (pixel, &class) in blended.pixels_mut().zip(mask) {
+        let color = class_color(usize::from(class));
+        for (channel, tint) in pixel.0.iter_mut().zip(color) {
+            *channel =
+                (f32::from(*channel) * (1.0 - alpha) + f32::from(tint) * alpha).round() as u8;
+        }
+    }
+    Ok(blended)
+}
+
+/// Saves the class ids as a greyscale PNG: 8-bit when `num_labels <= 256` (what W&B masks require), 16-bit
+/// otherwise, so the format depends on the model, never on which classes one image happens to contain.
+pub fn save_mask_png(
+    mask: &[u16],
+    width: u32,
+    height: u32,
+    num_labels: usize,
+    path: &Path,
+) -> Result<()> {
+    check_size(mask, width, height)?;
+    let saved = if num_labels <= 256 {
+        let bytes = mask
+            .iter()
+            .map(|&class| {
+                u8::try_from(class).map_err(|_| {
+                    Error::Report(format!(
+                        "{}: class id {class} does not fit an 8-bit mask",
+                        path.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<u8>>>()?;
+        ImageBuffer::<Luma<u8>, _>::from_raw(width, height, bytes).map(|m| m.save(path))
+    } else {
+        ImageBuffer::<Luma<u16>, _>::from_raw(width, height, mask.to_vec()).map(|m| m.save(path))
+    };
+    match saved {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(Error::Report(format!(
+            "{}: cannot write mask PNG: {e}",
+            path.display()
+        ))),
+        None => Err(Error::Report(format!(
+            "{}: mask buffer does not match {width}x{height}",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn palette_colours_are_distinct_and_far_apart() {
+        let colours = palette(PALETTE_SIZE);
+        let distance = |a: &[u8; 3], b: &[u8; 3]| -> i32 {
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| (i32::from(x) - i32::from(y)).abs())
+                .sum()
+        };
+        for (i, a) in colours.iter().enumerate() {
+            for (j, b) in colours.iter().enumerate().skip(i + 1) {
+                assert!(
+                    distance(a, b) >= 42,
+                    "classes {i} and {j} look alike: {a:?} vs {b:?}"
+                );
+            }
+        }
+        for pair in colours.windows(2) {
+            assert!(
+                distance(&pair[0], &pair[1]) >= 200,
+                "neighbouring ids too alike: {pair:?}"
+            );
+        }
+        assert_eq!(class_color(7), palette(8)[7]);
+        assert_eq!(class_color(PALETTE_SIZE + 3), class_color(3));
+    }
+
+    #[test]
+    fn colorize_and_overlay_blend_as_specified() {
+        let mask = [0u16, 1, 2, 3, 4, 5];
+        let coloured = colorize(&mask, 3, 2).unwrap();
+        assert_eq!(coloured.get_pixel(2, 1).0, class_color(5));
+        let image = RgbImage::from_pixel(3, 2, Rgb([100, 0, 200]));
+        assert_eq!(overlay(&image, &mask, 0.0).unwrap(), image);
+        assert_eq!(overlay(&image, &mask, 1.0).unwrap(), coloured);
+        let half = overlay(&image, &mask, 0.5).unwrap();
+        let c = class_color(1);
+        let expected = [
+            (100.0 + f32::from(c[0])) / 2.0,
+            f32::from(c[1]) / 2.0,
+            (200.0 + f32::from(c[2])) / 2.0,
+        ];
+        assert_eq!(half.get_pixel(1, 0).0, expected.map(|v| v.round() as u8));
+        assert!(colorize(&mask, 4, 2).is_err());
+        assert!(overlay(&image, &mask[..5], 0.5).is_err());
+    }
+
+    #[test]
+    fn mask_png_round_trips_in_8_and_16_bits() {
+        let dir = std::env::temp_dir().join(format!("segq-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mask: Vec<u16> = (0..12).map(|i| i * 20).collect();
+        let small = dir.join("small.png");
+        save_mask_png(&mask, 4, 3, 150, &small).unwrap();
+        let read = image::open(&small).unwrap();
+        assert_eq!(read.color(), image::ColorType::L8);
+        assert_eq!(
+            read.to_luma8().into_raw(),
+            mask.iter().map(|&v| v as u8).collect::<Vec<_>>()
+        );
+
+        let wide: Vec<u16> = (0..12).map(|i| i * 300).collect();
+        let large = dir.join("large.png");
+        save_mask_png(&wide, 4, 3, 4000, &large).unwrap();
+        let read = image::open(&large).unwrap();
+        assert_eq!(read.color(), image::ColorType::L16);
+        assert_eq!(read.to_luma16().into_raw(), wide);
+
+        let error = save_mask_png(&wide, 4, 3, 150, &dir.join("bad.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("class id 300"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
