@@ -1,5 +1,5 @@
 //! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
-//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 dynamic int8 GEMM against candle's f32 matmul and
+//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 / W4A8 dynamic GEMMs against candle's f32 matmul and
 //! naive loops. The machine is shared and noisy: read the results as ratios within one run.
 
 use std::hint::black_box;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use segq::kernels::{self, PackedI8, dwconv, gemm_i8};
+use segq::kernels::{self, PackedI4, PackedI8, dwconv, gemm_i8};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -92,8 +92,25 @@ fn bench_gemm(c: &mut Criterion) {
         let bias = values(n, 6);
         let codes: Vec<i8> = wf.iter().map(|v| (v * 127.0).round() as i8).collect();
         let packed = PackedI8::pack(&codes, &vec![1.0 / 127.0; n], n, k).expect("pack");
+        let group = 128.min(k);
+        let groups = k.div_ceil(group);
+        let codes4: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 7.5).round() as u8).collect();
+        let packed4 = PackedI4::pack(
+            &codes4,
+            &vec![0.1; n * groups],
+            &vec![7.5; n * groups],
+            n,
+            k,
+            group,
+        )
+        .expect("pack");
         let mut out = vec![0f32; m * n];
         let id = format!("{m}x{k}x{n}");
+        g.bench_function(BenchmarkId::new("i4_g128_dynamic_simd", &id), |b| {
+            b.iter(|| {
+                kernels::gemm_i4_dynamic(black_box(&x), m, k, &packed4, Some(&bias), &mut out)
+            })
+        });
         g.bench_function(BenchmarkId::new("i8_dynamic_simd", &id), |b| {
             b.iter(|| kernels::gemm_i8_dynamic(black_box(&x), m, k, &packed, Some(&bias), &mut out))
         });

@@ -11,6 +11,8 @@
 //! its error, with coefficients rounded to f32, is below 8e-8. `z^2` is carried as a high and a low part (FMA) so
 //! that `exp` of a large argument keeps its relative accuracy.
 
+use rayon::prelude::*;
+
 /// `P(t)` coefficients, highest degree first (Horner order).
 const ERFC_P: [f32; 10] = [
     0.1560077,
@@ -125,15 +127,22 @@ pub fn gelu_f32(x: f32) -> f32 {
     }
 }
 
-/// Applies exact GELU in place, with AVX2 when the CPU has it.
+/// Values per rayon task in [`gelu_inplace`].
+const GELU_CHUNK: usize = 1 << 14;
+
+/// Applies exact GELU in place, with AVX2 when the CPU has it; parallel over chunks.
 pub fn gelu_inplace(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        unsafe { avx2::gelu_slice(values) };
+        values.par_chunks_mut(GELU_CHUNK).for_each(|chunk| {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { avx2::gelu_slice(chunk) };
+        });
         return;
     }
-    gelu_inplace_scalar(values);
+    values
+        .par_chunks_mut(GELU_CHUNK)
+        .for_each(gelu_inplace_scalar);
 }
 
 /// Scalar reference of [`gelu_inplace`].
