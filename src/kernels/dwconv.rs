@@ -273,7 +273,7 @@ pub fn dwconv3x3_nhwc_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::gelu::{avx2::gelu8, gelu_f32};
+    use super::super::gelu::{avx2::gelu_slice, gelu_f32};
     use super::{plane_pixel, taps_at};
     use std::arch::x86_64::*;
 
@@ -292,7 +292,6 @@ mod avx2 {
         fuse_gelu: bool,
         dst: &mut [f32],
     ) {
-        let finish = |v: f32| if fuse_gelu { gelu_f32(v) } else { v };
         let kv: [__m256; 9] = std::array::from_fn(|i| _mm256_set1_ps(k[i]));
         let bv = _mm256_set1_ps(bias);
         for y in 0..height {
@@ -307,13 +306,12 @@ mod avx2 {
             let out_row = y * width;
             if width < 10 {
                 for x in 0..width {
-                    dst[out_row + x] = finish(plane_pixel(src, height, width, k, bias, y, x));
+                    dst[out_row + x] = plane_pixel(src, height, width, k, bias, y, x);
                 }
                 continue;
             }
-            dst[out_row] = finish(plane_pixel(src, height, width, k, bias, y, 0));
-            dst[out_row + width - 1] =
-                finish(plane_pixel(src, height, width, k, bias, y, width - 1));
+            dst[out_row] = plane_pixel(src, height, width, k, bias, y, 0);
+            dst[out_row + width - 1] = plane_pixel(src, height, width, k, bias, y, width - 1);
             // Blocks start at 1, 9, 17, ... and a last one at width - 9, so x - 1 >= 0 and x + 8 <= width - 1.
             let last = width - 9;
             let mut x = 1;
@@ -329,9 +327,6 @@ mod avx2 {
                         acc = _mm256_fmadd_ps(kv[dy * 3 + 2], _mm256_loadu_ps(p.add(2)), acc);
                     }
                 }
-                if fuse_gelu {
-                    acc = gelu8(acc);
-                }
                 // SAFETY: out_row + x0 + 8 <= out_row + width, inside `dst`.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(out_row + x0), acc) };
                 if x0 == last {
@@ -339,6 +334,12 @@ mod avx2 {
                 }
                 x += 8;
             }
+        }
+        // GELU over the finished plane while it is in L2: a separate loop measured faster than GELU inside the
+        // convolution loop.
+        if fuse_gelu {
+            // SAFETY: AVX2 and FMA are available (caller's contract).
+            unsafe { gelu_slice(dst) };
         }
     }
 
@@ -373,9 +374,6 @@ mod avx2 {
                         let w = _mm256_loadu_ps(taps_weight.as_ptr().add(t * channels + c));
                         acc = _mm256_fmadd_ps(w, v, acc);
                     }
-                    if fuse_gelu {
-                        acc = gelu8(acc);
-                    }
                     _mm256_storeu_ps(out_px.as_mut_ptr().add(c), acc);
                 }
                 c += 8;
@@ -386,6 +384,10 @@ mod avx2 {
                     acc += taps_weight[t * channels + c] * input[pix * channels + c];
                 }
                 out_px[c] = if fuse_gelu { gelu_f32(acc) } else { acc };
+            }
+            if fuse_gelu {
+                // SAFETY: AVX2 and FMA are available (caller's contract).
+                unsafe { gelu_slice(&mut out_px[..vec_end]) };
             }
         }
     }

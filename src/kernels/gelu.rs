@@ -181,6 +181,47 @@ pub(crate) mod avx2 {
         acc
     }
 
+    /// Estrin's scheme (pairs, then powers of `x^2`): shorter dependency chains than Horner, for the long
+    /// polynomials on the GELU path. `coeffs` highest degree first, as for [`horner`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn estrin8<const N: usize>(coeffs: &[f32; N], x: __m256) -> __m256 {
+        // Pairs from the constant term up: c[i] + c[i+1] x.
+        let mut terms = [_mm256_setzero_ps(); N];
+        let mut count = 0;
+        let mut i = N;
+        while i >= 2 {
+            terms[count] = _mm256_fmadd_ps(
+                _mm256_set1_ps(coeffs[i - 2]),
+                x,
+                _mm256_set1_ps(coeffs[i - 1]),
+            );
+            count += 1;
+            i -= 2;
+        }
+        if i == 1 {
+            terms[count] = _mm256_set1_ps(coeffs[0]);
+            count += 1;
+        }
+        let mut power = _mm256_mul_ps(x, x);
+        while count > 1 {
+            let mut next = 0;
+            let mut j = 0;
+            while j < count {
+                terms[next] = if j + 1 < count {
+                    _mm256_fmadd_ps(terms[j + 1], power, terms[j])
+                } else {
+                    terms[j]
+                };
+                next += 1;
+                j += 2;
+            }
+            count = next;
+            power = _mm256_mul_ps(power, power);
+        }
+        terms[0]
+    }
+
     /// `exp(-hi + low)`, lanes below the f32 normal range flushed to zero.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -199,7 +240,7 @@ pub(crate) mod avx2 {
             n_int,
             _mm256_set1_epi32(127),
         )));
-        let e = _mm256_mul_ps(horner8(&EXP_TAYLOR, r), scale);
+        let e = _mm256_mul_ps(estrin8(&EXP_TAYLOR, r), scale);
         _mm256_and_ps(e, in_range)
     }
 
@@ -209,7 +250,7 @@ pub(crate) mod avx2 {
         let z = _mm256_min_ps(z, _mm256_set1_ps(ERFC_Z_MAX));
         let one = _mm256_set1_ps(1.0);
         let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.5), z, one));
-        let p = horner8(&ERFC_P, t);
+        let p = estrin8(&ERFC_P, t);
         _mm256_mul_ps(t, exp_neg_split8(sq_hi, _mm256_sub_ps(p, sq_lo)))
     }
 
