@@ -1,1 +1,156 @@
-fn main() {}
+//! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
+//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 / W4A8 dynamic GEMMs against candle's f32 matmul and
+//! naive loops. The machine is shared and noisy: read the results as ratios within one run.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use segq::kernels::{self, PackedI4, PackedI8, dwconv, gemm_i8};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn bench_dwconv(c: &mut Criterion) {
+    eprintln!(
+        "kernels: {} on {} threads",
+        kernels::cpu_features(),
+        rayon::current_num_threads()
+    );
+    let mut g = c.benchmark_group("dwconv3x3_gelu");
+    for &(ch, h, w) in &[
+        (128usize, 128usize, 128usize),
+        (256, 64, 64),
+        (640, 32, 32),
+        (1024, 16, 16),
+    ] {
+        let input = values(ch * h * w, 1);
+        let weight = values(ch * 9, 2);
+        let bias = values(ch, 3);
+        let mut out = vec![0f32; ch * h * w];
+        let id = format!("C{ch}_{h}x{w}");
+        g.bench_function(BenchmarkId::new("scalar", &id), |b| {
+            b.iter(|| {
+                dwconv::dwconv3x3_scalar(
+                    black_box(&input),
+                    ch,
+                    h,
+                    w,
+                    &weight,
+                    &bias,
+                    true,
+                    &mut out,
+                )
+            })
+        });
+        g.bench_function(BenchmarkId::new("nchw_simd", &id), |b| {
+            b.iter(|| {
+                kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, true, &mut out)
+            })
+        });
+        g.bench_function(BenchmarkId::new("nchw_simd_nogelu", &id), |b| {
+            b.iter(|| {
+                kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, false, &mut out)
+            })
+        });
+        g.bench_function(BenchmarkId::new("nhwc_simd", &id), |b| {
+            b.iter(|| {
+                kernels::dwconv3x3_nhwc(black_box(&input), ch, h, w, &weight, &bias, true, &mut out)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn naive_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    for r in 0..m {
+        for c in 0..n {
+            out[r * n + c] = x[r * k..(r + 1) * k]
+                .iter()
+                .zip(&w[c * k..(c + 1) * k])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm");
+    for &(m, k, n) in &[(16384usize, 1024usize, 256usize), (4096, 256, 1024)] {
+        let x = values(m * k, 4);
+        let wf = values(n * k, 5);
+        let bias = values(n, 6);
+        let codes: Vec<i8> = wf.iter().map(|v| (v * 127.0).round() as i8).collect();
+        let packed = PackedI8::pack(&codes, &vec![1.0 / 127.0; n], n, k).expect("pack");
+        let group = 128.min(k);
+        let groups = k.div_ceil(group);
+        let codes4: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 7.5).round() as u8).collect();
+        let packed4 = PackedI4::pack(
+            &codes4,
+            &vec![0.1; n * groups],
+            &vec![7.5; n * groups],
+            n,
+            k,
+            group,
+        )
+        .expect("pack");
+        let mut out = vec![0f32; m * n];
+        let id = format!("{m}x{k}x{n}");
+        g.bench_function(BenchmarkId::new("i4_g128_dynamic_simd", &id), |b| {
+            b.iter(|| {
+                kernels::gemm_i4_dynamic(black_box(&x), m, k, &packed4, Some(&bias), &mut out)
+            })
+        });
+        g.bench_function(BenchmarkId::new("i8_dynamic_simd", &id), |b| {
+            b.iter(|| kernels::gemm_i8_dynamic(black_box(&x), m, k, &packed, Some(&bias), &mut out))
+        });
+        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).expect("tensor");
+        let wt = Tensor::from_slice(&wf, (n, k), &Device::Cpu)
+            .expect("tensor")
+            .t()
+            .expect("t")
+            .contiguous()
+            .expect("c");
+        g.bench_function(BenchmarkId::new("candle_f32_matmul", &id), |b| {
+            b.iter(|| xt.matmul(black_box(&wt)))
+        });
+        // The scalar paths run on 1/32 of the rows; multiply their times by 32 to compare.
+        let ms = m / 32;
+        g.bench_function(BenchmarkId::new("i8_dynamic_scalar_rows_div32", &id), |b| {
+            b.iter(|| {
+                gemm_i8::gemm_i8_dynamic_scalar(
+                    black_box(&x[..ms * k]),
+                    ms,
+                    k,
+                    &packed,
+                    Some(&bias),
+                    &mut out[..ms * n],
+                )
+            })
+        });
+        g.bench_function(BenchmarkId::new("naive_f32_rows_div32", &id), |b| {
+            b.iter(|| naive_f32(black_box(&x[..ms * k]), &wf, ms, k, n, &mut out[..ms * n]))
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! { name = benches; config = config(); targets = bench_dwconv, bench_gemm }
+criterion_main!(benches);

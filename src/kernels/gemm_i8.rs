@@ -1,0 +1,640 @@
+//! W8A8 dynamic int8 GEMM for quantized Linear and 1x1-conv layers: `out[M,N] = x[M,K] * W[N,K]^T + bias`, with
+//! `x` quantized per row at run time (symmetric absmax, codes in [-127, 127]) and `W` int8 codes with one f32 scale
+//! per output row, packed once at load time ([`PackedI8::pack`]).
+//!
+//! AVX2 has no signed x signed byte multiply: `_mm256_maddubs_epi16` multiplies unsigned by signed bytes and sums
+//! pairs into saturating i16. The kernel feeds it `|x|` and `w * sign(x)` (`_mm256_sign_epi8`), whose pair sums are at
+//! most 2 * 127 * 127 = 32258 < 32767, so nothing saturates and accumulators are exact; `_mm256_madd_epi16` with
+//! ones widens to i32. That needs weight codes in [-127, 127] (the negation of -128 does not fit), which `pack`
+//! checks.
+
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Output columns per packed panel (two AVX2 vectors of eight i32 lanes).
+const NR: usize = 16;
+/// Rows per micro-tile.
+const MR: usize = 4;
+/// Rows per parallel task: their quantized activations (MB * K bytes) stay in L2 while every panel passes over them.
+const MB: usize = 64;
+
+/// Int8 weights `[N, K]` with a scale per output row, re-laid out for the kernel: panels of 16 output columns, and
+/// within a panel, for every group of four `k`, 16 x 4 consecutive codes (each 32-bit lane = four `k` of one column).
+/// `K` is padded to a multiple of four and `N` to a multiple of 16 with zero codes.
+#[derive(Clone, Debug)]
+pub struct PackedI8 {
+    n: usize,
+    k: usize,
+    k4: usize,
+    panels: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl PackedI8 {
+    /// Packs row-major codes `[n, k]` (one row per output channel) and their per-row scales.
+    /// Codes must lie in [-127, 127] (symmetric quantization).
+    pub fn pack(codes: &[i8], scales: &[f32], n: usize, k: usize) -> Result<PackedI8> {
+        if codes.len() != n * k || scales.len() != n {
+            return Err(Error::Quant(format!(
+                "PackedI8::pack: {} codes and {} scales given for N={n} K={k} (want {} and {n})",
+                codes.len(),
+                scales.len(),
+                n * k
+            )));
+        }
+        if let Some(pos) = codes.iter().position(|&c| c == i8::MIN) {
+            return Err(Error::Quant(format!(
+                "PackedI8::pack: code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
+                pos / k.max(1),
+                pos % k.max(1)
+            )));
+        }
+        let k4 = k.div_ceil(4) * 4;
+        let n_panels = n.div_ceil(NR);
+        let mut panels = vec![0i8; n_panels * NR * k4];
+        for row in 0..n {
+            let (p, j) = (row / NR, row % NR);
+            for kk in 0..k {
+                panels[(p * k4 / 4 + kk / 4) * NR * 4 + j * 4 + kk % 4] = codes[row * k + kk];
+            }
+        }
+        Ok(PackedI8 {
+            n,
+            k,
+            k4,
+            panels,
+            scales: scales.to_vec(),
+        })
+    }
+
+    /// Output features (rows of the original weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Per-output-row scales.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// Bytes held by the packed codes and scales (for memory reports).
+    pub fn nbytes(&self) -> usize {
+        self.panels.len() + self.scales.len() * 4
+    }
+
+    /// The code of output row `row`, input column `col`, read back from the packed layout.
+    pub fn code(&self, row: usize, col: usize) -> i8 {
+        let (p, j) = (row / NR, row % NR);
+        self.panels[(p * self.k4 / 4 + col / 4) * NR * 4 + j * 4 + col % 4]
+    }
+
+    fn panel(&self, p: usize) -> &[i8] {
+        let len = self.k4 * NR;
+        &self.panels[p * len..(p + 1) * len]
+    }
+}
+
+/// Quantizes each row of `x` `[m, k]` to int8: `scale = absmax / 127`, `code = round_half_even(x * 127 / absmax)`.
+/// Returns codes `[m, k]` and one scale per row (0 for an all-zero row, whose codes are all 0).
+pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f32>)> {
+    if x.len() != m * k {
+        return Err(Error::Model(format!(
+            "quantize_rows_i8: input has {} values, want M*K = {m}*{k}",
+            x.len()
+        )));
+    }
+    let mut codes = vec![0i8; m * k];
+    let mut scales = vec![0f32; m];
+    for r in 0..m {
+        scales[r] = quantize_row(&x[r * k..(r + 1) * k], &mut codes[r * k..(r + 1) * k]);
+    }
+    Ok((codes, scales))
+}
+
+/// Quantizes one row into `codes` (same length); returns its scale. AVX2 when available; same results either way.
+pub(super) fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 (checked above); `codes` is as long as `x`.
+        return unsafe { avx2::quantize_row(x, codes) };
+    }
+    quantize_row_scalar(x, codes)
+}
+
+/// Scalar reference of the row quantizer.
+fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    if absmax == 0.0 {
+        codes.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / absmax;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    absmax / 127.0
+}
+
+fn check_gemm(
+    x: usize,
+    m: usize,
+    k: usize,
+    w: &PackedI8,
+    bias: Option<&[f32]>,
+    out: usize,
+) -> Result<()> {
+    if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
+        return Err(Error::Model(format!(
+            "gemm_i8_dynamic: shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
+             {out} values (want {}), bias has {} (want {})",
+            w.n,
+            w.k,
+            m * w.n,
+            bias.map_or(0, |b| b.len()),
+            w.n
+        )));
+    }
+    Ok(())
+}
+
+/// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * sx[m] * sw[n] + bias[n]`, activations quantized per row on the fly.
+/// Parallel over blocks of rows; AVX2 when the CPU has it, else the scalar reference.
+pub fn gemm_i8_dynamic(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &PackedI8,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_gemm(x.len(), m, k, w, bias, out.len())?;
+    if m == 0 || w.n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let n = w.n;
+        out.par_chunks_mut(MB * n)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let rows = dst.len() / n;
+                let r0 = blk * MB;
+                let mut xq = vec![0i8; rows * w.k4];
+                let mut sx = vec![0f32; rows];
+                for r in 0..rows {
+                    let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                    sx[r] = quantize_row(src, &mut xq[r * w.k4..r * w.k4 + k]);
+                }
+                // SAFETY: the CPU supports AVX2 (checked above); buffers sized for `rows` rows of k4 codes.
+                unsafe { avx2::gemm_block(&xq, &sx, rows, w, bias, dst) };
+            });
+        return Ok(());
+    }
+    gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+}
+
+/// Scalar reference of [`gemm_i8_dynamic`] (and the fallback on CPUs without AVX2).
+pub fn gemm_i8_dynamic_scalar(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &PackedI8,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_gemm(x.len(), m, k, w, bias, out.len())?;
+    if m == 0 || w.n == 0 {
+        return Ok(());
+    }
+    let n = w.n;
+    // Unpack once to row-major codes so the inner loop is a plain dot product.
+    let wt: Vec<i8> = (0..n)
+        .flat_map(|row| (0..k).map(move |col| (row, col)))
+        .map(|(r, c)| w.code(r, c))
+        .collect();
+    out.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
+        let mut xq = vec![0i8; k];
+        let sx = quantize_row_scalar(&x[r * k..(r + 1) * k], &mut xq);
+        for (col, o) in dst.iter_mut().enumerate() {
+            let acc = dot_i8(&xq, &wt[col * k..(col + 1) * k]);
+            *o = epilogue(acc, sx, w.scales[col], bias.map_or(0.0, |b| b[col]));
+        }
+    });
+    Ok(())
+}
+
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&p, &q)| p as i32 * q as i32).sum()
+}
+
+/// Dequantizes one accumulator; the SIMD epilogue performs the same operations in the same order.
+#[inline]
+fn epilogue(acc: i32, sx: f32, sw: f32, bias: f32) -> f32 {
+    acc as f32 * sx * sw + bias
+}
+
+/// The raw i32 accumulators `xq[M,K] * W^T` computed by the kernel in use (SIMD when available), for tests.
+#[cfg(test)]
+fn accumulate_i32(xq: &[i8], m: usize, k: usize, w: &PackedI8) -> Vec<i32> {
+    let mut acc = vec![0i32; m * w.n];
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let mut padded = vec![0i8; m * w.k4];
+        for r in 0..m {
+            padded[r * w.k4..r * w.k4 + k].copy_from_slice(&xq[r * k..(r + 1) * k]);
+        }
+        // SAFETY: the CPU supports AVX2; `padded` holds m rows of k4 codes, `acc` m rows of n.
+        unsafe { avx2::accumulate_block(&padded, m, w, &mut acc) };
+        return acc;
+    }
+    for r in 0..m {
+        for col in 0..w.n {
+            let wrow: Vec<i8> = (0..k).map(|c| w.code(col, c)).collect();
+            acc[r * w.n + col] = dot_i8(&xq[r * k..(r + 1) * k], &wrow);
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR, PackedI8};
+    use std::arch::x86_64::*;
+
+    /// See [`super::quantize_row_scalar`]; bit-identical results (same multiply, round-half-even conversion).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `codes.len() == x.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
+        let n = x.len();
+        let sign = _mm256_set1_ps(-0.0);
+        let mut vmax = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+        let mut absmax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        for &v in &x[i..] {
+            absmax = absmax.max(v.abs());
+        }
+        if absmax == 0.0 {
+            codes.fill(0);
+            return 0.0;
+        }
+        let inv = 127.0 / absmax;
+        let vinv = _mm256_set1_ps(inv);
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: i + 32 <= n for both `x` and `codes`.
+            unsafe {
+                let q = |o: usize| {
+                    let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + o)), vinv);
+                    _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
+                };
+                let ab = _mm256_packs_epi32(q(0), q(8));
+                let cd = _mm256_packs_epi32(q(16), q(24));
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+                _mm256_storeu_si256(codes.as_mut_ptr().add(i) as *mut __m256i, bytes);
+            }
+            i += 32;
+        }
+        for (c, &v) in codes[i..].iter_mut().zip(&x[i..]) {
+            *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        absmax / 127.0
+    }
+
+    /// i32 accumulators of `ROWS` rows (`ROWS <= MR`) of `xq` (rows `k4` apart) against one 16-column panel.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn micro<const ROWS: usize>(
+        xq: *const i8,
+        k4: usize,
+        panel: &[i8],
+    ) -> [[__m256i; 2]; ROWS] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
+        let mut wp = panel.as_ptr();
+        for s in 0..k4 / 4 {
+            // SAFETY: the panel holds k4/4 groups of 64 bytes; every row of `xq` holds k4 codes.
+            unsafe {
+                let w0 = _mm256_loadu_si256(wp as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb =
+                        _mm256_set1_epi32((xq.add(r * k4 + s * 4) as *const i32).read_unaligned());
+                    let xa = _mm256_abs_epi8(xb);
+                    let p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb));
+                    let p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb));
+                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(p0, ones));
+                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(p1, ones));
+                }
+                wp = wp.add(64);
+            }
+        }
+        acc
+    }
+
+    /// Runs `f(row0, accumulators)` for every micro-tile of `rows` rows against panel `p`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn for_tiles(
+        xq: &[i8],
+        rows: usize,
+        w: &PackedI8,
+        p: usize,
+        mut f: impl FnMut(usize, &[[__m256i; 2]]),
+    ) {
+        let panel = w.panel(p);
+        let mut r = 0;
+        while r < rows {
+            let base = xq[r * w.k4..].as_ptr();
+            // SAFETY: rows r..r+take exist in `xq`.
+            unsafe {
+                match rows - r {
+                    1 => f(r, &micro::<1>(base, w.k4, panel)),
+                    2 => f(r, &micro::<2>(base, w.k4, panel)),
+                    3 => f(r, &micro::<3>(base, w.k4, panel)),
+                    _ => f(r, &micro::<MR>(base, w.k4, panel)),
+                }
+            }
+            r += MR;
+        }
+    }
+
+    /// Writes `f32` outputs of a block of `rows` rows: quantized codes `xq` (rows `k4` apart) with scales `sx`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `xq` holds `rows * k4` codes, `dst` `rows * n` values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_block(
+        xq: &[i8],
+        sx: &[f32],
+        rows: usize,
+        w: &PackedI8,
+        bias: Option<&[f32]>,
+        dst: &mut [f32],
+    ) {
+        let n = w.n;
+        for p in 0..n.div_ceil(NR) {
+            let c0 = p * NR;
+            let width = (n - c0).min(NR);
+            let mut sw = [0f32; NR];
+            let mut b = [0f32; NR];
+            sw[..width].copy_from_slice(&w.scales[c0..c0 + width]);
+            if let Some(bias) = bias {
+                b[..width].copy_from_slice(&bias[c0..c0 + width]);
+            }
+            // SAFETY: `sw` and `b` hold 16 f32.
+            let (sw0, sw1, b0, b1) = unsafe {
+                (
+                    _mm256_loadu_ps(sw.as_ptr()),
+                    _mm256_loadu_ps(sw.as_ptr().add(8)),
+                    _mm256_loadu_ps(b.as_ptr()),
+                    _mm256_loadu_ps(b.as_ptr().add(8)),
+                )
+            };
+            // SAFETY: AVX2 is available (caller's contract).
+            unsafe {
+                for_tiles(xq, rows, w, p, |r0, acc| {
+                    for (i, a) in acc.iter().enumerate() {
+                        let s = _mm256_set1_ps(sx[r0 + i]);
+                        // Same operation order as `epilogue`: acc * sx * sw + bias, no FMA.
+                        let v0 = _mm256_add_ps(
+                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), s), sw0),
+                            b0,
+                        );
+                        let v1 = _mm256_add_ps(
+                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), s), sw1),
+                            b1,
+                        );
+                        let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
+                        if width == NR {
+                            _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
+                            _mm256_storeu_ps(out_row.as_mut_ptr().add(8), v1);
+                        } else {
+                            let mut tmp = [0f32; NR];
+                            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+                            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+                            out_row.copy_from_slice(&tmp[..width]);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Raw i32 accumulators for `rows` rows of `xq` (rows `k4` apart) into `acc` `[rows, n]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; buffers sized as described.
+    #[cfg(test)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn accumulate_block(
+        xq: &[i8],
+        rows: usize,
+        w: &PackedI8,
+        acc_out: &mut [i32],
+    ) {
+        let n = w.n;
+        for p in 0..n.div_ceil(NR) {
+            let c0 = p * NR;
+            let width = (n - c0).min(NR);
+            // SAFETY: AVX2 is available (caller's contract).
+            unsafe {
+                for_tiles(xq, rows, w, p, |r0, acc| {
+                    for (i, a) in acc.iter().enumerate() {
+                        let mut tmp = [0i32; NR];
+                        _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, a[0]);
+                        _mm256_storeu_si256(tmp.as_mut_ptr().add(8) as *mut __m256i, a[1]);
+                        acc_out[(r0 + i) * n + c0..(r0 + i) * n + c0 + width]
+                            .copy_from_slice(&tmp[..width]);
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::random_vec;
+
+    /// Random symmetric int8 weight codes in [-127, 127] with scales.
+    fn random_weight(n: usize, k: usize, seed: u64) -> (Vec<i8>, Vec<f32>) {
+        let codes = random_vec(n * k, seed, 127.49)
+            .iter()
+            .map(|v| v.round() as i8)
+            .collect();
+        let scales = random_vec(n, seed + 1, 0.01)
+            .iter()
+            .map(|v| v.abs() + 1e-3)
+            .collect();
+        (codes, scales)
+    }
+
+    #[test]
+    fn pack_round_trips_and_rejects_bad_input() {
+        let (codes, scales) = random_weight(19, 33, 1);
+        let w = PackedI8::pack(&codes, &scales, 19, 33).unwrap();
+        for r in 0..19 {
+            for c in 0..33 {
+                assert_eq!(w.code(r, c), codes[r * 33 + c]);
+            }
+        }
+        assert_eq!((w.n(), w.k()), (19, 33));
+        let mut bad = codes.clone();
+        bad[40] = -128;
+        let e = PackedI8::pack(&bad, &scales, 19, 33)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row 1 column 7"), "{e}");
+        assert!(PackedI8::pack(&codes, &scales[1..], 19, 33).is_err());
+    }
+
+    #[test]
+    fn quantize_simd_matches_scalar_and_bounds() {
+        for (m, k) in [(3, 1), (2, 31), (5, 33), (4, 97), (1, 1000)] {
+            let mut x = random_vec(m * k, (m * 1000 + k) as u64, 3.0);
+            x[0] = 0.5; // rows with a value on a rounding boundary do occur; the results must still agree
+            let (codes, scales) = quantize_rows_i8(&x, m, k).unwrap();
+            for r in 0..m {
+                let mut want = vec![0i8; k];
+                let s = quantize_row_scalar(&x[r * k..(r + 1) * k], &mut want);
+                assert_eq!(s, scales[r]);
+                assert_eq!(&codes[r * k..(r + 1) * k], &want[..], "m={m} k={k} row {r}");
+                assert!(want.iter().any(|&c| c.abs() == 127));
+                for (c, &v) in want.iter().zip(&x[r * k..]) {
+                    assert!((*c as f32 * s - v).abs() <= s * 0.5 + 1e-6);
+                }
+            }
+        }
+        let (codes, scales) = quantize_rows_i8(&[0.0; 10], 2, 5).unwrap();
+        assert_eq!((codes, scales), (vec![0; 10], vec![0.0, 0.0]));
+        assert!(quantize_rows_i8(&[0.0; 10], 3, 5).is_err());
+    }
+
+    #[test]
+    fn accumulators_are_exact_on_awkward_sizes() {
+        for &k in &[1usize, 9, 27, 33, 147, 1000] {
+            for &n in &[1usize, 7, 19, 150] {
+                for &m in &[1usize, 3, 17] {
+                    let x = random_vec(m * k, (k * 7 + n * 3 + m) as u64, 1.0);
+                    let (xq, _) = quantize_rows_i8(&x, m, k).unwrap();
+                    let (codes, scales) = random_weight(n, k, (k + n) as u64);
+                    let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
+                    let got = accumulate_i32(&xq, m, k, &w);
+                    for r in 0..m {
+                        for c in 0..n {
+                            let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
+                            assert_eq!(got[r * n + c], want, "M={m} K={k} N={n} at ({r},{c})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_codes_do_not_saturate() {
+        // Every pair at the +-127 * +-127 limit, of both signs.
+        let k = 64;
+        let x: Vec<f32> = (0..2 * k)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let (xq, _) = quantize_rows_i8(&x, 2, k).unwrap();
+        let codes: Vec<i8> = (0..2 * k)
+            .map(|i| if i % 5 < 2 { -127 } else { 127 })
+            .collect();
+        let w = PackedI8::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
+        let got = accumulate_i32(&xq, 2, k, &w);
+        for r in 0..2 {
+            for c in 0..2 {
+                assert_eq!(
+                    got[r * 2 + c],
+                    dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_output_matches_scalar_and_dequantized_reference() {
+        for &(m, k, n) in &[
+            (1, 9, 1),
+            (3, 27, 7),
+            (17, 33, 19),
+            (257, 147, 150),
+            (70, 1000, 17),
+            (5, 2, 33),
+        ] {
+            let x = random_vec(m * k, (m + k + n) as u64, 2.0);
+            let (codes, scales) = random_weight(n, k, (3 * k + n) as u64);
+            let bias = random_vec(n, 99, 1.0);
+            let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
+            for b in [None, Some(&bias[..])] {
+                let mut fast = vec![f32::NAN; m * n];
+                let mut slow = vec![f32::NAN; m * n];
+                gemm_i8_dynamic(&x, m, k, &w, b, &mut fast).unwrap();
+                gemm_i8_dynamic_scalar(&x, m, k, &w, b, &mut slow).unwrap();
+                for i in 0..m * n {
+                    let tol = 1e-6 * slow[i].abs().max(1e-6);
+                    assert!(
+                        (fast[i] - slow[i]).abs() <= tol,
+                        "M={m} K={k} N={n} [{i}] {} vs {}",
+                        fast[i],
+                        slow[i]
+                    );
+                }
+                // Against the float product: the error is the quantization error, bounded by half a step.
+                let (xq, sx) = quantize_rows_i8(&x, m, k).unwrap();
+                for r in 0..m {
+                    for c in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|i| {
+                                xq[r * k + i] as f64
+                                    * sx[r] as f64
+                                    * codes[c * k + i] as f64
+                                    * scales[c] as f64
+                            })
+                            .sum::<f64>()
+                            + b.map_or(0.0, |b| b[c] as f64);
+                        let got = fast[r * n + c] as f64;
+                        assert!(
+                            (got - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                            "({r},{c}) {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let w = PackedI8::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
+        let mut out = vec![0f32; 4];
+        assert!(gemm_i8_dynamic(&[0.0; 6], 2, 3, &w, None, &mut out).is_ok());
+        let e = gemm_i8_dynamic(&[0.0; 6], 3, 2, &w, None, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("M=3 K=2"), "{e}");
+        assert!(gemm_i8_dynamic(&[0.0; 6], 2, 3, &w, Some(&[0.0]), &mut out).is_err());
+    }
+}
