@@ -40,33 +40,16 @@ fn bench_dwconv(c: &mut Criterion) {
         let mut out = vec![0f32; ch * h * w];
         let id = format!("C{ch}_{h}x{w}");
         g.bench_function(BenchmarkId::new("scalar", &id), |b| {
-            b.iter(|| {
-                dwconv::dwconv3x3_scalar(
-                    black_box(&input),
-                    ch,
-                    h,
-                    w,
-                    &weight,
-                    &bias,
-                    true,
-                    &mut out,
-                )
-            })
+            b.iter(|| dwconv::dwconv3x3_scalar(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
         });
         g.bench_function(BenchmarkId::new("nchw_simd", &id), |b| {
-            b.iter(|| {
-                kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, true, &mut out)
-            })
+            b.iter(|| kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
         });
         g.bench_function(BenchmarkId::new("nchw_simd_nogelu", &id), |b| {
-            b.iter(|| {
-                kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, false, &mut out)
-            })
+            b.iter(|| kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, false, &mut out))
         });
         g.bench_function(BenchmarkId::new("nhwc_simd", &id), |b| {
-            b.iter(|| {
-                kernels::dwconv3x3_nhwc(black_box(&input), ch, h, w, &weight, &bias, true, &mut out)
-            })
+            b.iter(|| kernels::dwconv3x3_nhwc(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
         });
     }
     g.finish();
@@ -95,21 +78,12 @@ fn bench_gemm(c: &mut Criterion) {
         let group = 128.min(k);
         let groups = k.div_ceil(group);
         let codes4: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 7.5).round() as u8).collect();
-        let packed4 = PackedI4::pack(
-            &codes4,
-            &vec![0.1; n * groups],
-            &vec![7.5; n * groups],
-            n,
-            k,
-            group,
-        )
-        .expect("pack");
+        let packed4 =
+            PackedI4::pack(&codes4, &vec![0.1; n * groups], &vec![7.5; n * groups], n, k, group).expect("pack");
         let mut out = vec![0f32; m * n];
         let id = format!("{m}x{k}x{n}");
         g.bench_function(BenchmarkId::new("i4_g128_dynamic_simd", &id), |b| {
-            b.iter(|| {
-                kernels::gemm_i4_dynamic(black_box(&x), m, k, &packed4, Some(&bias), &mut out)
-            })
+            b.iter(|| kernels::gemm_i4_dynamic(black_box(&x), m, k, &packed4, Some(&bias), &mut out))
         });
         g.bench_function(BenchmarkId::new("i8_dynamic_simd", &id), |b| {
             b.iter(|| kernels::gemm_i8_dynamic(black_box(&x), m, k, &packed, Some(&bias), &mut out))

@@ -93,9 +93,7 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     fn default() -> Self {
         Self {
-            levels: ["f32", "f16", "f8", "int8", "int4", "int2"]
-                .map(String::from)
-                .to_vec(),
+            levels: ["f32", "f16", "f8", "int8", "int4", "int2"].map(String::from).to_vec(),
             methods: vec!["rtn".into(), "hqq".into()],
             group_size: None,
             symmetric: None,
@@ -169,11 +167,7 @@ pub struct TrackingConfig {
 const SECRET_KEYS: [&str; 5] = ["api_key", "wandb_api_key", "key", "token", "hf_token"];
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
 }
 
 fn find_secret(table: &toml::Table, path: &str) -> Option<String> {
@@ -211,9 +205,7 @@ impl Config {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             Error::Config(format!("{origin} line {line}: {}", e.message().trim()))
         })?;
-        config
-            .validate()
-            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        config.validate().map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         Ok(config)
     }
 
@@ -239,15 +231,13 @@ impl Config {
 
     /// Applies `section.key=value` overrides (value in TOML syntax, bare strings allowed), re-validating the result.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
-        let (key, raw) = assignment.split_once('=').ok_or_else(|| {
-            Error::Config(format!("--set `{assignment}`: expected section.key=value"))
-        })?;
+        let (key, raw) = assignment
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("--set `{assignment}`: expected section.key=value")))?;
         let key = key.trim();
-        let (section, field) = key.split_once('.').ok_or_else(|| {
-            Error::Config(format!(
-                "--set `{key}`: expected section.key (e.g. eval.batch_size)"
-            ))
-        })?;
+        let (section, field) = key
+            .split_once('.')
+            .ok_or_else(|| Error::Config(format!("--set `{key}`: expected section.key (e.g. eval.batch_size)")))?;
         if SECRET_KEYS.contains(&field.to_ascii_lowercase().as_str()) {
             return Err(Error::Config(format!(
                 "--set `{key}`: secrets are read from the environment only"
@@ -257,19 +247,15 @@ impl Config {
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
-        let mut table =
-            toml::Table::try_from(&*self).map_err(|e| Error::Config(format!("internal: {e}")))?;
+        let mut table = toml::Table::try_from(&*self).map_err(|e| Error::Config(format!("internal: {e}")))?;
         let section_table = table
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
             .ok_or_else(|| Error::Config(format!("--set `{key}`: unknown section `{section}`")))?;
         section_table.insert(field.to_string(), value);
-        let merged: Config =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    Error::Config(format!("--set `{key}`: {}", e.message().trim()))
-                })?;
+        let merged: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("--set `{key}`: {}", e.message().trim())))?;
         merged
             .validate()
             .map_err(|e| Error::Config(format!("--set `{key}`: {e}")))?;
@@ -305,9 +291,8 @@ impl Config {
             return Err("quant.levels is empty".into());
         }
         for (k, _) in &self.dataset.label_map {
-            k.parse::<u8>().map_err(|_| {
-                format!("dataset.label_map key \"{k}\" is not a label value 0..255")
-            })?;
+            k.parse::<u8>()
+                .map_err(|_| format!("dataset.label_map key \"{k}\" is not a label value 0..255"))?;
         }
         Ok(())
     }
@@ -407,10 +392,7 @@ mod tests {
         let e = Config::from_toml("[tracking]\napi_key = \"abc123\"\n", "c.toml")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("tracking.api_key") && !e.contains("abc123"),
-            "{e}"
-        );
+        assert!(e.contains("tracking.api_key") && !e.contains("abc123"), "{e}");
     }
 
     #[test]
@@ -422,12 +404,7 @@ mod tests {
         assert_eq!(c.eval.batch_size, 8);
         assert_eq!(c.quant.levels, vec!["int4"]);
         assert_eq!(c.dataset.split, "train");
-        assert!(
-            c.set("eval.nope=1")
-                .unwrap_err()
-                .to_string()
-                .contains("nope")
-        );
+        assert!(c.set("eval.nope=1").unwrap_err().to_string().contains("nope"));
         assert!(c.set("eval.batch_size=0").is_err());
     }
 }

@@ -68,11 +68,7 @@ impl HubId {
             None => (s, "main".to_string()),
         };
         let parts: Vec<&str> = repo.split('/').collect();
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
+        let valid = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if parts.len() == 2 && parts.iter().all(|p| valid(p)) && !revision.is_empty() {
             Some(Self {
                 repo: repo.to_string(),
@@ -261,11 +257,7 @@ pub fn fetch_url(url: &str) -> Result<PathBuf> {
         .join("segq")
         .join("urls");
     let key = format!("{:016x}", fnv1a(url.as_bytes()));
-    let name = url
-        .rsplit('/')
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("download");
+    let name = url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("download");
     let path = cache_root.join(key).join(name);
     if path.exists() {
         tracing::debug!(url, path = %path.display(), "URL cache hit");
@@ -290,8 +282,7 @@ pub fn fetch_url(url: &str) -> Result<PathBuf> {
     })?;
     let tmp = path.with_extension("part");
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::io::copy(&mut response.body_mut().as_reader(), &mut file)
-        .map_err(|e| Error::io(&tmp, e))?;
+    std::io::copy(&mut response.body_mut().as_reader(), &mut file).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     Ok(path)
 }

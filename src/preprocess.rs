@@ -75,8 +75,8 @@ impl PreprocessorConfig {
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let c: PreprocessorConfig = serde_json::from_str(text)
-            .map_err(|e| format!("malformed preprocessor_config.json: {e}"))?;
+        let c: PreprocessorConfig =
+            serde_json::from_str(text).map_err(|e| format!("malformed preprocessor_config.json: {e}"))?;
         if c.image_mean.len() != 3 || c.image_std.len() != 3 {
             return Err("image_mean and image_std must have 3 entries".into());
         }
@@ -108,12 +108,7 @@ pub enum Protocol {
 }
 
 /// The size (width, height) an image is resized to under `protocol`.
-pub fn target_size(
-    config: &PreprocessorConfig,
-    protocol: Protocol,
-    width: usize,
-    height: usize,
-) -> (usize, usize) {
+pub fn target_size(config: &PreprocessorConfig, protocol: Protocol, width: usize, height: usize) -> (usize, usize) {
     match protocol {
         Protocol::Transformers if config.do_resize => (config.size.width, config.size.height),
         Protocol::Transformers => (width, height),
@@ -130,12 +125,7 @@ pub fn target_size(
 
 /// Turns an RGB image into normalised pixels [3, H, W] (float32, C order).
 pub fn preprocess(image: &RgbImage, config: &PreprocessorConfig, protocol: Protocol) -> Vec<f32> {
-    let (w, h) = target_size(
-        config,
-        protocol,
-        image.width() as usize,
-        image.height() as usize,
-    );
+    let (w, h) = target_size(config, protocol, image.width() as usize, image.height() as usize);
     let resized;
     let img = if (w, h) != (image.width() as usize, image.height() as usize) {
         resized = resize_bilinear_pillow(image, w, h);
@@ -214,11 +204,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coefficients {
             total += w;
         }
         for x in 0..count {
-            let w = if total != 0.0 {
-                taps[x] / total
-            } else {
-                taps[x]
-            };
+            let w = if total != 0.0 { taps[x] / total } else { taps[x] };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
             weights[xx * ksize + x] = if w < 0.0 {
                 (fixed - 0.5) as i32
@@ -228,11 +214,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coefficients {
         }
         bounds.push((xmin, count));
     }
-    Coefficients {
-        bounds,
-        ksize,
-        weights,
-    }
+    Coefficients { bounds, ksize, weights }
 }
 
 fn clip8(v: i64) -> u8 {
@@ -280,7 +262,14 @@ pub fn resize_bilinear_pillow(image: &RgbImage, out_w: usize, out_h: usize) -> R
 }
 
 /// Resamples rows `first_row..last_row` of an RGB buffer `in_w` wide to `out_w` columns.
-fn horizontal_pass(src: &[u8], in_w: usize, first_row: usize, last_row: usize, coeffs: &Coefficients, out_w: usize) -> Vec<u8> {
+fn horizontal_pass(
+    src: &[u8],
+    in_w: usize,
+    first_row: usize,
+    last_row: usize,
+    coeffs: &Coefficients,
+    out_w: usize,
+) -> Vec<u8> {
     let half = 1i64 << (PRECISION_BITS - 1);
     let mut out = vec![0u8; (last_row - first_row) * out_w * 3];
     out.par_chunks_mut(out_w * 3).enumerate().for_each(|(r, row)| {
@@ -339,14 +328,7 @@ fn linear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32)>
 
 /// Class index per pixel at (out_h, out_w) from logits [C, h, w]: bilinear upsampling (align_corners=False) fused
 /// with argmax, so the C x H x W upsampled logits are never materialised. Ties go to the lowest class, as torch.argmax.
-pub fn upsample_argmax(
-    logits: &[f32],
-    classes: usize,
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Vec<u16> {
+pub fn upsample_argmax(logits: &[f32], classes: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<u16> {
     let ys = linear_taps(h, out_h);
     let xs = linear_taps(w, out_w);
     let plane = h * w;
@@ -402,9 +384,6 @@ mod tests {
         let c = PreprocessorConfig::default();
         assert_eq!(target_size(&c, Protocol::Mmseg, 683, 512), (683, 512));
         assert_eq!(target_size(&c, Protocol::Mmseg, 4000, 1000), (2048, 512));
-        assert_eq!(
-            target_size(&c, Protocol::Transformers, 683, 512),
-            (512, 512)
-        );
+        assert_eq!(target_size(&c, Protocol::Transformers, 683, 512), (512, 512));
     }
 }

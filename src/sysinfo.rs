@@ -41,7 +41,5 @@ pub fn cpu_model() -> String {
 }
 
 pub fn logical_cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -10,7 +10,10 @@ use common::{fixtures, repo_root};
 
 fn segq() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_segq"));
-    c.env("HF_HUB_OFFLINE", "1").env("WANDB_MODE", "disabled").env_remove("RUST_LOG").arg("-q");
+    c.env("HF_HUB_OFFLINE", "1")
+        .env("WANDB_MODE", "disabled")
+        .env_remove("RUST_LOG")
+        .arg("-q");
     c
 }
 
@@ -46,7 +49,10 @@ const IMAGE: &str = "tests/fixtures/images/odd_37x53.png";
 #[test]
 fn missing_model_folder() {
     let e = fails(&["predict", "--model", "./no/such/model", IMAGE]);
-    assert!(e.contains("no/such/model") && e.contains("no such file or folder"), "{e}");
+    assert!(
+        e.contains("no/such/model") && e.contains("no such file or folder"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -74,7 +80,10 @@ fn wrongly_shaped_and_missing_tensors() {
     copy_dir(&fixtures().join("models/tiny_c"), &dir);
     std::fs::copy(fixtures().join("models/tiny_a/config.json"), dir.join("config.json")).unwrap();
     let e = fails(&["inspect", "--model", dir.to_str().unwrap()]);
-    assert!(e.contains("tensor `segformer.encoder.") && e.contains("has shape [") && e.contains("expects ["), "{e}");
+    assert!(
+        e.contains("tensor `segformer.encoder.") && e.contains("has shape [") && e.contains("expects ["),
+        "{e}"
+    );
 
     // A config with one more block than the checkpoint holds: a missing tensor.
     let mut config: serde_json::Value =
@@ -82,14 +91,20 @@ fn wrongly_shaped_and_missing_tensors() {
     config["depths"][0] = serde_json::json!(2);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let e = fails(&["inspect", "--model", dir.to_str().unwrap()]);
-    assert!(e.contains("checkpoint lacks tensor `segformer.encoder.block.0.1."), "{e}");
+    assert!(
+        e.contains("checkpoint lacks tensor `segformer.encoder.block.0.1."),
+        "{e}"
+    );
 
     // One block fewer: unexpected tensors.
     config["depths"][0] = serde_json::json!(1);
     config["depths"][1] = serde_json::json!(1);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let e = fails(&["inspect", "--model", dir.to_str().unwrap()]);
-    assert!(e.contains("unexpected tensor(s)") && e.contains("segformer.encoder.block.1.1."), "{e}");
+    assert!(
+        e.contains("unexpected tensor(s)") && e.contains("segformer.encoder.block.1.1."),
+        "{e}"
+    );
 }
 
 #[test]
@@ -97,7 +112,12 @@ fn undecodable_image() {
     let dir = tmp("badimage");
     let bad = dir.join("broken.jpg");
     std::fs::write(&bad, b"\xFF\xD8\xFF\xE0 not really a jpeg").unwrap();
-    let e = fails(&["predict", "--model", "tests/fixtures/models/tiny_c", bad.to_str().unwrap()]);
+    let e = fails(&[
+        "predict",
+        "--model",
+        "tests/fixtures/models/tiny_c",
+        bad.to_str().unwrap(),
+    ]);
     assert!(e.contains("broken.jpg"), "{e}");
 }
 
@@ -111,7 +131,10 @@ fn hub_repo_not_cached_offline() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("HF_HUB_OFFLINE") && stderr.contains("nvidia/segformer-b0-finetuned-ade-512-512"), "{stderr}");
+    assert!(
+        stderr.contains("HF_HUB_OFFLINE") && stderr.contains("nvidia/segformer-b0-finetuned-ade-512-512"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
@@ -124,7 +147,11 @@ fn hub_model_loads_from_a_populated_cache_offline() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
     copy_dir(&fixtures().join("models/tiny_c"), &repo.join("snapshots").join(rev));
-    let out = segq().env("HF_HUB_CACHE", &cache).args(["inspect", "--json", "--model", "acme/tiny-segformer"]).output().unwrap();
+    let out = segq()
+        .env("HF_HUB_CACHE", &cache)
+        .args(["inspect", "--json", "--model", "acme/tiny-segformer"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["config"]["hidden_sizes"], serde_json::json!([8, 16, 16, 24]));
@@ -146,15 +173,28 @@ fn config_errors_name_key_and_line() {
 fn config_init_then_show_round_trips() {
     let dir = tmp("init");
     let file = dir.join("segq.toml");
-    let out = segq().args(["config", "init", file.to_str().unwrap()]).output().unwrap();
+    let out = segq()
+        .args(["config", "init", file.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let out = segq()
-        .args(["--config", file.to_str().unwrap(), "--set", "eval.batch_size=7", "config", "show"])
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--set",
+            "eval.batch_size=7",
+            "config",
+            "show",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.contains("batch_size = 7") && shown.contains("[tracking]"), "{shown}");
+    assert!(
+        shown.contains("batch_size = 7") && shown.contains("[tracking]"),
+        "{shown}"
+    );
     let e = fails(&["config", "init", file.to_str().unwrap()]);
     assert!(e.contains("already exists"), "{e}");
 }
@@ -163,7 +203,13 @@ fn config_init_then_show_round_trips() {
 fn predict_writes_mask_overlay_and_logits() {
     let out_dir = tmp("predict");
     let out = segq()
-        .args(["predict", "--model", "tests/fixtures/models/tiny_b_bin", "--save-logits", "--out"])
+        .args([
+            "predict",
+            "--model",
+            "tests/fixtures/models/tiny_b_bin",
+            "--save-logits",
+            "--out",
+        ])
         .arg(&out_dir)
         .arg(repo_root().join("tests/fixtures/images/wide_101x45.png"))
         .output()
@@ -179,7 +225,11 @@ fn predict_writes_mask_overlay_and_logits() {
     assert_eq!(npy.shape, vec![12, 18, 10]);
     let expected = common::Npy::read(&fixtures().join("reference/tiny_b_bin__wide_101x45.logits.npy"));
     let max_ref = expected.f32s().iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = npy.f32s().iter().zip(expected.f32s()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = npy
+        .f32s()
+        .iter()
+        .zip(expected.f32s())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(diff <= 1e-4 * max_ref, "{diff}");
     // Every mask value is a class of the model.
     assert!(mask.to_luma8().pixels().all(|p| p.0[0] < 12));

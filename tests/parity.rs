@@ -28,12 +28,7 @@ fn pillow_resize_is_bit_exact() {
         let expected = Npy::read(&dir.join(case["file"].as_str().unwrap()));
         assert_eq!(expected.shape, vec![h, w, 3]);
         let ours = preprocess::resize_bilinear_pillow(&input, w, h);
-        let diff = ours
-            .as_raw()
-            .iter()
-            .zip(&expected.data)
-            .filter(|(a, b)| a != b)
-            .count();
+        let diff = ours.as_raw().iter().zip(&expected.data).filter(|(a, b)| a != b).count();
         assert_eq!(diff, 0, "{case}: {diff} bytes differ from Pillow");
     }
 }
@@ -43,11 +38,7 @@ fn jpeg_decoding_matches_pillow() {
     let img = segq::data::decode::read_rgb(&fixtures().join("images/photo_61x47.jpg")).unwrap();
     let expected = Npy::read(&fixtures().join("images/photo_61x47.decoded.npy"));
     assert_eq!(expected.shape, vec![47, 61, 3]);
-    assert_eq!(
-        img.as_raw(),
-        &expected.data,
-        "decoded JPEG differs from Pillow"
-    );
+    assert_eq!(img.as_raw(), &expected.data, "decoded JPEG differs from Pillow");
 }
 
 #[test]
@@ -56,20 +47,12 @@ fn logits_match_transformers() {
     for m in MODELS {
         let loaded = model::load(&ModelSource::Local(fixtures().join("models").join(m))).unwrap();
         for stem in IMAGES {
-            let image =
-                segq::data::decode::read_rgb(&fixtures().join(format!("images/{stem}.png")))
-                    .unwrap();
+            let image = segq::data::decode::read_rgb(&fixtures().join(format!("images/{stem}.png"))).unwrap();
             let reference = fixtures().join("reference");
-            let expected_pixels =
-                Npy::read(&reference.join(format!("{m}__{stem}.pixel_values.npy")));
-            let pixels =
-                preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
+            let expected_pixels = Npy::read(&reference.join(format!("{m}__{stem}.pixel_values.npy")));
+            let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
             let reference_pixels = expected_pixels.f32s();
-            assert_eq!(
-                pixels.len(),
-                reference_pixels.len(),
-                "{m}/{stem}: pixel count"
-            );
+            assert_eq!(pixels.len(), reference_pixels.len(), "{m}/{stem}: pixel count");
             let max_pix = pixels
                 .iter()
                 .zip(&reference_pixels)
@@ -84,19 +67,11 @@ fn logits_match_transformers() {
             let input = preprocess::batch_tensor(vec![reference_pixels], h, w).unwrap();
             let logits = loaded.model.forward(&input).unwrap();
             let expected = Npy::read(&reference.join(format!("{m}__{stem}.logits.npy")));
-            assert_eq!(
-                logits.dims()[1..],
-                expected.shape[..],
-                "{m}/{stem}: logits shape"
-            );
+            assert_eq!(logits.dims()[1..], expected.shape[..], "{m}/{stem}: logits shape");
             let ours = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let exp = expected.f32s();
             let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            let max_diff = ours
-                .iter()
-                .zip(&exp)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let max_diff = ours.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(
                 max_diff <= 1e-4 * max_ref,
                 "{m}/{stem}: max |segq - transformers| = {max_diff}, bound {}",
@@ -105,20 +80,9 @@ fn logits_match_transformers() {
 
             let expected_mask = Npy::read(&reference.join(format!("{m}__{stem}.mask.npy")));
             let (c, lh, lw) = (expected.shape[0], expected.shape[1], expected.shape[2]);
-            let mask = preprocess::upsample_argmax(
-                &ours,
-                c,
-                lh,
-                lw,
-                image.height() as usize,
-                image.width() as usize,
-            );
+            let mask = preprocess::upsample_argmax(&ours, c, lh, lw, image.height() as usize, image.width() as usize);
             let exp_mask = expected_mask.ints();
-            let differing = mask
-                .iter()
-                .zip(&exp_mask)
-                .filter(|(a, b)| **a as i64 != **b)
-                .count();
+            let differing = mask.iter().zip(&exp_mask).filter(|(a, b)| **a as i64 != **b).count();
             // Float noise can flip an exact near-tie; allow at most 0.5% of pixels.
             assert!(
                 differing * 200 <= mask.len(),
@@ -141,11 +105,22 @@ fn embedded_demo_model_matches_transformers() {
     let image = segq::data::decode::read_rgb(&jpg).unwrap();
     let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
     let input = preprocess::batch_tensor(vec![pixels], 256, 256).unwrap();
-    let logits = loaded.model.forward(&input).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let logits = loaded
+        .model
+        .forward(&input)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let expected = Npy::read(&fixtures().join("demo/SYN_val_00000001.logits.npy"));
     assert_eq!(expected.shape, vec![20, 64, 64]);
     let exp = expected.f32s();
     let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let max_diff = logits.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(max_diff <= 1e-4 * max_ref, "max diff {max_diff} vs bound {}", 1e-4 * max_ref);
+    assert!(
+        max_diff <= 1e-4 * max_ref,
+        "max diff {max_diff} vs bound {}",
+        1e-4 * max_ref
+    );
 }

@@ -27,38 +27,21 @@ fn official_wandb_reader_accepts_offline_runs() {
     let row = long.history[0].clone();
     long.history = (0..400).map(|_| row.clone()).collect();
     let mut big = example_run("big");
-    big.images[0].rgb = image::RgbImage::from_fn(300, 200, |x, y| {
-        image::Rgb([x as u8, y as u8, (x ^ y) as u8])
-    });
+    big.images[0].rgb = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
     for (_, mask) in &mut big.images[0].masks {
-        *mask = image::GrayImage::from_fn(300, 200, |x, y| {
-            image::Luma([((x / 50 + y / 50) % 3) as u8])
-        });
+        *mask = image::GrayImage::from_fn(300, 200, |x, y| image::Luma([((x / 50 + y / 50) % 3) as u8]));
     }
     big.tables[0].rows = (0..1500)
-        .map(|i| {
-            vec![
-                serde_json::json!(format!("class {i}")),
-                serde_json::json!(0.5),
-            ]
-        })
+        .map(|i| vec![serde_json::json!(format!("class {i}")), serde_json::json!(0.5)])
         .collect();
     // A summary record over two blocks long: split into first, middle and last chunks.
     let many: serde_json::Map<String, serde_json::Value> = (0..4000)
-        .map(|i| {
-            (
-                format!("class_{i:04}"),
-                serde_json::json!(i as f64 / 4000.0),
-            )
-        })
+        .map(|i| (format!("class_{i:04}"), serde_json::json!(i as f64 / 4000.0)))
         .collect();
     big.summary
         .insert("per_class_iou".into(), serde_json::Value::Object(many));
     let outcome = log_runs(&settings, &[example_run("int4-hqq"), long, big]).unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/check_wandb_offline.py"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_wandb_offline.py");
     for (index, run) in outcome.runs.iter().enumerate() {
         let run_dir = run.offline_dir.as_ref().unwrap();
         // The first run is also uploaded by `wandb sync` to the script's fake loopback server.
@@ -71,10 +54,7 @@ fn official_wandb_reader_accepts_offline_runs() {
                 "--config-keys",
                 "model,dataset,level,method,group_size,threads,segq_version,_wandb",
             ])
-            .args([
-                "--history-keys",
-                "mean_iou,overall_accuracy,_step,_runtime,_timestamp",
-            ])
+            .args(["--history-keys", "mean_iou,overall_accuracy,_step,_runtime,_timestamp"])
             .args([
                 "--summary-keys",
                 "mean_iou,images_per_s,weight_mb,per_class_iou,sample_0,per_class_iou_table",

@@ -9,9 +9,7 @@ use base64::Engine;
 use segq::track::wandb::{OnlineOptions, log_runs_with};
 use segq::track::{TrackingMode, TrackingSettings};
 use serde_json::Value;
-use wandb_support::{
-    Recorded, ScriptedServer, all_files, example_run, run_folders, temp_dir, wandb_like,
-};
+use wandb_support::{Recorded, ScriptedServer, all_files, example_run, run_folders, temp_dir, wandb_like};
 
 const FAKE_KEY: &str = "0123456789abcdef-fake-wandb-key";
 
@@ -49,9 +47,7 @@ fn assert_key_absent(dir: &std::path::Path, texts: &[String]) {
     for file in all_files(dir) {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
-            !bytes
-                .windows(FAKE_KEY.len())
-                .any(|w| w == FAKE_KEY.as_bytes()),
+            !bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()),
             "key in {}",
             file.display()
         );
@@ -77,12 +73,7 @@ fn uploads_a_run_like_the_official_client() {
     );
     let folder = run.offline_dir.as_ref().unwrap();
     assert!(
-        folder
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("run-"),
+        folder.file_name().unwrap().to_str().unwrap().starts_with("run-"),
         "uploaded run is marked synced"
     );
 
@@ -104,12 +95,7 @@ fn uploads_a_run_like_the_official_client() {
 
     let upsert = graphql[0].json();
     assert_eq!(upsert["operationName"], "UpsertBucket");
-    assert!(
-        upsert["query"]
-            .as_str()
-            .unwrap()
-            .contains("upsertBucket(input:")
-    );
+    assert!(upsert["query"].as_str().unwrap().contains("upsertBucket(input:"));
     let vars = &upsert["variables"];
     assert_eq!(vars["name"], run.run_id.as_str());
     assert_eq!(vars["project"], "segq");
@@ -123,8 +109,7 @@ fn uploads_a_run_like_the_official_client() {
     let config: Value = serde_json::from_str(vars["config"].as_str().unwrap()).unwrap();
     assert_eq!(config["level"]["value"], "int4");
     assert_eq!(config["group_size"]["value"], 64);
-    let labels =
-        &config["_wandb"]["value"]["mask/class_labels"]["sample_0_wandb_delimeter_predictions"];
+    let labels = &config["_wandb"]["value"]["mask/class_labels"]["sample_0_wandb_delimeter_predictions"];
     assert_eq!(labels["value"]["1"], "floor");
 
     let create = graphql[1].json();
@@ -146,10 +131,7 @@ fn uploads_a_run_like_the_official_client() {
             !put.headers.contains_key("authorization"),
             "the key never goes to upload URLs"
         );
-        assert_eq!(
-            put.headers.get("x-upload-test").map(String::as_str),
-            Some("yes")
-        );
+        assert_eq!(put.headers.get("x-upload-test").map(String::as_str), Some("yes"));
         let name = put.path.strip_prefix("/upload/").unwrap();
         let local = std::fs::read(folder.join("files").join(name)).unwrap();
         assert_eq!(put.body, local, "{name}");
@@ -184,10 +166,7 @@ fn uploads_a_run_like_the_official_client() {
     assert_eq!(summary["images_per_s"], 2.25);
     assert_eq!(summary["per_class_iou"]["wall"], 0.71);
     assert_eq!(
-        (
-            streams[2]["complete"].as_bool(),
-            streams[2]["exitcode"].as_i64()
-        ),
+        (streams[2]["complete"].as_bool(), streams[2]["exitcode"].as_i64()),
         (Some(true), Some(0))
     );
     let uploaded: Vec<Value> = streams[2]["uploaded"].as_array().unwrap().clone();
@@ -220,12 +199,7 @@ fn retries_on_500_and_429_then_succeeds() {
         "{:?}",
         outcome.runs[0].warnings
     );
-    let operations: Vec<Option<String>> = server
-        .recorded()
-        .iter()
-        .take(4)
-        .map(Recorded::operation)
-        .collect();
+    let operations: Vec<Option<String>> = server.recorded().iter().take(4).map(Recorded::operation).collect();
     let upsert = Some("UpsertBucket".to_string());
     assert_eq!(operations[..3], [upsert.clone(), upsert.clone(), upsert]);
     assert_eq!(operations[3].as_deref(), Some("CreateRunFiles"));
@@ -257,10 +231,7 @@ fn persistent_server_errors_keep_the_offline_folder_and_say_how_to_sync() {
         );
         assert!(folder.join(format!("run-{}.wandb", run.run_id)).is_file());
         let hint = run.warnings.last().unwrap();
-        assert!(
-            hint.contains(&format!("wandb sync {}", folder.display())),
-            "{hint}"
-        );
+        assert!(hint.contains(&format!("wandb sync {}", folder.display())), "{hint}");
         assert!(!hint.contains('\n'));
     }
     assert!(
@@ -280,13 +251,7 @@ fn connection_refused_falls_back_to_offline() {
     };
     let dir = temp_dir("online-refused");
     let settings = online_settings(&format!("http://127.0.0.1:{port}"), &dir);
-    let outcome = log_runs_with(
-        &settings,
-        &[example_run("a")],
-        &fast_options(),
-        &env_with_key,
-    )
-    .unwrap();
+    let outcome = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
     let run = &outcome.runs[0];
     assert_eq!(run.mode, TrackingMode::Offline);
     assert!(run.url.is_none());
@@ -300,13 +265,8 @@ fn connection_refused_falls_back_to_offline() {
 
 #[test]
 fn client_errors_are_not_retried() {
-    let server = ScriptedServer::start(|_, _, _| {
-        (
-            401,
-            Vec::new(),
-            "{\"errors\": [{\"message\": \"bad key\"}]}".into(),
-        )
-    });
+    let server =
+        ScriptedServer::start(|_, _, _| (401, Vec::new(), "{\"errors\": [{\"message\": \"bad key\"}]}".into()));
     let dir = temp_dir("online-401");
     let outcome = log_runs_with(
         &online_settings(&server.base_url, &dir),
@@ -327,19 +287,11 @@ fn client_errors_are_not_retried() {
 fn key_is_refused_over_plain_http_to_another_host() {
     let dir = temp_dir("online-http");
     let settings = online_settings("http://wandb.example.com", &dir);
-    let err = log_runs_with(
-        &settings,
-        &[example_run("a")],
-        &fast_options(),
-        &env_with_key,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("https") && !err.contains(FAKE_KEY), "{err}");
-    assert!(
-        run_folders(&dir).is_empty(),
-        "nothing written before the check"
-    );
+    assert!(run_folders(&dir).is_empty(), "nothing written before the check");
 }
 
 #[test]
@@ -367,13 +319,7 @@ fn online_without_a_key_is_an_error_and_auto_mode_goes_offline() {
         dir: Some(dir.join("d")),
         ..Default::default()
     };
-    let outcome = log_runs_with(
-        &disabled,
-        &[example_run("a")],
-        &fast_options(),
-        &env_with_key,
-    )
-    .unwrap();
+    let outcome = log_runs_with(&disabled, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Disabled);
     assert!(!dir.join("d").exists());
 }

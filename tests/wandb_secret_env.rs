@@ -40,33 +40,21 @@ fn key_from_env_never_reaches_files_logs_or_errors() {
         base_delay: Duration::from_millis(1),
         ..Default::default()
     };
-    let outcome = log_runs_with(&online, &[example_run("online")], &options, &|n| {
-        std::env::var(n).ok()
-    })
-    .unwrap();
+    let outcome = log_runs_with(&online, &[example_run("online")], &options, &|n| std::env::var(n).ok()).unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Offline);
     reports.push(format!("{outcome:?}"));
     let refused = TrackingSettings {
         base_url: Some("http://10.1.2.3".into()),
         ..online
     };
-    reports.push(
-        log_runs(&refused, &[example_run("x")])
-            .unwrap_err()
-            .to_string(),
-    );
+    reports.push(log_runs(&refused, &[example_run("x")]).unwrap_err().to_string());
 
     let files = all_files(&dir);
-    assert!(
-        files.len() >= 10,
-        "two runs with .wandb logs and media: {files:?}"
-    );
+    assert!(files.len() >= 10, "two runs with .wandb logs and media: {files:?}");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
-            !bytes
-                .windows(FAKE_KEY.len())
-                .any(|w| w == FAKE_KEY.as_bytes()),
+            !bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()),
             "key in {}",
             file.display()
         );

@@ -40,7 +40,9 @@ pub struct BenchArgs {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("--size `{s}`: expected WIDTHxHEIGHT"))?;
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| anyhow::anyhow!("--size `{s}`: expected WIDTHxHEIGHT"))?;
     let (w, h) = (w.trim().parse::<usize>()?, h.trim().parse::<usize>()?);
     if w < 32 || h < 32 {
         bail!("--size `{s}`: each side must be at least 32");
@@ -79,7 +81,13 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             }
         };
         // recipes() always adds f32 first; leave it out when not asked for.
-        if recipe.level.is_float_baseline() && !requested.iter().any(|q| segq::quant::Level::parse(q).map(|l| l.is_float_baseline()).unwrap_or(false)) {
+        if recipe.level.is_float_baseline()
+            && !requested.iter().any(|q| {
+                segq::quant::Level::parse(q)
+                    .map(|l| l.is_float_baseline())
+                    .unwrap_or(false)
+            })
+        {
             continue;
         }
         let (m, report) = model::quantize(&loaded.model, &recipe)?;
@@ -126,8 +134,15 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("model: {source}; input {w}x{h}, batch {}, {threads} threads, {}", args.batch_size, segq::sysinfo::cpu_model());
-    println!("{:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}", "level", "median ms", "p95 ms", "images/s", "weight MB", "ratio", "peak MB");
+    println!(
+        "model: {source}; input {w}x{h}, batch {}, {threads} threads, {}",
+        args.batch_size,
+        segq::sysinfo::cpu_model()
+    );
+    println!(
+        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "level", "median ms", "p95 ms", "images/s", "weight MB", "ratio", "peak MB"
+    );
     for r in &rows {
         println!(
             "{:<16} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.3} {:>10.1}",
@@ -142,7 +157,22 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         if args.profile {
             let stages: Vec<String> = r["stage_ms"]
                 .as_array()
-                .map(|a| a.iter().enumerate().map(|(i, v)| format!("{}: {:.1} ms", if i + 1 == a.len() { "decode head".to_string() } else { format!("stage {}", i + 1) }, v.as_f64().unwrap_or(0.0))).collect())
+                .map(|a| {
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            format!(
+                                "{}: {:.1} ms",
+                                if i + 1 == a.len() {
+                                    "decode head".to_string()
+                                } else {
+                                    format!("stage {}", i + 1)
+                                },
+                                v.as_f64().unwrap_or(0.0)
+                            )
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             println!("{:<16} {}", "", stages.join(", "));
         }

@@ -26,13 +26,9 @@ pub fn run(global: &GlobalArgs, cmd: ConfigCommand) -> Result<()> {
     match cmd {
         ConfigCommand::Init { path, force } => {
             if path.exists() && !force {
-                bail!(
-                    "{}: already exists (use --force to replace it)",
-                    path.display()
-                );
+                bail!("{}: already exists (use --force to replace it)", path.display());
             }
-            std::fs::write(&path, segq::config::DEFAULT_FILE)
-                .map_err(|e| segq::Error::io(&path, e))?;
+            std::fs::write(&path, segq::config::DEFAULT_FILE).map_err(|e| segq::Error::io(&path, e))?;
             tracing::info!(path = %path.display(), "wrote default configuration");
             Ok(())
         }

@@ -125,7 +125,11 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
         config.quant.skip = s.clone();
     }
     if let Some(p) = args.protocol {
-        config.eval.protocol = if p == Protocol::Mmseg { "mmseg".into() } else { "transformers".into() };
+        config.eval.protocol = if p == Protocol::Mmseg {
+            "mmseg".into()
+        } else {
+            "transformers".into()
+        };
     }
     if let Some(o) = &args.out {
         config.output.dir = o.clone();
@@ -136,7 +140,12 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
 /// method). Combinations a level cannot use are left out with a notice when other methods remain for it; when no
 /// method applies, the level appears as a failed row with the reason.
 pub fn recipes(config: &Config) -> Result<Vec<std::result::Result<Recipe, (String, String)>>> {
-    let methods: Vec<Method> = config.quant.methods.iter().map(|m| Method::parse(m)).collect::<segq::Result<_>>()?;
+    let methods: Vec<Method> = config
+        .quant
+        .methods
+        .iter()
+        .map(|m| Method::parse(m))
+        .collect::<segq::Result<_>>()?;
     let mut out = vec![Ok(Recipe::level_default(Level::parse("f32")?))];
     let mut seen = vec![out[0].as_ref().map(|r| r.label()).unwrap_or_default()];
     for name in &config.quant.levels {
@@ -147,7 +156,13 @@ pub fn recipes(config: &Config) -> Result<Vec<std::result::Result<Recipe, (Strin
         let mut built = Vec::new();
         let mut errors = Vec::new();
         for method in &methods {
-            match Recipe::new(level, *method, config.quant.group_size, config.quant.symmetric, config.quant.skip.clone()) {
+            match Recipe::new(
+                level,
+                *method,
+                config.quant.group_size,
+                config.quant.symmetric,
+                config.quant.skip.clone(),
+            ) {
                 Ok(r) => built.push(r),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -182,7 +197,11 @@ pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Varia
                     Variant {
                         label: report.label.clone(),
                         level: recipe.level.name().to_string(),
-                        method: if recipe.level.is_float_baseline() { "none".into() } else { recipe.method.name().to_string() },
+                        method: if recipe.level.is_float_baseline() {
+                            "none".into()
+                        } else {
+                            recipe.method.name().to_string()
+                        },
                         group_size: recipe.requested_group_size(),
                         bits_per_weight: report.bits_per_weight,
                         weight_bytes_memory: bytes,
@@ -192,7 +211,13 @@ pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Varia
                         model: Ok(m),
                     }
                 }
-                Err(e) => failed_variant(&recipe.label(), recipe.level.name(), recipe.method.name(), &e.to_string(), f32_bytes),
+                Err(e) => failed_variant(
+                    &recipe.label(),
+                    recipe.level.name(),
+                    recipe.method.name(),
+                    &e.to_string(),
+                    f32_bytes,
+                ),
             },
             Err((level, reason)) => failed_variant(&level, &level, "-", &reason, f32_bytes),
         };
@@ -225,7 +250,10 @@ fn weight_bytes(m: &segq::model::segformer::Segformer) -> usize {
 pub fn resolve_dataset(config: &Config) -> Result<(data::DatasetSpec, String)> {
     let d = &config.dataset;
     if d.source == "embedded" || d.source == "demo" {
-        return Ok((data::demo_dataset()?, "embedded demo dataset (12 synthetic scenes, Scene Parse 150 schema)".into()));
+        return Ok((
+            data::demo_dataset()?,
+            "embedded demo dataset (12 synthetic scenes, Scene Parse 150 schema)".into(),
+        ));
     }
     let path = std::path::Path::new(&d.source);
     let spec = if path.exists() || d.source.contains(',') {
@@ -236,7 +264,11 @@ pub fn resolve_dataset(config: &Config) -> Result<(data::DatasetSpec, String)> {
             None => (d.source.clone(), "refs/convert/parquet".to_string()),
         };
         let files = data::parquet::hub_parquet_files(&repo, &d.subset, &d.split, &revision)?;
-        data::DatasetSpec::Parquet { files, image_column: d.image_column.clone(), label_column: d.label_column.clone() }
+        data::DatasetSpec::Parquet {
+            files,
+            image_column: d.image_column.clone(),
+            label_column: d.label_column.clone(),
+        }
     };
     Ok((spec, d.source.clone()))
 }
@@ -261,12 +293,24 @@ pub fn build_loader(config: &Config, shard: Option<(usize, usize)>) -> Result<(L
     let (spec, description) = resolve_dataset(config)?;
     let mut label_map = std::collections::BTreeMap::new();
     for (k, v) in &config.dataset.label_map {
-        label_map.insert(k.parse::<u8>().with_context(|| format!("dataset.label_map key `{k}`"))?, *v);
+        label_map.insert(
+            k.parse::<u8>()
+                .with_context(|| format!("dataset.label_map key `{k}`"))?,
+            *v,
+        );
     }
     let options = LoaderOptions {
-        selection: Selection { shard, offset: config.eval.offset, limit: config.eval.limit },
+        selection: Selection {
+            shard,
+            offset: config.eval.offset,
+            limit: config.eval.limit,
+        },
         batch_size: config.eval.batch_size,
-        workers: if config.dataset.workers == 0 { segq::sysinfo::logical_cores() } else { config.dataset.workers },
+        workers: if config.dataset.workers == 0 {
+            segq::sysinfo::logical_cores()
+        } else {
+            config.dataset.workers
+        },
         prefetch_batches: 2,
         on_error: config.dataset.on_error.parse::<OnError>()?,
         labels: data::LabelOptions {
@@ -323,14 +367,26 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     };
     let options = RunOptions {
         preprocessor: loaded.preprocessor.clone(),
-        protocol: if config.eval.protocol == "mmseg" { Protocol::Mmseg } else { Protocol::Transformers },
+        protocol: if config.eval.protocol == "mmseg" {
+            Protocol::Mmseg
+        } else {
+            Protocol::Transformers
+        },
         ignore_index: config.dataset.ignore_index,
         samples: config.eval.samples,
         interrupt,
         show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()) && global.quiet == 0,
     };
     let config_json = serde_json::to_value(&config)?;
-    let output = runner::run(variants, &mut loader, &options, model_info, dataset_info, machine, config_json)?;
+    let output = runner::run(
+        variants,
+        &mut loader,
+        &options,
+        model_info,
+        dataset_info,
+        machine,
+        config_json,
+    )?;
     let out_dir = &config.output.dir;
     std::fs::create_dir_all(out_dir).map_err(|e| segq::Error::io(out_dir, e))?;
     let mut written = segq::report::write_all(&output.results, out_dir)?;
@@ -339,7 +395,10 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     tracing::info!(out = %out_dir.display(), files = written.len(), complete = output.results.complete, "results written");
     super::track_results(&config, args.wandb.as_deref(), &output)?;
     if !output.results.complete {
-        anyhow::bail!("the run is incomplete (interrupted or examples unaccounted for); partial results are in {}", out_dir.display());
+        anyhow::bail!(
+            "the run is incomplete (interrupted or examples unaccounted for); partial results are in {}",
+            out_dir.display()
+        );
     }
     Ok(())
 }

@@ -54,12 +54,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
         loaded.preprocessor.image_mean,
         loaded.preprocessor.image_std
     );
-    let name_w = layers
-        .iter()
-        .map(|l| l.name.len())
-        .max()
-        .unwrap_or(10)
-        .max(5);
+    let name_w = layers.iter().map(|l| l.name.len()).max().unwrap_or(10).max(5);
     println!(
         "{:<name_w$}  {:<7} {:<18} {:>10} {:<12} {:>6} {:>12}",
         "layer", "kind", "shape", "params", "format", "bits", "bytes"

@@ -22,7 +22,11 @@ pub struct MergeArgs {
 pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
     let mut parts = Vec::new();
     for input in &args.inputs {
-        let path = if input.is_dir() { input.join("results.json") } else { input.clone() };
+        let path = if input.is_dir() {
+            input.join("results.json")
+        } else {
+            input.clone()
+        };
         parts.push(EvalResults::read(&path)?);
     }
     let merged = segq::eval::merge::merge(parts)?;

@@ -86,12 +86,8 @@ pub fn init_logging(args: &GlobalArgs) -> Result<()> {
         _ => "trace",
     };
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() && args.verbose == 0 && args.quiet == 0 => {
-            tracing_subscriber::EnvFilter::try_new(v)?
-        }
-        _ => tracing_subscriber::EnvFilter::try_new(format!(
-            "{level},ureq=warn,rustls=warn,hf_hub=warn"
-        ))?,
+        Ok(v) if !v.is_empty() && args.verbose == 0 && args.quiet == 0 => tracing_subscriber::EnvFilter::try_new(v)?,
+        _ => tracing_subscriber::EnvFilter::try_new(format!("{level},ureq=warn,rustls=warn,hf_hub=warn"))?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -127,9 +123,7 @@ pub fn set_threads(threads: usize) -> usize {
     };
     // SAFETY: called once at start-up, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     n
 }
 
@@ -153,7 +147,8 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
     use segq::track::{TrackingMode, TrackingSettings};
     let t = &config.tracking;
     let parse_mode = |m: &str| {
-        TrackingMode::parse(m).ok_or_else(|| anyhow::anyhow!("tracking mode `{m}`: expected online, offline or disabled"))
+        TrackingMode::parse(m)
+            .ok_or_else(|| anyhow::anyhow!("tracking mode `{m}`: expected online, offline or disabled"))
     };
     let file = TrackingSettings {
         mode: t.mode.as_deref().map(parse_mode).transpose()?,
@@ -176,9 +171,18 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
     if settings.dir.is_none() {
         settings.dir = Some(config.output.dir.clone());
     }
-    let group = settings.group.clone().unwrap_or_else(|| format!("segq-eval-{}", output.results.created_utc.replace([':', '-'], "")));
+    let group = settings
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("segq-eval-{}", output.results.created_utc.replace([':', '-'], "")));
     let tags = settings.tags.clone().unwrap_or_default();
-    let runs = segq::report::wandb_runs::run_logs(&output.results, &output.samples, &group, settings.name.as_deref(), &tags);
+    let runs = segq::report::wandb_runs::run_logs(
+        &output.results,
+        &output.samples,
+        &group,
+        settings.name.as_deref(),
+        &tags,
+    );
     let outcome = segq::track::log_runs(&settings, &runs)?;
     for run in &outcome.runs {
         for w in &run.warnings {
@@ -186,7 +190,9 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
         }
         match (&run.url, &run.offline_dir) {
             (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
-            (None, Some(dir)) => tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline (upload with `wandb sync`)"),
+            (None, Some(dir)) => {
+                tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline (upload with `wandb sync`)")
+            }
             _ => {}
         }
     }

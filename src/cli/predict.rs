@@ -54,8 +54,8 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
         let mask = preprocess::upsample_argmax(&flat, c, lh, lw, h, w);
         let stem = stem_of(path)?;
         let mask_path = out_dir.join(format!("{stem}.mask.png"));
-        segq::report::overlay::save_mask_png(&mask, w, h, &mask_path)?;
-        let overlay = segq::report::overlay::overlay(&image, &mask, 0.5);
+        segq::report::overlay::save_mask_png(&mask, w as u32, h as u32, loaded.model.config.num_labels(), &mask_path)?;
+        let overlay = segq::report::overlay::overlay(&image, &mask, 0.5)?;
         let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
         overlay
             .save(&overlay_path)
@@ -78,10 +78,7 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
 fn stem_of(path: &Path) -> Result<String> {
     match path.file_stem().and_then(|s| s.to_str()) {
         Some(s) if !s.is_empty() => Ok(s.to_string()),
-        _ => bail!(
-            "{}: cannot derive an output name from this path",
-            path.display()
-        ),
+        _ => bail!("{}: cannot derive an output name from this path", path.display()),
     }
 }
 

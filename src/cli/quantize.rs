@@ -64,7 +64,10 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
     }
     if let Some(out) = &args.out {
         if recipes.len() != 1 {
-            bail!("--out writes one checkpoint: give one level and one method (got {})", recipes.len());
+            bail!(
+                "--out writes one checkpoint: give one level and one method (got {})",
+                recipes.len()
+            );
         }
         let recipe = &recipes[0];
         let (quantized, report) = model::quantize(&loaded.model, recipe)?;
@@ -89,7 +92,12 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
         let mut inputs = Vec::new();
         for image in &args.images {
             let img = segq::data::decode::read_rgb(image)?;
-            let (w, h) = preprocess::target_size(&loaded.preprocessor, Protocol::Transformers, img.width() as usize, img.height() as usize);
+            let (w, h) = preprocess::target_size(
+                &loaded.preprocessor,
+                Protocol::Transformers,
+                img.width() as usize,
+                img.height() as usize,
+            );
             let px = preprocess::preprocess(&img, &loaded.preprocessor, Protocol::Transformers);
             inputs.push(preprocess::batch_tensor(vec![px], h, w)?);
         }
@@ -108,7 +116,15 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
                 norm += r.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
                 let plane = r.len() / num_labels;
                 for p in 0..plane {
-                    let argmax = |v: &[f32]| (0..num_labels).fold(0, |best, c| if v[c * plane + p] > v[best * plane + p] { c } else { best });
+                    let argmax = |v: &[f32]| {
+                        (0..num_labels).fold(0, |best, c| {
+                            if v[c * plane + p] > v[best * plane + p] {
+                                c
+                            } else {
+                                best
+                            }
+                        })
+                    };
                     agree += usize::from(argmax(&q) == argmax(r));
                     pixels += 1;
                 }

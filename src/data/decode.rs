@@ -10,41 +10,28 @@ use std::io::Cursor;
 use image::{DynamicImage, GrayImage, RgbImage};
 
 /// Decodes an image (JPEG or PNG) to RGB. Errors are one short line, without the location (the caller adds it).
-pub fn decode_image(
-    bytes: &[u8],
-    jpeg: &mut Option<turbojpeg::Decompressor>,
-) -> Result<RgbImage, String> {
+pub fn decode_image(bytes: &[u8], jpeg: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, String> {
     match sniff(bytes) {
         Format::Jpeg => decode_jpeg(bytes, jpeg),
         Format::Png => decode_png_image(bytes),
-        Format::Other => Err(format!(
-            "image is neither JPEG nor PNG ({})",
-            describe_start(bytes)
-        )),
+        Format::Other => Err(format!("image is neither JPEG nor PNG ({})", describe_start(bytes))),
     }
 }
 
 /// Decodes a PNG annotation to its 8-bit values: greyscale values, or palette indices for palette PNGs.
 pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, String> {
     if sniff(bytes) != Format::Png {
-        return Err(format!(
-            "annotation is not a PNG ({})",
-            describe_start(bytes)
-        ));
+        return Err(format!("annotation is not a PNG ({})", describe_start(bytes)));
     }
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     // IDENTITY: no palette expansion, no tRNS alpha, no bit-depth scaling: we want the stored values.
     decoder.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| format!("annotation PNG: {e}"))?;
+    let mut reader = decoder.read_info().map_err(|e| format!("annotation PNG: {e}"))?;
     let (width, height, color, depth) = {
         let info = reader.info();
         (info.width, info.height, info.color_type, info.bit_depth)
     };
-    let size = reader
-        .output_buffer_size()
-        .ok_or("annotation PNG: image too large")?;
+    let size = reader.output_buffer_size().ok_or("annotation PNG: image too large")?;
     let mut buf = vec![0u8; size];
     let frame = reader
         .next_frame(&mut buf)
@@ -75,8 +62,7 @@ pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, String> {
             }));
         }
     }
-    GrayImage::from_raw(width, height, values)
-        .ok_or_else(|| "annotation PNG: truncated pixel data".to_string())
+    GrayImage::from_raw(width, height, values).ok_or_else(|| "annotation PNG: truncated pixel data".to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,10 +90,7 @@ fn describe_start(bytes: &[u8]) -> String {
     format!("{} bytes starting {}", bytes.len(), head.join(" "))
 }
 
-fn decode_jpeg(
-    bytes: &[u8],
-    slot: &mut Option<turbojpeg::Decompressor>,
-) -> Result<RgbImage, String> {
+fn decode_jpeg(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, String> {
     match decode_jpeg_with(bytes, slot) {
         Ok((image, false)) => Ok(image),
         other => {
@@ -119,15 +102,9 @@ fn decode_jpeg(
 }
 
 /// Decodes with the given (or a new) decompressor; the flag says a libjpeg warning was ignored.
-fn decode_jpeg_with(
-    bytes: &[u8],
-    slot: &mut Option<turbojpeg::Decompressor>,
-) -> Result<(RgbImage, bool), String> {
+fn decode_jpeg_with(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<(RgbImage, bool), String> {
     if slot.is_none() {
-        *slot = Some(
-            turbojpeg::Decompressor::new()
-                .map_err(|e| format!("cannot start the JPEG decoder: {e}"))?,
-        );
+        *slot = Some(turbojpeg::Decompressor::new().map_err(|e| format!("cannot start the JPEG decoder: {e}"))?);
     }
     let decoder = slot.as_mut().ok_or("JPEG decoder unavailable")?;
     let header = decoder
@@ -182,14 +159,11 @@ fn jpeg_message(e: &turbojpeg::Error) -> String {
 }
 
 fn decode_png_image(bytes: &[u8]) -> Result<RgbImage, String> {
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| format!("PNG: {e}"))?;
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png).map_err(|e| format!("PNG: {e}"))?;
     Ok(match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         // Pillow reads 16-bit RGB(A) PNGs as 8-bit by keeping the high byte of each sample.
-        DynamicImage::ImageRgb16(rgb) => {
-            high_bytes(rgb.width(), rgb.height(), rgb.pixels().map(|p| p.0))
-        }
+        DynamicImage::ImageRgb16(rgb) => high_bytes(rgb.width(), rgb.height(), rgb.pixels().map(|p| p.0)),
         DynamicImage::ImageRgba16(rgba) => high_bytes(
             rgba.width(),
             rgba.height(),
@@ -224,11 +198,7 @@ mod tests {
             let mut enc = png::Encoder::new(&mut out, width, height);
             enc.set_color(png::ColorType::Indexed);
             enc.set_depth(bits);
-            enc.set_palette(
-                (0..16u8)
-                    .flat_map(|i| [i * 10, 255 - i, 7])
-                    .collect::<Vec<u8>>(),
-            );
+            enc.set_palette((0..16u8).flat_map(|i| [i * 10, 255 - i, 7]).collect::<Vec<u8>>());
             let mut w = enc.write_header().unwrap();
             w.write_image_data(indices).unwrap();
         }
@@ -238,23 +208,13 @@ mod tests {
     #[test]
     fn grey_and_alpha_pngs_convert_like_pillow() {
         let grey = image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(x * 40 + y * 7) as u8]));
-        let rgb = decode_image(
-            &png_bytes(&DynamicImage::ImageLuma8(grey.clone())),
-            &mut None,
-        )
-        .unwrap();
+        let rgb = decode_image(&png_bytes(&DynamicImage::ImageLuma8(grey.clone())), &mut None).unwrap();
         for (x, y, p) in rgb.enumerate_pixels() {
             let v = grey.get_pixel(x, y).0[0];
             assert_eq!(p.0, [v, v, v]);
         }
-        let rgba = image::RgbaImage::from_fn(2, 2, |x, y| {
-            image::Rgba([x as u8 * 100, y as u8 * 50, 9, 17])
-        });
-        let rgb = decode_image(
-            &png_bytes(&DynamicImage::ImageRgba8(rgba.clone())),
-            &mut None,
-        )
-        .unwrap();
+        let rgba = image::RgbaImage::from_fn(2, 2, |x, y| image::Rgba([x as u8 * 100, y as u8 * 50, 9, 17]));
+        let rgb = decode_image(&png_bytes(&DynamicImage::ImageRgba8(rgba.clone())), &mut None).unwrap();
         for (x, y, p) in rgb.enumerate_pixels() {
             let q = rgba.get_pixel(x, y).0;
             assert_eq!(p.0, [q[0], q[1], q[2]], "alpha is dropped, not blended");
@@ -278,10 +238,7 @@ mod tests {
         // 4-bit palette, 3 pixels wide: packed two per byte, last nibble is padding.
         let packed = [0x12, 0x30, 0xFE, 0xD0];
         let bytes = palette_png(3, 2, png::BitDepth::Four, &packed);
-        assert_eq!(
-            decode_mask(&bytes).unwrap().into_raw(),
-            vec![1, 2, 3, 15, 14, 13]
-        );
+        assert_eq!(decode_mask(&bytes).unwrap().into_raw(), vec![1, 2, 3, 15, 14, 13]);
     }
 
     #[test]
@@ -291,10 +248,7 @@ mod tests {
         assert_eq!(got, grey);
         let rgb = DynamicImage::ImageRgb8(image::RgbImage::new(2, 2));
         let e = decode_mask(&png_bytes(&rgb)).unwrap_err();
-        assert!(
-            e.contains("8-bit greyscale or palette") && e.contains("Rgb"),
-            "{e}"
-        );
+        assert!(e.contains("8-bit greyscale or palette") && e.contains("Rgb"), "{e}");
         let e = decode_mask(b"GIF89a....").unwrap_err();
         assert!(e.contains("not a PNG") && e.contains("47 49 46 38"), "{e}");
     }
@@ -302,11 +256,7 @@ mod tests {
     #[test]
     fn jpeg_round_trip_and_corruption() {
         let img = image::RgbImage::from_fn(160, 96, |x, y| {
-            image::Rgb([
-                (x * 6 % 256) as u8,
-                ((x + 2 * y) / 2) as u8,
-                (y * 10 % 256) as u8,
-            ])
+            image::Rgb([(x * 6 % 256) as u8, ((x + 2 * y) / 2) as u8, (y * 10 % 256) as u8])
         });
         let jpeg = turbojpeg::compress_image(&img, 90, turbojpeg::Subsamp::Sub2x2)
             .unwrap()
@@ -321,10 +271,7 @@ mod tests {
             .map(|(a, b)| a.abs_diff(*b) as u64)
             .sum();
         let mean = total as f64 / img.as_raw().len() as f64;
-        assert!(
-            mean < 12.0,
-            "decoded JPEG far from source: mean difference {mean}"
-        );
+        assert!(mean < 12.0, "decoded JPEG far from source: mean difference {mean}");
         let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec).unwrap_err();
         assert!(e.contains("JPEG is truncated"), "{e}");
         assert!(dec.is_none(), "a decoder that saw an error is dropped");

@@ -28,11 +28,7 @@ pub fn find_split_dir(parent: &Path, split: &str) -> Option<PathBuf> {
 /// Whether `dir` directly holds at least one image file.
 pub fn has_image_files(dir: &Path) -> bool {
     std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().is_file() && is_image(&e.path()))
-        })
+        .map(|entries| entries.flatten().any(|e| e.path().is_file() && is_image(&e.path())))
         .unwrap_or(false)
 }
 
@@ -143,10 +139,7 @@ pub fn list_file_pairs(path: &Path) -> Result<Vec<FilePair>> {
         });
     }
     if pairs.is_empty() {
-        return Err(Error::Data(format!(
-            "list file {} lists no examples",
-            path.display()
-        )));
+        return Err(Error::Data(format!("list file {} lists no examples", path.display())));
     }
     Ok(pairs)
 }
@@ -196,9 +189,7 @@ mod tests {
         let ids: Vec<&str> = pairs.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["a/1", "b/2"]);
         assert_eq!(pairs[1].mask, dir.join("mask/b/2.png"));
-        let e = folder_pairs(&dir.join("mask/a/none"), &dir)
-            .unwrap_err()
-            .to_string();
+        let e = folder_pairs(&dir.join("mask/a/none"), &dir).unwrap_err().to_string();
         assert!(e.contains("none"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }

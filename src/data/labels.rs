@@ -71,11 +71,9 @@ impl LabelOptions {
     pub fn parse_label_map(text: &str) -> Result<BTreeMap<u8, u8>> {
         let mut map = BTreeMap::new();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (from, to) = pair.split_once(':').ok_or_else(|| {
-                Error::Config(format!(
-                    "label map entry '{pair}' is not of the form from:to"
-                ))
-            })?;
+            let (from, to) = pair
+                .split_once(':')
+                .ok_or_else(|| Error::Config(format!("label map entry '{pair}' is not of the form from:to")))?;
             let parse = |s: &str| {
                 s.trim().parse::<u8>().map_err(|_| {
                     Error::Config(format!(
@@ -151,17 +149,11 @@ mod tests {
 
     #[test]
     fn label_map_parse_errors_name_the_entry() {
-        let e = LabelOptions::parse_label_map("1:2,3")
-            .unwrap_err()
-            .to_string();
+        let e = LabelOptions::parse_label_map("1:2,3").unwrap_err().to_string();
         assert!(e.contains("'3'"), "{e}");
-        let e = LabelOptions::parse_label_map("1:256")
-            .unwrap_err()
-            .to_string();
+        let e = LabelOptions::parse_label_map("1:256").unwrap_err().to_string();
         assert!(e.contains("'256'"), "{e}");
-        let e = LabelOptions::parse_label_map("1:2,1:3")
-            .unwrap_err()
-            .to_string();
+        let e = LabelOptions::parse_label_map("1:2,1:3").unwrap_err().to_string();
         assert!(e.contains("maps 1 twice"), "{e}");
         assert!(LabelOptions::parse_label_map("").unwrap().is_empty());
     }

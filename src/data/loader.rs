@@ -59,9 +59,7 @@ impl Default for LoaderOptions {
         LoaderOptions {
             selection: Selection::default(),
             batch_size: 1,
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             prefetch_batches: 2,
             on_error: OnError::Fail,
             labels: LabelOptions::default(),
@@ -178,8 +176,7 @@ impl Loader {
         let (result_tx, result_rx) = unbounded::<(usize, Outcome)>();
         let shared = Arc::new(Counters::default());
         let mut threads = Vec::new();
-        let spawn_err =
-            |e: std::io::Error| Error::Data(format!("cannot start a loader thread: {e}"));
+        let spawn_err = |e: std::io::Error| Error::Data(format!("cannot start a loader thread: {e}"));
         {
             let shared = shared.clone();
             let rows = rows.clone();
@@ -319,12 +316,8 @@ impl Drop for Loader {
 
 fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> Result<Source> {
     match spec {
-        DatasetSpec::AdeFolder { root, split } => {
-            Ok(Source::Files(folders::ade_pairs(root, split)?))
-        }
-        DatasetSpec::Folders { images, masks } => {
-            Ok(Source::Files(folders::folder_pairs(images, masks)?))
-        }
+        DatasetSpec::AdeFolder { root, split } => Ok(Source::Files(folders::ade_pairs(root, split)?)),
+        DatasetSpec::Folders { images, masks } => Ok(Source::Files(folders::folder_pairs(images, masks)?)),
         DatasetSpec::ListFile { path } => Ok(Source::Files(folders::list_file_pairs(path)?)),
         DatasetSpec::Parquet {
             files: paths,
@@ -411,20 +404,15 @@ fn read_source(
                     image: pair.image.clone(),
                     label: pair.mask.clone(),
                 });
-                if !send(
-                    index,
-                    pair.id.clone(),
-                    pair.image.display().to_string(),
-                    payload,
-                ) {
+                if !send(index, pair.id.clone(), pair.image.display().to_string(), payload) {
                     return;
                 }
             }
         }
         Source::Parquet { files, starts } => {
             for (file, &start) in files.iter().zip(starts) {
-                let local = rows.start.max(start).saturating_sub(start)
-                    ..rows.end.min(start + file.rows).saturating_sub(start);
+                let local =
+                    rows.start.max(start).saturating_sub(start)..rows.end.min(start + file.rows).saturating_sub(start);
                 if local.is_empty() {
                     continue;
                 }
@@ -442,9 +430,7 @@ fn read_source(
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| format!("{name}:{row}"));
                     let location = format!("{} row {row}", file.path.display());
-                    let payload = raw
-                        .bytes
-                        .map(|(image, label)| Payload::Bytes { image, label });
+                    let payload = raw.bytes.map(|(image, label)| Payload::Bytes { image, label });
                     keep_going = send(start + row, id, location, payload);
                     keep_going
                 });
@@ -456,11 +442,7 @@ fn read_source(
     }
 }
 
-fn decode_worker(
-    input: &Receiver<RawExample>,
-    output: &Sender<(usize, Outcome)>,
-    labels: &LabelOptions,
-) {
+fn decode_worker(input: &Receiver<RawExample>, output: &Sender<(usize, Outcome)>, labels: &LabelOptions) {
     let mut jpeg = None;
     while let Ok(raw) = input.recv() {
         let seq = raw.seq;
@@ -471,11 +453,7 @@ fn decode_worker(
     }
 }
 
-fn decode_example(
-    raw: RawExample,
-    labels: &LabelOptions,
-    jpeg: &mut Option<turbojpeg::Decompressor>,
-) -> Outcome {
+fn decode_example(raw: RawExample, labels: &LabelOptions, jpeg: &mut Option<turbojpeg::Decompressor>) -> Outcome {
     let RawExample {
         index,
         id,
@@ -487,17 +465,14 @@ fn decode_example(
     let (image_bytes, label_bytes) = match payload.map_err(&fail)? {
         Payload::Bytes { image, label } => (image, label),
         Payload::Files { image, label } => {
-            let image =
-                std::fs::read(&image).map_err(|e| fail(format!("cannot read image: {e}")))?;
-            let label = std::fs::read(&label)
-                .map_err(|e| fail(format!("cannot read annotation {}: {e}", label.display())))?;
+            let image = std::fs::read(&image).map_err(|e| fail(format!("cannot read image: {e}")))?;
+            let label =
+                std::fs::read(&label).map_err(|e| fail(format!("cannot read annotation {}: {e}", label.display())))?;
             (image, label)
         }
     };
-    let image =
-        decode::decode_image(&image_bytes, jpeg).map_err(|e| fail(format!("image: {e}")))?;
-    let mut label =
-        decode::decode_mask(&label_bytes).map_err(|e| fail(format!("annotation: {e}")))?;
+    let image = decode::decode_image(&image_bytes, jpeg).map_err(|e| fail(format!("image: {e}")))?;
+    let mut label = decode::decode_mask(&label_bytes).map_err(|e| fail(format!("annotation: {e}")))?;
     if image.dimensions() != label.dimensions() {
         return Err(fail(format!(
             "image is {}x{} but annotation is {}x{} (masks are never resized)",

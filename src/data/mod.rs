@@ -24,8 +24,14 @@ pub use shard::Selection;
 
 /// The demo dataset's Parquet files, compiled into the binary so `segq eval` works anywhere with no network.
 const DEMO_PARQUET: [(&str, &[u8]); 2] = [
-    ("0000.parquet", include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0000.parquet")),
-    ("0001.parquet", include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0001.parquet")),
+    (
+        "0000.parquet",
+        include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0000.parquet"),
+    ),
+    (
+        "0001.parquet",
+        include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0001.parquet"),
+    ),
 ];
 
 /// The embedded demo dataset (12 synthetic scenes in Scene Parse 150's Parquet schema), written once to
@@ -40,7 +46,9 @@ pub fn demo_dataset() -> Result<DatasetSpec> {
     let mut files = Vec::new();
     for (name, bytes) in DEMO_PARQUET {
         let path = dir.join(name);
-        let fresh = std::fs::metadata(&path).map(|m| m.len() == bytes.len() as u64).unwrap_or(false);
+        let fresh = std::fs::metadata(&path)
+            .map(|m| m.len() == bytes.len() as u64)
+            .unwrap_or(false);
         if !fresh {
             // Write to a temporary name first so concurrent runs never read a half-written file.
             let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
@@ -127,12 +135,7 @@ pub fn split_aliases(split: &str) -> Vec<String> {
 /// - a folder with `images/` and `annotations/` (or `masks/`, `labels/`) holding files directly: generic folders;
 /// - `IMAGES_DIR,MASKS_DIR`: generic folders;
 /// - a `.txt`, `.tsv` or `.lst` file: a list file.
-pub fn resolve_local(
-    spec: &str,
-    split: &str,
-    image_column: &str,
-    label_column: &str,
-) -> Result<DatasetSpec> {
+pub fn resolve_local(spec: &str, split: &str, image_column: &str, label_column: &str) -> Result<DatasetSpec> {
     if let Some((images, masks)) = spec.split_once(',') {
         let (images, masks) = (PathBuf::from(images.trim()), PathBuf::from(masks.trim()));
         for dir in [&images, &masks] {

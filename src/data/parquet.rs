@@ -12,8 +12,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
 
 use super::split_aliases;
@@ -36,15 +35,7 @@ pub fn find_parquet_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
             .map(|c| c.to_string_lossy().to_ascii_lowercase())
             .collect();
         let file = names.pop().unwrap_or_default();
-        let known = [
-            "train",
-            "training",
-            "validation",
-            "val",
-            "valid",
-            "test",
-            "testing",
-        ];
+        let known = ["train", "training", "validation", "val", "valid", "test", "testing"];
         names
             .into_iter()
             .rev()
@@ -80,10 +71,7 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
         if path.is_dir() {
             collect(&path, out)?;
-        } else if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
-        {
+        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
             out.push(path);
         }
     }
@@ -93,22 +81,13 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// Lists and fetches `<config>/<split>/*.parquet` of a Hub dataset at `revision` (usually `refs/convert/parquet`)
 /// through hf-hub's cache. With `HF_HUB_OFFLINE=1` only the cache is consulted. Cache location: `HF_HUB_CACHE`,
 /// else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; token: `HF_TOKEN`, else the cache's token file.
-pub fn hub_parquet_files(
-    repo: &str,
-    config: &str,
-    split: &str,
-    revision: &str,
-) -> Result<Vec<PathBuf>> {
+pub fn hub_parquet_files(repo: &str, config: &str, split: &str, revision: &str) -> Result<Vec<PathBuf>> {
     let cache = match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
         None => hf_hub::Cache::from_env(),
     };
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    });
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
     hub_parquet_files_in(&cache, offline, repo, config, split, revision)
 }
 
@@ -122,18 +101,11 @@ pub fn hub_parquet_files_in(
     revision: &str,
 ) -> Result<Vec<PathBuf>> {
     let cache = cache.clone();
-    let hub_repo = hf_hub::Repo::with_revision(
-        repo.to_string(),
-        hf_hub::RepoType::Dataset,
-        revision.to_string(),
-    );
+    let hub_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Dataset, revision.to_string());
     let splits = split_aliases(split);
     let wanted = |name: &str| -> bool {
         let parts: Vec<&str> = name.split('/').collect();
-        parts.len() == 3
-            && parts[0] == config
-            && splits.iter().any(|s| s == parts[1])
-            && parts[2].ends_with(".parquet")
+        parts.len() == 3 && parts[0] == config && splits.iter().any(|s| s == parts[1]) && parts[2].ends_with(".parquet")
     };
     if offline {
         return cached_parquet_files(&cache, &hub_repo, config, split, &wanted);
@@ -143,9 +115,7 @@ pub fn hub_parquet_files_in(
         .filter(|t| !t.is_empty())
         .or_else(|| cache.token());
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_endpoint(
-            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()),
-        )
+        .with_endpoint(std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()))
         .with_token(token)
         .with_progress(false)
         .build()
@@ -224,10 +194,7 @@ fn cached_parquet_files(
             continue;
         };
         for entry in entries.flatten() {
-            let name = format!(
-                "{config}/{split_name}/{}",
-                entry.file_name().to_string_lossy()
-            );
+            let name = format!("{config}/{split_name}/{}", entry.file_name().to_string_lossy());
             if wanted(&name) {
                 found.push(entry.path());
             }
@@ -269,13 +236,8 @@ impl ParquetFile {
     /// unknown); a missing or mistyped column is kept as a per-file problem, reported for each of its rows.
     pub fn open(path: &Path, image_column: &str, label_column: &str) -> Result<ParquetFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let metadata =
-            ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
-                Error::Data(format!(
-                    "{}: not a readable Parquet file: {e}",
-                    path.display()
-                ))
-            })?;
+        let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            .map_err(|e| Error::Data(format!("{}: not a readable Parquet file: {e}", path.display())))?;
         let row_groups: Vec<usize> = metadata
             .metadata()
             .row_groups()
@@ -287,27 +249,16 @@ impl ParquetFile {
         let find = |name: &str| -> std::result::Result<(usize, ColumnKind), String> {
             let Ok(index) = schema.index_of(name) else {
                 let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                return Err(format!(
-                    "missing column '{name}' (columns: {})",
-                    names.join(", ")
-                ));
+                return Err(format!("missing column '{name}' (columns: {})", names.join(", ")));
             };
             match schema.field(index).data_type() {
-                DataType::Struct(fields) => match fields
-                    .iter()
-                    .find(|f| f.name() == "bytes")
-                    .map(|f| f.data_type())
-                {
+                DataType::Struct(fields) => match fields.iter().find(|f| f.name() == "bytes").map(|f| f.data_type()) {
                     Some(DataType::Binary | DataType::LargeBinary | DataType::BinaryView) => {
                         Ok((index, ColumnKind::Struct))
                     }
-                    _ => Err(format!(
-                        "column '{name}' is a struct without a binary 'bytes' field"
-                    )),
+                    _ => Err(format!("column '{name}' is a struct without a binary 'bytes' field")),
                 },
-                DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
-                    Ok((index, ColumnKind::Binary))
-                }
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView => Ok((index, ColumnKind::Binary)),
                 other => Err(format!(
                     "column '{name}' has type {other}, expected {{bytes, path}} struct or binary"
                 )),
@@ -359,16 +310,10 @@ impl ParquetFile {
                 continue;
             }
             let mut next_row = lo;
-            let outcome = self.read_group(
-                group,
-                group_range.clone(),
-                lo..hi,
-                columns,
-                &mut |row, result| {
-                    next_row = row + 1;
-                    emit(row, result)
-                },
-            );
+            let outcome = self.read_group(group, group_range.clone(), lo..hi, columns, &mut |row, result| {
+                next_row = row + 1;
+                emit(row, result)
+            });
             match outcome {
                 Ok(true) => {}
                 Ok(false) => return,
@@ -411,8 +356,7 @@ impl ParquetFile {
         if group_range.end > rows.end {
             selectors.push(RowSelector::skip(group_range.end - rows.end));
         }
-        let builder =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
+        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone());
         let mask = ProjectionMask::roots(builder.parquet_schema(), [columns[0].0, columns[1].0]);
         let reader = builder
             .with_row_groups(vec![group])
@@ -428,13 +372,8 @@ impl ParquetFile {
             let label = column(&batch, &self.column_names[1])?;
             for i in 0..batch.num_rows() {
                 let image_path = cell_path(image, &columns[0].1, i);
-                let bytes =
-                    cell_bytes(image, &columns[0].1, i, &self.column_names[0]).and_then(|image| {
-                        Ok((
-                            image,
-                            cell_bytes(label, &columns[1].1, i, &self.column_names[1])?,
-                        ))
-                    });
+                let bytes = cell_bytes(image, &columns[0].1, i, &self.column_names[0])
+                    .and_then(|image| Ok((image, cell_bytes(label, &columns[1].1, i, &self.column_names[1])?)));
                 let result = RawRow { image_path, bytes };
                 if !emit(row, result) {
                     return Ok(false);
@@ -503,34 +442,23 @@ fn cell_path(array: &ArrayRef, kind: &ColumnKind, i: usize) -> Option<String> {
     }
 }
 
-fn cell_bytes(
-    array: &ArrayRef,
-    kind: &ColumnKind,
-    i: usize,
-    name: &str,
-) -> std::result::Result<Vec<u8>, String> {
+fn cell_bytes(array: &ArrayRef, kind: &ColumnKind, i: usize, name: &str) -> std::result::Result<Vec<u8>, String> {
     if array.is_null(i) {
         return Err(format!("'{name}' is null"));
     }
     match kind {
-        ColumnKind::Binary => {
-            binary_value(array.as_ref(), i).ok_or_else(|| format!("'{name}' is not binary"))
-        }
+        ColumnKind::Binary => binary_value(array.as_ref(), i).ok_or_else(|| format!("'{name}' is not binary")),
         ColumnKind::Struct => {
             let array = array
                 .as_struct_opt()
                 .ok_or_else(|| format!("'{name}' is not a struct"))?;
-            match array
-                .column_by_name("bytes")
-                .and_then(|b| binary_value(b.as_ref(), i))
-            {
+            match array.column_by_name("bytes").and_then(|b| binary_value(b.as_ref(), i)) {
                 Some(bytes) => Ok(bytes),
                 None => {
                     let path = cell_path_of(array, i);
                     Err(format!(
                         "'{name}' has no embedded bytes{}",
-                        path.map(|p| format!(" (only a path: {p})"))
-                            .unwrap_or_default()
+                        path.map(|p| format!(" (only a path: {p})")).unwrap_or_default()
                     ))
                 }
             }
@@ -568,56 +496,43 @@ pub fn write_parquet_dataset(
         Field::new("bytes", DataType::Binary, true),
         Field::new("path", DataType::Utf8, true),
     ]);
-    let image_struct =
-        |get: &dyn Fn(&FixtureRow) -> Option<Vec<u8>>, with_path: bool| -> ArrayRef {
-            let bytes: BinaryArray = rows.iter().map(get).collect();
-            let paths: StringArray = rows
-                .iter()
-                .map(|r| {
-                    if with_path {
-                        r.path.clone()
-                    } else {
-                        r.path.as_ref().map(|p| {
-                            Path::new(p)
-                                .with_extension("png")
-                                .to_string_lossy()
-                                .into_owned()
-                        })
-                    }
-                })
-                .collect();
-            Arc::new(StructArray::new(
-                struct_fields.clone(),
-                vec![Arc::new(bytes), Arc::new(paths)],
-                None,
-            ))
-        };
+    let image_struct = |get: &dyn Fn(&FixtureRow) -> Option<Vec<u8>>, with_path: bool| -> ArrayRef {
+        let bytes: BinaryArray = rows.iter().map(get).collect();
+        let paths: StringArray = rows
+            .iter()
+            .map(|r| {
+                if with_path {
+                    r.path.clone()
+                } else {
+                    r.path
+                        .as_ref()
+                        .map(|p| Path::new(p).with_extension("png").to_string_lossy().into_owned())
+                }
+            })
+            .collect();
+        Arc::new(StructArray::new(
+            struct_fields.clone(),
+            vec![Arc::new(bytes), Arc::new(paths)],
+            None,
+        ))
+    };
     let image = image_struct(&|r| r.image.clone(), true);
     let label = image_struct(&|r| r.label.clone(), false);
-    let category: ArrayRef = Arc::new(Int64Array::from_iter_values(
-        (0..rows.len() as i64).map(|i| i % 3),
-    ));
+    let category: ArrayRef = Arc::new(Int64Array::from_iter_values((0..rows.len() as i64).map(|i| i % 3)));
     let schema = Arc::new(Schema::new(vec![
         Field::new(image_column, DataType::Struct(struct_fields.clone()), true),
         Field::new(label_column, DataType::Struct(struct_fields.clone()), true),
         Field::new("scene_category", DataType::Int64, true),
     ]));
-    let batch =
-        RecordBatch::try_new(schema.clone(), vec![image, label, category]).map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot build the fixture batch: {e}",
-                path.display()
-            ))
-        })?;
+    let batch = RecordBatch::try_new(schema.clone(), vec![image, label, category])
+        .map_err(|e| Error::Data(format!("{}: cannot build the fixture batch: {e}", path.display())))?;
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let props = parquet::file::properties::WriterProperties::builder()
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build();
-    let write_err = |e: parquet::errors::ParquetError| {
-        Error::Data(format!("{}: cannot write Parquet: {e}", path.display()))
-    };
-    let mut writer =
-        parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(write_err)?;
+    let write_err =
+        |e: parquet::errors::ParquetError| Error::Data(format!("{}: cannot write Parquet: {e}", path.display()));
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(write_err)?;
     writer.write(&batch).map_err(write_err)?;
     writer.close().map_err(write_err)?;
     Ok(())

@@ -28,18 +28,9 @@ impl Selection {
                 "--shard '{text}': {why} (expected I/N with 0 <= I < N, e.g. 0/4)"
             ))
         };
-        let (i, n) = text
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| bad("missing '/'"))?;
-        let i: usize = i
-            .trim()
-            .parse()
-            .map_err(|_| bad("I is not a non-negative integer"))?;
-        let n: usize = n
-            .trim()
-            .parse()
-            .map_err(|_| bad("N is not a non-negative integer"))?;
+        let (i, n) = text.trim().split_once('/').ok_or_else(|| bad("missing '/'"))?;
+        let i: usize = i.trim().parse().map_err(|_| bad("I is not a non-negative integer"))?;
+        let n: usize = n.trim().parse().map_err(|_| bad("N is not a non-negative integer"))?;
         if n == 0 {
             return Err(bad("N must be at least 1"));
         }
@@ -87,13 +78,7 @@ mod tests {
     #[test]
     fn shards_cover_every_row_once_for_many_counts() {
         for total in [0usize, 1, 5, 12, 100, 101] {
-            for (offset, limit) in [
-                (0, None),
-                (3, None),
-                (2, Some(7)),
-                (0, Some(1000)),
-                (200, Some(3)),
-            ] {
+            for (offset, limit) in [(0, None), (3, None), (2, Some(7)), (0, Some(1000)), (200, Some(3))] {
                 let window = Selection {
                     shard: None,
                     offset,

@@ -76,14 +76,7 @@ fn parquet_spec(files: Vec<PathBuf>) -> DatasetSpec {
 #[test]
 fn resolve_local_detects_every_layout() {
     let parquet_dir = demo().join("parquet");
-    match resolve_local(
-        parquet_dir.to_str().unwrap(),
-        "validation",
-        "image",
-        "annotation",
-    )
-    .unwrap()
-    {
+    match resolve_local(parquet_dir.to_str().unwrap(), "validation", "image", "annotation").unwrap() {
         DatasetSpec::Parquet { files, .. } => {
             let names: Vec<_> = files
                 .iter()
@@ -93,14 +86,9 @@ fn resolve_local_detects_every_layout() {
         }
         other => panic!("{other:?}"),
     }
-    let e = resolve_local(
-        parquet_dir.to_str().unwrap(),
-        "train",
-        "image",
-        "annotation",
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resolve_local(parquet_dir.to_str().unwrap(), "train", "image", "annotation")
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("no Parquet files for split 'train'") && e.contains("validation"),
         "{e}"
@@ -129,10 +117,7 @@ fn resolve_local_detects_every_layout() {
     let e = resolve_local("/nonexistent/segq", "validation", "image", "annotation")
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("/nonexistent/segq") && e.contains("no such"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/segq") && e.contains("no such"), "{e}");
 
     // A folder with images/ and masks/ holding files directly, a list file, hub-style split file names.
     let dir = temp_dir("resolve");
@@ -168,14 +153,7 @@ fn resolve_local_detects_every_layout() {
     ] {
         std::fs::write(hub.join(name), b"x").unwrap();
     }
-    match resolve_local(
-        dir.join("hub").to_str().unwrap(),
-        "training",
-        "image",
-        "annotation",
-    )
-    .unwrap()
-    {
+    match resolve_local(dir.join("hub").to_str().unwrap(), "training", "image", "annotation").unwrap() {
         DatasetSpec::Parquet { files, .. } => assert_eq!(files.len(), 2),
         other => panic!("{other:?}"),
     }
@@ -201,7 +179,12 @@ fn parquet_ade_folders_and_list_file_give_identical_examples() {
     };
     let dir = temp_dir("list-same");
     let list: String = (1..=12)
-        .map(|i| format!("{0}/images/validation/SYN_val_{i:08}.jpg\t{0}/annotations/validation/SYN_val_{i:08}.png\n", ade_root().display()))
+        .map(|i| {
+            format!(
+                "{0}/images/validation/SYN_val_{i:08}.jpg\t{0}/annotations/validation/SYN_val_{i:08}.png\n",
+                ade_root().display()
+            )
+        })
         .collect();
     std::fs::write(dir.join("val.txt"), list).unwrap();
     let list = DatasetSpec::ListFile {
@@ -223,10 +206,7 @@ fn parquet_ade_folders_and_list_file_give_identical_examples() {
         .iter()
         .flat_map(|e| e.label.as_raw().iter().copied())
         .collect();
-    assert!(
-        values.contains(&0) && values.iter().all(|&v| v <= 20),
-        "{values:?}"
-    );
+    assert!(values.contains(&0) && values.iter().all(|&v| v <= 20), "{values:?}");
 
     for spec in [&parquet, &folders, &list] {
         let (got, _) = load_all(spec, options(4, 2));
@@ -234,16 +214,8 @@ fn parquet_ade_folders_and_list_file_give_identical_examples() {
         for (a, b) in got.iter().zip(&reference) {
             assert_eq!(a.index, b.index);
             assert_eq!(a.id, b.id, "{spec:?}");
-            assert!(
-                a.image == b.image,
-                "{spec:?}: image pixels differ for {}",
-                a.id
-            );
-            assert!(
-                a.label == b.label,
-                "{spec:?}: label pixels differ for {}",
-                a.id
-            );
+            assert!(a.image == b.image, "{spec:?}: image pixels differ for {}", a.id);
+            assert!(a.label == b.label, "{spec:?}: label pixels differ for {}", a.id);
         }
     }
     std::fs::remove_dir_all(dir).unwrap();
@@ -320,8 +292,7 @@ fn shards_are_disjoint_and_cover_the_selection() {
                     )
                     .unwrap();
                     let total = loader.total();
-                    let got: Vec<usize> =
-                        loader.flat_map(|b| b.unwrap()).map(|e| e.index).collect();
+                    let got: Vec<usize> = loader.flat_map(|b| b.unwrap()).map(|e| e.index).collect();
                     assert_eq!(got.len(), total);
                     seen.extend(got);
                 }
@@ -346,13 +317,7 @@ fn order_is_deterministic_whatever_the_workers() {
             .map(|b| {
                 b.unwrap()
                     .into_iter()
-                    .map(|e| {
-                        (
-                            e.index,
-                            e.id,
-                            e.image.as_raw().iter().map(|&v| v as u64).sum(),
-                        )
-                    })
+                    .map(|e| (e.index, e.id, e.image.as_raw().iter().map(|&v| v as u64).sum()))
                     .collect()
             })
             .collect()
@@ -396,10 +361,7 @@ fn in_flight_examples_stay_under_the_bound() {
     let stats = loader.stats();
     assert_eq!(count, 240);
     assert_eq!(stats.in_flight_bound, 9);
-    assert!(
-        stats.peak_in_flight <= 9 && stats.peak_in_flight >= 3,
-        "{stats:?}"
-    );
+    assert!(stats.peak_in_flight <= 9 && stats.peak_in_flight >= 3, "{stats:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -447,9 +409,7 @@ fn bad_examples_fail_with_file_and_row_or_are_skipped_and_counted() {
     assert_eq!(loader.next().unwrap().unwrap()[0].index, 0);
     let e = loader.next().unwrap().unwrap_err().to_string();
     assert!(
-        e.contains(&format!("{} row 1", file.display()))
-            && e.contains("SYN_val_00000002")
-            && e.contains("truncated"),
+        e.contains(&format!("{} row 1", file.display())) && e.contains("SYN_val_00000002") && e.contains("truncated"),
         "{e}"
     );
     assert!(loader.next().is_none(), "a failed loader ends");
@@ -481,8 +441,7 @@ fn bad_examples_fail_with_file_and_row_or_are_skipped_and_counted() {
     assert!(
         reasons[2].contains("row 5")
             && reasons[2].contains("SYN_val_00000006")
-            && reasons[2]
-                .contains("'annotation' has no embedded bytes (only a path: SYN_val_00000006.png)"),
+            && reasons[2].contains("'annotation' has no embedded bytes (only a path: SYN_val_00000006.png)"),
         "{reasons:?}"
     );
 
@@ -528,8 +487,7 @@ fn skip_reasons_are_capped_but_counts_complete() {
         (30, loader::MAX_SKIP_REASONS)
     );
     assert!(
-        stats.skip_reasons[0]
-            .contains("junk.parquet row 0 (junk.parquet:0): image: image is neither JPEG nor PNG"),
+        stats.skip_reasons[0].contains("junk.parquet row 0 (junk.parquet:0): image: image is neither JPEG nor PNG"),
         "{:?}",
         stats.skip_reasons[0]
     );
@@ -545,13 +503,10 @@ fn missing_columns_fail_or_skip_the_file() {
     write_parquet_dataset(&good, &rows[..4], 4, "image", "annotation").unwrap();
     write_parquet_dataset(&renamed, &rows[4..7], 4, "img", "annotation").unwrap();
 
-    let e = Loader::new(
-        &parquet_spec(vec![good.clone(), renamed.clone()]),
-        options(2, 2),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = Loader::new(&parquet_spec(vec![good.clone(), renamed.clone()]), options(2, 2))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("renamed.parquet")
             && e.contains("missing column 'image' (columns: img, annotation, scene_category)"),
@@ -562,14 +517,8 @@ fn missing_columns_fail_or_skip_the_file() {
         on_error: OnError::Skip,
         ..options(2, 2)
     };
-    let (got, stats) = load_all(
-        &parquet_spec(vec![renamed.clone(), good.clone()]),
-        skip.clone(),
-    );
-    assert_eq!(
-        got.iter().map(|e| e.index).collect::<Vec<_>>(),
-        [3, 4, 5, 6]
-    );
+    let (got, stats) = load_all(&parquet_spec(vec![renamed.clone(), good.clone()]), skip.clone());
+    assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [3, 4, 5, 6]);
     assert_eq!((stats.skipped, stats.decoded), (3, 4));
     assert!(
         stats
@@ -616,15 +565,8 @@ fn truncated_parquet_fails_or_is_skipped_with_its_name() {
         },
     );
     assert_eq!(got.len(), 5);
-    assert_eq!(
-        (stats.unreadable_files, stats.decoded, stats.skipped),
-        (1, 5, 0)
-    );
-    assert!(
-        stats.skip_reasons[0].contains("b.parquet"),
-        "{:?}",
-        stats.skip_reasons
-    );
+    assert_eq!((stats.unreadable_files, stats.decoded, stats.skipped), (1, 5, 0));
+    assert!(stats.skip_reasons[0].contains("b.parquet"), "{:?}", stats.skip_reasons);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -635,10 +577,8 @@ fn corrupt_row_group_data_names_the_rows() {
     let file = dir.join("c.parquet");
     write_parquet_dataset(&file, &fixture_rows(), 4, "image", "annotation").unwrap();
     let start = {
-        let reader = ::parquet::file::serialized_reader::SerializedFileReader::new(
-            std::fs::File::open(&file).unwrap(),
-        )
-        .unwrap();
+        let reader =
+            ::parquet::file::serialized_reader::SerializedFileReader::new(std::fs::File::open(&file).unwrap()).unwrap();
         use ::parquet::file::reader::FileReader;
         reader.metadata().row_group(1).column(0).byte_range().0 as usize
     };
@@ -717,8 +657,7 @@ fn folder_errors_name_the_files() {
     );
     assert_eq!(stats.skipped, 2);
     assert!(
-        stats.skip_reasons[1].contains("SYN_val_00000003.jpg")
-            && stats.skip_reasons[1].contains("image: JPEG"),
+        stats.skip_reasons[1].contains("SYN_val_00000003.jpg") && stats.skip_reasons[1].contains("image: JPEG"),
         "{:?}",
         stats.skip_reasons
     );
@@ -732,10 +671,7 @@ fn offline_hub_listing_reads_the_cache_layout() {
     let commit = "0123456789abcdef0123456789abcdef01234567";
     std::fs::create_dir_all(repo_dir.join("refs/refs/convert")).unwrap();
     std::fs::write(repo_dir.join("refs/refs/convert/parquet"), commit).unwrap();
-    let split_dir = repo_dir
-        .join("snapshots")
-        .join(commit)
-        .join("scene_parsing/validation");
+    let split_dir = repo_dir.join("snapshots").join(commit).join("scene_parsing/validation");
     std::fs::create_dir_all(&split_dir).unwrap();
     for name in ["0001.parquet", "0000.parquet", "notes.txt"] {
         std::fs::write(split_dir.join(name), b"x").unwrap();
@@ -752,10 +688,7 @@ fn offline_hub_listing_reads_the_cache_layout() {
     .unwrap();
     assert_eq!(
         files,
-        vec![
-            split_dir.join("0000.parquet"),
-            split_dir.join("0001.parquet")
-        ]
+        vec![split_dir.join("0000.parquet"), split_dir.join("0001.parquet")]
     );
     let e = parquet::hub_parquet_files_in(
         &cache,
@@ -767,10 +700,7 @@ fn offline_hub_listing_reads_the_cache_layout() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        e.contains("HF_HUB_OFFLINE") && e.contains("scene_parsing/train"),
-        "{e}"
-    );
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("scene_parsing/train"), "{e}");
     let e = parquet::hub_parquet_files_in(&cache, true, "someone/other", "c", "train", "main")
         .unwrap_err()
         .to_string();

@@ -9,14 +9,11 @@
 use std::collections::BTreeSet;
 
 use crate::eval::metrics::ConfusionMatrix;
-use crate::eval::results::{
-    Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, utc_now,
-};
+use crate::eval::results::{Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, utc_now};
 use crate::{Error, Result};
 
 /// Configuration keys that legitimately differ between the shards of one evaluation (at any depth).
-pub const PER_SHARD_CONFIG_KEYS: &[&str] =
-    &["shard", "out", "out_dir", "output", "output_dir", "threads"];
+pub const PER_SHARD_CONFIG_KEYS: &[&str] = &["shard", "out", "out_dir", "output", "output_dir", "threads"];
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MergeOptions {
@@ -34,9 +31,7 @@ pub fn merge(parts: Vec<EvalResults>) -> Result<EvalResults> {
 /// selection, configuration (apart from [`PER_SHARD_CONFIG_KEYS`]) and levels, and that the shards are distinct.
 pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<EvalResults> {
     let Some(first) = parts.first() else {
-        return Err(Error::Report(
-            "nothing to merge: no result files given".into(),
-        ));
+        return Err(Error::Report("nothing to merge: no result files given".into()));
     };
     if parts.len() == 1 && first.dataset.shard.is_none() {
         return Ok(parts.remove(0));
@@ -67,18 +62,12 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
             )));
         }
         if !present.insert(index) {
-            return Err(Error::Report(format!(
-                "shard {index}/{count} is given twice"
-            )));
+            return Err(Error::Report(format!("shard {index}/{count} is given twice")));
         }
     }
     let missing: Vec<usize> = (0..count).filter(|i| !present.contains(i)).collect();
     if !missing.is_empty() {
-        let list = missing
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = missing.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
         if !options.allow_partial {
             return Err(Error::Report(format!(
                 "missing shards {list} of {count}; merge the rest with allow-partial to get an incomplete result"
@@ -100,9 +89,7 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         counts.read += part.counts.read;
         counts.evaluated += part.counts.evaluated;
         counts.skipped += part.counts.skipped;
-        counts
-            .skip_reasons
-            .extend(part.counts.skip_reasons.iter().cloned());
+        counts.skip_reasons.extend(part.counts.skip_reasons.iter().cloned());
     }
     let mut config = first.config.clone();
     remove_keys(&mut config, &["shard"]);
@@ -114,10 +101,7 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         model: first.model.clone(),
         dataset: DatasetInfo {
             shard: None,
-            examples_total_selected: parts
-                .iter()
-                .map(|p| p.dataset.examples_total_selected)
-                .sum(),
+            examples_total_selected: parts.iter().map(|p| p.dataset.examples_total_selected).sum(),
             ..first.dataset.clone()
         },
         machine: merge_machines(&parts),
@@ -194,20 +178,19 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
             )),
         })
         .collect();
-    let merge_matrices =
-        |pick: fn(&LevelResult) -> &Option<ConfusionMatrix>| -> Result<Option<ConfusionMatrix>> {
-            let mut merged: Option<ConfusionMatrix> = None;
-            for part in parts {
-                let Some(matrix) = pick(&part.levels[index]) else {
-                    return Ok(None);
-                };
-                match &mut merged {
-                    Some(total) => total.merge(matrix)?,
-                    None => merged = Some(matrix.clone()),
-                }
+    let merge_matrices = |pick: fn(&LevelResult) -> &Option<ConfusionMatrix>| -> Result<Option<ConfusionMatrix>> {
+        let mut merged: Option<ConfusionMatrix> = None;
+        for part in parts {
+            let Some(matrix) = pick(&part.levels[index]) else {
+                return Ok(None);
+            };
+            match &mut merged {
+                Some(total) => total.merge(matrix)?,
+                None => merged = Some(matrix.clone()),
             }
-            Ok(merged)
-        };
+        }
+        Ok(merged)
+    };
     let (status, confusion, agreement) = if failures.is_empty() {
         (
             LevelStatus::Ok,
@@ -231,9 +214,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
     {
         tracing::warn!(level = %first.label, "shards report different weight sizes; keeping the first shard's");
     }
-    let mean = |get: fn(&LevelResult) -> f64| {
-        levels.iter().map(|l| get(l)).sum::<f64>() / levels.len() as f64
-    };
+    let mean = |get: fn(&LevelResult) -> f64| levels.iter().map(|l| get(l)).sum::<f64>() / levels.len() as f64;
     Ok(LevelResult {
         status,
         confusion,
@@ -242,10 +223,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
         load_time_s: mean(|l| l.load_time_s),
         quantize_time_s: mean(|l| l.quantize_time_s),
         peak_rss_bytes: levels.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0),
-        model_latency_ms: levels
-            .iter()
-            .flat_map(|l| l.model_latency_ms.iter().copied())
-            .collect(),
+        model_latency_ms: levels.iter().flat_map(|l| l.model_latency_ms.iter().copied()).collect(),
         pipeline_latency_ms: levels
             .iter()
             .flat_map(|l| l.pipeline_latency_ms.iter().copied())
@@ -299,11 +277,10 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) 
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            keys.into_iter()
-                .find_map(|key| match (x.get(key), y.get(key)) {
-                    (Some(u), Some(v)) => first_difference(u, v, join(key)),
-                    _ => Some(join(key)),
-                })
+            keys.into_iter().find_map(|key| match (x.get(key), y.get(key)) {
+                (Some(u), Some(v)) => first_difference(u, v, join(key)),
+                _ => Some(join(key)),
+            })
         }
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
             .iter()
@@ -311,11 +288,7 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) 
             .enumerate()
             .find_map(|(i, (u, v))| first_difference(u, v, format!("{path}[{i}]"))),
         _ if a == b => None,
-        _ => Some(if path.is_empty() {
-            "(root)".into()
-        } else {
-            path
-        }),
+        _ => Some(if path.is_empty() { "(root)".into() } else { path }),
     }
 }
 
@@ -345,15 +318,11 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
         }
     };
     let required = |name: &str, why: &str| -> Result<usize> {
-        number(name)?
-            .ok_or_else(|| Error::Config(format!("environment variable {name} is not set ({why})")))
+        number(name)?.ok_or_else(|| Error::Config(format!("environment variable {name} is not set ({why})")))
     };
     let (index, count, source) = if let Some(task_id) = number("SLURM_ARRAY_TASK_ID")? {
         let min = required("SLURM_ARRAY_TASK_MIN", "Slurm sets it in every array task")?;
-        let count = required(
-            "SLURM_ARRAY_TASK_COUNT",
-            "Slurm sets it in every array task",
-        )?;
+        let count = required("SLURM_ARRAY_TASK_COUNT", "Slurm sets it in every array task")?;
         let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
         if task_id < min || step == 0 || (task_id - min) % step != 0 {
             return Err(Error::Config(format!(
@@ -364,10 +333,7 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
         }
         ((task_id - min) / step, count, "SLURM_ARRAY_TASK_ID")
     } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
-        let count = required(
-            "SEGQ_SHARD_COUNT",
-            "set it to the Indexed Job's spec.completions",
-        )?;
+        let count = required("SEGQ_SHARD_COUNT", "set it to the Indexed Job's spec.completions")?;
         (index, count, "JOB_COMPLETION_INDEX")
     } else if let Some(index) = number("SEGQ_SHARD_INDEX")? {
         (
@@ -417,16 +383,8 @@ mod tests {
             assert_eq!(merged.dataset.examples_total_selected, ROWS);
             assert_eq!(merged.counts, whole.counts, "{count} shards");
             for (m, w) in merged.levels.iter().zip(&whole.levels) {
-                assert_eq!(
-                    m.confusion, w.confusion,
-                    "{count} shards, level {}",
-                    m.label
-                );
-                assert_eq!(
-                    m.agreement, w.agreement,
-                    "{count} shards, level {}",
-                    m.label
-                );
+                assert_eq!(m.confusion, w.confusion, "{count} shards, level {}", m.label);
+                assert_eq!(m.agreement, w.agreement, "{count} shards, level {}", m.label);
                 assert_eq!(m.metrics(), w.metrics());
                 assert_eq!(m.agreement_metrics(), w.agreement_metrics());
                 assert_eq!(m.model_latency_ms, w.model_latency_ms);
@@ -435,14 +393,8 @@ mod tests {
                 assert!((m.images_per_s_model() - w.images_per_s_model()).abs() < 1e-9);
                 assert_eq!(m.status, LevelStatus::Ok);
             }
-            assert_eq!(
-                merged.delta_miou(&merged.levels[2]),
-                whole.delta_miou(&whole.levels[2])
-            );
-            assert!(
-                merged.config["eval"].get("shard").is_none(),
-                "the shard key is dropped"
-            );
+            assert_eq!(merged.delta_miou(&merged.levels[2]), whole.delta_miou(&whole.levels[2]));
+            assert!(merged.config["eval"].get("shard").is_none(), "the shard key is dropped");
         }
     }
 
@@ -452,13 +404,7 @@ mod tests {
         parts.remove(2);
         let error = merge(parts.clone()).unwrap_err().to_string();
         assert!(error.contains("missing shards 2 of 4"), "{error}");
-        let partial = merge_with(
-            parts.clone(),
-            MergeOptions {
-                allow_partial: true,
-            },
-        )
-        .unwrap();
+        let partial = merge_with(parts.clone(), MergeOptions { allow_partial: true }).unwrap();
         assert!(!partial.complete);
         assert_eq!(partial.dataset.examples_total_selected, 15);
 
@@ -477,12 +423,7 @@ mod tests {
 
         let mut other_model = shards(20, 2);
         other_model[1].model.source = "someone/else".into();
-        assert!(
-            merge(other_model)
-                .unwrap_err()
-                .to_string()
-                .contains("model differs")
-        );
+        assert!(merge(other_model).unwrap_err().to_string().contains("model differs"));
 
         let mut other_config = shards(20, 2);
         other_config[1].config["eval"]["levels"] = serde_json::json!(["f32"]);
@@ -491,21 +432,11 @@ mod tests {
 
         let mut other_levels = shards(20, 2);
         other_levels[1].levels[2].label = "int4-rtn".into();
-        assert!(
-            merge(other_levels)
-                .unwrap_err()
-                .to_string()
-                .contains("list of levels")
-        );
+        assert!(merge(other_levels).unwrap_err().to_string().contains("list of levels"));
 
         let mut unsharded = shards(20, 2);
         unsharded[1].dataset.shard = None;
-        assert!(
-            merge(unsharded)
-                .unwrap_err()
-                .to_string()
-                .contains("not a shard")
-        );
+        assert!(merge(unsharded).unwrap_err().to_string().contains("not a shard"));
         assert!(merge(Vec::new()).is_err());
 
         let single = run(0..5, 5, None);
@@ -535,10 +466,7 @@ mod tests {
     }
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| map.get(name).cloned()
     }
 
@@ -567,12 +495,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("SLURM_ARRAY_TASK_ID=3"), "{error}");
-        let error = shard_from_vars(vars(&[
-            ("SLURM_ARRAY_TASK_ID", "2"),
-            ("SLURM_ARRAY_TASK_MIN", "0"),
-        ]))
-        .unwrap_err()
-        .to_string();
+        let error = shard_from_vars(vars(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_MIN", "0")]))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("SLURM_ARRAY_TASK_COUNT"), "{error}");
         let error = shard_from_vars(vars(&[("SLURM_ARRAY_TASK_ID", "x")]))
             .unwrap_err()
@@ -580,11 +505,7 @@ mod tests {
         assert!(error.contains("SLURM_ARRAY_TASK_ID=\"x\""), "{error}");
 
         assert_eq!(
-            shard_from_vars(vars(&[
-                ("JOB_COMPLETION_INDEX", "2"),
-                ("SEGQ_SHARD_COUNT", "3")
-            ]))
-            .unwrap(),
+            shard_from_vars(vars(&[("JOB_COMPLETION_INDEX", "2"), ("SEGQ_SHARD_COUNT", "3")])).unwrap(),
             Some((2, 3))
         );
         let error = shard_from_vars(vars(&[("JOB_COMPLETION_INDEX", "2")]))
@@ -594,22 +515,15 @@ mod tests {
             error.contains("SEGQ_SHARD_COUNT") && error.contains("completions"),
             "{error}"
         );
-        let error = shard_from_vars(vars(&[
-            ("JOB_COMPLETION_INDEX", "3"),
-            ("SEGQ_SHARD_COUNT", "3"),
-        ]))
-        .unwrap_err()
-        .to_string();
+        let error = shard_from_vars(vars(&[("JOB_COMPLETION_INDEX", "3"), ("SEGQ_SHARD_COUNT", "3")]))
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("JOB_COMPLETION_INDEX") && error.contains("shard 3 of 3"),
             "{error}"
         );
         assert_eq!(
-            shard_from_vars(vars(&[
-                ("SEGQ_SHARD_INDEX", "0"),
-                ("SEGQ_SHARD_COUNT", "1")
-            ]))
-            .unwrap(),
+            shard_from_vars(vars(&[("SEGQ_SHARD_INDEX", "0"), ("SEGQ_SHARD_COUNT", "1")])).unwrap(),
             Some((0, 1))
         );
     }
@@ -618,13 +532,8 @@ mod tests {
     fn shard_rule_covers_every_row_once() {
         for len in [0, 1, 5, 23, 2000] {
             for count in [1, 2, 3, 7] {
-                let covered: Vec<usize> =
-                    (0..count).flat_map(|i| shard_rows(len, i, count)).collect();
-                assert_eq!(
-                    covered,
-                    (0..len).collect::<Vec<_>>(),
-                    "{len} rows in {count} shards"
-                );
+                let covered: Vec<usize> = (0..count).flat_map(|i| shard_rows(len, i, count)).collect();
+                assert_eq!(covered, (0..len).collect::<Vec<_>>(), "{len} rows in {count} shards");
             }
         }
     }

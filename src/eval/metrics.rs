@@ -196,14 +196,12 @@ impl ConfusionMatrix {
                     if l == ignore_index {
                         continue;
                     }
-                    counts[usize::from(r).min(out_of_range) * side
-                        + usize::from(p).min(out_of_range)] += 1;
+                    counts[usize::from(r).min(out_of_range) * side + usize::from(p).min(out_of_range)] += 1;
                 }
             }
             None => {
                 for (&p, &r) in pred.iter().zip(reference) {
-                    counts[usize::from(r).min(out_of_range) * side
-                        + usize::from(p).min(out_of_range)] += 1;
+                    counts[usize::from(r).min(out_of_range) * side + usize::from(p).min(out_of_range)] += 1;
                 }
             }
         }
@@ -240,20 +238,12 @@ impl ConfusionMatrix {
                 *area += count;
             }
         }
-        let union: Vec<u64> = (0..n)
-            .map(|c| area_pred[c] + area_label[c] - intersect[c])
-            .collect();
+        let union: Vec<u64> = (0..n).map(|c| area_pred[c] + area_label[c] - intersect[c]).collect();
         let ratio = |num: u64, den: u64| {
-            if den == 0 {
-                None
-            } else {
-                Some(num as f64 / den as f64)
-            }
+            if den == 0 { None } else { Some(num as f64 / den as f64) }
         };
-        let per_category_iou: Vec<Option<f64>> =
-            (0..n).map(|c| ratio(intersect[c], union[c])).collect();
-        let per_category_accuracy: Vec<Option<f64>> =
-            (0..n).map(|c| ratio(intersect[c], area_label[c])).collect();
+        let per_category_iou: Vec<Option<f64>> = (0..n).map(|c| ratio(intersect[c], union[c])).collect();
+        let per_category_accuracy: Vec<Option<f64>> = (0..n).map(|c| ratio(intersect[c], area_label[c])).collect();
         let total_intersect: u64 = intersect.iter().sum();
         let total_label: u64 = area_label.iter().sum();
         MeanIou {
@@ -274,9 +264,7 @@ impl ConfusionMatrix {
     pub fn agreement(&self) -> Agreement {
         let total = self.total_pixels();
         let side = self.side();
-        let matching: u64 = (0..self.num_labels)
-            .map(|c| self.counts[c * side + c])
-            .sum();
+        let matching: u64 = (0..self.num_labels).map(|c| self.counts[c * side + c]).sum();
         let pixel_agreement = if total == 0 {
             f64::NAN
         } else {
@@ -317,8 +305,7 @@ fn numpy_pairwise_sum(values: &[f64]) -> f64 {
                 *a += v;
             }
         }
-        let mut sum =
-            ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         for v in &values[whole..] {
             sum += v;
         }
@@ -362,16 +349,8 @@ mod tests {
             if l == ignore_index {
                 continue;
             }
-            let row = if usize::from(l) < n {
-                usize::from(l)
-            } else {
-                n
-            };
-            let col = if usize::from(p) < n {
-                usize::from(p)
-            } else {
-                n
-            };
+            let row = if usize::from(l) < n { usize::from(l) } else { n };
+            let col = if usize::from(p) < n { usize::from(p) } else { n };
             matrix.counts[row * (n + 1) + col] += 1;
         }
     }
@@ -391,9 +370,7 @@ mod tests {
     #[test]
     fn hand_computed_scores() {
         let mut matrix = ConfusionMatrix::new(3);
-        matrix
-            .add(&[0, 0, 1, 2, 2, 5], &[0, 1, 1, 2, 255, 0], 255)
-            .unwrap();
+        matrix.add(&[0, 0, 1, 2, 2, 5], &[0, 1, 1, 2, 255, 0], 255).unwrap();
         let m = matrix.metrics();
         assert_eq!(m.total_area_intersect, [1, 1, 1]);
         assert_eq!(m.total_area_label, [2, 2, 1]);
@@ -413,14 +390,9 @@ mod tests {
     fn nan_rules_follow_evaluate() {
         let mut matrix = ConfusionMatrix::new(4);
         // Class 2 is predicted but never a label; class 3 appears nowhere; label 200 is out of range.
-        matrix
-            .add(&[0, 2, 1, 1, 1], &[0, 0, 1, 200, 1], 255)
-            .unwrap();
+        matrix.add(&[0, 2, 1, 1, 1], &[0, 0, 1, 200, 1], 255).unwrap();
         let m = matrix.metrics();
-        assert_eq!(
-            m.per_category_iou,
-            [Some(0.5), Some(2.0 / 3.0), Some(0.0), None]
-        );
+        assert_eq!(m.per_category_iou, [Some(0.5), Some(2.0 / 3.0), Some(0.0), None]);
         assert_eq!(m.per_category_accuracy, [Some(0.5), Some(1.0), None, None]);
         // The out-of-range label pixel's prediction (1) still counts in class 1's prediction area.
         assert_eq!(m.total_area_pred_label, [1, 3, 1, 0]);
@@ -430,11 +402,7 @@ mod tests {
         close(m.overall_accuracy, 3.0 / 4.0);
 
         let empty = ConfusionMatrix::new(3).metrics();
-        assert!(
-            empty.mean_iou.is_nan()
-                && empty.mean_accuracy.is_nan()
-                && empty.overall_accuracy.is_nan()
-        );
+        assert!(empty.mean_iou.is_nan() && empty.mean_accuracy.is_nan() && empty.overall_accuracy.is_nan());
         assert_eq!(empty.per_category_iou, [None, None, None]);
     }
 
@@ -449,16 +417,8 @@ mod tests {
     #[test]
     fn table_driven_add_matches_reference_on_awkward_inputs() {
         let mut rng = Lcg(7);
-        for (num_labels, pixels, ignore) in [
-            (1, 0, 255),
-            (1, 17, 0),
-            (5, 1001, 255),
-            (150, 4099, 255),
-            (300, 777, 3),
-        ] {
-            let pred: Vec<u16> = (0..pixels)
-                .map(|_| rng.below(num_labels as u64 + 40) as u16)
-                .collect();
+        for (num_labels, pixels, ignore) in [(1, 0, 255), (1, 17, 0), (5, 1001, 255), (150, 4099, 255), (300, 777, 3)] {
+            let pred: Vec<u16> = (0..pixels).map(|_| rng.below(num_labels as u64 + 40) as u16).collect();
             let label: Vec<u8> = (0..pixels).map(|_| rng.below(256) as u8).collect();
             let mut fast = ConfusionMatrix::new(num_labels);
             let mut reference = ConfusionMatrix::new(num_labels);
@@ -477,11 +437,7 @@ mod tests {
         let mut matrix = ConfusionMatrix::new(2);
         assert!(matrix.add(&[0, 1], &[0], 255).is_err());
         assert!(matrix.add_agreement(&[0, 1], &[0], None, 255).is_err());
-        assert!(
-            matrix
-                .add_agreement(&[0, 1], &[0, 1], Some(&[0]), 255)
-                .is_err()
-        );
+        assert!(matrix.add_agreement(&[0, 1], &[0, 1], Some(&[0]), 255).is_err());
         assert_eq!(matrix.total_pixels(), 0);
     }
 
@@ -508,10 +464,7 @@ mod tests {
         left.merge(&right).unwrap();
         assert_eq!(left, whole);
         assert_eq!(left.metrics(), whole.metrics());
-        let error = whole
-            .merge(&ConfusionMatrix::new(9))
-            .unwrap_err()
-            .to_string();
+        let error = whole.merge(&ConfusionMatrix::new(9)).unwrap_err().to_string();
         assert!(error.contains("9 labels"), "{error}");
     }
 
@@ -540,14 +493,8 @@ mod tests {
         let mut matrix = ConfusionMatrix::new(2);
         matrix.add(&[0, 1, 7], &[1, 1, 0], 255).unwrap();
         let text = serde_json::to_string(&matrix).unwrap();
-        assert_eq!(
-            text,
-            r#"{"num_labels":2,"counts":[[0,0,1],[1,1,0],[0,0,0]]}"#
-        );
-        assert_eq!(
-            serde_json::from_str::<ConfusionMatrix>(&text).unwrap(),
-            matrix
-        );
+        assert_eq!(text, r#"{"num_labels":2,"counts":[[0,0,1],[1,1,0],[0,0,0]]}"#);
+        assert_eq!(serde_json::from_str::<ConfusionMatrix>(&text).unwrap(), matrix);
         let short_row = r#"{"num_labels":2,"counts":[[0,0],[1,1,0],[0,0,0]]}"#;
         assert!(
             serde_json::from_str::<ConfusionMatrix>(short_row)
@@ -625,12 +572,8 @@ mod tests {
 
     #[test]
     fn python_reference_cases() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/metrics/cases.json"
-        );
-        let fixture: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/metrics/cases.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = fixture["cases"].as_array().unwrap();
         assert!(cases.len() >= 9, "fixture has {} cases", cases.len());
         for case in cases {
@@ -667,17 +610,9 @@ mod tests {
                     .map(|v| v.as_f64().unwrap() as u64)
                     .collect()
             };
-            assert_eq!(
-                m.total_area_intersect,
-                counts("total_area_intersect"),
-                "{name}"
-            );
+            assert_eq!(m.total_area_intersect, counts("total_area_intersect"), "{name}");
             assert_eq!(m.total_area_union, counts("total_area_union"), "{name}");
-            assert_eq!(
-                m.total_area_pred_label,
-                counts("total_area_pred_label"),
-                "{name}"
-            );
+            assert_eq!(m.total_area_pred_label, counts("total_area_pred_label"), "{name}");
             assert_eq!(m.total_area_label, counts("total_area_label"), "{name}");
             check_optional(
                 name,

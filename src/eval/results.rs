@@ -225,10 +225,7 @@ impl EvalResults {
 
     /// Per-class IoU of `level` minus the baseline's, `None` where either is undefined.
     pub fn class_iou_delta(&self, level: &LevelResult) -> Vec<Option<f64>> {
-        let (Some(base), Some(this)) = (
-            self.baseline().and_then(LevelResult::metrics),
-            level.metrics(),
-        ) else {
+        let (Some(base), Some(this)) = (self.baseline().and_then(LevelResult::metrics), level.metrics()) else {
             return Vec::new();
         };
         base.per_category_iou
@@ -258,9 +255,8 @@ impl EvalResults {
     /// Reads a `results.json`.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut results: EvalResults = serde_json::from_str(&text).map_err(|e| {
-            Error::Report(format!("{}: not a segq results file: {e}", path.display()))
-        })?;
+        let mut results: EvalResults = serde_json::from_str(&text)
+            .map_err(|e| Error::Report(format!("{}: not a segq results file: {e}", path.display())))?;
         results
             .validate()
             .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
@@ -273,9 +269,8 @@ impl EvalResults {
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut with_summaries = self.clone();
         with_summaries.refresh_summaries();
-        let text = serde_json::to_string_pretty(&with_summaries).map_err(|e| {
-            Error::Report(format!("{}: cannot serialise results: {e}", path.display()))
-        })?;
+        let text = serde_json::to_string_pretty(&with_summaries)
+            .map_err(|e| Error::Report(format!("{}: cannot serialise results: {e}", path.display())))?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -294,10 +289,7 @@ impl EvalResults {
             if self.levels[..index].iter().any(|l| l.label == level.label) {
                 return Err(format!("level label {:?} appears twice", level.label));
             }
-            for (name, matrix) in [
-                ("confusion", &level.confusion),
-                ("agreement", &level.agreement),
-            ] {
+            for (name, matrix) in [("confusion", &level.confusion), ("agreement", &level.agreement)] {
                 if let Some(matrix) = matrix
                     && matrix.num_labels() != self.model.num_labels
                 {
@@ -344,8 +336,7 @@ pub fn format_utc(unix_seconds: u64) -> String {
     let shifted = days + 719_468;
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
@@ -427,11 +418,7 @@ pub(crate) mod test_support {
     }
 
     /// The result of evaluating rows `rows` of a 0..total dataset, as shard `shard`.
-    pub fn run(
-        rows: std::ops::Range<usize>,
-        total: usize,
-        shard: Option<(usize, usize)>,
-    ) -> EvalResults {
+    pub fn run(rows: std::ops::Range<usize>, total: usize, shard: Option<(usize, usize)>) -> EvalResults {
         let mut levels: Vec<LevelResult> = LEVELS
             .iter()
             .map(|&(label, level, method, bits)| LevelResult {
@@ -459,12 +446,7 @@ pub(crate) mod test_support {
             let (label, predictions) = image(row);
             for (index, level) in levels.iter_mut().enumerate() {
                 let prediction = &predictions[index];
-                level
-                    .confusion
-                    .as_mut()
-                    .unwrap()
-                    .add(prediction, &label, 255)
-                    .unwrap();
+                level.confusion.as_mut().unwrap().add(prediction, &label, 255).unwrap();
                 if let Some(agreement) = level.agreement.as_mut() {
                     agreement
                         .add_agreement(prediction, &predictions[0], Some(&label), 255)
@@ -557,10 +539,7 @@ mod tests {
         let total_ms: f64 = int4.model_latency_ms.iter().sum();
         assert_eq!(int4.images_per_s_model(), 10.0 / (total_ms / 1000.0));
         assert_eq!(int4.images_per_s_pipeline(), 10.0 / int4.wall_time_s);
-        assert_eq!(
-            int4.model_median_ms(),
-            quantile(&int4.model_latency_ms, 0.5)
-        );
+        assert_eq!(int4.model_median_ms(), quantile(&int4.model_latency_ms, 0.5));
         let agreement = int4.agreement_metrics().unwrap();
         assert!(agreement.pixel_agreement > 0.5 && agreement.pixel_agreement < 1.0);
         assert!(base.agreement_metrics().is_none());
@@ -583,23 +562,14 @@ mod tests {
         results.levels[1].ratio_to_f32 = f64::NAN;
         results.write(&path).unwrap();
 
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert!(json["levels"][1]["ratio_to_f32"].is_null());
         assert_eq!(
             json["levels"][2]["status"],
             serde_json::json!({"state": "failed", "reason": "out of memory"})
         );
-        assert_eq!(
-            json["levels"][0]["status"],
-            serde_json::json!({"state": "ok"})
-        );
-        assert!(
-            json["levels"][0]["summary"]["metrics"]["mean_iou"]
-                .as_f64()
-                .unwrap()
-                > 0.0
-        );
+        assert_eq!(json["levels"][0]["status"], serde_json::json!({"state": "ok"}));
+        assert!(json["levels"][0]["summary"]["metrics"]["mean_iou"].as_f64().unwrap() > 0.0);
         assert_eq!(json["dataset"]["shard"], serde_json::json!([1, 3]));
 
         let back = EvalResults::read(&path).unwrap();
@@ -612,10 +582,7 @@ mod tests {
             level.summary = None;
         }
         assert_eq!(got, expected);
-        assert!(
-            back.levels[0].summary.is_some(),
-            "summaries are recomputed on read"
-        );
+        assert!(back.levels[0].summary.is_some(), "summaries are recomputed on read");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -633,10 +600,7 @@ mod tests {
         let duplicate = dir.join("duplicate.json");
         results.write(&duplicate).unwrap();
         let error = EvalResults::read(&duplicate).unwrap_err().to_string();
-        assert!(
-            error.contains("duplicate.json") && error.contains("twice"),
-            "{error}"
-        );
+        assert!(error.contains("duplicate.json") && error.contains("twice"), "{error}");
         assert!(
             EvalResults::read(&dir.join("missing.json"))
                 .unwrap_err()

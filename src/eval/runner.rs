@@ -77,7 +77,9 @@ pub fn run(
 ) -> Result<RunOutput> {
     let num_labels = model_info.num_labels;
     if variants.first().map(|v| v.level.as_str()) != Some("f32") {
-        return Err(Error::Config("internal: the f32 baseline must be the first level evaluated".into()));
+        return Err(Error::Config(
+            "internal: the f32 baseline must be the first level evaluated".into(),
+        ));
     }
     let f32_bytes = variants[0].weight_bytes_memory.max(1) as f64;
     let mut levels: Vec<LevelState> = variants
@@ -108,7 +110,11 @@ pub fn run(
                 wall_time_s: 0.0,
                 summary: None,
             };
-            LevelState { variant, result, wall_s: 0.0 }
+            LevelState {
+                variant,
+                result,
+                wall_s: 0.0,
+            }
         })
         .collect();
 
@@ -197,7 +203,11 @@ fn evaluate_batch(
                 ex.image.width() as usize,
                 ex.image.height() as usize,
             );
-            (preprocess::preprocess(&ex.image, &options.preprocessor, options.protocol), h, w)
+            (
+                preprocess::preprocess(&ex.image, &options.preprocessor, options.protocol),
+                h,
+                w,
+            )
         })
         .collect();
     let groups = group_by_size(&inputs);
@@ -241,8 +251,14 @@ fn evaluate_batch(
             for (j, &i) in group.iter().enumerate() {
                 let ex = &batch[i];
                 let plane = &flat[j * c * lh * lw..(j + 1) * c * lh * lw];
-                predictions[i] =
-                    preprocess::upsample_argmax(plane, c, lh, lw, ex.label.height() as usize, ex.label.width() as usize);
+                predictions[i] = preprocess::upsample_argmax(
+                    plane,
+                    c,
+                    lh,
+                    lw,
+                    ex.label.height() as usize,
+                    ex.label.width() as usize,
+                );
                 model_ms[i] = forward_ms;
             }
         }
@@ -267,14 +283,19 @@ fn evaluate_batch(
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
         for (i, ms) in model_ms.iter().enumerate() {
             state.result.model_latency_ms.push(*ms);
-            state.result.pipeline_latency_ms.push(shared_per_image_ms + ms + post_ms);
+            state
+                .result
+                .pipeline_latency_ms
+                .push(shared_per_image_ms + ms + post_ms);
             let _ = i;
         }
         state.result.peak_rss_bytes = state.result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
         state.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
         for (k, sample) in samples.iter_mut().enumerate().skip(keep_from) {
             let i = k - keep_from;
-            sample.predictions.insert(state.result.label.clone(), predictions[i].clone());
+            sample
+                .predictions
+                .insert(state.result.label.clone(), predictions[i].clone());
         }
         if state.result.level == "f32" {
             reference = predictions;

@@ -30,15 +30,7 @@ fn check_shapes(
 
 /// One output value of channel-first depthwise conv at `(y, x)` of a `height x width` plane, zero padded.
 #[inline]
-fn plane_pixel(
-    plane: &[f32],
-    height: usize,
-    width: usize,
-    k: &[f32],
-    bias: f32,
-    y: usize,
-    x: usize,
-) -> f32 {
+fn plane_pixel(plane: &[f32], height: usize, width: usize, k: &[f32], bias: f32, y: usize, x: usize) -> f32 {
     let mut acc = bias;
     for dy in 0..3 {
         let Some(yy) = (y + dy).checked_sub(1).filter(|&yy| yy < height) else {
@@ -86,17 +78,7 @@ pub fn dwconv3x3(
         out.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
             let src = &input[c * plane..(c + 1) * plane];
             // SAFETY: the CPU supports AVX2 and FMA (checked above); slices have `plane` values.
-            unsafe {
-                avx2::plane(
-                    src,
-                    height,
-                    width,
-                    &weight[c * 9..c * 9 + 9],
-                    bias[c],
-                    fuse_gelu,
-                    dst,
-                )
-            };
+            unsafe { avx2::plane(src, height, width, &weight[c * 9..c * 9 + 9], bias[c], fuse_gelu, dst) };
         });
         return Ok(());
     }
@@ -135,11 +117,7 @@ pub fn dwconv3x3_scalar(
         for y in 0..height {
             for x in 0..width {
                 let v = plane_pixel(src, height, width, k, bias[c], y, x);
-                dst[y * width + x] = if fuse_gelu {
-                    super::gelu::gelu_f32(v)
-                } else {
-                    v
-                };
+                dst[y * width + x] = if fuse_gelu { super::gelu::gelu_f32(v) } else { v };
             }
         }
     });
@@ -202,24 +180,10 @@ pub fn dwconv3x3_nhwc(
                 taps_weight[t * channels + c] = weight[c * 9 + t];
             }
         }
-        out.par_chunks_mut(width * channels)
-            .enumerate()
-            .for_each(|(y, dst)| {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above); shapes were checked.
-                unsafe {
-                    avx2::nhwc_row(
-                        input,
-                        channels,
-                        height,
-                        width,
-                        &taps_weight,
-                        bias,
-                        fuse_gelu,
-                        y,
-                        dst,
-                    )
-                };
-            });
+        out.par_chunks_mut(width * channels).enumerate().for_each(|(y, dst)| {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); shapes were checked.
+            unsafe { avx2::nhwc_row(input, channels, height, width, &taps_weight, bias, fuse_gelu, y, dst) };
+        });
         return Ok(());
     }
     dwconv3x3_nhwc_scalar(input, channels, height, width, weight, bias, fuse_gelu, out)
@@ -250,24 +214,18 @@ pub fn dwconv3x3_nhwc_scalar(
     if channels * height * width == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(width * channels)
-        .enumerate()
-        .for_each(|(y, dst)| {
-            for x in 0..width {
-                let (taps, n) = taps_at(height, width, y, x);
-                for c in 0..channels {
-                    let mut acc = bias[c];
-                    for &(pix, t) in &taps[..n] {
-                        acc += weight[c * 9 + t] * input[pix * channels + c];
-                    }
-                    dst[x * channels + c] = if fuse_gelu {
-                        super::gelu::gelu_f32(acc)
-                    } else {
-                        acc
-                    };
+    out.par_chunks_mut(width * channels).enumerate().for_each(|(y, dst)| {
+        for x in 0..width {
+            let (taps, n) = taps_at(height, width, y, x);
+            for c in 0..channels {
+                let mut acc = bias[c];
+                for &(pix, t) in &taps[..n] {
+                    acc += weight[c * 9 + t] * input[pix * channels + c];
                 }
+                dst[x * channels + c] = if fuse_gelu { super::gelu::gelu_f32(acc) } else { acc };
             }
-        });
+        }
+    });
     Ok(())
 }
 
@@ -496,11 +454,7 @@ mod tests {
                 dwconv3x3_nhwc(&input_nhwc, c, h, w, &k, &b, gelu, &mut fast).unwrap();
                 dwconv3x3_nhwc_scalar(&input_nhwc, c, h, w, &k, &b, gelu, &mut slow).unwrap();
                 for j in 0..want.len() {
-                    let r = if gelu {
-                        gelu_ref(want[j] as f64)
-                    } else {
-                        want[j] as f64
-                    };
+                    let r = if gelu { gelu_ref(want[j] as f64) } else { want[j] as f64 };
                     let tol = 1e-5 * (1.0 + r.abs());
                     assert!(
                         (fast[j] as f64 - r).abs() < tol,

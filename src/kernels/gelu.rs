@@ -120,11 +120,7 @@ pub fn gelu_f32(x: f32) -> f32 {
     let lo = u.mul_add(u, -hi);
     let z = u * std::f32::consts::FRAC_1_SQRT_2;
     let phi_neg = 0.5 * erfc_nonneg(z, 0.5 * hi, 0.5 * lo);
-    if x >= 0.0 {
-        x * (1.0 - phi_neg)
-    } else {
-        x * phi_neg
-    }
+    if x >= 0.0 { x * (1.0 - phi_neg) } else { x * phi_neg }
 }
 
 /// Values per rayon task in [`gelu_inplace`].
@@ -140,9 +136,7 @@ pub fn gelu_inplace(values: &mut [f32]) {
         });
         return;
     }
-    values
-        .par_chunks_mut(GELU_CHUNK)
-        .for_each(gelu_inplace_scalar);
+    values.par_chunks_mut(GELU_CHUNK).for_each(gelu_inplace_scalar);
 }
 
 /// Scalar reference of [`gelu_inplace`].
@@ -191,11 +185,7 @@ pub(crate) mod avx2 {
         let mut count = 0;
         let mut i = N;
         while i >= 2 {
-            terms[count] = _mm256_fmadd_ps(
-                _mm256_set1_ps(coeffs[i - 2]),
-                x,
-                _mm256_set1_ps(coeffs[i - 1]),
-            );
+            terms[count] = _mm256_fmadd_ps(_mm256_set1_ps(coeffs[i - 2]), x, _mm256_set1_ps(coeffs[i - 1]));
             count += 1;
             i -= 2;
         }
@@ -227,19 +217,17 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn exp_neg_split8(hi: __m256, low: __m256) -> __m256 {
         let s = _mm256_sub_ps(low, hi);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(s, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            s,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let neg_hi = _mm256_sub_ps(_mm256_setzero_ps(), hi);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), neg_hi);
         let r = _mm256_add_ps(_mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r), low);
         let in_range = _mm256_cmp_ps::<_CMP_GE_OQ>(s, _mm256_set1_ps(EXP_ARG_MIN));
         // Out-of-range lanes may hold garbage exponents; they are masked to zero below.
         let n_int = _mm256_cvtps_epi32(_mm256_and_ps(n, in_range));
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            n_int,
-            _mm256_set1_epi32(127),
-        )));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n_int, _mm256_set1_epi32(127))));
         let e = _mm256_mul_ps(estrin8(&EXP_TAYLOR, r), scale);
         _mm256_and_ps(e, in_range)
     }
@@ -264,16 +252,9 @@ pub(crate) mod avx2 {
         let lo = _mm256_fmsub_ps(u, u, hi);
         let half = _mm256_set1_ps(0.5);
         let z = _mm256_mul_ps(u, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-        let phi_neg = _mm256_mul_ps(
-            half,
-            erfc_nonneg8(z, _mm256_mul_ps(half, hi), _mm256_mul_ps(half, lo)),
-        );
+        let phi_neg = _mm256_mul_ps(half, erfc_nonneg8(z, _mm256_mul_ps(half, hi), _mm256_mul_ps(half, lo)));
         let positive = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps());
-        let factor = _mm256_blendv_ps(
-            phi_neg,
-            _mm256_sub_ps(_mm256_set1_ps(1.0), phi_neg),
-            positive,
-        );
+        let factor = _mm256_blendv_ps(phi_neg, _mm256_sub_ps(_mm256_set1_ps(1.0), phi_neg), positive);
         _mm256_mul_ps(x, factor)
     }
 
@@ -461,10 +442,7 @@ pub(crate) mod tests {
                 e[i],
                 erf_f64(x as f64)
             );
-            assert!(
-                rel_err(g[i], gelu_f32(x) as f64) < 5e-7,
-                "gelu({x}) simd vs scalar"
-            );
+            assert!(rel_err(g[i], gelu_f32(x) as f64) < 5e-7, "gelu({x}) simd vs scalar");
         }
         let mut special = vec![
             f32::NAN,

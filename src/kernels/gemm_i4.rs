@@ -39,14 +39,7 @@ pub struct PackedI4 {
 impl PackedI4 {
     /// Packs unpacked codes `[n, k]` (one per byte, 0..=15) with `scales` and `zeros` `[n, ceil(k / group)]`.
     /// `group` must be a positive multiple of 4; a last, shorter group is allowed.
-    pub fn pack(
-        codes: &[u8],
-        scales: &[f32],
-        zeros: &[f32],
-        n: usize,
-        k: usize,
-        group: usize,
-    ) -> Result<PackedI4> {
+    pub fn pack(codes: &[u8], scales: &[f32], zeros: &[f32], n: usize, k: usize, group: usize) -> Result<PackedI4> {
         if group == 0 || !group.is_multiple_of(4) {
             return Err(Error::Quant(format!(
                 "PackedI4::pack: group size {group} must be a positive multiple of 4"
@@ -82,8 +75,7 @@ impl PackedI4 {
             let (p, j) = (row / NR, row % NR);
             let shift = if j < 8 { 0 } else { 4 };
             for kk in 0..k {
-                panels[(p * k_pad / 4 + kk / 4) * 32 + (j % 8) * 4 + kk % 4] |=
-                    codes[row * k + kk] << shift;
+                panels[(p * k_pad / 4 + kk / 4) * 32 + (j % 8) * 4 + kk % 4] |= codes[row * k + kk] << shift;
             }
             for g in 0..groups {
                 let (s, z) = (scales[row * groups + g], zeros[row * groups + g]);
@@ -139,14 +131,7 @@ impl PackedI4 {
     }
 }
 
-fn check_gemm(
-    x: usize,
-    m: usize,
-    k: usize,
-    w: &PackedI4,
-    bias: Option<&[f32]>,
-    out: usize,
-) -> Result<()> {
+fn check_gemm(x: usize, m: usize, k: usize, w: &PackedI4, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
         return Err(Error::Model(format!(
             "gemm_i4_dynamic: shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
@@ -163,13 +148,7 @@ fn check_gemm(
 
 /// Quantizes `rows` rows of `x` into `xq` (rows `k_pad` apart, zero padded) and returns, per row, its scale and the
 /// sum of its codes in every group (`[rows][groups]`).
-fn quantize_block(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: &PackedI4,
-    xq: &mut [i8],
-) -> (Vec<f32>, Vec<f32>) {
+fn quantize_block(x: &[f32], rows: usize, k: usize, w: &PackedI4, xq: &mut [i8]) -> (Vec<f32>, Vec<f32>) {
     let k_pad = w.k_pad();
     let mut sx = vec![0f32; rows];
     let mut sums = vec![0f32; rows * w.groups];
@@ -200,16 +179,14 @@ pub fn gemm_i4_dynamic(
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         let n = w.n;
-        out.par_chunks_mut(MB * n)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                let rows = dst.len() / n;
-                let r0 = blk * MB;
-                let mut xq = vec![0i8; rows * w.k_pad()];
-                let (sx, sums) = quantize_block(&x[r0 * k..(r0 + rows) * k], rows, k, w, &mut xq);
-                // SAFETY: the CPU supports AVX2 and FMA (checked above); buffers sized for `rows` rows.
-                unsafe { avx2::gemm_block(&xq, &sx, &sums, rows, w, bias, dst) };
-            });
+        out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
+            let rows = dst.len() / n;
+            let r0 = blk * MB;
+            let mut xq = vec![0i8; rows * w.k_pad()];
+            let (sx, sums) = quantize_block(&x[r0 * k..(r0 + rows) * k], rows, k, w, &mut xq);
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); buffers sized for `rows` rows.
+            unsafe { avx2::gemm_block(&xq, &sx, &sums, rows, w, bias, dst) };
+        });
         return Ok(());
     }
     gemm_i4_dynamic_scalar(x, m, k, w, bias, out)
@@ -260,12 +237,7 @@ mod avx2 {
     /// against panel `p`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro<const ROWS: usize>(
-        xq: *const i8,
-        sums: &[f32],
-        w: &PackedI4,
-        p: usize,
-    ) -> [[__m256; 2]; ROWS] {
+    unsafe fn micro<const ROWS: usize>(xq: *const i8, sums: &[f32], w: &PackedI4, p: usize) -> [[__m256; 2]; ROWS] {
         let k_pad = w.k_pad();
         let steps_per_group = w.group / 4;
         let nibble = _mm256_set1_epi8(15);
@@ -287,9 +259,7 @@ mod avx2 {
                         let w0 = _mm256_and_si256(v, nibble);
                         let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
                         for (r, hr) in h.iter_mut().enumerate() {
-                            let xb = _mm256_set1_epi32(
-                                (xq.add(r * k_pad + s * 4) as *const i32).read_unaligned(),
-                            );
+                            let xb = _mm256_set1_epi32((xq.add(r * k_pad + s * 4) as *const i32).read_unaligned());
                             hr[0] = _mm256_add_epi16(hr[0], _mm256_maddubs_epi16(w0, xb));
                             hr[1] = _mm256_add_epi16(hr[1], _mm256_maddubs_epi16(w1, xb));
                         }
@@ -314,16 +284,8 @@ mod avx2 {
             for (r, (fa, ia)) in facc.iter_mut().zip(&iacc).enumerate() {
                 // Same operations, same order as the scalar reference: fma(dot, s, acc), fma(-sum, s*z, acc).
                 let neg_sum = _mm256_set1_ps(-sums[r * w.groups + g]);
-                fa[0] = _mm256_fmadd_ps(
-                    neg_sum,
-                    z0,
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[0]), s0, fa[0]),
-                );
-                fa[1] = _mm256_fmadd_ps(
-                    neg_sum,
-                    z1,
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[1]), s1, fa[1]),
-                );
+                fa[0] = _mm256_fmadd_ps(neg_sum, z0, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[0]), s0, fa[0]));
+                fa[1] = _mm256_fmadd_ps(neg_sum, z1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[1]), s1, fa[1]));
             }
         }
         facc
@@ -354,12 +316,7 @@ mod avx2 {
                 b[..width].copy_from_slice(&bias[c0..c0 + width]);
             }
             // SAFETY: `b` holds 16 values.
-            let (b0, b1) = unsafe {
-                (
-                    _mm256_loadu_ps(b.as_ptr()),
-                    _mm256_loadu_ps(b.as_ptr().add(8)),
-                )
-            };
+            let (b0, b1) = unsafe { (_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))) };
             let mut r = 0;
             while r < rows {
                 let base = xq[r * k_pad..].as_ptr();
@@ -427,10 +384,7 @@ mod tests {
             }
             for g in 0..5 {
                 let (s, sz) = w.group_scale(r, g);
-                assert_eq!(
-                    (s, sz),
-                    (scales[r * 5 + g], scales[r * 5 + g] * zeros[r * 5 + g])
-                );
+                assert_eq!((s, sz), (scales[r * 5 + g], scales[r * 5 + g] * zeros[r * 5 + g]));
             }
         }
         let mut bad = codes.clone();
@@ -471,8 +425,7 @@ mod tests {
                         let exact: f64 = (0..k)
                             .map(|j| {
                                 let g = c * groups + j / group;
-                                let wv =
-                                    (codes[c * k + j] as f64 - zeros[g] as f64) * scales[g] as f64;
+                                let wv = (codes[c * k + j] as f64 - zeros[g] as f64) * scales[g] as f64;
                                 xq[r * k + j] as f64 * sx[r] as f64 * wv
                             })
                             .sum::<f64>()
@@ -499,24 +452,12 @@ mod tests {
         // All codes 15, all activations at +-127: the i16 partial sums reach their bound.
         let (m, k, n) = (2, 256, 3);
         let x: Vec<f32> = (0..m * k).map(|i| if i < k { 1.0 } else { -1.0 }).collect();
-        let w = PackedI4::pack(
-            &vec![15; n * k],
-            &vec![1.0; n * 2],
-            &vec![0.0; n * 2],
-            n,
-            k,
-            128,
-        )
-        .unwrap();
+        let w = PackedI4::pack(&vec![15; n * k], &vec![1.0; n * 2], &vec![0.0; n * 2], n, k, 128).unwrap();
         let mut out = vec![0f32; m * n];
         gemm_i4_dynamic(&x, m, k, &w, None, &mut out).unwrap();
         // Row scale 1/127, codes 127: each output is 15 * k (sign of the row).
         for (i, &v) in out.iter().enumerate() {
-            let want = if i < n {
-                15.0 * k as f32
-            } else {
-                -15.0 * k as f32
-            };
+            let want = if i < n { 15.0 * k as f32 } else { -15.0 * k as f32 };
             assert!((v - want).abs() < 1e-3 * want.abs(), "[{i}] {v} vs {want}");
         }
     }

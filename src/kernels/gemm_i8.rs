@@ -141,14 +141,7 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
     absmax / 127.0
 }
 
-fn check_gemm(
-    x: usize,
-    m: usize,
-    k: usize,
-    w: &PackedI8,
-    bias: Option<&[f32]>,
-    out: usize,
-) -> Result<()> {
+fn check_gemm(x: usize, m: usize, k: usize, w: &PackedI8, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
         return Err(Error::Model(format!(
             "gemm_i8_dynamic: shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
@@ -180,20 +173,18 @@ pub fn gemm_i8_dynamic(
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         let n = w.n;
-        out.par_chunks_mut(MB * n)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                let rows = dst.len() / n;
-                let r0 = blk * MB;
-                let mut xq = vec![0i8; rows * w.k4];
-                let mut sx = vec![0f32; rows];
-                for r in 0..rows {
-                    let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    sx[r] = quantize_row(src, &mut xq[r * w.k4..r * w.k4 + k]);
-                }
-                // SAFETY: the CPU supports AVX2 (checked above); buffers sized for `rows` rows of k4 codes.
-                unsafe { avx2::gemm_block(&xq, &sx, rows, w, bias, dst) };
-            });
+        out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
+            let rows = dst.len() / n;
+            let r0 = blk * MB;
+            let mut xq = vec![0i8; rows * w.k4];
+            let mut sx = vec![0f32; rows];
+            for r in 0..rows {
+                let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                sx[r] = quantize_row(src, &mut xq[r * w.k4..r * w.k4 + k]);
+            }
+            // SAFETY: the CPU supports AVX2 (checked above); buffers sized for `rows` rows of k4 codes.
+            unsafe { avx2::gemm_block(&xq, &sx, rows, w, bias, dst) };
+        });
         return Ok(());
     }
     gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
@@ -322,11 +313,7 @@ mod avx2 {
     /// i32 accumulators of `ROWS` rows (`ROWS <= MR`) of `xq` (rows `k4` apart) against one 16-column panel.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn micro<const ROWS: usize>(
-        xq: *const i8,
-        k4: usize,
-        panel: &[i8],
-    ) -> [[__m256i; 2]; ROWS] {
+    unsafe fn micro<const ROWS: usize>(xq: *const i8, k4: usize, panel: &[i8]) -> [[__m256i; 2]; ROWS] {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
         let mut wp = panel.as_ptr();
@@ -336,8 +323,7 @@ mod avx2 {
                 let w0 = _mm256_loadu_si256(wp as *const __m256i);
                 let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xb =
-                        _mm256_set1_epi32((xq.add(r * k4 + s * 4) as *const i32).read_unaligned());
+                    let xb = _mm256_set1_epi32((xq.add(r * k4 + s * 4) as *const i32).read_unaligned());
                     let xa = _mm256_abs_epi8(xb);
                     let p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb));
                     let p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb));
@@ -353,13 +339,7 @@ mod avx2 {
     /// Runs `f(row0, accumulators)` for every micro-tile of `rows` rows against panel `p`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn for_tiles(
-        xq: &[i8],
-        rows: usize,
-        w: &PackedI8,
-        p: usize,
-        mut f: impl FnMut(usize, &[[__m256i; 2]]),
-    ) {
+    unsafe fn for_tiles(xq: &[i8], rows: usize, w: &PackedI8, p: usize, mut f: impl FnMut(usize, &[[__m256i; 2]])) {
         let panel = w.panel(p);
         let mut r = 0;
         while r < rows {
@@ -415,14 +395,8 @@ mod avx2 {
                     for (i, a) in acc.iter().enumerate() {
                         let s = _mm256_set1_ps(sx[r0 + i]);
                         // Same operation order as `epilogue`: acc * sx * sw + bias, no FMA.
-                        let v0 = _mm256_add_ps(
-                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), s), sw0),
-                            b0,
-                        );
-                        let v1 = _mm256_add_ps(
-                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), s), sw1),
-                            b1,
-                        );
+                        let v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), s), sw0), b0);
+                        let v1 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), s), sw1), b1);
                         let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
                         if width == NR {
                             _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
@@ -445,12 +419,7 @@ mod avx2 {
     /// The CPU must support AVX2; buffers sized as described.
     #[cfg(test)]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn accumulate_block(
-        xq: &[i8],
-        rows: usize,
-        w: &PackedI8,
-        acc_out: &mut [i32],
-    ) {
+    pub(super) unsafe fn accumulate_block(xq: &[i8], rows: usize, w: &PackedI8, acc_out: &mut [i32]) {
         let n = w.n;
         for p in 0..n.div_ceil(NR) {
             let c0 = p * NR;
@@ -462,8 +431,7 @@ mod avx2 {
                         let mut tmp = [0i32; NR];
                         _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, a[0]);
                         _mm256_storeu_si256(tmp.as_mut_ptr().add(8) as *mut __m256i, a[1]);
-                        acc_out[(r0 + i) * n + c0..(r0 + i) * n + c0 + width]
-                            .copy_from_slice(&tmp[..width]);
+                        acc_out[(r0 + i) * n + c0..(r0 + i) * n + c0 + width].copy_from_slice(&tmp[..width]);
                     }
                 });
             }
@@ -482,10 +450,7 @@ mod tests {
             .iter()
             .map(|v| v.round() as i8)
             .collect();
-        let scales = random_vec(n, seed + 1, 0.01)
-            .iter()
-            .map(|v| v.abs() + 1e-3)
-            .collect();
+        let scales = random_vec(n, seed + 1, 0.01).iter().map(|v| v.abs() + 1e-3).collect();
         (codes, scales)
     }
 
@@ -501,9 +466,7 @@ mod tests {
         assert_eq!((w.n(), w.k()), (19, 33));
         let mut bad = codes.clone();
         bad[40] = -128;
-        let e = PackedI8::pack(&bad, &scales, 19, 33)
-            .unwrap_err()
-            .to_string();
+        let e = PackedI8::pack(&bad, &scales, 19, 33).unwrap_err().to_string();
         assert!(e.contains("row 1 column 7"), "{e}");
         assert!(PackedI8::pack(&codes, &scales[1..], 19, 33).is_err());
     }
@@ -555,13 +518,9 @@ mod tests {
     fn extreme_codes_do_not_saturate() {
         // Every pair at the +-127 * +-127 limit, of both signs.
         let k = 64;
-        let x: Vec<f32> = (0..2 * k)
-            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
-            .collect();
+        let x: Vec<f32> = (0..2 * k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let (xq, _) = quantize_rows_i8(&x, 2, k).unwrap();
-        let codes: Vec<i8> = (0..2 * k)
-            .map(|i| if i % 5 < 2 { -127 } else { 127 })
-            .collect();
+        let codes: Vec<i8> = (0..2 * k).map(|i| if i % 5 < 2 { -127 } else { 127 }).collect();
         let w = PackedI8::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
         let got = accumulate_i32(&xq, 2, k, &w);
         for r in 0..2 {
@@ -607,12 +566,7 @@ mod tests {
                 for r in 0..m {
                     for c in 0..n {
                         let exact: f64 = (0..k)
-                            .map(|i| {
-                                xq[r * k + i] as f64
-                                    * sx[r] as f64
-                                    * codes[c * k + i] as f64
-                                    * scales[c] as f64
-                            })
+                            .map(|i| xq[r * k + i] as f64 * sx[r] as f64 * codes[c * k + i] as f64 * scales[c] as f64)
                             .sum::<f64>()
                             + b.map_or(0.0, |b| b[c] as f64);
                         let got = fast[r * n + c] as f64;

@@ -109,21 +109,13 @@ mod avx2 {
             let d = _mm256_sub_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }, vmean);
             acc = _mm256_fmadd_ps(d, d, acc);
         }
-        let var = (hsum(acc)
-            + x[end..]
-                .iter()
-                .map(|&v| (v - mean) * (v - mean))
-                .sum::<f32>())
-            / n as f32;
+        let var = (hsum(acc) + x[end..].iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>()) / n as f32;
         let rstd = 1.0 / (var + eps).sqrt();
         let vrstd = _mm256_set1_ps(rstd);
         for i in (0..end).step_by(8) {
             // SAFETY: i + 8 <= n for every slice.
             unsafe {
-                let d = _mm256_mul_ps(
-                    _mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vmean),
-                    vrstd,
-                );
+                let d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vmean), vrstd);
                 let g = _mm256_loadu_ps(gamma.as_ptr().add(i));
                 let b = _mm256_loadu_ps(beta.as_ptr().add(i));
                 _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fmadd_ps(d, g, b));
@@ -163,16 +155,7 @@ mod tests {
             if cols > 1 {
                 // With gamma = 1 and beta = 0 each row has mean 0 and variance ~1.
                 let mut unit = vec![0f32; rows * cols];
-                layer_norm(
-                    &x,
-                    rows,
-                    cols,
-                    &vec![1.0; cols],
-                    &vec![0.0; cols],
-                    0.0,
-                    &mut unit,
-                )
-                .unwrap();
+                layer_norm(&x, rows, cols, &vec![1.0; cols], &vec![0.0; cols], 0.0, &mut unit).unwrap();
                 let row = &unit[..cols];
                 let mean = row.iter().sum::<f32>() / cols as f32;
                 let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;

@@ -3,61 +3,137 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
 
 use super::layers::Weight;
+use crate::quant::{self, QuantTensor, QuantTensorMeta, RecipeHeader};
 use crate::{Error, Result};
+
+/// A stored tensor's raw form: dtype, shape, little-endian bytes (the parts of quantized weights).
+type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
 
 /// The tensors of a checkpoint, consumed by name while the model is built.
 pub struct TensorStore {
     origin: String,
     tensors: HashMap<String, Tensor>,
+    /// Parts of quantized weights (`<name>.qdata`, `.scale`, `.zero`), kept as stored.
+    raw: HashMap<String, RawTensor>,
+    quant_map: BTreeMap<String, QuantTensorMeta>,
+    /// The recipe of a quantized checkpoint (from its metadata).
+    pub recipe: Option<RecipeHeader>,
     /// Bytes of weights by their dtype in the file (e.g. "F32" -> 14.9 MB), for the load log.
     pub bytes_by_dtype: BTreeMap<String, usize>,
 }
 
 impl TensorStore {
-    pub fn new(origin: impl Into<String>, tensors: HashMap<String, Tensor>) -> Self {
-        let mut bytes_by_dtype = BTreeMap::new();
-        for t in tensors.values() {
-            *bytes_by_dtype
-                .entry(format!("{:?}", t.dtype()))
-                .or_insert(0) += t.elem_count() * t.dtype().size_in_bytes();
-        }
+    fn empty(origin: impl Into<String>) -> Self {
         Self {
             origin: origin.into(),
-            tensors,
-            bytes_by_dtype,
+            tensors: HashMap::new(),
+            raw: HashMap::new(),
+            quant_map: BTreeMap::new(),
+            recipe: None,
+            bytes_by_dtype: BTreeMap::new(),
         }
     }
 
-    /// Loads safetensors files (all shards of one checkpoint) or a PyTorch `.bin`.
+    fn count(&mut self, dtype: String, bytes: usize) {
+        *self.bytes_by_dtype.entry(dtype.to_uppercase()).or_insert(0) += bytes;
+    }
+
+    fn insert(&mut self, origin: &str, name: String, t: Tensor) -> Result<()> {
+        self.count(format!("{:?}", t.dtype()), t.elem_count() * t.dtype().size_in_bytes());
+        if self.tensors.insert(name.clone(), t).is_some() {
+            return Err(Error::Model(format!("{origin}: tensor `{name}` appears twice")));
+        }
+        Ok(())
+    }
+
+    /// Loads safetensors files (all shards of one checkpoint, float or quantized by segq) or a PyTorch `.bin`.
     pub fn from_files(files: &[PathBuf]) -> Result<Self> {
-        let mut tensors = HashMap::new();
+        let origin = files.first().map(|p| p.display().to_string()).unwrap_or_default();
+        let mut store = Self::empty(origin);
         for file in files {
-            let loaded = read_tensor_file(file)?;
-            for (name, t) in loaded {
-                if tensors.insert(name.clone(), t).is_some() {
-                    return Err(Error::Model(format!(
-                        "{}: tensor `{name}` appears in two shards",
-                        file.display()
-                    )));
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let shown = file.display().to_string();
+            if !file.exists() {
+                return Err(Error::io(
+                    file,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                ));
+            }
+            if name.ends_with(".safetensors") {
+                let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+                store.add_safetensors(&shown, &bytes)?;
+            } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+                let tensors = candle_core::pickle::read_all(file)
+                    .map_err(|e| Error::Model(format!("{shown}: cannot read PyTorch checkpoint: {e}")))?;
+                for (n, t) in tensors {
+                    store.insert(&shown, n, t)?;
                 }
+            } else {
+                return Err(Error::Model(format!(
+                    "{shown}: unknown checkpoint format (expected .safetensors or .bin)"
+                )));
             }
         }
-        let origin = files
-            .first()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        Ok(Self::new(origin, tensors))
+        Ok(store)
     }
 
     /// Loads a safetensors file held in memory (the embedded demo model).
     pub fn from_safetensors_bytes(origin: &str, bytes: &[u8]) -> Result<Self> {
-        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        let mut store = Self::empty(origin);
+        store.add_safetensors(origin, bytes)?;
+        Ok(store)
+    }
+
+    fn add_safetensors(&mut self, origin: &str, bytes: &[u8]) -> Result<()> {
+        let (_, metadata) = SafeTensors::read_metadata(bytes)
             .map_err(|e| Error::Model(format!("{origin}: cannot read safetensors: {e}")))?;
-        Ok(Self::new(origin, tensors))
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Model(format!("{origin}: cannot read safetensors: {e}")))?;
+        let mut quantized_parts = std::collections::HashSet::new();
+        if let Some(meta) = metadata.metadata() {
+            if meta.contains_key(quant::RECIPE_METADATA_KEY) {
+                let (header, map) = quant::read_checkpoint_metadata(origin, meta)?;
+                for name in map.keys() {
+                    for suffix in ["qdata", "scale", "zero"] {
+                        quantized_parts.insert(format!("{name}.{suffix}"));
+                    }
+                }
+                self.quant_map.extend(map);
+                self.recipe = Some(header);
+            }
+        }
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            if quantized_parts.contains(&name) {
+                self.count(format!("{:?}", view.dtype()), data.len());
+                self.raw
+                    .insert(name, (view.dtype(), view.shape().to_vec(), data.to_vec()));
+                continue;
+            }
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                Dtype::F64 => DType::F64,
+                Dtype::I64 => DType::I64,
+                Dtype::U8 => DType::U8,
+                Dtype::U32 => DType::U32,
+                other => {
+                    return Err(Error::Model(format!(
+                        "{origin}: tensor `{name}` has unsupported dtype {other:?}"
+                    )));
+                }
+            };
+            let t = Tensor::from_raw_buffer(data, dtype, view.shape(), &Device::Cpu)?;
+            self.insert(origin, name, t)?;
+        }
+        Ok(())
     }
 
     /// Takes a float tensor by name, converted to f32, checking its shape.
@@ -96,8 +172,10 @@ impl TensorStore {
             )));
         }
         let raw = &self.raw;
-        let q = QuantTensor::from_tensors(name, &meta, |part| raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice())))
-            .map_err(|e| Error::Model(format!("{}: {e}", self.origin)))?;
+        let q = QuantTensor::from_tensors(name, &meta, |part| {
+            raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice()))
+        })
+        .map_err(|e| Error::Model(format!("{}: {e}", self.origin)))?;
         for suffix in ["qdata", "scale", "zero"] {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
@@ -114,7 +192,12 @@ impl TensorStore {
         if self.tensors.is_empty() && self.raw.is_empty() && self.quant_map.is_empty() {
             return Ok(());
         }
-        let mut names: Vec<&String> = self.tensors.keys().chain(self.raw.keys()).chain(self.quant_map.keys()).collect();
+        let mut names: Vec<&String> = self
+            .tensors
+            .keys()
+            .chain(self.raw.keys())
+            .chain(self.quant_map.keys())
+            .collect();
         names.sort();
         let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
         Err(Error::Model(format!(
@@ -130,17 +213,14 @@ impl TensorStore {
 /// Shard files listed by a `model.safetensors.index.json` (`weight_map` values), in a stable order.
 pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Model(format!("{}: malformed index: {e}", index.display())))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: malformed index: {e}", index.display())))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::Model(format!("{}: index has no `weight_map`", index.display())))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(String::from))
-        .collect();
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
@@ -185,7 +265,8 @@ pub fn save_quantized(
         })
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    safetensors::serialize_to_file(views, Some(metadata), &path)
+        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
     if let Some(pre) = preprocessor_json {

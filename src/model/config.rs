@@ -95,19 +95,14 @@ impl SegformerConfig {
 
     /// Parses `config.json` text (the error does not carry the file name; `from_file` adds it).
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("malformed config.json: {e}"))?;
-        let model_type = value
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("segformer");
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("malformed config.json: {e}"))?;
+        let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("segformer");
         if model_type != "segformer" {
             return Err(format!(
                 "unsupported model_type \"{model_type}\" (segq supports: segformer)"
             ));
         }
-        let config: SegformerConfig =
-            serde_json::from_value(value).map_err(|e| format!("bad config.json: {e}"))?;
+        let config: SegformerConfig = serde_json::from_value(value).map_err(|e| format!("bad config.json: {e}"))?;
         config.validate()?;
         Ok(config)
     }
@@ -127,9 +122,7 @@ impl SegformerConfig {
             ("mlp_ratios", self.mlp_ratios.len()),
         ] {
             if len < n {
-                return Err(format!(
-                    "key \"{key}\" has {len} entries, num_encoder_blocks is {n}"
-                ));
+                return Err(format!("key \"{key}\" has {len} entries, num_encoder_blocks is {n}"));
             }
         }
         for i in 0..n {
@@ -195,8 +188,7 @@ mod tests {
 
     #[test]
     fn defaults_are_b0() {
-        let c =
-            SegformerConfig::from_json(r#"{"model_type":"segformer","num_labels":150}"#).unwrap();
+        let c = SegformerConfig::from_json(r#"{"model_type":"segformer","num_labels":150}"#).unwrap();
         assert_eq!(c.hidden_sizes, vec![32, 64, 160, 256]);
         assert_eq!(c.num_labels(), 150);
     }
@@ -205,10 +197,8 @@ mod tests {
     fn rejects_other_model_types_and_bad_shapes() {
         let e = SegformerConfig::from_json(r#"{"model_type":"bert"}"#).unwrap_err();
         assert!(e.contains("unsupported model_type \"bert\""), "{e}");
-        let e = SegformerConfig::from_json(
-            r#"{"hidden_sizes":[30,64,160,256],"num_attention_heads":[4,2,5,8]}"#,
-        )
-        .unwrap_err();
+        let e = SegformerConfig::from_json(r#"{"hidden_sizes":[30,64,160,256],"num_attention_heads":[4,2,5,8]}"#)
+            .unwrap_err();
         assert!(e.contains("hidden_sizes[0] = 30"), "{e}");
         let e = SegformerConfig::from_json(r#"{"depths":[2,2]}"#).unwrap_err();
         assert!(e.contains("\"depths\" has 2 entries"), "{e}");

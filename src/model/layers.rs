@@ -100,13 +100,7 @@ impl Linear {
     }
 
     pub fn info(&self) -> LayerInfo {
-        layer_info(
-            &self.name,
-            "Linear",
-            &self.shape,
-            &self.weight,
-            self.bias.as_ref(),
-        )
+        layer_info(&self.name, "Linear", &self.shape, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -125,8 +119,7 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_c, in_per_group, kh, kw) =
-            (self.shape[0], self.shape[1], self.shape[2], self.shape[3]);
+        let (out_c, in_per_group, kh, kw) = (self.shape[0], self.shape[1], self.shape[2], self.shape[3]);
         if self.groups > 1
             && self.groups == out_c
             && in_per_group == 1
@@ -153,50 +146,56 @@ impl Conv2d {
         }
     }
 
-    /// Depthwise 3x3 (stride 1, padding 1) through the direct kernel, optionally fused with exact GELU.
+    /// Depthwise 3x3 (stride 1, padding 1) on NCHW maps through the direct kernel, optionally fused with exact GELU.
     pub fn depthwise3x3(&self, x: &Tensor, fuse_gelu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let (weight, _, _) = self.weight.as_rows(&self.shape)?;
-        let bias = match &self.bias {
-            Some(t) => t.to_vec1::<f32>()?,
-            None => vec![0.0; c],
-        };
-        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; input.len()];
-        let plane = c * h * w;
-        for i in 0..b {
-            kernels::dwconv::dwconv3x3(
-                &input[i * plane..(i + 1) * plane],
-                c,
-                h,
-                w,
-                &weight,
-                &bias,
-                fuse_gelu,
-                &mut out[i * plane..(i + 1) * plane],
-            );
-        }
+        let out = self.depthwise_planes(x, b, c * h * w, |input, weight, bias, out| {
+            kernels::dwconv3x3(input, c, h, w, weight, bias, fuse_gelu, out)
+        })?;
         Ok(Tensor::from_vec(out, (b, c, h, w), &Device::Cpu)?)
     }
 
+    /// Depthwise 3x3 on channels-last tokens [B, H*W, C] (Mix-FFN's layout), so no transpose is materialised;
+    /// the result has the same layout. Optionally fused with exact GELU.
+    pub fn depthwise3x3_tokens(&self, x: &Tensor, height: usize, width: usize, fuse_gelu: bool) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let out = self.depthwise_planes(x, b, n * c, |input, weight, bias, out| {
+            kernels::dwconv3x3_nhwc(input, c, height, width, weight, bias, fuse_gelu, out)
+        })?;
+        Ok(Tensor::from_vec(out, (b, n, c), &Device::Cpu)?)
+    }
+
+    fn depthwise_planes(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        plane: usize,
+        kernel: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) -> Result<()>,
+    ) -> Result<Vec<f32>> {
+        let (weight, _, _) = self.weight.as_rows(&self.shape)?;
+        let bias = match &self.bias {
+            Some(t) => t.to_vec1::<f32>()?,
+            None => vec![0.0; self.shape[0]],
+        };
+        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; input.len()];
+        for i in 0..batch {
+            kernel(
+                &input[i * plane..(i + 1) * plane],
+                &weight,
+                &bias,
+                &mut out[i * plane..(i + 1) * plane],
+            )?;
+        }
+        Ok(out)
+    }
+
     pub fn info(&self) -> LayerInfo {
-        layer_info(
-            &self.name,
-            "Conv2d",
-            &self.shape,
-            &self.weight,
-            self.bias.as_ref(),
-        )
+        layer_info(&self.name, "Conv2d", &self.shape, &self.weight, self.bias.as_ref())
     }
 }
 
-fn layer_info(
-    name: &str,
-    kind: &'static str,
-    shape: &[usize],
-    weight: &Weight,
-    bias: Option<&Tensor>,
-) -> LayerInfo {
+fn layer_info(name: &str, kind: &'static str, shape: &[usize], weight: &Weight, bias: Option<&Tensor>) -> LayerInfo {
     LayerInfo {
         name: name.to_string(),
         kind,
@@ -239,18 +238,16 @@ pub struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    pub fn new(
-        weight: &Tensor,
-        bias: &Tensor,
-        mean: &Tensor,
-        var: &Tensor,
-        eps: f64,
-    ) -> Result<Self> {
+    pub fn new(weight: &Tensor, bias: &Tensor, mean: &Tensor, var: &Tensor, eps: f64) -> Result<Self> {
         // y = (x - mean) / sqrt(var + eps) * weight + bias, computed as PyTorch does in eval mode.
         let inv_std = (var + eps)?.sqrt()?.recip()?;
         let scale = (weight * &inv_std)?;
         let shift = (bias - (mean * &scale)?)?;
-        Ok(Self { scale, shift, stored: [weight.clone(), bias.clone(), mean.clone(), var.clone()] })
+        Ok(Self {
+            scale,
+            shift,
+            stored: [weight.clone(), bias.clone(), mean.clone(), var.clone()],
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

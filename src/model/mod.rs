@@ -107,11 +107,7 @@ impl LoadedModel {
 
     /// Bytes of all Linear/Conv weights as currently stored (float or quantized).
     pub fn weight_bytes(&self) -> usize {
-        self.model
-            .layers()
-            .iter()
-            .map(|l| l.weight_bytes + l.bias_bytes)
-            .sum()
+        self.model.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
     }
 }
 
@@ -221,8 +217,7 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
                 ModelSource::Url(u) => url_files(u)?,
                 ModelSource::Embedded => unreachable!("handled above"),
             };
-            let config_json =
-                std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+            let config_json = std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
             let pre = match &files.preprocessor {
                 Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
                 None => None,
@@ -231,17 +226,14 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
             SegformerConfig::from_json(&config_json)
                 .map_err(|e| Error::Model(format!("{}: {e}", files.config.display())))?;
             if let (Some(p), Some(text)) = (&files.preprocessor, &pre) {
-                PreprocessorConfig::from_json(text)
-                    .map_err(|e| Error::Model(format!("{}: {e}", p.display())))?;
+                PreprocessorConfig::from_json(text).map_err(|e| Error::Model(format!("{}: {e}", p.display())))?;
             }
             (config_json, pre, TensorStore::from_files(&files.weights)?)
         }
     };
-    let config = SegformerConfig::from_json(&config_json)
-        .map_err(|e| Error::Model(format!("{source}: {e}")))?;
+    let config = SegformerConfig::from_json(&config_json).map_err(|e| Error::Model(format!("{source}: {e}")))?;
     let preprocessor = match &preprocessor_json {
-        Some(text) => PreprocessorConfig::from_json(text)
-            .map_err(|e| Error::Model(format!("{source}: {e}")))?,
+        Some(text) => PreprocessorConfig::from_json(text).map_err(|e| Error::Model(format!("{source}: {e}")))?,
         None => {
             tracing::warn!(source = %source, "no preprocessor_config.json: using SegformerImageProcessor defaults (512x512)");
             PreprocessorConfig::default()
@@ -252,10 +244,7 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     let model = Segformer::load(&config, &mut store)?;
     drop(store);
     let load_time = start.elapsed();
-    let by_dtype: Vec<String> = bytes_by_dtype
-        .iter()
-        .map(|(k, v)| format!("{k}: {v} B"))
-        .collect();
+    let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k}: {v} B")).collect();
     tracing::info!(
         source = %source,
         seconds = load_time.as_secs_f64(),

@@ -133,12 +133,9 @@ pub struct MixFfn {
 impl MixFfn {
     pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let x = self.dense1.forward(hidden)?;
-        let (b, n, c) = x.dims3()?;
-        let x = x.transpose(1, 2)?.reshape((b, c, height, width))?;
-        // GELU is fused into the depthwise kernel (exact erf GELU, as nn.GELU()).
-        let x = self.dwconv.depthwise3x3(&x, true)?;
-        let x = x.flatten_from(2)?.transpose(1, 2)?;
-        debug_assert_eq!(x.dim(1)?, n);
+        // transformers reshapes the tokens to NCHW for the conv; the channels-last kernel computes the same values
+        // without the two transposes. GELU (exact erf, as nn.GELU()) is fused into it.
+        let x = self.dwconv.depthwise3x3_tokens(&x, height, width, true)?;
         self.dense2.forward(&x)
     }
 }
@@ -155,15 +152,10 @@ pub struct Layer {
 impl Layer {
     pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let normed = self.layer_norm_1.forward(hidden)?;
-        let attn = self
-            .attention
-            .self_attention
-            .forward(&normed, height, width)?;
+        let attn = self.attention.self_attention.forward(&normed, height, width)?;
         let attn = self.attention.output_dense.forward(&attn)?;
         let hidden = (attn + hidden)?;
-        let mlp = self
-            .mlp
-            .forward(&self.layer_norm_2.forward(&hidden)?, height, width)?;
+        let mlp = self.mlp.forward(&self.layer_norm_2.forward(&hidden)?, height, width)?;
         Ok((mlp + hidden)?)
     }
 }
@@ -201,10 +193,7 @@ impl Encoder {
             hidden = self.layer_norm[i].forward(&hidden)?;
             let (b, _, c) = hidden.dims3()?;
             if i != stages - 1 || self.reshape_last_stage {
-                hidden = hidden
-                    .reshape((b, h, w, c))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?;
+                hidden = hidden.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
             }
             on_stage(i, start.elapsed());
             features.push(hidden.clone());
@@ -315,27 +304,12 @@ impl Segformer {
                     attention: Attention {
                         self_attention: EfficientSelfAttention {
                             num_heads: config.num_attention_heads[i],
-                            query: linear(
-                                store,
-                                &format!("{p}.attention.self.query"),
-                                hidden,
-                                hidden,
-                            )?,
+                            query: linear(store, &format!("{p}.attention.self.query"), hidden, hidden)?,
                             key: linear(store, &format!("{p}.attention.self.key"), hidden, hidden)?,
-                            value: linear(
-                                store,
-                                &format!("{p}.attention.self.value"),
-                                hidden,
-                                hidden,
-                            )?,
+                            value: linear(store, &format!("{p}.attention.self.value"), hidden, hidden)?,
                             sr,
                         },
-                        output_dense: linear(
-                            store,
-                            &format!("{p}.attention.output.dense"),
-                            hidden,
-                            hidden,
-                        )?,
+                        output_dense: linear(store, &format!("{p}.attention.output.dense"), hidden, hidden)?,
                     },
                     layer_norm_2: layer_norm(store, &format!("{p}.layer_norm_2"), hidden)?,
                     mlp: MixFfn {
@@ -356,11 +330,7 @@ impl Segformer {
                 });
             }
             block.push(layers);
-            norms.push(layer_norm(
-                store,
-                &format!("segformer.encoder.layer_norm.{i}"),
-                hidden,
-            )?);
+            norms.push(layer_norm(store, &format!("segformer.encoder.layer_norm.{i}"), hidden)?);
         }
         let d = config.decoder_hidden_size;
         let linear_c = (0..n)
@@ -373,20 +343,8 @@ impl Segformer {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let linear_fuse = conv2d(
-            store,
-            "decode_head.linear_fuse",
-            d * n,
-            d,
-            1,
-            1,
-            0,
-            1,
-            false,
-        )?;
-        let bn = |store: &mut TensorStore, key: &str| {
-            store.take(&format!("decode_head.batch_norm.{key}"), &[d])
-        };
+        let linear_fuse = conv2d(store, "decode_head.linear_fuse", d * n, d, 1, 1, 0, 1, false)?;
+        let bn = |store: &mut TensorStore, key: &str| store.take(&format!("decode_head.batch_norm.{key}"), &[d]);
         let batch_norm = BatchNorm2d::new(
             &bn(store, "weight")?,
             &bn(store, "bias")?,
@@ -462,10 +420,7 @@ impl Segformer {
     }
 
     /// Calls `f(name, weight)` for every Linear and Conv2d weight, to quantize or inspect it in place.
-    pub fn for_each_weight_mut(
-        &mut self,
-        f: &mut dyn FnMut(&str, &mut Weight) -> Result<()>,
-    ) -> Result<()> {
+    pub fn for_each_weight_mut(&mut self, f: &mut dyn FnMut(&str, &[usize], &mut Weight) -> Result<()>) -> Result<()> {
         for (i, stage) in self.encoder.block.iter_mut().enumerate() {
             let proj = &mut self.encoder.patch_embeddings[i].proj;
             f(&proj.name, &proj.shape, &mut proj.weight)?;
@@ -497,7 +452,7 @@ impl Segformer {
     /// Every tensor of the model under its checkpoint name, in checkpoint order: what a saved checkpoint holds.
     pub fn state_dict(&self) -> Vec<(String, StateTensor)> {
         let mut out = Vec::new();
-        let mut linear = |out: &mut Vec<(String, StateTensor)>, name: &str, w: &Weight, b: &Option<Tensor>| {
+        let linear = |out: &mut Vec<(String, StateTensor)>, name: &str, w: &Weight, b: &Option<Tensor>| {
             out.push((format!("{name}.weight"), StateTensor::from(w)));
             if let Some(b) = b {
                 out.push((format!("{name}.bias"), StateTensor::Float(b.clone())));
@@ -510,7 +465,11 @@ impl Segformer {
         for (i, stage) in self.encoder.block.iter().enumerate() {
             let pe = &self.encoder.patch_embeddings[i];
             linear(&mut out, &pe.proj.name, &pe.proj.weight, &pe.proj.bias);
-            norm(&mut out, &format!("segformer.encoder.patch_embeddings.{i}.layer_norm"), &pe.layer_norm);
+            norm(
+                &mut out,
+                &format!("segformer.encoder.patch_embeddings.{i}.layer_norm"),
+                &pe.layer_norm,
+            );
             for (j, layer) in stage.iter().enumerate() {
                 let p = format!("segformer.encoder.block.{i}.{j}");
                 norm(&mut out, &format!("{p}.layer_norm_1"), &layer.layer_norm_1);
@@ -530,14 +489,21 @@ impl Segformer {
                 linear(&mut out, &m.dwconv.name, &m.dwconv.weight, &m.dwconv.bias);
                 linear(&mut out, &m.dense2.name, &m.dense2.weight, &m.dense2.bias);
             }
-            norm(&mut out, &format!("segformer.encoder.layer_norm.{i}"), &self.encoder.layer_norm[i]);
+            norm(
+                &mut out,
+                &format!("segformer.encoder.layer_norm.{i}"),
+                &self.encoder.layer_norm[i],
+            );
         }
         for l in &self.decode_head.linear_c {
             linear(&mut out, &l.name, &l.weight, &l.bias);
         }
         let f = &self.decode_head.linear_fuse;
         linear(&mut out, &f.name, &f.weight, &f.bias);
-        for (key, t) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&self.decode_head.batch_norm.stored) {
+        for (key, t) in ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .zip(&self.decode_head.batch_norm.stored)
+        {
             out.push((format!("decode_head.batch_norm.{key}"), StateTensor::Float(t.clone())));
         }
         let c = &self.decode_head.classifier;

@@ -32,8 +32,7 @@ impl F8Spec {
     /// The code of the largest finite positive value (0x7E for e4m3fn, 0x7B for e5m2).
     pub const fn max_code(&self) -> u8 {
         if self.ieee_specials {
-            ((1u8 << self.exponent_bits) - 2) << self.mantissa_bits
-                | ((1 << self.mantissa_bits) - 1)
+            ((1u8 << self.exponent_bits) - 2) << self.mantissa_bits | ((1 << self.mantissa_bits) - 1)
         } else {
             0x7E
         }
@@ -122,10 +121,8 @@ fn binary_exponent(x: f64) -> i32 {
     ((x.to_bits() >> 52) & 0x7FF) as i32 - 1023
 }
 
-static E4M3FN_TABLE: LazyLock<[f32; 256]> =
-    LazyLock::new(|| std::array::from_fn(|c| E4M3FN.decode_exact(c as u8)));
-static E5M2_TABLE: LazyLock<[f32; 256]> =
-    LazyLock::new(|| std::array::from_fn(|c| E5M2.decode_exact(c as u8)));
+static E4M3FN_TABLE: LazyLock<[f32; 256]> = LazyLock::new(|| std::array::from_fn(|c| E4M3FN.decode_exact(c as u8)));
+static E5M2_TABLE: LazyLock<[f32; 256]> = LazyLock::new(|| std::array::from_fn(|c| E5M2.decode_exact(c as u8)));
 
 /// The 256 decoded values of e4m3fn, indexed by code.
 pub fn e4m3fn_table() -> &'static [f32; 256] {
@@ -215,11 +212,7 @@ mod tests {
             // Counts and the sum of finite magnitudes were computed with torch's float8 dtypes.
             assert_eq!(table.iter().filter(|v| v.is_nan()).count(), nans);
             assert_eq!(table.iter().filter(|v| v.is_infinite()).count(), infs);
-            let sum: f64 = table
-                .iter()
-                .filter(|v| v.is_finite())
-                .map(|v| v.abs() as f64)
-                .sum();
+            let sum: f64 = table.iter().filter(|v| v.is_finite()).map(|v| v.abs() as f64).sum();
             assert_eq!(sum, abs_sum);
             for code in 0..=255u8 {
                 let value = table[code as usize];

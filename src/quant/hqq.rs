@@ -57,12 +57,10 @@ pub fn quantize(
     recipe: &Recipe,
     _calib: Option<&Calibration>,
 ) -> Result<QuantTensor> {
-    let bits = recipe.level.int_bits().ok_or_else(|| {
-        Error::Quant(format!(
-            "hqq applies to integer levels only, not {}",
-            recipe.level
-        ))
-    })?;
+    let bits = recipe
+        .level
+        .int_bits()
+        .ok_or_else(|| Error::Quant(format!("hqq applies to integer levels only, not {}", recipe.level)))?;
     if recipe.is_symmetric() {
         return Err(Error::Quant(
             "hqq needs affine quantization (a zero point to optimise)".into(),
@@ -70,15 +68,9 @@ pub fn quantize(
     }
     let options = HqqOptions::default();
     let group_size = recipe.effective_group_size(cols);
-    Ok(quantize_grouped(
-        w,
-        rows,
-        cols,
-        bits,
-        false,
-        group_size,
-        |g| optimize_group(g, bits, &options),
-    ))
+    Ok(quantize_grouped(w, rows, cols, bits, false, group_size, |g| {
+        optimize_group(g, bits, &options)
+    }))
 }
 
 /// HQQ's generalised soft-thresholding: `sign(x) * max(|x| - |x|^(p-1) / beta, 0)`.
@@ -93,11 +85,9 @@ fn shrink_lp(x: f32, beta: f32, p: f32) -> f32 {
 /// Finds `(scale, zero)` for one group of `bits`-bit affine codes (see the module documentation).
 pub fn optimize_group(w: &[f32], bits: u32, options: &HqqOptions) -> (f32, f32) {
     let (s0, z0) = minmax_params(w, bits);
-    let (min, max) = w
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
+    let (min, max) = w.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     if w.len() < 2 || max <= min {
         return (s0, z0);
     }
@@ -203,13 +193,7 @@ mod tests {
     /// scale)`, `w_r = q * scale - shift`, f32 parameters); then, if `hqq`, its HqqOptimizer (shift only, lp 0.7,
     /// beta 10, kappa 1.01, 20 iterations, accepted while the whole tensor's mean absolute error falls).
     /// Returns the dequantized weight and the group size used.
-    fn quanto_reference(
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        bits: u32,
-        hqq: bool,
-    ) -> (Vec<f32>, usize) {
+    fn quanto_reference(w: &[f32], rows: usize, cols: usize, bits: u32, hqq: bool) -> (Vec<f32>, usize) {
         let mut group = 128;
         let mut group_size = cols;
         if cols > group {
@@ -227,9 +211,7 @@ mod tests {
             .map(|g| {
                 let (lo, hi) = g
                     .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                        (a.min(v), b.max(v))
-                    });
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
                 (hi - lo) / qmax
             })
             .collect();
@@ -257,13 +239,7 @@ mod tests {
                 .flat_map(|((c, &s), &sh)| c.iter().map(move |&q| q * s - sh))
                 .collect()
         };
-        let mean_abs = |d: &[f32]| {
-            w.iter()
-                .zip(d)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .sum::<f64>()
-                / w.len() as f64
-        };
+        let mean_abs = |d: &[f32]| w.iter().zip(d).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / w.len() as f64;
         let mut q = codes(&shifts);
         if hqq {
             let mut best_error = mean_abs(&dequant(&q, &shifts));
@@ -302,14 +278,7 @@ mod tests {
         (dequant(&q, &shifts), group_size)
     }
 
-    fn error_of(
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        level: Level,
-        method: Method,
-        g: Option<usize>,
-    ) -> (f64, f64) {
+    fn error_of(w: &[f32], rows: usize, cols: usize, level: Level, method: Method, g: Option<usize>) -> (f64, f64) {
         let recipe = Recipe::new(level, method, g, None, vec![]).unwrap();
         let q = quantize_weight("w", w, rows, cols, &recipe, None).unwrap();
         (relative_error(w, &q.dequantize()), q.bits_per_weight())
@@ -340,10 +309,7 @@ mod tests {
                 "{level}: hqq {hqq}"
             );
             // At quanto's own group size, with f16 instead of f32 parameters (fewer bits), hqq still wins.
-            assert!(
-                hqq_128 < rtn_128 && hqq_128 < quanto_hqq,
-                "{level}: hqq g128 {hqq_128}"
-            );
+            assert!(hqq_128 < rtn_128 && hqq_128 < quanto_hqq, "{level}: hqq g128 {hqq_128}");
             // Our rtn at g128 is quanto's min/max up to the f16 rounding of the parameters.
             assert!(
                 (rtn_128 - quanto_minmax).abs() < 0.01 * quanto_minmax,
@@ -364,14 +330,8 @@ mod tests {
             }
         }
         // Constant and tiny groups keep exact min/max parameters.
-        assert_eq!(
-            optimize_group(&[0.5; 8], 4, &options),
-            minmax_params(&[0.5; 8], 4)
-        );
-        assert_eq!(
-            optimize_group(&[0.5], 4, &options),
-            minmax_params(&[0.5], 4)
-        );
+        assert_eq!(optimize_group(&[0.5; 8], 4, &options), minmax_params(&[0.5; 8], 4));
+        assert_eq!(optimize_group(&[0.5], 4, &options), minmax_params(&[0.5], 4));
     }
 
     #[test]
@@ -405,9 +365,7 @@ mod tests {
             let recipe = Recipe::new(level, method, None, None, vec![]).unwrap();
             let (err, bpw) = error_of(&w, rows, cols, level, method, None);
             println!("| {} | {:.5} | {:.3} |", recipe.label(), err, bpw);
-            if method == Method::Rtn
-                && matches!(level, Level::F16 | Level::Int8 | Level::Int4 | Level::Int2)
-            {
+            if method == Method::Rtn && matches!(level, Level::F16 | Level::Int8 | Level::Int4 | Level::Int2) {
                 assert!(err > last, "{level}: {err} <= {last}");
                 last = err;
             }

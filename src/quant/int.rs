@@ -134,11 +134,9 @@ pub fn absmax_scale(group: &[f32], bits: u32) -> f32 {
 /// and max map to codes 0 and 2^bits - 1 exactly. A constant group gets `scale = |v|` (1 for zeros) and a zero point
 /// that reproduces the constant exactly.
 pub fn minmax_params(group: &[f32], bits: u32) -> (f32, f32) {
-    let (min, max) = group
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
+    let (min, max) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     if group.is_empty() {
         return (1.0, 0.0);
     }
@@ -212,14 +210,11 @@ where
     let groups = layout.groups_per_row();
     let mut pairs = vec![(0f32, 0f32); rows * groups];
     if groups > 0 {
-        pairs
-            .par_chunks_mut(groups)
-            .enumerate()
-            .for_each(|(r, row_params)| {
-                for (g, p) in row_params.iter_mut().enumerate() {
-                    *p = params(&w[r * cols..][layout.range(g)]);
-                }
-            });
+        pairs.par_chunks_mut(groups).enumerate().for_each(|(r, row_params)| {
+            for (g, p) in row_params.iter_mut().enumerate() {
+                *p = params(&w[r * cols..][layout.range(g)]);
+            }
+        });
     }
     let mut scales: Vec<f32> = pairs.iter().map(|p| p.0).collect();
     let mut zeros: Vec<f32> = if symmetric {
@@ -284,16 +279,10 @@ mod tests {
             for cols in [0usize, 1, 2, 3, 5, 7, 9, 17, 63, 64, 65, 147] {
                 let rows = 3;
                 let max = (1u32 << bits) as usize;
-                let codes: Vec<u8> = (0..rows * cols)
-                    .map(|i| ((i * 7 + i / 3) % max) as u8)
-                    .collect();
+                let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 7 + i / 3) % max) as u8).collect();
                 let packed = pack(&codes, rows, cols, bits);
                 assert_eq!(packed.len(), rows * row_bytes(cols, bits));
-                assert_eq!(
-                    unpack(&packed, rows, cols, bits),
-                    codes,
-                    "bits {bits} cols {cols}"
-                );
+                assert_eq!(unpack(&packed, rows, cols, bits), codes, "bits {bits} cols {cols}");
             }
         }
     }

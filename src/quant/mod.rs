@@ -366,14 +366,12 @@ impl QuantTensor {
                         let range = layout.range(g);
                         let s = self.scales[r * groups + g];
                         if self.symmetric {
-                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()])
-                            {
+                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
                                 *d = int::sign_extend(c, bits) as f32 * s;
                             }
                         } else {
                             let z = self.zeros[r * groups + g];
-                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()])
-                            {
+                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
                                 *d = (c as f32 - z) * s;
                             }
                         }
@@ -448,8 +446,7 @@ impl QuantTensor {
             scales: Vec::new(),
             zeros: Vec::new(),
         };
-        if meta.format.has_scales() && (meta.group_size == 0 || meta.group_size > meta.cols.max(1))
-        {
+        if meta.format.has_scales() && (meta.group_size == 0 || meta.group_size > meta.cols.max(1)) {
             return Err(Error::Quant(format!(
                 "{name}: group size {} is invalid for rows of {} elements",
                 meta.group_size, meta.cols
@@ -464,9 +461,8 @@ impl QuantTensor {
             )));
         }
         let fetch = |tensor_name: String, dtype: Dtype, shape: Vec<usize>| -> Result<Vec<u8>> {
-            let (found_dtype, found_shape, bytes) = lookup(&tensor_name).ok_or_else(|| {
-                Error::Quant(format!("{tensor_name}: missing from the checkpoint"))
-            })?;
+            let (found_dtype, found_shape, bytes) = lookup(&tensor_name)
+                .ok_or_else(|| Error::Quant(format!("{tensor_name}: missing from the checkpoint")))?;
             if found_dtype != dtype || found_shape != shape {
                 return Err(Error::Quant(format!(
                     "{tensor_name}: expected {dtype:?} {shape:?}, found {found_dtype:?} {found_shape:?}"
@@ -515,8 +511,7 @@ impl Format {
 
 /// The signature every method implements: quantize a row-major `[rows, cols]` weight under a validated recipe,
 /// optionally with calibration activations for the layer.
-pub type QuantizeFn =
-    fn(&[f32], usize, usize, &Recipe, Option<&Calibration>) -> Result<QuantTensor>;
+pub type QuantizeFn = fn(&[f32], usize, usize, &Recipe, Option<&Calibration>) -> Result<QuantTensor>;
 
 /// The function implementing `method`.
 pub fn quantizer(method: Method) -> QuantizeFn {
@@ -550,9 +545,7 @@ pub fn quantize_weight(
             w[i]
         )));
     }
-    recipe
-        .validate()
-        .map_err(|e| Error::Quant(format!("{name}: {e}")))?;
+    recipe.validate().map_err(|e| Error::Quant(format!("{name}: {e}")))?;
     if let Some(c) = calib
         && c.cols != cols
     {
@@ -576,18 +569,11 @@ pub fn quantize_weight(
 
 /// Relative Frobenius error `||a - b|| / ||a||` (0 when both are zero).
 pub fn relative_error(reference: &[f32], approx: &[f32]) -> f64 {
-    let (num, den) = reference
-        .iter()
-        .zip(approx)
-        .fold((0f64, 0f64), |(n, d), (&a, &b)| {
-            let e = (a - b) as f64;
-            (n + e * e, d + (a as f64) * (a as f64))
-        });
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
+    let (num, den) = reference.iter().zip(approx).fold((0f64, 0f64), |(n, d), (&a, &b)| {
+        let e = (a - b) as f64;
+        (n + e * e, d + (a as f64) * (a as f64))
+    });
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
 }
 
 /// Safetensors metadata for a checkpoint of quantized weights: the recipe header under [`RECIPE_METADATA_KEY`] and
@@ -601,8 +587,7 @@ pub fn checkpoint_metadata<'a>(
         label: recipe.label(),
         recipe: recipe.clone(),
     };
-    let map: BTreeMap<&str, QuantTensorMeta> =
-        tensors.into_iter().map(|(n, t)| (n, t.meta())).collect();
+    let map: BTreeMap<&str, QuantTensorMeta> = tensors.into_iter().map(|(n, t)| (n, t.meta())).collect();
     let json = |what: &str, r: serde_json::Result<String>| {
         r.map_err(|e| Error::Quant(format!("cannot serialise the {what}: {e}")))
     };
@@ -628,11 +613,8 @@ pub fn read_checkpoint_metadata(
             .get(key)
             .ok_or_else(|| Error::Quant(format!("{source}: metadata key '{key}' is missing")))
     };
-    let header: RecipeHeader = serde_json::from_str(get(RECIPE_METADATA_KEY)?).map_err(|e| {
-        Error::Quant(format!(
-            "{source}: metadata '{RECIPE_METADATA_KEY}' is invalid: {e}"
-        ))
-    })?;
+    let header: RecipeHeader = serde_json::from_str(get(RECIPE_METADATA_KEY)?)
+        .map_err(|e| Error::Quant(format!("{source}: metadata '{RECIPE_METADATA_KEY}' is invalid: {e}")))?;
     if header.version != STORAGE_VERSION {
         return Err(Error::Quant(format!(
             "{source}: quantization storage version {} is not supported (this build reads {STORAGE_VERSION})",
@@ -644,11 +626,7 @@ pub fn read_checkpoint_metadata(
         .validate()
         .map_err(|e| Error::Quant(format!("{source}: {e}")))?;
     let map: BTreeMap<String, QuantTensorMeta> = serde_json::from_str(get(MAP_METADATA_KEY)?)
-        .map_err(|e| {
-            Error::Quant(format!(
-                "{source}: metadata '{MAP_METADATA_KEY}' is invalid: {e}"
-            ))
-        })?;
+        .map_err(|e| Error::Quant(format!("{source}: metadata '{MAP_METADATA_KEY}' is invalid: {e}")))?;
     Ok((header, map))
 }
 
@@ -752,23 +730,16 @@ mod tests {
             let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
             let (header, map) =
-                read_checkpoint_metadata("test.safetensors", meta.metadata().as_ref().unwrap())
-                    .unwrap();
+                read_checkpoint_metadata("test.safetensors", meta.metadata().as_ref().unwrap()).unwrap();
             assert_eq!(header.recipe, recipe);
             assert_eq!(header.label, recipe.label());
             let back = QuantTensor::from_tensors(&name, &map[&name], |n| {
-                file.tensor(n)
-                    .ok()
-                    .map(|t| (t.dtype(), t.shape().to_vec(), t.data()))
+                file.tensor(n).ok().map(|t| (t.dtype(), t.shape().to_vec(), t.data()))
             })
             .unwrap();
             assert_eq!(back, q, "{}", recipe.label());
             let deq = back.dequantize();
-            assert!(
-                deq.iter()
-                    .zip(q.dequantize())
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            );
+            assert!(deq.iter().zip(q.dequantize()).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 
@@ -785,9 +756,7 @@ mod tests {
         };
         let mut meta = q.meta();
         meta.rows = 5;
-        let err = QuantTensor::from_tensors("w", &meta, lookup)
-            .unwrap_err()
-            .to_string();
+        let err = QuantTensor::from_tensors("w", &meta, lookup).unwrap_err().to_string();
         assert_eq!(err, "w.qdata: expected U8 [5, 32], found U8 [4, 32]");
         let mut meta = q.meta();
         meta.param_dtype = if q.param_dtype == ParamDtype::F16 {
@@ -795,9 +764,7 @@ mod tests {
         } else {
             ParamDtype::F16
         };
-        let err = QuantTensor::from_tensors("w", &meta, lookup)
-            .unwrap_err()
-            .to_string();
+        let err = QuantTensor::from_tensors("w", &meta, lookup).unwrap_err().to_string();
         assert!(err.starts_with("w.scale: expected"), "{err}");
         let err = QuantTensor::from_tensors("v", &q.meta(), lookup)
             .unwrap_err()
@@ -808,9 +775,7 @@ mod tests {
             RECIPE_METADATA_KEY.to_string(),
             r#"{"version":9,"label":"x","recipe":{}}"#.to_string(),
         );
-        let err = read_checkpoint_metadata("m.safetensors", &bad)
-            .unwrap_err()
-            .to_string();
+        let err = read_checkpoint_metadata("m.safetensors", &bad).unwrap_err().to_string();
         assert!(
             err.starts_with("m.safetensors: metadata 'quantization_recipe' is invalid"),
             "{err}"
@@ -864,15 +829,7 @@ mod tests {
         assert_eq!(bpw(Level::Int4, Method::Rtn), 4.5);
         assert_eq!(bpw(Level::Int2, Method::Hqq), 3.0);
         // Odd rows pad to a byte.
-        let q = quantize_weight(
-            "w",
-            &w[..9 * 3],
-            3,
-            9,
-            &Recipe::level_default(Level::Int4),
-            None,
-        )
-        .unwrap();
+        let q = quantize_weight("w", &w[..9 * 3], 3, 9, &Recipe::level_default(Level::Int4), None).unwrap();
         assert_eq!(q.data.len(), 3 * 5);
         assert_eq!(q.group_size, 9);
         assert_eq!(q.format_name(), "int4-affine");
@@ -881,8 +838,7 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_naming_the_weight() {
         let recipe = Recipe::level_default(Level::Int8);
-        let err =
-            quantize_weight("enc.w", &[1.0, f32::NAN, 0.0, 1.0], 2, 2, &recipe, None).unwrap_err();
+        let err = quantize_weight("enc.w", &[1.0, f32::NAN, 0.0, 1.0], 2, 2, &recipe, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "enc.w: weight at row 0, column 1 is NaN (cannot quantize non-finite values)"
@@ -894,18 +850,12 @@ mod tests {
         let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &bad, None)
             .unwrap_err()
             .to_string();
-        assert!(
-            err.starts_with("enc.w: level int8, method rtn: group size 0"),
-            "{err}"
-        );
+        assert!(err.starts_with("enc.w: level int8, method rtn: group size 0"), "{err}");
         let calib = Calibration::new(3);
         let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &recipe, Some(&calib))
             .unwrap_err()
             .to_string();
-        assert_eq!(
-            err,
-            "enc.w: calibration has 3 features, the weight 2 inputs"
-        );
+        assert_eq!(err, "enc.w: calibration has 3 features, the weight 2 inputs");
     }
 
     #[test]

@@ -253,9 +253,8 @@ impl Recipe {
             }
         }
         for pattern in &self.skip {
-            glob::Pattern::new(pattern).map_err(|e| {
-                Error::Quant(format!("skip pattern '{pattern}' is not a valid glob: {e}"))
-            })?;
+            glob::Pattern::new(pattern)
+                .map_err(|e| Error::Quant(format!("skip pattern '{pattern}' is not a valid glob: {e}")))?;
         }
         Ok(())
     }
@@ -344,25 +343,16 @@ mod tests {
         assert!(Level::F32.is_float_baseline() && !Level::F16.is_float_baseline());
         assert!(Level::Int8Dyn.dynamic_activations() && !Level::Int8.dynamic_activations());
         assert_eq!(Method::parse("HQQ").unwrap(), Method::Hqq);
-        assert!(
-            Method::parse("gptq")
-                .unwrap_err()
-                .to_string()
-                .contains("'gptq'")
-        );
+        assert!(Method::parse("gptq").unwrap_err().to_string().contains("'gptq'"));
     }
 
     #[test]
     fn labels_are_short_and_stable() {
-        let label =
-            |level, method, g, sym| Recipe::new(level, method, g, sym, vec![]).unwrap().label();
+        let label = |level, method, g, sym| Recipe::new(level, method, g, sym, vec![]).unwrap().label();
         assert_eq!(label(Level::F32, Method::Rtn, None, None), "f32");
         assert_eq!(label(Level::F8E4m3, Method::Rtn, None, None), "f8");
         assert_eq!(label(Level::Int8, Method::Rtn, None, None), "int8-rtn");
-        assert_eq!(
-            label(Level::Int8Dyn, Method::Rtn, None, None),
-            "int8-dyn-rtn"
-        );
+        assert_eq!(label(Level::Int8Dyn, Method::Rtn, None, None), "int8-dyn-rtn");
         assert_eq!(label(Level::Int8, Method::Hqq, None, None), "int8-hqq");
         assert_eq!(
             label(Level::Int8, Method::Rtn, Some(128), Some(false)),
@@ -379,9 +369,7 @@ mod tests {
     #[test]
     fn bad_recipes_are_rejected_with_one_line_messages() {
         let err = |level, method, g, sym: Option<bool>, skip: Vec<String>| {
-            Recipe::new(level, method, g, sym, skip)
-                .unwrap_err()
-                .to_string()
+            Recipe::new(level, method, g, sym, skip).unwrap_err().to_string()
         };
         let cases = [
             (
@@ -419,25 +407,11 @@ mod tests {
     fn group_sizes_fall_back_to_per_channel_on_short_rows() {
         let int4 = Recipe::level_default(Level::Int4);
         assert_eq!(int4.effective_group_size(1024), 64);
-        assert_eq!(
-            int4.effective_group_size(147),
-            64,
-            "trailing partial group of 19"
-        );
-        assert_eq!(
-            int4.effective_group_size(9),
-            9,
-            "depthwise rows are per channel"
-        );
+        assert_eq!(int4.effective_group_size(147), 64, "trailing partial group of 19");
+        assert_eq!(int4.effective_group_size(9), 9, "depthwise rows are per channel");
         assert_eq!(int4.effective_group_size(64), 64);
-        assert_eq!(
-            Recipe::level_default(Level::Int2).effective_group_size(1024),
-            32
-        );
-        assert_eq!(
-            Recipe::level_default(Level::Int8).effective_group_size(1024),
-            1024
-        );
+        assert_eq!(Recipe::level_default(Level::Int2).effective_group_size(1024), 32);
+        assert_eq!(Recipe::level_default(Level::Int8).effective_group_size(1024), 1024);
         assert!(Recipe::level_default(Level::Int8).is_symmetric());
         assert!(
             !Recipe::new(Level::Int8, Method::Hqq, None, None, vec![])
@@ -464,19 +438,9 @@ mod tests {
 
     #[test]
     fn recipes_round_trip_through_json() {
-        let recipe = Recipe::new(
-            Level::Int8Dyn,
-            Method::Rtn,
-            None,
-            Some(true),
-            vec!["x*".into()],
-        )
-        .unwrap();
+        let recipe = Recipe::new(Level::Int8Dyn, Method::Rtn, None, Some(true), vec!["x*".into()]).unwrap();
         let json = serde_json::to_string(&recipe).unwrap();
-        assert!(
-            json.contains("\"int8-dyn\"") && json.contains("\"rtn\""),
-            "{json}"
-        );
+        assert!(json.contains("\"int8-dyn\"") && json.contains("\"rtn\""), "{json}");
         let back: Recipe = serde_json::from_str(&json).unwrap();
         assert_eq!(back, recipe);
         let f8: Level = serde_json::from_str("\"f8\"").unwrap();

@@ -30,16 +30,8 @@ pub fn quantize(
     };
     let tensor = match recipe.level {
         Level::F32 => float(w.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        Level::F16 => float(
-            w.iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
-        Level::Bf16 => float(
-            w.iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
+        Level::F16 => float(w.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+        Level::Bf16 => float(w.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
         Level::F8E4m3 => quantize_f8(w, rows, cols, format, f8::E4M3FN),
         Level::F8E5m2 => quantize_f8(w, rows, cols, format, f8::E5M2),
         Level::Int8 | Level::Int8Dyn | Level::Int4 | Level::Int2 => {
@@ -51,9 +43,7 @@ pub fn quantize(
                     (int::absmax_scale(g, bits), 0.0)
                 })
             } else {
-                quantize_grouped(w, rows, cols, bits, false, group_size, |g| {
-                    int::minmax_params(g, bits)
-                })
+                quantize_grouped(w, rows, cols, bits, false, group_size, |g| int::minmax_params(g, bits))
             }
         }
     };
@@ -62,13 +52,7 @@ pub fn quantize(
 
 /// Float8 with one scale per row: `scale = absmax / max_finite` (1 for an all-zero row), codes = cast(w / scale)
 /// saturating at +-max, the scale rounded to its storage type first.
-fn quantize_f8(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    format: Format,
-    spec: f8::F8Spec,
-) -> QuantTensor {
+fn quantize_f8(w: &[f32], rows: usize, cols: usize, format: Format, spec: f8::F8Spec) -> QuantTensor {
     let max = spec.max_finite();
     let scales: Vec<f32> = if cols == 0 {
         vec![1.0; rows]
@@ -123,10 +107,7 @@ mod tests {
         assert_eq!(q.param_dtype, ParamDtype::F16);
         assert_eq!(
             q.scales,
-            vec![
-                half::f16::from_f32(0.01).to_f32(),
-                half::f16::from_f32(0.02).to_f32()
-            ]
+            vec![half::f16::from_f32(0.01).to_f32(), half::f16::from_f32(0.02).to_f32()]
         );
         assert!(q.zeros.is_empty());
         let codes: Vec<i8> = q.data.iter().map(|&b| b as i8).collect();
@@ -141,13 +122,9 @@ mod tests {
         let f16 = |v: f32| half::f16::from_f32(v).to_f32();
         assert_eq!(q.scales, vec![f16(0.2), f16(0.05)]);
         assert_eq!(q.zeros, vec![5.0, 0.0]);
-        assert_eq!(
-            int::unpack(&q.data, 1, 8, 4),
-            vec![0, 5, 15, 8, 0, 5, 15, 10]
-        );
+        assert_eq!(int::unpack(&q.data, 1, 8, 4), vec![0, 5, 15, 8, 0, 5, 15, 10]);
         // Symmetric int4 in one group: absmax 2 -> scale 2/7.
-        let q =
-            quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, None, Some(true)), None).unwrap();
+        let q = quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, None, Some(true)), None).unwrap();
         assert_eq!(q.group_size, 8);
         assert_eq!(q.scales, vec![f16(2.0 / 7.0)]);
     }
@@ -194,40 +171,16 @@ mod tests {
     fn float_levels_round_trip_as_expected() {
         let (rows, cols) = (16, 96);
         let w = testing::trained_like(rows, cols, 2);
-        let q = quantize_weight(
-            "w",
-            &w,
-            rows,
-            cols,
-            &Recipe::level_default(Level::F32),
-            None,
-        )
-        .unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F32), None).unwrap();
         assert_eq!(q.dequantize(), w);
-        let q = quantize_weight(
-            "w",
-            &w,
-            rows,
-            cols,
-            &Recipe::level_default(Level::F16),
-            None,
-        )
-        .unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F16), None).unwrap();
         assert!(
             q.dequantize()
                 .iter()
                 .zip(&w)
                 .all(|(d, x)| *d == half::f16::from_f32(*x).to_f32())
         );
-        let q = quantize_weight(
-            "w",
-            &w,
-            rows,
-            cols,
-            &Recipe::level_default(Level::Bf16),
-            None,
-        )
-        .unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Bf16), None).unwrap();
         assert!(
             q.dequantize()
                 .iter()
@@ -239,8 +192,7 @@ mod tests {
             (Level::F8E4m3, 2f32.powi(-4), 2f32.powi(-10)),
             (Level::F8E5m2, 2f32.powi(-3), 2f32.powi(-17)),
         ] {
-            let q =
-                quantize_weight("w", &w, rows, cols, &Recipe::level_default(level), None).unwrap();
+            let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(level), None).unwrap();
             let deq = q.dequantize();
             for r in 0..rows {
                 let s = q.scales[r];
@@ -250,16 +202,9 @@ mod tests {
                     let bound = s * (x.abs() / s * half_ulp).max(half_sub) * (1.0 + 1e-5);
                     let e = (deq[r * cols + c] - x).abs();
                     // The row's absmax saturates when the rounded scale came out a hair small.
-                    let fmax = if level == Level::F8E4m3 {
-                        448.0
-                    } else {
-                        57344.0
-                    };
+                    let fmax = if level == Level::F8E4m3 { 448.0 } else { 57344.0 };
                     let saturation = (absmax - s * fmax).max(0.0);
-                    assert!(
-                        e <= bound + saturation,
-                        "{level} row {r} col {c}: {e} > {bound}"
-                    );
+                    assert!(e <= bound + saturation, "{level} row {r} col {c}: {e} > {bound}");
                 }
             }
             assert!(relative_error(&w, &deq) < half_ulp as f64);

@@ -3,8 +3,8 @@
 
 pub mod overlay;
 pub mod plots;
-pub mod wandb_runs;
 pub mod table;
+pub mod wandb_runs;
 
 use std::path::{Path, PathBuf};
 
@@ -68,10 +68,7 @@ mod tests {
             "plots/class_iou_drop.png",
             "plots/class_iou_drop.svg",
         ] {
-            assert!(
-                names.iter().any(|n| n == expected),
-                "{expected} missing from {names:?}"
-            );
+            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
             assert!(
                 std::fs::metadata(dir.join(expected)).unwrap().len() > 100,
                 "{expected} is empty"
@@ -84,10 +81,7 @@ mod tests {
 
         let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(
-            lines[0].split(',').collect::<Vec<_>>(),
-            table::csv_columns()
-        );
+        assert_eq!(lines[0].split(',').collect::<Vec<_>>(), table::csv_columns());
         assert_eq!(lines.len(), 4);
         let int4: Vec<&str> = lines[3].split(',').collect();
         assert_eq!(int4.len(), table::csv_columns().len());
@@ -124,10 +118,7 @@ mod tests {
                 "{plot}.png has almost no dark pixels"
             );
             let svg = std::fs::read_to_string(dir.join(format!("plots/{plot}.svg"))).unwrap();
-            assert!(
-                svg.starts_with("<svg") && svg.contains("<text"),
-                "{plot}.svg"
-            );
+            assert!(svg.starts_with("<svg") && svg.contains("<text"), "{plot}.svg");
         }
         let svg = std::fs::read_to_string(dir.join("plots/class_iou_drop.svg")).unwrap();
         assert!(svg.contains("int4-hqq-g64"), "the worst level is named");
@@ -144,18 +135,13 @@ mod tests {
         assert!(header.starts_with("level"));
         // Numeric columns are right-aligned: each value ends where its header ends.
         // Positions in characters: the header holds a multi-byte "Δ".
-        let end_of = |name: &str| {
-            header[..header.find(name).unwrap()].chars().count() + name.chars().count()
-        };
+        let end_of = |name: &str| header[..header.find(name).unwrap()].chars().count() + name.chars().count();
         for line in &lines[2..] {
             let chars: Vec<char> = line.chars().collect();
             for name in ["mIoU %", "weight MB", "peak RSS MB"] {
                 let end = end_of(name);
                 let last = chars[end - 1];
-                assert!(
-                    last.is_ascii_digit() || last == '-',
-                    "{name} misaligned in {line:?}"
-                );
+                assert!(last.is_ascii_digit() || last == '-', "{name} misaligned in {line:?}");
                 assert_eq!(chars[end], ' ', "{name} misaligned in {line:?}");
             }
         }
@@ -184,10 +170,7 @@ mod tests {
         let mut results = run(0..3, 3, None);
         results.levels.truncate(1);
         let written = write_all(&results, &dir).unwrap();
-        let plots: Vec<_> = written
-            .iter()
-            .filter(|p| p.starts_with(dir.join("plots")))
-            .collect();
+        let plots: Vec<_> = written.iter().filter(|p| p.starts_with(dir.join("plots"))).collect();
         assert_eq!(plots.len(), 4, "{plots:?}");
         assert!(!dir.join("plots/class_iou_drop.png").exists());
         assert!(plots::worst_class_drops(&results).is_none());

@@ -60,8 +60,7 @@ pub fn overlay(image: &RgbImage, mask: &[u16], alpha: f32) -> Result<RgbImage> {
     for (pixel, &class) in blended.pixels_mut().zip(mask) {
         let color = class_color(usize::from(class));
         for (channel, tint) in pixel.0.iter_mut().zip(color) {
-            *channel =
-                (f32::from(*channel) * (1.0 - alpha) + f32::from(tint) * alpha).round() as u8;
+            *channel = (f32::from(*channel) * (1.0 - alpha) + f32::from(tint) * alpha).round() as u8;
         }
     }
     Ok(blended)
@@ -69,13 +68,7 @@ pub fn overlay(image: &RgbImage, mask: &[u16], alpha: f32) -> Result<RgbImage> {
 
 /// Saves the class ids as a greyscale PNG: 8-bit when `num_labels <= 256` (what W&B masks require), 16-bit
 /// otherwise, so the format depends on the model, never on which classes one image happens to contain.
-pub fn save_mask_png(
-    mask: &[u16],
-    width: u32,
-    height: u32,
-    num_labels: usize,
-    path: &Path,
-) -> Result<()> {
+pub fn save_mask_png(mask: &[u16], width: u32, height: u32, num_labels: usize, path: &Path) -> Result<()> {
     check_size(mask, width, height)?;
     let saved = if num_labels <= 256 {
         let bytes = mask
@@ -95,10 +88,7 @@ pub fn save_mask_png(
     };
     match saved {
         Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(Error::Report(format!(
-            "{}: cannot write mask PNG: {e}",
-            path.display()
-        ))),
+        Some(Err(e)) => Err(Error::Report(format!("{}: cannot write mask PNG: {e}", path.display()))),
         None => Err(Error::Report(format!(
             "{}: mask buffer does not match {width}x{height}",
             path.display()
@@ -121,10 +111,7 @@ mod tests {
         };
         for (i, a) in colours.iter().enumerate() {
             for (j, b) in colours.iter().enumerate().skip(i + 1) {
-                assert!(
-                    distance(a, b) >= 42,
-                    "classes {i} and {j} look alike: {a:?} vs {b:?}"
-                );
+                assert!(distance(a, b) >= 42, "classes {i} and {j} look alike: {a:?} vs {b:?}");
             }
         }
         for pair in colours.windows(2) {

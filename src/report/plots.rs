@@ -21,9 +21,7 @@ fn register_font() {
     REGISTER.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             if plotters::style::register_font(FAMILY, style, FONT).is_err() {
-                tracing::warn!(
-                    "the embedded font could not be registered; plot text may be missing"
-                );
+                tracing::warn!("the embedded font could not be registered; plot text may be missing");
             }
         }
     });
@@ -72,10 +70,7 @@ pub fn write_plots(results: &EvalResults, dir: &Path) -> Result<Vec<PathBuf>> {
             .iter()
             .map(|l| (l.label.clone(), l.bits_per_weight, l.miou() * 100.0))
             .collect();
-        let baseline = results
-            .baseline()
-            .map(|b| b.miou() * 100.0)
-            .filter(|m| m.is_finite());
+        let baseline = results.baseline().map(|b| b.miou() * 100.0).filter(|m| m.is_finite());
         written.extend(save_both(
             dir,
             "miou_vs_bits",
@@ -89,13 +84,7 @@ pub fn write_plots(results: &EvalResults, dir: &Path) -> Result<Vec<PathBuf>> {
         .levels
         .iter()
         .filter(|l| l.images() > 0)
-        .map(|l| {
-            (
-                l.label.clone(),
-                l.images_per_s_model(),
-                l.images_per_s_pipeline(),
-            )
-        })
+        .map(|l| (l.label.clone(), l.images_per_s_model(), l.images_per_s_pipeline()))
         .collect();
     if !throughput.is_empty() {
         written.extend(save_both(
@@ -148,9 +137,7 @@ pub fn worst_class_drops(results: &EvalResults) -> Option<(String, Vec<(String, 
 fn padded_range(values: impl Iterator<Item = f64>, include_zero: bool) -> std::ops::Range<f64> {
     let (mut low, mut high) = values
         .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-            (lo.min(v), hi.max(v))
-        });
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !low.is_finite() {
         (low, high) = (0.0, 1.0);
     }
@@ -159,11 +146,7 @@ fn padded_range(values: impl Iterator<Item = f64>, include_zero: bool) -> std::o
         high = high.max(0.0);
     }
     let margin = ((high - low) * 0.08).max(0.5);
-    (if include_zero && low == 0.0 {
-        0.0
-    } else {
-        low - margin
-    })..(high + margin)
+    (if include_zero && low == 0.0 { 0.0 } else { low - margin })..(high + margin)
 }
 
 fn miou_vs_bits<DB: DrawingBackend>(
@@ -260,10 +243,7 @@ fn bar_panel<DB: DrawingBackend>(
                 .map(|(i, (_, value))| {
                     let i = i as i32;
                     let mut bar = Rectangle::new(
-                        [
-                            (SegmentValue::Exact(i), 0.0),
-                            (SegmentValue::Exact(i + 1), *value),
-                        ],
+                        [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *value)],
                         color.filled(),
                     );
                     bar.set_margin(0, 0, 12, 12);
@@ -274,10 +254,7 @@ fn bar_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-fn throughput_bars<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
-    levels: &[(String, f64, f64)],
-) -> DrawResult {
+fn throughput_bars<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, levels: &[(String, f64, f64)]) -> DrawResult {
     root.fill(&WHITE).map_err(text_error)?;
     let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 / 2);
     let model: Vec<(String, f64)> = levels.iter().map(|l| (l.0.clone(), l.1)).collect();
@@ -341,10 +318,7 @@ fn class_drop_bars<DB: DrawingBackend>(
                 RGBColor(78, 154, 6)
             };
             let mut bar = Rectangle::new(
-                [
-                    (0.0, SegmentValue::Exact(i)),
-                    (*change, SegmentValue::Exact(i + 1)),
-                ],
+                [(0.0, SegmentValue::Exact(i)), (*change, SegmentValue::Exact(i + 1))],
                 color.filled(),
             );
             bar.set_margin(3, 3, 0, 0);

@@ -124,8 +124,7 @@ enum Cell {
 fn row(results: &EvalResults, level: &LevelResult) -> Vec<Cell> {
     let metrics = level.metrics();
     let agreement = level.agreement_metrics();
-    let metric =
-        |get: fn(&crate::eval::metrics::MeanIou) -> f64| metrics.as_ref().map_or(f64::NAN, get);
+    let metric = |get: fn(&crate::eval::metrics::MeanIou) -> f64| metrics.as_ref().map_or(f64::NAN, get);
     let status = match &level.status {
         LevelStatus::Ok => "ok".to_string(),
         LevelStatus::Failed { reason } => format!("failed: {reason}"),
@@ -212,11 +211,7 @@ fn caption(results: &EvalResults) -> String {
     let dataset = &results.dataset;
     let mut text = format!(
         "{} on {} ({}), {} of {} selected examples evaluated",
-        results.model.source,
-        dataset.source,
-        dataset.split,
-        results.counts.evaluated,
-        dataset.examples_total_selected
+        results.model.source, dataset.source, dataset.split, results.counts.evaluated, dataset.examples_total_selected
     );
     if let Some((index, count)) = dataset.shard {
         text.push_str(&format!(", shard {index}/{count}"));
@@ -236,21 +231,11 @@ pub fn summary_markdown(results: &EvalResults) -> String {
     let mut out = format!("# segq evaluation\n\n{}\n\n", escape(&caption(results)));
     out.push_str(&format!(
         "| {} |\n",
-        COLUMNS
-            .iter()
-            .map(|c| c.header)
-            .collect::<Vec<_>>()
-            .join(" | ")
+        COLUMNS.iter().map(|c| c.header).collect::<Vec<_>>().join(" | ")
     ));
     let rule: Vec<&str> = COLUMNS
         .iter()
-        .map(|c| {
-            if matches!(c.style, Style::Text) {
-                "---"
-            } else {
-                "---:"
-            }
-        })
+        .map(|c| if matches!(c.style, Style::Text) { "---" } else { "---:" })
         .collect();
     out.push_str(&format!("| {} |\n", rule.join(" | ")));
     for cells in human_rows(results) {

@@ -14,9 +14,19 @@ fn finite(v: f64) -> Value {
 }
 
 /// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason).
-pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, name_prefix: Option<&str>, tags: &[String]) -> Vec<RunLog> {
+pub fn run_logs(
+    results: &EvalResults,
+    samples: &[Sample],
+    group: &str,
+    name_prefix: Option<&str>,
+    tags: &[String],
+) -> Vec<RunLog> {
     let class_names = &results.model.class_names;
-    let class_labels: BTreeMap<u32, String> = class_names.iter().enumerate().map(|(i, n)| (i as u32, n.clone())).collect();
+    let class_labels: BTreeMap<u32, String> = class_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u32, n.clone()))
+        .collect();
     let baseline = results.baseline().and_then(|b| b.metrics());
     results
         .levels
@@ -43,7 +53,9 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, name_pre
                 for (id, iou) in m.per_category_iou.iter().enumerate() {
                     let name = class_names.get(id).cloned().unwrap_or_else(|| format!("class_{id}"));
                     let acc = m.per_category_accuracy.get(id).copied().flatten();
-                    let base = baseline.as_ref().and_then(|b| b.per_category_iou.get(id).copied().flatten());
+                    let base = baseline
+                        .as_ref()
+                        .and_then(|b| b.per_category_iou.get(id).copied().flatten());
                     if let Some(v) = iou {
                         metrics.insert(format!("class_iou/{name}"), finite(*v));
                     }
@@ -61,13 +73,15 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, name_pre
                 }
                 tables.push(Table {
                     key: "per_class_iou".into(),
-                    columns: ["class_id", "class", "iou", "accuracy", "iou_f32", "delta_iou"].map(String::from).to_vec(),
+                    columns: ["class_id", "class", "iou", "accuracy", "iou_f32", "delta_iou"]
+                        .map(String::from)
+                        .to_vec(),
                     rows,
                 });
             }
             if let Some(a) = level.agreement_metrics() {
                 metrics.insert("agreement/pixel".into(), finite(a.pixel_agreement));
-                metrics.insert("agreement/mean_iou".into(), finite(a.mean_iou));
+                metrics.insert("agreement/mean_iou".into(), finite(a.miou));
             }
             metrics.insert("images_per_s".into(), finite(level.images_per_s_model()));
             metrics.insert("images_per_s_pipeline".into(), finite(level.images_per_s_pipeline()));
@@ -91,10 +105,13 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, name_pre
                         image::Luma([pred[(y * w + x) as usize].min(255) as u8])
                     });
                     Some(MaskedImage {
-                        key: "samples".into(),
+                        key: format!("samples/{}", s.id),
                         caption: s.id.clone(),
                         rgb: s.image.clone(),
-                        masks: vec![("ground_truth".into(), s.label.clone()), ("predictions".into(), pred_mask)],
+                        masks: vec![
+                            ("ground_truth".into(), s.label.clone()),
+                            ("predictions".into(), pred_mask),
+                        ],
                         class_labels: class_labels.clone(),
                     })
                 })

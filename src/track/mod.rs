@@ -17,16 +17,10 @@ pub const DEFAULT_PROJECT: &str = "segq";
 /// W&B's public API server.
 pub const DEFAULT_BASE_URL: &str = "https://api.wandb.ai";
 /// Keys in segq.toml's `[tracking]` table that look like credentials; see [`refuse_key_in_config`].
-pub const CONFIG_KEY_NAMES: &[&str] = &[
-    "api_key",
-    "key",
-    "wandb_api_key",
-    "token",
-    "password",
-    "secret",
-];
+pub const CONFIG_KEY_NAMES: &[&str] = &["api_key", "key", "wandb_api_key", "token", "password", "secret"];
 /// Why segq.toml may not hold the key.
-pub const KEY_IN_CONFIG_MESSAGE: &str = "W&B API keys do not belong in segq.toml (it gets committed and shared); set WANDB_API_KEY or run `wandb login`";
+pub const KEY_IN_CONFIG_MESSAGE: &str =
+    "W&B API keys do not belong in segq.toml (it gets committed and shared); set WANDB_API_KEY or run `wandb login`";
 
 /// Where tracking data goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,17 +81,11 @@ impl TrackingSettings {
         file: TrackingSettings,
         vars: &dyn Fn(&str) -> Option<String>,
     ) -> crate::Result<TrackingSettings> {
-        let var = |name: &str| {
-            vars(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let var = |name: &str| vars(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let mut merged = file;
         if let Some(mode) = var("WANDB_MODE") {
             merged.mode = Some(TrackingMode::parse(&mode).ok_or_else(|| {
-                crate::Error::Config(format!(
-                    "WANDB_MODE={mode}: expected online, offline or disabled"
-                ))
+                crate::Error::Config(format!("WANDB_MODE={mode}: expected online, offline or disabled"))
             })?);
         }
         merged.project = var("WANDB_PROJECT").or(merged.project);
@@ -152,10 +140,7 @@ pub fn split_tags(text: &str) -> Vec<String> {
 }
 
 /// Errors if segq.toml's `[tracking]` table holds anything that looks like an API key (`file` names segq.toml).
-pub fn refuse_key_in_config(
-    tracking_table: &toml::Table,
-    file: &std::path::Path,
-) -> crate::Result<()> {
+pub fn refuse_key_in_config(tracking_table: &toml::Table, file: &std::path::Path) -> crate::Result<()> {
     match tracking_table
         .keys()
         .find(|k| CONFIG_KEY_NAMES.contains(&k.to_ascii_lowercase().as_str()))
@@ -280,16 +265,12 @@ mod tests {
         let err = TrackingSettings::from_vars_over(TrackingSettings::default(), &vars)
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("WANDB_MODE=sometimes") && !err.contains('\n'),
-            "{err}"
-        );
+        assert!(err.contains("WANDB_MODE=sometimes") && !err.contains('\n'), "{err}");
     }
 
     #[test]
     fn settings_from_toml_and_key_refused() {
-        let table: toml::Table =
-            toml::from_str("mode = \"offline\"\nproject = \"p\"\ntags = [\"x\"]\n").unwrap();
+        let table: toml::Table = toml::from_str("mode = \"offline\"\nproject = \"p\"\ntags = [\"x\"]\n").unwrap();
         let settings: TrackingSettings = table.clone().try_into().unwrap();
         assert_eq!(settings.mode, Some(TrackingMode::Offline));
         assert!(refuse_key_in_config(&table, std::path::Path::new("segq.toml")).is_ok());

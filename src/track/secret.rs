@@ -39,10 +39,7 @@ pub enum KeySource {
 
 /// Finds the API key for `base_url`: `WANDB_API_KEY`, else the netrc entry (`$NETRC`, else `~/.netrc`) whose
 /// `machine` is the API host (with or without its port). `env` is the environment lookup (injected for tests).
-pub fn find_api_key(
-    base_url: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Option<(Secret, KeySource)> {
+pub fn find_api_key(base_url: &str, env: &dyn Fn(&str) -> Option<String>) -> Option<(Secret, KeySource)> {
     if let Some(key) = env("WANDB_API_KEY")
         .map(|k| k.trim().to_string())
         .filter(|k| !k.is_empty())
@@ -55,20 +52,15 @@ pub fn find_api_key(
     };
     let contents = std::fs::read_to_string(&path).ok()?;
     let (host_port, host) = api_host(base_url);
-    let password =
-        netrc_password(&contents, &host_port).or_else(|| netrc_password(&contents, &host))?;
+    let password = netrc_password(&contents, &host_port).or_else(|| netrc_password(&contents, &host))?;
     Some((Secret::new(password), KeySource::Netrc(path)))
 }
 
 /// The authority of a URL (`host:port`) and the bare host name.
 pub fn api_host(base_url: &str) -> (String, String) {
-    let without_scheme = base_url
-        .split_once("://")
-        .map_or(base_url, |(_, rest)| rest);
+    let without_scheme = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
     let authority = without_scheme.split(['/', '?', '#']).next().unwrap_or("");
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let host = if let Some(bracketed) = authority.strip_prefix('[') {
         bracketed.split(']').next().unwrap_or("").to_string()
     } else {
@@ -103,10 +95,7 @@ fn netrc_password(contents: &str, host: &str) -> Option<String> {
 /// True for `http://` URLs that point at this machine, the only place a key may travel unencrypted.
 pub fn is_loopback(base_url: &str) -> bool {
     let (_, host) = api_host(base_url);
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Refuses to send a key anywhere but over HTTPS or to a loopback address.
@@ -164,20 +153,8 @@ mod tests {
         .unwrap();
         let netrc = path.to_string_lossy().to_string();
         let env = move |name: &str| (name == "NETRC").then(|| netrc.clone());
-        assert_eq!(
-            find_api_key("https://api.wandb.ai", &env)
-                .unwrap()
-                .0
-                .expose(),
-            "k2"
-        );
-        assert_eq!(
-            find_api_key("http://localhost:8080/", &env)
-                .unwrap()
-                .0
-                .expose(),
-            "k3"
-        );
+        assert_eq!(find_api_key("https://api.wandb.ai", &env).unwrap().0.expose(), "k2");
+        assert_eq!(find_api_key("http://localhost:8080/", &env).unwrap().0.expose(), "k3");
         assert!(find_api_key("https://example.com", &env).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -188,10 +165,7 @@ mod tests {
             api_host("https://api.wandb.ai/x"),
             ("api.wandb.ai".into(), "api.wandb.ai".into())
         );
-        assert_eq!(
-            api_host("http://[::1]:9000"),
-            ("[::1]:9000".into(), "::1".into())
-        );
+        assert_eq!(api_host("http://[::1]:9000"), ("[::1]:9000".into(), "::1".into()));
         assert!(check_transport("https://api.wandb.ai").is_ok());
         assert!(check_transport("http://127.0.0.1:5000").is_ok());
         assert!(check_transport("http://localhost").is_ok());

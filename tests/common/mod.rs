@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
 pub fn repo_root() -> PathBuf {
@@ -23,12 +21,7 @@ pub struct Npy {
 impl Npy {
     pub fn read(path: &Path) -> Npy {
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(
-            &bytes[..6],
-            b"\x93NUMPY",
-            "{}: not an npy file",
-            path.display()
-        );
+        assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not an npy file", path.display());
         let (header_len, start) = if bytes[6] == 1 {
             (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
         } else {
@@ -47,13 +40,7 @@ impl Npy {
             .next()
             .unwrap()
             .to_string();
-        let shape_str = header
-            .split("'shape': (")
-            .nth(1)
-            .unwrap()
-            .split(')')
-            .next()
-            .unwrap();
+        let shape_str = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
         let shape = shape_str
             .split(',')
             .filter(|s| !s.trim().is_empty())

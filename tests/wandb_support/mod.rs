@@ -34,9 +34,7 @@ pub fn example_run(name: &str) -> RunLog {
     summary.insert("images_per_s".into(), json!(2.25));
     summary.insert("weight_mb".into(), json!(1.9));
     summary.insert("per_class_iou".into(), json!({"wall": 0.71, "floor": 0.62}));
-    let rgb = image::RgbImage::from_fn(20, 12, |x, y| {
-        image::Rgb([(x * 12) as u8, (y * 20) as u8, 90])
-    });
+    let rgb = image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([(x * 12) as u8, (y * 20) as u8, 90]));
     let gt = image::GrayImage::from_fn(20, 12, |x, _| image::Luma([(x / 7) as u8]));
     let pred = image::GrayImage::from_fn(20, 12, |x, y| image::Luma([((x + y) / 8 % 3) as u8]));
     RunLog {
@@ -49,21 +47,14 @@ pub fn example_run(name: &str) -> RunLog {
         tables: vec![Table {
             key: "per_class_iou_table".into(),
             columns: vec!["class".into(), "iou".into()],
-            rows: vec![
-                vec![json!("wall"), json!(0.71)],
-                vec![json!("floor"), json!(0.62)],
-            ],
+            rows: vec![vec![json!("wall"), json!(0.71)], vec![json!("floor"), json!(0.62)]],
         }],
         images: vec![MaskedImage {
             key: "sample_0".into(),
             caption: "ADE_val_00000001".into(),
             rgb,
             masks: vec![("ground_truth".into(), gt), ("predictions".into(), pred)],
-            class_labels: BTreeMap::from([
-                (0, "wall".into()),
-                (1, "floor".into()),
-                (2, "sky".into()),
-            ]),
+            class_labels: BTreeMap::from([(0, "wall".into()), (1, "floor".into()), (2, "sky".into())]),
         }],
         exit_code: 0,
     }
@@ -132,9 +123,7 @@ pub struct ScriptedServer {
 }
 
 impl ScriptedServer {
-    pub fn start(
-        respond: impl Fn(&Recorded, usize, &str) -> Reply + Send + 'static,
-    ) -> ScriptedServer {
+    pub fn start(respond: impl Fn(&Recorded, usize, &str) -> Reply + Send + 'static) -> ScriptedServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -184,10 +173,7 @@ fn serve_connection(
                 headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
             }
         }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).is_err() {
             return;
@@ -204,8 +190,7 @@ fn serve_connection(
             log.len() - 1
         };
         let (status, extra, text) = respond(&recorded, index, base_url);
-        let mut response =
-            format!("HTTP/1.1 {status} Scripted\r\nContent-Type: application/json\r\n");
+        let mut response = format!("HTTP/1.1 {status} Scripted\r\nContent-Type: application/json\r\n");
         for (name, value) in extra {
             response.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -241,9 +226,7 @@ pub fn wandb_like(request: &Recorded, base_url: &str) -> Reply {
             )
         }
         ("PUT", _) => (200, Vec::new(), String::new()),
-        ("POST", None) if request.path.ends_with("/file_stream") => {
-            ok(json!({"exitcode": null, "limits": {}}))
-        }
+        ("POST", None) if request.path.ends_with("/file_stream") => ok(json!({"exitcode": null, "limits": {}})),
         _ => (404, Vec::new(), "{\"error\": \"not scripted\"}".into()),
     }
 }

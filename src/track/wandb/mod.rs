@@ -66,11 +66,7 @@ pub fn new_run_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     // RandomState is seeded from the OS per instance; mixing in time and pid keeps ids distinct across processes.
     let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     hasher.write_u32(std::process::id());
     let mut bits = hasher.finish();
     (0..8)
@@ -83,10 +79,7 @@ pub fn new_run_id() -> String {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A media key made safe for a file name (keys like `samples/0` become `samples_0`).
@@ -116,17 +109,12 @@ where
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    time.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Builds W&B's view of `log`: renders media to PNG/JSON files, adds W&B's step keys to history, and makes
 /// the summary the last value of every history key overlaid by the explicit summary.
-pub fn prepare_run(
-    settings: &TrackingSettings,
-    log: &RunLog,
-    run_id: String,
-) -> Result<PreparedRun> {
+pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) -> Result<PreparedRun> {
     let start_time = SystemTime::now();
     let display_name = match (&settings.name, log.name.is_empty()) {
         (Some(prefix), false) => format!("{prefix}-{}", log.name),
@@ -202,11 +190,7 @@ pub fn prepare_run(
         }
         let bytes = encode_png(&image.rgb, &image.key)?;
         let sha = sha256_hex(&bytes);
-        let path = format!(
-            "media/images/{}_{media_step}_{}.png",
-            file_stem(&image.key),
-            &sha[..20]
-        );
+        let path = format!("media/images/{}_{media_step}_{}.png", file_stem(&image.key), &sha[..20]);
         let mut value = json!({"_type": "image-file", "path": path, "sha256": sha, "size": bytes.len(),
             "format": "png", "width": image.rgb.width(), "height": image.rgb.height()});
         media.push(MediaFile { path, bytes });
@@ -342,8 +326,7 @@ pub fn log_runs_with(
         None => match secret::find_api_key(&base_url, env) {
             Some((key, _)) => (TrackingMode::Online, Some(key)),
             None => {
-                let line =
-                    "no W&B API key found (WANDB_API_KEY or netrc): logging offline".to_string();
+                let line = "no W&B API key found (WANDB_API_KEY or netrc): logging offline".to_string();
                 tracing::info!("{line}");
                 notice = Some(line);
                 (TrackingMode::Offline, None)
@@ -372,9 +355,7 @@ pub fn log_runs_with(
         if mode == TrackingMode::Online {
             let result = match (&client, &network_down) {
                 (Some(client), None) => client.upload_run(&prepared),
-                (_, Some(reason)) => Err(Error::Track(format!(
-                    "skipped after an earlier failure: {reason}"
-                ))),
+                (_, Some(reason)) => Err(Error::Track(format!("skipped after an earlier failure: {reason}"))),
                 (None, None) => Err(Error::Track("no API client".into())),
             };
             match result {
@@ -410,11 +391,7 @@ pub fn log_runs_with(
 }
 
 /// Used by the online client to sleep between retries; a function so tests can see the schedule.
-pub(crate) fn backoff_delay(
-    options: &OnlineOptions,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
+pub(crate) fn backoff_delay(options: &OnlineOptions, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let exponential = options.base_delay.saturating_mul(1u32 << attempt.min(16));
     retry_after.unwrap_or(exponential).min(options.max_delay)
 }
@@ -443,11 +420,7 @@ pub fn folder_stamp(time: SystemTime) -> String {
 
 /// The offline run folder's path for a run.
 pub fn run_folder(wandb_dir: &std::path::Path, run: &PreparedRun) -> PathBuf {
-    wandb_dir.join(format!(
-        "offline-run-{}-{}",
-        folder_stamp(run.start_time),
-        run.run_id
-    ))
+    wandb_dir.join(format!("offline-run-{}-{}", folder_stamp(run.start_time), run.run_id))
 }
 
 #[cfg(test)]
@@ -467,8 +440,7 @@ mod tests {
         };
         let mut summary = Map::new();
         summary.insert("images_per_s".into(), json!(2.5));
-        let rgb =
-            image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        let rgb = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
         let gt = image::GrayImage::from_fn(6, 4, |x, _| image::Luma([(x % 3) as u8]));
         let pred = image::GrayImage::from_fn(6, 4, |_, y| image::Luma([(y % 3) as u8]));
         RunLog {
@@ -481,21 +453,14 @@ mod tests {
             tables: vec![Table {
                 key: "per_class_iou".into(),
                 columns: vec!["class".into(), "iou".into()],
-                rows: vec![
-                    vec![json!("wall"), json!(0.7)],
-                    vec![json!("floor"), Value::Null],
-                ],
+                rows: vec![vec![json!("wall"), json!(0.7)], vec![json!("floor"), Value::Null]],
             }],
             images: vec![MaskedImage {
                 key: "samples/0".into(),
                 caption: "ADE_val_00000001".into(),
                 rgb,
                 masks: vec![("ground_truth".into(), gt), ("predictions".into(), pred)],
-                class_labels: BTreeMap::from([
-                    (0, "wall".into()),
-                    (1, "floor".into()),
-                    (2, "sky".into()),
-                ]),
+                class_labels: BTreeMap::from([(0, "wall".into()), (1, "floor".into()), (2, "sky".into())]),
             }],
             exit_code: 0,
         }
@@ -505,10 +470,7 @@ mod tests {
     fn run_ids_are_eight_lowercase_alphanumerics() {
         let a = new_run_id();
         assert_eq!(a.len(), 8);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        );
+        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
         assert_ne!(a, new_run_id());
     }
 
@@ -543,9 +505,7 @@ mod tests {
         assert_eq!(image["_type"], "image-file");
         assert_eq!(image["width"], 6);
         let gt_path = image["masks"]["ground_truth"]["path"].as_str().unwrap();
-        assert!(
-            gt_path.starts_with("media/images/mask/samples_0_1_") && gt_path.ends_with(".mask.png")
-        );
+        assert!(gt_path.starts_with("media/images/mask/samples_0_1_") && gt_path.ends_with(".mask.png"));
         let table = &run.history[1]["per_class_iou"];
         assert_eq!(
             (table["_type"].as_str(), table["nrows"].as_u64()),
@@ -562,8 +522,7 @@ mod tests {
         let decoded = image::load_from_memory(&mask_file.bytes).unwrap();
         assert_eq!(decoded.color(), image::ColorType::L8);
         assert_eq!(decoded.to_luma8().get_pixel(2, 0).0, [2]);
-        let labels =
-            &run.wandb_config["mask/class_labels"]["samples/0_wandb_delimeter_predictions"];
+        let labels = &run.wandb_config["mask/class_labels"]["samples/0_wandb_delimeter_predictions"];
         assert_eq!(labels["type"], "mask/class_labels");
         assert_eq!(labels["value"]["2"], "sky");
         assert_eq!(run.summary["mean_iou"], json!(0.35));

@@ -8,9 +8,8 @@ use prost::Message;
 use serde_json::{Map, Value};
 
 use super::records::{
-    ConfigItem, ConfigRecord, FileType, FilesItem, FilesRecord, HistoryItem, HistoryRecord,
-    HistoryStep, Record, RecordType, RunExitRecord, RunRecord, SummaryItem, SummaryRecord,
-    Timestamp,
+    ConfigItem, ConfigRecord, FileType, FilesItem, FilesRecord, HistoryItem, HistoryRecord, HistoryStep, Record,
+    RecordType, RunExitRecord, RunRecord, SummaryItem, SummaryRecord, Timestamp,
 };
 use super::txlog::TxLogWriter;
 use super::{PreparedRun, run_folder};
@@ -33,10 +32,7 @@ fn config_items(config: &Map<String, Value>) -> Vec<ConfigItem> {
 
 /// The records of a run, in the order `wandb sync` expects them, numbered from 1.
 pub fn run_records(run: &PreparedRun) -> Vec<Record> {
-    let since_epoch = run
-        .start_time
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = run.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mut kinds = vec![
         RecordType::Run(RunRecord {
             run_id: run.run_id.clone(),
@@ -116,8 +112,7 @@ pub fn write_run(wandb_dir: &Path, run: &PreparedRun) -> Result<PathBuf> {
     }
     let log_path = dir.join(format!("run-{}.wandb", run.run_id));
     let file = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
-    let mut writer =
-        TxLogWriter::new(std::io::BufWriter::new(file)).map_err(|e| Error::io(&log_path, e))?;
+    let mut writer = TxLogWriter::new(std::io::BufWriter::new(file)).map_err(|e| Error::io(&log_path, e))?;
     for record in run_records(run) {
         writer
             .append(&record.encode_to_vec())
@@ -150,12 +145,7 @@ mod tests {
     #[test]
     fn written_folder_reads_back_record_by_record() {
         let root = std::env::temp_dir().join(format!("segq-offline-{}", std::process::id()));
-        let run = prepare_run(
-            &TrackingSettings::default(),
-            &sample_log(),
-            "abcd1234".into(),
-        )
-        .unwrap();
+        let run = prepare_run(&TrackingSettings::default(), &sample_log(), "abcd1234".into()).unwrap();
         let dir = write_run(&root, &run).unwrap();
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
         assert!(
@@ -164,10 +154,7 @@ mod tests {
         );
         let bytes = std::fs::read(dir.join("run-abcd1234.wandb")).unwrap();
         let payloads = txlog::read_records(&bytes).unwrap();
-        let records: Vec<Record> = payloads
-            .iter()
-            .map(|p| Record::decode(p.as_slice()).unwrap())
-            .collect();
+        let records: Vec<Record> = payloads.iter().map(|p| Record::decode(p.as_slice()).unwrap()).collect();
         let kinds: Vec<&str> = records
             .iter()
             .map(|r| match r.record_type.as_ref().unwrap() {
@@ -181,9 +168,7 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [
-                "run", "config", "history", "history", "files", "summary", "exit"
-            ]
+            ["run", "config", "history", "history", "files", "summary", "exit"]
         );
         assert_eq!(
             records.iter().map(|r| r.num).collect::<Vec<_>>(),
@@ -204,21 +189,10 @@ mod tests {
             unreachable!()
         };
         for item in &files.files {
-            assert!(
-                dir.join("files").join(&item.path).is_file(),
-                "{}",
-                item.path
-            );
+            assert!(dir.join("files").join(&item.path).is_file(), "{}", item.path);
         }
         let synced = mark_synced(&dir).unwrap();
-        assert!(
-            synced
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("run-")
-        );
+        assert!(synced.file_name().unwrap().to_str().unwrap().starts_with("run-"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

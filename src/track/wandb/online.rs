@@ -76,8 +76,7 @@ impl Client {
             .timeout_global(Some(options.timeout))
             .user_agent(concat!("segq/", env!("CARGO_PKG_VERSION")))
             .build();
-        let token =
-            base64::engine::general_purpose::STANDARD.encode(format!("api:{}", key.expose()));
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("api:{}", key.expose()));
         Client {
             agent: ureq::Agent::new_with_config(config),
             base_url: base_url.trim_end_matches('/').to_string(),
@@ -88,9 +87,7 @@ impl Client {
 
     /// Sends a request, retrying on 429, 5xx and network failures; returns the body of a 2xx answer.
     fn send(&self, request: &Request) -> Result<String> {
-        let Request {
-            what, method, url, ..
-        } = *request;
+        let Request { what, method, url, .. } = *request;
         let mut attempt = 0;
         loop {
             let mut builder = match method {
@@ -117,11 +114,7 @@ impl Client {
                     if (200..300).contains(&status) {
                         return Ok(body);
                     }
-                    let snippet: String = body
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                        .replace(['\n', '\r'], " ");
+                    let snippet: String = body.chars().take(200).collect::<String>().replace(['\n', '\r'], " ");
                     let failure = format!("{what}: {method} {url}: HTTP {status}: {snippet}");
                     if status != 429 && status < 500 {
                         return Err(Error::Track(failure));
@@ -138,9 +131,7 @@ impl Client {
             };
             attempt += 1;
             if attempt >= self.options.attempts {
-                return Err(Error::Track(format!(
-                    "{failure} (gave up after {attempt} tries)"
-                )));
+                return Err(Error::Track(format!("{failure} (gave up after {attempt} tries)")));
             }
             let delay = backoff_delay(&self.options, attempt - 1, retry_after);
             tracing::debug!(%failure, ?delay, "W&B request failed, retrying");
@@ -169,15 +160,11 @@ impl Client {
         let mut answer: Value = serde_json::from_str(&text)
             .map_err(|e| Error::Track(format!("{operation}: {url}: answer is not JSON: {e}")))?;
         if let Some(message) = answer.pointer("/errors/0/message").and_then(Value::as_str) {
-            return Err(Error::Track(format!(
-                "{operation}: {url}: server error: {message}"
-            )));
+            return Err(Error::Track(format!("{operation}: {url}: server error: {message}")));
         }
         match answer.get_mut("data") {
             Some(data) if !data.is_null() => Ok(data.take()),
-            _ => Err(Error::Track(format!(
-                "{operation}: {url}: answer has no data"
-            ))),
+            _ => Err(Error::Track(format!("{operation}: {url}: answer has no data"))),
         }
     }
 
@@ -187,10 +174,7 @@ impl Client {
         if !run.media.is_empty() {
             self.upload_media(&entity, &project, run)?;
         }
-        let stream_url = format!(
-            "{}/files/{entity}/{project}/{}/file_stream",
-            self.base_url, run.run_id
-        );
+        let stream_url = format!("{}/files/{entity}/{project}/{}/file_stream", self.base_url, run.run_id);
         let lines: Vec<String> = run
             .history
             .iter()
@@ -202,8 +186,7 @@ impl Client {
             self.post_json("file_stream history", &stream_url, &body)?;
         }
         let summary_line = Value::Object(run.summary.clone()).to_string();
-        let body =
-            json!({"files": {"wandb-summary.json": {"offset": 0, "content": [summary_line]}}});
+        let body = json!({"files": {"wandb-summary.json": {"offset": 0, "content": [summary_line]}}});
         self.post_json("file_stream summary", &stream_url, &body)?;
         let uploaded: Vec<&str> = run.media.iter().map(|m| m.path.as_str()).collect();
         let body = json!({"complete": true, "exitcode": run.exit_code, "uploaded": uploaded});
@@ -238,9 +221,7 @@ impl Client {
         }
         let data = self.graphql("UpsertBucket", UPSERT_BUCKET, variables)?;
         let project = data.pointer("/upsertBucket/bucket/project");
-        let entity = project
-            .and_then(|p| p.pointer("/entity/name"))
-            .and_then(Value::as_str);
+        let entity = project.and_then(|p| p.pointer("/entity/name")).and_then(Value::as_str);
         let project_name = project.and_then(|p| p.get("name")).and_then(Value::as_str);
         match (entity, project_name) {
             (Some(entity), Some(project)) => Ok((entity.to_string(), project.to_string())),
@@ -253,8 +234,7 @@ impl Client {
     /// Asks for upload URLs and PUTs each media file there (without the API key).
     fn upload_media(&self, entity: &str, project: &str, run: &PreparedRun) -> Result<()> {
         let names: Vec<&str> = run.media.iter().map(|m| m.path.as_str()).collect();
-        let variables =
-            json!({"entity": entity, "project": project, "run": run.run_id, "files": names});
+        let variables = json!({"entity": entity, "project": project, "run": run.run_id, "files": names});
         let data = self.graphql("CreateRunFiles", CREATE_RUN_FILES, variables)?;
         let headers: Vec<(String, String)> = data
             .pointer("/createRunFiles/uploadHeaders")
@@ -276,9 +256,7 @@ impl Client {
                 .find(|f| f.get("name").and_then(Value::as_str) == Some(media.path.as_str()))
                 .and_then(|f| f.get("uploadUrl"))
                 .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    Error::Track(format!("CreateRunFiles: no upload URL for {}", media.path))
-                })?;
+                .ok_or_else(|| Error::Track(format!("CreateRunFiles: no upload URL for {}", media.path)))?;
             let content_type = if media.path.ends_with(".png") {
                 "image/png"
             } else {

@@ -173,10 +173,7 @@ mod tests {
             key: "a".into(),
             value_json: "1".into(),
         };
-        assert_eq!(
-            item.encode_to_vec(),
-            vec![0x0a, 0x01, b'a', 0x82, 0x01, 0x01, b'1']
-        );
+        assert_eq!(item.encode_to_vec(), vec![0x0a, 0x01, b'a', 0x82, 0x01, 0x01, b'1']);
         // FilesItem.type is field 3.
         let file = FilesItem {
             path: "x".into(),

@@ -66,8 +66,7 @@ impl<W: Write> TxLogWriter<W> {
                 (false, true) => ChunkType::Last,
             } as u8;
             let (data, tail) = rest.split_at(take);
-            self.out
-                .write_all(&chunk_crc(chunk_type, data).to_le_bytes())?;
+            self.out.write_all(&chunk_crc(chunk_type, data).to_le_bytes())?;
             // `take` < BLOCK_SIZE, so it fits in u16.
             self.out.write_all(&(take as u16).to_le_bytes())?;
             self.out.write_all(&[chunk_type])?;
@@ -185,10 +184,7 @@ mod tests {
         let payload: Vec<u8> = (0..2 * BLOCK_SIZE + 100).map(|i| (i % 251) as u8).collect();
         let bytes = write_log(&[payload.clone(), b"after".to_vec()]);
         let first_len = BLOCK_SIZE - 7 - 7;
-        assert_eq!(
-            u16::from_le_bytes([bytes[11], bytes[12]]) as usize,
-            first_len
-        );
+        assert_eq!(u16::from_le_bytes([bytes[11], bytes[12]]) as usize, first_len);
         assert_eq!(bytes[13], ChunkType::First as u8);
         let middle = BLOCK_SIZE;
         assert_eq!(
@@ -205,10 +201,7 @@ mod tests {
         assert_eq!(bytes[last + 6], ChunkType::Last as u8);
         let crc = u32::from_le_bytes(bytes[last..last + 4].try_into().unwrap());
         assert_eq!(crc, chunk_crc(4, &payload[payload.len() - last_len..]));
-        assert_eq!(
-            read_records(&bytes).unwrap(),
-            vec![payload, b"after".to_vec()]
-        );
+        assert_eq!(read_records(&bytes).unwrap(), vec![payload, b"after".to_vec()]);
     }
 
     #[test]
@@ -219,10 +212,7 @@ mod tests {
         assert_eq!(&bytes[BLOCK_SIZE - 3..BLOCK_SIZE], &[0, 0, 0]);
         assert_eq!(bytes[BLOCK_SIZE + 6], ChunkType::Full as u8);
         assert_eq!(&bytes[BLOCK_SIZE + 7..], b"next");
-        assert_eq!(
-            read_records(&bytes).unwrap(),
-            vec![filler, b"next".to_vec()]
-        );
+        assert_eq!(read_records(&bytes).unwrap(), vec![filler, b"next".to_vec()]);
     }
 
     #[test]
