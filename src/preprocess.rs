@@ -376,7 +376,7 @@ mod tests {
     fn upsample_argmax_same_size_is_argmax() {
         // 2 classes on a 2x2 map, output at the same size: plain argmax with ties to class 0.
         let logits = [1.0, 0.0, 3.0, 5.0, 2.0, 0.0, 3.0, 4.0];
-        assert_eq!(upsample_argmax(&logits, 2, 2, 2, 2, 2), vec![1, 0, 0, 1]);
+        assert_eq!(upsample_argmax(&logits, 2, 2, 2, 2, 2), vec![1, 0, 0, 0]);
     }
 
     #[test]
