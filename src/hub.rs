@@ -62,6 +62,24 @@ pub struct HubId {
 }
 
 impl HubId {
+    /// A dataset id: like a model id, but legacy datasets have no owner (`scene_parse_150`).
+    pub fn parse_dataset(s: &str, default_revision: &str) -> Option<Self> {
+        let (name, revision) = match s.split_once('@') {
+            Some((n, r)) => (n, r),
+            None => (s, default_revision),
+        };
+        let candidate = if name.contains('/') {
+            name.to_string()
+        } else {
+            format!("_/{name}")
+        };
+        let id = Self::parse(&format!("{candidate}@{revision}"))?;
+        Some(Self {
+            repo: id.repo.trim_start_matches("_/").to_string(),
+            revision: id.revision,
+        })
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         let (repo, revision) = match s.split_once('@') {
             Some((r, rev)) => (r, rev.to_string()),
@@ -84,28 +102,43 @@ impl HubId {
 pub struct HubRepo {
     id: HubId,
     kind: RepoType,
+    cache_dir: PathBuf,
+    offline: bool,
 }
 
 impl HubRepo {
+    /// A model repo, with the cache and offline switch from the environment.
     pub fn model(id: HubId) -> Self {
         Self {
             id,
             kind: RepoType::Model,
+            cache_dir: hub_cache_dir(),
+            offline: hub_offline(),
         }
     }
 
+    /// A dataset repo, with the cache and offline switch from the environment.
     pub fn dataset(id: HubId) -> Self {
         Self {
             id,
             kind: RepoType::Dataset,
+            cache_dir: hub_cache_dir(),
+            offline: hub_offline(),
         }
+    }
+
+    /// The same repo with an explicit cache folder and offline switch (tests, tools).
+    pub fn with_cache(mut self, cache_dir: PathBuf, offline: bool) -> Self {
+        self.cache_dir = cache_dir;
+        self.offline = offline;
+        self
     }
 
     fn repo(&self) -> Repo {
         Repo::with_revision(self.id.repo.clone(), self.kind, self.id.revision.clone())
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let kind = if matches!(self.kind, RepoType::Dataset) {
             "dataset"
         } else {
@@ -114,53 +147,51 @@ impl HubRepo {
         format!("Hub {kind} {}@{}", self.id.repo, self.id.revision)
     }
 
+    /// The Hub client on this repo's cache, with `HF_TOKEN` and `HF_ENDPOINT` as huggingface_hub reads them.
+    fn api(&self) -> Result<hf_hub::api::sync::Api> {
+        let endpoint = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty());
+        let mut builder = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
+            .with_token(hub_token())
+            .with_progress(false);
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        builder.build().map_err(|e| {
+            Error::Hub(format!(
+                "{}: cannot start the Hub client: {}",
+                self.describe(),
+                scrub(&e.to_string())
+            ))
+        })
+    }
+
     /// A file of the repo, from the shared cache when present, else downloaded (unless offline).
     pub fn get(&self, filename: &str) -> Result<PathBuf> {
-        let cache = Cache::new(hub_cache_dir());
+        let cache = Cache::new(self.cache_dir.clone());
         if let Some(path) = cache.repo(self.repo()).get(filename) {
             tracing::debug!(file = filename, path = %path.display(), "found in the Hub cache");
             return Ok(path);
         }
-        if hub_offline() {
+        if self.offline {
             return Err(Error::Hub(format!(
                 "{}: `{filename}` is not in the cache at {} and HF_HUB_OFFLINE is set (download it once with network, or pass a local folder)",
                 self.describe(),
-                hub_cache_dir().display()
+                self.cache_dir.display()
             )));
         }
-        let api = ApiBuilder::from_cache(cache)
-            .with_token(hub_token())
-            .with_progress(false)
-            .build()
-            .map_err(|e| {
-                Error::Hub(format!(
-                    "{}: cannot start the Hub client: {}",
-                    self.describe(),
-                    scrub(&e.to_string())
-                ))
-            })?;
+        let api = self.api()?;
         tracing::info!(source = %self.describe(), file = filename, "downloading");
         api.repo(self.repo())
             .get(filename)
             .map_err(|e| self.download_error(filename, &e.to_string()))
     }
 
-    /// Names of the repo's files (needs the network unless `cached_only`, which lists the cached snapshot).
+    /// Names of the repo's files: from the Hub, or from the cached snapshot when offline or unreachable.
     pub fn list_files(&self) -> Result<Vec<String>> {
-        if hub_offline() {
+        if self.offline {
             return self.cached_snapshot_files();
         }
-        let api = ApiBuilder::from_cache(Cache::new(hub_cache_dir()))
-            .with_token(hub_token())
-            .with_progress(false)
-            .build()
-            .map_err(|e| {
-                Error::Hub(format!(
-                    "{}: cannot start the Hub client: {}",
-                    self.describe(),
-                    scrub(&e.to_string())
-                ))
-            })?;
+        let api = self.api()?;
         match api.repo(self.repo()).info() {
             Ok(info) => Ok(info.siblings.into_iter().map(|s| s.rfilename).collect()),
             Err(e) => {
@@ -176,7 +207,7 @@ impl HubRepo {
     }
 
     fn cached_snapshot_files(&self) -> Result<Vec<String>> {
-        let folder = hub_cache_dir().join(self.repo().folder_name());
+        let folder = self.cache_dir.join(self.repo().folder_name());
         let revision = if self.id.revision.len() == 40 {
             self.id.revision.clone()
         } else {
@@ -184,9 +215,9 @@ impl HubRepo {
             std::fs::read_to_string(&ref_file)
                 .map_err(|_| {
                     Error::Hub(format!(
-                        "{}: not in the cache at {} and HF_HUB_OFFLINE is set",
+                        "{}: not cached at {} and HF_HUB_OFFLINE is set",
                         self.describe(),
-                        hub_cache_dir().display()
+                        self.cache_dir.display()
                     ))
                 })?
                 .trim()

@@ -259,11 +259,13 @@ pub fn resolve_dataset(config: &Config) -> Result<(data::DatasetSpec, String)> {
     let spec = if path.exists() || d.source.contains(',') {
         data::resolve_local(&d.source, &d.split, &d.image_column, &d.label_column)?
     } else {
-        let (repo, revision) = match d.source.split_once('@') {
-            Some((r, rev)) => (r.to_string(), rev.to_string()),
-            None => (d.source.clone(), "refs/convert/parquet".to_string()),
-        };
-        let files = data::parquet::hub_parquet_files(&repo, &d.subset, &d.split, &revision)?;
+        let id = segq::hub::HubId::parse_dataset(&d.source, "refs/convert/parquet").ok_or_else(|| {
+            anyhow::anyhow!(
+                "--dataset `{}`: no such file or folder, and not a Hub dataset id ([owner/]name[@revision])",
+                d.source
+            )
+        })?;
+        let files = data::parquet::hub_parquet_files(&segq::hub::HubRepo::dataset(id), &d.subset, &d.split)?;
         data::DatasetSpec::Parquet {
             files,
             image_column: d.image_column.clone(),

@@ -78,136 +78,36 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Lists and fetches `<config>/<split>/*.parquet` of a Hub dataset at `revision` (usually `refs/convert/parquet`)
-/// through hf-hub's cache. With `HF_HUB_OFFLINE=1` only the cache is consulted. Cache location: `HF_HUB_CACHE`,
-/// else `HF_HOME/hub`, else `~/.cache/huggingface/hub`; token: `HF_TOKEN`, else the cache's token file.
-pub fn hub_parquet_files(repo: &str, config: &str, split: &str, revision: &str) -> Result<Vec<PathBuf>> {
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
-        None => hf_hub::Cache::from_env(),
-    };
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
-    hub_parquet_files_in(&cache, offline, repo, config, split, revision)
-}
-
-/// [`hub_parquet_files`] with the cache and the offline switch given rather than read from the environment.
-pub fn hub_parquet_files_in(
-    cache: &hf_hub::Cache,
-    offline: bool,
-    repo: &str,
-    config: &str,
-    split: &str,
-    revision: &str,
-) -> Result<Vec<PathBuf>> {
-    let cache = cache.clone();
-    let hub_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Dataset, revision.to_string());
+/// Lists and fetches `<config>/<split>/*.parquet` of a Hub dataset (its Parquet conversion, usually at revision
+/// `refs/convert/parquet`) through the shared Hub cache; offline, only the cached snapshot is listed.
+pub fn hub_parquet_files(repo: &crate::hub::HubRepo, config: &str, split: &str) -> Result<Vec<PathBuf>> {
     let splits = split_aliases(split);
     let wanted = |name: &str| -> bool {
         let parts: Vec<&str> = name.split('/').collect();
         parts.len() == 3 && parts[0] == config && splits.iter().any(|s| s == parts[1]) && parts[2].ends_with(".parquet")
     };
-    if offline {
-        return cached_parquet_files(&cache, &hub_repo, config, split, &wanted);
-    }
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| cache.token());
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_endpoint(std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()))
-        .with_token(token)
-        .with_progress(false)
-        .build()
-        .map_err(|e| Error::Hub(format!("dataset {repo}: cannot start the Hub client: {e}")))?;
-    let api_repo = api.repo(hub_repo);
-    let info = api_repo
-        .info()
-        .map_err(|e| Error::Hub(format!("dataset {repo}@{revision}: cannot list files: {e}")))?;
-    let mut names: Vec<String> = info
-        .siblings
-        .iter()
-        .map(|s| s.rfilename.clone())
-        .filter(|n| wanted(n))
-        .collect();
+    let all = repo.list_files()?;
+    let mut names: Vec<&String> = all.iter().filter(|n| wanted(n)).collect();
     names.sort();
     if names.is_empty() {
-        let mut available: Vec<String> = info
-            .siblings
+        let mut available: Vec<&str> = all
             .iter()
-            .filter(|s| s.rfilename.ends_with(".parquet"))
-            .filter_map(|s| s.rfilename.rsplit_once('/').map(|(dir, _)| dir.to_string()))
+            .filter(|n| n.ends_with(".parquet"))
+            .filter_map(|n| n.rsplit_once('/').map(|(dir, _)| dir))
             .collect();
         available.sort();
         available.dedup();
-        return Err(Error::Hub(format!(
-            "dataset {repo}@{revision}: no Parquet files for config '{config}' split '{split}' (available: {})",
-            if available.is_empty() {
-                "none".to_string()
-            } else {
-                available.join(", ")
-            }
-        )));
-    }
-    let mut paths = Vec::with_capacity(names.len());
-    for name in &names {
-        tracing::info!("fetching {repo}/{name} ({revision})");
-        let path = api_repo
-            .get(name)
-            .map_err(|e| Error::Hub(format!("dataset {repo}@{revision}: {name}: {e}")))?;
-        paths.push(path);
-    }
-    Ok(paths)
-}
-
-/// Offline: the files of a cached snapshot, found through `refs/<revision>` (or the revision itself if it is a
-/// commit hash) in the hf-hub / huggingface_hub cache layout.
-fn cached_parquet_files(
-    cache: &hf_hub::Cache,
-    repo: &hf_hub::Repo,
-    config: &str,
-    split: &str,
-    wanted: &dyn Fn(&str) -> bool,
-) -> Result<Vec<PathBuf>> {
-    let repo_dir = cache.path().join(repo.folder_name());
-    let revision = repo.revision();
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
-        revision.to_string()
-    } else {
-        let ref_file = repo_dir.join("refs").join(revision);
-        std::fs::read_to_string(&ref_file)
-            .map_err(|e| {
-                Error::Hub(format!(
-                    "HF_HUB_OFFLINE is set and dataset {} at {revision} is not cached ({}: {e})",
-                    repo.url(),
-                    ref_file.display()
-                ))
-            })?
-            .trim()
-            .to_string()
-    };
-    let snapshot = repo_dir.join("snapshots").join(&commit);
-    let mut found = Vec::new();
-    for split_name in split_aliases(split) {
-        let dir = snapshot.join(config).join(&split_name);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+        let available = if available.is_empty() {
+            "none".to_string()
+        } else {
+            available.join(", ")
         };
-        for entry in entries.flatten() {
-            let name = format!("{config}/{split_name}/{}", entry.file_name().to_string_lossy());
-            if wanted(&name) {
-                found.push(entry.path());
-            }
-        }
-    }
-    found.sort();
-    if found.is_empty() {
         return Err(Error::Hub(format!(
-            "HF_HUB_OFFLINE is set and no Parquet files of {config}/{split} are cached in {}",
-            snapshot.display()
+            "{}: no Parquet files for {config}/{split} (available: {available})",
+            repo.describe()
         )));
     }
-    Ok(found)
+    names.iter().map(|name| repo.get(name)).collect()
 }
 
 /// How the image or label bytes are stored in a column.

@@ -676,34 +676,31 @@ fn offline_hub_listing_reads_the_cache_layout() {
     for name in ["0001.parquet", "0000.parquet", "notes.txt"] {
         std::fs::write(split_dir.join(name), b"x").unwrap();
     }
-    let cache = hf_hub::Cache::new(cache_dir.clone());
-    let files = parquet::hub_parquet_files_in(
-        &cache,
-        true,
-        "someone/scene_parse_150",
+    let repo = |id: &str, rev: &str| {
+        crate::hub::HubRepo::dataset(crate::hub::HubId::parse_dataset(id, rev).unwrap())
+            .with_cache(cache_dir.clone(), true)
+    };
+    let files = parquet::hub_parquet_files(
+        &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "val",
-        "refs/convert/parquet",
     )
     .unwrap();
     assert_eq!(
         files,
         vec![split_dir.join("0000.parquet"), split_dir.join("0001.parquet")]
     );
-    let e = parquet::hub_parquet_files_in(
-        &cache,
-        true,
-        "someone/scene_parse_150",
+    let e = parquet::hub_parquet_files(
+        &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "train",
-        "refs/convert/parquet",
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("scene_parsing/train"), "{e}");
-    let e = parquet::hub_parquet_files_in(&cache, true, "someone/other", "c", "train", "main")
+    assert!(e.contains("no Parquet files for scene_parsing/train"), "{e}");
+    let e = parquet::hub_parquet_files(&repo("someone/other", "main"), "c", "train")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not cached"), "{e}");
+    assert!(e.contains("not cached") && e.contains("HF_HUB_OFFLINE"), "{e}");
     std::fs::remove_dir_all(cache_dir).unwrap();
 }
