@@ -205,7 +205,7 @@ pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Varia
                         group_size: recipe.requested_group_size(),
                         bits_per_weight: report.bits_per_weight,
                         weight_bytes_memory: bytes,
-                        weight_bytes_disk: None,
+                        weight_bytes_disk: Some(segq::model::checkpoint::stored_bytes(&m)),
                         load_time_s: loaded.load_time.as_secs_f64(),
                         quantize_time_s: report.seconds,
                         model: Ok(m),

@@ -11,6 +11,17 @@ pub struct InspectArgs {
     /// Model: folder, Hub id[@revision], URL, or "embedded" (default: model.source in segq.toml).
     #[arg(long)]
     pub model: Option<String>,
+    /// Show what each layer becomes at this quantization level (e.g. int4).
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Quantization method for --quant.
+    #[arg(long, default_value = "rtn")]
+    pub method: String,
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Weight-name glob patterns kept in float.
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Option<Vec<String>>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -20,7 +31,19 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
     let config = load_config(global)?;
     super::set_threads(config.eval.threads);
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
-    let loaded = model::load(&source)?;
+    let mut loaded = model::load(&source)?;
+    let f32_bytes: usize = loaded.model.layers().iter().map(|l| l.parameters * 4).sum();
+    if let Some(level) = &args.quant {
+        let recipe = segq::quant::Recipe::new(
+            segq::quant::Level::parse(level)?,
+            segq::quant::Method::parse(&args.method)?,
+            args.group_size.or(config.quant.group_size),
+            config.quant.symmetric,
+            args.skip.clone().unwrap_or_else(|| config.quant.skip.clone()),
+        )?;
+        let (quantized, _) = model::quantize(&loaded.model, &recipe)?;
+        loaded.model = quantized;
+    }
     let layers = loaded.model.layers();
     let total_params: usize = layers.iter().map(|l| l.parameters).sum();
     let total_bytes: usize = layers.iter().map(|l| l.weight_bytes + l.bias_bytes).sum();
@@ -32,6 +55,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
             "layers": layers,
             "total_parameters": total_params,
             "total_weight_bytes": total_bytes,
+            "f32_weight_bytes": f32_bytes,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -71,13 +95,14 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
             l.weight_bytes + l.bias_bytes
         );
     }
-    let norm_params = loaded.model.config.hidden_sizes.len(); // norms are listed in the totals line below
-    let _ = norm_params;
     println!(
-        "total: {} layers, {} parameters in Linear/Conv layers, {:.3} MB of weights and biases",
+        "total: {} layers, {} parameters in Linear/Conv layers, {:.3} MB of weights and biases ({:.3} MB in f32, ratio {:.3}, {:.3} MB saved)",
         layers.len(),
         total_params,
-        total_bytes as f64 / 1e6
+        total_bytes as f64 / 1e6,
+        f32_bytes as f64 / 1e6,
+        total_bytes as f64 / f32_bytes.max(1) as f64,
+        (f32_bytes as f64 - total_bytes as f64) / 1e6
     );
     Ok(())
 }

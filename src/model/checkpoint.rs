@@ -275,3 +275,17 @@ pub fn save_quantized(
     }
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }
+
+/// Bytes of tensor data a checkpoint of `model` holds as `save_quantized` writes it (the file adds only its JSON
+/// header): float tensors as f32, quantized weights as packed codes, scales and zero points.
+pub fn stored_bytes(model: &super::segformer::Segformer) -> u64 {
+    use super::segformer::StateTensor;
+    model
+        .state_dict()
+        .iter()
+        .map(|(name, t)| match t {
+            StateTensor::Float(t) => (t.elem_count() * 4) as u64,
+            StateTensor::Quantized(q) => q.to_tensors(name).iter().map(|(_, _, _, b)| b.len() as u64).sum(),
+        })
+        .sum()
+}
