@@ -194,16 +194,20 @@ pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Varia
             Ok(recipe) => match model::quantize(&loaded.model, &recipe) {
                 Ok((m, report)) => {
                     let bytes = weight_bytes(&m) as u64;
+                    let baseline = recipe.level.is_float_baseline();
+                    // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and
+                    // the row must say so rather than claim 32 bits per weight.
+                    let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
+                        (Some(header), true) => (format!("as loaded ({})", header.label), stored_bits_per_weight(&m)),
+                        (None, true) => ("none".to_string(), report.bits_per_weight),
+                        (_, false) => (recipe.method.name().to_string(), report.bits_per_weight),
+                    };
                     Variant {
                         label: report.label.clone(),
                         level: recipe.level.name().to_string(),
-                        method: if recipe.level.is_float_baseline() {
-                            "none".into()
-                        } else {
-                            recipe.method.name().to_string()
-                        },
+                        method,
                         group_size: recipe.requested_group_size(),
-                        bits_per_weight: report.bits_per_weight,
+                        bits_per_weight,
                         weight_bytes_memory: bytes,
                         weight_bytes_disk: Some(segq::model::checkpoint::stored_bytes(&m)),
                         load_time_s: loaded.load_time.as_secs_f64(),
@@ -240,6 +244,15 @@ fn failed_variant(label: &str, level: &str, method: &str, reason: &str, _f32_byt
         quantize_time_s: f64::NAN,
         model: Err(reason.to_string()),
     }
+}
+
+/// Stored bits per Linear/Conv weight of a model as it is (scales and zero points included).
+fn stored_bits_per_weight(m: &segq::model::segformer::Segformer) -> f64 {
+    let (bits, count) = m.layers().iter().fold((0.0, 0usize), |(bits, count), l| {
+        let n: usize = l.shape.iter().product();
+        (bits + l.bits_per_weight * n as f64, count + n)
+    });
+    bits / count.max(1) as f64
 }
 
 fn weight_bytes(m: &segq::model::segformer::Segformer) -> usize {
@@ -341,6 +354,13 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     }
     let source = ModelSource::parse(Some(&config.model.source))?;
     let loaded = model::load(&source)?;
+    if let Some(header) = &loaded.recipe {
+        tracing::warn!(
+            recipe = %header.label,
+            "the model is a quantized checkpoint: the `f32` row is this model as loaded, and other levels are \
+             quantized from its dequantized weights"
+        );
+    }
     let shard = resolve_shard(&config)?;
     let (mut loader, dataset_description) = build_loader(&config, shard)?;
     tracing::info!(dataset = %dataset_description, examples = loader.total(), "dataset ready");

@@ -17,6 +17,9 @@ pub struct MergeArgs {
     /// Output folder for the merged results.
     #[arg(long, default_value = "segq-merged")]
     pub out: PathBuf,
+    /// Merge even when some shards are missing; the result is marked incomplete.
+    #[arg(long)]
+    pub allow_partial: bool,
 }
 
 pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
@@ -29,7 +32,10 @@ pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
         };
         parts.push(EvalResults::read(&path)?);
     }
-    let merged = segq::eval::merge::merge(parts)?;
+    let options = segq::eval::merge::MergeOptions {
+        allow_partial: args.allow_partial,
+    };
+    let merged = segq::eval::merge::merge_with(parts, options)?;
     std::fs::create_dir_all(&args.out).map_err(|e| segq::Error::io(&args.out, e))?;
     segq::report::write_all(&merged, &args.out)?;
     println!("{}", segq::report::format_table(&merged));

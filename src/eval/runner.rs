@@ -274,10 +274,10 @@ fn evaluate_batch(
             if let Some(conf) = state.result.confusion.as_mut() {
                 conf.add(pred, ex.label.as_raw(), options.ignore_index)?;
             }
-            if let Some(agreement) = state.result.agreement.as_mut() {
-                if let Some(reference) = reference.get(i) {
-                    agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), options.ignore_index)?;
-                }
+            if let Some(agreement) = state.result.agreement.as_mut()
+                && let Some(reference) = reference.get(i)
+            {
+                agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), options.ignore_index)?;
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
