@@ -1,5 +1,6 @@
 //! `segq.toml`, the Rust-native counterpart of a Python pipeline's `config.py`: the schema, its defaults, and the
-//! merge order defaults < file < environment < command line. Unknown keys and bad values name the key and file line.
+//! merge order defaults < file < `--set` < dedicated flags (W&B's and the Hub's own environment variables apply to
+//! their sections). Unknown keys and bad values name the key and file line.
 //! The file never holds secrets: a W&B or Hub key in it is refused.
 
 use std::collections::BTreeMap;
@@ -40,7 +41,7 @@ impl Default for ModelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
     /// "embedded" (the demo set), a Hub dataset id, a Parquet file or folder, an ADEChallengeData2016 folder,
-    /// "IMAGES_DIR:MASKS_DIR", or a list file of `image<TAB>mask` lines.
+    /// "IMAGES_DIR,MASKS_DIR", or a list file of `image<TAB>mask` lines.
     pub source: String,
     pub split: String,
     /// Hub Parquet conversion config name (Scene Parse 150: `scene_parsing`).
@@ -106,7 +107,7 @@ impl Default for QuantConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     pub batch_size: usize,
-    /// Evaluate at most this many examples (after offset and shard).
+    /// Evaluate at most this many examples after the offset (shards then split this window).
     pub limit: Option<usize>,
     pub offset: usize,
     /// "I/N" (0-based part I of N) or "auto" (Slurm array / Kubernetes indexed job variables).
@@ -151,7 +152,7 @@ impl Default for OutputConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingConfig {
-    /// online, offline or disabled (default: offline when no API key is found, disabled with no `[tracking]`).
+    /// online, offline or disabled (default: online when an API key is found, else offline with a notice).
     pub mode: Option<String>,
     pub project: Option<String>,
     pub entity: Option<String>,
@@ -315,7 +316,7 @@ source = "embedded"
 
 [dataset]
 # "embedded" (12 demo images), a Hub dataset id (e.g. "scene_parse_150", read from its Parquet conversion),
-# a Parquet file or folder, an ADEChallengeData2016 folder, "IMAGES_DIR:MASKS_DIR", or a list file of image<TAB>mask.
+# a Parquet file or folder, an ADEChallengeData2016 folder, "IMAGES_DIR,MASKS_DIR", or a list file of image<TAB>mask.
 source = "embedded"
 split = "validation"
 subset = "scene_parsing"      # Hub Parquet config name
