@@ -184,9 +184,14 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
         &tags,
     );
     let outcome = segq::track::log_runs(&settings, &runs)?;
+    let mut shown: Vec<&String> = Vec::new();
     for run in &outcome.runs {
+        // A notice shared by every run (e.g. "no API key: offline") is shown once.
         for w in &run.warnings {
-            tracing::warn!(run = %run.name, "{w}");
+            if !shown.contains(&w) {
+                tracing::warn!(run = %run.name, "{w}");
+                shown.push(w);
+            }
         }
         match (&run.url, &run.offline_dir) {
             (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
