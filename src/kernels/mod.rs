@@ -8,6 +8,7 @@
 //!   quantized per row to int8 at run time.
 //! - [`gelu`]: f32 `erf`, `erfc` and exact GELU (PyTorch's `approximate="none"`).
 //! - [`layer_norm`]: layer normalisation over the last dimension of a `[rows, C]` matrix.
+//! - [`resize`]: bilinear upsampling of channels-last maps summed into one (SegFormer's decode head), bias + ReLU.
 //!
 //! Every SIMD kernel has a plain scalar reference beside it (`*_scalar`) that the tests compare it with. SIMD code
 //! uses AVX2+FMA through `std::arch::x86_64`, chosen at run time by [`has_avx2_fma`]; elsewhere (other CPUs, other
@@ -18,12 +19,14 @@ pub mod gelu;
 pub mod gemm_i4;
 pub mod gemm_i8;
 pub mod layer_norm;
+pub mod resize;
 
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
 pub use gemm_i8::{PackedI8, gemm_i8_dynamic, quantize_rows_i8};
 pub use layer_norm::layer_norm;
+pub use resize::{MapNhwc, upsample_sum_nhwc};
 
 /// True when the CPU can run the AVX2+FMA kernels (detected once, then cached by std).
 #[inline]

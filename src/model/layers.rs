@@ -3,18 +3,88 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::Result;
-use crate::kernels;
-use crate::quant::QuantTensor;
+use crate::kernels::{self, PackedI8};
+use crate::quant::{Format, QuantTensor, QuantTensorMeta};
+use crate::{Error, Result};
 
 /// A layer's weight: float32, or a packed quantized tensor dequantized per call into a short-lived buffer (so a
-/// quantized model holds no float copy of its weights).
+/// quantized model holds no float copy of its weights), or (level `int8-dyn`) int8 codes pre-packed for the W8A8
+/// GEMM kernel, which quantizes activations per row at run time.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Float(Tensor),
     Quantized(Arc<QuantTensor>),
+    PackedI8(Arc<PackedInt8>),
+}
+
+/// A symmetric per-channel int8 weight re-laid out for [`kernels::gemm_i8_dynamic`]. Only the packed panels are
+/// kept (same bytes as the codes); the [`QuantTensor`] is rebuilt from them when the model is saved or inspected.
+#[derive(Debug, Clone)]
+pub struct PackedInt8 {
+    pub packed: PackedI8,
+    pub meta: QuantTensorMeta,
+}
+
+impl PackedInt8 {
+    /// Packs `q` when it is int8, symmetric and per channel (one scale per output row) with codes in [-127, 127];
+    /// otherwise returns `None` and the weight stays on the dequantize path.
+    pub fn try_from_quant(q: &QuantTensor) -> Option<PackedInt8> {
+        if q.format != Format::Int8 || !q.symmetric || q.group_size < q.cols || q.scales.len() != q.rows {
+            return None;
+        }
+        let codes: Vec<i8> = q.data.iter().map(|&b| b as i8).collect();
+        let packed = PackedI8::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
+        Some(PackedInt8 { packed, meta: q.meta() })
+    }
+
+    /// The stored form of the weight (row-major codes, per-row scales), identical to the one it was packed from.
+    pub fn to_quant(&self) -> QuantTensor {
+        let (rows, cols) = (self.meta.rows, self.meta.cols);
+        let mut data = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            data.extend((0..cols).map(|c| self.packed.code(r, c) as u8));
+        }
+        QuantTensor {
+            format: self.meta.format,
+            symmetric: self.meta.symmetric,
+            rows,
+            cols,
+            group_size: self.meta.group_size,
+            param_dtype: self.meta.param_dtype,
+            data,
+            scales: self.packed.scales().to_vec(),
+            zeros: Vec::new(),
+        }
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.meta.rows, self.meta.cols);
+        let scales = self.packed.scales();
+        let mut out = Vec::with_capacity(rows * cols);
+        for (r, &scale) in scales.iter().enumerate().take(rows) {
+            out.extend((0..cols).map(|c| self.packed.code(r, c) as f32 * scale));
+        }
+        out
+    }
+}
+
+/// Runs `f` on the tensor's f32 values in row-major order, borrowing them when the tensor is contiguous (a
+/// non-contiguous tensor is copied once).
+pub fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Model(format!("tensor of shape {:?} is not contiguous", x.dims())))?;
+    match &*storage {
+        Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[start..end]),
+        _ => Err(Error::Model(format!(
+            "tensor of shape {:?} is not on the CPU",
+            x.dims()
+        ))),
+    }
 }
 
 impl Weight {
@@ -23,6 +93,7 @@ impl Weight {
         match self {
             Weight::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.weight_bytes(),
+            Weight::PackedI8(p) => p.packed.nbytes(),
         }
     }
 
@@ -31,6 +102,7 @@ impl Weight {
         match self {
             Weight::Float(_) => "f32".into(),
             Weight::Quantized(q) => q.format_name(),
+            Weight::PackedI8(p) => format!("{}-packed", p.to_quant().format_name()),
         }
     }
 
@@ -38,6 +110,7 @@ impl Weight {
         match self {
             Weight::Float(_) => 32.0,
             Weight::Quantized(q) => q.bits_per_weight(),
+            Weight::PackedI8(p) => p.packed.nbytes() as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64,
         }
     }
 
@@ -46,6 +119,7 @@ impl Weight {
         match self {
             Weight::Float(t) => Ok(t.clone()),
             Weight::Quantized(q) => Ok(Tensor::from_vec(q.dequantize(), shape, &Device::Cpu)?),
+            Weight::PackedI8(p) => Ok(Tensor::from_vec(p.dequantize(), shape, &Device::Cpu)?),
         }
     }
 
@@ -56,6 +130,7 @@ impl Weight {
         match self {
             Weight::Float(t) => Ok((t.flatten_all()?.to_vec1::<f32>()?, rows, cols)),
             Weight::Quantized(q) => Ok((q.dequantize(), rows, cols)),
+            Weight::PackedI8(p) => Ok((p.dequantize(), rows, cols)),
         }
     }
 }
@@ -87,21 +162,37 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_features.max(1);
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.shape[0];
+        if let Weight::PackedI8(p) = &self.weight {
+            let out = gemm_i8_rows(x, rows, in_features, p, self.bias.as_ref())?;
+            return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
+        }
         let x2 = x.reshape((rows, in_features))?;
         let w = self.weight.to_f32(&self.shape)?;
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.shape[0];
         Ok(y.reshape(out_dims)?)
     }
 
     pub fn info(&self) -> LayerInfo {
         layer_info(&self.name, "Linear", &self.shape, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x [rows, k] * W^T + bias` through the W8A8 dynamic GEMM (activations quantized per row at run time).
+pub fn gemm_i8_rows(x: &Tensor, rows: usize, k: usize, w: &PackedInt8, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; rows * w.packed.n()];
+    with_f32(x, |xs| match bias {
+        Some(b) => with_f32(b, |bs| {
+            kernels::gemm_i8_dynamic(xs, rows, k, &w.packed, Some(bs), &mut out)
+        }),
+        None => kernels::gemm_i8_dynamic(xs, rows, k, &w.packed, None, &mut out),
+    })?;
+    Ok(out)
 }
 
 /// `nn.Conv2d` (NCHW), including the depthwise case (groups = channels) that Mix-FFN uses.
@@ -130,8 +221,15 @@ impl Conv2d {
         {
             return self.depthwise3x3(x, false);
         }
+        if self.is_pointwise() && matches!(self.weight, Weight::PackedI8(_)) {
+            // The int8 GEMM wants channels last: [B, C, H, W] -> [B*H*W, C] and back.
+            let (b, c, h, wd) = x.dims4()?;
+            let tokens = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
+            let y = self.forward_channels_last(&tokens)?;
+            return Ok(y.reshape((b, h, wd, out_c))?.permute((0, 3, 1, 2))?);
+        }
         let w = self.weight.to_f32(&self.shape)?;
-        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 && self.groups == 1 {
+        let y = if self.is_pointwise() {
             // A 1x1 convolution is a GEMM over channels.
             let (b, c, h, wd) = x.dims4()?;
             let w2 = w.reshape((out_c, c))?;
@@ -142,6 +240,34 @@ impl Conv2d {
         };
         match &self.bias {
             Some(bias) => Ok(y.broadcast_add(&bias.reshape((1, out_c, 1, 1))?)?),
+            None => Ok(y),
+        }
+    }
+
+    /// True for a 1x1 convolution with stride 1, no padding and no groups: a GEMM over channels.
+    pub fn is_pointwise(&self) -> bool {
+        self.shape[2] == 1 && self.shape[3] == 1 && self.stride == 1 && self.padding == 0 && self.groups == 1
+    }
+
+    /// A 1x1 convolution applied to channels-last pixels `[rows, C_in]`, giving `[rows, C_out]` (bias added); int8-dyn
+    /// weights go through the W8A8 GEMM.
+    pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.is_pointwise() {
+            return Err(Error::Model(format!(
+                "{}: forward_channels_last needs a 1x1 convolution, the weight is {:?}",
+                self.name, self.shape
+            )));
+        }
+        let (rows, c) = x.dims2()?;
+        let out_c = self.shape[0];
+        if let Weight::PackedI8(p) = &self.weight {
+            let out = gemm_i8_rows(x, rows, c, p, self.bias.as_ref())?;
+            return Ok(Tensor::from_vec(out, (rows, out_c), &Device::Cpu)?);
+        }
+        let w = self.weight.to_f32(&self.shape)?.reshape((out_c, c))?;
+        let y = x.matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
     }

@@ -333,6 +333,10 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         }
         Ok(())
     })?;
+    if recipe.level.dynamic_activations() {
+        let packed = out.pack_dynamic_int8()?;
+        tracing::info!(recipe = %recipe.label(), packed, "weights packed for the int8 dynamic GEMM");
+    }
     let (bits, count) = out.layers().iter().fold((0.0, 0usize), |(b, c), l| {
         let n: usize = l.shape.iter().product();
         (b + l.bits_per_weight * n as f64, c + n)

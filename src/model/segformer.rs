@@ -8,6 +8,7 @@ use super::checkpoint::TensorStore;
 use super::config::{NORM_EPS, SegformerConfig};
 use super::layers::{BatchNorm2d, Conv2d, LayerInfo, LayerNorm, Linear, Weight};
 use crate::Result;
+use crate::kernels;
 
 fn linear(store: &mut TensorStore, name: &str, in_f: usize, out_f: usize) -> Result<Linear> {
     let weight = store.weight(&format!("{name}.weight"), &[out_f, in_f])?;
@@ -205,16 +206,122 @@ impl Encoder {
 
 /// `SegformerDecodeHead`: per-stage MLPs to the decoder size, bilinear upsampling to the 1/4 map, concatenation in
 /// reverse stage order, `linear_fuse` (1x1 conv, no bias), BatchNorm, ReLU, `classifier` (1x1 conv with bias).
+///
+/// `forward` computes the same function without materialising the four upsampled, concatenated maps (see
+/// [`ComposedHead`]); `forward_reference` is the module as transformers writes it.
 #[derive(Debug, Clone)]
 pub struct DecodeHead {
     pub linear_c: Vec<Linear>,
     pub linear_fuse: Conv2d,
     pub batch_norm: BatchNorm2d,
     pub classifier: Conv2d,
+    /// `linear_c`, `linear_fuse` and the BatchNorm composed per stage; rebuilt whenever the weights change
+    /// ([`Segformer::for_each_weight_mut`]). `None` falls back to `forward_reference`.
+    pub composed: Option<ComposedHead>,
+}
+
+/// The linear part of the decode head rewritten per stage (an exact reformulation). A 1x1 convolution commutes with
+/// bilinear upsampling (both are linear, one over channels, the other over pixels, and bilinear weights sum to 1 so
+/// a bias passes through), so for stage `i` with input `X_i`:
+/// `BN(fuse(cat_j up(linear_c[j](X_j)))) = s * sum_i F_i (W_i up(X_i) + b_i) + t = sum_i up((s F_i W_i) X_i) + bias`
+/// where `F_i` is the slice of `linear_fuse`'s input channels that stage `i` feeds (transformers concatenates in
+/// reverse stage order, so stage `i` is slice `n-1-i`), `s, t` the folded BatchNorm and
+/// `bias = s * sum_i F_i b_i + t`. The products are applied at each stage's own resolution (far fewer pixels),
+/// then the decoder-size maps are upsampled and summed in one pass. For quantized levels the matrices are products
+/// of the dequantized weights, kept in f32 (D x sum(C_i) values, smaller than `linear_c` plus `linear_fuse`).
+#[derive(Debug, Clone)]
+pub struct ComposedHead {
+    /// Per stage, `(s F_i W_i)^T` as `[C_i, D]`, so tokens `[pixels, C_i]` multiply it directly.
+    pub weights: Vec<Tensor>,
+    /// `[D]`.
+    pub bias: Vec<f32>,
 }
 
 impl DecodeHead {
+    /// Composes the per-stage matrices from the current (dequantized) weights.
+    pub fn compose(&self) -> Result<ComposedHead> {
+        let n = self.linear_c.len();
+        let (d, fuse_in) = (self.linear_fuse.shape[0], self.linear_fuse.shape[1]);
+        if fuse_in != d * n || self.linear_c.iter().any(|l| l.shape[0] != d) {
+            return Err(crate::Error::Model(format!(
+                "decode_head.linear_fuse: input channels {fuse_in} are not {n} stages x decoder size {d}"
+            )));
+        }
+        let fuse = self
+            .linear_fuse
+            .weight
+            .to_f32(&self.linear_fuse.shape)?
+            .reshape((d, fuse_in))?;
+        let scale = self.batch_norm.scale.reshape((d, 1))?;
+        let mut bias = self.batch_norm.shift.clone();
+        let mut weights = Vec::with_capacity(n);
+        for (i, mlp) in self.linear_c.iter().enumerate() {
+            let slice = n - 1 - i;
+            let f_i = fuse.narrow(1, slice * d, d)?.broadcast_mul(&scale)?;
+            let w_i = mlp.weight.to_f32(&mlp.shape)?;
+            weights.push(f_i.matmul(&w_i)?.t()?.contiguous()?);
+            if let Some(b) = &mlp.bias {
+                bias = (bias + f_i.matmul(&b.reshape((d, 1))?)?.flatten_all()?)?;
+            }
+        }
+        Ok(ComposedHead {
+            weights,
+            bias: bias.to_vec1::<f32>()?,
+        })
+    }
+
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
+        match &self.composed {
+            Some(c) => self.forward_composed(c, features),
+            None => self.forward_reference(features),
+        }
+    }
+
+    /// The head through [`ComposedHead`]: per stage one GEMM at its own resolution, then upsample + sum + bias + ReLU
+    /// in one pass over the 1/4-resolution map (channels last), then the classifier.
+    fn forward_composed(&self, composed: &ComposedHead, features: &[Tensor]) -> Result<Tensor> {
+        let (batch, _, h0, w0) = features[0].dims4()?;
+        let d = composed.bias.len();
+        let mut per_image = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let mut maps = Vec::with_capacity(features.len());
+            for (state, weight) in features.iter().zip(&composed.weights) {
+                let (_, c, h, w) = state.dims4()?;
+                // [C, H*W] viewed transposed as tokens [H*W, C]; the GEMM reads it with strides, no copy.
+                let tokens = state.get(b)?.reshape((c, h * w))?.t()?;
+                maps.push((tokens.matmul(weight)?.contiguous()?, h, w));
+            }
+            let mut fused = vec![0f32; h0 * w0 * d];
+            let guards: Vec<_> = maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
+            let inputs = guards
+                .iter()
+                .zip(&maps)
+                .map(|((storage, layout), (t, h, w))| {
+                    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+                        crate::Error::Model(format!("decode head: stage map {:?} not contiguous", t.dims()))
+                    })?;
+                    match &**storage {
+                        candle_core::Storage::Cpu(cpu) => Ok(kernels::MapNhwc {
+                            data: &cpu.as_slice::<f32>()?[start..end],
+                            height: *h,
+                            width: *w,
+                        }),
+                        _ => Err(crate::Error::Model("decode head: stage map not on the CPU".into())),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            kernels::upsample_sum_nhwc(&inputs, d, h0, w0, &composed.bias, true, &mut fused)?;
+            drop(inputs);
+            drop(guards);
+            let fused = Tensor::from_vec(fused, (h0 * w0, d), &candle_core::Device::Cpu)?;
+            let logits = self.classifier.forward_channels_last(&fused)?; // [H0*W0, L]
+            per_image.push(logits.t()?.reshape((self.classifier.shape[0], h0, w0))?);
+        }
+        Ok(Tensor::stack(&per_image, 0)?)
+    }
+
+    /// The head exactly as transformers writes it: materialises the four upsampled maps and their concatenation.
+    pub fn forward_reference(&self, features: &[Tensor]) -> Result<Tensor> {
         let (_, _, h0, w0) = features[0].dims4()?;
         let mut upsampled = Vec::with_capacity(features.len());
         for (state, mlp) in features.iter().zip(&self.linear_c) {
@@ -237,6 +344,9 @@ impl DecodeHead {
         self.classifier.forward(&x)
     }
 }
+
+/// What [`Segformer::for_each_weight_mut`] calls: `(name, shape, weight)`.
+pub type WeightVisitor<'a> = dyn FnMut(&str, &[usize], &mut Weight) -> Result<()> + 'a;
 
 /// `SegformerForSemanticSegmentation`: encoder + decode head; logits at 1/4 of the input size.
 #[derive(Debug, Clone)]
@@ -365,7 +475,7 @@ impl Segformer {
             true,
         )?;
         store.finish()?;
-        Ok(Self {
+        let mut model = Self {
             config: config.clone(),
             encoder: Encoder {
                 patch_embeddings,
@@ -378,8 +488,51 @@ impl Segformer {
                 linear_fuse,
                 batch_norm,
                 classifier,
+                composed: None,
             },
-        })
+        };
+        model.decode_head.composed = Some(model.decode_head.compose()?);
+        Ok(model)
+    }
+
+    /// Re-lays out every int8 symmetric per-channel weight of a Linear or 1x1 convolution for the W8A8 dynamic GEMM
+    /// (level `int8-dyn`); other convolutions keep the dequantize path. Returns how many weights were packed.
+    pub fn pack_dynamic_int8(&mut self) -> Result<usize> {
+        let mut packed = 0;
+        let mut pack = |w: &mut Weight| {
+            if let Weight::Quantized(q) = w
+                && let Some(p) = super::layers::PackedInt8::try_from_quant(q)
+            {
+                *w = Weight::PackedI8(std::sync::Arc::new(p));
+                packed += 1;
+            }
+        };
+        for stage in &mut self.encoder.block {
+            for layer in stage {
+                let a = &mut layer.attention.self_attention;
+                for l in [
+                    &mut a.query,
+                    &mut a.key,
+                    &mut a.value,
+                    &mut layer.attention.output_dense,
+                ] {
+                    pack(&mut l.weight);
+                }
+                pack(&mut layer.mlp.dense1.weight);
+                pack(&mut layer.mlp.dense2.weight);
+            }
+        }
+        let head = &mut self.decode_head;
+        for l in &mut head.linear_c {
+            pack(&mut l.weight);
+        }
+        for conv in [&mut head.linear_fuse, &mut head.classifier] {
+            if conv.is_pointwise() {
+                pack(&mut conv.weight);
+            }
+        }
+        tracing::debug!(packed, "int8-dyn weights packed for the W8A8 GEMM");
+        Ok(packed)
     }
 
     /// Logits [B, num_labels, H/4, W/4] for normalised pixels [B, 3, H, W].
@@ -420,7 +573,7 @@ impl Segformer {
     }
 
     /// Calls `f(name, weight)` for every Linear and Conv2d weight, to quantize or inspect it in place.
-    pub fn for_each_weight_mut(&mut self, f: &mut dyn FnMut(&str, &[usize], &mut Weight) -> Result<()>) -> Result<()> {
+    pub fn for_each_weight_mut(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
         for (i, stage) in self.encoder.block.iter_mut().enumerate() {
             let proj = &mut self.encoder.patch_embeddings[i].proj;
             f(&proj.name, &proj.shape, &mut proj.weight)?;
@@ -446,7 +599,10 @@ impl Segformer {
         let fuse = &mut self.decode_head.linear_fuse;
         f(&fuse.name, &fuse.shape, &mut fuse.weight)?;
         let cls = &mut self.decode_head.classifier;
-        f(&cls.name, &cls.shape, &mut cls.weight)
+        f(&cls.name, &cls.shape, &mut cls.weight)?;
+        // The composed head is derived from these weights: keep it in step with them.
+        self.decode_head.composed = Some(self.decode_head.compose()?);
+        Ok(())
     }
 
     /// Every tensor of the model under its checkpoint name, in checkpoint order: what a saved checkpoint holds.
@@ -523,6 +679,120 @@ impl From<&Weight> for StateTensor {
         match w {
             Weight::Float(t) => StateTensor::Float(t.clone()),
             Weight::Quantized(q) => StateTensor::Quantized(q.clone()),
+            Weight::PackedI8(p) => StateTensor::Quantized(std::sync::Arc::new(p.to_quant())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{self, ModelSource};
+    use crate::quant::{Level, Recipe};
+    use candle_core::Device;
+
+    fn fixture(name: &str) -> Segformer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(name);
+        model::load(&ModelSource::Local(dir)).unwrap().model
+    }
+
+    /// Smooth image-like pixels with some noise, at an awkward size.
+    fn pixels(h: usize, w: usize) -> Tensor {
+        let noise = crate::kernels::test_util::random_vec(3 * h * w, 7, 0.3);
+        let v: Vec<f32> = (0..3 * h * w)
+            .map(|i| ((i % w) as f32 / w as f32 - 0.5) * 2.0 + ((i / w) % h) as f32 / h as f32 - 0.5 + noise[i])
+            .collect();
+        Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// max |a - b| / max |b|.
+    fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let max_ref = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / max_ref
+    }
+
+    #[test]
+    fn composed_decode_head_matches_the_reference_head() {
+        for name in ["tiny_a", "tiny_b_bin", "tiny_c"] {
+            let m = fixture(name);
+            assert!(m.decode_head.composed.is_some(), "{name}: composed head built at load");
+            let features = m.encoder.forward(&pixels(61, 47)).unwrap();
+            let fast = m.decode_head.forward(&features).unwrap();
+            let reference = m.decode_head.forward_reference(&features).unwrap();
+            assert_eq!(fast.dims(), reference.dims(), "{name}");
+            let d = rel_diff(&values(&fast), &values(&reference));
+            assert!(
+                d < 1e-5,
+                "{name}: composed head differs from the reference by {d} (relative)"
+            );
+        }
+    }
+
+    #[test]
+    fn composed_head_follows_quantized_weights() {
+        let m = fixture("tiny_a");
+        let (q, _) = model::quantize(&m, &Recipe::level_default(Level::Int4)).unwrap();
+        let features = q.encoder.forward(&pixels(40, 36)).unwrap();
+        let fast = values(&q.decode_head.forward(&features).unwrap());
+        let reference = values(&q.decode_head.forward_reference(&features).unwrap());
+        let d = rel_diff(&fast, &reference);
+        assert!(d < 1e-5, "int4: composed head differs from the reference by {d}");
+    }
+
+    #[test]
+    fn int8_dyn_runs_the_int8_gemm_and_stays_close_to_f32() {
+        let m = fixture("tiny_a");
+        let input = pixels(64, 64);
+        let f32_logits = values(&m.forward(&input).unwrap());
+        let (dynamic, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        let (weight_only, _) = model::quantize(&m, &Recipe::level_default(Level::Int8)).unwrap();
+        let a = &dynamic.encoder.block[0][0].attention.self_attention;
+        assert!(
+            matches!(a.query.weight, Weight::PackedI8(_)),
+            "query packed for the GEMM"
+        );
+        assert!(matches!(dynamic.decode_head.classifier.weight, Weight::PackedI8(_)));
+        let proj = &dynamic.encoder.patch_embeddings[0].proj.weight;
+        assert!(
+            matches!(proj, Weight::Quantized(_)),
+            "patch embedding stays on the dequantize path"
+        );
+        // Same int8 codes either way: only the run-time activation quantization differs.
+        let dyn_logits = values(&dynamic.forward(&input).unwrap());
+        let wo_logits = values(&weight_only.forward(&input).unwrap());
+        let vs_weight_only = rel_diff(&dyn_logits, &wo_logits);
+        assert!(
+            vs_weight_only > 0.0,
+            "int8-dyn gave the weight-only logits: the GEMM path did not run"
+        );
+        assert!(vs_weight_only < 0.03, "int8-dyn vs int8 weight-only: {vs_weight_only}");
+        let vs_f32 = rel_diff(&dyn_logits, &f32_logits);
+        assert!(vs_f32 < 0.05, "int8-dyn vs f32: {vs_f32}");
+    }
+
+    #[test]
+    fn packed_weights_save_as_the_codes_they_came_from() {
+        let m = fixture("tiny_a");
+        let (weight_only, _) = model::quantize(&m, &Recipe::level_default(Level::Int8)).unwrap();
+        let (dynamic, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        let stored = |m: &Segformer| -> Vec<(String, Vec<u8>, Vec<f32>)> {
+            m.state_dict()
+                .into_iter()
+                .filter_map(|(k, t)| match t {
+                    StateTensor::Quantized(q) => Some((k, q.data.clone(), q.scales.clone())),
+                    StateTensor::Float(_) => None,
+                })
+                .collect()
+        };
+        let (a, b) = (stored(&weight_only), stored(&dynamic));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "int8-dyn saves exactly the int8 codes and scales");
     }
 }
