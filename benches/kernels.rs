@@ -1,6 +1,6 @@
 //! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
 //! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 / W4A8 dynamic GEMMs against candle's f32 matmul and
-//! naive loops. The machine is shared and noisy: read the results as ratios within one run.
+//! naive loops; the attention softmax and the decode head's upsample-sum. The machine is shared and noisy: read the results as ratios within one run.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -119,6 +119,47 @@ fn bench_gemm(c: &mut Criterion) {
     g.finish();
 }
 
+/// Attention softmax at stage 1's shape (16384 queries x 256 keys): the fused scaled kernel against candle's
+/// divide + softmax_last_dim.
+fn bench_softmax(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention_softmax");
+    let (rows, cols) = (16384, 256);
+    let x = values(rows * cols, 11);
+    let mut out = vec![0f32; rows * cols];
+    g.bench_function("segq_scaled_simd", |b| {
+        b.iter(|| kernels::softmax_rows(black_box(&x), rows, cols, 0.176, &mut out).unwrap())
+    });
+    g.bench_function("scalar", |b| {
+        b.iter(|| kernels::softmax::softmax_rows_scalar(black_box(&x), rows, cols, 0.176, &mut out).unwrap())
+    });
+    let t = Tensor::from_vec(x.clone(), (rows, cols), &Device::Cpu).unwrap();
+    g.bench_function("candle_div_softmax", |b| {
+        b.iter(|| candle_nn::ops::softmax_last_dim(&(black_box(&t) / 5.66).unwrap()).unwrap())
+    });
+    g.finish();
+}
+
+/// The decode head's upsample + sum + bias + ReLU of B0's four 256-channel maps at 512x512 (to 128x128).
+fn bench_upsample_sum(c: &mut Criterion) {
+    let d = 256;
+    let sizes = [128usize, 64, 32, 16];
+    let data: Vec<Vec<f32>> = sizes.iter().map(|&s| values(s * s * d, s as u64)).collect();
+    let maps: Vec<kernels::MapNhwc<'_>> = sizes
+        .iter()
+        .zip(&data)
+        .map(|(&s, v)| kernels::MapNhwc {
+            data: v,
+            height: s,
+            width: s,
+        })
+        .collect();
+    let bias = values(d, 5);
+    let mut out = vec![0f32; 128 * 128 * d];
+    c.bench_function("decode_head_upsample_sum_relu", |b| {
+        b.iter(|| kernels::upsample_sum_nhwc(black_box(&maps), d, 128, 128, &bias, true, &mut out).unwrap())
+    });
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -126,5 +167,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_dwconv, bench_gemm }
+criterion_group! { name = benches; config = config(); targets = bench_dwconv, bench_gemm, bench_softmax, bench_upsample_sum }
 criterion_main!(benches);

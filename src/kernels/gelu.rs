@@ -67,7 +67,7 @@ fn horner(coeffs: &[f32], x: f32) -> f32 {
 }
 
 /// `exp(-hi + low)` where `hi >= 0` may be large and exact, `low` is a moderate correction.
-fn exp_neg_split(hi: f32, low: f32) -> f32 {
+pub(crate) fn exp_neg_split(hi: f32, low: f32) -> f32 {
     let s = low - hi;
     if s < EXP_ARG_MIN || s.is_nan() {
         return 0.0;
@@ -215,7 +215,7 @@ pub(crate) mod avx2 {
     /// `exp(-hi + low)`, lanes below the f32 normal range flushed to zero.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp_neg_split8(hi: __m256, low: __m256) -> __m256 {
+    pub(crate) fn exp_neg_split8(hi: __m256, low: __m256) -> __m256 {
         let s = _mm256_sub_ps(low, hi);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             s,

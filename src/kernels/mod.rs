@@ -8,6 +8,7 @@
 //!   quantized per row to int8 at run time.
 //! - [`gelu`]: f32 `erf`, `erfc` and exact GELU (PyTorch's `approximate="none"`).
 //! - [`layer_norm`]: layer normalisation over the last dimension of a `[rows, C]` matrix.
+//! - [`softmax`]: row-wise softmax of scaled attention scores in one pass.
 //! - [`resize`]: bilinear upsampling of channels-last maps summed into one (SegFormer's decode head), bias + ReLU.
 //!
 //! Every SIMD kernel has a plain scalar reference beside it (`*_scalar`) that the tests compare it with. SIMD code
@@ -20,6 +21,7 @@ pub mod gemm_i4;
 pub mod gemm_i8;
 pub mod layer_norm;
 pub mod resize;
+pub mod softmax;
 
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
@@ -27,6 +29,7 @@ pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
 pub use gemm_i8::{PackedI8, gemm_i8_dynamic, quantize_rows_i8};
 pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, upsample_sum_nhwc};
+pub use softmax::softmax_rows;
 
 /// True when the CPU can run the AVX2+FMA kernels (detected once, then cached by std).
 #[inline]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::kernels::{self, PackedI8};
 use crate::quant::{Format, QuantTensor, QuantTensorMeta};
@@ -171,16 +172,97 @@ impl Linear {
         }
         let x2 = x.reshape((rows, in_features))?;
         let w = self.weight.to_f32(&self.shape)?;
-        let mut y = x2.matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        let y = x2.matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => Ok(add_rows(&y, Some(b), None)?.reshape(out_dims)?),
+            None => Ok(y.reshape(out_dims)?),
         }
-        Ok(y.reshape(out_dims)?)
+    }
+
+    /// `forward(x) + residual` with the bias and residual added in one pass over the output (SegFormer's
+    /// `attention.output.dense` and `mlp.dense2` outputs feed a residual add).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_features = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_features.max(1);
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.shape[0];
+        if residual.dims() != out_dims.as_slice() {
+            return Err(Error::Model(format!(
+                "{}: residual of shape {:?} for an output of shape {out_dims:?}",
+                self.name,
+                residual.dims()
+            )));
+        }
+        if let Weight::PackedI8(p) = &self.weight {
+            let mut out = gemm_i8_rows(x, rows, in_features, p, self.bias.as_ref())?;
+            with_f32(residual, |r| {
+                out.par_iter_mut()
+                    .zip(r.par_iter())
+                    .with_min_len(4096)
+                    .for_each(|(o, r)| *o += r);
+                Ok(())
+            })?;
+            return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
+        }
+        let x2 = x.reshape((rows, in_features))?;
+        let w = self.weight.to_f32(&self.shape)?;
+        let y = x2.matmul(&w.t()?)?;
+        Ok(add_rows(&y, self.bias.as_ref(), Some(residual))?.reshape(out_dims)?)
     }
 
     pub fn info(&self) -> LayerInfo {
         layer_info(&self.name, "Linear", &self.shape, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `y + bias (per column) + residual (same shape)` in one parallel pass; `y` is `[rows, n]` (any leading dims).
+fn add_rows(y: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    let n = *y.dims().last().unwrap_or(&1);
+    let dims = y.dims().to_vec();
+    let mut out = vec![0f32; y.elem_count()];
+    with_f32(y, |ys| {
+        let zeros;
+        let run = |b: &[f32], r: Option<&[f32]>, out: &mut [f32]| {
+            out.par_chunks_mut(n.max(1))
+                .with_min_len(64)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    let src = &ys[i * n..(i + 1) * n];
+                    match r {
+                        Some(r) => {
+                            for (((o, &s), &b), &r) in o.iter_mut().zip(src).zip(b).zip(&r[i * n..(i + 1) * n]) {
+                                *o = s + b + r;
+                            }
+                        }
+                        None => {
+                            for ((o, &s), &b) in o.iter_mut().zip(src).zip(b) {
+                                *o = s + b;
+                            }
+                        }
+                    }
+                });
+        };
+        let with_bias = |b: &[f32], out: &mut [f32]| match residual {
+            Some(r) => with_f32(r, |rs| {
+                run(b, Some(rs), out);
+                Ok(())
+            }),
+            None => {
+                run(b, None, out);
+                Ok(())
+            }
+        };
+        match bias {
+            Some(b) => with_f32(b, |bs| with_bias(bs, &mut out)),
+            None => {
+                zeros = vec![0f32; n];
+                with_bias(&zeros, &mut out)
+            }
+        }
+    })?;
+    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
 
 /// `x [rows, k] * W^T + bias` through the W8A8 dynamic GEMM (activations quantized per row at run time).
@@ -303,16 +385,18 @@ impl Conv2d {
             Some(t) => t.to_vec1::<f32>()?,
             None => vec![0.0; self.shape[0]],
         };
-        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; input.len()];
-        for i in 0..batch {
-            kernel(
-                &input[i * plane..(i + 1) * plane],
-                &weight,
-                &bias,
-                &mut out[i * plane..(i + 1) * plane],
-            )?;
-        }
+        let mut out = vec![0f32; x.elem_count()];
+        with_f32(x, |input| {
+            for i in 0..batch {
+                kernel(
+                    &input[i * plane..(i + 1) * plane],
+                    &weight,
+                    &bias,
+                    &mut out[i * plane..(i + 1) * plane],
+                )?;
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -343,14 +427,20 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Through [`kernels::layer_norm`] (two-pass statistics, AVX2, parallel over rows).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        Ok(candle_nn::ops::layer_norm(
-            &x,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?)
+        let dims = x.dims().to_vec();
+        let cols = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / cols.max(1);
+        let mut out = vec![0f32; x.elem_count()];
+        with_f32(x, |xs| {
+            with_f32(&self.weight, |g| {
+                with_f32(&self.bias, |b| {
+                    kernels::layer_norm(xs, rows, cols, g, b, self.eps as f32, &mut out)
+                })
+            })
+        })?;
+        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::{D, Tensor};
 
 use super::checkpoint::TensorStore;
 use super::config::{NORM_EPS, SegformerConfig};
-use super::layers::{BatchNorm2d, Conv2d, LayerInfo, LayerNorm, Linear, Weight};
+use super::layers::{BatchNorm2d, Conv2d, LayerInfo, LayerNorm, Linear, Weight, with_f32};
 use crate::Result;
 use crate::kernels;
 
@@ -108,9 +108,18 @@ impl EfficientSelfAttention {
         };
         let key = self.split_heads(&self.key.forward(&kv_input)?)?;
         let value = self.split_heads(&self.value.forward(&kv_input)?)?;
-        let head_size = (c / self.num_heads) as f64;
-        let scores = (query.matmul(&key.t()?)? / head_size.sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let head_size = (c / self.num_heads) as f32;
+        // softmax(QK^T / sqrt(d)) with the scale applied inside the softmax kernel: one pass over the scores.
+        let scores = query.matmul(&key.t()?)?;
+        let score_dims = scores.dims().to_vec();
+        let cols = *score_dims.last().unwrap_or(&1);
+        let rows = scores.elem_count() / cols.max(1);
+        let mut probs = vec![0f32; scores.elem_count()];
+        with_f32(&scores, |s| {
+            kernels::softmax_rows(s, rows, cols, 1.0 / head_size.sqrt(), &mut probs)
+        })?;
+        drop(scores);
+        let probs = Tensor::from_vec(probs, score_dims, &candle_core::Device::Cpu)?;
         let context = probs.matmul(&value)?;
         Ok(context.transpose(1, 2)?.reshape((b, n, c))?)
     }
@@ -139,6 +148,13 @@ impl MixFfn {
         let x = self.dwconv.depthwise3x3_tokens(&x, height, width, true)?;
         self.dense2.forward(&x)
     }
+
+    /// `forward(hidden) + residual`, the residual added in dense2's bias pass.
+    pub fn forward_residual(&self, hidden: &Tensor, height: usize, width: usize, residual: &Tensor) -> Result<Tensor> {
+        let x = self.dense1.forward(hidden)?;
+        let x = self.dwconv.depthwise3x3_tokens(&x, height, width, true)?;
+        self.dense2.forward_residual(&x, residual)
+    }
 }
 
 /// `SegformerLayer`: pre-norm attention and Mix-FFN blocks with residuals.
@@ -154,10 +170,10 @@ impl Layer {
     pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let normed = self.layer_norm_1.forward(hidden)?;
         let attn = self.attention.self_attention.forward(&normed, height, width)?;
-        let attn = self.attention.output_dense.forward(&attn)?;
-        let hidden = (attn + hidden)?;
-        let mlp = self.mlp.forward(&self.layer_norm_2.forward(&hidden)?, height, width)?;
-        Ok((mlp + hidden)?)
+        // Residual adds fused into the output projections' bias pass (same sums, one pass fewer each).
+        let hidden = self.attention.output_dense.forward_residual(&attn, hidden)?;
+        let mlp_in = self.layer_norm_2.forward(&hidden)?;
+        self.mlp.forward_residual(&mlp_in, height, width, &hidden)
     }
 }
 

@@ -1,0 +1,185 @@
+//! Row-wise softmax of scaled attention scores, `out[r] = softmax(scale * x[r])` (scale > 0), in one read and one
+//! write of the scores: the `1/sqrt(head_size)` of attention is applied inside instead of in a separate pass over
+//! the (large) score matrix. `exp` is the polynomial of [`super::gelu`] (relative error about 2e-7).
+
+use rayon::prelude::*;
+
+use super::gelu::exp_neg_split;
+use crate::{Error, Result};
+
+/// Rows handed to one rayon task at least.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+fn check(x: usize, rows: usize, cols: usize, scale: f32, out: usize) -> Result<()> {
+    if x != rows * cols || out != rows * cols || !(scale > 0.0 && scale.is_finite()) {
+        return Err(Error::Model(format!(
+            "softmax_rows: input {x} and output {out} values for rows={rows} cols={cols} (want {}), scale {scale} \
+             (want finite > 0)",
+            rows * cols
+        )));
+    }
+    Ok(())
+}
+
+/// Softmax of every row of `scale * x` into `out`. AVX2 when the CPU has it; parallel over rows.
+pub fn softmax_rows(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32]) -> Result<()> {
+    check(x.len(), rows, cols, scale, out.len())?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        out.par_chunks_mut(cols)
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(r, dst)| {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above); both slices hold `cols` values.
+                unsafe { avx2::row(&x[r * cols..(r + 1) * cols], scale, dst) };
+            });
+        return Ok(());
+    }
+    softmax_rows_scalar(x, rows, cols, scale, out)
+}
+
+/// Scalar reference of [`softmax_rows`] (same `exp`, same operation order per element).
+pub fn softmax_rows_scalar(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32]) -> Result<()> {
+    check(x.len(), rows, cols, scale, out.len())?;
+    out.par_chunks_mut(cols.max(1))
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let src = &x[r * cols..(r + 1) * cols];
+            let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = exp_neg_split((max - v) * scale, 0.0);
+                sum += *d;
+            }
+            let inv = 1.0 / sum;
+            for d in dst.iter_mut() {
+                *d *= inv;
+            }
+        });
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::gelu::avx2::exp_neg_split8;
+    use super::exp_neg_split;
+    use std::arch::x86_64::*;
+
+    /// One row; see [`super::softmax_rows_scalar`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `dst.len() == src.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row(src: &[f32], scale: f32, dst: &mut [f32]) {
+        let n = src.len();
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) });
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+        let max = src[i..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let (vm, vs, zero) = (_mm256_set1_ps(max), _mm256_set1_ps(scale), _mm256_setzero_ps());
+        let mut vsum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for both slices.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let e = exp_neg_split8(_mm256_mul_ps(_mm256_sub_ps(vm, v), vs), zero);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            i += 8;
+        }
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vsum) };
+        let mut sum: f32 = lanes.iter().sum();
+        for j in i..n {
+            dst[j] = exp_neg_split((max - src[j]) * scale, 0.0);
+            sum += dst[j];
+        }
+        let inv = 1.0 / sum;
+        let vinv = _mm256_set1_ps(inv);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            unsafe {
+                let p = dst.as_mut_ptr().add(i);
+                _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), vinv));
+            }
+            i += 8;
+        }
+        for d in &mut dst[i..] {
+            *d *= inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::random_vec;
+
+    fn softmax_f64(x: &[f32], scale: f32) -> Vec<f64> {
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let e: Vec<f64> = x.iter().map(|&v| ((v as f64 - max) * scale as f64).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    }
+
+    #[test]
+    fn simd_and_scalar_match_f64_on_awkward_sizes() {
+        for (rows, cols) in [(1, 1), (3, 7), (5, 8), (17, 33), (64, 256), (2, 1000)] {
+            let x = random_vec(rows * cols, (rows * 31 + cols) as u64, 12.0);
+            let scale = 0.35;
+            let (mut fast, mut slow) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            softmax_rows(&x, rows, cols, scale, &mut fast).unwrap();
+            softmax_rows_scalar(&x, rows, cols, scale, &mut slow).unwrap();
+            for r in 0..rows {
+                let want = softmax_f64(&x[r * cols..(r + 1) * cols], scale);
+                for c in 0..cols {
+                    let i = r * cols + c;
+                    let tol = 2e-6 * want[c] + 1e-12;
+                    assert!(
+                        (fast[i] as f64 - want[c]).abs() <= tol,
+                        "simd {rows}x{cols} [{r},{c}]: {} vs {}",
+                        fast[i],
+                        want[c]
+                    );
+                    assert!(
+                        (slow[i] as f64 - want[c]).abs() <= tol,
+                        "scalar {rows}x{cols} [{r},{c}]: {} vs {}",
+                        slow[i],
+                        want[c]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_gaps_underflow_to_zero_not_nan() {
+        let x = [0.0f32, -1000.0, 5.0, -1e30];
+        let mut out = [0f32; 4];
+        softmax_rows(&x, 1, 4, 1.0, &mut out).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+        assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(out[1], 0.0);
+    }
+
+    #[test]
+    fn rejects_bad_shapes_and_scales() {
+        let mut out = [0f32; 4];
+        assert!(softmax_rows(&[0.0; 3], 1, 4, 1.0, &mut out).is_err());
+        assert!(softmax_rows(&[0.0; 4], 1, 4, 0.0, &mut out).is_err());
+    }
+}
