@@ -241,7 +241,11 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     };
     let bytes_by_dtype = store.bytes_by_dtype.clone();
     let recipe = store.recipe.take();
-    let model = Segformer::load(&config, &mut store)?;
+    let mut model = Segformer::load(&config, &mut store)?;
+    if recipe.as_ref().is_some_and(|r| r.recipe.level.dynamic_activations()) {
+        // int8-dyn checkpoints store plain int8 codes; pack them for the W8A8 GEMM as `quantize` does.
+        model.pack_dynamic_int8()?;
+    }
     drop(store);
     let load_time = start.elapsed();
     let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k}: {v} B")).collect();
