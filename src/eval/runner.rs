@@ -215,16 +215,14 @@ fn evaluate_batch(
 
     let mut reference: Vec<Vec<u16>> = Vec::new();
     let keep_from = samples.len();
-    for (i, ex) in batch.iter().enumerate() {
-        if samples.len() < options.samples {
-            samples.push(Sample {
-                id: ex.id.clone(),
-                image: ex.image.clone(),
-                label: ex.label.clone(),
-                predictions: BTreeMap::new(),
-            });
-        }
-        let _ = i;
+    // The first `options.samples` examples of the run are kept, with every level's prediction added below.
+    for ex in batch.iter().take(options.samples.saturating_sub(samples.len())) {
+        samples.push(Sample {
+            id: ex.id.clone(),
+            image: ex.image.clone(),
+            label: ex.label.clone(),
+            predictions: BTreeMap::new(),
+        });
     }
     for state in levels.iter_mut() {
         let Ok(model) = &state.variant.model else { continue };
@@ -281,13 +279,12 @@ fn evaluate_batch(
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
-        for (i, ms) in model_ms.iter().enumerate() {
+        for ms in &model_ms {
             state.result.model_latency_ms.push(*ms);
             state
                 .result
                 .pipeline_latency_ms
                 .push(shared_per_image_ms + ms + post_ms);
-            let _ = i;
         }
         state.result.peak_rss_bytes = state.result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
         state.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
@@ -320,7 +317,6 @@ fn group_by_size(inputs: &[(Vec<f32>, usize, usize)]) -> Vec<Vec<usize>> {
 pub fn save_sample_overlays(samples: &[Sample], dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for sample in samples {
-        let (w, h) = (sample.image.width(), sample.image.height());
         let truth: Vec<u16> = sample.label.as_raw().iter().map(|&v| v as u16).collect();
         let gt_dir = dir.join("ground_truth");
         std::fs::create_dir_all(&gt_dir).map_err(|e| Error::io(&gt_dir, e))?;
@@ -333,7 +329,6 @@ pub fn save_sample_overlays(samples: &[Sample], dir: &std::path::Path) -> Result
             let level_dir = dir.join(label);
             std::fs::create_dir_all(&level_dir).map_err(|e| Error::io(&level_dir, e))?;
             let path = level_dir.join(format!("{}.png", sample.id));
-            let _ = (w, h);
             crate::report::overlay::overlay(&sample.image, pred, 0.5)?
                 .save(&path)
                 .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
