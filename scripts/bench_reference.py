@@ -498,7 +498,15 @@ def main():
 
     # targets
     def level(lbl):
-        return (segq_rows or {}).get(lbl)
+        # segq labels carry the method (int8-rtn, int4-rtn-g64): match the level name as a prefix.
+        rows = segq_rows or {}
+        if lbl in rows:
+            return rows[lbl]
+        for name, row in rows.items():
+            rest = name[len(lbl):]
+            if name.startswith(lbl + "-") and not rest.startswith("-dyn"):
+                return row
+        return None
 
     def verdict(ok, detail):
         return ("n/a " if ok is None else ("PASS" if ok else "MISS")) + f"  {detail}"
