@@ -181,10 +181,10 @@ fn find_secret(table: &toml::Table, path: &str) -> Option<String> {
         if SECRET_KEYS.contains(&k.to_ascii_lowercase().as_str()) {
             return Some(here);
         }
-        if let toml::Value::Table(t) = v {
-            if let Some(found) = find_secret(t, &here) {
-                return Some(found);
-            }
+        if let toml::Value::Table(t) = v
+            && let Some(found) = find_secret(t, &here)
+        {
+            return Some(found);
         }
     }
     None
@@ -281,17 +281,17 @@ impl Config {
                 self.eval.protocol
             ));
         }
-        if let Some(mode) = &self.tracking.mode {
-            if !matches!(mode.as_str(), "online" | "offline" | "disabled") {
-                return Err(format!(
-                    "tracking.mode = \"{mode}\": expected online, offline or disabled"
-                ));
-            }
+        if let Some(mode) = &self.tracking.mode
+            && !matches!(mode.as_str(), "online" | "offline" | "disabled")
+        {
+            return Err(format!(
+                "tracking.mode = \"{mode}\": expected online, offline or disabled"
+            ));
         }
         if self.quant.levels.is_empty() {
             return Err("quant.levels is empty".into());
         }
-        for (k, _) in &self.dataset.label_map {
+        for k in self.dataset.label_map.keys() {
             k.parse::<u8>()
                 .map_err(|_| format!("dataset.label_map key \"{k}\" is not a label value 0..255"))?;
         }

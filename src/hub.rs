@@ -40,10 +40,10 @@ pub fn hub_offline() -> bool {
 
 /// `HF_TOKEN`, else the token file huggingface_hub writes at `$HF_HOME/token`.
 fn hub_token() -> Option<String> {
-    if let Ok(t) = std::env::var("HF_TOKEN") {
-        if !t.trim().is_empty() {
-            return Some(t.trim().to_string());
-        }
+    if let Ok(t) = std::env::var("HF_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
     }
     let home = std::env::var_os("HF_HOME")
         .map(PathBuf::from)

@@ -80,7 +80,7 @@ impl PreprocessorConfig {
         if c.image_mean.len() != 3 || c.image_std.len() != 3 {
             return Err("image_mean and image_std must have 3 entries".into());
         }
-        if c.image_std.iter().any(|s| *s == 0.0) {
+        if c.image_std.contains(&0.0) {
             return Err("image_std has a zero entry".into());
         }
         if c.resample != 2 {

@@ -182,6 +182,12 @@ fn high_bytes(w: u32, h: u32, pixels: impl Iterator<Item = [u16; 3]>) -> RgbImag
     RgbImage::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
 }
 
+/// Reads and decodes an image file to RGB (for `segq predict` and other single-image uses); errors name the file.
+pub fn read_rgb(path: &std::path::Path) -> crate::Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    decode_image(&bytes, &mut None).map_err(|e| crate::Error::Data(format!("{}: {e}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,10 +291,4 @@ mod tests {
         let e = decode_image(b"", &mut dec).unwrap_err();
         assert!(e.contains("0 bytes"), "{e}");
     }
-}
-
-/// Reads and decodes an image file to RGB (for `segq predict` and other single-image uses); errors name the file.
-pub fn read_rgb(path: &std::path::Path) -> crate::Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
-    decode_image(&bytes, &mut None).map_err(|e| crate::Error::Data(format!("{}: {e}", path.display())))
 }

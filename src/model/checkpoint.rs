@@ -96,17 +96,17 @@ impl TensorStore {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Model(format!("{origin}: cannot read safetensors: {e}")))?;
         let mut quantized_parts = std::collections::HashSet::new();
-        if let Some(meta) = metadata.metadata() {
-            if meta.contains_key(quant::RECIPE_METADATA_KEY) {
-                let (header, map) = quant::read_checkpoint_metadata(origin, meta)?;
-                for name in map.keys() {
-                    for suffix in ["qdata", "scale", "zero"] {
-                        quantized_parts.insert(format!("{name}.{suffix}"));
-                    }
+        if let Some(meta) = metadata.metadata()
+            && meta.contains_key(quant::RECIPE_METADATA_KEY)
+        {
+            let (header, map) = quant::read_checkpoint_metadata(origin, meta)?;
+            for name in map.keys() {
+                for suffix in ["qdata", "scale", "zero"] {
+                    quantized_parts.insert(format!("{name}.{suffix}"));
                 }
-                self.quant_map.extend(map);
-                self.recipe = Some(header);
             }
+            self.quant_map.extend(map);
+            self.recipe = Some(header);
         }
         for (name, view) in st.tensors() {
             let data = view.data();
