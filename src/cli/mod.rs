@@ -185,10 +185,14 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
     );
     let outcome = segq::track::log_runs(&settings, &runs)?;
     let mut shown: Vec<&String> = Vec::new();
+    let mut offline = 0;
     for run in &outcome.runs {
-        // A notice shared by every run (e.g. "no API key: offline") is shown once.
+        // A notice shared by every run (e.g. "no API key: offline") is shown once; the per-run sync hints are
+        // summarised in one line below.
         for w in &run.warnings {
-            if !shown.contains(&w) {
+            if w.contains("wandb sync") {
+                tracing::info!(run = %run.name, "{w}");
+            } else if !shown.contains(&w) {
                 tracing::warn!(run = %run.name, "{w}");
                 shown.push(w);
             }
@@ -196,10 +200,19 @@ pub fn track_results(config: &Config, cli_mode: Option<&str>, output: &segq::eva
         match (&run.url, &run.offline_dir) {
             (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
             (None, Some(dir)) => {
-                tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline (upload with `wandb sync`)")
+                offline += 1;
+                tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline")
             }
             _ => {}
         }
+    }
+    if offline > 0 {
+        let dir = settings.dir_or_default().join("wandb");
+        tracing::warn!(
+            "{offline} W&B run(s) kept offline in {}; upload them with `wandb sync {}/offline-run-*`",
+            dir.display(),
+            dir.display()
+        );
     }
     Ok(())
 }
