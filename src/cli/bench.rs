@@ -91,7 +91,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             continue;
         }
         let (m, report) = model::quantize(&loaded.model, &recipe)?;
-        let bytes = m.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum::<usize>() as f64;
+        let bytes = m.weight_bytes() as f64;
         segq::sysinfo::reset_peak_rss();
         for _ in 0..args.warmup {
             m.forward(&input)?;

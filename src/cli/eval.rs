@@ -187,13 +187,12 @@ pub fn recipes(config: &Config) -> Result<Vec<std::result::Result<Recipe, (Strin
 
 /// Builds the models of every recipe from the loaded float model.
 pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Variant>> {
-    let f32_bytes = loaded.weight_bytes() as u64;
     let mut variants = Vec::new();
     for recipe in recipes(config)? {
         let variant = match recipe {
             Ok(recipe) => match model::quantize(&loaded.model, &recipe) {
                 Ok((m, report)) => {
-                    let bytes = weight_bytes(&m) as u64;
+                    let bytes = m.weight_bytes() as u64;
                     let baseline = recipe.level.is_float_baseline();
                     // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and
                     // the row must say so rather than claim 32 bits per weight.
@@ -220,17 +219,16 @@ pub fn build_variants(loaded: &LoadedModel, config: &Config) -> Result<Vec<Varia
                     recipe.level.name(),
                     recipe.method.name(),
                     &e.to_string(),
-                    f32_bytes,
                 ),
             },
-            Err((level, reason)) => failed_variant(&level, &level, "-", &reason, f32_bytes),
+            Err((level, reason)) => failed_variant(&level, &level, "-", &reason),
         };
         variants.push(variant);
     }
     Ok(variants)
 }
 
-fn failed_variant(label: &str, level: &str, method: &str, reason: &str, _f32_bytes: u64) -> Variant {
+fn failed_variant(label: &str, level: &str, method: &str, reason: &str) -> Variant {
     tracing::error!(level = label, reason, "level cannot be built; the others go on");
     Variant {
         label: label.to_string(),
@@ -253,10 +251,6 @@ fn stored_bits_per_weight(m: &segq::model::segformer::Segformer) -> f64 {
         (bits + l.bits_per_weight * n as f64, count + n)
     });
     bits / count.max(1) as f64
-}
-
-fn weight_bytes(m: &segq::model::segformer::Segformer) -> usize {
-    m.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
 }
 
 /// Resolves the dataset source of the configuration to local files.

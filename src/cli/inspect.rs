@@ -46,7 +46,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
     }
     let layers = loaded.model.layers();
     let total_params: usize = layers.iter().map(|l| l.parameters).sum();
-    let total_bytes: usize = layers.iter().map(|l| l.weight_bytes + l.bias_bytes).sum();
+    let total_bytes = loaded.model.weight_bytes();
     if args.json {
         let value = serde_json::json!({
             "source": source.to_string(),

@@ -283,9 +283,10 @@ pub fn stored_bytes(model: &super::segformer::Segformer) -> u64 {
     model
         .state_dict()
         .iter()
-        .map(|(name, t)| match t {
+        .map(|(_, t)| match t {
             StateTensor::Float(t) => (t.elem_count() * 4) as u64,
-            StateTensor::Quantized(q) => q.to_tensors(name).iter().map(|(_, _, _, b)| b.len() as u64).sum(),
+            // `weight_bytes` counts exactly what `to_tensors` stores: codes, scales, zero points.
+            StateTensor::Quantized(q) => q.weight_bytes() as u64,
         })
         .sum()
 }

@@ -103,7 +103,8 @@ impl Weight {
         match self {
             Weight::Float(_) => "f32".into(),
             Weight::Quantized(q) => q.format_name(),
-            Weight::PackedI8(p) => format!("{}-packed", p.to_quant().format_name()),
+            // Packing requires symmetric per-channel int8, so the name follows from the format alone.
+            Weight::PackedI8(p) => format!("{}-sym-packed", p.meta.format.name()),
         }
     }
 

@@ -107,7 +107,7 @@ impl LoadedModel {
 
     /// Bytes of all Linear/Conv weights as currently stored (float or quantized).
     pub fn weight_bytes(&self) -> usize {
-        self.model.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
+        self.model.weight_bytes()
     }
 }
 

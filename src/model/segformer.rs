@@ -557,6 +557,11 @@ impl Segformer {
         self.decode_head.forward(&features)
     }
 
+    /// Bytes of all Linear/Conv2d weights and biases as currently stored (float, quantized or packed).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
+    }
+
     /// Every quantizable layer (Linear and Conv2d) with its weight-name prefix, in checkpoint order.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let mut out = Vec::new();

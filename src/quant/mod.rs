@@ -716,6 +716,9 @@ mod tests {
             let name = format!("layer.{}.weight", recipe.label());
             let q = quantize_weight(&name, &w, rows, cols, &recipe, None).unwrap();
             let stored = q.to_tensors(&name);
+            // Memory reports and checkpoint sizes rely on weight_bytes() counting exactly what is stored.
+            let stored_bytes: usize = stored.iter().map(|t| t.3.len()).sum();
+            assert_eq!(stored_bytes, q.weight_bytes(), "{}", recipe.label());
             let views: Vec<(String, safetensors::tensor::TensorView)> = stored
                 .iter()
                 .map(|(n, d, s, b)| {
