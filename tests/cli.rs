@@ -2,34 +2,16 @@
 //! commands write what they promise.
 
 mod common;
+mod eval_support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::{fixtures, repo_root};
-
-fn segq() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_segq"));
-    c.env("HF_HUB_OFFLINE", "1")
-        .env("WANDB_MODE", "disabled")
-        .env_remove("RUST_LOG")
-        .arg("-q");
-    c
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("segq-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use eval_support::{scratch as tmp, segq, segq_fails};
 
 /// Runs segq expecting failure; returns stderr, which must be a single `error:` line.
 fn fails(args: &[&str]) -> String {
-    let out = segq().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "segq {args:?} should fail; stderr: {stderr}");
-    assert_ne!(out.status.code(), Some(101), "segq {args:?} panicked: {stderr}");
+    let stderr = segq_fails(args);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "segq {args:?}: expected one error line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");

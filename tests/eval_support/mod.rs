@@ -1,5 +1,5 @@
-//! Helpers shared by the end-to-end tests of `segq eval`, `segq merge` and `segq quantize`: running the binary
-//! offline, scratch folders, and reading what a run wrote.
+//! Helpers shared by the tests that run the `segq` binary (cli, eval, merge, quantize): running it offline,
+//! scratch folders, and reading what a run wrote.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
