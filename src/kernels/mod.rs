@@ -1,5 +1,6 @@
 //! CPU compute kernels on plain slices, for the layers where candle is slow or has no quantized path.
 //!
+//! - [`attention`]: fused multi-head attention (scores kept per block of query rows in cache, never stored).
 //! - [`dwconv`]: depthwise 3x3 convolution (stride 1, padding 1) with bias and optional fused exact GELU, for
 //!   SegFormer's Mix-FFN; channels-first (`[C, H, W]`) and channels-last (`[H*W, C]`) layouts.
 //! - [`gemm_i8`]: W8A8 dynamic int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at
@@ -15,6 +16,7 @@
 //! uses AVX2+FMA through `std::arch::x86_64`, chosen at run time by [`has_avx2_fma`]; elsewhere (other CPUs, other
 //! architectures) the scalar path runs. Work is spread over the rayon thread pool.
 
+pub mod attention;
 pub mod dwconv;
 pub mod gelu;
 pub mod gemm_i4;
@@ -23,6 +25,7 @@ pub mod layer_norm;
 pub mod resize;
 pub mod softmax;
 
+pub use attention::{AttentionShape, attention, attention_scalar};
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_i4::{PackedI4, gemm_i4_dynamic};

@@ -41,25 +41,39 @@ pub fn softmax_rows(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [
     softmax_rows_scalar(x, rows, cols, scale, out)
 }
 
+/// Softmax of one row of `scale * src` into `dst` (same length), AVX2 when the CPU has it; for callers that keep
+/// their scores in a small per-thread buffer (fused attention).
+pub(crate) fn softmax_row(src: &[f32], scale: f32, dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above); the slices have the same length.
+        unsafe { avx2::row(src, scale, dst) };
+        return;
+    }
+    softmax_row_scalar(src, scale, dst);
+}
+
+pub(crate) fn softmax_row_scalar(src: &[f32], scale: f32, dst: &mut [f32]) {
+    let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = exp_neg_split((max - v) * scale, 0.0);
+        sum += *d;
+    }
+    let inv = 1.0 / sum;
+    for d in dst.iter_mut() {
+        *d *= inv;
+    }
+}
+
 /// Scalar reference of [`softmax_rows`] (same `exp`, same operation order per element).
 pub fn softmax_rows_scalar(x: &[f32], rows: usize, cols: usize, scale: f32, out: &mut [f32]) -> Result<()> {
     check(x.len(), rows, cols, scale, out.len())?;
     out.par_chunks_mut(cols.max(1))
         .with_min_len(MIN_ROWS_PER_TASK)
         .enumerate()
-        .for_each(|(r, dst)| {
-            let src = &x[r * cols..(r + 1) * cols];
-            let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = exp_neg_split((max - v) * scale, 0.0);
-                sum += *d;
-            }
-            let inv = 1.0 / sum;
-            for d in dst.iter_mut() {
-                *d *= inv;
-            }
-        });
+        .for_each(|(r, dst)| softmax_row_scalar(&x[r * cols..(r + 1) * cols], scale, dst));
     Ok(())
 }
 

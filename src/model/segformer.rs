@@ -87,16 +87,9 @@ pub struct EfficientSelfAttention {
 }
 
 impl EfficientSelfAttention {
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, self.num_heads, c / self.num_heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let (b, n, c) = hidden.dims3()?;
-        let query = self.split_heads(&self.query.forward(hidden)?)?;
+        let query = self.query.forward(hidden)?;
         let kv_input = match &self.sr {
             Some((sr, norm)) => {
                 let x = hidden.transpose(1, 2)?.reshape((b, c, height, width))?;
@@ -106,22 +99,24 @@ impl EfficientSelfAttention {
             }
             None => hidden.clone(),
         };
-        let key = self.split_heads(&self.key.forward(&kv_input)?)?;
-        let value = self.split_heads(&self.value.forward(&kv_input)?)?;
-        let head_size = (c / self.num_heads) as f32;
-        // softmax(QK^T / sqrt(d)) with the scale applied inside the softmax kernel: one pass over the scores.
-        let scores = query.matmul(&key.t()?)?;
-        let score_dims = scores.dims().to_vec();
-        let cols = *score_dims.last().unwrap_or(&1);
-        let rows = scores.elem_count() / cols.max(1);
-        let mut probs = vec![0f32; scores.elem_count()];
-        with_f32(&scores, |s| {
-            kernels::softmax_rows(s, rows, cols, 1.0 / head_size.sqrt(), &mut probs)
+        let key = self.key.forward(&kv_input)?;
+        let value = self.value.forward(&kv_input)?;
+        // transformers splits heads, forms softmax(QK^T / sqrt(d)) and multiplies by V per head; the fused kernel
+        // computes the same per head on the projections' [tokens, heads * d] layout, without the score matrix.
+        let shape = kernels::AttentionShape {
+            batch: b,
+            queries: n,
+            keys: key.dim(1)?,
+            heads: self.num_heads,
+            head_dim: c / self.num_heads,
+        };
+        let mut context = vec![0f32; b * n * c];
+        with_f32(&query, |q| {
+            with_f32(&key, |k| {
+                with_f32(&value, |v| kernels::attention(q, k, v, shape, &mut context))
+            })
         })?;
-        drop(scores);
-        let probs = Tensor::from_vec(probs, score_dims, &candle_core::Device::Cpu)?;
-        let context = probs.matmul(&value)?;
-        Ok(context.transpose(1, 2)?.reshape((b, n, c))?)
+        Ok(Tensor::from_vec(context, (b, n, c), &candle_core::Device::Cpu)?)
     }
 }
 

@@ -1,0 +1,270 @@
+//! Fused multi-head attention, `softmax(Q K^T / sqrt(d)) V`, reading queries, keys and values straight from the
+//! projections' token layout `[batch, tokens, heads * head_dim]` and writing the context in the same layout. The
+//! score matrix is never materialised: each task takes a block of query rows of one head, computes its scores into
+//! a small per-thread buffer (it stays in cache), applies the softmax there and multiplies by V. For SegFormer's
+//! first stage at 512x512 that avoids writing and re-reading two 16 MiB score matrices per layer, and the head
+//! split/merge copies around them.
+
+use rayon::prelude::*;
+
+use super::softmax::softmax_row;
+use crate::{Error, Result};
+
+/// Query rows per task: a 64 x keys score block (64 KiB for 256 keys) stays in L2.
+const BLOCK_ROWS: usize = 64;
+
+/// Sizes of one attention call. Queries, keys, values and the output are row-major `[batch, tokens, heads *
+/// head_dim]` (head `h` owns columns `h * head_dim .. (h + 1) * head_dim`, as transformers' head split).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn check(&self, q: usize, k: usize, v: usize, out: usize) -> Result<()> {
+        let c = self.width();
+        let want_q = self.batch * self.queries * c;
+        let want_kv = self.batch * self.keys * c;
+        if q != want_q || k != want_kv || v != want_kv || out != want_q || self.keys == 0 || self.head_dim == 0 {
+            return Err(Error::Model(format!(
+                "attention {self:?}: got q {q}, k {k}, v {v}, out {out} values (want q and out {want_q}, k and v \
+                 {want_kv}; keys and head_dim > 0)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The output pointer shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint (rows x head columns) tiles, and `attention` holds `&mut out` until they finish.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out = softmax(Q K^T / sqrt(head_dim)) V` per batch and head, parallel over (batch, head, block of query rows).
+/// The two products run through the `gemm` crate (SIMD, strided operands, no copies); the softmax is
+/// [`super::softmax_rows`]'s row kernel.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    shape.check(q.len(), k.len(), v.len(), out.len())?;
+    let AttentionShape {
+        queries,
+        keys,
+        heads,
+        head_dim,
+        ..
+    } = shape;
+    let c = shape.width();
+    let blocks = queries.div_ceil(BLOCK_ROWS);
+    let items = shape.batch * heads * blocks;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..items).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scores, probs): &mut (Vec<f32>, Vec<f32>), item| {
+            let out_ptr = out_ptr;
+            let (b, h, block) = (item / (heads * blocks), item / blocks % heads, item % blocks);
+            let r0 = block * BLOCK_ROWS;
+            let rows = BLOCK_ROWS.min(queries - r0);
+            scores.resize(rows * keys, 0.0);
+            probs.resize(rows * keys, 0.0);
+            let q_tile = (b * queries + r0) * c + h * head_dim;
+            let kv_head = b * keys * c + h * head_dim;
+            // SAFETY: every operand index stays inside its slice (checked sizes: the last row read is
+            // r0 + rows - 1 < queries, the last key keys - 1, columns below (h + 1) * head_dim <= c); `scores` and
+            // `probs` hold rows * keys values; the output tile (rows r0.., columns of head h) belongs to this task
+            // alone, and `out` outlives the parallel loop.
+            unsafe {
+                // scores[r, j] = sum_d q[r0 + r, h, d] * k[j, h, d]: K^T read with strides (column j steps c).
+                gemm::gemm(
+                    rows,
+                    keys,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    keys as isize,
+                    false,
+                    q.as_ptr().add(q_tile),
+                    1,
+                    c as isize,
+                    k.as_ptr().add(kv_head),
+                    c as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (s, p) in scores.chunks_exact(keys).zip(probs.chunks_exact_mut(keys)) {
+                softmax_row(s, scale, p);
+            }
+            // SAFETY: as above; the output tile starts at q_tile and spans rows x head_dim with row stride c.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    head_dim,
+                    keys,
+                    out_ptr.0.add(q_tile),
+                    1,
+                    c as isize,
+                    false,
+                    probs.as_ptr(),
+                    1,
+                    keys as isize,
+                    v.as_ptr().add(kv_head),
+                    1,
+                    c as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Scalar reference of [`attention`]: the textbook loops, one query row at a time, same softmax arithmetic.
+pub fn attention_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    shape.check(q.len(), k.len(), v.len(), out.len())?;
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
+    let c = shape.width();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (mut scores, mut probs) = (vec![0f32; keys], vec![0f32; keys]);
+    for b in 0..batch {
+        for h in 0..heads {
+            for r in 0..queries {
+                let qrow = &q[(b * queries + r) * c + h * head_dim..][..head_dim];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let krow = &k[(b * keys + j) * c + h * head_dim..][..head_dim];
+                    *s = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                }
+                super::softmax::softmax_row_scalar(&scores, scale, &mut probs);
+                let orow = &mut out[(b * queries + r) * c + h * head_dim..][..head_dim];
+                orow.fill(0.0);
+                for (j, &p) in probs.iter().enumerate() {
+                    let vrow = &v[(b * keys + j) * c + h * head_dim..][..head_dim];
+                    for (o, &x) in orow.iter_mut().zip(vrow) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::random_vec;
+
+    /// Attention in f64, the ground truth both kernels are held to.
+    fn attention_f64(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f64> {
+        let c = s.width();
+        let mut out = vec![0f64; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for r in 0..s.queries {
+                    let qi = (b * s.queries + r) * c + h * s.head_dim;
+                    let logits: Vec<f64> = (0..s.keys)
+                        .map(|j| {
+                            let ki = (b * s.keys + j) * c + h * s.head_dim;
+                            (0..s.head_dim)
+                                .map(|d| q[qi + d] as f64 * k[ki + d] as f64)
+                                .sum::<f64>()
+                                / (s.head_dim as f64).sqrt()
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..s.head_dim {
+                        out[qi + d] = (0..s.keys)
+                            .map(|j| e[j] / sum * v[(b * s.keys + j) * c + h * s.head_dim + d] as f64)
+                            .sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fused_and_scalar_match_f64_on_awkward_sizes() {
+        let shapes = [
+            (1, 1, 1, 1, 1),
+            (1, 5, 3, 1, 7),
+            (2, 67, 13, 3, 5),
+            (1, 130, 256, 1, 32),
+            (2, 64, 64, 2, 32),
+            (1, 200, 49, 5, 32),
+        ];
+        for (i, &(batch, queries, keys, heads, head_dim)) in shapes.iter().enumerate() {
+            let s = AttentionShape {
+                batch,
+                queries,
+                keys,
+                heads,
+                head_dim,
+            };
+            let c = heads * head_dim;
+            let q = random_vec(batch * queries * c, 3 * i as u64 + 1, 2.0);
+            let k = random_vec(batch * keys * c, 3 * i as u64 + 2, 2.0);
+            let v = random_vec(batch * keys * c, 3 * i as u64 + 3, 1.0);
+            let want = attention_f64(&q, &k, &v, s);
+            let (mut fast, mut slow) = (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()]);
+            attention(&q, &k, &v, s, &mut fast).unwrap();
+            attention_scalar(&q, &k, &v, s, &mut slow).unwrap();
+            for (j, &w) in want.iter().enumerate() {
+                let tol = 1e-5 * (1.0 + w.abs());
+                assert!(
+                    (fast[j] as f64 - w).abs() <= tol,
+                    "fused {s:?} [{j}]: {} vs {w}",
+                    fast[j]
+                );
+                assert!(
+                    (slow[j] as f64 - w).abs() <= tol,
+                    "scalar {s:?} [{j}]: {} vs {w}",
+                    slow[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_mismatched_sizes() {
+        let s = AttentionShape {
+            batch: 1,
+            queries: 2,
+            keys: 3,
+            heads: 1,
+            head_dim: 4,
+        };
+        let mut out = vec![0f32; 8];
+        assert!(attention(&[0.0; 8], &[0.0; 12], &[0.0; 11], s, &mut out).is_err());
+        assert!(attention_scalar(&[0.0; 7], &[0.0; 12], &[0.0; 12], s, &mut out).is_err());
+        let empty = AttentionShape { keys: 0, ..s };
+        assert!(attention(&[0.0; 8], &[], &[], empty, &mut out).is_err());
+    }
+}
