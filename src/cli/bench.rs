@@ -101,9 +101,9 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         for _ in 0..args.iters {
             let start = Instant::now();
             if args.profile {
-                let features = m.encoder.forward_timed(&input, &mut |i, d| stages[i] += d)?;
+                let maps = m.encoder.forward_maps(&input, &mut |i, d| stages[i] += d)?;
                 let head = Instant::now();
-                m.decode_head.forward(&features)?;
+                m.decode_head.forward_maps(&maps)?;
                 let last = stages.len() - 1;
                 stages[last] += head.elapsed();
             } else {

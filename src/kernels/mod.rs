@@ -3,6 +3,8 @@
 //! - [`attention`]: fused multi-head attention (scores kept per block of query rows in cache, never stored).
 //! - [`dwconv`]: depthwise 3x3 convolution (stride 1, padding 1) with bias and optional fused exact GELU, for
 //!   SegFormer's Mix-FFN; channels-first (`[C, H, W]`) and channels-last (`[H*W, C]`) layouts.
+//! - [`gemm_f32`]: float GEMMs with the bias/residual written first: Linear, and dense convolutions on
+//!   channels-last tokens via im2col per block of output pixels.
 //! - [`gemm_i8`]: W8A8 dynamic int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at
 //!   run time, weights packed once at load time, f32 output with per-row and per-column scales and bias.
 //! - [`gemm_i4`]: W4A8 dynamic GEMM: int4 weights (nibble-packed) with per-group scales and zero points, activations
@@ -19,6 +21,7 @@
 pub mod attention;
 pub mod dwconv;
 pub mod gelu;
+pub mod gemm_f32;
 pub mod gemm_i4;
 pub mod gemm_i8;
 pub mod layer_norm;
@@ -28,6 +31,7 @@ pub mod softmax;
 pub use attention::{AttentionShape, attention, attention_scalar};
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
+pub use gemm_f32::{ConvShape, conv2d_nhwc, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar};
 pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
 pub use gemm_i8::{PackedI8, gemm_i8_dynamic, quantize_rows_i8};
 pub use layer_norm::layer_norm;

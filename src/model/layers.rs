@@ -125,6 +125,16 @@ impl Weight {
         }
     }
 
+    /// Runs `f` on the weight as float32 values in row-major order (float weights borrowed, quantized ones
+    /// dequantized into a buffer that lives for the call).
+    pub fn with_values<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        match self {
+            Weight::Float(t) => with_f32(t, f),
+            Weight::Quantized(q) => f(&q.dequantize()),
+            Weight::PackedI8(p) => f(&p.dequantize()),
+        }
+    }
+
     /// The weight as float32 flattened to [out, in]: the layout quantization works on.
     pub fn as_rows(&self, shape: &[usize]) -> Result<(Vec<f32>, usize, usize)> {
         let rows = shape[0];
@@ -171,13 +181,24 @@ impl Linear {
             let out = gemm_i8_rows(x, rows, in_features, p, self.bias.as_ref())?;
             return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
         }
-        let x2 = x.reshape((rows, in_features))?;
-        let w = self.weight.to_f32(&self.shape)?;
-        let y = x2.matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) => Ok(add_rows(&y, Some(b), None)?.reshape(out_dims)?),
-            None => Ok(y.reshape(out_dims)?),
-        }
+        let out = self.linear_f32(x, rows, in_features, None)?;
+        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+    }
+
+    /// The float path: bias (and residual) written first, the GEMM accumulating onto them.
+    fn linear_f32(&self, x: &Tensor, rows: usize, in_features: usize, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        with_f32(x, |xs| {
+            self.weight.with_values(|w| {
+                let run = |r: Option<&[f32]>| {
+                    kernels::linear_f32(xs, rows, in_features, w, self.shape[0], bias.as_deref(), r)
+                };
+                match residual {
+                    Some(res) => with_f32(res, |r| run(Some(r))),
+                    None => run(None),
+                }
+            })
+        })
     }
 
     /// `forward(x) + residual` with the bias and residual added in one pass over the output (SegFormer's
@@ -207,63 +228,13 @@ impl Linear {
             })?;
             return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
         }
-        let x2 = x.reshape((rows, in_features))?;
-        let w = self.weight.to_f32(&self.shape)?;
-        let y = x2.matmul(&w.t()?)?;
-        Ok(add_rows(&y, self.bias.as_ref(), Some(residual))?.reshape(out_dims)?)
+        let out = self.linear_f32(x, rows, in_features, Some(residual))?;
+        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
 
     pub fn info(&self) -> LayerInfo {
         layer_info(&self.name, "Linear", &self.shape, &self.weight, self.bias.as_ref())
     }
-}
-
-/// `y + bias (per column) + residual (same shape)` in one parallel pass; `y` is `[rows, n]` (any leading dims).
-fn add_rows(y: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
-    let n = *y.dims().last().unwrap_or(&1);
-    let dims = y.dims().to_vec();
-    let mut out = vec![0f32; y.elem_count()];
-    with_f32(y, |ys| {
-        let zeros;
-        let run = |b: &[f32], r: Option<&[f32]>, out: &mut [f32]| {
-            out.par_chunks_mut(n.max(1))
-                .with_min_len(64)
-                .enumerate()
-                .for_each(|(i, o)| {
-                    let src = &ys[i * n..(i + 1) * n];
-                    match r {
-                        Some(r) => {
-                            for (((o, &s), &b), &r) in o.iter_mut().zip(src).zip(b).zip(&r[i * n..(i + 1) * n]) {
-                                *o = s + b + r;
-                            }
-                        }
-                        None => {
-                            for ((o, &s), &b) in o.iter_mut().zip(src).zip(b) {
-                                *o = s + b;
-                            }
-                        }
-                    }
-                });
-        };
-        let with_bias = |b: &[f32], out: &mut [f32]| match residual {
-            Some(r) => with_f32(r, |rs| {
-                run(b, Some(rs), out);
-                Ok(())
-            }),
-            None => {
-                run(b, None, out);
-                Ok(())
-            }
-        };
-        match bias {
-            Some(b) => with_f32(b, |bs| with_bias(bs, &mut out)),
-            None => {
-                zeros = vec![0f32; n];
-                with_bias(&zeros, &mut out)
-            }
-        }
-    })?;
-    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
 
 /// `x [rows, k] * W^T + bias` through the W8A8 dynamic GEMM (activations quantized per row at run time).
@@ -347,12 +318,68 @@ impl Conv2d {
             let out = gemm_i8_rows(x, rows, c, p, self.bias.as_ref())?;
             return Ok(Tensor::from_vec(out, (rows, out_c), &Device::Cpu)?);
         }
-        let w = self.weight.to_f32(&self.shape)?.reshape((out_c, c))?;
-        let y = x.matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) => Ok(y.broadcast_add(b)?),
-            None => Ok(y),
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let out = with_f32(x, |xs| {
+            self.weight
+                .with_values(|w| kernels::linear_f32(xs, rows, c, w, out_c, bias.as_deref(), None))
+        })?;
+        Ok(Tensor::from_vec(out, (rows, out_c), &Device::Cpu)?)
+    }
+
+    /// A dense convolution (groups = 1) on channels-last tokens `[B, H*W, C_in]`, giving tokens `[B, H'*W', C_out]`
+    /// and `(H', W')`: im2col + GEMM per block of output pixels, no NCHW transposes (SegFormer's patch embeddings and
+    /// spatial reductions).
+    pub fn forward_tokens(&self, x: &Tensor, height: usize, width: usize) -> Result<(Tensor, usize, usize)> {
+        let (b, n, c) = x.dims3()?;
+        let (out_c, in_c, k) = (self.shape[0], self.shape[1], self.shape[2]);
+        if self.groups != 1 || c != in_c || n != height * width || self.shape[3] != k {
+            return Err(Error::Model(format!(
+                "{}: forward_tokens needs a dense square convolution over {c} channels and {height}x{width} tokens; \
+                 the weight is {:?} with {} groups, the input {:?}",
+                self.name,
+                self.shape,
+                self.groups,
+                x.dims()
+            )));
         }
+        let shape = kernels::ConvShape {
+            height,
+            width,
+            in_channels: c,
+            out_channels: out_c,
+            kernel: k,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let (out_h, out_w) = shape.out_size();
+        // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the tokens.
+        let weight = self.weight.with_values(|w| {
+            let mut permuted = Vec::with_capacity(w.len());
+            for co in 0..out_c {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        permuted.extend((0..c).map(|ci| w[((co * c + ci) * k + ky) * k + kx]));
+                    }
+                }
+            }
+            Ok(permuted)
+        })?;
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let images = with_f32(x, |xs| {
+            xs.chunks_exact(n * c)
+                .map(|image| kernels::conv2d_nhwc(image, shape, &weight, bias.as_deref()))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let out = if images.len() == 1 {
+            images.into_iter().next().unwrap_or_default()
+        } else {
+            images.concat()
+        };
+        Ok((
+            Tensor::from_vec(out, (b, out_h * out_w, out_c), &Device::Cpu)?,
+            out_h,
+            out_w,
+        ))
     }
 
     /// Depthwise 3x3 (stride 1, padding 1) on NCHW maps through the direct kernel, optionally fused with exact GELU.

@@ -67,12 +67,12 @@ pub struct OverlapPatchEmbeddings {
 }
 
 impl OverlapPatchEmbeddings {
-    /// Returns tokens [B, H*W, C] and the new (H, W).
-    pub fn forward(&self, pixels: &Tensor) -> Result<(Tensor, usize, usize)> {
-        let x = self.proj.forward(pixels)?;
-        let (_, _, h, w) = x.dims4()?;
-        let tokens = x.flatten_from(2)?.transpose(1, 2)?;
-        Ok((self.layer_norm.forward(&tokens)?, h, w))
+    /// Channels-last tokens `[B, H*W, C_in]` of an `height x width` map to tokens [B, H'*W', C] and the new (H', W').
+    /// transformers runs the conv on NCHW and then flattens and transposes; on tokens the conv writes that layout
+    /// directly.
+    pub fn forward(&self, tokens: &Tensor, height: usize, width: usize) -> Result<(Tensor, usize, usize)> {
+        let (x, h, w) = self.proj.forward_tokens(tokens, height, width)?;
+        Ok((self.layer_norm.forward(&x)?, h, w))
     }
 }
 
@@ -91,12 +91,8 @@ impl EfficientSelfAttention {
         let (b, n, c) = hidden.dims3()?;
         let query = self.query.forward(hidden)?;
         let kv_input = match &self.sr {
-            Some((sr, norm)) => {
-                let x = hidden.transpose(1, 2)?.reshape((b, c, height, width))?;
-                let x = sr.forward(&x)?;
-                let x = x.flatten_from(2)?.transpose(1, 2)?;
-                norm.forward(&x)?
-            }
+            // transformers reshapes to NCHW, convolves, flattens back; the conv on tokens gives the same tokens.
+            Some((sr, norm)) => norm.forward(&sr.forward_tokens(hidden, height, width)?.0)?,
             None => hidden.clone(),
         };
         let key = self.key.forward(&kv_input)?;
@@ -181,37 +177,82 @@ pub struct Encoder {
     pub reshape_last_stage: bool,
 }
 
-impl Encoder {
-    /// Returns each stage's feature map as NCHW.
-    pub fn forward(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
-        self.forward_timed(pixels, &mut |_, _| {})
+/// One encoder stage's output as channels-last tokens `[B, height*width, C]`: the layout the encoder and the
+/// decode head work in (transformers hands NCHW maps between them; [`StageMap::to_nchw`] gives those).
+#[derive(Debug, Clone)]
+pub struct StageMap {
+    pub tokens: Tensor,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl StageMap {
+    /// `[B, C, height, width]`, transformers' layout of a stage's hidden state.
+    pub fn to_nchw(&self) -> Result<Tensor> {
+        let (b, _, c) = self.tokens.dims3()?;
+        Ok(self
+            .tokens
+            .reshape((b, self.height, self.width, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 
-    /// Like `forward`, calling `on_stage(i, elapsed)` after each stage (for `segq bench --profile`).
-    pub fn forward_timed(
+    /// From `[B, C, H, W]`.
+    pub fn from_nchw(x: &Tensor) -> Result<Self> {
+        let (b, c, height, width) = x.dims4()?;
+        let tokens = x
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, height * width, c))?;
+        Ok(Self { tokens, height, width })
+    }
+}
+
+impl Encoder {
+    /// Returns each stage's feature map as NCHW (the last one as tokens `[B, N, C]` when `reshape_last_stage` is
+    /// off, as transformers does).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let maps = self.forward_maps(pixels, &mut |_, _| {})?;
+        let last = maps.len().saturating_sub(1);
+        maps.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if i != last || self.reshape_last_stage {
+                    m.to_nchw()
+                } else {
+                    Ok(m.tokens.clone())
+                }
+            })
+            .collect()
+    }
+
+    /// Each stage's output as tokens, calling `on_stage(i, elapsed)` after each stage (for `segq bench --profile`).
+    pub fn forward_maps(
         &self,
         pixels: &Tensor,
         on_stage: &mut dyn FnMut(usize, std::time::Duration),
-    ) -> Result<Vec<Tensor>> {
-        let mut x = pixels.clone();
-        let mut features = Vec::with_capacity(self.block.len());
-        let stages = self.block.len();
-        for i in 0..stages {
-            let start = std::time::Instant::now();
-            let (mut hidden, h, w) = self.patch_embeddings[i].forward(&x)?;
+    ) -> Result<Vec<StageMap>> {
+        // Stage 1's time includes turning the pixels into tokens.
+        let mut stage_start = std::time::Instant::now();
+        let mut current = StageMap::from_nchw(pixels)?;
+        let mut maps = Vec::with_capacity(self.block.len());
+        for i in 0..self.block.len() {
+            let (mut hidden, h, w) =
+                self.patch_embeddings[i].forward(&current.tokens, current.height, current.width)?;
             for layer in &self.block[i] {
                 hidden = layer.forward(&hidden, h, w)?;
             }
-            hidden = self.layer_norm[i].forward(&hidden)?;
-            let (b, _, c) = hidden.dims3()?;
-            if i != stages - 1 || self.reshape_last_stage {
-                hidden = hidden.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
-            }
-            on_stage(i, start.elapsed());
-            features.push(hidden.clone());
-            x = hidden;
+            current = StageMap {
+                tokens: self.layer_norm[i].forward(&hidden)?,
+                height: h,
+                width: w,
+            };
+            maps.push(current.clone());
+            on_stage(i, stage_start.elapsed());
+            stage_start = std::time::Instant::now();
         }
-        Ok(features)
+        Ok(maps)
     }
 }
 
@@ -281,26 +322,36 @@ impl DecodeHead {
         })
     }
 
+    /// From NCHW stage maps, as transformers' module takes them.
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         match &self.composed {
-            Some(c) => self.forward_composed(c, features),
+            Some(c) => {
+                let maps = features.iter().map(StageMap::from_nchw).collect::<Result<Vec<_>>>()?;
+                self.forward_composed(c, &maps)
+            }
             None => self.forward_reference(features),
+        }
+    }
+
+    /// From the encoder's token maps (no NCHW round trip when the head is composed).
+    pub fn forward_maps(&self, maps: &[StageMap]) -> Result<Tensor> {
+        match &self.composed {
+            Some(c) => self.forward_composed(c, maps),
+            None => self.forward_reference(&maps.iter().map(StageMap::to_nchw).collect::<Result<Vec<_>>>()?),
         }
     }
 
     /// The head through [`ComposedHead`]: per stage one GEMM at its own resolution, then upsample + sum + bias + ReLU
     /// in one pass over the 1/4-resolution map (channels last), then the classifier.
-    fn forward_composed(&self, composed: &ComposedHead, features: &[Tensor]) -> Result<Tensor> {
-        let (batch, _, h0, w0) = features[0].dims4()?;
+    fn forward_composed(&self, composed: &ComposedHead, features: &[StageMap]) -> Result<Tensor> {
+        let (batch, h0, w0) = (features[0].tokens.dim(0)?, features[0].height, features[0].width);
         let d = composed.bias.len();
         let mut per_image = Vec::with_capacity(batch);
         for b in 0..batch {
             let mut maps = Vec::with_capacity(features.len());
             for (state, weight) in features.iter().zip(&composed.weights) {
-                let (_, c, h, w) = state.dims4()?;
-                // [C, H*W] viewed transposed as tokens [H*W, C]; the GEMM reads it with strides, no copy.
-                let tokens = state.get(b)?.reshape((c, h * w))?.t()?;
-                maps.push((tokens.matmul(weight)?.contiguous()?, h, w));
+                let tokens = state.tokens.get(b)?;
+                maps.push((tokens.matmul(weight)?, state.height, state.width));
             }
             let mut fused = vec![0f32; h0 * w0 * d];
             let guards: Vec<_> = maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
@@ -548,8 +599,8 @@ impl Segformer {
 
     /// Logits [B, num_labels, H/4, W/4] for normalised pixels [B, 3, H, W].
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let features = self.encoder.forward(pixels)?;
-        self.decode_head.forward(&features)
+        let maps = self.encoder.forward_maps(pixels, &mut |_, _| {})?;
+        self.decode_head.forward_maps(&maps)
     }
 
     /// Bytes of all Linear/Conv2d weights and biases as currently stored (float, quantized or packed).

@@ -1,0 +1,392 @@
+//! Float32 GEMMs for `nn.Linear`, 1x1 and strided convolutions on channels-last tokens, with the bias (and a
+//! residual) written into the output before the product accumulates onto it: one write pass instead of a zeroed
+//! output, the product, then a bias/residual pass. The products run through the `gemm` crate (runtime-dispatched
+//! SIMD micro-kernels, strided operands); the convolution gathers its patches (im2col) one block of output pixels at
+//! a time into a per-thread buffer that stays in cache.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// A vector of `rows * n` values, each row written once by `fill(row, dst)` in parallel (no zeroing pass first).
+pub(crate) fn filled_rows(rows: usize, n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * n);
+    if n > 0 {
+        out.spare_capacity_mut()[..rows * n]
+            .par_chunks_mut(n)
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(r, dst)| fill(r, dst));
+    }
+    // SAFETY: every one of the rows * n values was written by `fill` above (each chunk is a full row, and `fill`
+    // must write all of it: the callers below copy a full row into it).
+    unsafe { out.set_len(rows * n) };
+    out
+}
+
+/// Writes `bias (+ residual row)` into `dst`; zeros when there is no bias.
+fn init_row(dst: &mut [MaybeUninit<f32>], bias: Option<&[f32]>, residual: Option<&[f32]>) {
+    match (bias, residual) {
+        (Some(b), Some(r)) => dst.iter_mut().zip(b.iter().zip(r)).for_each(|(d, (b, r))| {
+            d.write(b + r);
+        }),
+        (Some(b), None) => dst.iter_mut().zip(b).for_each(|(d, &b)| {
+            d.write(b);
+        }),
+        (None, Some(r)) => dst.iter_mut().zip(r).for_each(|(d, &r)| {
+            d.write(r);
+        }),
+        (None, None) => dst.iter_mut().for_each(|d| {
+            d.write(0.0);
+        }),
+    }
+}
+
+fn check_linear(
+    x: usize,
+    rows: usize,
+    k: usize,
+    w: usize,
+    n: usize,
+    bias: Option<usize>,
+    res: Option<usize>,
+) -> Result<()> {
+    if x != rows * k || w != n * k || bias.is_some_and(|b| b != n) || res.is_some_and(|r| r != rows * n) {
+        return Err(Error::Model(format!(
+            "linear: x {x} values for {rows}x{k}, weight {w} for {n}x{k}, bias {bias:?} (want {n}), residual {res:?} \
+             (want {})",
+            rows * n
+        )));
+    }
+    Ok(())
+}
+
+/// `x [rows, k] * W^T + bias (+ residual)` with `W` row-major `[n, k]` (PyTorch's Linear layout): `[rows, n]`.
+pub fn linear_f32(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_linear(
+        x.len(),
+        rows,
+        k,
+        w.len(),
+        n,
+        bias.map(<[f32]>::len),
+        residual.map(<[f32]>::len),
+    )?;
+    let mut out = filled_rows(rows, n, |r, dst| {
+        init_row(dst, bias, residual.map(|res| &res[r * n..(r + 1) * n]))
+    });
+    if rows * n * k == 0 {
+        return Ok(out);
+    }
+    // SAFETY: x is rows x k (row stride k), W^T element (kk, j) is w[j * k + kk] (column stride k), out is rows x n;
+    // all sizes checked above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    Ok(out)
+}
+
+/// Scalar reference of [`linear_f32`].
+pub fn linear_f32_scalar(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_linear(
+        x.len(),
+        rows,
+        k,
+        w.len(),
+        n,
+        bias.map(<[f32]>::len),
+        residual.map(<[f32]>::len),
+    )?;
+    let mut out = vec![0f32; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            let dot: f32 = x[r * k..(r + 1) * k]
+                .iter()
+                .zip(&w[j * k..(j + 1) * k])
+                .map(|(a, b)| a * b)
+                .sum();
+            out[r * n + j] = dot + bias.map_or(0.0, |b| b[j]) + residual.map_or(0.0, |res| res[r * n + j]);
+        }
+    }
+    Ok(out)
+}
+
+/// A dense 2-D convolution (groups = 1) on one channels-last image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub height: usize,
+    pub width: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvShape {
+    /// Output `(height, width)`, as PyTorch's Conv2d computes it (dilation 1).
+    pub fn out_size(&self) -> (usize, usize) {
+        let out = |n: usize| (n + 2 * self.padding).saturating_sub(self.kernel) / self.stride.max(1) + 1;
+        (out(self.height), out(self.width))
+    }
+
+    /// Values in one gathered patch: kernel x kernel x in_channels.
+    fn patch(&self) -> usize {
+        self.kernel * self.kernel * self.in_channels
+    }
+
+    fn check(&self, x: usize, w: usize, bias: Option<usize>) -> Result<()> {
+        let ok = self.kernel > 0
+            && self.stride > 0
+            && self.height + 2 * self.padding >= self.kernel
+            && self.width + 2 * self.padding >= self.kernel
+            && x == self.height * self.width * self.in_channels
+            && w == self.out_channels * self.patch()
+            && bias.is_none_or(|b| b == self.out_channels);
+        if !ok {
+            return Err(Error::Model(format!(
+                "conv2d {self:?}: input {x} values, weight {w}, bias {bias:?} (want input H*W*C_in, weight \
+                 C_out*K*K*C_in, bias C_out, kernel within the padded input)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Gathers the patches of output pixels `p0..p0 + rows` into `col` (`[rows, K*K*C_in]`, zeros where the kernel
+/// overlaps the padding). A run of kernel columns inside the image is one contiguous copy in channels-last layout.
+fn im2col_block(x: &[f32], s: &ConvShape, out_w: usize, p0: usize, rows: usize, col: &mut [f32]) {
+    let (k, cin) = (s.kernel, s.in_channels);
+    for (i, dst) in col.chunks_exact_mut(s.patch()).take(rows).enumerate() {
+        let (oy, ox) = ((p0 + i) / out_w, (p0 + i) % out_w);
+        for ky in 0..k {
+            let row = &mut dst[ky * k * cin..(ky + 1) * k * cin];
+            let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+            if iy < 0 || iy >= s.height as isize {
+                row.fill(0.0);
+                continue;
+            }
+            let ix0 = (ox * s.stride) as isize - s.padding as isize;
+            // Kernel columns [lo, hi) fall inside the image.
+            let lo = (-ix0).clamp(0, k as isize) as usize;
+            let hi = (s.width as isize - ix0).clamp(0, k as isize) as usize;
+            row[..lo * cin].fill(0.0);
+            if hi > lo {
+                let start = (iy as usize * s.width + (ix0 + lo as isize) as usize) * cin;
+                row[lo * cin..hi * cin].copy_from_slice(&x[start..start + (hi - lo) * cin]);
+            }
+            row[hi.max(lo) * cin..].fill(0.0);
+        }
+    }
+}
+
+/// The shared output pointer of [`conv2d_nhwc`]'s tasks, which write disjoint row blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes its own block of output rows; `conv2d_nhwc` owns the output until they finish.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Conv2d on one channels-last image `x [H, W, C_in]` with `weight [C_out, K, K, C_in]` (PyTorch's `[C_out, C_in,
+/// K, K]` permuted so a patch row is contiguous): returns `[H_out * W_out, C_out]` (tokens, channels last). im2col
+/// per block of output pixels into a per-thread buffer, then one GEMM per block; parallel over blocks.
+pub fn conv2d_nhwc(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    s.check(x.len(), weight.len(), bias.map(<[f32]>::len))?;
+    let (out_h, out_w) = s.out_size();
+    let (pixels, n, patch) = (out_h * out_w, s.out_channels, s.patch());
+    let mut out = filled_rows(pixels, n, |_, dst| init_row(dst, bias, None));
+    // About 256 KiB of gathered patches per block, at least 16 rows.
+    let block = (65_536 / patch.max(1)).clamp(16, 256);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..pixels.div_ceil(block))
+        .into_par_iter()
+        .for_each_init(Vec::new, |col: &mut Vec<f32>, b| {
+            let out_ptr = out_ptr;
+            let p0 = b * block;
+            let rows = block.min(pixels - p0);
+            col.resize(rows * patch, 0.0);
+            im2col_block(x, &s, out_w, p0, rows, col);
+            // SAFETY: col is rows x patch, W^T element (kk, j) is weight[j * patch + kk], the output block (rows p0..
+            // p0 + rows of a pixels x n matrix) belongs to this task only and `out` outlives the loop.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    patch,
+                    out_ptr.0.add(p0 * n),
+                    1,
+                    n as isize,
+                    true,
+                    col.as_ptr(),
+                    1,
+                    patch as isize,
+                    weight.as_ptr(),
+                    patch as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    Ok(out)
+}
+
+/// Scalar reference of [`conv2d_nhwc`]: the direct sum over the kernel window.
+pub fn conv2d_nhwc_scalar(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    s.check(x.len(), weight.len(), bias.map(<[f32]>::len))?;
+    let (out_h, out_w) = s.out_size();
+    let (k, cin, n) = (s.kernel, s.in_channels, s.out_channels);
+    let mut out = vec![0f32; out_h * out_w * n];
+    for oy in 0..out_h {
+        for ox in 0..out_w {
+            for co in 0..n {
+                let mut acc = bias.map_or(0.0, |b| b[co]);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                        let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                        if iy < 0 || ix < 0 || iy >= s.height as isize || ix >= s.width as isize {
+                            continue;
+                        }
+                        for ci in 0..cin {
+                            acc += x[(iy as usize * s.width + ix as usize) * cin + ci]
+                                * weight[((co * k + ky) * k + kx) * cin + ci];
+                        }
+                    }
+                }
+                out[(oy * out_w + ox) * n + co] = acc;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::random_vec;
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what} [{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn linear_matches_scalar_with_bias_and_residual() {
+        for (rows, k, n) in [(1, 1, 1), (7, 3, 5), (65, 33, 17), (300, 64, 256)] {
+            let x = random_vec(rows * k, 1, 1.0);
+            let w = random_vec(n * k, 2, 0.5);
+            let b = random_vec(n, 3, 0.2);
+            let r = random_vec(rows * n, 4, 1.0);
+            for (bias, res) in [
+                (None, None),
+                (Some(&b[..]), None),
+                (Some(&b[..]), Some(&r[..])),
+                (None, Some(&r[..])),
+            ] {
+                let fast = linear_f32(&x, rows, k, &w, n, bias, res).unwrap();
+                let slow = linear_f32_scalar(&x, rows, k, &w, n, bias, res).unwrap();
+                assert_close(&fast, &slow, &format!("linear {rows}x{k}x{n}"));
+            }
+        }
+        assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 5], 2, None, None).is_err());
+        assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 6], 2, Some(&[0.0; 3]), None).is_err());
+    }
+
+    #[test]
+    fn conv_matches_scalar_on_awkward_shapes() {
+        // (H, W, C_in, C_out, K, stride, padding): SegFormer's patch embeddings (7/4/3, 3/2/1) and spatial
+        // reductions (K = stride, no padding) on odd sizes, plus a 1x1 and a kernel larger than the input.
+        let shapes = [
+            (13, 11, 3, 8, 7, 4, 3),
+            (9, 10, 5, 6, 3, 2, 1),
+            (16, 12, 4, 4, 8, 8, 0),
+            (17, 15, 6, 7, 4, 4, 0),
+            (5, 4, 3, 2, 1, 1, 0),
+            (2, 3, 2, 3, 7, 4, 3),
+            (40, 33, 3, 32, 7, 4, 3),
+        ];
+        for (i, &(height, width, in_channels, out_channels, kernel, stride, padding)) in shapes.iter().enumerate() {
+            let s = ConvShape {
+                height,
+                width,
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            };
+            let x = random_vec(height * width * in_channels, 10 + i as u64, 1.0);
+            let w = random_vec(out_channels * kernel * kernel * in_channels, 20 + i as u64, 0.3);
+            let b = random_vec(out_channels, 30 + i as u64, 0.1);
+            for bias in [None, Some(&b[..])] {
+                let fast = conv2d_nhwc(&x, s, &w, bias).unwrap();
+                let slow = conv2d_nhwc_scalar(&x, s, &w, bias).unwrap();
+                let (oh, ow) = s.out_size();
+                assert_eq!(fast.len(), oh * ow * out_channels);
+                assert_close(&fast, &slow, &format!("conv {s:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn conv_rejects_bad_sizes() {
+        let s = ConvShape {
+            height: 4,
+            width: 4,
+            in_channels: 2,
+            out_channels: 3,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        assert!(conv2d_nhwc(&[0.0; 31], s, &[0.0; 54], None).is_err());
+        assert!(conv2d_nhwc(&[0.0; 32], s, &[0.0; 53], None).is_err());
+        assert!(conv2d_nhwc(&[0.0; 32], ConvShape { stride: 0, ..s }, &[0.0; 54], None).is_err());
+        assert!(conv2d_nhwc_scalar(&[0.0; 32], s, &[0.0; 54], Some(&[0.0; 2])).is_err());
+    }
+}
