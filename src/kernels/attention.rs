@@ -50,6 +50,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole `Sync` wrapper rather than the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out = softmax(Q K^T / sqrt(head_dim)) V` per batch and head, parallel over (batch, head, block of query rows).
 /// The two products run through the `gemm` crate (SIMD, strided operands, no copies); the softmax is
 /// [`super::softmax_rows`]'s row kernel.
@@ -70,7 +77,6 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
     (0..items).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
         |(scores, probs): &mut (Vec<f32>, Vec<f32>), item| {
-            let out_ptr = out_ptr;
             let (b, h, block) = (item / (heads * blocks), item / blocks % heads, item % blocks);
             let r0 = block * BLOCK_ROWS;
             let rows = BLOCK_ROWS.min(queries - r0);
@@ -115,7 +121,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
                     rows,
                     head_dim,
                     keys,
-                    out_ptr.0.add(q_tile),
+                    out_ptr.get().add(q_tile),
                     1,
                     c as isize,
                     false,

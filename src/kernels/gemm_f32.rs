@@ -225,6 +225,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole `Sync` wrapper rather than the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Conv2d on one channels-last image `x [H, W, C_in]` with `weight [C_out, K, K, C_in]` (PyTorch's `[C_out, C_in,
 /// K, K]` permuted so a patch row is contiguous): returns `[H_out * W_out, C_out]` (tokens, channels last). im2col
 /// per block of output pixels into a per-thread buffer, then one GEMM per block; parallel over blocks.
@@ -239,7 +246,6 @@ pub fn conv2d_nhwc(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>
     (0..pixels.div_ceil(block))
         .into_par_iter()
         .for_each_init(Vec::new, |col: &mut Vec<f32>, b| {
-            let out_ptr = out_ptr;
             let p0 = b * block;
             let rows = block.min(pixels - p0);
             col.resize(rows * patch, 0.0);
@@ -251,7 +257,7 @@ pub fn conv2d_nhwc(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>
                     rows,
                     n,
                     patch,
-                    out_ptr.0.add(p0 * n),
+                    out_ptr.get().add(p0 * n),
                     1,
                     n as isize,
                     true,
