@@ -9,8 +9,9 @@ use clap::Parser;
 // hands them back to the kernel on free, so each pass pays page faults and the kernel's zeroing of fresh pages again
 // (a quarter of an int8 SegFormer-B0 pass, measured with perf). mimalloc, told not to return freed pages to the
 // system (`keep_freed_memory`), reuses them: SegFormer-B0 512x512 went from about 140 to 100 ms per image here.
+// The counting wrapper lets `segq bench` report the heap inference needs, whatever the allocator keeps mapped.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: segq::sysinfo::CountingAlloc<mimalloc::MiMalloc> = segq::sysinfo::CountingAlloc(mimalloc::MiMalloc);
 
 /// `mi_option_purge_delay` in mimalloc.h (v3, the version libmimalloc-sys builds by default); the Rust bindings
 /// leave this option out. -1: freed memory is never purged (returned to the system).

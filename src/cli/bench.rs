@@ -93,6 +93,10 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         let (m, report) = model::quantize(&loaded.model, &recipe)?;
         let bytes = m.weight_bytes() as f64;
         segq::sysinfo::reset_peak_rss();
+        // Working memory: the heap high-water mark during the passes above what was live before them (the source
+        // model, the input, this level's weights).
+        let live_before = segq::sysinfo::heap_bytes();
+        segq::sysinfo::reset_peak_heap();
         for _ in 0..args.warmup {
             m.forward(&input)?;
         }
@@ -121,6 +125,9 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             "ratio_to_f32": bytes / f32_bytes,
             "bits_per_weight": report.bits_per_weight,
             "peak_rss_bytes": segq::sysinfo::peak_rss_bytes(),
+            "working_bytes": segq::sysinfo::peak_heap_bytes().saturating_sub(live_before),
+            // What inference at this level needs: its weights plus the working memory of a forward pass.
+            "inference_bytes": bytes + segq::sysinfo::peak_heap_bytes().saturating_sub(live_before) as f64,
             "stage_ms": stages.iter().map(|d| d.as_secs_f64() * 1000.0 / args.iters as f64).collect::<Vec<_>>(),
         });
         tracing::info!(level = %report.label, median_ms = median, "benchmarked");
@@ -140,18 +147,19 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         segq::sysinfo::cpu_model()
     );
     println!(
-        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
-        "level", "median ms", "p95 ms", "images/s", "weight MB", "ratio", "peak MB"
+        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}",
+        "level", "median ms", "p95 ms", "images/s", "weight MB", "ratio", "infer. MB", "peak RSS MB"
     );
     for r in &rows {
         println!(
-            "{:<16} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.3} {:>10.1}",
+            "{:<16} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.3} {:>12.1} {:>12.1}",
             r["label"].as_str().unwrap_or(""),
             r["median_ms"].as_f64().unwrap_or(f64::NAN),
             r["p95_ms"].as_f64().unwrap_or(f64::NAN),
             r["images_per_s"].as_f64().unwrap_or(f64::NAN),
             r["weight_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
             r["ratio_to_f32"].as_f64().unwrap_or(f64::NAN),
+            r["inference_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
             r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
         );
         if args.profile {

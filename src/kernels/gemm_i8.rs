@@ -7,6 +7,11 @@
 //! most 2 * 127 * 127 = 32258 < 32767, so nothing saturates and accumulators are exact; `_mm256_madd_epi16` with
 //! ones widens to i32. That needs weight codes in [-127, 127] (the negation of -128 does not fit), which `pack`
 //! checks.
+//!
+//! With VNNI (`vpdpbusd`: unsigned x signed bytes, four products summed straight into i32, no i16 step) the
+//! activations are shifted to unsigned (`code + 128`, one bit flip) and the shift is taken back with each column's
+//! code sum, precomputed at pack time: `sum (x + 128) w = sum x w + 128 sum w`. One instruction replaces four, and
+//! the accumulators are the same integers as on the AVX2 path.
 
 use rayon::prelude::*;
 
@@ -29,6 +34,8 @@ pub struct PackedI8 {
     k4: usize,
     panels: Vec<i8>,
     scales: Vec<f32>,
+    /// `128 * sum_k code[n, k]` per (padded) output column: the VNNI path's correction for unsigned activations.
+    shifted_col_sums: Vec<i32>,
 }
 
 impl PackedI8 {
@@ -59,12 +66,17 @@ impl PackedI8 {
                 panels[(p * k4 / 4 + kk / 4) * NR * 4 + j * 4 + kk % 4] = codes[row * k + kk];
             }
         }
+        let mut shifted_col_sums = vec![0i32; n_panels * NR];
+        for (row, sum) in shifted_col_sums.iter_mut().enumerate().take(n) {
+            *sum = 128 * codes[row * k..(row + 1) * k].iter().map(|&c| c as i32).sum::<i32>();
+        }
         Ok(PackedI8 {
             n,
             k,
             k4,
             panels,
             scales: scales.to_vec(),
+            shifted_col_sums,
         })
     }
 
@@ -83,9 +95,9 @@ impl PackedI8 {
         &self.scales
     }
 
-    /// Bytes held by the packed codes and scales (for memory reports).
+    /// Bytes held by the packed codes, scales and column sums (for memory reports).
     pub fn nbytes(&self) -> usize {
-        self.panels.len() + self.scales.len() * 4
+        self.panels.len() + self.scales.len() * 4 + self.shifted_col_sums.len() * 4
     }
 
     /// The code of output row `row`, input column `col`, read back from the packed layout.
@@ -172,22 +184,59 @@ pub fn gemm_i8_dynamic(
     }
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
+        let vnni = vnni_kind();
         let n = w.n;
-        out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
-            let rows = dst.len() / n;
-            let r0 = blk * MB;
-            let mut xq = vec![0i8; rows * w.k4];
-            let mut sx = vec![0f32; rows];
-            for r in 0..rows {
-                let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                sx[r] = quantize_row(src, &mut xq[r * w.k4..r * w.k4 + k]);
-            }
-            // SAFETY: the CPU supports AVX2 (checked above); buffers sized for `rows` rows of k4 codes.
-            unsafe { avx2::gemm_block(&xq, &sx, rows, w, bias, dst) };
-        });
+        out.par_chunks_mut(MB * n).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(xq, sx): &mut (Vec<i8>, Vec<f32>), (blk, dst)| {
+                let rows = dst.len() / n;
+                let r0 = blk * MB;
+                xq.clear();
+                xq.resize(rows * w.k4, 0);
+                sx.resize(rows, 0.0);
+                for r in 0..rows {
+                    let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                    let codes = &mut xq[r * w.k4..r * w.k4 + k];
+                    sx[r] = quantize_row(src, codes);
+                    if vnni.is_some() {
+                        // code + 128 as an unsigned byte is the code with its top bit flipped.
+                        codes.iter_mut().for_each(|c| *c ^= i8::MIN);
+                    }
+                }
+                // SAFETY: the CPU supports the instructions of the path taken (detected); buffers hold `rows` rows of
+                // k4 codes and `rows * n` outputs.
+                unsafe {
+                    match vnni {
+                        Some(Vnni::Avx) => vnni_avx::gemm_block(xq, sx, rows, w, bias, dst),
+                        Some(Vnni::Avx512) => vnni_avx512::gemm_block(xq, sx, rows, w, bias, dst),
+                        None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
+                    }
+                }
+            },
+        );
         return Ok(());
     }
     gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+}
+
+/// Which `vpdpbusd` the CPU has (when [`super::simd`] allows VNNI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vnni {
+    /// AVX-VNNI (VEX-encoded, 256-bit).
+    Avx,
+    /// AVX-512 VNNI with VL (its 256-bit form).
+    Avx512,
+}
+
+fn vnni_kind() -> Option<Vnni> {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd() >= super::Simd::Vnni {
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            return Some(Vnni::Avx);
+        }
+        return Some(Vnni::Avx512);
+    }
+    None
 }
 
 /// Scalar reference of [`gemm_i8_dynamic`] (and the fallback on CPUs without AVX2).
@@ -230,27 +279,46 @@ fn epilogue(acc: i32, sx: f32, sw: f32, bias: f32) -> f32 {
     acc as f32 * sx * sw + bias
 }
 
-/// The raw i32 accumulators `xq[M,K] * W^T` computed by the kernel in use (SIMD when available), for tests.
+/// The raw i32 accumulators `xq[M,K] * W^T` of every kernel this CPU can run (AVX2, then each VNNI flavour),
+/// else of the scalar loop, for tests.
 #[cfg(test)]
-fn accumulate_i32(xq: &[i8], m: usize, k: usize, w: &PackedI8) -> Vec<i32> {
-    let mut acc = vec![0i32; m * w.n];
+fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &PackedI8) -> Vec<(&'static str, Vec<i32>)> {
+    let mut results = Vec::new();
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         let mut padded = vec![0i8; m * w.k4];
         for r in 0..m {
             padded[r * w.k4..r * w.k4 + k].copy_from_slice(&xq[r * k..(r + 1) * k]);
         }
+        let mut acc = vec![0i32; m * w.n];
         // SAFETY: the CPU supports AVX2; `padded` holds m rows of k4 codes, `acc` m rows of n.
         unsafe { avx2::accumulate_block(&padded, m, w, &mut acc) };
-        return acc;
+        results.push(("avx2", acc));
+        let shifted: Vec<i8> = padded.iter().map(|c| c ^ i8::MIN).collect();
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avxvnni") {
+            let mut acc = vec![0i32; m * w.n];
+            // SAFETY: the CPU supports AVX-VNNI (checked); buffers as above.
+            unsafe { vnni_avx::accumulate_block(&shifted, m, w, &mut acc) };
+            results.push(("avx-vnni", acc));
+        }
+        if has!("avx512vnni") && has!("avx512vl") {
+            let mut acc = vec![0i32; m * w.n];
+            // SAFETY: the CPU supports AVX-512 VNNI and VL (checked); buffers as above.
+            unsafe { vnni_avx512::accumulate_block(&shifted, m, w, &mut acc) };
+            results.push(("avx512-vnni", acc));
+        }
+        return results;
     }
+    let mut acc = vec![0i32; m * w.n];
     for r in 0..m {
         for col in 0..w.n {
             let wrow: Vec<i8> = (0..k).map(|c| w.code(col, c)).collect();
             acc[r * w.n + col] = dot_i8(&xq[r * k..(r + 1) * k], &wrow);
         }
     }
-    acc
+    results.push(("scalar", acc));
+    results
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -357,6 +425,65 @@ mod avx2 {
         }
     }
 
+    /// Per-panel epilogue constants: weight scales and bias of the panel's 16 columns (zeros past `n`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn panel_params(w: &PackedI8, bias: Option<&[f32]>, p: usize) -> [__m256; 4] {
+        let c0 = p * NR;
+        let width = (w.n - c0).min(NR);
+        let mut sw = [0f32; NR];
+        let mut b = [0f32; NR];
+        sw[..width].copy_from_slice(&w.scales[c0..c0 + width]);
+        if let Some(bias) = bias {
+            b[..width].copy_from_slice(&bias[c0..c0 + width]);
+        }
+        // SAFETY: `sw` and `b` hold 16 f32.
+        unsafe {
+            [
+                _mm256_loadu_ps(sw.as_ptr()),
+                _mm256_loadu_ps(sw.as_ptr().add(8)),
+                _mm256_loadu_ps(b.as_ptr()),
+                _mm256_loadu_ps(b.as_ptr().add(8)),
+            ]
+        }
+    }
+
+    /// Writes the f32 outputs of one micro-tile: rows `r0..` of `dst` (`n` wide), columns of panel `p`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn store_tile(
+        acc: &[[__m256i; 2]],
+        r0: usize,
+        sx: &[f32],
+        params: &[__m256; 4],
+        n: usize,
+        p: usize,
+        dst: &mut [f32],
+    ) {
+        let [sw0, sw1, b0, b1] = *params;
+        let c0 = p * NR;
+        let width = (n - c0).min(NR);
+        for (i, a) in acc.iter().enumerate() {
+            let s = _mm256_set1_ps(sx[r0 + i]);
+            // Same operation order as `epilogue`: acc * sx * sw + bias, no FMA.
+            let v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), s), sw0), b0);
+            let v1 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), s), sw1), b1);
+            let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
+            // SAFETY: a full-width row holds 16 values; otherwise the copy goes through a 16-value buffer.
+            unsafe {
+                if width == NR {
+                    _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
+                    _mm256_storeu_ps(out_row.as_mut_ptr().add(8), v1);
+                } else {
+                    let mut tmp = [0f32; NR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+                    out_row.copy_from_slice(&tmp[..width]);
+                }
+            }
+        }
+    }
+
     /// Writes `f32` outputs of a block of `rows` rows: quantized codes `xq` (rows `k4` apart) with scales `sx`.
     ///
     /// # Safety
@@ -372,44 +499,9 @@ mod avx2 {
     ) {
         let n = w.n;
         for p in 0..n.div_ceil(NR) {
-            let c0 = p * NR;
-            let width = (n - c0).min(NR);
-            let mut sw = [0f32; NR];
-            let mut b = [0f32; NR];
-            sw[..width].copy_from_slice(&w.scales[c0..c0 + width]);
-            if let Some(bias) = bias {
-                b[..width].copy_from_slice(&bias[c0..c0 + width]);
-            }
-            // SAFETY: `sw` and `b` hold 16 f32.
-            let (sw0, sw1, b0, b1) = unsafe {
-                (
-                    _mm256_loadu_ps(sw.as_ptr()),
-                    _mm256_loadu_ps(sw.as_ptr().add(8)),
-                    _mm256_loadu_ps(b.as_ptr()),
-                    _mm256_loadu_ps(b.as_ptr().add(8)),
-                )
-            };
+            let params = panel_params(w, bias, p);
             // SAFETY: AVX2 is available (caller's contract).
-            unsafe {
-                for_tiles(xq, rows, w, p, |r0, acc| {
-                    for (i, a) in acc.iter().enumerate() {
-                        let s = _mm256_set1_ps(sx[r0 + i]);
-                        // Same operation order as `epilogue`: acc * sx * sw + bias, no FMA.
-                        let v0 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), s), sw0), b0);
-                        let v1 = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), s), sw1), b1);
-                        let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
-                        if width == NR {
-                            _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
-                            _mm256_storeu_ps(out_row.as_mut_ptr().add(8), v1);
-                        } else {
-                            let mut tmp = [0f32; NR];
-                            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
-                            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-                            out_row.copy_from_slice(&tmp[..width]);
-                        }
-                    }
-                });
-            }
+            unsafe { for_tiles(xq, rows, w, p, |r0, acc| store_tile(acc, r0, sx, &params, n, p, dst)) };
         }
     }
 
@@ -438,6 +530,136 @@ mod avx2 {
         }
     }
 }
+
+/// The VNNI kernels, once per encoding of `vpdpbusd` (AVX-VNNI and AVX-512 VNNI differ only in the instruction).
+/// Activations arrive shifted to unsigned (`code ^ 0x80` = `code + 128`); accumulators are corrected with the
+/// panel's shifted column sums, so they equal the AVX2 path's exactly.
+macro_rules! vnni_kernels {
+    ($module:ident, $features:literal, $dpbusd:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::{MR, NR, PackedI8};
+            use std::arch::x86_64::*;
+
+            /// i32 accumulators of `ROWS` shifted rows of `xu` (rows `k4` apart) against one 16-column panel.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn micro<const ROWS: usize>(
+                xu: *const i8,
+                k4: usize,
+                w: &PackedI8,
+                p: usize,
+            ) -> [[__m256i; 2]; ROWS] {
+                let panel = w.panel(p);
+                let mut acc = [[_mm256_setzero_si256(); 2]; ROWS];
+                let mut wp = panel.as_ptr();
+                for s in 0..k4 / 4 {
+                    // SAFETY: the panel holds k4/4 groups of 64 bytes; every row of `xu` holds k4 codes.
+                    unsafe {
+                        let w0 = _mm256_loadu_si256(wp as *const __m256i);
+                        let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let xb = _mm256_set1_epi32((xu.add(r * k4 + s * 4) as *const i32).read_unaligned());
+                            a[0] = $dpbusd(a[0], xb, w0);
+                            a[1] = $dpbusd(a[1], xb, w1);
+                        }
+                        wp = wp.add(64);
+                    }
+                }
+                // SAFETY: the column sums hold 16 values per panel.
+                let (c0, c1) = unsafe {
+                    let sums = w.shifted_col_sums.as_ptr().add(p * NR);
+                    (
+                        _mm256_loadu_si256(sums as *const __m256i),
+                        _mm256_loadu_si256(sums.add(8) as *const __m256i),
+                    )
+                };
+                for a in acc.iter_mut() {
+                    a[0] = _mm256_sub_epi32(a[0], c0);
+                    a[1] = _mm256_sub_epi32(a[1], c1);
+                }
+                acc
+            }
+
+            /// Runs `f(row0, accumulators)` for every micro-tile of `rows` rows against panel `p`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn for_tiles(
+                xu: &[i8],
+                rows: usize,
+                w: &PackedI8,
+                p: usize,
+                mut f: impl FnMut(usize, &[[__m256i; 2]]),
+            ) {
+                let mut r = 0;
+                while r < rows {
+                    let base = xu[r * w.k4..].as_ptr();
+                    // SAFETY: rows r..r+take exist in `xu`.
+                    unsafe {
+                        match rows - r {
+                            1 => f(r, &micro::<1>(base, w.k4, w, p)),
+                            2 => f(r, &micro::<2>(base, w.k4, w, p)),
+                            3 => f(r, &micro::<3>(base, w.k4, w, p)),
+                            _ => f(r, &micro::<MR>(base, w.k4, w, p)),
+                        }
+                    }
+                    r += MR;
+                }
+            }
+
+            /// See [`super::avx2::gemm_block`]; `xu` holds shifted codes.
+            ///
+            /// # Safety
+            /// The CPU must support the module's features; `xu` holds `rows * k4` codes, `dst` `rows * n` values.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gemm_block(
+                xu: &[i8],
+                sx: &[f32],
+                rows: usize,
+                w: &PackedI8,
+                bias: Option<&[f32]>,
+                dst: &mut [f32],
+            ) {
+                for p in 0..w.n.div_ceil(NR) {
+                    let params = super::avx2::panel_params(w, bias, p);
+                    // SAFETY: the features are available (caller's contract).
+                    unsafe {
+                        for_tiles(xu, rows, w, p, |r0, acc| {
+                            super::avx2::store_tile(acc, r0, sx, &params, w.n, p, dst)
+                        })
+                    };
+                }
+            }
+
+            /// Raw corrected accumulators, for tests.
+            ///
+            /// # Safety
+            /// As [`gemm_block`]; `acc_out` holds `rows * n` values.
+            #[cfg(test)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn accumulate_block(xu: &[i8], rows: usize, w: &PackedI8, acc_out: &mut [i32]) {
+                let n = w.n;
+                for p in 0..n.div_ceil(NR) {
+                    let (c0, width) = (p * NR, (n - p * NR).min(NR));
+                    // SAFETY: the features are available (caller's contract); `tmp` holds 16 i32.
+                    unsafe {
+                        for_tiles(xu, rows, w, p, |r0, acc| {
+                            for (i, a) in acc.iter().enumerate() {
+                                let mut tmp = [0i32; NR];
+                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, a[0]);
+                                _mm256_storeu_si256(tmp.as_mut_ptr().add(8) as *mut __m256i, a[1]);
+                                acc_out[(r0 + i) * n + c0..(r0 + i) * n + c0 + width].copy_from_slice(&tmp[..width]);
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    };
+}
+
+vnni_kernels!(vnni_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni_kernels!(vnni_avx512, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
 #[cfg(test)]
 mod tests {
@@ -502,11 +724,12 @@ mod tests {
                     let (xq, _) = quantize_rows_i8(&x, m, k).unwrap();
                     let (codes, scales) = random_weight(n, k, (k + n) as u64);
                     let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
-                    let got = accumulate_i32(&xq, m, k, &w);
-                    for r in 0..m {
-                        for c in 0..n {
-                            let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
-                            assert_eq!(got[r * n + c], want, "M={m} K={k} N={n} at ({r},{c})");
+                    for (path, got) in accumulate_i32_all(&xq, m, k, &w) {
+                        for r in 0..m {
+                            for c in 0..n {
+                                let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
+                                assert_eq!(got[r * n + c], want, "{path}: M={m} K={k} N={n} at ({r},{c})");
+                            }
                         }
                     }
                 }
@@ -522,13 +745,12 @@ mod tests {
         let (xq, _) = quantize_rows_i8(&x, 2, k).unwrap();
         let codes: Vec<i8> = (0..2 * k).map(|i| if i % 5 < 2 { -127 } else { 127 }).collect();
         let w = PackedI8::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
-        let got = accumulate_i32(&xq, 2, k, &w);
-        for r in 0..2 {
-            for c in 0..2 {
-                assert_eq!(
-                    got[r * 2 + c],
-                    dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k])
-                );
+        for (path, got) in accumulate_i32_all(&xq, 2, k, &w) {
+            for r in 0..2 {
+                for c in 0..2 {
+                    let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
+                    assert_eq!(got[r * 2 + c], want, "{path}");
+                }
             }
         }
     }

@@ -33,31 +33,68 @@ pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{ConvShape, conv2d_nhwc, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar};
 pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
-pub use gemm_i8::{PackedI8, gemm_i8_dynamic, quantize_rows_i8};
+pub use gemm_i8::{PackedI8, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};
 pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, upsample_sum_nhwc};
 pub use softmax::softmax_rows;
 
-/// True when the CPU can run the AVX2+FMA kernels (detected once, then cached by std).
-#[inline]
-pub fn has_avx2_fma() -> bool {
+/// The instruction sets the kernels may use, from least to most capable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX2 + FMA and a 256-bit `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI with VL): the int8 GEMM multiplies four
+    /// byte pairs and accumulates into i32 in one instruction instead of four.
+    Vnni,
+}
+
+/// What this CPU supports, capped by the environment variable `SEGQ_SIMD` (`scalar`, `avx2` or `vnni`), which lets
+/// a benchmark measure the narrower paths on the same machine. Detected once.
+pub fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = detect_simd();
+        match std::env::var("SEGQ_SIMD").ok().as_deref().map(str::trim) {
+            Some("scalar") => Simd::Scalar,
+            Some("avx2") => detected.min(Simd::Avx2),
+            _ => detected,
+        }
+    })
+}
+
+fn detect_simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma")) {
+            return Simd::Scalar;
+        }
+        if has!("avxvnni") || (has!("avx512vnni") && has!("avx512vl")) {
+            return Simd::Vnni;
+        }
+        Simd::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Simd::Scalar
     }
 }
 
-/// The SIMD features the kernels use on this CPU, for logs: e.g. `"avx2+fma"`, or `"scalar"`.
+/// True when the AVX2+FMA kernels run (the CPU has them and `SEGQ_SIMD` allows them).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    simd() >= Simd::Avx2
+}
+
+/// The SIMD features the kernels use on this CPU, for logs: `"avx2+fma+vnni"`, `"avx2+fma"` or `"scalar"`.
 pub fn cpu_features() -> String {
-    if has_avx2_fma() {
-        "avx2+fma".to_string()
-    } else {
-        "scalar".to_string()
+    match simd() {
+        Simd::Vnni => "avx2+fma+vnni",
+        Simd::Avx2 => "avx2+fma",
+        Simd::Scalar => "scalar",
     }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -81,6 +118,7 @@ mod tests {
     #[test]
     fn cpu_features_names_the_path_taken() {
         let f = super::cpu_features();
-        assert_eq!(f == "avx2+fma", super::has_avx2_fma(), "{f}");
+        assert_eq!(f.starts_with("avx2+fma"), super::has_avx2_fma(), "{f}");
+        assert_eq!(f.ends_with("vnni"), super::simd() == super::Simd::Vnni, "{f}");
     }
 }

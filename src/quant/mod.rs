@@ -13,6 +13,8 @@ pub mod rtn;
 
 use std::collections::{BTreeMap, HashMap};
 
+use rayon::prelude::*;
+
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -324,61 +326,65 @@ impl QuantTensor {
         }
         let rb = self.row_bytes();
         let groups = self.groups_per_row();
-        for (i, dst) in out.chunks_mut(cols).enumerate() {
-            let r = row_start + i;
-            let packed = &self.data[r * rb..(r + 1) * rb];
-            match self.format {
-                Format::F32 => {
-                    for (d, b) in dst.iter_mut().zip(packed.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        // Weight-only levels dequantize every layer on every forward pass: spread the rows over the thread pool.
+        out.par_chunks_mut(cols)
+            .with_min_len(8)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let r = row_start + i;
+                let packed = &self.data[r * rb..(r + 1) * rb];
+                match self.format {
+                    Format::F32 => {
+                        for (d, b) in dst.iter_mut().zip(packed.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
                     }
-                }
-                Format::F16 => {
-                    for (d, b) in dst.iter_mut().zip(packed.chunks_exact(2)) {
-                        *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    Format::F16 => {
+                        for (d, b) in dst.iter_mut().zip(packed.chunks_exact(2)) {
+                            *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        }
                     }
-                }
-                Format::Bf16 => {
-                    for (d, b) in dst.iter_mut().zip(packed.chunks_exact(2)) {
-                        *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                    Format::Bf16 => {
+                        for (d, b) in dst.iter_mut().zip(packed.chunks_exact(2)) {
+                            *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                        }
                     }
-                }
-                Format::F8E4m3 | Format::F8E5m2 => {
-                    let table = if self.format == Format::F8E4m3 {
-                        f8::e4m3fn_table()
-                    } else {
-                        f8::e5m2_table()
-                    };
-                    let s = self.scales[r];
-                    for (d, &c) in dst.iter_mut().zip(packed) {
-                        *d = table[c as usize] * s;
-                    }
-                }
-                Format::Int8 | Format::Int4 | Format::Int2 => {
-                    let bits = self.format.code_bits();
-                    let mut codes = vec![0u8; cols];
-                    int::unpack_row(packed, bits, &mut codes);
-                    let layout = int::GroupLayout {
-                        cols,
-                        group_size: self.group_size,
-                    };
-                    for g in 0..groups {
-                        let range = layout.range(g);
-                        let s = self.scales[r * groups + g];
-                        if self.symmetric {
-                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
-                                *d = int::sign_extend(c, bits) as f32 * s;
-                            }
+                    Format::F8E4m3 | Format::F8E5m2 => {
+                        let table = if self.format == Format::F8E4m3 {
+                            f8::e4m3fn_table()
                         } else {
-                            let z = self.zeros[r * groups + g];
-                            for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
-                                *d = (c as f32 - z) * s;
+                            f8::e5m2_table()
+                        };
+                        let s = self.scales[r];
+                        for (d, &c) in dst.iter_mut().zip(packed) {
+                            *d = table[c as usize] * s;
+                        }
+                    }
+                    Format::Int8 | Format::Int4 | Format::Int2 => {
+                        let bits = self.format.code_bits();
+                        let mut codes = vec![0u8; cols];
+                        int::unpack_row(packed, bits, &mut codes);
+                        let layout = int::GroupLayout {
+                            cols,
+                            group_size: self.group_size,
+                        };
+                        for g in 0..groups {
+                            let range = layout.range(g);
+                            let s = self.scales[r * groups + g];
+                            if self.symmetric {
+                                for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
+                                    *d = int::sign_extend(c, bits) as f32 * s;
+                                }
+                            } else {
+                                let z = self.zeros[r * groups + g];
+                                for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
+                                    *d = (c as f32 - z) * s;
+                                }
                             }
                         }
                     }
                 }
-            }
-        }
+            });
         Ok(())
     }
 
