@@ -110,10 +110,74 @@ pub fn linear_f32(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            // Small products (a band of the decode head, run inside a parallel task) stay on the calling thread.
+            if rows * n * k < 1 << 22 {
+                gemm::Parallelism::None
+            } else {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            },
         );
     }
     Ok(out)
+}
+
+/// `dst [m, n] += a [m, k] * b [k, n]`, all row-major and contiguous, on the calling thread (for callers that
+/// already work on one block per task, such as the decode head's bands).
+pub fn matmul_accumulate(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst: &mut [f32]) -> Result<()> {
+    if a.len() != m * k || b.len() != k * n || dst.len() != m * n {
+        return Err(Error::Model(format!(
+            "matmul_accumulate: a {} values for {m}x{k}, b {} for {k}x{n}, dst {} for {m}x{n}",
+            a.len(),
+            b.len(),
+            dst.len()
+        )));
+    }
+    if m * n * k == 0 {
+        return Ok(());
+    }
+    // SAFETY: the three operands are contiguous row-major matrices of the checked sizes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// Scalar reference of [`matmul_accumulate`].
+pub fn matmul_accumulate_scalar(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst: &mut [f32]) -> Result<()> {
+    if a.len() != m * k || b.len() != k * n || dst.len() != m * n {
+        return Err(Error::Model(format!(
+            "matmul_accumulate: a {} values for {m}x{k}, b {} for {k}x{n}, dst {} for {m}x{n}",
+            a.len(),
+            b.len(),
+            dst.len()
+        )));
+    }
+    for i in 0..m {
+        for j in 0..n {
+            dst[i * n + j] += (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum::<f32>();
+        }
+    }
+    Ok(())
 }
 
 /// Scalar reference of [`linear_f32`].
@@ -341,6 +405,20 @@ mod tests {
         }
         assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 5], 2, None, None).is_err());
         assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 6], 2, Some(&[0.0; 3]), None).is_err());
+    }
+
+    #[test]
+    fn matmul_accumulate_matches_scalar() {
+        for (m, k, n) in [(1, 1, 1), (5, 3, 7), (70, 32, 256), (33, 160, 17)] {
+            let a = random_vec(m * k, 5, 1.0);
+            let b = random_vec(k * n, 6, 0.5);
+            let start = random_vec(m * n, 7, 1.0);
+            let (mut fast, mut slow) = (start.clone(), start);
+            matmul_accumulate(&a, m, k, &b, n, &mut fast).unwrap();
+            matmul_accumulate_scalar(&a, m, k, &b, n, &mut slow).unwrap();
+            assert_close(&fast, &slow, &format!("matmul_accumulate {m}x{k}x{n}"));
+        }
+        assert!(matmul_accumulate(&[0.0; 6], 2, 3, &[0.0; 6], 2, &mut [0.0; 3]).is_err());
     }
 
     #[test]

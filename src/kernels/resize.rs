@@ -51,6 +51,86 @@ impl Axis {
     }
 }
 
+/// `bias + sum_i bilinear(inputs[i])` at an output size, computable a band of output rows at a time (so a caller
+/// can keep each band in cache while it works on it). Built once per output; checks the shapes.
+#[derive(Debug, Clone)]
+pub struct UpsampleSum<'a> {
+    inputs: Vec<MapNhwc<'a>>,
+    axes: Vec<(Axis, Axis)>,
+    channels: usize,
+    out_h: usize,
+    out_w: usize,
+    bias: &'a [f32],
+}
+
+impl<'a> UpsampleSum<'a> {
+    pub fn new(inputs: &[MapNhwc<'a>], channels: usize, out_h: usize, out_w: usize, bias: &'a [f32]) -> Result<Self> {
+        if bias.len() != channels {
+            return Err(Error::Model(format!(
+                "upsample_sum_nhwc: bias has {} values for {channels} channels",
+                bias.len()
+            )));
+        }
+        for (i, m) in inputs.iter().enumerate() {
+            if m.height == 0 || m.width == 0 || m.data.len() != m.height * m.width * channels {
+                return Err(Error::Model(format!(
+                    "upsample_sum_nhwc: input {i} has {} values for {}x{}x{channels}",
+                    m.data.len(),
+                    m.height,
+                    m.width
+                )));
+            }
+        }
+        let axes = inputs
+            .iter()
+            .map(|m| (Axis::new(m.height, out_h), Axis::new(m.width, out_w)))
+            .collect();
+        Ok(Self {
+            inputs: inputs.to_vec(),
+            axes,
+            channels,
+            out_h,
+            out_w,
+            bias,
+        })
+    }
+
+    /// Values in one output row.
+    pub fn row_len(&self) -> usize {
+        self.out_w * self.channels
+    }
+
+    /// Writes output rows `y0 .. y0 + out.len() / row_len()` into `out` (channels last).
+    pub fn rows(&self, y0: usize, out: &mut [f32]) {
+        let c = self.channels;
+        for (dy, row) in out.chunks_exact_mut(self.row_len().max(1)).enumerate() {
+            let y = y0 + dy;
+            for px in row.chunks_exact_mut(c) {
+                px.copy_from_slice(self.bias);
+            }
+            for (m, (ay, ax)) in self.inputs.iter().zip(&self.axes) {
+                if m.height == self.out_h && m.width == self.out_w {
+                    // Scale 1: PyTorch's sampling reduces to the identity.
+                    let src = &m.data[y * self.row_len()..(y + 1) * self.row_len()];
+                    row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    continue;
+                }
+                let (r0, r1, h0, h1) = (ay.i0[y], ay.i1[y], ay.l0[y], ay.l1[y]);
+                let top = &m.data[r0 * m.width * c..(r0 + 1) * m.width * c];
+                let bottom = &m.data[r1 * m.width * c..(r1 + 1) * m.width * c];
+                for (x, px) in row.chunks_exact_mut(c).enumerate() {
+                    let (c0, c1, w0, w1) = (ax.i0[x] * c, ax.i1[x] * c, ax.l0[x], ax.l1[x]);
+                    let (a, b) = (&top[c0..c0 + c], &top[c1..c1 + c]);
+                    let (p, q) = (&bottom[c0..c0 + c], &bottom[c1..c1 + c]);
+                    for k in 0..c {
+                        px[k] += h0 * (w0 * a[k] + w1 * b[k]) + h1 * (w0 * p[k] + w1 * q[k]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `out [out_h, out_w, channels] = relu?(bias + sum_i bilinear(inputs[i]))`. Parallel over output rows.
 pub fn upsample_sum_nhwc(
     inputs: &[MapNhwc<'_>],
@@ -61,60 +141,20 @@ pub fn upsample_sum_nhwc(
     relu: bool,
     out: &mut [f32],
 ) -> Result<()> {
-    if out.len() != out_h * out_w * channels || bias.len() != channels {
+    let sum = UpsampleSum::new(inputs, channels, out_h, out_w, bias)?;
+    if out.len() != out_h * out_w * channels {
         return Err(Error::Model(format!(
-            "upsample_sum_nhwc: output has {} values for {out_h}x{out_w}x{channels}, bias {} for {channels} channels",
-            out.len(),
-            bias.len()
+            "upsample_sum_nhwc: output has {} values for {out_h}x{out_w}x{channels}",
+            out.len()
         )));
-    }
-    for (i, m) in inputs.iter().enumerate() {
-        if m.height == 0 || m.width == 0 || m.data.len() != m.height * m.width * channels {
-            return Err(Error::Model(format!(
-                "upsample_sum_nhwc: input {i} has {} values for {}x{}x{channels}",
-                m.data.len(),
-                m.height,
-                m.width
-            )));
-        }
     }
     if out.is_empty() {
         return Ok(());
     }
-    let axes: Vec<(Axis, Axis)> = inputs
-        .iter()
-        .map(|m| (Axis::new(m.height, out_h), Axis::new(m.width, out_w)))
-        .collect();
-    let c = channels;
-    out.par_chunks_mut(out_w * c).enumerate().for_each(|(y, row)| {
-        for px in row.chunks_exact_mut(c) {
-            px.copy_from_slice(bias);
-        }
-        for (m, (ay, ax)) in inputs.iter().zip(&axes) {
-            let same = m.height == out_h && m.width == out_w;
-            if same {
-                // Scale 1: PyTorch's sampling reduces to the identity.
-                for (d, s) in row.iter_mut().zip(&m.data[y * out_w * c..(y + 1) * out_w * c]) {
-                    *d += s;
-                }
-                continue;
-            }
-            let (r0, r1, h0, h1) = (ay.i0[y], ay.i1[y], ay.l0[y], ay.l1[y]);
-            let top = &m.data[r0 * m.width * c..(r0 + 1) * m.width * c];
-            let bottom = &m.data[r1 * m.width * c..(r1 + 1) * m.width * c];
-            for (x, px) in row.chunks_exact_mut(c).enumerate() {
-                let (c0, c1, w0, w1) = (ax.i0[x] * c, ax.i1[x] * c, ax.l0[x], ax.l1[x]);
-                let (a, b) = (&top[c0..c0 + c], &top[c1..c1 + c]);
-                let (p, q) = (&bottom[c0..c0 + c], &bottom[c1..c1 + c]);
-                for k in 0..c {
-                    px[k] += h0 * (w0 * a[k] + w1 * b[k]) + h1 * (w0 * p[k] + w1 * q[k]);
-                }
-            }
-        }
+    out.par_chunks_mut(sum.row_len()).enumerate().for_each(|(y, row)| {
+        sum.rows(y, row);
         if relu {
-            for v in row.iter_mut() {
-                *v = v.max(0.0);
-            }
+            row.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     });
     Ok(())

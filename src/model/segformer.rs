@@ -341,23 +341,49 @@ impl DecodeHead {
         }
     }
 
-    /// The head through [`ComposedHead`]: per stage one GEMM at its own resolution, then upsample + sum + bias + ReLU
-    /// in one pass over the 1/4-resolution map (channels last), then the classifier.
+    /// The head through [`ComposedHead`], one band of output rows per task so the decoder-size map never leaves
+    /// the cache: stages below the output resolution are multiplied by their composed matrix at their own
+    /// resolution first; then each band is their upsampled sum plus the bias, the full-resolution stage's product is
+    /// accumulated onto it, ReLU, and the classifier turns it into logits.
     fn forward_composed(&self, composed: &ComposedHead, features: &[StageMap]) -> Result<Tensor> {
         let (batch, h0, w0) = (features[0].tokens.dim(0)?, features[0].height, features[0].width);
         let d = composed.bias.len();
-        let mut per_image = Vec::with_capacity(batch);
+        let (labels, pixels) = (self.classifier.shape[0], h0 * w0);
+        let classifier_bias = self.classifier.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        // Float and weight-only classifiers are dequantized once per call, not once per band.
+        let classifier_weight = match &self.classifier.weight {
+            Weight::PackedI8(_) => None,
+            w => Some(w.with_values(|v| Ok(v.to_vec()))?),
+        };
+        let classify = |x: &[f32], rows: usize| -> Result<Vec<f32>> {
+            match (&self.classifier.weight, &classifier_weight) {
+                (Weight::PackedI8(p), _) => {
+                    let mut out = vec![0f32; rows * labels];
+                    kernels::gemm_i8_dynamic(x, rows, d, &p.packed, classifier_bias.as_deref(), &mut out)?;
+                    Ok(out)
+                }
+                (_, Some(w)) => kernels::linear_f32(x, rows, d, w, labels, classifier_bias.as_deref(), None),
+                _ => Err(crate::Error::Model("decode_head.classifier: no weight".into())),
+            }
+        };
+        // About 256 pixels of the decoder-size map per band (256 KiB at D = 256).
+        let band_rows = (256 / w0.max(1)).clamp(1, h0.max(1));
+        let mut logits = vec![0f32; batch * labels * pixels];
         for b in 0..batch {
-            let mut maps = Vec::with_capacity(features.len());
+            let mut low_maps = Vec::new();
+            let mut full_res = Vec::new();
             for (state, weight) in features.iter().zip(&composed.weights) {
                 let tokens = state.tokens.get(b)?;
-                maps.push((tokens.matmul(weight)?, state.height, state.width));
+                if (state.height, state.width) == (h0, w0) {
+                    full_res.push((tokens, weight));
+                } else {
+                    low_maps.push((tokens.matmul(weight)?, state.height, state.width));
+                }
             }
-            let mut fused = vec![0f32; h0 * w0 * d];
-            let guards: Vec<_> = maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
+            let guards: Vec<_> = low_maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
             let inputs = guards
                 .iter()
-                .zip(&maps)
+                .zip(&low_maps)
                 .map(|((storage, layout), (t, h, w))| {
                     let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
                         crate::Error::Model(format!("decode head: stage map {:?} not contiguous", t.dims()))
@@ -372,14 +398,48 @@ impl DecodeHead {
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
-            kernels::upsample_sum_nhwc(&inputs, d, h0, w0, &composed.bias, true, &mut fused)?;
-            drop(inputs);
-            drop(guards);
-            let fused = Tensor::from_vec(fused, (h0 * w0, d), &candle_core::Device::Cpu)?;
-            let logits = self.classifier.forward_channels_last(&fused)?; // [H0*W0, L]
-            per_image.push(logits.t()?.reshape((self.classifier.shape[0], h0, w0))?);
+            let upsampled = kernels::UpsampleSum::new(&inputs, d, h0, w0, &composed.bias)?;
+            let full_res = full_res
+                .iter()
+                .map(|(t, w)| {
+                    Ok((
+                        t.flatten_all()?.to_vec1::<f32>()?,
+                        w.flatten_all()?.to_vec1::<f32>()?,
+                        w.dim(0)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            use rayon::prelude::*;
+            let bands = (0..h0.div_ceil(band_rows))
+                .into_par_iter()
+                .map_init(Vec::new, |fused: &mut Vec<f32>, band| {
+                    let y0 = band * band_rows;
+                    let rows = band_rows.min(h0 - y0) * w0;
+                    fused.resize(rows * d, 0.0);
+                    upsampled.rows(y0, fused);
+                    for (tokens, weight, c) in &full_res {
+                        let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
+                        kernels::matmul_accumulate(x, rows, *c, weight, d, fused)?;
+                    }
+                    fused.iter_mut().for_each(|v| *v = v.max(0.0));
+                    Ok((y0 * w0, classify(fused, rows)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // [pixels, labels] bands into the NCHW logits.
+            let image = &mut logits[b * labels * pixels..(b + 1) * labels * pixels];
+            for (p0, band) in bands {
+                for (i, px) in band.chunks_exact(labels).enumerate() {
+                    for (l, &v) in px.iter().enumerate() {
+                        image[l * pixels + p0 + i] = v;
+                    }
+                }
+            }
         }
-        Ok(Tensor::stack(&per_image, 0)?)
+        Ok(Tensor::from_vec(
+            logits,
+            (batch, labels, h0, w0),
+            &candle_core::Device::Cpu,
+        )?)
     }
 
     /// The head exactly as transformers writes it: materialises the four upsampled maps and their concatenation.
