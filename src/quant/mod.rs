@@ -361,26 +361,13 @@ impl QuantTensor {
                         }
                     }
                     Format::Int8 | Format::Int4 | Format::Int2 => {
-                        let bits = self.format.code_bits();
-                        let mut codes = vec![0u8; cols];
-                        int::unpack_row(packed, bits, &mut codes);
-                        let layout = int::GroupLayout {
-                            cols,
-                            group_size: self.group_size,
-                        };
-                        for g in 0..groups {
-                            let range = layout.range(g);
-                            let s = self.scales[r * groups + g];
-                            if self.symmetric {
-                                for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
-                                    *d = int::sign_extend(c, bits) as f32 * s;
-                                }
-                            } else {
-                                let z = self.zeros[r * groups + g];
-                                for (d, &c) in dst[range.clone()].iter_mut().zip(&codes[range.clone()]) {
-                                    *d = (c as f32 - z) * s;
-                                }
-                            }
+                        let params = &self.scales[r * groups..(r + 1) * groups];
+                        let zeros = (!self.symmetric).then(|| &self.zeros[r * groups..(r + 1) * groups]);
+                        let g = self.group_size;
+                        match self.format {
+                            Format::Int8 => dequantize_int_row::<8>(packed, params, zeros, g, dst),
+                            Format::Int4 => dequantize_int_row::<4>(packed, params, zeros, g, dst),
+                            _ => dequantize_int_row::<2>(packed, params, zeros, g, dst),
                         }
                     }
                 }
@@ -688,6 +675,34 @@ pub(crate) mod testing {
             }
         }
         w
+    }
+}
+
+/// One row of packed `BITS`-bit codes (low bits first within a byte, as [`int::pack`] writes them) to floats:
+/// `code * scale` (symmetric, codes sign-extended) or `(code - zero) * scale` per group. `BITS` is a constant so the
+/// unpacking is shifts and masks, without a per-row buffer.
+fn dequantize_int_row<const BITS: u32>(
+    packed: &[u8],
+    scales: &[f32],
+    zeros: Option<&[f32]>,
+    group_size: usize,
+    dst: &mut [f32],
+) {
+    let per_byte = (8 / BITS) as usize;
+    let mask = ((1u16 << BITS) - 1) as u8;
+    let code = |c: usize| (packed[c / per_byte] >> ((c % per_byte) as u32 * BITS)) & mask;
+    for (g, out) in dst.chunks_mut(group_size.max(1)).enumerate() {
+        let (s, start) = (scales[g], g * group_size);
+        match zeros {
+            None => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = int::sign_extend(code(start + i), BITS) as f32 * s),
+            Some(z) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = (code(start + i) as f32 - z[g]) * s),
+        }
     }
 }
 
