@@ -144,6 +144,95 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
     Ok(())
 }
 
+/// W8A8 attention for the `int8-dyn` level: both products through the int8 GEMM. Per batch and head, keys are
+/// quantized per key (row of K) and values per channel (row of V^T), symmetric absmax; queries are quantized per
+/// row and the softmax probabilities per row by [`super::gemm_i8_dynamic`] as it runs. The softmax itself stays in
+/// f32. Same blocking and parallelism as [`attention`].
+pub fn attention_i8(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    attention_i8_with(q, k, v, shape, out, super::gemm_i8_dynamic)
+}
+
+/// Scalar reference of [`attention_i8`]: the same quantization, the products through the scalar int8 GEMM.
+pub fn attention_i8_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    attention_i8_with(q, k, v, shape, out, super::gemm_i8_dynamic_scalar)
+}
+
+type GemmI8 = fn(&[f32], usize, usize, &super::PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
+
+fn attention_i8_with(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    out: &mut [f32],
+    gemm_i8: GemmI8,
+) -> Result<()> {
+    shape.check(q.len(), k.len(), v.len(), out.len())?;
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
+    let c = shape.width();
+    // K_h as [keys, d] and V_h^T as [d, keys], quantized and packed once per (batch, head).
+    let packed = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / heads, bh % heads);
+            let column = |src: &[f32], j: usize, t: usize| src[(b * keys + j) * c + h * head_dim + t];
+            let k_rows: Vec<f32> = (0..keys)
+                .flat_map(|j| (0..head_dim).map(move |t| (j, t)))
+                .map(|(j, t)| column(k, j, t))
+                .collect();
+            let v_cols: Vec<f32> = (0..head_dim)
+                .flat_map(|t| (0..keys).map(move |j| (j, t)))
+                .map(|(j, t)| column(v, j, t))
+                .collect();
+            let (kc, ks) = super::quantize_rows_i8(&k_rows, keys, head_dim)?;
+            let (vc, vs) = super::quantize_rows_i8(&v_cols, head_dim, keys)?;
+            Ok((
+                super::PackedI8::pack(&kc, &ks, keys, head_dim)?,
+                super::PackedI8::pack(&vc, &vs, head_dim, keys)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let blocks = queries.div_ceil(BLOCK_ROWS);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..batch * heads * blocks).into_par_iter().try_for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |(q_blk, scores, probs, context): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), item| {
+            let (b, h, block) = (item / (heads * blocks), item / blocks % heads, item % blocks);
+            let (k_packed, vt_packed) = &packed[b * heads + h];
+            let r0 = block * BLOCK_ROWS;
+            let rows = BLOCK_ROWS.min(queries - r0);
+            q_blk.clear();
+            for r in r0..r0 + rows {
+                let start = (b * queries + r) * c + h * head_dim;
+                q_blk.extend_from_slice(&q[start..start + head_dim]);
+            }
+            scores.resize(rows * keys, 0.0);
+            probs.resize(rows * keys, 0.0);
+            context.resize(rows * head_dim, 0.0);
+            gemm_i8(q_blk, rows, head_dim, k_packed, None, scores)?;
+            for (s, p) in scores.chunks_exact(keys).zip(probs.chunks_exact_mut(keys)) {
+                softmax_row(s, scale, p);
+            }
+            gemm_i8(probs, rows, keys, vt_packed, None, context)?;
+            for (i, row) in context.chunks_exact(head_dim).enumerate() {
+                // SAFETY: row r0 + i, columns of head h: this task's own tile of `out`, which outlives the loop.
+                unsafe {
+                    let dst = out_ptr.get().add((b * queries + r0 + i) * c + h * head_dim);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, head_dim);
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
 /// Scalar reference of [`attention`]: the textbook loops, one query row at a time, same softmax arithmetic.
 pub fn attention_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
     shape.check(q.len(), k.len(), v.len(), out.len())?;
@@ -253,6 +342,51 @@ mod tests {
                     (slow[j] as f64 - w).abs() <= tol,
                     "scalar {s:?} [{j}]: {} vs {w}",
                     slow[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int8_attention_matches_its_scalar_reference_and_stays_near_f32() {
+        for (i, &(batch, queries, keys, heads, head_dim)) in [
+            (1, 5, 3, 1, 7),
+            (2, 67, 13, 3, 5),
+            (1, 130, 256, 1, 32),
+            (1, 200, 49, 5, 32),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = AttentionShape {
+                batch,
+                queries,
+                keys,
+                heads,
+                head_dim,
+            };
+            let c = heads * head_dim;
+            let q = random_vec(batch * queries * c, 50 + i as u64, 2.0);
+            let k = random_vec(batch * keys * c, 60 + i as u64, 2.0);
+            let v = random_vec(batch * keys * c, 70 + i as u64, 1.0);
+            let (mut fast, mut slow, mut float) =
+                (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()], vec![0f32; q.len()]);
+            attention_i8(&q, &k, &v, s, &mut fast).unwrap();
+            attention_i8_scalar(&q, &k, &v, s, &mut slow).unwrap();
+            attention(&q, &k, &v, s, &mut float).unwrap();
+            for j in 0..q.len() {
+                assert!(
+                    (fast[j] - slow[j]).abs() <= 1e-5 * (1.0 + slow[j].abs()),
+                    "{s:?} [{j}]: {} vs {}",
+                    fast[j],
+                    slow[j]
+                );
+                // Quantization error: a few percent of the value range (|v| <= 1).
+                assert!(
+                    (fast[j] - float[j]).abs() <= 0.05,
+                    "{s:?} [{j}]: int8 {} vs f32 {}",
+                    fast[j],
+                    float[j]
                 );
             }
         }

@@ -28,7 +28,7 @@ pub mod layer_norm;
 pub mod resize;
 pub mod softmax;
 
-pub use attention::{AttentionShape, attention, attention_scalar};
+pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar, attention_scalar};
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{

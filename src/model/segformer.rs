@@ -84,6 +84,9 @@ pub struct EfficientSelfAttention {
     pub key: Linear,
     pub value: Linear,
     pub sr: Option<(Conv2d, LayerNorm)>,
+    /// Level `int8-dyn`: both attention products in int8 with activations quantized at run time
+    /// ([`kernels::attention_i8`]), like the level's Linear layers. Set by [`Segformer::pack_dynamic_int8`].
+    pub int8_activations: bool,
 }
 
 impl EfficientSelfAttention {
@@ -109,7 +112,13 @@ impl EfficientSelfAttention {
         let mut context = vec![0f32; b * n * c];
         with_f32(&query, |q| {
             with_f32(&key, |k| {
-                with_f32(&value, |v| kernels::attention(q, k, v, shape, &mut context))
+                with_f32(&value, |v| {
+                    if self.int8_activations {
+                        kernels::attention_i8(q, k, v, shape, &mut context)
+                    } else {
+                        kernels::attention(q, k, v, shape, &mut context)
+                    }
+                })
             })
         })?;
         Ok(Tensor::from_vec(context, (b, n, c), &candle_core::Device::Cpu)?)
@@ -540,6 +549,7 @@ impl Segformer {
                             key: linear(store, &format!("{p}.attention.self.key"), hidden, hidden)?,
                             value: linear(store, &format!("{p}.attention.self.value"), hidden, hidden)?,
                             sr,
+                            int8_activations: false,
                         },
                         output_dense: linear(store, &format!("{p}.attention.output.dense"), hidden, hidden)?,
                     },
@@ -632,6 +642,7 @@ impl Segformer {
         for stage in &mut self.encoder.block {
             for layer in stage {
                 let a = &mut layer.attention.self_attention;
+                a.int8_activations = true;
                 for l in [
                     &mut a.query,
                     &mut a.key,
