@@ -1,13 +1,16 @@
 //! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
 //! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 / W4A8 dynamic GEMMs against candle's f32 matmul and
-//! naive loops; the attention softmax and the decode head's upsample-sum. The machine is shared and noisy: read the results as ratios within one run.
+//! naive loops; the attention softmax and the decode head's upsample-sum; fused attention (f32 and int8-dyn) and one
+//! encoder block's Linear layers (f32 and W8A8) per stage, the two parts int8-dyn changes. The machine is shared and noisy: read the results as ratios within one run.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use segq::kernels::{self, PackedI4, PackedI8, dwconv, gemm_i8};
+use segq::kernels::{
+    self, AttentionShape, PackedI4, PackedI8, attention, attention_i8, dwconv, gemm_i8, gemm_i8_dynamic, linear_f32,
+};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -160,6 +163,88 @@ fn bench_upsample_sum(c: &mut Criterion) {
     });
 }
 
+/// Attention at SegFormer-B0's four stage shapes at 512x512 (queries, keys after spatial reduction, heads, width):
+/// the fused f32 kernel and the int8-dyn one. Run with `SEGQ_SIMD=avx2` to time the AVX2-only int8 path.
+fn bench_attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    for (queries, keys, heads, width) in [
+        (16384, 256, 1, 32),
+        (4096, 256, 2, 64),
+        (1024, 256, 5, 160),
+        (256, 256, 8, 256),
+    ] {
+        let shape = AttentionShape {
+            batch: 1,
+            queries,
+            keys,
+            heads,
+            head_dim: width / heads,
+        };
+        let (q, k, v) = (
+            values(queries * width, 1),
+            values(keys * width, 2),
+            values(keys * width, 3),
+        );
+        let mut out = vec![0f32; queries * width];
+        let id = format!("{queries}x{keys}x{width}");
+        g.bench_function(BenchmarkId::new("f32_fused", &id), |b| {
+            b.iter(|| attention(&q, &k, &v, shape, &mut out).expect("attention"))
+        });
+        g.bench_function(BenchmarkId::new("int8_dynamic", &id), |b| {
+            b.iter(|| attention_i8(&q, &k, &v, shape, &mut out).expect("attention_i8"))
+        });
+    }
+    g.finish();
+}
+
+/// Every Linear of one B0 encoder block per stage (q, k, v, output, dense1, dense2) in f32 and W8A8.
+fn bench_block_linears(c: &mut Criterion) {
+    let mut g = c.benchmark_group("block_linears");
+    for (tokens, keys, width) in [(16384, 256, 32), (4096, 256, 64), (1024, 256, 160), (256, 256, 256)] {
+        let shapes = [
+            (tokens, width, width),
+            (keys, width, width),
+            (keys, width, width),
+            (tokens, width, width),
+            (tokens, width, 4 * width),
+            (tokens, 4 * width, width),
+        ];
+        let inputs: Vec<_> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(rows, k, n))| {
+                let codes: Vec<i8> = (0..n * k).map(|j| (((j * 31 + i) % 255) as i32 - 127) as i8).collect();
+                let packed = PackedI8::pack(&codes, &vec![0.01; n], n, k).expect("pack");
+                (
+                    rows,
+                    k,
+                    n,
+                    values(rows * k, i as u64),
+                    values(n * k, 9 + i as u64),
+                    packed,
+                )
+            })
+            .collect();
+        let id = format!("{tokens}x{width}");
+        g.bench_function(BenchmarkId::new("f32", &id), |b| {
+            b.iter(|| {
+                for (rows, k, n, x, w, _) in &inputs {
+                    linear_f32(x, *rows, *k, w, *n, None, None).expect("linear");
+                }
+            })
+        });
+        g.bench_function(BenchmarkId::new("int8_dynamic", &id), |b| {
+            b.iter(|| {
+                for (rows, k, n, x, _, p) in &inputs {
+                    let mut out = vec![0f32; rows * n];
+                    gemm_i8_dynamic(x, *rows, *k, p, None, &mut out).expect("gemm_i8");
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -167,5 +252,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(2))
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_dwconv, bench_gemm, bench_softmax, bench_upsample_sum }
+criterion_group! { name = benches; config = config(); targets = bench_dwconv, bench_gemm, bench_softmax, bench_upsample_sum, bench_attention, bench_block_linears }
 criterion_main!(benches);

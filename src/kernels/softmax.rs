@@ -160,20 +160,18 @@ mod tests {
             softmax_rows_scalar(&x, rows, cols, scale, &mut slow).unwrap();
             for r in 0..rows {
                 let want = softmax_f64(&x[r * cols..(r + 1) * cols], scale);
-                for c in 0..cols {
+                for (c, &w) in want.iter().enumerate() {
                     let i = r * cols + c;
-                    let tol = 2e-6 * want[c] + 1e-12;
+                    let tol = 2e-6 * w + 1e-12;
                     assert!(
-                        (fast[i] as f64 - want[c]).abs() <= tol,
-                        "simd {rows}x{cols} [{r},{c}]: {} vs {}",
-                        fast[i],
-                        want[c]
+                        (fast[i] as f64 - w).abs() <= tol,
+                        "simd {rows}x{cols} [{r},{c}]: {} vs {w}",
+                        fast[i]
                     );
                     assert!(
-                        (slow[i] as f64 - want[c]).abs() <= tol,
-                        "scalar {rows}x{cols} [{r},{c}]: {} vs {}",
-                        slow[i],
-                        want[c]
+                        (slow[i] as f64 - w).abs() <= tol,
+                        "scalar {rows}x{cols} [{r},{c}]: {} vs {w}",
+                        slow[i]
                     );
                 }
             }
