@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::OutPtr;
 use super::softmax::softmax_row;
 use crate::{Error, Result};
 
@@ -40,20 +41,6 @@ impl AttentionShape {
             )));
         }
         Ok(())
-    }
-}
-
-/// The output pointer shared by tasks that write disjoint tiles of it.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (rows x head columns) tiles, and `attention` holds `&mut out` until they finish.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole `Sync` wrapper rather than the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

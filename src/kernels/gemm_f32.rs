@@ -8,6 +8,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::OutPtr;
 use crate::{Error, Result};
 
 /// A vector of `rows * n` values, each row written once by `fill(row, dst)` in parallel (no zeroing pass first).
@@ -121,17 +122,19 @@ pub fn linear_f32(
     Ok(out)
 }
 
+fn check_matmul(a: usize, m: usize, k: usize, b: usize, n: usize, dst: usize) -> Result<()> {
+    if a != m * k || b != k * n || dst != m * n {
+        return Err(Error::Model(format!(
+            "matmul_accumulate: a {a} values for {m}x{k}, b {b} for {k}x{n}, dst {dst} for {m}x{n}"
+        )));
+    }
+    Ok(())
+}
+
 /// `dst [m, n] += a [m, k] * b [k, n]`, all row-major and contiguous, on the calling thread (for callers that
 /// already work on one block per task, such as the decode head's bands).
 pub fn matmul_accumulate(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst: &mut [f32]) -> Result<()> {
-    if a.len() != m * k || b.len() != k * n || dst.len() != m * n {
-        return Err(Error::Model(format!(
-            "matmul_accumulate: a {} values for {m}x{k}, b {} for {k}x{n}, dst {} for {m}x{n}",
-            a.len(),
-            b.len(),
-            dst.len()
-        )));
-    }
+    check_matmul(a.len(), m, k, b.len(), n, dst.len())?;
     if m * n * k == 0 {
         return Ok(());
     }
@@ -164,14 +167,7 @@ pub fn matmul_accumulate(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst
 
 /// Scalar reference of [`matmul_accumulate`].
 pub fn matmul_accumulate_scalar(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst: &mut [f32]) -> Result<()> {
-    if a.len() != m * k || b.len() != k * n || dst.len() != m * n {
-        return Err(Error::Model(format!(
-            "matmul_accumulate: a {} values for {m}x{k}, b {} for {k}x{n}, dst {} for {m}x{n}",
-            a.len(),
-            b.len(),
-            dst.len()
-        )));
-    }
+    check_matmul(a.len(), m, k, b.len(), n, dst.len())?;
     for i in 0..m {
         for j in 0..n {
             dst[i * n + j] += (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum::<f32>();
@@ -279,20 +275,6 @@ fn im2col_block(x: &[f32], s: &ConvShape, out_w: usize, p0: usize, rows: usize, 
             }
             row[hi.max(lo) * cin..].fill(0.0);
         }
-    }
-}
-
-/// The shared output pointer of [`conv2d_nhwc`]'s tasks, which write disjoint row blocks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes its own block of output rows; `conv2d_nhwc` owns the output until they finish.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole `Sync` wrapper rather than the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -41,6 +41,21 @@ pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, UpsampleSum, upsample_sum_nhwc};
 pub use softmax::softmax_rows;
 
+/// An output buffer's base pointer shared by parallel tasks that each write their own disjoint tile of it (rows of
+/// a block, or one head's columns): slices cannot express tiles that interleave.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: users write disjoint tiles only, and hold the `&mut` output borrow until their parallel loop ends.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so closures capture the whole `Sync` wrapper rather than the raw pointer field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The instruction sets the kernels may use, from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {

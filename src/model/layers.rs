@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::{self, PackedI8};
@@ -76,14 +76,19 @@ impl PackedInt8 {
 pub fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
+    f(borrowed_values(&storage, layout, &x)?)
+}
+
+/// The f32 values of a contiguous CPU tensor through its storage guard (several tensors can be borrowed at once).
+pub(crate) fn borrowed_values<'a>(storage: &'a Storage, layout: &Layout, tensor: &Tensor) -> Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| Error::Model(format!("tensor of shape {:?} is not contiguous", x.dims())))?;
-    match &*storage {
-        Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[start..end]),
+        .ok_or_else(|| Error::Model(format!("tensor of shape {:?} is not contiguous", tensor.dims())))?;
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end]),
         _ => Err(Error::Model(format!(
             "tensor of shape {:?} is not on the CPU",
-            x.dims()
+            tensor.dims()
         ))),
     }
 }
@@ -185,20 +190,16 @@ impl Linear {
         Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
 
-    /// The float path: bias (and residual) written first, the GEMM accumulating onto them.
     fn linear_f32(&self, x: &Tensor, rows: usize, in_features: usize, residual: Option<&Tensor>) -> Result<Vec<f32>> {
-        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-        with_f32(x, |xs| {
-            self.weight.with_values(|w| {
-                let run = |r: Option<&[f32]>| {
-                    kernels::linear_f32(xs, rows, in_features, w, self.shape[0], bias.as_deref(), r)
-                };
-                match residual {
-                    Some(res) => with_f32(res, |r| run(Some(r))),
-                    None => run(None),
-                }
-            })
-        })
+        float_linear(
+            x,
+            rows,
+            in_features,
+            &self.weight,
+            self.shape[0],
+            self.bias.as_ref(),
+            residual,
+        )
     }
 
     /// `forward(x) + residual` with the bias and residual added in one pass over the output (SegFormer's
@@ -235,6 +236,29 @@ impl Linear {
     pub fn info(&self) -> LayerInfo {
         layer_info(&self.name, "Linear", &self.shape, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x [rows, k] * W^T + bias (+ residual)` for a float or weight-only quantized `W [n, k]` (dequantized for the
+/// call): the bias and residual are written first and the f32 GEMM accumulates onto them.
+fn float_linear(
+    x: &Tensor,
+    rows: usize,
+    k: usize,
+    weight: &Weight,
+    n: usize,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Vec<f32>> {
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    with_f32(x, |xs| {
+        weight.with_values(|w| {
+            let run = |r: Option<&[f32]>| kernels::linear_f32(xs, rows, k, w, n, bias.as_deref(), r);
+            match residual {
+                Some(res) => with_f32(res, |r| run(Some(r))),
+                None => run(None),
+            }
+        })
+    })
 }
 
 /// `x [rows, k] * W^T + bias` through the W8A8 dynamic GEMM (activations quantized per row at run time).
@@ -318,11 +342,7 @@ impl Conv2d {
             let out = gemm_i8_rows(x, rows, c, p, self.bias.as_ref())?;
             return Ok(Tensor::from_vec(out, (rows, out_c), &Device::Cpu)?);
         }
-        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-        let out = with_f32(x, |xs| {
-            self.weight
-                .with_values(|w| kernels::linear_f32(xs, rows, c, w, out_c, bias.as_deref(), None))
-        })?;
+        let out = float_linear(x, rows, c, &self.weight, out_c, self.bias.as_ref(), None)?;
         Ok(Tensor::from_vec(out, (rows, out_c), &Device::Cpu)?)
     }
 

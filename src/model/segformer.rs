@@ -6,7 +6,7 @@ use candle_core::{D, Tensor};
 
 use super::checkpoint::TensorStore;
 use super::config::{NORM_EPS, SegformerConfig};
-use super::layers::{BatchNorm2d, Conv2d, LayerInfo, LayerNorm, Linear, Weight, with_f32};
+use super::layers::{BatchNorm2d, Conv2d, LayerInfo, LayerNorm, Linear, Weight, borrowed_values, with_f32};
 use crate::Result;
 use crate::kernels;
 
@@ -389,33 +389,29 @@ impl DecodeHead {
                     low_maps.push((tokens.matmul(weight)?, state.height, state.width));
                 }
             }
-            let guards: Vec<_> = low_maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
-            let inputs = guards
+            // Borrow every map's values at once (the bands read them in parallel).
+            let low_guards: Vec<_> = low_maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
+            let inputs = low_guards
                 .iter()
                 .zip(&low_maps)
                 .map(|((storage, layout), (t, h, w))| {
-                    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-                        crate::Error::Model(format!("decode head: stage map {:?} not contiguous", t.dims()))
-                    })?;
-                    match &**storage {
-                        candle_core::Storage::Cpu(cpu) => Ok(kernels::MapNhwc {
-                            data: &cpu.as_slice::<f32>()?[start..end],
-                            height: *h,
-                            width: *w,
-                        }),
-                        _ => Err(crate::Error::Model("decode head: stage map not on the CPU".into())),
-                    }
+                    Ok(kernels::MapNhwc {
+                        data: borrowed_values(storage, layout, t)?,
+                        height: *h,
+                        width: *w,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampled = kernels::UpsampleSum::new(&inputs, d, h0, w0, &composed.bias)?;
-            let full_res = full_res
+            let full_guards: Vec<_> = full_res
                 .iter()
-                .map(|(t, w)| {
-                    Ok((
-                        t.flatten_all()?.to_vec1::<f32>()?,
-                        w.flatten_all()?.to_vec1::<f32>()?,
-                        w.dim(0)?,
-                    ))
+                .map(|(t, w)| (t.storage_and_layout(), w.storage_and_layout()))
+                .collect();
+            let full_res = full_guards
+                .iter()
+                .zip(&full_res)
+                .map(|(((ts, tl), (ws, wl)), (t, w))| {
+                    Ok((borrowed_values(ts, tl, t)?, borrowed_values(ws, wl, w)?, w.dim(0)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
             use rayon::prelude::*;
@@ -426,9 +422,9 @@ impl DecodeHead {
                     let rows = band_rows.min(h0 - y0) * w0;
                     fused.resize(rows * d, 0.0);
                     upsampled.rows(y0, fused);
-                    for (tokens, weight, c) in &full_res {
+                    for &(tokens, weight, c) in &full_res {
                         let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
-                        kernels::matmul_accumulate(x, rows, *c, weight, d, fused)?;
+                        kernels::matmul_accumulate(x, rows, c, weight, d, fused)?;
                     }
                     fused.iter_mut().for_each(|v| *v = v.max(0.0));
                     Ok((y0 * w0, classify(fused, rows)?))
