@@ -8,7 +8,6 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::OutPtr;
 use crate::{Error, Result};
 
 /// A vector of `rows * n` values, each row written once by `fill(row, dst)` in parallel (no zeroing pass first).
@@ -280,49 +279,107 @@ fn im2col_block(x: &[f32], s: &ConvShape, out_w: usize, p0: usize, rows: usize, 
 
 /// Conv2d on one channels-last image `x [H, W, C_in]` with `weight [C_out, K, K, C_in]` (PyTorch's `[C_out, C_in,
 /// K, K]` permuted so a patch row is contiguous): returns `[H_out * W_out, C_out]` (tokens, channels last). im2col
-/// per block of output pixels into a per-thread buffer, then one GEMM per block; parallel over blocks.
+/// per block of output pixels into a per-thread buffer, then one GEMM per block accumulating onto the bias;
+/// parallel over blocks.
 pub fn conv2d_nhwc(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
     s.check(x.len(), weight.len(), bias.map(<[f32]>::len))?;
+    let (n, patch) = (s.out_channels, s.patch());
     let (out_h, out_w) = s.out_size();
-    let (pixels, n, patch) = (out_h * out_w, s.out_channels, s.patch());
-    let mut out = filled_rows(pixels, n, |_, dst| init_row(dst, bias, None));
+    let mut out = filled_rows(out_h * out_w, n, |_, dst| init_row(dst, bias, None));
+    conv_blocks(x, &s, &mut out, |col, rows, dst| {
+        // SAFETY: col is rows x patch, W^T element (kk, j) is weight[j * patch + kk], dst is rows x n.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                patch,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                col.as_ptr(),
+                1,
+                patch as isize,
+                weight.as_ptr(),
+                patch as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`conv2d_nhwc`] for level `int8-dyn`: the same im2col blocks, each quantized per patch at run time and multiplied
+/// by int8 weights packed in `[K, K, C_in]` column order ([`super::gemm_i8_dynamic`]).
+pub fn conv2d_nhwc_i8(x: &[f32], s: ConvShape, weight: &super::PackedI8, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic)
+}
+
+/// Scalar reference of [`conv2d_nhwc_i8`] (the products through the scalar int8 GEMM).
+pub fn conv2d_nhwc_i8_scalar(
+    x: &[f32],
+    s: ConvShape,
+    weight: &super::PackedI8,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic_scalar)
+}
+
+type GemmI8 = fn(&[f32], usize, usize, &super::PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
+
+fn conv2d_nhwc_i8_with(
+    x: &[f32],
+    s: ConvShape,
+    weight: &super::PackedI8,
+    bias: Option<&[f32]>,
+    gemm_i8: GemmI8,
+) -> Result<Vec<f32>> {
+    s.check(x.len(), weight.n() * weight.k(), bias.map(<[f32]>::len))?;
+    if weight.n() != s.out_channels || weight.k() != s.patch() {
+        return Err(Error::Model(format!(
+            "conv2d {s:?}: int8 weight is {}x{} (want C_out x K*K*C_in)",
+            weight.n(),
+            weight.k()
+        )));
+    }
+    let (out_h, out_w) = s.out_size();
+    let mut out = vec![0f32; out_h * out_w * s.out_channels];
+    conv_blocks(x, &s, &mut out, |col, rows, dst| {
+        gemm_i8(col, rows, s.patch(), weight, bias, dst)
+    })?;
+    Ok(out)
+}
+
+/// Runs `product(patches, rows, out_rows)` for every block of output pixels, in parallel: `patches` is the block's
+/// im2col matrix `[rows, K*K*C_in]` (a per-thread buffer), `out_rows` the block's rows of `out` (`[rows, C_out]`).
+fn conv_blocks(
+    x: &[f32],
+    s: &ConvShape,
+    out: &mut [f32],
+    product: impl Fn(&[f32], usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let (_, out_w) = s.out_size();
+    let (n, patch) = (s.out_channels, s.patch());
+    if out.is_empty() || n == 0 {
+        return Ok(());
+    }
     // About 256 KiB of gathered patches per block, at least 16 rows.
     let block = (65_536 / patch.max(1)).clamp(16, 256);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..pixels.div_ceil(block))
-        .into_par_iter()
-        .for_each_init(Vec::new, |col: &mut Vec<f32>, b| {
-            let p0 = b * block;
-            let rows = block.min(pixels - p0);
+    out.par_chunks_mut(block * n)
+        .enumerate()
+        .try_for_each_init(Vec::new, |col: &mut Vec<f32>, (b, dst)| {
+            let rows = dst.len() / n;
             col.resize(rows * patch, 0.0);
-            im2col_block(x, &s, out_w, p0, rows, col);
-            // SAFETY: col is rows x patch, W^T element (kk, j) is weight[j * patch + kk], the output block (rows p0..
-            // p0 + rows of a pixels x n matrix) belongs to this task only and `out` outlives the loop.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    patch,
-                    out_ptr.get().add(p0 * n),
-                    1,
-                    n as isize,
-                    true,
-                    col.as_ptr(),
-                    1,
-                    patch as isize,
-                    weight.as_ptr(),
-                    patch as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-    Ok(out)
+            im2col_block(x, s, out_w, b * block, rows, col);
+            product(col, rows, dst)
+        })
 }
 
 /// Scalar reference of [`conv2d_nhwc`]: the direct sum over the kernel window.
@@ -435,6 +492,39 @@ mod tests {
                 let (oh, ow) = s.out_size();
                 assert_eq!(fast.len(), oh * ow * out_channels);
                 assert_close(&fast, &slow, &format!("conv {s:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn int8_conv_matches_its_scalar_reference_and_stays_near_f32() {
+        for (i, &(height, width, in_channels, out_channels, kernel, stride, padding)) in
+            [(13, 11, 3, 8, 7, 4, 3), (16, 12, 4, 4, 8, 8, 0), (9, 10, 5, 6, 3, 2, 1)]
+                .iter()
+                .enumerate()
+        {
+            let s = ConvShape {
+                height,
+                width,
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            };
+            let x = random_vec(height * width * in_channels, 40 + i as u64, 1.0);
+            let patch = kernel * kernel * in_channels;
+            let w = random_vec(out_channels * patch, 50 + i as u64, 0.3);
+            let b = random_vec(out_channels, 60 + i as u64, 0.1);
+            let (codes, scales) = crate::kernels::quantize_rows_i8(&w, out_channels, patch).unwrap();
+            let packed = crate::kernels::PackedI8::pack(&codes, &scales, out_channels, patch).unwrap();
+            let fast = conv2d_nhwc_i8(&x, s, &packed, Some(&b)).unwrap();
+            let slow = conv2d_nhwc_i8_scalar(&x, s, &packed, Some(&b)).unwrap();
+            assert_close(&fast, &slow, &format!("int8 conv {s:?}"));
+            let float = conv2d_nhwc(&x, s, &w, Some(&b)).unwrap();
+            let range = float.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, (q, f)) in fast.iter().zip(&float).enumerate() {
+                assert!((q - f).abs() <= 0.02 * range, "int8 conv {s:?} [{j}]: {q} vs f32 {f}");
             }
         }
     }

@@ -32,8 +32,8 @@ pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar
 pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{
-    ConvShape, conv2d_nhwc, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar, matmul_accumulate,
-    matmul_accumulate_scalar,
+    ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar,
+    matmul_accumulate, matmul_accumulate_scalar,
 };
 pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
 pub use gemm_i8::{PackedI8, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};

@@ -26,6 +26,9 @@ pub enum Weight {
 pub struct PackedInt8 {
     pub packed: PackedI8,
     pub meta: QuantTensorMeta,
+    /// For a convolution run on channels-last tokens: its square kernel size and input channels. The packed columns
+    /// are then in `[K, K, C_in]` order (a token patch's order) instead of PyTorch's `[C_in, K, K]`.
+    pub conv_patch: Option<(usize, usize)>,
 }
 
 impl PackedInt8 {
@@ -37,7 +40,42 @@ impl PackedInt8 {
         }
         let codes: Vec<i8> = q.data.iter().map(|&b| b as i8).collect();
         let packed = PackedI8::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
-        Some(PackedInt8 { packed, meta: q.meta() })
+        Some(PackedInt8 {
+            packed,
+            meta: q.meta(),
+            conv_patch: None,
+        })
+    }
+
+    /// Like [`Self::try_from_quant`] for a dense square convolution weight `[C_out, C_in, K, K]` that runs on
+    /// channels-last tokens ([`kernels::conv2d_nhwc_i8`]): the columns are packed in `[K, K, C_in]` order.
+    pub fn try_from_conv(q: &QuantTensor, kernel: usize, in_channels: usize) -> Option<PackedInt8> {
+        if q.format != Format::Int8 || !q.symmetric || q.group_size < q.cols || q.scales.len() != q.rows {
+            return None;
+        }
+        if q.cols != kernel * kernel * in_channels {
+            return None;
+        }
+        let mut codes = vec![0i8; q.rows * q.cols];
+        for r in 0..q.rows {
+            for c in 0..q.cols {
+                codes[r * q.cols + patch_column(c, kernel, in_channels)] = q.data[r * q.cols + c] as i8;
+            }
+        }
+        let packed = PackedI8::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
+        Some(PackedInt8 {
+            packed,
+            meta: q.meta(),
+            conv_patch: Some((kernel, in_channels)),
+        })
+    }
+
+    /// The packed column of stored (PyTorch-order) column `c`.
+    fn packed_column(&self, c: usize) -> usize {
+        match self.conv_patch {
+            Some((kernel, in_channels)) => patch_column(c, kernel, in_channels),
+            None => c,
+        }
     }
 
     /// The stored form of the weight (row-major codes, per-row scales), identical to the one it was packed from.
@@ -45,7 +83,7 @@ impl PackedInt8 {
         let (rows, cols) = (self.meta.rows, self.meta.cols);
         let mut data = Vec::with_capacity(rows * cols);
         for r in 0..rows {
-            data.extend((0..cols).map(|c| self.packed.code(r, c) as u8));
+            data.extend((0..cols).map(|c| self.packed.code(r, self.packed_column(c)) as u8));
         }
         QuantTensor {
             format: self.meta.format,
@@ -65,10 +103,17 @@ impl PackedInt8 {
         let scales = self.packed.scales();
         let mut out = Vec::with_capacity(rows * cols);
         for (r, &scale) in scales.iter().enumerate().take(rows) {
-            out.extend((0..cols).map(|c| self.packed.code(r, c) as f32 * scale));
+            out.extend((0..cols).map(|c| self.packed.code(r, self.packed_column(c)) as f32 * scale));
         }
         out
     }
+}
+
+/// Column `c = (ci * K + ky) * K + kx` of a PyTorch conv weight row, moved to its place `(ky * K + kx) * C_in + ci` in a
+/// channels-last patch.
+fn patch_column(c: usize, kernel: usize, in_channels: usize) -> usize {
+    let (ci, ky, kx) = (c / (kernel * kernel), c / kernel % kernel, c % kernel);
+    (ky * kernel + kx) * in_channels + ci
 }
 
 /// Runs `f` on the tensor's f32 values in row-major order, borrowing them when the tensor is contiguous (a
@@ -372,34 +417,47 @@ impl Conv2d {
             padding: self.padding,
         };
         let (out_h, out_w) = shape.out_size();
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let to_tokens = |images: Vec<Vec<f32>>| -> Result<(Tensor, usize, usize)> {
+            let out = if images.len() == 1 {
+                images.into_iter().next().unwrap_or_default()
+            } else {
+                images.concat()
+            };
+            Ok((
+                Tensor::from_vec(out, (b, out_h * out_w, out_c), &Device::Cpu)?,
+                out_h,
+                out_w,
+            ))
+        };
+        if let Weight::PackedI8(p) = &self.weight
+            && p.conv_patch == Some((k, c))
+        {
+            // int8-dyn: patches quantized per row at run time, W8A8 GEMM.
+            let images = with_f32(x, |xs| {
+                xs.chunks_exact(n * c)
+                    .map(|image| kernels::conv2d_nhwc_i8(image, shape, &p.packed, bias.as_deref()))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            return to_tokens(images);
+        }
         // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the tokens.
         let weight = self.weight.with_values(|w| {
-            let mut permuted = Vec::with_capacity(w.len());
-            for co in 0..out_c {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        permuted.extend((0..c).map(|ci| w[((co * c + ci) * k + ky) * k + kx]));
-                    }
+            let patch = c * k * k;
+            let mut permuted = vec![0f32; w.len()];
+            for (row, dst) in w.chunks_exact(patch).zip(permuted.chunks_exact_mut(patch)) {
+                for (col, &v) in row.iter().enumerate() {
+                    dst[patch_column(col, k, c)] = v;
                 }
             }
             Ok(permuted)
         })?;
-        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
         let images = with_f32(x, |xs| {
             xs.chunks_exact(n * c)
                 .map(|image| kernels::conv2d_nhwc(image, shape, &weight, bias.as_deref()))
                 .collect::<Result<Vec<_>>>()
         })?;
-        let out = if images.len() == 1 {
-            images.into_iter().next().unwrap_or_default()
-        } else {
-            images.concat()
-        };
-        Ok((
-            Tensor::from_vec(out, (b, out_h * out_w, out_c), &Device::Cpu)?,
-            out_h,
-            out_w,
-        ))
+        to_tokens(images)
     }
 
     /// Depthwise 3x3 (stride 1, padding 1) on NCHW maps through the direct kernel, optionally fused with exact GELU.

@@ -623,8 +623,9 @@ impl Segformer {
         Ok(model)
     }
 
-    /// Re-lays out every int8 symmetric per-channel weight of a Linear or 1x1 convolution for the W8A8 dynamic GEMM
-    /// (level `int8-dyn`); other convolutions keep the dequantize path. Returns how many weights were packed.
+    /// Re-lays out every int8 symmetric per-channel weight of a Linear, 1x1 convolution, patch embedding or spatial
+    /// reduction for the W8A8 dynamic GEMM (level `int8-dyn`), and switches attention to int8; the depthwise
+    /// convolutions keep the dequantize path. Returns how many weights were packed.
     pub fn pack_dynamic_int8(&mut self) -> Result<usize> {
         let mut packed = 0;
         let mut pack = |w: &mut Weight| {
@@ -635,6 +636,22 @@ impl Segformer {
                 packed += 1;
             }
         };
+        // Patch embeddings and spatial reductions run on tokens: pack their columns in patch order.
+        let mut packed_convs = 0;
+        let mut pack_conv = |conv: &mut Conv2d| {
+            let (k, in_c) = (conv.shape[2], conv.shape[1]);
+            if conv.groups == 1
+                && conv.shape[3] == k
+                && let Weight::Quantized(q) = &conv.weight
+                && let Some(p) = super::layers::PackedInt8::try_from_conv(q, k, in_c)
+            {
+                conv.weight = Weight::PackedI8(std::sync::Arc::new(p));
+                packed_convs += 1;
+            }
+        };
+        for embedding in &mut self.encoder.patch_embeddings {
+            pack_conv(&mut embedding.proj);
+        }
         for stage in &mut self.encoder.block {
             for layer in stage {
                 let a = &mut layer.attention.self_attention;
@@ -649,6 +666,9 @@ impl Segformer {
                 }
                 pack(&mut layer.mlp.dense1.weight);
                 pack(&mut layer.mlp.dense2.weight);
+                if let Some((sr, _)) = &mut a.sr {
+                    pack_conv(sr);
+                }
             }
         }
         let head = &mut self.decode_head;
@@ -660,6 +680,7 @@ impl Segformer {
                 pack(&mut conv.weight);
             }
         }
+        let packed = packed + packed_convs;
         tracing::debug!(packed, "int8-dyn weights packed for the W8A8 GEMM");
         Ok(packed)
     }
@@ -893,10 +914,11 @@ mod tests {
             "query packed for the GEMM"
         );
         assert!(matches!(dynamic.decode_head.classifier.weight, Weight::PackedI8(_)));
-        let proj = &dynamic.encoder.patch_embeddings[0].proj.weight;
+        let proj = &dynamic.encoder.patch_embeddings[0].proj;
+        let (k, in_c) = (proj.shape[2], proj.shape[1]);
         assert!(
-            matches!(proj, Weight::Quantized(_)),
-            "patch embedding stays on the dequantize path"
+            matches!(&proj.weight, Weight::PackedI8(p) if p.conv_patch == Some((k, in_c))),
+            "patch embedding packed in patch order for the int8 im2col GEMM"
         );
         // Same int8 codes either way: only the run-time activation quantization differs.
         let dyn_logits = values(&dynamic.forward(&input).unwrap());
