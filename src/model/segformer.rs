@@ -296,6 +296,24 @@ pub struct ComposedHead {
     pub weights: Vec<Tensor>,
     /// `[D]`.
     pub bias: Vec<f32>,
+    /// Level `int8-dyn`: the same matrices quantized per output channel (symmetric int8) for the W8A8 GEMM, so the
+    /// head's products run in int8 like the rest of the level. Set by [`Segformer::pack_dynamic_int8`].
+    pub int8: Option<Vec<kernels::PackedI8>>,
+}
+
+impl ComposedHead {
+    /// Quantizes every stage matrix per output channel and packs it for [`kernels::gemm_i8_dynamic`].
+    fn pack_int8(&self) -> Result<Vec<kernels::PackedI8>> {
+        self.weights
+            .iter()
+            .map(|w| {
+                let (c, d) = w.dims2()?;
+                let rows = w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [D, C_i]
+                let (codes, scales) = kernels::quantize_rows_i8(&rows, d, c)?;
+                kernels::PackedI8::pack(&codes, &scales, d, c)
+            })
+            .collect()
+    }
 }
 
 impl DecodeHead {
@@ -328,6 +346,7 @@ impl DecodeHead {
         Ok(ComposedHead {
             weights,
             bias: bias.to_vec1::<f32>()?,
+            int8: None,
         })
     }
 
@@ -381,13 +400,23 @@ impl DecodeHead {
         for b in 0..batch {
             let mut low_maps = Vec::new();
             let mut full_res = Vec::new();
-            for (state, weight) in features.iter().zip(&composed.weights) {
+            for (i, (state, weight)) in features.iter().zip(&composed.weights).enumerate() {
                 let tokens = state.tokens.get(b)?;
+                let int8 = composed.int8.as_ref().map(|p| &p[i]);
                 if (state.height, state.width) == (h0, w0) {
-                    full_res.push((tokens, weight));
-                } else {
-                    low_maps.push((tokens.matmul(weight)?, state.height, state.width));
+                    full_res.push((tokens, weight, int8));
+                    continue;
                 }
+                let map = match int8 {
+                    Some(p) => {
+                        let (hw, c) = tokens.dims2()?;
+                        let mut out = vec![0f32; hw * d];
+                        with_f32(&tokens, |x| kernels::gemm_i8_dynamic(x, hw, c, p, None, &mut out))?;
+                        Tensor::from_vec(out, (hw, d), &candle_core::Device::Cpu)?
+                    }
+                    None => tokens.matmul(weight)?,
+                };
+                low_maps.push((map, state.height, state.width));
             }
             // Borrow every map's values at once (the bands read them in parallel).
             let low_guards: Vec<_> = low_maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
@@ -405,30 +434,45 @@ impl DecodeHead {
             let upsampled = kernels::UpsampleSum::new(&inputs, d, h0, w0, &composed.bias)?;
             let full_guards: Vec<_> = full_res
                 .iter()
-                .map(|(t, w)| (t.storage_and_layout(), w.storage_and_layout()))
+                .map(|(t, w, _)| (t.storage_and_layout(), w.storage_and_layout()))
                 .collect();
             let full_res = full_guards
                 .iter()
                 .zip(&full_res)
-                .map(|(((ts, tl), (ws, wl)), (t, w))| {
-                    Ok((borrowed_values(ts, tl, t)?, borrowed_values(ws, wl, w)?, w.dim(0)?))
+                .map(|(((ts, tl), (ws, wl)), (t, w, int8))| {
+                    Ok((
+                        borrowed_values(ts, tl, t)?,
+                        borrowed_values(ws, wl, w)?,
+                        w.dim(0)?,
+                        *int8,
+                    ))
                 })
                 .collect::<Result<Vec<_>>>()?;
             use rayon::prelude::*;
             let bands = (0..h0.div_ceil(band_rows))
                 .into_par_iter()
-                .map_init(Vec::new, |fused: &mut Vec<f32>, band| {
-                    let y0 = band * band_rows;
-                    let rows = band_rows.min(h0 - y0) * w0;
-                    fused.resize(rows * d, 0.0);
-                    upsampled.rows(y0, fused);
-                    for &(tokens, weight, c) in &full_res {
-                        let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
-                        kernels::matmul_accumulate(x, rows, c, weight, d, fused)?;
-                    }
-                    fused.iter_mut().for_each(|v| *v = v.max(0.0));
-                    Ok((y0 * w0, classify(fused, rows)?))
-                })
+                .map_init(
+                    || (Vec::new(), Vec::new()),
+                    |(fused, product): &mut (Vec<f32>, Vec<f32>), band| {
+                        let y0 = band * band_rows;
+                        let rows = band_rows.min(h0 - y0) * w0;
+                        fused.resize(rows * d, 0.0);
+                        upsampled.rows(y0, fused);
+                        for &(tokens, weight, c, int8) in &full_res {
+                            let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
+                            match int8 {
+                                Some(p) => {
+                                    product.resize(rows * d, 0.0);
+                                    kernels::gemm_i8_dynamic(x, rows, c, p, None, product)?;
+                                    fused.iter_mut().zip(product.iter()).for_each(|(f, v)| *f += v);
+                                }
+                                None => kernels::matmul_accumulate(x, rows, c, weight, d, fused)?,
+                            }
+                        }
+                        fused.iter_mut().for_each(|v| *v = v.max(0.0));
+                        Ok((y0 * w0, classify(fused, rows)?))
+                    },
+                )
                 .collect::<Result<Vec<_>>>()?;
             // [pixels, labels] bands into the NCHW logits.
             let image = &mut logits[b * labels * pixels..(b + 1) * labels * pixels];
@@ -679,6 +723,9 @@ impl Segformer {
             if conv.is_pointwise() {
                 pack(&mut conv.weight);
             }
+        }
+        if let Some(composed) = &mut self.decode_head.composed {
+            composed.int8 = Some(composed.pack_int8()?);
         }
         let packed = packed + packed_convs;
         tracing::debug!(packed, "int8-dyn weights packed for the W8A8 GEMM");
