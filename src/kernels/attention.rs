@@ -30,6 +30,19 @@ impl AttentionShape {
         self.heads * self.head_dim
     }
 
+    /// Blocks of query rows per (batch, head).
+    fn blocks(&self) -> usize {
+        self.queries.div_ceil(BLOCK_ROWS)
+    }
+
+    /// Parallel task `item` of `batch * heads * blocks()`: its batch, head, first query row and number of rows.
+    fn task(&self, item: usize) -> (usize, usize, usize, usize) {
+        let blocks = self.blocks();
+        let (b, h, block) = (item / (self.heads * blocks), item / blocks % self.heads, item % blocks);
+        let r0 = block * BLOCK_ROWS;
+        (b, h, r0, BLOCK_ROWS.min(self.queries - r0))
+    }
+
     fn check(&self, q: usize, k: usize, v: usize, out: usize) -> Result<()> {
         let c = self.width();
         let want_q = self.batch * self.queries * c;
@@ -57,16 +70,14 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
         ..
     } = shape;
     let c = shape.width();
-    let blocks = queries.div_ceil(BLOCK_ROWS);
+    let blocks = shape.blocks();
     let items = shape.batch * heads * blocks;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..items).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new()),
         |(scores, probs): &mut (Vec<f32>, Vec<f32>), item| {
-            let (b, h, block) = (item / (heads * blocks), item / blocks % heads, item % blocks);
-            let r0 = block * BLOCK_ROWS;
-            let rows = BLOCK_ROWS.min(queries - r0);
+            let (b, h, r0, rows) = shape.task(item);
             scores.resize(rows * keys, 0.0);
             probs.resize(rows * keys, 0.0);
             let q_tile = (b * queries + r0) * c + h * head_dim;
@@ -185,16 +196,14 @@ fn attention_i8_with(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let blocks = queries.div_ceil(BLOCK_ROWS);
+    let blocks = shape.blocks();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..batch * heads * blocks).into_par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
         |(q_blk, scores, probs, context): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), item| {
-            let (b, h, block) = (item / (heads * blocks), item / blocks % heads, item % blocks);
+            let (b, h, r0, rows) = shape.task(item);
             let (k_packed, vt_packed) = &packed[b * heads + h];
-            let r0 = block * BLOCK_ROWS;
-            let rows = BLOCK_ROWS.min(queries - r0);
             q_blk.clear();
             for r in r0..r0 + rows {
                 let start = (b * queries + r) * c + h * head_dim;
