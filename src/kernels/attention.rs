@@ -155,15 +155,13 @@ pub fn attention_i8_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShap
     attention_i8_with(q, k, v, shape, out, super::gemm_i8_dynamic_scalar)
 }
 
-type GemmI8 = fn(&[f32], usize, usize, &super::PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
-
 fn attention_i8_with(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     shape: AttentionShape,
     out: &mut [f32],
-    gemm_i8: GemmI8,
+    gemm_i8: super::gemm_i8::GemmI8Fn,
 ) -> Result<()> {
     shape.check(q.len(), k.len(), v.len(), out.len())?;
     let AttentionShape {

@@ -332,14 +332,12 @@ pub fn conv2d_nhwc_i8_scalar(
     conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic_scalar)
 }
 
-type GemmI8 = fn(&[f32], usize, usize, &super::PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
-
 fn conv2d_nhwc_i8_with(
     x: &[f32],
     s: ConvShape,
     weight: &super::PackedI8,
     bias: Option<&[f32]>,
-    gemm_i8: GemmI8,
+    gemm_i8: super::gemm_i8::GemmI8Fn,
 ) -> Result<Vec<f32>> {
     s.check(x.len(), weight.n() * weight.k(), bias.map(<[f32]>::len))?;
     if weight.n() != s.out_channels || weight.k() != s.patch() {

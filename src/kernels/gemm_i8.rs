@@ -168,8 +168,12 @@ fn check_gemm(x: usize, m: usize, k: usize, w: &PackedI8, bias: Option<&[f32]>, 
     Ok(())
 }
 
+/// The signature shared by [`gemm_i8_dynamic`] and [`gemm_i8_dynamic_scalar`], for kernels built on either (their
+/// scalar references take the scalar one).
+pub(crate) type GemmI8Fn = fn(&[f32], usize, usize, &PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
+
 /// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * sx[m] * sw[n] + bias[n]`, activations quantized per row on the fly.
-/// Parallel over blocks of rows; AVX2 when the CPU has it, else the scalar reference.
+/// Parallel over blocks of rows; VNNI or AVX2 when the CPU has them (same accumulators), else the scalar reference.
 pub fn gemm_i8_dynamic(
     x: &[f32],
     m: usize,
