@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::{OnError, ShardSpec};
+use crate::preprocess::Protocol;
+use crate::quant::{Level, Method};
+use crate::track::TrackingSettings;
 use crate::{Error, Result};
 
 /// The whole configuration; every key has a default, so an empty file is valid.
@@ -19,7 +23,7 @@ pub struct Config {
     pub quant: QuantConfig,
     pub eval: EvalConfig,
     pub output: OutputConfig,
-    pub tracking: TrackingConfig,
+    pub tracking: TrackingSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,7 +58,7 @@ pub struct DatasetConfig {
     /// Raw label value -> label value, applied before `reduce_labels` (e.g. Cityscapes ids to train ids).
     pub label_map: BTreeMap<String, u8>,
     /// "fail" stops at the first bad example; "skip" counts and reports it.
-    pub on_error: String,
+    pub on_error: OnError,
     /// Decoding threads (0 = one per core).
     pub workers: usize,
 }
@@ -70,7 +74,7 @@ impl Default for DatasetConfig {
             reduce_labels: true,
             ignore_index: 255,
             label_map: BTreeMap::new(),
-            on_error: "fail".into(),
+            on_error: OnError::Fail,
             workers: 0,
         }
     }
@@ -80,9 +84,9 @@ impl Default for DatasetConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QuantConfig {
     /// Levels to evaluate: f32, f16, bf16, f8 (float8), f8e5m2, int8, int8-dyn, int4, int2.
-    pub levels: Vec<String>,
+    pub levels: Vec<Level>,
     /// Methods to compare at each quantized level: rtn, hqq.
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// Weights per group for int4/int2 (default 64 for int4, 32 for int2).
     pub group_size: Option<usize>,
     /// Symmetric (no zero point) instead of affine for int4/int2.
@@ -94,8 +98,8 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     fn default() -> Self {
         Self {
-            levels: ["f32", "f16", "f8", "int8", "int4", "int2"].map(String::from).to_vec(),
-            methods: vec!["rtn".into(), "hqq".into()],
+            levels: vec![Level::F32, Level::F16, Level::F8E4m3, Level::Int8, Level::Int4, Level::Int2],
+            methods: vec![Method::Rtn, Method::Hqq],
             group_size: None,
             symmetric: None,
             skip: Vec::new(),
@@ -111,9 +115,9 @@ pub struct EvalConfig {
     pub limit: Option<usize>,
     pub offset: usize,
     /// "I/N" (0-based part I of N) or "auto" (Slurm array / Kubernetes indexed job variables).
-    pub shard: Option<String>,
+    pub shard: Option<ShardSpec>,
     /// "transformers" (resize to the processor size) or "mmseg" (keep-ratio fit to 2048x512).
-    pub protocol: String,
+    pub protocol: Protocol,
     /// Compute threads (0 = one per core).
     pub threads: usize,
     /// Images per level saved as overlays.
@@ -127,7 +131,7 @@ impl Default for EvalConfig {
             limit: None,
             offset: 0,
             shard: None,
-            protocol: "transformers".into(),
+            protocol: Protocol::Transformers,
             threads: 0,
             samples: 3,
         }
@@ -148,25 +152,6 @@ impl Default for OutputConfig {
     }
 }
 
-/// W&B settings; WANDB_* environment variables override them. The API key is never read from here.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrackingConfig {
-    /// online, offline or disabled (default: online when an API key is found, else offline with a notice).
-    pub mode: Option<String>,
-    pub project: Option<String>,
-    pub entity: Option<String>,
-    pub name: Option<String>,
-    pub group: Option<String>,
-    pub tags: Vec<String>,
-    /// Folder where the `wandb/` run folders go.
-    pub dir: Option<PathBuf>,
-    pub base_url: Option<String>,
-}
-
-/// Keys that would hold a secret; the file is refused if it has one, so keys never end up in version control.
-const SECRET_KEYS: [&str; 5] = ["api_key", "wandb_api_key", "key", "token", "hf_token"];
-
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
 }
@@ -178,7 +163,7 @@ fn find_secret(table: &toml::Table, path: &str) -> Option<String> {
         } else {
             format!("{path}.{k}")
         };
-        if SECRET_KEYS.contains(&k.to_ascii_lowercase().as_str()) {
+        if crate::secret::is_secret_key(k) {
             return Some(here);
         }
         if let toml::Value::Table(t) = v
@@ -199,7 +184,8 @@ impl Config {
         })?;
         if let Some(key) = find_secret(&table, "") {
             return Err(Error::Config(format!(
-                "{origin}: key `{key}` looks like a secret; segq never reads keys from its config file (files get shared and committed): set WANDB_API_KEY / HF_TOKEN in the environment or use ~/.netrc"
+                "{origin}: key `{key}` looks like a secret; {}",
+                crate::secret::SECRET_IN_CONFIG_MESSAGE
             )));
         }
         let config: Config = toml::from_str(text).map_err(|e| {
@@ -239,7 +225,7 @@ impl Config {
         let (section, field) = key
             .split_once('.')
             .ok_or_else(|| Error::Config(format!("--set `{key}`: expected section.key (e.g. eval.batch_size)")))?;
-        if SECRET_KEYS.contains(&field.to_ascii_lowercase().as_str()) {
+        if crate::secret::is_secret_key(field) {
             return Err(Error::Config(format!(
                 "--set `{key}`: secrets are read from the environment only"
             )));
@@ -265,37 +251,29 @@ impl Config {
     }
 
     /// Checks values that serde's types cannot.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         if self.eval.batch_size == 0 {
-            return Err("eval.batch_size must be at least 1".into());
-        }
-        if !matches!(self.dataset.on_error.as_str(), "fail" | "skip") {
-            return Err(format!(
-                "dataset.on_error = \"{}\": expected \"fail\" or \"skip\"",
-                self.dataset.on_error
-            ));
-        }
-        if !matches!(self.eval.protocol.as_str(), "transformers" | "mmseg") {
-            return Err(format!(
-                "eval.protocol = \"{}\": expected \"transformers\" or \"mmseg\"",
-                self.eval.protocol
-            ));
-        }
-        if let Some(mode) = &self.tracking.mode
-            && !matches!(mode.as_str(), "online" | "offline" | "disabled")
-        {
-            return Err(format!(
-                "tracking.mode = \"{mode}\": expected online, offline or disabled"
-            ));
+            return Err(Error::Config("eval.batch_size must be at least 1".into()));
         }
         if self.quant.levels.is_empty() {
-            return Err("quant.levels is empty".into());
+            return Err(Error::Config("quant.levels is empty".into()));
         }
-        for k in self.dataset.label_map.keys() {
-            k.parse::<u8>()
-                .map_err(|_| format!("dataset.label_map key \"{k}\" is not a label value 0..255"))?;
-        }
+        self.label_map()?;
         Ok(())
+    }
+
+    /// `dataset.label_map` with its keys parsed as label values.
+    pub fn label_map(&self) -> Result<BTreeMap<u8, u8>> {
+        self.dataset
+            .label_map
+            .iter()
+            .map(|(k, v)| {
+                let key = k.parse::<u8>().map_err(|_| {
+                    Error::Config(format!("dataset.label_map key \"{k}\" is not a label value 0..255"))
+                })?;
+                Ok((key, *v))
+            })
+            .collect()
     }
 
     /// The merged configuration as TOML, for `segq config show` (it holds no secrets by construction).
@@ -352,7 +330,7 @@ dir = "segq-out"
 # project = "segq"
 # entity = "my-team"
 # group = "b0-ade"
-tags = []
+# tags = ["b0"]
 # dir = "."                   # run folders go in <dir>/wandb/
 # base_url = "https://api.wandb.ai"
 "#;
@@ -403,9 +381,21 @@ mod tests {
         c.set("quant.levels=[\"int4\"]").unwrap();
         c.set("dataset.split=train").unwrap();
         assert_eq!(c.eval.batch_size, 8);
-        assert_eq!(c.quant.levels, vec!["int4"]);
+        assert_eq!(c.quant.levels, vec![Level::Int4]);
+        c.set("quant.levels=[\"fp8\", \"int8-dyn\"]").unwrap();
+        assert_eq!(c.quant.levels, vec![Level::F8E4m3, Level::Int8Dyn]);
+        c.set("eval.shard=auto").unwrap();
+        assert_eq!(c.eval.shard, Some(ShardSpec::Auto));
+        c.set("tracking.mode=dryrun").unwrap();
+        assert_eq!(c.tracking.mode, Some(crate::track::TrackingMode::Offline));
         assert_eq!(c.dataset.split, "train");
         assert!(c.set("eval.nope=1").unwrap_err().to_string().contains("nope"));
         assert!(c.set("eval.batch_size=0").is_err());
+        let e = c.set("quant.levels=[\"int3\"]").unwrap_err().to_string();
+        assert!(e.contains("quant.levels") && e.contains("int3"), "{e}");
+        let e = c.set("dataset.on_error=ignore").unwrap_err().to_string();
+        assert!(e.contains("dataset.on_error") && e.contains("ignore"), "{e}");
+        let e = Config::from_toml("[eval]\nprotocol = \"paper\"\n", "c.toml").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml line 2:") && e.contains("paper"), "{e}");
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
+use crate::secret::Secret;
 use crate::{Error, Result};
 
 /// The Hub cache folder the Python libraries use: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -39,11 +40,11 @@ pub fn hub_offline() -> bool {
 }
 
 /// `HF_TOKEN`, else the token file huggingface_hub writes at `$HF_HOME/token`.
-fn hub_token() -> Option<String> {
+fn hub_token() -> Option<Secret> {
     if let Ok(t) = std::env::var("HF_TOKEN")
         && !t.trim().is_empty()
     {
-        return Some(t.trim().to_string());
+        return Some(Secret::new(t.trim()));
     }
     let home = std::env::var_os("HF_HOME")
         .map(PathBuf::from)
@@ -52,6 +53,7 @@ fn hub_token() -> Option<String> {
         .ok()
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
+        .map(Secret::new)
 }
 
 /// A repo id with an optional `@revision`, e.g. `nvidia/segformer-b0-finetuned-ade-512-512@main`.
@@ -151,7 +153,7 @@ impl HubRepo {
     fn api(&self) -> Result<hf_hub::api::sync::Api> {
         let endpoint = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty());
         let mut builder = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
-            .with_token(hub_token())
+            .with_token(hub_token().map(|t| t.expose().to_string()))
             .with_progress(false);
         if let Some(endpoint) = endpoint {
             builder = builder.with_endpoint(endpoint);
@@ -274,7 +276,7 @@ pub fn scrub(message: &str) -> String {
         }
     }
     if let Some(token) = hub_token() {
-        out = out.replace(&token, "***");
+        out = out.replace(token.expose(), "***");
     }
     out
 }

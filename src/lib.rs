@@ -4,6 +4,7 @@
 //! -> `preprocess::postprocess` -> `eval` (metrics, runner) -> `report` and `track` (W&B).
 //! The `segq` binary (src/main.rs + `cli`) only parses arguments, merges them with `segq.toml` and calls this library.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -14,6 +15,8 @@ pub mod model;
 pub mod preprocess;
 pub mod quant;
 pub mod report;
+pub mod secret;
+pub mod segmenter;
 pub mod sysinfo;
 pub mod track;
 

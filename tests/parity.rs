@@ -6,6 +6,7 @@ mod common;
 use common::{Npy, fixtures};
 use segq::model::{self, ModelSource};
 use segq::preprocess::{self, Protocol};
+use segq::segmenter::{ModelInput, Segmenter, forward_inputs};
 
 const MODELS: [&str; 3] = ["tiny_a", "tiny_b_bin", "tiny_c"];
 const IMAGES: [&str; 3] = ["odd_37x53", "wide_101x45", "small_23x19"];
@@ -63,15 +64,21 @@ fn logits_match_transformers() {
             }
 
             // The model is checked on the reference's own pixels, so a preprocessing fault cannot hide in it.
-            let (h, w) = (expected_pixels.shape[1], expected_pixels.shape[2]);
-            let input = preprocess::batch_tensor(vec![reference_pixels], h, w).unwrap();
-            let logits = loaded.model.forward(&input).unwrap();
+            let input = ModelInput {
+                pixels: reference_pixels,
+                height: expected_pixels.shape[1],
+                width: expected_pixels.shape[2],
+            };
+            let logits = forward_inputs(&loaded.model, &[&input]).unwrap().remove(0).logits;
             let expected = Npy::read(&reference.join(format!("{m}__{stem}.logits.npy")));
-            assert_eq!(logits.dims()[1..], expected.shape[..], "{m}/{stem}: logits shape");
-            let ours = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(
+                [logits.classes, logits.height, logits.width][..],
+                expected.shape[..],
+                "{m}/{stem}: logits shape"
+            );
             let exp = expected.f32s();
             let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            let max_diff = ours.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let max_diff = logits.data.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(
                 max_diff <= 1e-4 * max_ref,
                 "{m}/{stem}: max |segq - transformers| = {max_diff}, bound {}",
@@ -79,8 +86,7 @@ fn logits_match_transformers() {
             );
 
             let expected_mask = Npy::read(&reference.join(format!("{m}__{stem}.mask.npy")));
-            let (c, lh, lw) = (expected.shape[0], expected.shape[1], expected.shape[2]);
-            let mask = preprocess::upsample_argmax(&ours, c, lh, lw, image.height() as usize, image.width() as usize);
+            let mask = logits.mask(image.height() as usize, image.width() as usize);
             let exp_mask = expected_mask.ints();
             let differing = mask.iter().zip(&exp_mask).filter(|(a, b)| **a as i64 != **b).count();
             // Float noise can flip an exact near-tie; allow at most 0.5% of pixels.
@@ -97,24 +103,21 @@ fn logits_match_transformers() {
     );
 }
 
-/// The embedded demo model on a demo JPEG: decode, preprocess and forward against transformers' logits.
+/// The embedded demo model on a demo JPEG through the library's `Segmenter` (decode, preprocess, forward) against
+/// transformers' logits.
 #[test]
 fn embedded_demo_model_matches_transformers() {
-    let loaded = model::load(&ModelSource::Embedded).unwrap();
+    let segmenter = Segmenter::from_loaded(model::load(&ModelSource::Embedded).unwrap(), Protocol::Transformers);
     let jpg = common::repo_root().join("assets/demo/ade/ADEChallengeData2016/images/validation/SYN_val_00000001.jpg");
     let image = segq::data::decode::read_rgb(&jpg).unwrap();
-    let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
-    let input = preprocess::batch_tensor(vec![pixels], 256, 256).unwrap();
-    let logits = loaded
-        .model
-        .forward(&input)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let prediction = segmenter.predict(&image).unwrap();
+    let logits = prediction.logits.data;
     let expected = Npy::read(&fixtures().join("demo/SYN_val_00000001.logits.npy"));
     assert_eq!(expected.shape, vec![20, 64, 64]);
+    assert_eq!(
+        [prediction.logits.classes, prediction.logits.height, prediction.logits.width][..],
+        expected.shape[..]
+    );
     let exp = expected.f32s();
     let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let max_diff = logits.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -8,10 +8,10 @@ mod eval_support;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use eval_support::{scratch, segq_ok};
 use segq::model::{self, ModelSource};
-use segq::preprocess::{self, Protocol};
+use segq::preprocess::Protocol;
+use segq::segmenter::{ModelInput, forward_inputs};
 use segq::quant::{Level, Method, Recipe};
 
 /// Relative logits error (||L_q - L_f32|| / ||L_f32||, worst image) that int8 and float8 e4m3 must stay within.
@@ -32,32 +32,19 @@ fn tiny_a() -> model::LoadedModel {
     model::load(&ModelSource::Local(fixture("models/tiny_a"))).unwrap()
 }
 
-/// The fixture images preprocessed as `segq predict` does, one tensor each.
-fn inputs(loaded: &model::LoadedModel) -> Vec<Tensor> {
+/// The fixture images preprocessed as `segq predict` does.
+fn inputs(loaded: &model::LoadedModel) -> Vec<ModelInput> {
     IMAGES
         .iter()
         .map(|name| {
             let image = segq::data::decode::read_rgb(&fixture(&format!("images/{name}"))).unwrap();
-            let (w, h) = preprocess::target_size(
-                &loaded.preprocessor,
-                Protocol::Transformers,
-                image.width() as usize,
-                image.height() as usize,
-            );
-            let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
-            preprocess::batch_tensor(vec![pixels], h, w).unwrap()
+            ModelInput::new(&image, &loaded.preprocessor, Protocol::Transformers)
         })
         .collect()
 }
 
-fn logits(model: &segq::model::segformer::Segformer, input: &Tensor) -> Vec<f32> {
-    model
-        .forward(input)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+fn logits(model: &segq::model::segformer::Segformer, input: &ModelInput) -> Vec<f32> {
+    forward_inputs(model, &[input]).unwrap().remove(0).logits.data
 }
 
 fn relative_error(approx: &[f32], reference: &[f32]) -> f64 {
@@ -158,14 +145,7 @@ fn int8_and_f8_stay_close_to_f32_on_the_demo_model() {
     let loaded = model::load(&ModelSource::Embedded).unwrap();
     let (image, _) = eval_support::demo_example(1);
     let image = image::load_from_memory(&image).unwrap().to_rgb8();
-    let (w, h) = preprocess::target_size(
-        &loaded.preprocessor,
-        Protocol::Transformers,
-        image.width() as usize,
-        image.height() as usize,
-    );
-    let pixels = preprocess::preprocess(&image, &loaded.preprocessor, Protocol::Transformers);
-    let input = preprocess::batch_tensor(vec![pixels], h, w).unwrap();
+    let input = ModelInput::new(&image, &loaded.preprocessor, Protocol::Transformers);
     let float = logits(&loaded.model, &input);
     for level in ["int8", "f8"] {
         let recipe = Recipe::level_default(Level::parse(level).unwrap());

@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::{GlobalArgs, load_config};
 use segq::model::{self, ModelSource};
+use segq::quant::{Level, Method};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -13,10 +14,10 @@ pub struct InspectArgs {
     pub model: Option<String>,
     /// Show what each layer becomes at this quantization level (e.g. int4).
     #[arg(long)]
-    pub quant: Option<String>,
+    pub quant: Option<Level>,
     /// Quantization method for --quant.
     #[arg(long, default_value = "rtn")]
-    pub method: String,
+    pub method: Method,
     #[arg(long)]
     pub group_size: Option<usize>,
     /// Weight-name glob patterns kept in float.
@@ -33,10 +34,10 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
     let mut loaded = model::load(&source)?;
     let f32_bytes: usize = loaded.model.layers().iter().map(|l| l.parameters * 4).sum();
-    if let Some(level) = &args.quant {
+    if let Some(level) = args.quant {
         let recipe = segq::quant::Recipe::new(
-            segq::quant::Level::parse(level)?,
-            segq::quant::Method::parse(&args.method)?,
+            level,
+            args.method,
             args.group_size.or(config.quant.group_size),
             config.quant.symmetric,
             args.skip.clone().unwrap_or_else(|| config.quant.skip.clone()),

@@ -15,12 +15,12 @@ pub mod shard;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use labels::LabelOptions;
 pub use loader::{Example, LoadStats, Loader, LoaderOptions};
 pub use parquet::{hub_parquet_files, write_parquet_dataset};
-pub use shard::Selection;
+pub use shard::{Selection, ShardSpec};
 
 /// The demo dataset's Parquet files, compiled into the binary so `segq eval` works anywhere with no network.
 const DEMO_PARQUET: [(&str, &[u8]); 2] = [
@@ -70,6 +70,40 @@ use crate::{Error, Result};
 pub const DEFAULT_IMAGE_COLUMN: &str = "image";
 pub const DEFAULT_LABEL_COLUMN: &str = "annotation";
 
+/// Resolves a dataset source as users write it (`--dataset`, `dataset.source`) to files on this machine:
+/// "embedded"/"demo", an existing path or `IMAGES_DIR,MASKS_DIR` (see [`resolve_local`]), else a Hub dataset id whose
+/// Parquet conversion is downloaded (`subset`, `split`). Returns the spec and a description for results and logs.
+pub fn resolve_source(
+    source: &str,
+    split: &str,
+    subset: &str,
+    image_column: &str,
+    label_column: &str,
+) -> Result<(DatasetSpec, String)> {
+    if source == "embedded" || source == "demo" {
+        return Ok((
+            demo_dataset()?,
+            "embedded demo dataset (12 synthetic scenes, Scene Parse 150 schema)".into(),
+        ));
+    }
+    let spec = if Path::new(source).exists() || source.contains(',') {
+        resolve_local(source, split, image_column, label_column)?
+    } else {
+        let id = crate::hub::HubId::parse_dataset(source, "refs/convert/parquet").ok_or_else(|| {
+            Error::Data(format!(
+                "--dataset `{source}`: no such file or folder, and not a Hub dataset id ([owner/]name[@revision])"
+            ))
+        })?;
+        let files = parquet::hub_parquet_files(&crate::hub::HubRepo::dataset(id), subset, split)?;
+        DatasetSpec::Parquet {
+            files,
+            image_column: image_column.to_string(),
+            label_column: label_column.to_string(),
+        }
+    };
+    Ok((spec, source.to_string()))
+}
+
 /// A dataset whose files are on this machine, in one of the supported layouts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum DatasetSpec {
@@ -88,8 +122,8 @@ pub enum DatasetSpec {
 }
 
 /// What to do with an example that cannot be read or decoded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum OnError {
     /// Stop with an error naming the file and row.
     #[default]
@@ -98,15 +132,20 @@ pub enum OnError {
     Skip,
 }
 
+impl TryFrom<String> for OnError {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
 impl FromStr for OnError {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "fail" => Ok(OnError::Fail),
             "skip" => Ok(OnError::Skip),
-            other => Err(Error::Config(format!(
-                "--on-error '{other}': expected 'fail' or 'skip'"
-            ))),
+            other => Err(Error::Config(format!("on_error '{other}': expected 'fail' or 'skip'"))),
         }
     }
 }

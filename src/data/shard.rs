@@ -20,6 +20,42 @@ pub struct Selection {
     pub limit: Option<usize>,
 }
 
+/// `--shard` / `eval.shard` as written: part `I/N` (0-based), or `auto` (resolved from the cluster's environment
+/// when the evaluation is planned). Serialized back to the same text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ShardSpec {
+    Part { index: usize, count: usize },
+    Auto,
+}
+
+impl FromStr for ShardSpec {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        if text.trim() == "auto" {
+            return Ok(ShardSpec::Auto);
+        }
+        let (index, count) = Selection::parse_shard(text)?;
+        Ok(ShardSpec::Part { index, count })
+    }
+}
+
+impl TryFrom<String> for ShardSpec {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<ShardSpec> for String {
+    fn from(spec: ShardSpec) -> String {
+        match spec {
+            ShardSpec::Part { index, count } => format!("{index}/{count}"),
+            ShardSpec::Auto => "auto".into(),
+        }
+    }
+}
+
 impl Selection {
     /// Parses `I/N` (0-based I < N) as given to `--shard`.
     pub fn parse_shard(text: &str) -> Result<(usize, usize)> {

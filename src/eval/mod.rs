@@ -1,7 +1,13 @@
-//! Evaluation: pixel-count metrics, the runner that drives every level over a dataset, the result files every
-//! run writes, and merging of sharded runs.
+//! Evaluation: the plan of a run (from the configuration), the runner that drives every level over a dataset and
+//! reports to observers, pixel-count metrics, the result files every run writes, merging of sharded runs, and the
+//! quantization error report.
 
+pub mod error_report;
 pub mod merge;
 pub mod metrics;
+pub mod plan;
 pub mod results;
 pub mod runner;
+
+pub use plan::EvalPlan;
+pub use runner::{EvalObserver, EvalOutput, Sample, evaluate};

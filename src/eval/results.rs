@@ -8,10 +8,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{Agreement, ConfusionMatrix, MeanIou, nan_as_null};
+use crate::quant::Level;
 use crate::{Error, Result};
 
-/// The level name of the float baseline row that deltas are measured against.
-pub const BASELINE_LEVEL: &str = "f32";
+/// The level of the float baseline row that deltas are measured against.
+pub const BASELINE_LEVEL: Level = Level::F32;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResults {
@@ -81,8 +82,8 @@ pub enum LevelStatus {
 pub struct LevelResult {
     /// Display name, e.g. `int4-hqq-g64`; unique within a run.
     pub label: String,
-    /// `f32`, `f16`, `bf16`, `f8`, `int8`, `int4`, `int2`.
-    pub level: String,
+    /// `f32`, `f16`, `bf16`, `f8`, `int8`, `int4`, `int2` (its canonical name in the file).
+    pub level: Level,
     /// Quantization method (`none`, `rtn`, `hqq`, ...).
     pub method: String,
     pub group_size: Option<usize>,
@@ -361,10 +362,10 @@ pub(crate) mod test_support {
     use super::*;
 
     pub const NUM_LABELS: usize = 6;
-    pub const LEVELS: [(&str, &str, &str, f64); 3] = [
-        ("f32", "f32", "none", 32.0),
-        ("int8", "int8", "rtn", 8.25),
-        ("int4-hqq-g64", "int4", "hqq", 4.5),
+    pub const LEVELS: [(&str, Level, &str, f64); 3] = [
+        ("f32", Level::F32, "none", 32.0),
+        ("int8", Level::Int8, "rtn", 8.25),
+        ("int4-hqq-g64", Level::Int4, "hqq", 4.5),
     ];
 
     fn pseudo_random(seed: u64) -> impl FnMut(u64) -> u64 {
@@ -423,18 +424,18 @@ pub(crate) mod test_support {
             .iter()
             .map(|&(label, level, method, bits)| LevelResult {
                 label: label.into(),
-                level: level.into(),
+                level,
                 method: method.into(),
-                group_size: (level == "int4").then_some(64),
+                group_size: (level == Level::Int4).then_some(64),
                 bits_per_weight: bits,
                 status: LevelStatus::Ok,
                 confusion: Some(ConfusionMatrix::new(NUM_LABELS)),
-                agreement: (level != "f32").then(|| ConfusionMatrix::new(NUM_LABELS)),
+                agreement: (level != Level::F32).then(|| ConfusionMatrix::new(NUM_LABELS)),
                 weight_bytes_memory: (14_000_000.0 * bits / 32.0) as u64,
                 weight_bytes_disk: Some((14_100_000.0 * bits / 32.0) as u64),
                 ratio_to_f32: bits / 32.0,
                 load_time_s: 0.5 + rows.start as f64 * 0.01,
-                quantize_time_s: if level == "f32" { 0.0 } else { 1.5 },
+                quantize_time_s: if level == Level::F32 { 0.0 } else { 1.5 },
                 peak_rss_bytes: 200_000_000 + rows.start as u64 * 1000,
                 model_latency_ms: Vec::new(),
                 pipeline_latency_ms: Vec::new(),

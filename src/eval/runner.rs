@@ -1,46 +1,66 @@
 //! The evaluation runner: one pass over the dataset in which every batch goes through every level's model, so
 //! images are decoded once and each quantized prediction is compared with the float model's on the same pixels.
-//! It owns timing, peak memory per level, sample overlays and interruption; scores go to `metrics` accumulators.
+//! [`evaluate`] loads the model, builds every level, runs them and hands progress and the finished run to an
+//! [`EvalObserver`] (progress bars, interruption, report writers and trackers are observers). It owns timing and
+//! peak memory per level; scores go to `metrics` accumulators.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use image::{GrayImage, RgbImage};
 
 use crate::data::{Example, Loader};
 use crate::eval::metrics::ConfusionMatrix;
+use crate::eval::plan::EvalPlan;
 use crate::eval::results::{Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, ModelInfo};
 use crate::model::segformer::Segformer;
-use crate::preprocess::{self, PreprocessorConfig, Protocol};
+use crate::model::{self, LoadedModel};
+use crate::preprocess::{PreprocessorConfig, Protocol};
+use crate::quant::{Level, Recipe, UnbuildableLevel};
+use crate::segmenter::{self, ModelInput};
 use crate::{Error, Result};
 
-/// One model to evaluate: the float baseline or a quantized copy, or the reason it could not be built.
-pub struct Variant {
-    pub label: String,
-    pub level: String,
-    pub method: String,
-    pub group_size: Option<usize>,
-    pub bits_per_weight: f64,
-    pub weight_bytes_memory: u64,
-    pub weight_bytes_disk: Option<u64>,
-    pub load_time_s: f64,
-    pub quantize_time_s: f64,
-    pub model: std::result::Result<Segformer, String>,
+/// Receives an evaluation's progress and its end. Every method has a default that does nothing.
+pub trait EvalObserver {
+    /// The model, the dataset and every level are ready; `examples` are about to be evaluated.
+    fn started(&mut self, _examples: usize, _levels: &[LevelResult]) {}
+    /// A batch of `images` went through every level.
+    fn batch_done(&mut self, _images: usize) {}
+    /// Asked before each batch: true stops the run there (the results are marked incomplete).
+    fn should_stop(&self) -> bool {
+        false
+    }
+    /// The run is over, complete or not: publish it. Errors end [`evaluate`] with that error, after the observers
+    /// before this one have published.
+    fn finished(&mut self, _output: &EvalOutput) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// Options of one evaluation pass.
-pub struct RunOptions {
-    pub preprocessor: PreprocessorConfig,
-    pub protocol: Protocol,
-    pub ignore_index: u8,
-    /// The first `samples` examples are kept (image, label, every level's prediction) for overlays and W&B.
-    pub samples: usize,
-    /// Set from a Ctrl-C handler: the runner stops after the current batch and marks the result incomplete.
-    pub interrupt: Arc<AtomicBool>,
-    pub show_progress: bool,
+/// No observer.
+impl EvalObserver for () {}
+
+/// Several observers, called in order (e.g. write the files first, then upload).
+impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
+    fn started(&mut self, examples: usize, levels: &[LevelResult]) {
+        self.iter_mut().for_each(|o| o.started(examples, levels));
+    }
+    fn batch_done(&mut self, images: usize) {
+        self.iter_mut().for_each(|o| o.batch_done(images));
+    }
+    fn should_stop(&self) -> bool {
+        self.iter().any(|o| o.should_stop())
+    }
+    fn finished(&mut self, output: &EvalOutput) -> Result<()> {
+        self.iter_mut().try_for_each(|o| o.finished(output))
+    }
+}
+
+/// One model to evaluate: the float baseline or a quantized copy, or the reason it could not be built.
+struct Variant {
+    model: std::result::Result<Segformer, String>,
+    result: LevelResult,
+    wall_s: f64,
 }
 
 /// A kept example with every level's prediction, keyed by level label.
@@ -51,88 +71,62 @@ pub struct Sample {
     pub predictions: BTreeMap<String, Vec<u16>>,
 }
 
-/// What `run` gives back besides the result file.
-pub struct RunOutput {
+/// A finished evaluation: the result file's contents and the kept samples.
+pub struct EvalOutput {
     pub results: EvalResults,
     pub samples: Vec<Sample>,
 }
 
-struct LevelState {
-    variant: Variant,
-    result: LevelResult,
-    wall_s: f64,
-}
-
-/// Evaluates every variant over the loader's examples. The first variant must be the f32 baseline: its predictions
-/// are the reference for every other level's agreement.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    variants: Vec<Variant>,
-    loader: &mut Loader,
-    options: &RunOptions,
-    model_info: ModelInfo,
-    dataset_info: DatasetInfo,
-    machine: MachineInfo,
-    config: serde_json::Value,
-) -> Result<RunOutput> {
-    let num_labels = model_info.num_labels;
-    if variants.first().map(|v| v.level.as_str()) != Some("f32") {
-        return Err(Error::Config(
-            "internal: the f32 baseline must be the first level evaluated".into(),
-        ));
-    }
-    let f32_bytes = variants[0].weight_bytes_memory.max(1) as f64;
-    let mut levels: Vec<LevelState> = variants
-        .into_iter()
-        .map(|variant| {
-            let status = match &variant.model {
-                Ok(_) => LevelStatus::Ok,
-                Err(reason) => LevelStatus::Failed { reason: reason.clone() },
-            };
-            let ok = variant.model.is_ok();
-            let result = LevelResult {
-                label: variant.label.clone(),
-                level: variant.level.clone(),
-                method: variant.method.clone(),
-                group_size: variant.group_size,
-                bits_per_weight: variant.bits_per_weight,
-                status,
-                confusion: ok.then(|| ConfusionMatrix::new(num_labels)),
-                agreement: (ok && variant.level != "f32").then(|| ConfusionMatrix::new(num_labels)),
-                weight_bytes_memory: variant.weight_bytes_memory,
-                weight_bytes_disk: variant.weight_bytes_disk,
-                ratio_to_f32: variant.weight_bytes_memory as f64 / f32_bytes,
-                load_time_s: variant.load_time_s,
-                quantize_time_s: variant.quantize_time_s,
-                peak_rss_bytes: 0,
-                model_latency_ms: Vec::new(),
-                pipeline_latency_ms: Vec::new(),
-                wall_time_s: 0.0,
-                summary: None,
-            };
-            LevelState {
-                variant,
-                result,
-                wall_s: 0.0,
-            }
-        })
-        .collect();
-
-    let progress = if options.show_progress {
-        let bar = indicatif::ProgressBar::new(loader.total() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+/// Runs `plan`: loads the model and the dataset, builds every level, evaluates them all in one pass over the
+/// examples, and calls `observer.finished` with the output before returning it.
+pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<EvalOutput> {
+    let loaded = model::load(&plan.model)?;
+    if let Some(header) = &loaded.recipe {
+        tracing::warn!(
+            recipe = %header.label,
+            "the model is a quantized checkpoint: the `f32` row is this model as loaded, and other levels are \
+             quantized from its dequantized weights"
         );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
+    }
+    let d = &plan.dataset;
+    let (spec, dataset_description) =
+        crate::data::resolve_source(&d.source, &d.split, &d.subset, &d.image_column, &d.label_column)?;
+    let mut loader = Loader::new(&spec, plan.loader.clone())?;
+    tracing::info!(dataset = %dataset_description, examples = loader.total(), "dataset ready");
+    let model_info = ModelInfo {
+        source: plan.model.to_string(),
+        num_labels: loaded.model.config.num_labels(),
+        class_names: loaded.class_names(),
+        parameters: loaded.model.layers().iter().map(|l| l.parameters as u64).sum(),
+        f32_weight_bytes: loaded.weight_bytes() as u64,
+    };
+    let dataset_info = DatasetInfo {
+        source: dataset_description,
+        split: d.split.clone(),
+        shard: plan.shard(),
+        offset: plan.loader.selection.offset,
+        limit: plan.loader.selection.limit,
+        examples_total_selected: loader.total(),
+    };
+    let machine = MachineInfo {
+        cpu_model: crate::sysinfo::cpu_model(),
+        logical_cores: crate::sysinfo::logical_cores(),
+        threads: plan.threads,
+        os: std::env::consts::OS.to_string(),
+    };
+    let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels);
+    observer.started(loader.total(), &variants.iter().map(|v| v.result.clone()).collect::<Vec<_>>());
+    let options = RunOptions {
+        preprocessor: &loaded.preprocessor,
+        protocol: plan.protocol,
+        ignore_index: plan.ignore_index,
+        samples: plan.samples,
     };
     let mut samples: Vec<Sample> = Vec::new();
     let mut complete = true;
     let mut wait_start = Instant::now();
     loop {
-        if options.interrupt.load(Ordering::SeqCst) {
+        if observer.should_stop() {
             tracing::warn!("interrupted: writing the results so far, marked incomplete");
             complete = false;
             break;
@@ -144,11 +138,10 @@ pub fn run(
             wait_start = Instant::now();
             continue;
         }
-        evaluate_batch(&batch, &mut levels, options, data_s, &mut samples)?;
-        progress.inc(batch.len() as u64);
+        evaluate_batch(&batch, &mut variants, &options, data_s, &mut samples)?;
+        observer.batch_done(batch.len());
         wait_start = Instant::now();
     }
-    progress.finish_and_clear();
     let stats = loader.stats();
     let counts = Counts {
         read: stats.read as u64,
@@ -162,18 +155,18 @@ pub fn run(
     if stats.decoded + stats.skipped < stats.selected {
         complete = false;
     }
-    let levels = levels
+    let levels = variants
         .into_iter()
-        .map(|mut s| {
-            s.result.wall_time_s = s.wall_s;
-            s.result
+        .map(|mut v| {
+            v.result.wall_time_s = v.wall_s;
+            v.result
         })
         .collect();
     let mut results = EvalResults {
         segq_version: crate::VERSION.to_string(),
         created_utc: crate::eval::results::utc_now(),
         complete,
-        config,
+        config: serde_json::to_value(&plan.config).map_err(|e| Error::Config(format!("internal: {e}")))?,
         model: model_info,
         dataset: dataset_info,
         machine,
@@ -181,12 +174,115 @@ pub fn run(
         levels,
     };
     results.refresh_summaries();
-    Ok(RunOutput { results, samples })
+    let output = EvalOutput { results, samples };
+    observer.finished(&output)?;
+    Ok(output)
+}
+
+/// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
+/// baseline: its predictions are the reference for every other level's agreement.
+fn build_variants(
+    loaded: &LoadedModel,
+    recipes: &[std::result::Result<Recipe, UnbuildableLevel>],
+    num_labels: usize,
+) -> Vec<Variant> {
+    let mut variants: Vec<Variant> = recipes
+        .iter()
+        .map(|recipe| match recipe {
+            Ok(recipe) => match model::quantize(&loaded.model, recipe) {
+                Ok((m, report)) => {
+                    let baseline = recipe.level.is_float_baseline();
+                    // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and
+                    // the row must say so rather than claim 32 bits per weight.
+                    let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
+                        (Some(header), true) => (format!("as loaded ({})", header.label), stored_bits_per_weight(&m)),
+                        (None, true) => ("none".to_string(), report.bits_per_weight),
+                        (_, false) => (recipe.method.name().to_string(), report.bits_per_weight),
+                    };
+                    let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
+                    row.group_size = recipe.requested_group_size();
+                    row.bits_per_weight = bits_per_weight;
+                    row.weight_bytes_memory = m.weight_bytes() as u64;
+                    row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
+                    row.load_time_s = loaded.load_time.as_secs_f64();
+                    row.quantize_time_s = report.seconds;
+                    Variant {
+                        model: Ok(m),
+                        result: row,
+                        wall_s: 0.0,
+                    }
+                }
+                Err(e) => failed_variant(recipe.label(), recipe.level, recipe.method.name(), e.to_string()),
+            },
+            Err(UnbuildableLevel { level, reason }) => {
+                failed_variant(level.name().to_string(), *level, "-", reason.clone())
+            }
+        })
+        .collect();
+    let f32_bytes = variants[0].result.weight_bytes_memory.max(1) as f64;
+    for v in &mut variants {
+        v.result.ratio_to_f32 = v.result.weight_bytes_memory as f64 / f32_bytes;
+    }
+    variants
+}
+
+/// A result row with no scores yet: accumulators for levels that run, none for failed ones.
+fn level_row(label: String, level: Level, method: String, num_labels: usize) -> LevelResult {
+    LevelResult {
+        label,
+        level,
+        method,
+        group_size: None,
+        bits_per_weight: f64::NAN,
+        status: LevelStatus::Ok,
+        confusion: Some(ConfusionMatrix::new(num_labels)),
+        agreement: (!level.is_float_baseline()).then(|| ConfusionMatrix::new(num_labels)),
+        weight_bytes_memory: 0,
+        weight_bytes_disk: None,
+        ratio_to_f32: f64::NAN,
+        load_time_s: f64::NAN,
+        quantize_time_s: f64::NAN,
+        peak_rss_bytes: 0,
+        model_latency_ms: Vec::new(),
+        pipeline_latency_ms: Vec::new(),
+        wall_time_s: 0.0,
+        summary: None,
+    }
+}
+
+fn failed_variant(label: String, level: Level, method: &str, reason: String) -> Variant {
+    tracing::error!(level = label, reason, "level cannot be built; the others go on");
+    let mut result = level_row(label, level, method.to_string(), 0);
+    result.status = LevelStatus::Failed { reason: reason.clone() };
+    result.confusion = None;
+    result.agreement = None;
+    Variant {
+        model: Err(reason),
+        result,
+        wall_s: 0.0,
+    }
+}
+
+/// Stored bits per Linear/Conv weight of a model as it is (scales and zero points included).
+fn stored_bits_per_weight(m: &Segformer) -> f64 {
+    let (bits, count) = m.layers().iter().fold((0.0, 0usize), |(bits, count), l| {
+        let n: usize = l.shape.iter().product();
+        (bits + l.bits_per_weight * n as f64, count + n)
+    });
+    bits / count.max(1) as f64
+}
+
+/// What every batch needs besides the levels.
+struct RunOptions<'a> {
+    preprocessor: &'a PreprocessorConfig,
+    protocol: Protocol,
+    ignore_index: u8,
+    samples: usize,
 }
 
 fn evaluate_batch(
     batch: &[Example],
-    levels: &mut [LevelState],
+    variants: &mut [Variant],
     options: &RunOptions,
     data_s: f64,
     samples: &mut Vec<Sample>,
@@ -194,23 +290,11 @@ fn evaluate_batch(
     let n = batch.len();
     // Preprocess once for all levels; images of one size share a forward pass.
     let pre_start = Instant::now();
-    let inputs: Vec<(Vec<f32>, usize, usize)> = batch
+    let inputs: Vec<ModelInput> = batch
         .iter()
-        .map(|ex| {
-            let (w, h) = preprocess::target_size(
-                &options.preprocessor,
-                options.protocol,
-                ex.image.width() as usize,
-                ex.image.height() as usize,
-            );
-            (
-                preprocess::preprocess(&ex.image, &options.preprocessor, options.protocol),
-                h,
-                w,
-            )
-        })
+        .map(|ex| ModelInput::new(&ex.image, options.preprocessor, options.protocol))
         .collect();
-    let groups = group_by_size(&inputs);
+    let inputs: Vec<&ModelInput> = inputs.iter().collect();
     let shared_per_image_ms = (data_s + pre_start.elapsed().as_secs_f64()) * 1000.0 / n as f64;
 
     let mut reference: Vec<Vec<u16>> = Vec::new();
@@ -224,116 +308,53 @@ fn evaluate_batch(
             predictions: BTreeMap::new(),
         });
     }
-    for state in levels.iter_mut() {
-        let Ok(model) = &state.variant.model else { continue };
+    for variant in variants.iter_mut() {
+        let Ok(model) = &variant.model else { continue };
         let level_start = Instant::now();
         crate::sysinfo::reset_peak_rss();
-        let mut predictions: Vec<Vec<u16>> = vec![Vec::new(); n];
-        let mut model_ms = vec![0f64; n];
-        let mut failure = None;
-        for group in &groups {
-            let (_, h, w) = inputs[group[0]];
-            let pixels: Vec<Vec<f32>> = group.iter().map(|&i| inputs[i].0.clone()).collect();
-            let tensor = preprocess::batch_tensor(pixels, h, w)?;
-            let start = Instant::now();
-            let logits = match model.forward(&tensor) {
-                Ok(l) => l,
-                Err(e) => {
-                    failure = Some(format!("forward pass failed: {e}"));
-                    break;
-                }
-            };
-            let forward_ms = start.elapsed().as_secs_f64() * 1000.0 / group.len() as f64;
-            let (_, c, lh, lw) = logits.dims4()?;
-            let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-            for (j, &i) in group.iter().enumerate() {
-                let ex = &batch[i];
-                let plane = &flat[j * c * lh * lw..(j + 1) * c * lh * lw];
-                predictions[i] = preprocess::upsample_argmax(
-                    plane,
-                    c,
-                    lh,
-                    lw,
-                    ex.label.height() as usize,
-                    ex.label.width() as usize,
-                );
-                model_ms[i] = forward_ms;
+        let logits = match segmenter::forward_inputs(model, &inputs) {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = format!("forward pass failed: {e}");
+                tracing::error!(level = %variant.result.label, %reason, "level failed; the others go on");
+                variant.result.status = LevelStatus::Failed { reason };
+                variant.model = Err("failed".into());
+                continue;
             }
-        }
-        if let Some(reason) = failure {
-            tracing::error!(level = %state.result.label, %reason, "level failed; the others go on");
-            state.result.status = LevelStatus::Failed { reason };
-            state.variant.model = Err("failed".into());
-            continue;
-        }
+        };
+        let predictions: Vec<Vec<u16>> = logits
+            .iter()
+            .zip(batch)
+            .map(|(l, ex)| l.logits.mask(ex.label.height() as usize, ex.label.width() as usize))
+            .collect();
         let post_start = Instant::now();
+        let result = &mut variant.result;
         for (i, ex) in batch.iter().enumerate() {
             let pred = &predictions[i];
-            if let Some(conf) = state.result.confusion.as_mut() {
+            if let Some(conf) = result.confusion.as_mut() {
                 conf.add(pred, ex.label.as_raw(), options.ignore_index)?;
             }
-            if let Some(agreement) = state.result.agreement.as_mut()
+            if let Some(agreement) = result.agreement.as_mut()
                 && let Some(reference) = reference.get(i)
             {
                 agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), options.ignore_index)?;
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
-        for ms in &model_ms {
-            state.result.model_latency_ms.push(*ms);
-            state
-                .result
-                .pipeline_latency_ms
-                .push(shared_per_image_ms + ms + post_ms);
+        for timed in &logits {
+            result.model_latency_ms.push(timed.forward_ms);
+            result.pipeline_latency_ms.push(shared_per_image_ms + timed.forward_ms + post_ms);
         }
-        state.result.peak_rss_bytes = state.result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
-        state.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
+        result.peak_rss_bytes = result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
+        variant.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
         for (k, sample) in samples.iter_mut().enumerate().skip(keep_from) {
-            let i = k - keep_from;
             sample
                 .predictions
-                .insert(state.result.label.clone(), predictions[i].clone());
+                .insert(result.label.clone(), predictions[k - keep_from].clone());
         }
-        if state.result.level == "f32" {
+        if result.level.is_float_baseline() {
             reference = predictions;
         }
     }
     Ok(())
-}
-
-/// Indices of inputs grouped by (height, width), in first-seen order, so each group is one batched forward pass.
-fn group_by_size(inputs: &[(Vec<f32>, usize, usize)]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, (_, h, w)) in inputs.iter().enumerate() {
-        match groups.iter_mut().find(|g| inputs[g[0]].1 == *h && inputs[g[0]].2 == *w) {
-            Some(g) => g.push(i),
-            None => groups.push(vec![i]),
-        }
-    }
-    groups
-}
-
-/// Saves each sample's overlay per level under `dir/<level>/<id>.png`, plus the image and ground truth once.
-pub fn save_sample_overlays(samples: &[Sample], dir: &std::path::Path) -> Result<Vec<PathBuf>> {
-    let mut written = Vec::new();
-    for sample in samples {
-        let truth: Vec<u16> = sample.label.as_raw().iter().map(|&v| v as u16).collect();
-        let gt_dir = dir.join("ground_truth");
-        std::fs::create_dir_all(&gt_dir).map_err(|e| Error::io(&gt_dir, e))?;
-        let gt_path = gt_dir.join(format!("{}.png", sample.id));
-        crate::report::overlay::overlay(&sample.image, &truth, 0.5)?
-            .save(&gt_path)
-            .map_err(|e| Error::Report(format!("{}: {e}", gt_path.display())))?;
-        written.push(gt_path);
-        for (label, pred) in &sample.predictions {
-            let level_dir = dir.join(label);
-            std::fs::create_dir_all(&level_dir).map_err(|e| Error::io(&level_dir, e))?;
-            let path = level_dir.join(format!("{}.png", sample.id));
-            crate::report::overlay::overlay(&sample.image, pred, 0.5)?
-                .save(&path)
-                .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
-            written.push(path);
-        }
-    }
-    Ok(written)
 }

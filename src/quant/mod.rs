@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-pub use recipe::{Level, Method, Recipe};
+pub use recipe::{Level, Method, Recipe, SweepSpec, UnbuildableLevel};
 
 use crate::{Error, Result};
 

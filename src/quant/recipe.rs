@@ -7,6 +7,7 @@ use crate::{Error, Result};
 
 /// A quantization level: the storage format of the weights (and, for `int8-dyn`, of the activations at run time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub enum Level {
     /// Float32 weights, no quantization: the baseline every other level is compared with.
     #[serde(rename = "f32")]
@@ -123,6 +124,21 @@ impl Level {
     }
 }
 
+impl std::str::FromStr for Level {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Level> {
+        Level::parse(text)
+    }
+}
+
+/// Deserialized through [`Level::parse`], so flags, segq.toml, checkpoints and results accept the same spellings.
+impl TryFrom<String> for Level {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Level> {
+        Level::parse(&text)
+    }
+}
+
 impl std::fmt::Display for Level {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -131,7 +147,7 @@ impl std::fmt::Display for Level {
 
 /// How the codes, scales and zero points of a weight are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", try_from = "String")]
 pub enum Method {
     /// Round to nearest: absmax (symmetric) or min/max (affine) statistics, no search.
     Rtn,
@@ -165,9 +181,82 @@ impl Method {
     }
 }
 
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Method> {
+        Method::parse(text)
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Method> {
+        Method::parse(&text)
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A requested level that no requested method can build, with the reason; it is reported as a failed row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnbuildableLevel {
+    pub level: Level,
+    pub reason: String,
+}
+
+/// What a sweep asks for: levels x methods with one group size, symmetry and skip list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepSpec<'a> {
+    pub levels: &'a [Level],
+    pub methods: &'a [Method],
+    pub group_size: Option<usize>,
+    pub symmetric: Option<bool>,
+    pub skip: &'a [String],
+}
+
+impl SweepSpec<'_> {
+    /// The recipes of the sweep: f32 first (always: it is every other level's reference), then each requested
+    /// level with each method that applies to it (f16/bf16/f8 take rtn only), without duplicates. Combinations a
+    /// level cannot use are left out with a notice when other methods remain for it; when none applies, the level
+    /// is returned as [`UnbuildableLevel`] with the reasons.
+    pub fn recipes(&self) -> Vec<std::result::Result<Recipe, UnbuildableLevel>> {
+        let mut out = vec![Ok(Recipe::level_default(Level::F32))];
+        let mut seen = vec![Recipe::level_default(Level::F32).label()];
+        for &level in self.levels {
+            if level.is_float_baseline() {
+                continue;
+            }
+            let mut built = Vec::new();
+            let mut errors = Vec::new();
+            for &method in self.methods {
+                match Recipe::new(level, method, self.group_size, self.symmetric, self.skip.to_vec()) {
+                    Ok(r) => built.push(r),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if built.is_empty() {
+                out.push(Err(UnbuildableLevel {
+                    level,
+                    reason: errors.join("; "),
+                }));
+                continue;
+            }
+            for e in errors {
+                tracing::info!(level = level.name(), "{e}; evaluated with the other methods");
+            }
+            for r in built {
+                let label = r.label();
+                if !seen.contains(&label) {
+                    seen.push(label);
+                    out.push(Ok(r));
+                }
+            }
+        }
+        out
     }
 }
 

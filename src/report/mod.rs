@@ -1,5 +1,6 @@
 //! Publishing an evaluation's results as files people read: `results.json`, `summary.csv`, `summary.md`,
-//! plots, and (through [`overlay`]) coloured prediction masks.
+//! plots, (through [`overlay`]) coloured prediction masks and sample overlays, and logits as `.npy`;
+//! [`ReportWriter`] is the evaluation observer that writes them all when a run is over.
 
 pub mod overlay;
 pub mod plots;
@@ -9,6 +10,7 @@ pub mod wandb_runs;
 use std::path::{Path, PathBuf};
 
 use crate::eval::results::EvalResults;
+use crate::eval::{EvalObserver, EvalOutput};
 use crate::{Error, Result};
 
 pub use table::{format_table, summary_csv, summary_markdown};
@@ -35,6 +37,66 @@ pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> 
     written.extend(plots::write_plots(results, &out_dir.join("plots"))?);
     tracing::info!(dir = %out_dir.display(), files = written.len(), "wrote reports");
     Ok(written)
+}
+
+/// Writes every report and the sample overlays of a finished evaluation into one folder.
+pub struct ReportWriter {
+    dir: PathBuf,
+    /// The files written by the last run.
+    pub written: Vec<PathBuf>,
+}
+
+impl ReportWriter {
+    pub fn new(dir: impl Into<PathBuf>) -> ReportWriter {
+        ReportWriter {
+            dir: dir.into(),
+            written: Vec::new(),
+        }
+    }
+
+    /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays.
+    pub fn write(&mut self, output: &EvalOutput) -> Result<()> {
+        self.written = write_all(&output.results, &self.dir)?;
+        self.written
+            .extend(overlay::save_sample_overlays(&output.samples, &self.dir.join("samples"))?);
+        tracing::info!(
+            out = %self.dir.display(),
+            files = self.written.len(),
+            complete = output.results.complete,
+            "results written"
+        );
+        Ok(())
+    }
+}
+
+impl EvalObserver for ReportWriter {
+    fn finished(&mut self, output: &EvalOutput) -> Result<()> {
+        self.write(output)
+    }
+}
+
+/// Writes a little-endian float32 C-order `.npy` (format version 1.0), as `numpy.load` reads it.
+pub fn write_npy_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_str = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    // Magic (6) + version (2) + length (2) + header + newline must be a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

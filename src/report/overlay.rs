@@ -96,6 +96,28 @@ pub fn save_mask_png(mask: &[u16], width: u32, height: u32, num_labels: usize, p
     }
 }
 
+/// Saves each sample's overlay per level under `dir/<level>/<id>.png`, plus the image with its ground truth once
+/// under `dir/ground_truth/`.
+pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut written = Vec::new();
+    let save = |image: RgbImage, folder: &Path, id: &str| -> Result<std::path::PathBuf> {
+        std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
+        let path = folder.join(format!("{id}.png"));
+        image
+            .save(&path)
+            .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
+        Ok(path)
+    };
+    for sample in samples {
+        let truth: Vec<u16> = sample.label.as_raw().iter().map(|&v| v as u16).collect();
+        written.push(save(overlay(&sample.image, &truth, 0.5)?, &dir.join("ground_truth"), &sample.id)?);
+        for (label, pred) in &sample.predictions {
+            written.push(save(overlay(&sample.image, pred, 0.5)?, &dir.join(label), &sample.id)?);
+        }
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,14 @@
 //! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
-//! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks.
+//! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks; and
+//! [`WandbPublisher`], the evaluation observer that logs them when the run is over.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
 use crate::eval::results::EvalResults;
-use crate::eval::runner::Sample;
-use crate::track::{MaskedImage, RunLog, Table};
+use crate::eval::{EvalObserver, EvalOutput, Sample};
+use crate::track::{MaskedImage, RunLog, Table, TrackingMode, TrackingSettings};
 
 fn finite(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }
@@ -133,4 +134,79 @@ pub fn run_logs(
             }
         })
         .collect()
+}
+
+/// Logs a finished evaluation to Weights & Biases. Settings are resolved when it is made (segq.toml's
+/// `[tracking]` < `WANDB_*` variables < the command line), so a bad setting fails before the evaluation.
+pub struct WandbPublisher {
+    settings: TrackingSettings,
+}
+
+impl WandbPublisher {
+    /// `None` when tracking is disabled. Run folders go to `output_dir` unless `WANDB_DIR` or `tracking.dir` say
+    /// otherwise.
+    pub fn new(
+        configured: &TrackingSettings,
+        mode_override: Option<TrackingMode>,
+        output_dir: &std::path::Path,
+    ) -> crate::Result<Option<WandbPublisher>> {
+        let mut settings = TrackingSettings::from_env_over(configured.clone())?;
+        if let Some(mode) = mode_override {
+            settings.mode = Some(mode);
+        }
+        if settings.mode == Some(TrackingMode::Disabled) {
+            return Ok(None);
+        }
+        if settings.dir.is_none() {
+            settings.dir = Some(output_dir.to_path_buf());
+        }
+        Ok(Some(WandbPublisher { settings }))
+    }
+
+    /// Logs one run per level; a notice shared by every run is shown once, offline runs in one sync hint.
+    pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
+        let settings = &self.settings;
+        let group = settings
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
+        let tags = settings.tags.clone().unwrap_or_default();
+        let runs = run_logs(results, samples, &group, settings.name.as_deref(), &tags);
+        let outcome = crate::track::log_runs(settings, &runs)?;
+        let mut shown: Vec<&String> = Vec::new();
+        let mut offline = 0;
+        for run in &outcome.runs {
+            for w in &run.warnings {
+                if w.contains("wandb sync") {
+                    tracing::info!(run = %run.name, "{w}");
+                } else if !shown.contains(&w) {
+                    tracing::warn!(run = %run.name, "{w}");
+                    shown.push(w);
+                }
+            }
+            match (&run.url, &run.offline_dir) {
+                (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
+                (None, Some(dir)) => {
+                    offline += 1;
+                    tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline")
+                }
+                _ => {}
+            }
+        }
+        if offline > 0 {
+            let dir = settings.dir_or_default().join("wandb");
+            tracing::warn!(
+                "{offline} W&B run(s) kept offline in {}; upload them with `wandb sync {}/offline-run-*`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl EvalObserver for WandbPublisher {
+    fn finished(&mut self, output: &EvalOutput) -> crate::Result<()> {
+        self.publish(&output.results, &output.samples)
+    }
 }

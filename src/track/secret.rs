@@ -1,34 +1,8 @@
-//! The W&B API key: where it may come from (environment, netrc) and a `Secret` wrapper that never prints it.
+//! The W&B API key: where it may come from (environment, netrc); held in [`Secret`] like every credential.
 
-use std::fmt;
 use std::path::PathBuf;
 
-/// A credential whose `Debug` and `Display` are redacted; read it only through [`Secret::expose`] where it is sent.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The key itself, for the one place that puts it into an Authorization header.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::secret::Secret;
 
 /// Where a key was found, for a log line that says so without showing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
