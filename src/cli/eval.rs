@@ -2,17 +2,15 @@
 //! Ctrl-C) and the publishers (report files, W&B) -> the results table.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use clap::Args;
 
+use super::console::{Interrupt, Progress, Table};
 use super::{GlobalArgs, load_config};
 use segq::config::Config;
 use segq::data::{OnError, ShardSpec};
-use segq::eval::results::LevelResult;
-use segq::eval::{EvalObserver, EvalOutput, EvalPlan};
+use segq::eval::{EvalObserver, EvalPlan};
 use segq::preprocess::Protocol;
 use segq::quant::{Level, Method};
 use segq::report::ReportWriter;
@@ -108,71 +106,14 @@ fn set<T>(slot: &mut T, flag: Option<T>) {
     }
 }
 
-/// The progress bar on a terminal.
-struct Progress(indicatif::ProgressBar);
-
-impl EvalObserver for Progress {
-    fn started(&mut self, examples: usize, _levels: &[LevelResult]) {
-        self.0.set_length(examples as u64);
-    }
-    fn batch_done(&mut self, images: usize) {
-        self.0.inc(images as u64);
-    }
-    fn finished(&mut self, _output: &EvalOutput) -> segq::Result<()> {
-        self.0.finish_and_clear();
-        Ok(())
-    }
-}
-
-/// Ctrl-C: the first stops the run after the current batch (partial results are written), the second aborts.
-struct Interrupt(Arc<AtomicBool>);
-
-impl Interrupt {
-    fn install() -> Interrupt {
-        let flag = Arc::new(AtomicBool::new(false));
-        let handler_flag = flag.clone();
-        let _ = ctrlc::set_handler(move || {
-            if handler_flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("interrupt: finishing the current batch and writing partial results (Ctrl-C again to abort)");
-        });
-        Interrupt(flag)
-    }
-}
-
-impl EvalObserver for Interrupt {
-    fn should_stop(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Prints the results table once the files are written, before W&B's messages.
-struct Table;
-
-impl EvalObserver for Table {
-    fn finished(&mut self, output: &EvalOutput) -> segq::Result<()> {
-        println!("{}", segq::report::format_table(&output.results));
-        Ok(())
-    }
-}
-
 pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     let mut config = load_config(global)?;
     apply_eval_args(&mut config, &args);
     let threads = super::set_threads(config.eval.threads);
     let plan = EvalPlan::from_config(&config, threads)?;
     let wandb = WandbPublisher::new(&config.tracking, args.wandb, &plan.output_dir)?;
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) && global.quiet == 0 {
-        indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
     let mut observers: Vec<Box<dyn EvalObserver>> = vec![
-        Box::new(Progress(bar)),
+        Box::new(Progress::new(global.quiet == 0)),
         Box::new(Interrupt::install()),
         Box::new(ReportWriter::new(&plan.output_dir)),
         Box::new(Table),

@@ -3,6 +3,7 @@
 
 mod bench;
 mod config_cmd;
+mod console;
 mod eval;
 mod inspect;
 mod merge;

@@ -157,8 +157,8 @@ fn check_compatible(first: &EvalResults, part: &EvalResults) -> Result<()> {
         if (&x.level, &x.method, x.group_size) != (&y.level, &y.method, y.group_size) {
             return mismatch(
                 &format!("level {:?}", x.label),
-                &(&x.level, &x.method),
-                &(&y.level, &y.method),
+                &(x.level.name(), x.method.to_string()),
+                &(y.level.name(), y.method.to_string()),
             );
         }
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{Agreement, ConfusionMatrix, MeanIou, nan_as_null};
-use crate::quant::Level;
+use crate::quant::{Level, Method};
 use crate::{Error, Result};
 
 /// The level of the float baseline row that deltas are measured against.
@@ -77,6 +77,50 @@ pub enum LevelStatus {
     Failed { reason: String },
 }
 
+/// How a row's weights were made, written in results.json (and shown) as `none` (the float model), `rtn`, `hqq`,
+/// `as loaded (<recipe label>)` (the f32 row of a quantized checkpoint) or `-` (a level no method could build).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum LevelMethod {
+    None,
+    Method(Method),
+    AsLoaded { recipe: String },
+    Unbuildable,
+}
+
+impl std::fmt::Display for LevelMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LevelMethod::None => f.write_str("none"),
+            LevelMethod::Method(m) => write!(f, "{m}"),
+            LevelMethod::AsLoaded { recipe } => write!(f, "as loaded ({recipe})"),
+            LevelMethod::Unbuildable => f.write_str("-"),
+        }
+    }
+}
+
+impl From<LevelMethod> for String {
+    fn from(method: LevelMethod) -> String {
+        method.to_string()
+    }
+}
+
+impl TryFrom<String> for LevelMethod {
+    type Error = Error;
+    fn try_from(text: String) -> Result<LevelMethod> {
+        Ok(match text.as_str() {
+            "none" => LevelMethod::None,
+            "-" => LevelMethod::Unbuildable,
+            _ => match text.strip_prefix("as loaded (").and_then(|t| t.strip_suffix(')')) {
+                Some(recipe) => LevelMethod::AsLoaded {
+                    recipe: recipe.to_string(),
+                },
+                None => LevelMethod::Method(Method::parse(&text)?),
+            },
+        })
+    }
+}
+
 /// One quantization level evaluated over the dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LevelResult {
@@ -84,8 +128,8 @@ pub struct LevelResult {
     pub label: String,
     /// `f32`, `f16`, `bf16`, `f8`, `int8`, `int4`, `int2` (its canonical name in the file).
     pub level: Level,
-    /// Quantization method (`none`, `rtn`, `hqq`, ...).
-    pub method: String,
+    /// Quantization method (`none`, `rtn`, `hqq`, `as loaded (...)`, `-`).
+    pub method: LevelMethod,
     pub group_size: Option<usize>,
     /// Average stored bits per quantized weight, scales and zero points included.
     #[serde(with = "nan_as_null")]
@@ -362,10 +406,10 @@ pub(crate) mod test_support {
     use super::*;
 
     pub const NUM_LABELS: usize = 6;
-    pub const LEVELS: [(&str, Level, &str, f64); 3] = [
-        ("f32", Level::F32, "none", 32.0),
-        ("int8", Level::Int8, "rtn", 8.25),
-        ("int4-hqq-g64", Level::Int4, "hqq", 4.5),
+    pub const LEVELS: [(&str, Level, LevelMethod, f64); 3] = [
+        ("f32", Level::F32, LevelMethod::None, 32.0),
+        ("int8", Level::Int8, LevelMethod::Method(Method::Rtn), 8.25),
+        ("int4-hqq-g64", Level::Int4, LevelMethod::Method(Method::Hqq), 4.5),
     ];
 
     fn pseudo_random(seed: u64) -> impl FnMut(u64) -> u64 {
@@ -422,10 +466,11 @@ pub(crate) mod test_support {
     pub fn run(rows: std::ops::Range<usize>, total: usize, shard: Option<(usize, usize)>) -> EvalResults {
         let mut levels: Vec<LevelResult> = LEVELS
             .iter()
-            .map(|&(label, level, method, bits)| LevelResult {
+            .map(|(label, level, method, bits)| (*label, *level, method.clone(), *bits))
+            .map(|(label, level, method, bits)| LevelResult {
                 label: label.into(),
                 level,
-                method: method.into(),
+                method,
                 group_size: (level == Level::Int4).then_some(64),
                 bits_per_weight: bits,
                 status: LevelStatus::Ok,

@@ -12,7 +12,9 @@ use image::{GrayImage, RgbImage};
 use crate::data::{Example, Loader};
 use crate::eval::metrics::ConfusionMatrix;
 use crate::eval::plan::EvalPlan;
-use crate::eval::results::{Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, ModelInfo};
+use crate::eval::results::{
+    Counts, DatasetInfo, EvalResults, LevelMethod, LevelResult, LevelStatus, MachineInfo, ModelInfo,
+};
 use crate::model::segformer::Segformer;
 use crate::model::{self, LoadedModel};
 use crate::preprocess::{PreprocessorConfig, Protocol};
@@ -195,9 +197,14 @@ fn build_variants(
                     // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and
                     // the row must say so rather than claim 32 bits per weight.
                     let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
-                        (Some(header), true) => (format!("as loaded ({})", header.label), stored_bits_per_weight(&m)),
-                        (None, true) => ("none".to_string(), report.bits_per_weight),
-                        (_, false) => (recipe.method.name().to_string(), report.bits_per_weight),
+                        (Some(header), true) => (
+                            LevelMethod::AsLoaded {
+                                recipe: header.label.clone(),
+                            },
+                            stored_bits_per_weight(&m),
+                        ),
+                        (None, true) => (LevelMethod::None, report.bits_per_weight),
+                        (_, false) => (LevelMethod::Method(recipe.method), report.bits_per_weight),
                     };
                     let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
                     row.group_size = recipe.requested_group_size();
@@ -212,10 +219,10 @@ fn build_variants(
                         wall_s: 0.0,
                     }
                 }
-                Err(e) => failed_variant(recipe.label(), recipe.level, recipe.method.name(), e.to_string()),
+                Err(e) => failed_variant(recipe.label(), recipe.level, LevelMethod::Method(recipe.method), e.to_string()),
             },
             Err(UnbuildableLevel { level, reason }) => {
-                failed_variant(level.name().to_string(), *level, "-", reason.clone())
+                failed_variant(level.name().to_string(), *level, LevelMethod::Unbuildable, reason.clone())
             }
         })
         .collect();
@@ -227,7 +234,7 @@ fn build_variants(
 }
 
 /// A result row with no scores yet: accumulators for levels that run, none for failed ones.
-fn level_row(label: String, level: Level, method: String, num_labels: usize) -> LevelResult {
+fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize) -> LevelResult {
     LevelResult {
         label,
         level,
@@ -250,9 +257,9 @@ fn level_row(label: String, level: Level, method: String, num_labels: usize) -> 
     }
 }
 
-fn failed_variant(label: String, level: Level, method: &str, reason: String) -> Variant {
+fn failed_variant(label: String, level: Level, method: LevelMethod, reason: String) -> Variant {
     tracing::error!(level = label, reason, "level cannot be built; the others go on");
-    let mut result = level_row(label, level, method.to_string(), 0);
+    let mut result = level_row(label, level, method, 0);
     result.status = LevelStatus::Failed { reason: reason.clone() };
     result.confusion = None;
     result.agreement = None;

@@ -131,7 +131,7 @@ fn row(results: &EvalResults, level: &LevelResult) -> Vec<Cell> {
     };
     vec![
         Cell::Text(level.label.clone()),
-        Cell::Text(level.method.clone()),
+        Cell::Text(level.method.to_string()),
         Cell::Number(level.bits_per_weight),
         Cell::Number(metric(|m| m.mean_iou)),
         Cell::Number(results.delta_miou(level)),
