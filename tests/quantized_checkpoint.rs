@@ -254,7 +254,7 @@ fn quantize_command_writes_a_checkpoint_that_predict_and_inspect_load() {
     ]);
     let results = segq::eval::results::EvalResults::read(&evaluated.join("results.json")).unwrap();
     let row = &results.levels[0];
-    assert_eq!(row.method, "as loaded (int4-hqq-g64)");
+    assert_eq!(row.method.to_string(), "as loaded (int4-hqq-g64)");
     assert!(
         row.bits_per_weight > 4.0 && row.bits_per_weight < 8.0,
         "{}",
