@@ -4,6 +4,8 @@
 //! with the file and row named.
 
 mod eval_support;
+#[path = "support/parquet.rs"]
+mod parquet_fixture;
 
 use std::path::Path;
 
@@ -303,13 +305,13 @@ fn a_level_that_cannot_be_built_fails_alone() {
 
 /// Three demo examples in Scene Parse 150's Parquet schema; row 1's JPEG is cut in half.
 fn parquet_with_truncated_jpeg(dir: &Path) -> std::path::PathBuf {
-    let rows: Vec<segq::data::parquet::FixtureRow> = (1..=3)
+    let rows: Vec<parquet_fixture::FixtureRow> = (1..=3)
         .map(|n| {
             let (mut image, label) = demo_example(n);
             if n == 2 {
                 image.truncate(image.len() / 2);
             }
-            segq::data::parquet::FixtureRow {
+            parquet_fixture::FixtureRow {
                 image: Some(image),
                 label: Some(label),
                 path: Some(format!("SYN_val_{n:08}.jpg")),
@@ -317,7 +319,7 @@ fn parquet_with_truncated_jpeg(dir: &Path) -> std::path::PathBuf {
         })
         .collect();
     let path = dir.join("bad.parquet");
-    segq::data::write_parquet_dataset(&path, &rows, 2, "image", "annotation").unwrap();
+    parquet_fixture::write_parquet_dataset(&path, &rows, 2, "image", "annotation").unwrap();
     path
 }
 

@@ -1,21 +1,45 @@
 //! Writes an offline run through the library and has wandb's own code read it back
 //! (scripts/check_wandb_offline.py: wandb-core's `leet inspect`, wandb's protobuf classes, and `wandb sync` to a
-//! fake loopback server). Needs a Python with the `wandb` package in SEGQ_WANDB_PYTHON;
-//! without it the test says so and passes without checking.
+//! fake loopback server). Needs a Python with the `wandb` package in SEGQ_WANDB_PYTHON, so it is `#[ignore]`d:
+//! a plain `cargo test` lists it as ignored, and `.ci/run` runs it with `-- --ignored` after installing wandb into
+//! a virtualenv. Run that way without a working reader, it fails.
 
 mod wandb_support;
+
+use std::ffi::OsString;
+use std::process::Command;
 
 use segq::track::{TrackingMode, TrackingSettings, log_runs};
 use wandb_support::{example_run, temp_dir};
 
+/// The Python in SEGQ_WANDB_PYTHON, once it has shown that it imports wandb; panics otherwise.
+fn reader_python() -> OsString {
+    let python = std::env::var_os("SEGQ_WANDB_PYTHON").filter(|p| !p.is_empty()).expect(
+        "SEGQ_WANDB_PYTHON is not set: point it at a Python that has the wandb package \
+             (python3 -m venv /tmp/venv-wandb && /tmp/venv-wandb/bin/pip install wandb)",
+    );
+    let output = Command::new(&python)
+        .args(["-c", "import wandb; print(wandb.__version__)"])
+        .output()
+        .unwrap_or_else(|e| panic!("SEGQ_WANDB_PYTHON={}: cannot run it: {e}", python.display()));
+    assert!(
+        output.status.success(),
+        "SEGQ_WANDB_PYTHON={}: cannot import wandb:\n{}",
+        python.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!(
+        "official W&B reader: {} with wandb {}",
+        python.display(),
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
+    python
+}
+
 #[test]
+#[ignore = "needs SEGQ_WANDB_PYTHON, a Python with wandb; .ci/run runs it with --ignored"]
 fn official_wandb_reader_accepts_offline_runs() {
-    let Some(python) = std::env::var_os("SEGQ_WANDB_PYTHON") else {
-        eprintln!(
-            "SKIPPED official_wandb_reader_accepts_offline_runs: set SEGQ_WANDB_PYTHON to a python with wandb installed"
-        );
-        return;
-    };
+    let python = reader_python();
     let dir = temp_dir("official-reader");
     let settings = TrackingSettings {
         mode: Some(TrackingMode::Offline),
@@ -46,7 +70,7 @@ fn official_wandb_reader_accepts_offline_runs() {
         let run_dir = run.offline_dir.as_ref().unwrap();
         // The first run is also uploaded by `wandb sync` to the script's fake loopback server.
         let sync: &[&str] = if index == 0 { &["--sync"] } else { &[] };
-        let output = std::process::Command::new(&python)
+        let output = Command::new(&python)
             .arg(script)
             .arg(run_dir)
             .args(sync)

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use labels::LabelOptions;
 pub use loader::{Example, LoadStats, Loader, LoaderOptions};
-pub use parquet::{hub_parquet_files, write_parquet_dataset};
+pub use parquet::hub_parquet_files;
 pub use shard::{Selection, ShardSpec};
 
 /// The demo dataset's Parquet files, compiled into the binary so `segq eval` works anywhere with no network.

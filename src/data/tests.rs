@@ -3,8 +3,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::parquet::FixtureRow;
 use super::*;
+// A test helper shared with the integration tests; not part of segq's API.
+#[path = "../../tests/support/parquet.rs"]
+mod parquet_fixture;
+use parquet_fixture::{FixtureRow, write_parquet_dataset};
 
 fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/ade")

@@ -266,7 +266,10 @@ pub fn attention_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::gemm_i8::tests::dispatched_path as gemm_i8_path;
+    use crate::kernels::test_util::{
+        avx2_path, compared_against, compared_against_scalar, gemm_crate_path, random_vec,
+    };
 
     /// Attention in f64, the ground truth both kernels are held to.
     fn attention_f64(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f64> {
@@ -339,6 +342,17 @@ mod tests {
                 );
             }
         }
+        // The two products run on the gemm crate whatever SEGQ_SIMD says; the softmax is segq's own kernel, which
+        // SEGQ_SIMD caps, so it is the path that must be a SIMD one here.
+        let softmax: Vec<String> = avx2_path().iter().map(|p| format!("softmax {p}")).collect();
+        compared_against(
+            &format!(
+                "attention (products: {})",
+                gemm_crate_path().first().unwrap_or(&"gemm crate scalar")
+            ),
+            &softmax.iter().map(String::as_str).collect::<Vec<_>>(),
+            "scalar and f64",
+        );
     }
 
     #[test]
@@ -384,6 +398,12 @@ mod tests {
                 );
             }
         }
+        let paths: Vec<String> = gemm_i8_path()
+            .iter()
+            .map(|p| format!("int8 GEMM {p}"))
+            .chain(avx2_path().iter().map(|p| format!("softmax {p}")))
+            .collect();
+        compared_against_scalar("attention_i8", &paths.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     #[test]

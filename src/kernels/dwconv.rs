@@ -354,7 +354,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{avx2_path, compared_against_scalar, random_vec};
 
     /// Convolution in f64 with the most literal loops, to judge both f32 versions.
     fn conv_f64(input: &[f32], c: usize, h: usize, w: usize, k: &[f32], b: &[f32]) -> Vec<f64> {
@@ -427,6 +427,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("dwconv3x3 (NCHW)", &avx2_path());
     }
 
     fn gelu_ref(x: f64) -> f64 {
@@ -467,6 +468,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("dwconv3x3_nhwc", &avx2_path());
     }
 
     #[test]

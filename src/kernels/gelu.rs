@@ -314,6 +314,7 @@ pub(crate) mod avx2 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kernels::test_util::{avx2_path, compared_against_scalar};
 
     /// erf in f64: Taylor series (|x| < 2.5) or 1 - erfc from a continued fraction; ~1e-14 relative.
     pub(crate) fn erf_f64(x: f64) -> f64 {
@@ -473,5 +474,6 @@ pub(crate) mod tests {
         erf_inplace(&mut special);
         assert!(special[0].is_nan());
         assert_eq!(&special[1..3], &[1.0, -1.0]);
+        compared_against_scalar("gelu_inplace, erf_inplace", &avx2_path());
     }
 }

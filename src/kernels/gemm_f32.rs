@@ -413,7 +413,8 @@ pub fn conv2d_nhwc_scalar(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::gemm_i8::tests::dispatched_path as gemm_i8_path;
+    use crate::kernels::test_util::{compared_against_scalar, gemm_crate_compared, random_vec};
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}");
@@ -442,6 +443,7 @@ mod tests {
         }
         assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 5], 2, None, None).is_err());
         assert!(linear_f32(&[0.0; 6], 2, 3, &[0.0; 6], 2, Some(&[0.0; 3]), None).is_err());
+        gemm_crate_compared("linear_f32");
     }
 
     #[test]
@@ -456,6 +458,7 @@ mod tests {
             assert_close(&fast, &slow, &format!("matmul_accumulate {m}x{k}x{n}"));
         }
         assert!(matmul_accumulate(&[0.0; 6], 2, 3, &[0.0; 6], 2, &mut [0.0; 3]).is_err());
+        gemm_crate_compared("matmul_accumulate");
     }
 
     #[test]
@@ -492,6 +495,7 @@ mod tests {
                 assert_close(&fast, &slow, &format!("conv {s:?}"));
             }
         }
+        gemm_crate_compared("conv2d_nhwc");
     }
 
     #[test]
@@ -525,6 +529,7 @@ mod tests {
                 assert!((q - f).abs() <= 0.02 * range, "int8 conv {s:?} [{j}]: {q} vs f32 {f}");
             }
         }
+        compared_against_scalar("conv2d_nhwc_i8", &gemm_i8_path());
     }
 
     #[test]

@@ -355,7 +355,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::kernels::gemm_i8::quantize_rows_i8;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{avx2_path, compared_against, compared_against_scalar, random_vec};
 
     fn random_weight(n: usize, k: usize, group: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
         let groups = k.div_ceil(group);
@@ -445,6 +445,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("gemm_i4_dynamic", &avx2_path());
     }
 
     #[test]
@@ -460,5 +461,7 @@ mod tests {
             let want = if i < n { 15.0 * k as f32 } else { -15.0 * k as f32 };
             assert!((v - want).abs() < 1e-3 * want.abs(), "[{i}] {v} vs {want}");
         }
+        // The i16 partial sums are the SIMD path's; the scalar loop accumulates in i32.
+        compared_against("gemm_i4_dynamic at the i16 bound", &avx2_path(), "the exact sums");
     }
 }

@@ -666,9 +666,29 @@ vnni_kernels!(vnni_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
 vnni_kernels!(vnni_avx512, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{avx2_path, compared_against_scalar, random_vec};
+
+    /// The path [`gemm_i8_dynamic`] takes here, by its own dispatch (`has_avx2_fma`, then `vnni_kind`, so capped by
+    /// `SEGQ_SIMD`); empty when it runs the scalar reference. For the tests of the kernels built on it too.
+    pub(crate) fn dispatched_path() -> Vec<&'static str> {
+        if !crate::kernels::has_avx2_fma() {
+            return Vec::new();
+        }
+        vec![match vnni_kind() {
+            Some(Vnni::Avx) => "avx-vnni",
+            Some(Vnni::Avx512) => "avx512-vnni",
+            None => "avx2",
+        }]
+    }
+
+    /// Adds a path [`accumulate_i32_all`] ran to `seen`, unless it is the scalar loop or already there.
+    fn simd_paths(seen: &mut Vec<&'static str>, path: &'static str) {
+        if path != "scalar" && !seen.contains(&path) {
+            seen.push(path);
+        }
+    }
 
     /// Random symmetric int8 weight codes in [-127, 127] with scales.
     fn random_weight(n: usize, k: usize, seed: u64) -> (Vec<i8>, Vec<f32>) {
@@ -714,6 +734,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("quantize_rows_i8", &avx2_path());
         let (codes, scales) = quantize_rows_i8(&[0.0; 10], 2, 5).unwrap();
         assert_eq!((codes, scales), (vec![0; 10], vec![0.0, 0.0]));
         assert!(quantize_rows_i8(&[0.0; 10], 3, 5).is_err());
@@ -721,6 +742,7 @@ mod tests {
 
     #[test]
     fn accumulators_are_exact_on_awkward_sizes() {
+        let mut simd = Vec::new();
         for &k in &[1usize, 9, 27, 33, 147, 1000] {
             for &n in &[1usize, 7, 19, 150] {
                 for &m in &[1usize, 3, 17] {
@@ -729,6 +751,7 @@ mod tests {
                     let (codes, scales) = random_weight(n, k, (k + n) as u64);
                     let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
                     for (path, got) in accumulate_i32_all(&xq, m, k, &w) {
+                        simd_paths(&mut simd, path);
                         for r in 0..m {
                             for c in 0..n {
                                 let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
@@ -739,6 +762,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("gemm_i8 accumulators", &simd);
     }
 
     #[test]
@@ -749,7 +773,9 @@ mod tests {
         let (xq, _) = quantize_rows_i8(&x, 2, k).unwrap();
         let codes: Vec<i8> = (0..2 * k).map(|i| if i % 5 < 2 { -127 } else { 127 }).collect();
         let w = PackedI8::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
+        let mut simd = Vec::new();
         for (path, got) in accumulate_i32_all(&xq, 2, k, &w) {
+            simd_paths(&mut simd, path);
             for r in 0..2 {
                 for c in 0..2 {
                     let want = dot_i8(&xq[r * k..(r + 1) * k], &codes[c * k..(c + 1) * k]);
@@ -757,6 +783,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("gemm_i8 accumulators at +-127", &simd);
     }
 
     #[test]
@@ -804,6 +831,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("gemm_i8_dynamic", &dispatched_path());
     }
 
     #[test]

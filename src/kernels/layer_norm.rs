@@ -130,7 +130,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{avx2_path, compared_against_scalar, random_vec};
 
     #[test]
     fn simd_matches_scalar_on_awkward_sizes() {
@@ -165,6 +165,7 @@ mod tests {
                 );
             }
         }
+        compared_against_scalar("layer_norm", &avx2_path());
     }
 
     #[test]

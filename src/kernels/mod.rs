@@ -129,14 +129,127 @@ pub(crate) mod test_util {
             })
             .collect()
     }
+
+    /// `["avx2+fma"]` when the kernels that choose by [`super::has_avx2_fma`] take their AVX2 path (the CPU has it
+    /// and `SEGQ_SIMD` allows it), else nothing: the SIMD path a "SIMD matches scalar" test of such a kernel
+    /// compares with the scalar reference.
+    pub(crate) fn avx2_path() -> Vec<&'static str> {
+        if super::has_avx2_fma() {
+            vec!["avx2+fma"]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The path the `gemm` crate takes for f32 products (linear, dense conv, attention's two products). It chooses
+    /// by itself, from the CPU alone (`SEGQ_SIMD` does not reach it); gemm-f32 0.19 tries AVX-512F, then FMA, then
+    /// its scalar kernels, and this mirrors that order. On a CPU with AVX2+FMA it is never scalar, so tests of
+    /// products that run on it only say which path ran ([`gemm_crate_compared`]): an assertion could not fail.
+    pub(crate) fn gemm_crate_path() -> Vec<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                return vec!["gemm crate avx512f"];
+            }
+            if has!("fma") {
+                return vec!["gemm crate fma"];
+            }
+        }
+        Vec::new()
+    }
+
+    /// Says which SIMD paths a "SIMD matches scalar" test `test` compared with the scalar reference (printed; seen
+    /// with `--nocapture`), and fails when the CPU has AVX2+FMA (detected, whatever `SEGQ_SIMD` says) but `paths`
+    /// is empty: the test then compared the scalar reference with itself and proved nothing about the SIMD code.
+    #[track_caller]
+    pub(crate) fn compared_against_scalar(test: &str, paths: &[&str]) {
+        compared_against(test, paths, "scalar");
+    }
+
+    /// [`compared_against_scalar`] for a test whose reference is something else (`reference`: exact sums, f64).
+    #[track_caller]
+    pub(crate) fn compared_against(test: &str, paths: &[&str], reference: &str) {
+        let ran = if paths.is_empty() {
+            "nothing (scalar only)".to_string()
+        } else {
+            paths.join(", ")
+        };
+        eprintln!("{test}: compared {ran} against {reference}");
+        assert!(
+            !scalar_only_on_a_simd_cpu(paths),
+            "{test}: this CPU has AVX2+FMA ({}) but the test ran the scalar path only (SEGQ_SIMD={}); unset \
+             SEGQ_SIMD so the SIMD kernels are tested",
+            cpu_detected(),
+            simd_cap()
+        );
+    }
+
+    /// `SEGQ_SIMD`'s value for messages: `"avx2"`, or `unset`.
+    pub(crate) fn simd_cap() -> String {
+        std::env::var("SEGQ_SIMD").map_or("unset".to_string(), |v| format!("{v:?}"))
+    }
+
+    /// Says which path of the `gemm` crate a test compared with the scalar reference.
+    pub(crate) fn gemm_crate_compared(test: &str) {
+        let path = gemm_crate_path().first().copied().unwrap_or("gemm crate scalar");
+        eprintln!(
+            "{test}: compared {path} against scalar (the gemm crate's own dispatch; SEGQ_SIMD does not reach it)"
+        );
+    }
+
+    /// True when a test compared no SIMD path although the CPU has AVX2+FMA.
+    pub(crate) fn scalar_only_on_a_simd_cpu(paths: &[&str]) -> bool {
+        paths.is_empty() && super::detect_simd() >= super::Simd::Avx2
+    }
+
+    /// The instruction sets the kernels or the `gemm` crate can use that this CPU has, e.g.
+    /// `"avx2 fma avx512f avx512vl"` (`"none"` when it has none of them).
+    pub(crate) fn cpu_detected() -> String {
+        #[allow(unused_mut)]
+        let mut found: Vec<&str> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let all = [
+                ("avx2", has!("avx2")),
+                ("fma", has!("fma")),
+                ("avx512f", has!("avx512f")),
+                ("avx512vl", has!("avx512vl")),
+                ("avx512vnni", has!("avx512vnni")),
+                ("avxvnni", has!("avxvnni")),
+            ];
+            found.extend(all.iter().filter(|(_, on)| *on).map(|(name, _)| *name));
+        }
+        if found.is_empty() {
+            "none".to_string()
+        } else {
+            found.join(" ")
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_util::{cpu_detected, scalar_only_on_a_simd_cpu, simd_cap};
+
     #[test]
     fn cpu_features_names_the_path_taken() {
+        eprintln!(
+            "kernels: CPU has {}; kernels use {} (SEGQ_SIMD={})",
+            cpu_detected(),
+            super::cpu_features(),
+            simd_cap()
+        );
         let f = super::cpu_features();
         assert_eq!(f.starts_with("avx2+fma"), super::has_avx2_fma(), "{f}");
         assert_eq!(f.ends_with("vnni"), super::simd() == super::Simd::Vnni, "{f}");
+    }
+
+    #[test]
+    fn a_simd_test_that_ran_scalar_only_fails_on_an_avx2_cpu() {
+        let avx2_cpu = super::detect_simd() >= super::Simd::Avx2;
+        assert_eq!(scalar_only_on_a_simd_cpu(&[]), avx2_cpu, "CPU has {}", cpu_detected());
+        assert!(!scalar_only_on_a_simd_cpu(&["avx2+fma"]));
     }
 }

@@ -141,7 +141,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::random_vec;
+    use crate::kernels::test_util::{avx2_path, compared_against_scalar, random_vec};
 
     fn softmax_f64(x: &[f32], scale: f32) -> Vec<f64> {
         let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
@@ -176,6 +176,7 @@ mod tests {
                 }
             }
         }
+        compared_against_scalar("softmax_rows", &avx2_path());
     }
 
     #[test]
