@@ -20,14 +20,16 @@ fn main() -> segq::Result<()> {
     let results = &output.results;
     println!("{} images, {} levels", results.counts.evaluated, results.levels.len());
     for level in &results.levels {
-        let agreement = level.agreement_metrics().map_or(f64::NAN, |a| a.pixel_agreement);
+        // The f32 row is the reference the others agree with.
+        let agreement = level
+            .agreement_metrics()
+            .map_or("-".to_string(), |a| format!("{:.4}", a.pixel_agreement));
         println!(
-            "{:<14} {:>5.2} bits/weight  mIoU {:.4} ({:+.4} vs f32)  pixel agreement with f32 {:.4}",
+            "{:<14} {:>5.2} bits/weight  mIoU {:.4} ({:+.4} vs f32)  pixel agreement with f32 {agreement}",
             level.label,
             level.bits_per_weight,
             level.miou(),
             results.delta_miou(level),
-            agreement
         );
     }
     Ok(())
