@@ -61,8 +61,10 @@ for which in old new; do
 import json, sys
 r = json.load(open(sys.argv[1]))
 keep = {k: r[k] for k in ("counts", "complete")}
+# Everything but timings and memory (which vary run to run).
 keep["levels"] = [{k: l.get(k) for k in ("label", "level", "method", "group_size", "bits_per_weight", "status",
-                   "confusion", "agreement", "weight_bytes_memory", "weight_bytes_disk", "summary")}
+                   "confusion", "agreement", "weight_bytes_memory", "weight_bytes_disk")}
+                  | {k: (l.get("summary") or {}).get(k) for k in ("metrics", "agreement")}
                   for l in r["levels"]]
 print(json.dumps(keep, indent=1, sort_keys=True))
 PY
