@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::{self, PackedI8};
+use crate::kernels::{self, I8Panels};
 use crate::quant::{Format, QuantTensor, QuantTensorMeta};
 use crate::{Error, Result};
 
@@ -24,7 +24,7 @@ pub enum Weight {
 /// kept (same bytes as the codes); the [`QuantTensor`] is rebuilt from them when the model is saved or inspected.
 #[derive(Debug, Clone)]
 pub struct PackedInt8 {
-    pub packed: PackedI8,
+    pub packed: I8Panels,
     pub meta: QuantTensorMeta,
     /// For a convolution run on channels-last tokens: its square kernel size and input channels. The packed columns
     /// are then in `[K, K, C_in]` order (a token patch's order) instead of PyTorch's `[C_in, K, K]`.
@@ -39,7 +39,7 @@ impl PackedInt8 {
             return None;
         }
         let codes: Vec<i8> = q.data.iter().map(|&b| b as i8).collect();
-        let packed = PackedI8::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
+        let packed = I8Panels::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
         Some(PackedInt8 {
             packed,
             meta: q.meta(),
@@ -62,7 +62,7 @@ impl PackedInt8 {
                 codes[r * q.cols + patch_column(c, kernel, in_channels)] = q.data[r * q.cols + c] as i8;
             }
         }
-        let packed = PackedI8::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
+        let packed = I8Panels::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
         Some(PackedInt8 {
             packed,
             meta: q.meta(),

@@ -316,7 +316,7 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
     let results: Vec<(String, crate::quant::QuantTensor, f64, f64)> = jobs
         .par_iter()
         .map(|(name, data, rows, cols)| {
-            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe, None)?;
+            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe)?;
             let deq = q.dequantize();
             let err: f64 = data.iter().zip(&deq).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let norm: f64 = data.iter().map(|a| (*a as f64).powi(2)).sum();

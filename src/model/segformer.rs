@@ -298,19 +298,19 @@ pub struct ComposedHead {
     pub bias: Vec<f32>,
     /// Level `int8-dyn`: the same matrices quantized per output channel (symmetric int8) for the W8A8 GEMM, so the
     /// head's products run in int8 like the rest of the level. Set by [`Segformer::pack_dynamic_int8`].
-    pub int8: Option<Vec<kernels::PackedI8>>,
+    pub int8: Option<Vec<kernels::I8Panels>>,
 }
 
 impl ComposedHead {
     /// Quantizes every stage matrix per output channel and packs it for [`kernels::gemm_i8_dynamic`].
-    fn pack_int8(&self) -> Result<Vec<kernels::PackedI8>> {
+    fn pack_int8(&self) -> Result<Vec<kernels::I8Panels>> {
         self.weights
             .iter()
             .map(|w| {
                 let (c, d) = w.dims2()?;
                 let rows = w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [D, C_i]
                 let (codes, scales) = kernels::quantize_rows_i8(&rows, d, c)?;
-                kernels::PackedI8::pack(&codes, &scales, d, c)
+                kernels::I8Panels::pack(&codes, &scales, d, c)
             })
             .collect()
     }
