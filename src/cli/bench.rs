@@ -101,15 +101,11 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             m.forward(&input)?;
         }
         let mut times = Vec::with_capacity(args.iters);
-        let mut stages = vec![Duration::ZERO; m.encoder.block.len() + 1];
+        let mut stages = vec![Duration::ZERO; m.config().num_encoder_blocks + 1];
         for _ in 0..args.iters {
             let start = Instant::now();
             if args.profile {
-                let maps = m.encoder.forward_maps(&input, &mut |i, d| stages[i] += d)?;
-                let head = Instant::now();
-                m.decode_head.forward_maps(&maps)?;
-                let last = stages.len() - 1;
-                stages[last] += head.elapsed();
+                m.forward_profiled(&input, &mut |i, d| stages[i] += d)?;
             } else {
                 m.forward(&input)?;
             }

@@ -362,7 +362,7 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     let layers = loaded.model.layers();
     let model_info = ModelInfo {
         source: source.to_string(),
-        num_labels: loaded.model.config.num_labels(),
+        num_labels: loaded.model.config().num_labels(),
         class_names: loaded.class_names(),
         parameters: layers.iter().map(|l| l.parameters as u64).sum(),
         f32_weight_bytes: loaded.weight_bytes() as u64,

@@ -54,7 +54,13 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
         let mask = preprocess::upsample_argmax(&flat, c, lh, lw, h, w);
         let stem = stem_of(path)?;
         let mask_path = out_dir.join(format!("{stem}.mask.png"));
-        segq::report::overlay::save_mask_png(&mask, w as u32, h as u32, loaded.model.config.num_labels(), &mask_path)?;
+        segq::report::overlay::save_mask_png(
+            &mask,
+            w as u32,
+            h as u32,
+            loaded.model.config().num_labels(),
+            &mask_path,
+        )?;
         let overlay = segq::report::overlay::overlay(&image, &mask, 0.5)?;
         let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
         overlay

@@ -105,7 +105,7 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             .iter()
             .map(|x| Ok(loaded.model.forward(x)?.flatten_all()?.to_vec1::<f32>()?))
             .collect::<segq::Result<_>>()?;
-        let num_labels = loaded.model.config.num_labels();
+        let num_labels = loaded.model.config().num_labels();
         let mut rows = Vec::new();
         for recipe in &recipes {
             let (quantized, report) = model::quantize(&loaded.model, recipe)?;

@@ -327,7 +327,7 @@ fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &I8Panels) -> Vec<(&'sta
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR, I8Panels};
+    use super::{I8Panels, MR, NR};
     use std::arch::x86_64::*;
 
     /// See [`super::quantize_row_scalar`]; bit-identical results (same multiply, round-half-even conversion).
@@ -542,7 +542,7 @@ macro_rules! vnni_kernels {
     ($module:ident, $features:literal, $dpbusd:ident) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
-            use super::{MR, NR, I8Panels};
+            use super::{I8Panels, MR, NR};
             use std::arch::x86_64::*;
 
             /// i32 accumulators of `ROWS` shifted rows of `xu` (rows `k4` apart) against one 16-column panel.

@@ -468,13 +468,7 @@ pub fn quantizer(method: Method) -> QuantizeFn {
 
 /// Quantizes the weight `name` (row-major `[rows, cols]`) with the recipe's method. Checks the shape, finiteness and
 /// recipe first so that errors name the weight.
-pub fn quantize_weight(
-    name: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    recipe: &Recipe,
-) -> Result<QuantTensor> {
+pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     if w.len() != rows * cols {
         return Err(Error::Quant(format!(
             "{name}: {} values for shape [{rows}, {cols}]",
@@ -814,9 +808,7 @@ mod tests {
         assert_eq!(err.to_string(), "enc.w: 3 values for shape [2, 2]");
         let mut bad = recipe.clone();
         bad.group_size = Some(0);
-        let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &bad)
-            .unwrap_err()
-            .to_string();
+        let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &bad).unwrap_err().to_string();
         assert!(err.starts_with("enc.w: level int8, method rtn: group size 0"), "{err}");
     }
 }
