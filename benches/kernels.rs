@@ -1,5 +1,5 @@
 //! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
-//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 / W4A8 dynamic GEMMs against candle's f32 matmul and
+//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 dynamic GEMM against candle's f32 matmul and
 //! naive loops; the attention softmax and the decode head's upsample-sum; fused attention (f32 and int8-dyn) and one
 //! encoder block's Linear layers (f32 and W8A8) per stage, the two parts int8-dyn changes. The machine is shared and noisy: read the results as ratios within one run.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use segq::kernels::{
-    self, AttentionShape, PackedI4, PackedI8, attention, attention_i8, dwconv, gemm_i8, gemm_i8_dynamic, linear_f32,
+    self, AttentionShape, I8Panels, attention, attention_i8, dwconv, gemm_i8, gemm_i8_dynamic, linear_f32,
 };
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -77,17 +77,9 @@ fn bench_gemm(c: &mut Criterion) {
         let wf = values(n * k, 5);
         let bias = values(n, 6);
         let codes: Vec<i8> = wf.iter().map(|v| (v * 127.0).round() as i8).collect();
-        let packed = PackedI8::pack(&codes, &vec![1.0 / 127.0; n], n, k).expect("pack");
-        let group = 128.min(k);
-        let groups = k.div_ceil(group);
-        let codes4: Vec<u8> = wf.iter().map(|v| ((v + 1.0) * 7.5).round() as u8).collect();
-        let packed4 =
-            PackedI4::pack(&codes4, &vec![0.1; n * groups], &vec![7.5; n * groups], n, k, group).expect("pack");
+        let packed = I8Panels::pack(&codes, &vec![1.0 / 127.0; n], n, k).expect("pack");
         let mut out = vec![0f32; m * n];
         let id = format!("{m}x{k}x{n}");
-        g.bench_function(BenchmarkId::new("i4_g128_dynamic_simd", &id), |b| {
-            b.iter(|| kernels::gemm_i4_dynamic(black_box(&x), m, k, &packed4, Some(&bias), &mut out))
-        });
         g.bench_function(BenchmarkId::new("i8_dynamic_simd", &id), |b| {
             b.iter(|| kernels::gemm_i8_dynamic(black_box(&x), m, k, &packed, Some(&bias), &mut out))
         });
@@ -214,7 +206,7 @@ fn bench_block_linears(c: &mut Criterion) {
             .enumerate()
             .map(|(i, &(rows, k, n))| {
                 let codes: Vec<i8> = (0..n * k).map(|j| (((j * 31 + i) % 255) as i32 - 127) as i8).collect();
-                let packed = PackedI8::pack(&codes, &vec![0.01; n], n, k).expect("pack");
+                let packed = I8Panels::pack(&codes, &vec![0.01; n], n, k).expect("pack");
                 (
                     rows,
                     k,

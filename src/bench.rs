@@ -111,15 +111,11 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
             m.forward(&input)?;
         }
         let mut times = Vec::with_capacity(plan.iters);
-        let mut stages = vec![Duration::ZERO; m.encoder.block.len() + 1];
+        let mut stages = vec![Duration::ZERO; m.config().num_encoder_blocks + 1];
         for _ in 0..plan.iters {
             let start = Instant::now();
             if plan.profile {
-                let maps = m.encoder.forward_maps(&input, &mut |i, d| stages[i] += d)?;
-                let head = Instant::now();
-                m.decode_head.forward_maps(&maps)?;
-                let last = stages.len() - 1;
-                stages[last] += head.elapsed();
+                m.forward_profiled(&input, &mut |i, d| stages[i] += d)?;
             } else {
                 m.forward(&input)?;
             }

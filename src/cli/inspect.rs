@@ -51,7 +51,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
     if args.json {
         let value = serde_json::json!({
             "source": source.to_string(),
-            "config": loaded.model.config,
+            "config": loaded.model.config(),
             "preprocessor": loaded.preprocessor,
             "layers": layers,
             "total_parameters": total_params,
@@ -61,7 +61,7 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let c = &loaded.model.config;
+    let c = loaded.model.config();
     println!("model: {source}");
     println!(
         "segformer: hidden sizes {:?}, depths {:?}, heads {:?}, sr ratios {:?}, decoder {}, {} labels",

@@ -39,7 +39,7 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
     let out_dir = args.out.unwrap_or(config.output.dir.clone());
     let segmenter = Segmenter::from_loaded(model::load(&source)?, args.protocol.unwrap_or(config.eval.protocol));
     std::fs::create_dir_all(&out_dir).map_err(|e| segq::Error::io(&out_dir, e))?;
-    let num_labels = segmenter.model().config.num_labels();
+    let num_labels = segmenter.model().config().num_labels();
     for path in &args.images {
         let start = std::time::Instant::now();
         let image = segq::data::decode::read_rgb(path)?;

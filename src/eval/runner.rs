@@ -97,7 +97,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     tracing::info!(dataset = %dataset_description, examples = loader.total(), "dataset ready");
     let model_info = ModelInfo {
         source: plan.model.to_string(),
-        num_labels: loaded.model.config.num_labels(),
+        num_labels: loaded.model.config().num_labels(),
         class_names: loaded.class_names(),
         parameters: loaded.model.layers().iter().map(|l| l.parameters as u64).sum(),
         f32_weight_bytes: loaded.weight_bytes() as u64,

@@ -189,8 +189,8 @@ fn attention_i8_with(
             let (kc, ks) = super::quantize_rows_i8(&k_rows, keys, head_dim)?;
             let (vc, vs) = super::quantize_rows_i8(&v_cols, head_dim, keys)?;
             Ok((
-                super::PackedI8::pack(&kc, &ks, keys, head_dim)?,
-                super::PackedI8::pack(&vc, &vs, head_dim, keys)?,
+                super::I8Panels::pack(&kc, &ks, keys, head_dim)?,
+                super::I8Panels::pack(&vc, &vs, head_dim, keys)?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;

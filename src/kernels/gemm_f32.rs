@@ -318,7 +318,7 @@ pub fn conv2d_nhwc(x: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>
 
 /// [`conv2d_nhwc`] for level `int8-dyn`: the same im2col blocks, each quantized per patch at run time and multiplied
 /// by int8 weights packed in `[K, K, C_in]` column order ([`super::gemm_i8_dynamic`]).
-pub fn conv2d_nhwc_i8(x: &[f32], s: ConvShape, weight: &super::PackedI8, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+pub fn conv2d_nhwc_i8(x: &[f32], s: ConvShape, weight: &super::I8Panels, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic)
 }
 
@@ -326,7 +326,7 @@ pub fn conv2d_nhwc_i8(x: &[f32], s: ConvShape, weight: &super::PackedI8, bias: O
 pub fn conv2d_nhwc_i8_scalar(
     x: &[f32],
     s: ConvShape,
-    weight: &super::PackedI8,
+    weight: &super::I8Panels,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic_scalar)
@@ -335,7 +335,7 @@ pub fn conv2d_nhwc_i8_scalar(
 fn conv2d_nhwc_i8_with(
     x: &[f32],
     s: ConvShape,
-    weight: &super::PackedI8,
+    weight: &super::I8Panels,
     bias: Option<&[f32]>,
     gemm_i8: super::gemm_i8::GemmI8Fn,
 ) -> Result<Vec<f32>> {
@@ -519,7 +519,7 @@ mod tests {
             let w = random_vec(out_channels * patch, 50 + i as u64, 0.3);
             let b = random_vec(out_channels, 60 + i as u64, 0.1);
             let (codes, scales) = crate::kernels::quantize_rows_i8(&w, out_channels, patch).unwrap();
-            let packed = crate::kernels::PackedI8::pack(&codes, &scales, out_channels, patch).unwrap();
+            let packed = crate::kernels::I8Panels::pack(&codes, &scales, out_channels, patch).unwrap();
             let fast = conv2d_nhwc_i8(&x, s, &packed, Some(&b)).unwrap();
             let slow = conv2d_nhwc_i8_scalar(&x, s, &packed, Some(&b)).unwrap();
             assert_close(&fast, &slow, &format!("int8 conv {s:?}"));

@@ -1,6 +1,6 @@
 //! W8A8 dynamic int8 GEMM for quantized Linear and 1x1-conv layers: `out[M,N] = x[M,K] * W[N,K]^T + bias`, with
 //! `x` quantized per row at run time (symmetric absmax, codes in [-127, 127]) and `W` int8 codes with one f32 scale
-//! per output row, packed once at load time ([`PackedI8::pack`]).
+//! per output row, packed once at load time ([`I8Panels::pack`]).
 //!
 //! AVX2 has no signed x signed byte multiply: `_mm256_maddubs_epi16` multiplies unsigned by signed bytes and sums
 //! pairs into saturating i16. The kernel feeds it `|x|` and `w * sign(x)` (`_mm256_sign_epi8`), whose pair sums are at
@@ -28,7 +28,7 @@ const MB: usize = 64;
 /// within a panel, for every group of four `k`, 16 x 4 consecutive codes (each 32-bit lane = four `k` of one column).
 /// `K` is padded to a multiple of four and `N` to a multiple of 16 with zero codes.
 #[derive(Clone, Debug)]
-pub struct PackedI8 {
+pub struct I8Panels {
     n: usize,
     k: usize,
     k4: usize,
@@ -38,13 +38,13 @@ pub struct PackedI8 {
     shifted_col_sums: Vec<i32>,
 }
 
-impl PackedI8 {
+impl I8Panels {
     /// Packs row-major codes `[n, k]` (one row per output channel) and their per-row scales.
     /// Codes must lie in [-127, 127] (symmetric quantization).
-    pub fn pack(codes: &[i8], scales: &[f32], n: usize, k: usize) -> Result<PackedI8> {
+    pub fn pack(codes: &[i8], scales: &[f32], n: usize, k: usize) -> Result<I8Panels> {
         if codes.len() != n * k || scales.len() != n {
             return Err(Error::Quant(format!(
-                "PackedI8::pack: {} codes and {} scales given for N={n} K={k} (want {} and {n})",
+                "I8Panels::pack: {} codes and {} scales given for N={n} K={k} (want {} and {n})",
                 codes.len(),
                 scales.len(),
                 n * k
@@ -52,7 +52,7 @@ impl PackedI8 {
         }
         if let Some(pos) = codes.iter().position(|&c| c == i8::MIN) {
             return Err(Error::Quant(format!(
-                "PackedI8::pack: code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
+                "I8Panels::pack: code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
                 pos / k.max(1),
                 pos % k.max(1)
             )));
@@ -70,7 +70,7 @@ impl PackedI8 {
         for (row, sum) in shifted_col_sums.iter_mut().enumerate().take(n) {
             *sum = 128 * codes[row * k..(row + 1) * k].iter().map(|&c| c as i32).sum::<i32>();
         }
-        Ok(PackedI8 {
+        Ok(I8Panels {
             n,
             k,
             k4,
@@ -153,7 +153,7 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
     absmax / 127.0
 }
 
-fn check_gemm(x: usize, m: usize, k: usize, w: &PackedI8, bias: Option<&[f32]>, out: usize) -> Result<()> {
+fn check_gemm(x: usize, m: usize, k: usize, w: &I8Panels, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
         return Err(Error::Model(format!(
             "gemm_i8_dynamic: shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
@@ -170,7 +170,7 @@ fn check_gemm(x: usize, m: usize, k: usize, w: &PackedI8, bias: Option<&[f32]>, 
 
 /// The signature shared by [`gemm_i8_dynamic`] and [`gemm_i8_dynamic_scalar`], for kernels built on either (their
 /// scalar references take the scalar one).
-pub(crate) type GemmI8Fn = fn(&[f32], usize, usize, &PackedI8, Option<&[f32]>, &mut [f32]) -> Result<()>;
+pub(crate) type GemmI8Fn = fn(&[f32], usize, usize, &I8Panels, Option<&[f32]>, &mut [f32]) -> Result<()>;
 
 /// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * sx[m] * sw[n] + bias[n]`, activations quantized per row on the fly.
 /// Parallel over blocks of rows; VNNI or AVX2 when the CPU has them (same accumulators), else the scalar reference.
@@ -178,7 +178,7 @@ pub fn gemm_i8_dynamic(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &PackedI8,
+    w: &I8Panels,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
@@ -248,7 +248,7 @@ pub fn gemm_i8_dynamic_scalar(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &PackedI8,
+    w: &I8Panels,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
@@ -286,7 +286,7 @@ fn epilogue(acc: i32, sx: f32, sw: f32, bias: f32) -> f32 {
 /// The raw i32 accumulators `xq[M,K] * W^T` of every kernel this CPU can run (AVX2, then each VNNI flavour),
 /// else of the scalar loop, for tests.
 #[cfg(test)]
-fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &PackedI8) -> Vec<(&'static str, Vec<i32>)> {
+fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &I8Panels) -> Vec<(&'static str, Vec<i32>)> {
     let mut results = Vec::new();
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
@@ -327,7 +327,7 @@ fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &PackedI8) -> Vec<(&'sta
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR, PackedI8};
+    use super::{I8Panels, MR, NR};
     use std::arch::x86_64::*;
 
     /// See [`super::quantize_row_scalar`]; bit-identical results (same multiply, round-half-even conversion).
@@ -411,7 +411,7 @@ mod avx2 {
     /// Runs `f(row0, accumulators)` for every micro-tile of `rows` rows against panel `p`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn for_tiles(xq: &[i8], rows: usize, w: &PackedI8, p: usize, mut f: impl FnMut(usize, &[[__m256i; 2]])) {
+    unsafe fn for_tiles(xq: &[i8], rows: usize, w: &I8Panels, p: usize, mut f: impl FnMut(usize, &[[__m256i; 2]])) {
         let panel = w.panel(p);
         let mut r = 0;
         while r < rows {
@@ -432,7 +432,7 @@ mod avx2 {
     /// Per-panel epilogue constants: weight scales and bias of the panel's 16 columns (zeros past `n`).
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) fn panel_params(w: &PackedI8, bias: Option<&[f32]>, p: usize) -> [__m256; 4] {
+    pub(super) fn panel_params(w: &I8Panels, bias: Option<&[f32]>, p: usize) -> [__m256; 4] {
         let c0 = p * NR;
         let width = (w.n - c0).min(NR);
         let mut sw = [0f32; NR];
@@ -497,7 +497,7 @@ mod avx2 {
         xq: &[i8],
         sx: &[f32],
         rows: usize,
-        w: &PackedI8,
+        w: &I8Panels,
         bias: Option<&[f32]>,
         dst: &mut [f32],
     ) {
@@ -515,7 +515,7 @@ mod avx2 {
     /// The CPU must support AVX2; buffers sized as described.
     #[cfg(test)]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn accumulate_block(xq: &[i8], rows: usize, w: &PackedI8, acc_out: &mut [i32]) {
+    pub(super) unsafe fn accumulate_block(xq: &[i8], rows: usize, w: &I8Panels, acc_out: &mut [i32]) {
         let n = w.n;
         for p in 0..n.div_ceil(NR) {
             let c0 = p * NR;
@@ -542,7 +542,7 @@ macro_rules! vnni_kernels {
     ($module:ident, $features:literal, $dpbusd:ident) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
-            use super::{MR, NR, PackedI8};
+            use super::{I8Panels, MR, NR};
             use std::arch::x86_64::*;
 
             /// i32 accumulators of `ROWS` shifted rows of `xu` (rows `k4` apart) against one 16-column panel.
@@ -551,7 +551,7 @@ macro_rules! vnni_kernels {
             unsafe fn micro<const ROWS: usize>(
                 xu: *const i8,
                 k4: usize,
-                w: &PackedI8,
+                w: &I8Panels,
                 p: usize,
             ) -> [[__m256i; 2]; ROWS] {
                 let panel = w.panel(p);
@@ -591,7 +591,7 @@ macro_rules! vnni_kernels {
             unsafe fn for_tiles(
                 xu: &[i8],
                 rows: usize,
-                w: &PackedI8,
+                w: &I8Panels,
                 p: usize,
                 mut f: impl FnMut(usize, &[[__m256i; 2]]),
             ) {
@@ -620,7 +620,7 @@ macro_rules! vnni_kernels {
                 xu: &[i8],
                 sx: &[f32],
                 rows: usize,
-                w: &PackedI8,
+                w: &I8Panels,
                 bias: Option<&[f32]>,
                 dst: &mut [f32],
             ) {
@@ -641,7 +641,7 @@ macro_rules! vnni_kernels {
             /// As [`gemm_block`]; `acc_out` holds `rows * n` values.
             #[cfg(test)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn accumulate_block(xu: &[i8], rows: usize, w: &PackedI8, acc_out: &mut [i32]) {
+            pub(super) unsafe fn accumulate_block(xu: &[i8], rows: usize, w: &I8Panels, acc_out: &mut [i32]) {
                 let n = w.n;
                 for p in 0..n.div_ceil(NR) {
                     let (c0, width) = (p * NR, (n - p * NR).min(NR));
@@ -703,7 +703,7 @@ pub(crate) mod tests {
     #[test]
     fn pack_round_trips_and_rejects_bad_input() {
         let (codes, scales) = random_weight(19, 33, 1);
-        let w = PackedI8::pack(&codes, &scales, 19, 33).unwrap();
+        let w = I8Panels::pack(&codes, &scales, 19, 33).unwrap();
         for r in 0..19 {
             for c in 0..33 {
                 assert_eq!(w.code(r, c), codes[r * 33 + c]);
@@ -712,9 +712,9 @@ pub(crate) mod tests {
         assert_eq!((w.n(), w.k()), (19, 33));
         let mut bad = codes.clone();
         bad[40] = -128;
-        let e = PackedI8::pack(&bad, &scales, 19, 33).unwrap_err().to_string();
+        let e = I8Panels::pack(&bad, &scales, 19, 33).unwrap_err().to_string();
         assert!(e.contains("row 1 column 7"), "{e}");
-        assert!(PackedI8::pack(&codes, &scales[1..], 19, 33).is_err());
+        assert!(I8Panels::pack(&codes, &scales[1..], 19, 33).is_err());
     }
 
     #[test]
@@ -749,7 +749,7 @@ pub(crate) mod tests {
                     let x = random_vec(m * k, (k * 7 + n * 3 + m) as u64, 1.0);
                     let (xq, _) = quantize_rows_i8(&x, m, k).unwrap();
                     let (codes, scales) = random_weight(n, k, (k + n) as u64);
-                    let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
+                    let w = I8Panels::pack(&codes, &scales, n, k).unwrap();
                     for (path, got) in accumulate_i32_all(&xq, m, k, &w) {
                         simd_paths(&mut simd, path);
                         for r in 0..m {
@@ -772,7 +772,7 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..2 * k).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
         let (xq, _) = quantize_rows_i8(&x, 2, k).unwrap();
         let codes: Vec<i8> = (0..2 * k).map(|i| if i % 5 < 2 { -127 } else { 127 }).collect();
-        let w = PackedI8::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
+        let w = I8Panels::pack(&codes, &[1.0, 1.0], 2, k).unwrap();
         let mut simd = Vec::new();
         for (path, got) in accumulate_i32_all(&xq, 2, k, &w) {
             simd_paths(&mut simd, path);
@@ -799,7 +799,7 @@ pub(crate) mod tests {
             let x = random_vec(m * k, (m + k + n) as u64, 2.0);
             let (codes, scales) = random_weight(n, k, (3 * k + n) as u64);
             let bias = random_vec(n, 99, 1.0);
-            let w = PackedI8::pack(&codes, &scales, n, k).unwrap();
+            let w = I8Panels::pack(&codes, &scales, n, k).unwrap();
             for b in [None, Some(&bias[..])] {
                 let mut fast = vec![f32::NAN; m * n];
                 let mut slow = vec![f32::NAN; m * n];
@@ -836,7 +836,7 @@ pub(crate) mod tests {
 
     #[test]
     fn shape_errors_are_reported() {
-        let w = PackedI8::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
+        let w = I8Panels::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
         let mut out = vec![0f32; 4];
         assert!(gemm_i8_dynamic(&[0.0; 6], 2, 3, &w, None, &mut out).is_ok());
         let e = gemm_i8_dynamic(&[0.0; 6], 3, 2, &w, None, &mut out)

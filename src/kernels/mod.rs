@@ -7,8 +7,6 @@
 //!   channels-last tokens via im2col per block of output pixels.
 //! - [`gemm_i8`]: W8A8 dynamic int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at
 //!   run time, weights packed once at load time, f32 output with per-row and per-column scales and bias.
-//! - [`gemm_i4`]: W4A8 dynamic GEMM: int4 weights (nibble-packed) with per-group scales and zero points, activations
-//!   quantized per row to int8 at run time.
 //! - [`gelu`]: f32 `erf`, `erfc` and exact GELU (PyTorch's `approximate="none"`).
 //! - [`layer_norm`]: layer normalisation over the last dimension of a `[rows, C]` matrix.
 //! - [`softmax`]: row-wise softmax of scaled attention scores in one pass.
@@ -22,7 +20,6 @@ pub mod attention;
 pub mod dwconv;
 pub mod gelu;
 pub mod gemm_f32;
-pub mod gemm_i4;
 pub mod gemm_i8;
 pub mod layer_norm;
 pub mod resize;
@@ -35,8 +32,7 @@ pub use gemm_f32::{
     ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar,
     matmul_accumulate, matmul_accumulate_scalar,
 };
-pub use gemm_i4::{PackedI4, gemm_i4_dynamic};
-pub use gemm_i8::{PackedI8, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};
+pub use gemm_i8::{I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};
 pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, UpsampleSum, upsample_sum_nhwc};
 pub use softmax::softmax_rows;

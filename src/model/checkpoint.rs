@@ -1,19 +1,28 @@
 //! Reading checkpoint tensors: safetensors (single or sharded with an index), PyTorch `.bin` zip pickles, and bytes
 //! embedded in the binary. Every tensor is checked by name and shape; missing and unexpected tensors are errors.
+//! This module knows nothing of the model: `model::load` walks the model's tree and takes each tensor by name.
+//! Writing checkpoints is `model::save` (re-exported here for existing callers).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
-use super::layers::Weight;
 use crate::quant::{self, QuantTensor, QuantTensorMeta, RecipeHeader};
 use crate::{Error, Result};
 
+pub use super::save::{save_quantized, stored_bytes};
+
 /// A stored tensor's raw form: dtype, shape, little-endian bytes (the parts of quantized weights).
 type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
+
+/// A layer weight as the checkpoint holds it.
+pub enum StoredWeight {
+    /// Converted to f32.
+    Float(Tensor),
+    Quantized(QuantTensor),
+}
 
 /// The tensors of a checkpoint, consumed by name while the model is built.
 pub struct TensorStore {
@@ -159,9 +168,9 @@ impl TensorStore {
     }
 
     /// Takes a layer weight by name: quantized when the checkpoint stores it quantized, else float.
-    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<StoredWeight> {
         let Some(meta) = self.quant_map.remove(name) else {
-            return Ok(Weight::Float(self.take(name, shape)?));
+            return Ok(StoredWeight::Float(self.take(name, shape)?));
         };
         let rows = shape[0];
         let cols = shape.iter().product::<usize>() / rows.max(1);
@@ -179,7 +188,7 @@ impl TensorStore {
         for suffix in ["qdata", "scale", "zero"] {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
-        Ok(Weight::Quantized(Arc::new(q)))
+        Ok(StoredWeight::Quantized(q))
     }
 
     /// Drops a tensor the model does not use (BatchNorm's `num_batches_tracked`).
@@ -224,69 +233,4 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
-}
-
-/// Writes a quantized model as a segq checkpoint folder: `model.safetensors` (packed codes, scales and zero points
-/// for quantized weights, float32 for the rest, the recipe and per-weight layout in its metadata) plus the original
-/// `config.json` and `preprocessor_config.json`. Returns the bytes of the safetensors file.
-pub fn save_quantized(
-    model: &super::segformer::Segformer,
-    recipe: &crate::quant::Recipe,
-    config_json: &str,
-    preprocessor_json: Option<&str>,
-    dir: &std::path::Path,
-) -> Result<u64> {
-    use super::segformer::StateTensor;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let state = model.state_dict();
-    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut quantized: Vec<(String, Arc<QuantTensor>)> = Vec::new();
-    for (name, entry) in state {
-        match entry {
-            StateTensor::Float(t) => {
-                let shape = t.dims().to_vec();
-                let values = t.flatten_all()?.to_vec1::<f32>()?;
-                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                stored.push((name, Dtype::F32, shape, bytes));
-            }
-            StateTensor::Quantized(q) => {
-                stored.extend(q.to_tensors(&name));
-                quantized.push((name, q));
-            }
-        }
-    }
-    let metadata = quant::checkpoint_metadata(recipe, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
-        .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Model(format!("tensor `{n}`: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(metadata), &path)
-        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-    let config_path = dir.join("config.json");
-    std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
-    if let Some(pre) = preprocessor_json {
-        let p = dir.join("preprocessor_config.json");
-        std::fs::write(&p, pre).map_err(|e| Error::io(&p, e))?;
-    }
-    Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
-}
-
-/// Bytes of tensor data a checkpoint of `model` holds as `save_quantized` writes it (the file adds only its JSON
-/// header): float tensors as f32, quantized weights as packed codes, scales and zero points.
-pub fn stored_bytes(model: &super::segformer::Segformer) -> u64 {
-    use super::segformer::StateTensor;
-    model
-        .state_dict()
-        .iter()
-        .map(|(_, t)| match t {
-            StateTensor::Float(t) => (t.elem_count() * 4) as u64,
-            // `weight_bytes` counts exactly what `to_tensors` stores: codes, scales, zero points.
-            StateTensor::Quantized(q) => q.weight_bytes() as u64,
-        })
-        .sum()
 }

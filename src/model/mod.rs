@@ -1,22 +1,35 @@
-//! Models: where a checkpoint comes from (`ModelSource`), loading it with its configs (`load`), and the SegFormer
-//! network built from float or quantized layers. A new model family adds a file here behind `LoadedModel`.
+//! Models: where a checkpoint comes from (`ModelSource`), loading it with its configs (`load`), quantizing it
+//! (`quantize`), and the SegFormer network built from float or quantized layers. A new model family adds a folder
+//! here behind `LoadedModel`.
+//!
+//! - [`segformer`]: the module tree and its forward pass; [`layers`]: its leaves; [`tree`]: the one walk over it.
+//! - [`plan`]: the kernel each part runs, decided once by `Segformer::prepare`, which `load` and `quantize` end in.
+//! - [`checkpoint`]: reading checkpoint files; [`save`]: writing them.
 
 pub mod checkpoint;
 pub mod config;
 pub mod layers;
+pub mod plan;
+pub mod save;
 pub mod segformer;
+pub mod tree;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checkpoint::TensorStore;
+use checkpoint::{StoredWeight, TensorStore};
 use config::SegformerConfig;
-use segformer::Segformer;
+use layers::ParamMut;
+use plan::MatMul;
+pub use segformer::Segformer;
+use tree::{Node, Path as ModulePath};
 
 use crate::hub::{self, HubId, HubRepo};
 use crate::preprocess::PreprocessorConfig;
+use crate::quant::Level;
 use crate::{Error, Result};
 
 /// The demo model shipped in the repository (a SegFormer-B0 trained on synthetic scenes, 20 classes).
@@ -102,7 +115,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn class_names(&self) -> Vec<String> {
-        self.model.config.class_names()
+        self.model.config().class_names()
     }
 
     /// Bytes of all Linear/Conv weights as currently stored (float or quantized).
@@ -241,12 +254,10 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     };
     let bytes_by_dtype = store.bytes_by_dtype.clone();
     let recipe = store.recipe.take();
-    let mut model = Segformer::load(&config, &mut store)?;
-    if recipe.as_ref().is_some_and(|r| r.recipe.level.dynamic_activations()) {
-        // int8-dyn checkpoints store plain int8 codes; pack them for the W8A8 GEMM as `quantize` does.
-        model.pack_dynamic_int8()?;
-    }
+    let mut model = from_store(&config, &mut store)?;
     drop(store);
+    // int8-dyn checkpoints store plain int8 codes: the plan packs them for the W8A8 GEMM as `quantize` does.
+    model.prepare(recipe.as_ref().map_or(Level::F32, |r| r.recipe.level))?;
     let load_time = start.elapsed();
     let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k}: {v} B")).collect();
     tracing::info!(
@@ -269,6 +280,32 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     })
 }
 
+/// Builds the model of `config` from a checkpoint's tensors, checking every name and shape; leftover tensors are
+/// errors. The model is not prepared yet.
+fn from_store(config: &SegformerConfig, store: &mut TensorStore) -> Result<Segformer> {
+    let mut model = Segformer::new(config);
+    model.visit_mut(&ModulePath::root(), &mut |path, leaf| {
+        for (name, param) in leaf.params_mut() {
+            let name = path.pp(name);
+            match param {
+                ParamMut::Weight(weight, shape) => {
+                    *weight = match store.weight(name.as_str(), shape)? {
+                        StoredWeight::Float(t) => MatMul::F32(Arc::new(t.flatten_all()?.to_vec1::<f32>()?)),
+                        StoredWeight::Quantized(q) => MatMul::Dequant(Arc::new(q)),
+                    }
+                }
+                ParamMut::Vector(values) => {
+                    *values = store.take(name.as_str(), &[values.len()])?.to_vec1::<f32>()?;
+                }
+                ParamMut::Unused => store.discard(name.as_str()),
+            }
+        }
+        Ok(())
+    })?;
+    store.finish()?;
+    Ok(model)
+}
+
 /// What quantizing a model did, for logs, `segq inspect` and error reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeReport {
@@ -287,7 +324,6 @@ pub struct QuantizeReport {
 /// changed; weights are shared until replaced). Layers run in parallel; each error names its weight.
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
-    use std::sync::Arc;
 
     let start = Instant::now();
     let mut out = model.clone();
@@ -305,18 +341,20 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
     let mut jobs: Vec<(String, Vec<f32>, usize, usize)> = Vec::new();
     let mut skipped = Vec::new();
     out.for_each_weight_mut(&mut |name, shape, weight| {
+        let name = name.as_str();
         if recipe.skips(name) {
             skipped.push(name.to_string());
         } else {
-            let (data, rows, cols) = weight.as_rows(shape)?;
-            jobs.push((name.to_string(), data, rows, cols));
+            let rows = shape[0];
+            let cols = shape.iter().product::<usize>() / rows.max(1);
+            jobs.push((name.to_string(), weight.values().into_owned(), rows, cols));
         }
         Ok(())
     })?;
     let results: Vec<(String, crate::quant::QuantTensor, f64, f64)> = jobs
         .par_iter()
         .map(|(name, data, rows, cols)| {
-            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe, None)?;
+            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe)?;
             let deq = q.dequantize();
             let err: f64 = data.iter().zip(&deq).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let norm: f64 = data.iter().map(|a| (*a as f64).powi(2)).sum();
@@ -332,14 +370,14 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
     }
     let quantized_layers = by_name.len();
     out.for_each_weight_mut(&mut |name, _, weight| {
-        if let Some(q) = by_name.remove(name) {
-            *weight = layers::Weight::Quantized(Arc::new(q));
+        if let Some(q) = by_name.remove(name.as_str()) {
+            *weight = MatMul::Dequant(Arc::new(q));
         }
         Ok(())
     })?;
-    if recipe.level.dynamic_activations() {
-        let packed = out.pack_dynamic_int8()?;
-        tracing::info!(recipe = %recipe.label(), packed, "weights packed for the int8 dynamic GEMM");
+    let w8a8 = out.prepare(recipe.level)?;
+    if w8a8 > 0 {
+        tracing::info!(recipe = %recipe.label(), packed = w8a8, "weights packed for the int8 dynamic GEMM");
     }
     let (bits, count) = out.layers().iter().fold((0.0, 0usize), |(b, c), l| {
         let n: usize = l.shape.iter().product();

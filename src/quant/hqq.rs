@@ -16,7 +16,7 @@
 //! absolute error of the whole tensor falls, and stops at the first that does not (20 iterations at most).
 
 use super::int::{affine_code, affine_qmax, affine_sq_error, minmax_params, quantize_grouped};
-use super::{Calibration, QuantTensor, Recipe};
+use super::{QuantTensor, Recipe};
 use crate::{Error, Result};
 
 /// Tuning of the per-group search.
@@ -49,14 +49,8 @@ impl Default for HqqOptions {
 }
 
 /// Quantizes a row-major `[rows, cols]` weight with affine codes whose per-group scale and zero point are found by
-/// [`optimize_group`]; `calib` is not used (HQQ needs no data).
-pub fn quantize(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    recipe: &Recipe,
-    _calib: Option<&Calibration>,
-) -> Result<QuantTensor> {
+/// [`optimize_group`] (HQQ needs no data).
+pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     let bits = recipe
         .level
         .int_bits()
@@ -280,7 +274,7 @@ mod tests {
 
     fn error_of(w: &[f32], rows: usize, cols: usize, level: Level, method: Method, g: Option<usize>) -> (f64, f64) {
         let recipe = Recipe::new(level, method, g, None, vec![]).unwrap();
-        let q = quantize_weight("w", w, rows, cols, &recipe, None).unwrap();
+        let q = quantize_weight("w", w, rows, cols, &recipe).unwrap();
         (relative_error(w, &q.dequantize()), q.bits_per_weight())
     }
 

@@ -136,53 +136,6 @@ impl ParamDtype {
     }
 }
 
-/// Per-layer input activations a method may use (GPTQ-style methods need `X^T X`); rtn and hqq ignore it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Calibration {
-    /// Input features (the weight's `cols`).
-    pub cols: usize,
-    /// Rows accumulated so far.
-    pub samples: usize,
-    /// Row-major `[cols, cols]` sum of `x^T x` over the rows seen, in f64.
-    pub xtx: Vec<f64>,
-}
-
-impl Calibration {
-    /// An empty accumulator for inputs of `cols` features.
-    pub fn new(cols: usize) -> Calibration {
-        Calibration {
-            cols,
-            samples: 0,
-            xtx: vec![0.0; cols * cols],
-        }
-    }
-
-    /// Adds row-major `[n, cols]` activation rows.
-    pub fn add_rows(&mut self, x: &[f32]) -> Result<()> {
-        if self.cols == 0 || !x.len().is_multiple_of(self.cols) {
-            return Err(Error::Quant(format!(
-                "calibration: {} activation values are not whole rows of {} features",
-                x.len(),
-                self.cols
-            )));
-        }
-        let c = self.cols;
-        for row in x.chunks(c) {
-            for (i, &a) in row.iter().enumerate() {
-                if a == 0.0 {
-                    continue;
-                }
-                let dst = &mut self.xtx[i * c..(i + 1) * c];
-                for (d, &b) in dst.iter_mut().zip(row) {
-                    *d += a as f64 * b as f64;
-                }
-            }
-            self.samples += 1;
-        }
-        Ok(())
-    }
-}
-
 /// A quantized (or float-cast) weight matrix: codes at their real width plus scales and zero points.
 ///
 /// Layout of `data` by format: f32 little-endian floats; f16/bf16 little-endian 16-bit codes; f8 one code per
@@ -502,9 +455,8 @@ impl Format {
     }
 }
 
-/// The signature every method implements: quantize a row-major `[rows, cols]` weight under a validated recipe,
-/// optionally with calibration activations for the layer.
-pub type QuantizeFn = fn(&[f32], usize, usize, &Recipe, Option<&Calibration>) -> Result<QuantTensor>;
+/// The signature every method implements: quantize a row-major `[rows, cols]` weight under a validated recipe.
+pub type QuantizeFn = fn(&[f32], usize, usize, &Recipe) -> Result<QuantTensor>;
 
 /// The function implementing `method`.
 pub fn quantizer(method: Method) -> QuantizeFn {
@@ -516,14 +468,7 @@ pub fn quantizer(method: Method) -> QuantizeFn {
 
 /// Quantizes the weight `name` (row-major `[rows, cols]`) with the recipe's method. Checks the shape, finiteness and
 /// recipe first so that errors name the weight.
-pub fn quantize_weight(
-    name: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    recipe: &Recipe,
-    calib: Option<&Calibration>,
-) -> Result<QuantTensor> {
+pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     if w.len() != rows * cols {
         return Err(Error::Quant(format!(
             "{name}: {} values for shape [{rows}, {cols}]",
@@ -539,15 +484,7 @@ pub fn quantize_weight(
         )));
     }
     recipe.validate().map_err(|e| Error::Quant(format!("{name}: {e}")))?;
-    if let Some(c) = calib
-        && c.cols != cols
-    {
-        return Err(Error::Quant(format!(
-            "{name}: calibration has {} features, the weight {cols} inputs",
-            c.cols
-        )));
-    }
-    let tensor = quantizer(recipe.method)(w, rows, cols, recipe, calib).map_err(|e| match e {
+    let tensor = quantizer(recipe.method)(w, rows, cols, recipe).map_err(|e| match e {
         Error::Quant(m) => Error::Quant(format!("{name}: {m}")),
         other => other,
     })?;
@@ -735,7 +672,7 @@ mod tests {
         let w = testing::trained_like(rows, cols, 11);
         for recipe in all_recipes() {
             let name = format!("layer.{}.weight", recipe.label());
-            let q = quantize_weight(&name, &w, rows, cols, &recipe, None).unwrap();
+            let q = quantize_weight(&name, &w, rows, cols, &recipe).unwrap();
             let stored = q.to_tensors(&name);
             // Memory reports and checkpoint sizes rely on weight_bytes() counting exactly what is stored.
             let stored_bytes: usize = stored.iter().map(|t| t.3.len()).sum();
@@ -770,7 +707,7 @@ mod tests {
     #[test]
     fn loading_names_the_tensor_and_the_mismatch() {
         let w = testing::trained_like(4, 64, 3);
-        let q = quantize_weight("w", &w, 4, 64, &Recipe::level_default(Level::Int4), None).unwrap();
+        let q = quantize_weight("w", &w, 4, 64, &Recipe::level_default(Level::Int4)).unwrap();
         let stored = q.to_tensors("w");
         let lookup = |n: &str| {
             stored
@@ -821,7 +758,7 @@ mod tests {
         let (rows, cols) = (9, 70);
         let w = testing::trained_like(rows, cols, 5);
         for recipe in all_recipes() {
-            let q = quantize_weight("w", &w, rows, cols, &recipe, None).unwrap();
+            let q = quantize_weight("w", &w, rows, cols, &recipe).unwrap();
             let full = q.dequantize();
             let mut tile = vec![0f32; 3 * cols];
             q.dequantize_rows_into(4, &mut tile).unwrap();
@@ -837,7 +774,7 @@ mod tests {
         let w = testing::trained_like(rows, cols, 9);
         let bpw = |level, method| {
             let r = Recipe::new(level, method, None, None, vec![]).unwrap();
-            let q = quantize_weight("w", &w, rows, cols, &r, None).unwrap();
+            let q = quantize_weight("w", &w, rows, cols, &r).unwrap();
             if q.format.has_scales() {
                 assert_eq!(q.param_dtype, ParamDtype::F16, "{}", r.label());
             }
@@ -853,7 +790,7 @@ mod tests {
         assert_eq!(bpw(Level::Int4, Method::Rtn), 4.5);
         assert_eq!(bpw(Level::Int2, Method::Hqq), 3.0);
         // Odd rows pad to a byte.
-        let q = quantize_weight("w", &w[..9 * 3], 3, 9, &Recipe::level_default(Level::Int4), None).unwrap();
+        let q = quantize_weight("w", &w[..9 * 3], 3, 9, &Recipe::level_default(Level::Int4)).unwrap();
         assert_eq!(q.data.len(), 3 * 5);
         assert_eq!(q.group_size, 9);
         assert_eq!(q.format_name(), "int4-affine");
@@ -862,37 +799,16 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_naming_the_weight() {
         let recipe = Recipe::level_default(Level::Int8);
-        let err = quantize_weight("enc.w", &[1.0, f32::NAN, 0.0, 1.0], 2, 2, &recipe, None).unwrap_err();
+        let err = quantize_weight("enc.w", &[1.0, f32::NAN, 0.0, 1.0], 2, 2, &recipe).unwrap_err();
         assert_eq!(
             err.to_string(),
             "enc.w: weight at row 0, column 1 is NaN (cannot quantize non-finite values)"
         );
-        let err = quantize_weight("enc.w", &[1.0; 3], 2, 2, &recipe, None).unwrap_err();
+        let err = quantize_weight("enc.w", &[1.0; 3], 2, 2, &recipe).unwrap_err();
         assert_eq!(err.to_string(), "enc.w: 3 values for shape [2, 2]");
         let mut bad = recipe.clone();
         bad.group_size = Some(0);
-        let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &bad, None)
-            .unwrap_err()
-            .to_string();
+        let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &bad).unwrap_err().to_string();
         assert!(err.starts_with("enc.w: level int8, method rtn: group size 0"), "{err}");
-        let calib = Calibration::new(3);
-        let err = quantize_weight("enc.w", &[1.0; 4], 2, 2, &recipe, Some(&calib))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "enc.w: calibration has 3 features, the weight 2 inputs");
-    }
-
-    #[test]
-    fn calibration_accumulates_xtx() {
-        let mut c = Calibration::new(2);
-        c.add_rows(&[1.0, 2.0, 3.0, -1.0]).unwrap();
-        assert_eq!(c.samples, 2);
-        assert_eq!(c.xtx, vec![10.0, -1.0, -1.0, 5.0]);
-        assert!(
-            c.add_rows(&[1.0])
-                .unwrap_err()
-                .to_string()
-                .contains("not whole rows of 2")
-        );
     }
 }

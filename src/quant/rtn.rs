@@ -5,17 +5,11 @@
 use rayon::prelude::*;
 
 use super::int::{self, quantize_grouped};
-use super::{Calibration, Format, Level, ParamDtype, QuantTensor, Recipe, f8};
+use super::{Format, Level, ParamDtype, QuantTensor, Recipe, f8};
 use crate::Result;
 
-/// Quantizes a row-major `[rows, cols]` weight by round to nearest; `calib` is not used.
-pub fn quantize(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    recipe: &Recipe,
-    _calib: Option<&Calibration>,
-) -> Result<QuantTensor> {
+/// Quantizes a row-major `[rows, cols]` weight by round to nearest.
+pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     let format = Format::of_level(recipe.level);
     let float = |data: Vec<u8>| QuantTensor {
         format,
@@ -103,7 +97,7 @@ mod tests {
     fn hand_made_int8_scales_are_exact() {
         // Row absmax 1.27 and 2.54: scales 0.01 and 0.02 (f32 rows since 0.01 fits f16 too: check both).
         let w = [1.27f32, -0.5, 0.0, 0.004, -2.54, 1.0, 0.01, 0.0];
-        let q = quantize_weight("w", &w, 2, 4, &recipe(Level::Int8, None, None), None).unwrap();
+        let q = quantize_weight("w", &w, 2, 4, &recipe(Level::Int8, None, None)).unwrap();
         assert_eq!(q.param_dtype, ParamDtype::F16);
         assert_eq!(
             q.scales,
@@ -118,13 +112,13 @@ mod tests {
     fn hand_made_affine_scales_and_zero_points_are_exact() {
         // Groups of 4: [-1, 2] -> scale 0.2, zero 5; [0, 0.75] -> scale 0.05, zero 0. Values chosen exact in f16.
         let w = [-1.0f32, 0.0, 2.0, 0.5, 0.0, 0.25, 0.75, 0.5];
-        let q = quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, Some(4), None), None).unwrap();
+        let q = quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, Some(4), None)).unwrap();
         let f16 = |v: f32| half::f16::from_f32(v).to_f32();
         assert_eq!(q.scales, vec![f16(0.2), f16(0.05)]);
         assert_eq!(q.zeros, vec![5.0, 0.0]);
         assert_eq!(int::unpack(&q.data, 1, 8, 4), vec![0, 5, 15, 8, 0, 5, 15, 10]);
         // Symmetric int4 in one group: absmax 2 -> scale 2/7.
-        let q = quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, None, Some(true)), None).unwrap();
+        let q = quantize_weight("w", &w, 1, 8, &recipe(Level::Int4, None, Some(true))).unwrap();
         assert_eq!(q.group_size, 8);
         assert_eq!(q.scales, vec![f16(2.0 / 7.0)]);
     }
@@ -143,7 +137,7 @@ mod tests {
             (Level::Int2, Some(16), Some(true)),
         ] {
             let r = recipe(level, g, sym);
-            let q = quantize_weight("w", &w, rows, cols, &r, None).unwrap();
+            let q = quantize_weight("w", &w, rows, cols, &r).unwrap();
             let deq = q.dequantize();
             let groups = q.groups_per_row();
             let layout = int::GroupLayout {
@@ -171,16 +165,16 @@ mod tests {
     fn float_levels_round_trip_as_expected() {
         let (rows, cols) = (16, 96);
         let w = testing::trained_like(rows, cols, 2);
-        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F32), None).unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F32)).unwrap();
         assert_eq!(q.dequantize(), w);
-        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F16), None).unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::F16)).unwrap();
         assert!(
             q.dequantize()
                 .iter()
                 .zip(&w)
                 .all(|(d, x)| *d == half::f16::from_f32(*x).to_f32())
         );
-        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Bf16), None).unwrap();
+        let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Bf16)).unwrap();
         assert!(
             q.dequantize()
                 .iter()
@@ -192,7 +186,7 @@ mod tests {
             (Level::F8E4m3, 2f32.powi(-4), 2f32.powi(-10)),
             (Level::F8E5m2, 2f32.powi(-3), 2f32.powi(-17)),
         ] {
-            let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(level), None).unwrap();
+            let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(level)).unwrap();
             let deq = q.dequantize();
             for r in 0..rows {
                 let s = q.scales[r];

@@ -1,0 +1,378 @@
+//! The execution plan: which kernel each part of the model runs, decided once by `Segformer::prepare` from the
+//! quantization level, never re-decided per forward pass.
+//!
+//! - [`MatMul`]: a Linear or convolution weight *is* its kernel: float32 through the f32 GEMM, weight-only quantized
+//!   (dequantized per call into a short-lived buffer, so a quantized model keeps no float copy) through the same
+//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time.
+//! - [`AttentionKernel`]: f32 or int8 attention products.
+//! - [`Activations`]: what the level says about activations, from which the choices above follow.
+//!
+//! | level                  | Linear, patch embedding, spatial reduction, 1x1 conv | depthwise conv | attention | composed head |
+//! |------------------------|------------------------------------------------------|----------------|-----------|---------------|
+//! | f32                    | `F32`                                                | f32 values     | f32       | f32           |
+//! | f16 .. int2 (weight-only) | `Dequant`                                         | dequantized    | f32       | f32           |
+//! | int8-dyn               | `W8A8` (symmetric per-channel int8), else as above   | dequantized    | int8      | int8          |
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::kernels::{self, ConvShape, I8Panels};
+use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta};
+use crate::{Error, Result};
+
+/// What a level does with activations; every kernel choice follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Float32 activations (f32 and every weight-only level).
+    F32,
+    /// Activations quantized to int8 per row at run time (`int8-dyn`): int8 GEMMs and int8 attention.
+    Int8Dynamic,
+}
+
+impl Activations {
+    pub fn of_level(level: Level) -> Activations {
+        if level.dynamic_activations() {
+            Activations::Int8Dynamic
+        } else {
+            Activations::F32
+        }
+    }
+}
+
+/// The order of a packed weight's input columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    /// PyTorch's order (a Linear's inputs).
+    Rows,
+    /// A square convolution run on channels-last tokens: `[K, K, C_in]`, a token patch's order, instead of PyTorch's
+    /// `[C_in, K, K]` (for a 1x1 convolution the two are the same).
+    Patch { kernel: usize, in_channels: usize },
+}
+
+impl Columns {
+    /// The packed column of stored (PyTorch-order) column `c`.
+    fn of(self, c: usize) -> usize {
+        match self {
+            Columns::Rows => c,
+            Columns::Patch { kernel, in_channels } => patch_column(c, kernel, in_channels),
+        }
+    }
+}
+
+/// Column `c = (ci * K + ky) * K + kx` of a PyTorch conv weight row, moved to its place `(ky * K + kx) * C_in + ci` in
+/// a channels-last patch.
+fn patch_column(c: usize, kernel: usize, in_channels: usize) -> usize {
+    let (ci, ky, kx) = (c / (kernel * kernel), c / kernel % kernel, c % kernel);
+    (ky * kernel + kx) * in_channels + ci
+}
+
+/// A symmetric per-channel int8 weight as the W8A8 GEMM reads it: the codes in [`I8Panels`] (same bytes as the
+/// codes), the stored tensor's metadata, and the column order. The [`QuantTensor`] is rebuilt from it when the model
+/// is saved, so a checkpoint holds exactly the codes it was packed from.
+#[derive(Debug, Clone)]
+pub struct W8A8Weight {
+    panels: I8Panels,
+    meta: QuantTensorMeta,
+    columns: Columns,
+}
+
+impl W8A8Weight {
+    /// Packs `q` when it is int8, symmetric and per channel (one scale per output row) with codes in [-127, 127];
+    /// otherwise `None` and the weight stays on the dequantize path.
+    pub fn pack(q: &QuantTensor, columns: Columns) -> Option<W8A8Weight> {
+        if q.format != Format::Int8 || !q.symmetric || q.group_size < q.cols || q.scales.len() != q.rows {
+            return None;
+        }
+        let codes: Vec<i8> = match columns {
+            Columns::Rows => q.data.iter().map(|&b| b as i8).collect(),
+            Columns::Patch { kernel, in_channels } => {
+                if q.cols != kernel * kernel * in_channels {
+                    return None;
+                }
+                let mut codes = vec![0i8; q.rows * q.cols];
+                for r in 0..q.rows {
+                    for c in 0..q.cols {
+                        codes[r * q.cols + columns.of(c)] = q.data[r * q.cols + c] as i8;
+                    }
+                }
+                codes
+            }
+        };
+        let panels = I8Panels::pack(&codes, &q.scales, q.rows, q.cols).ok()?;
+        Some(W8A8Weight {
+            panels,
+            meta: q.meta(),
+            columns,
+        })
+    }
+
+    pub fn panels(&self) -> &I8Panels {
+        &self.panels
+    }
+
+    pub fn columns(&self) -> Columns {
+        self.columns
+    }
+
+    /// The stored form of the weight (row-major codes, per-row scales), identical to the one it was packed from.
+    pub fn to_quant(&self) -> QuantTensor {
+        let (rows, cols) = (self.meta.rows, self.meta.cols);
+        let mut data = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            data.extend((0..cols).map(|c| self.panels.code(r, self.columns.of(c)) as u8));
+        }
+        QuantTensor {
+            format: self.meta.format,
+            symmetric: self.meta.symmetric,
+            rows,
+            cols,
+            group_size: self.meta.group_size,
+            param_dtype: self.meta.param_dtype,
+            data,
+            scales: self.panels.scales().to_vec(),
+            zeros: Vec::new(),
+        }
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.meta.rows, self.meta.cols);
+        let scales = self.panels.scales();
+        let mut out = Vec::with_capacity(rows * cols);
+        for (r, &scale) in scales.iter().enumerate().take(rows) {
+            out.extend((0..cols).map(|c| self.panels.code(r, self.columns.of(c)) as f32 * scale));
+        }
+        out
+    }
+}
+
+/// A Linear or convolution weight together with the kernel that multiplies by it.
+#[derive(Debug, Clone)]
+pub enum MatMul {
+    /// Float32, row-major in PyTorch's layout (`[out, in]`, convolutions `[out, in, kh, kw]`), f32 GEMM.
+    F32(Arc<Vec<f32>>),
+    /// Weight-only quantized: dequantized into a buffer that lives for the call, then the f32 GEMM.
+    Dequant(Arc<QuantTensor>),
+    /// Level `int8-dyn`: int8 codes packed for [`kernels::gemm_i8_dynamic`], activations quantized per row.
+    W8A8(Arc<W8A8Weight>),
+}
+
+/// A [`MatMul`] ready to be applied several times in a row (a quantized weight dequantized once, not per call).
+pub enum ResolvedMatMul<'a> {
+    F32(Cow<'a, [f32]>),
+    W8A8(&'a W8A8Weight),
+}
+
+impl MatMul {
+    /// A weight with no values yet (a module tree built from a config, before its checkpoint is read).
+    pub(crate) fn empty() -> MatMul {
+        MatMul::F32(Arc::new(Vec::new()))
+    }
+
+    /// This weight with the kernel for `int8`: `Some(columns)` packs a symmetric per-channel int8 weight for the
+    /// W8A8 GEMM in that column order; `None` (float activations, or a layer with no int8 kernel) keeps or returns
+    /// it to the float kernels. Other weights are returned as they are.
+    pub(crate) fn planned(self, int8: Option<Columns>) -> MatMul {
+        match (self, int8) {
+            (MatMul::W8A8(p), Some(columns)) if p.columns == columns => MatMul::W8A8(p),
+            (MatMul::W8A8(p), int8) => MatMul::Dequant(Arc::new(p.to_quant())).planned(int8),
+            (MatMul::Dequant(q), Some(columns)) => match W8A8Weight::pack(&q, columns) {
+                Some(p) => MatMul::W8A8(Arc::new(p)),
+                None => MatMul::Dequant(q),
+            },
+            (weight, _) => weight,
+        }
+    }
+
+    /// Bytes the weight occupies in memory, as stored (packed codes, scales and zero points).
+    pub fn bytes(&self) -> usize {
+        match self {
+            MatMul::F32(v) => v.len() * std::mem::size_of::<f32>(),
+            MatMul::Dequant(q) => q.weight_bytes(),
+            MatMul::W8A8(p) => p.panels.nbytes(),
+        }
+    }
+
+    /// Format name for inspection ("f32", "int4-g64", "int8-sym-packed", ...).
+    pub fn format_name(&self) -> String {
+        match self {
+            MatMul::F32(_) => "f32".into(),
+            MatMul::Dequant(q) => q.format_name(),
+            // Packing requires symmetric per-channel int8, so the name follows from the format alone.
+            MatMul::W8A8(p) => format!("{}-sym-packed", p.meta.format.name()),
+        }
+    }
+
+    pub fn bits_per_weight(&self) -> f64 {
+        match self {
+            MatMul::F32(_) => 32.0,
+            MatMul::Dequant(q) => q.bits_per_weight(),
+            MatMul::W8A8(p) => p.panels.nbytes() as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64,
+        }
+    }
+
+    /// The weight as float32 values in PyTorch's row-major layout (float weights borrowed, others dequantized).
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match self {
+            MatMul::F32(v) => Cow::Borrowed(v.as_slice()),
+            MatMul::Dequant(q) => Cow::Owned(q.dequantize()),
+            MatMul::W8A8(p) => Cow::Owned(p.dequantize()),
+        }
+    }
+
+    /// What a checkpoint stores for this weight: float values, or the quantized tensor (rebuilt from packed codes).
+    pub fn stored(&self) -> Stored<'_> {
+        match self {
+            MatMul::F32(v) => Stored::F32(v.as_slice()),
+            MatMul::Dequant(q) => Stored::Quantized(Cow::Borrowed(q.as_ref())),
+            MatMul::W8A8(p) => Stored::Quantized(Cow::Owned(p.to_quant())),
+        }
+    }
+
+    /// Dequantizes a weight-only quantized weight once, for several [`ResolvedMatMul::apply`] calls.
+    pub fn resolve(&self) -> ResolvedMatMul<'_> {
+        match self {
+            MatMul::W8A8(p) => ResolvedMatMul::W8A8(p),
+            other => ResolvedMatMul::F32(other.values()),
+        }
+    }
+
+    /// `x [rows, k] * W^T + bias (+ residual)` for `W [n, k]`: `[rows, n]`.
+    pub fn apply(
+        &self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        self.resolve().apply(x, rows, k, n, bias, residual)
+    }
+
+    /// A dense square convolution on `batch` channels-last images `x [batch, H, W, C_in]`: tokens
+    /// `[batch, H' * W', C_out]` (im2col + GEMM per block of output pixels).
+    pub fn conv_tokens(&self, x: &[f32], batch: usize, shape: ConvShape, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        let image = shape.height * shape.width * shape.in_channels;
+        if x.len() != batch * image {
+            return Err(Error::Model(format!(
+                "convolution {shape:?}: {} input values for {batch} images",
+                x.len()
+            )));
+        }
+        let images = match self {
+            MatMul::W8A8(p) => {
+                let want = Columns::Patch {
+                    kernel: shape.kernel,
+                    in_channels: shape.in_channels,
+                };
+                if p.columns != want {
+                    return Err(Error::Model(format!(
+                        "convolution {shape:?}: int8 weight packed in {:?} column order, not {want:?}",
+                        p.columns
+                    )));
+                }
+                // Patches quantized per row at run time, W8A8 GEMM.
+                x.chunks_exact(image)
+                    .map(|image| kernels::conv2d_nhwc_i8(image, shape, &p.panels, bias))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            other => {
+                // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the
+                // tokens; once per call, for every image.
+                let w = other.values();
+                let (k, c) = (shape.kernel, shape.in_channels);
+                let patch = c * k * k;
+                let mut permuted = vec![0f32; w.len()];
+                for (row, dst) in w.chunks_exact(patch).zip(permuted.chunks_exact_mut(patch)) {
+                    for (col, &v) in row.iter().enumerate() {
+                        dst[patch_column(col, k, c)] = v;
+                    }
+                }
+                x.chunks_exact(image)
+                    .map(|image| kernels::conv2d_nhwc(image, shape, &permuted, bias))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        Ok(if images.len() == 1 {
+            images.into_iter().next().unwrap_or_default()
+        } else {
+            images.concat()
+        })
+    }
+}
+
+impl ResolvedMatMul<'_> {
+    /// [`MatMul::apply`]: the bias and residual are written first and the f32 GEMM accumulates onto them; the int8
+    /// GEMM adds the bias in its epilogue and the residual after.
+    pub fn apply(
+        &self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            ResolvedMatMul::F32(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
+            ResolvedMatMul::W8A8(p) => {
+                if p.panels.n() != n {
+                    return Err(Error::Model(format!(
+                        "int8 weight has {} outputs, the layer {n}",
+                        p.panels.n()
+                    )));
+                }
+                let mut out = vec![0f32; rows * n];
+                kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?;
+                if let Some(r) = residual {
+                    if r.len() != out.len() {
+                        return Err(Error::Model(format!(
+                            "residual of {} values for an output of {}",
+                            r.len(),
+                            out.len()
+                        )));
+                    }
+                    out.par_iter_mut()
+                        .zip(r.par_iter())
+                        .with_min_len(4096)
+                        .for_each(|(o, r)| *o += r);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A weight as a checkpoint stores it ([`MatMul::stored`]).
+pub enum Stored<'a> {
+    F32(&'a [f32]),
+    Quantized(Cow<'a, QuantTensor>),
+}
+
+/// Which attention products run: chosen with the rest of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// [`kernels::attention`].
+    F32,
+    /// [`kernels::attention_i8`]: both products in int8 with activations quantized at run time, like the level's
+    /// Linear layers.
+    Int8,
+}
+
+impl AttentionKernel {
+    pub fn for_activations(activations: Activations) -> AttentionKernel {
+        match activations {
+            Activations::F32 => AttentionKernel::F32,
+            Activations::Int8Dynamic => AttentionKernel::Int8,
+        }
+    }
+
+    pub fn run(self, q: &[f32], k: &[f32], v: &[f32], shape: kernels::AttentionShape, out: &mut [f32]) -> Result<()> {
+        match self {
+            AttentionKernel::F32 => kernels::attention(q, k, v, shape, out),
+            AttentionKernel::Int8 => kernels::attention_i8(q, k, v, shape, out),
+        }
+    }
+}

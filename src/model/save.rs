@@ -1,0 +1,112 @@
+//! Saving a model: its state dict (every tensor under its checkpoint name, from the model's one walk) and segq's
+//! quantized checkpoint folders, which `model::load` reads back through `checkpoint`.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use safetensors::Dtype;
+
+use super::layers::Param;
+use super::plan::Stored;
+use super::segformer::Segformer;
+use super::tree::{Node, Path as ModulePath};
+use crate::quant::{self, QuantTensor, Recipe};
+use crate::{Error, Result};
+
+/// One entry of [`state_dict`], borrowed from the model where it can be.
+pub enum StateTensor<'a> {
+    Float { shape: Vec<usize>, values: &'a [f32] },
+    Quantized(Cow<'a, QuantTensor>),
+}
+
+/// Every tensor of the model under its checkpoint name, in checkpoint order: what a saved checkpoint holds.
+pub fn state_dict(model: &Segformer) -> Vec<(String, StateTensor<'_>)> {
+    let mut out = Vec::new();
+    // The visitor cannot fail.
+    let _ = model.visit(&ModulePath::root(), &mut |path, leaf| {
+        for (name, param) in leaf.params() {
+            let name = path.pp(name).as_str().to_string();
+            match param {
+                Param::Weight(w, shape) => out.push((
+                    name,
+                    match w.stored() {
+                        Stored::F32(values) => StateTensor::Float {
+                            shape: shape.to_vec(),
+                            values,
+                        },
+                        Stored::Quantized(q) => StateTensor::Quantized(q),
+                    },
+                )),
+                Param::Vector(values) => out.push((
+                    name,
+                    StateTensor::Float {
+                        shape: vec![values.len()],
+                        values,
+                    },
+                )),
+                Param::Unused => {}
+            }
+        }
+        Ok(())
+    });
+    out
+}
+
+/// Writes a quantized model as a segq checkpoint folder: `model.safetensors` (packed codes, scales and zero points
+/// for quantized weights, float32 for the rest, the recipe and per-weight layout in its metadata) plus the original
+/// `config.json` and `preprocessor_config.json`. Returns the bytes of the safetensors file.
+pub fn save_quantized(
+    model: &Segformer,
+    recipe: &Recipe,
+    config_json: &str,
+    preprocessor_json: Option<&str>,
+    dir: &Path,
+) -> Result<u64> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut quantized: Vec<(String, Cow<'_, QuantTensor>)> = Vec::new();
+    for (name, entry) in state_dict(model) {
+        match entry {
+            StateTensor::Float { shape, values } => {
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                stored.push((name, Dtype::F32, shape, bytes));
+            }
+            StateTensor::Quantized(q) => {
+                stored.extend(q.to_tensors(&name));
+                quantized.push((name, q));
+            }
+        }
+    }
+    let metadata = quant::checkpoint_metadata(recipe, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Model(format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(metadata), &path)
+        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
+    if let Some(pre) = preprocessor_json {
+        let p = dir.join("preprocessor_config.json");
+        std::fs::write(&p, pre).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
+}
+
+/// Bytes of tensor data a checkpoint of `model` holds as `save_quantized` writes it (the file adds only its JSON
+/// header): float tensors as f32, quantized weights as packed codes, scales and zero points.
+pub fn stored_bytes(model: &Segformer) -> u64 {
+    state_dict(model)
+        .iter()
+        .map(|(_, t)| match t {
+            StateTensor::Float { values, .. } => std::mem::size_of_val(*values) as u64,
+            // `weight_bytes` counts exactly what `to_tensors` stores: codes, scales, zero points.
+            StateTensor::Quantized(q) => q.weight_bytes() as u64,
+        })
+        .sum()
+}

@@ -1,0 +1,315 @@
+//! SegFormer's encoder (`SegformerEncoder` in transformers): per stage an overlapping patch embedding, blocks of
+//! efficient self-attention and Mix-FFN, and a LayerNorm. Activations stay channels-last tokens `[B, H*W, C]`
+//! throughout; [`StageMap`] converts to transformers' NCHW where a caller wants it.
+
+use candle_core::Tensor;
+
+use super::super::config::{NORM_EPS, SegformerConfig};
+use super::super::layers::{Conv2d, LayerNorm, Linear, with_f32};
+use super::super::plan::AttentionKernel;
+use super::super::tree::{Node, Path, Visitor, VisitorMut, node};
+use crate::Result;
+use crate::kernels;
+
+/// `SegformerOverlapPatchEmbeddings`: strided conv, flatten to tokens, LayerNorm.
+#[derive(Debug, Clone)]
+pub struct OverlapPatchEmbeddings {
+    pub(super) proj: Conv2d,
+    pub(super) layer_norm: LayerNorm,
+}
+
+node!(OverlapPatchEmbeddings, |s, p| { "proj" => proj, "layer_norm" => layer_norm });
+
+impl OverlapPatchEmbeddings {
+    /// Channels-last tokens `[B, H*W, C_in]` of an `height x width` map to tokens [B, H'*W', C] and the new (H', W').
+    /// transformers runs the conv on NCHW and then flattens and transposes; on tokens the conv writes that layout
+    /// directly.
+    pub fn forward(&self, tokens: &Tensor, height: usize, width: usize) -> Result<(Tensor, usize, usize)> {
+        let (x, h, w) = self.proj.forward_tokens(tokens, height, width)?;
+        Ok((self.layer_norm.forward(&x)?, h, w))
+    }
+}
+
+/// The spatial reduction of attention's keys and values (sr_ratio > 1): a strided conv and a LayerNorm, which
+/// transformers keeps directly in the attention module (`attention.self.sr`, `attention.self.layer_norm`).
+#[derive(Debug, Clone)]
+pub struct SpatialReduction {
+    pub(super) sr: Conv2d,
+    pub(super) layer_norm: LayerNorm,
+}
+
+node!(SpatialReduction, |s, p| { "sr" => sr, "layer_norm" => layer_norm });
+
+/// `SegformerEfficientSelfAttention`: keys and values from a spatially reduced sequence when sr_ratio > 1.
+#[derive(Debug, Clone)]
+pub struct EfficientSelfAttention {
+    pub(super) num_heads: usize,
+    pub(super) query: Linear,
+    pub(super) key: Linear,
+    pub(super) value: Linear,
+    pub(super) reduction: Option<SpatialReduction>,
+    /// Set by `Segformer::prepare` from the level.
+    pub(super) kernel: AttentionKernel,
+}
+
+node!(EfficientSelfAttention, |s, p| {
+    "query" => query,
+    "key" => key,
+    "value" => value,
+    "" => reduction,
+    "" => kernel,
+});
+
+impl EfficientSelfAttention {
+    pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let (b, n, c) = hidden.dims3()?;
+        let query = self.query.forward(hidden)?;
+        let kv_input = match &self.reduction {
+            // transformers reshapes to NCHW, convolves, flattens back; the conv on tokens gives the same tokens.
+            Some(r) => r.layer_norm.forward(&r.sr.forward_tokens(hidden, height, width)?.0)?,
+            None => hidden.clone(),
+        };
+        let key = self.key.forward(&kv_input)?;
+        let value = self.value.forward(&kv_input)?;
+        // transformers splits heads, forms softmax(QK^T / sqrt(d)) and multiplies by V per head; the fused kernel
+        // computes the same per head on the projections' [tokens, heads * d] layout, without the score matrix.
+        let shape = kernels::AttentionShape {
+            batch: b,
+            queries: n,
+            keys: key.dim(1)?,
+            heads: self.num_heads,
+            head_dim: c / self.num_heads,
+        };
+        let mut context = vec![0f32; b * n * c];
+        with_f32(&query, |q| {
+            with_f32(&key, |k| {
+                with_f32(&value, |v| self.kernel.run(q, k, v, shape, &mut context))
+            })
+        })?;
+        Ok(Tensor::from_vec(context, (b, n, c), &candle_core::Device::Cpu)?)
+    }
+}
+
+/// `SegformerAttention`: self-attention followed by `output.dense`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(super) self_attention: EfficientSelfAttention,
+    pub(super) output_dense: Linear,
+}
+
+node!(Attention, |s, p| { "self" => self_attention, "output.dense" => output_dense });
+
+/// `SegformerMixFFN`: dense1, depthwise 3x3 conv, GELU, dense2.
+#[derive(Debug, Clone)]
+pub struct MixFfn {
+    pub(super) dense1: Linear,
+    pub(super) dwconv: Conv2d,
+    pub(super) dense2: Linear,
+}
+
+node!(MixFfn, |s, p| { "dense1" => dense1, "dwconv.dwconv" => dwconv, "dense2" => dense2 });
+
+impl MixFfn {
+    /// `forward(hidden) + residual`, the residual added in dense2's bias pass.
+    pub fn forward_residual(&self, hidden: &Tensor, height: usize, width: usize, residual: &Tensor) -> Result<Tensor> {
+        let x = self.dense1.forward(hidden)?;
+        // transformers reshapes the tokens to NCHW for the conv; the channels-last kernel computes the same values
+        // without the two transposes. GELU (exact erf, as nn.GELU()) is fused into it.
+        let x = self.dwconv.depthwise3x3_tokens(&x, height, width, true)?;
+        self.dense2.forward_residual(&x, residual)
+    }
+}
+
+/// `SegformerLayer`: pre-norm attention and Mix-FFN blocks with residuals.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub(super) layer_norm_1: LayerNorm,
+    pub(super) attention: Attention,
+    pub(super) layer_norm_2: LayerNorm,
+    pub(super) mlp: MixFfn,
+}
+
+node!(Layer, |s, p| {
+    "layer_norm_1" => layer_norm_1,
+    "attention" => attention,
+    "layer_norm_2" => layer_norm_2,
+    "mlp" => mlp,
+});
+
+impl Layer {
+    pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let normed = self.layer_norm_1.forward(hidden)?;
+        let attn = self.attention.self_attention.forward(&normed, height, width)?;
+        // Residual adds fused into the output projections' bias pass (same sums, one pass fewer each).
+        let hidden = self.attention.output_dense.forward_residual(&attn, hidden)?;
+        let mlp_in = self.layer_norm_2.forward(&hidden)?;
+        self.mlp.forward_residual(&mlp_in, height, width, &hidden)
+    }
+}
+
+/// One encoder stage. transformers keeps the stages' parts in three lists (`patch_embeddings.{i}`, `block.{i}`,
+/// `layer_norm.{i}`); segq groups them per stage, so the walk meets them in checkpoint order (stage by stage).
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub(super) index: usize,
+    pub(super) patch_embeddings: OverlapPatchEmbeddings,
+    pub(super) block: Vec<Layer>,
+    pub(super) layer_norm: LayerNorm,
+}
+
+node!(Stage, |s, p| {
+    format!("patch_embeddings.{}", s.index) => patch_embeddings,
+    format!("block.{}", s.index) => block,
+    format!("layer_norm.{}", s.index) => layer_norm,
+});
+
+/// `SegformerEncoder`: four stages of patch embedding, blocks and a final LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    pub(super) stages: Vec<Stage>,
+    pub(super) reshape_last_stage: bool,
+}
+
+/// The stages sit side by side under the encoder's path (each names its own index).
+impl Node for Encoder {
+    fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
+        self.stages.iter().try_for_each(|s| s.visit(path, v))
+    }
+
+    fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
+        self.stages.iter_mut().try_for_each(|s| s.visit_mut(path, v))
+    }
+}
+
+/// One encoder stage's output as channels-last tokens `[B, height*width, C]`: the layout the encoder and the
+/// decode head work in (transformers hands NCHW maps between them; [`StageMap::to_nchw`] gives those).
+#[derive(Debug, Clone)]
+pub struct StageMap {
+    pub tokens: Tensor,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl StageMap {
+    /// `[B, C, height, width]`, transformers' layout of a stage's hidden state.
+    pub fn to_nchw(&self) -> Result<Tensor> {
+        let (b, _, c) = self.tokens.dims3()?;
+        Ok(self
+            .tokens
+            .reshape((b, self.height, self.width, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+
+    /// From `[B, C, H, W]`.
+    pub fn from_nchw(x: &Tensor) -> Result<Self> {
+        let (b, c, height, width) = x.dims4()?;
+        let tokens = x
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, height * width, c))?;
+        Ok(Self { tokens, height, width })
+    }
+}
+
+impl Encoder {
+    /// The encoder of `config` with every parameter zero.
+    pub(super) fn new(config: &SegformerConfig) -> Encoder {
+        let stages = (0..config.num_encoder_blocks)
+            .map(|i| {
+                let in_c = if i == 0 {
+                    config.num_channels
+                } else {
+                    config.hidden_sizes[i - 1]
+                };
+                let hidden = config.hidden_sizes[i];
+                let patch = config.patch_sizes[i];
+                let sr_ratio = config.sr_ratios[i];
+                let mlp_hidden = hidden * config.mlp_ratios[i];
+                let layer = || Layer {
+                    layer_norm_1: LayerNorm::new(hidden, NORM_EPS),
+                    attention: Attention {
+                        self_attention: EfficientSelfAttention {
+                            num_heads: config.num_attention_heads[i],
+                            query: Linear::new(hidden, hidden),
+                            key: Linear::new(hidden, hidden),
+                            value: Linear::new(hidden, hidden),
+                            reduction: (sr_ratio > 1).then(|| SpatialReduction {
+                                sr: Conv2d::new(hidden, hidden, sr_ratio, sr_ratio, 0, 1, true),
+                                layer_norm: LayerNorm::new(hidden, NORM_EPS),
+                            }),
+                            kernel: AttentionKernel::F32,
+                        },
+                        output_dense: Linear::new(hidden, hidden),
+                    },
+                    layer_norm_2: LayerNorm::new(hidden, NORM_EPS),
+                    mlp: MixFfn {
+                        dense1: Linear::new(hidden, mlp_hidden),
+                        dwconv: Conv2d::new(mlp_hidden, mlp_hidden, 3, 1, 1, mlp_hidden, true),
+                        dense2: Linear::new(mlp_hidden, hidden),
+                    },
+                };
+                Stage {
+                    index: i,
+                    patch_embeddings: OverlapPatchEmbeddings {
+                        proj: Conv2d::new(in_c, hidden, patch, config.strides[i], patch / 2, 1, true),
+                        layer_norm: LayerNorm::new(hidden, NORM_EPS),
+                    },
+                    block: (0..config.depths[i]).map(|_| layer()).collect(),
+                    layer_norm: LayerNorm::new(hidden, NORM_EPS),
+                }
+            })
+            .collect();
+        Encoder {
+            stages,
+            reshape_last_stage: config.reshape_last_stage,
+        }
+    }
+
+    /// Returns each stage's feature map as NCHW (the last one as tokens `[B, N, C]` when `reshape_last_stage` is
+    /// off, as transformers does).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let maps = self.forward_maps(pixels, &mut |_, _| {})?;
+        let last = maps.len().saturating_sub(1);
+        maps.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if i != last || self.reshape_last_stage {
+                    m.to_nchw()
+                } else {
+                    Ok(m.tokens.clone())
+                }
+            })
+            .collect()
+    }
+
+    /// Each stage's output as tokens, calling `on_stage(i, elapsed)` after each stage.
+    pub fn forward_maps(
+        &self,
+        pixels: &Tensor,
+        on_stage: &mut dyn FnMut(usize, std::time::Duration),
+    ) -> Result<Vec<StageMap>> {
+        // Stage 1's time includes turning the pixels into tokens.
+        let mut stage_start = std::time::Instant::now();
+        let mut current = StageMap::from_nchw(pixels)?;
+        let mut maps = Vec::with_capacity(self.stages.len());
+        for (i, stage) in self.stages.iter().enumerate() {
+            let (mut hidden, h, w) = stage
+                .patch_embeddings
+                .forward(&current.tokens, current.height, current.width)?;
+            for layer in &stage.block {
+                hidden = layer.forward(&hidden, h, w)?;
+            }
+            current = StageMap {
+                tokens: stage.layer_norm.forward(&hidden)?,
+                height: h,
+                width: w,
+            };
+            maps.push(current.clone());
+            on_stage(i, stage_start.elapsed());
+            stage_start = std::time::Instant::now();
+        }
+        Ok(maps)
+    }
+}

@@ -1,0 +1,292 @@
+//! SegFormer for semantic segmentation, mirroring transformers' `modeling_segformer.py`: the same modules, the same
+//! weight names (`segformer.encoder.block.{i}.{j}.attention.self.query`, `decode_head.linear_fuse`, ...), the same
+//! arithmetic (LayerNorm/BatchNorm eps 1e-5, bilinear upsampling in the decode head, exact GELU). [`Segformer`] owns
+//! the module tree ([`encoder`], [`decode_head`]), its one walk ([`Node`]) and the step that decides its kernels
+//! ([`Segformer::prepare`]).
+
+pub mod decode_head;
+pub mod encoder;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+pub use decode_head::{ComposedHead, DecodeHead};
+pub use encoder::{Encoder, StageMap};
+
+use super::config::SegformerConfig;
+use super::layers::LayerInfo;
+use super::plan::{Activations, AttentionKernel, MatMul};
+use super::tree::{Leaf, LeafMut, Node, Path, node};
+use crate::Result;
+use crate::quant::Level;
+
+/// What [`Segformer::for_each_weight_mut`] calls: `(layer path, shape, weight)`.
+pub(crate) type WeightVisitor<'v> = dyn FnMut(&Path, &[usize], &mut MatMul) -> Result<()> + 'v;
+
+/// `SegformerForSemanticSegmentation`: encoder + decode head; logits at 1/4 of the input size.
+///
+/// Built by `model::load` or `model::quantize`, both of which end in [`Segformer::prepare`]; the fields are private
+/// so the kernels and the composed decode head cannot fall out of step with the weights.
+#[derive(Debug, Clone)]
+pub struct Segformer {
+    config: SegformerConfig,
+    encoder: Encoder,
+    decode_head: DecodeHead,
+}
+
+node!(Segformer, |s, p| { "segformer.encoder" => encoder, "decode_head" => decode_head });
+
+impl Segformer {
+    /// The module tree of `config` with every parameter zero and no plan: `model::load` fills it through the walk,
+    /// then prepares it.
+    pub(crate) fn new(config: &SegformerConfig) -> Segformer {
+        Segformer {
+            config: config.clone(),
+            encoder: Encoder::new(config),
+            decode_head: DecodeHead::new(config),
+        }
+    }
+
+    pub fn config(&self) -> &SegformerConfig {
+        &self.config
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub fn decode_head(&self) -> &DecodeHead {
+        &self.decode_head
+    }
+
+    /// Decides every kernel for `level`, once: with int8 activations (`int8-dyn`) the symmetric per-channel int8
+    /// weights of Linear layers and dense convolutions are packed for the W8A8 GEMM, attention runs in int8, and the
+    /// composed decode head is quantized too; otherwise weights run through the f32 GEMM (quantized ones dequantized
+    /// per call). The composed head is rebuilt from the current weights. Returns how many weights run on W8A8.
+    pub(crate) fn prepare(&mut self, level: Level) -> Result<usize> {
+        let activations = Activations::of_level(level);
+        let mut w8a8 = 0;
+        self.visit_mut(&Path::root(), &mut |_, leaf| {
+            match leaf {
+                LeafMut::Linear(l) => {
+                    l.plan(activations);
+                    w8a8 += matches!(l.weight(), MatMul::W8A8(_)) as usize;
+                }
+                LeafMut::Conv2d(c) => {
+                    c.plan(activations);
+                    w8a8 += matches!(c.weight(), MatMul::W8A8(_)) as usize;
+                }
+                LeafMut::Attention(kernel) => *kernel = AttentionKernel::for_activations(activations),
+                LeafMut::LayerNorm(_) | LeafMut::BatchNorm2d(_) => {}
+            }
+            Ok(())
+        })?;
+        self.decode_head.compose(activations)?;
+        tracing::debug!(level = %level, w8a8, "execution plan prepared");
+        Ok(w8a8)
+    }
+
+    /// Logits [B, num_labels, H/4, W/4] for normalised pixels [B, 3, H, W].
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let maps = self.encoder.forward_maps(pixels, &mut |_, _| {})?;
+        self.decode_head.forward_maps(&maps)
+    }
+
+    /// [`Segformer::forward`], calling `on_part(i, elapsed)` after encoder stage `i` and then after the decode head
+    /// (`i` = number of stages) (`segq bench --profile`). Stage 0's time includes turning the pixels into tokens.
+    pub fn forward_profiled(&self, pixels: &Tensor, on_part: &mut dyn FnMut(usize, Duration)) -> Result<Tensor> {
+        let maps = self.encoder.forward_maps(pixels, on_part)?;
+        let head = Instant::now();
+        let logits = self.decode_head.forward_maps(&maps)?;
+        on_part(maps.len(), head.elapsed());
+        Ok(logits)
+    }
+
+    /// Bytes of all Linear/Conv2d weights and biases as currently stored (float, quantized or packed).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
+    }
+
+    /// Every quantizable layer (Linear and Conv2d) with its weight-name prefix, in checkpoint order.
+    pub fn layers(&self) -> Vec<LayerInfo> {
+        let mut out = Vec::new();
+        // The visitor cannot fail.
+        let _ = self.visit(&Path::root(), &mut |path, leaf| {
+            match leaf {
+                Leaf::Linear(l) => out.push(l.info(path.as_str())),
+                Leaf::Conv2d(c) => out.push(c.info(path.as_str())),
+                Leaf::LayerNorm(_) | Leaf::BatchNorm2d(_) | Leaf::Attention(_) => {}
+            }
+            Ok(())
+        });
+        out
+    }
+
+    /// Calls `f(layer path, shape, weight)` for every Linear and Conv2d weight. The kernels and the composed head
+    /// are stale afterwards: the caller must [`Segformer::prepare`] the model again.
+    pub(crate) fn for_each_weight_mut(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        self.visit_mut(&Path::root(), &mut |path, leaf| {
+            for (_, param) in leaf.params_mut() {
+                if let super::layers::ParamMut::Weight(weight, shape) = param {
+                    f(path, shape, weight)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::plan::Columns;
+    use crate::model::save::{StateTensor, state_dict};
+    use crate::model::{self, ModelSource};
+    use crate::quant::{Level, Recipe};
+    use candle_core::Device;
+
+    fn fixture(name: &str) -> Segformer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(name);
+        model::load(&ModelSource::Local(dir)).unwrap().model
+    }
+
+    /// Smooth image-like pixels with some noise, at an awkward size.
+    fn pixels(h: usize, w: usize) -> Tensor {
+        let noise = crate::kernels::test_util::random_vec(3 * h * w, 7, 0.3);
+        let v: Vec<f32> = (0..3 * h * w)
+            .map(|i| ((i % w) as f32 / w as f32 - 0.5) * 2.0 + ((i / w) % h) as f32 / h as f32 - 0.5 + noise[i])
+            .collect();
+        Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// max |a - b| / max |b|.
+    fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let max_ref = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / max_ref
+    }
+
+    #[test]
+    fn composed_decode_head_matches_the_reference_head() {
+        for name in ["tiny_a", "tiny_b_bin", "tiny_c"] {
+            let m = fixture(name);
+            let features = m.encoder.forward(&pixels(61, 47)).unwrap();
+            let fast = m.decode_head.forward(&features).unwrap();
+            let reference = m.decode_head.forward_reference(&features).unwrap();
+            assert_eq!(fast.dims(), reference.dims(), "{name}");
+            let d = rel_diff(&values(&fast), &values(&reference));
+            assert!(
+                d < 1e-5,
+                "{name}: composed head differs from the reference by {d} (relative)"
+            );
+        }
+    }
+
+    #[test]
+    fn composed_head_follows_quantized_weights() {
+        let m = fixture("tiny_a");
+        let (q, _) = model::quantize(&m, &Recipe::level_default(Level::Int4)).unwrap();
+        let features = q.encoder.forward(&pixels(40, 36)).unwrap();
+        let fast = values(&q.decode_head.forward(&features).unwrap());
+        let reference = values(&q.decode_head.forward_reference(&features).unwrap());
+        let d = rel_diff(&fast, &reference);
+        assert!(d < 1e-5, "int4: composed head differs from the reference by {d}");
+    }
+
+    #[test]
+    fn int8_dyn_runs_the_int8_gemm_and_stays_close_to_f32() {
+        let m = fixture("tiny_a");
+        let input = pixels(64, 64);
+        let f32_logits = values(&m.forward(&input).unwrap());
+        let (dynamic, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        let (weight_only, _) = model::quantize(&m, &Recipe::level_default(Level::Int8)).unwrap();
+        let stage = &dynamic.encoder.stages[0];
+        let a = &stage.block[0].attention.self_attention;
+        assert!(matches!(a.query.weight(), MatMul::W8A8(_)), "query packed for the GEMM");
+        assert_eq!(a.kernel, AttentionKernel::Int8);
+        assert!(matches!(dynamic.decode_head.classifier.weight(), MatMul::W8A8(_)));
+        assert!(matches!(stage.block[0].mlp.dwconv.weight(), MatMul::Dequant(_)));
+        let proj = &stage.patch_embeddings.proj;
+        let (k, in_c) = (proj.shape()[2], proj.shape()[1]);
+        assert!(
+            matches!(proj.weight(), MatMul::W8A8(p) if p.columns() == Columns::Patch { kernel: k, in_channels: in_c }),
+            "patch embedding packed in patch order for the int8 im2col GEMM"
+        );
+        let wo = &weight_only.encoder.stages[0].block[0].attention.self_attention;
+        assert!(matches!(wo.query.weight(), MatMul::Dequant(_)));
+        assert_eq!(wo.kernel, AttentionKernel::F32);
+        // Same int8 codes either way: only the run-time activation quantization differs.
+        let dyn_logits = values(&dynamic.forward(&input).unwrap());
+        let wo_logits = values(&weight_only.forward(&input).unwrap());
+        let vs_weight_only = rel_diff(&dyn_logits, &wo_logits);
+        assert!(
+            vs_weight_only > 0.0,
+            "int8-dyn gave the weight-only logits: the GEMM path did not run"
+        );
+        assert!(vs_weight_only < 0.03, "int8-dyn vs int8 weight-only: {vs_weight_only}");
+        let vs_f32 = rel_diff(&dyn_logits, &f32_logits);
+        assert!(vs_f32 < 0.05, "int8-dyn vs f32: {vs_f32}");
+    }
+
+    #[test]
+    fn packed_weights_save_as_the_codes_they_came_from() {
+        let m = fixture("tiny_a");
+        let (weight_only, _) = model::quantize(&m, &Recipe::level_default(Level::Int8)).unwrap();
+        let (dynamic, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        let stored = |m: &Segformer| -> Vec<(String, Vec<u8>, Vec<f32>)> {
+            state_dict(m)
+                .into_iter()
+                .filter_map(|(k, t)| match t {
+                    StateTensor::Quantized(q) => Some((k, q.data.clone(), q.scales.clone())),
+                    StateTensor::Float { .. } => None,
+                })
+                .collect()
+        };
+        let (a, b) = (stored(&weight_only), stored(&dynamic));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "int8-dyn saves exactly the int8 codes and scales");
+    }
+
+    /// Re-preparing a prepared model for another level changes only its kernels, and back again restores them.
+    #[test]
+    fn prepare_switches_kernels_both_ways() {
+        let m = fixture("tiny_a");
+        let input = pixels(40, 36);
+        let (mut q, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        let dyn_logits = values(&q.forward(&input).unwrap());
+        let dyn_layers = q.layers();
+        assert_eq!(q.prepare(Level::Int8).unwrap(), 0, "weight-only: nothing on W8A8");
+        let (weight_only, _) = model::quantize(&m, &Recipe::level_default(Level::Int8)).unwrap();
+        assert_eq!(
+            values(&q.forward(&input).unwrap()),
+            values(&weight_only.forward(&input).unwrap())
+        );
+        assert!(q.prepare(Level::Int8Dyn).unwrap() > 0);
+        assert_eq!(values(&q.forward(&input).unwrap()), dyn_logits);
+        let formats = |l: &[LayerInfo]| l.iter().map(|l| l.format.clone()).collect::<Vec<_>>();
+        assert_eq!(formats(&q.layers()), formats(&dyn_layers));
+    }
+
+    /// The walk names every tensor a transformers checkpoint holds, and nothing else.
+    #[test]
+    fn the_walk_names_the_checkpoint_tensors() {
+        let keys = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny_a_keys.txt"),
+        )
+        .unwrap();
+        let mut expected: Vec<&str> = keys.lines().filter_map(|l| l.split('\t').next()).collect();
+        expected.retain(|k| !k.ends_with("num_batches_tracked"));
+        expected.sort();
+        let m = fixture("tiny_a");
+        let mut names: Vec<String> = state_dict(&m).into_iter().map(|(k, _)| k).collect();
+        names.sort();
+        assert_eq!(names, expected);
+    }
+}
