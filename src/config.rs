@@ -245,7 +245,7 @@ impl Config {
         let merged: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| Error::config(format!("--set `{key}`"), e.message().trim()))?;
-        merged.validate().map_err(|e| e.within(&format!("--set `{key}`")))?;
+        merged.validate().map_err(|e| e.within(format_args!("--set `{key}`")))?;
         *self = merged;
         Ok(())
     }

@@ -101,7 +101,7 @@ impl Error {
     /// Puts `origin` (the file or flag a value came from) in front of the line, keeping the kind and the name:
     /// "c.toml: eval.batch_size must be at least 1". I/O and write errors, which name their path, tensor
     /// computation errors and interruptions come back unchanged.
-    pub fn within(self, origin: &str) -> Error {
+    pub fn within(self, origin: impl std::fmt::Display) -> Error {
         let prefix = |line: &dyn std::fmt::Display| one_line(format!("{origin}: {line}"));
         match self {
             Error::NotFound { what, message } => Error::NotFound {
