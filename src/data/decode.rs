@@ -282,7 +282,9 @@ mod tests {
             .sum();
         let mean = total as f64 / img.as_raw().len() as f64;
         assert!(mean < 12.0, "decoded JPEG far from source: mean difference {mean}");
-        let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec).unwrap_err().to_string();
+        let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("JPEG is truncated"), "{e}");
         assert!(dec.is_none(), "a decoder that saw an error is dropped");
         assert!(decode_image(&jpeg, &mut dec).unwrap() == first);

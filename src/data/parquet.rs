@@ -58,7 +58,10 @@ pub fn find_parquet_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
         found.dedup();
         return Err(Error::not_found(
             dir.display().to_string(),
-            format!("no Parquet files for split '{split}' (splits found: {})", found.join(", ")),
+            format!(
+                "no Parquet files for split '{split}' (splits found: {})",
+                found.join(", ")
+            ),
         ));
     }
     Ok(kept)
@@ -157,10 +160,9 @@ impl ParquetFile {
                     _ => Err(format!("column '{name}' is a struct without a binary 'bytes' field").into()),
                 },
                 DataType::Binary | DataType::LargeBinary | DataType::BinaryView => Ok((index, ColumnKind::Binary)),
-                other => Err(format!(
-                    "column '{name}' has type {other}, expected {{bytes, path}} struct or binary"
-                )
-                .into()),
+                other => {
+                    Err(format!("column '{name}' has type {other}, expected {{bytes, path}} struct or binary").into())
+                }
             }
         };
         let columns = find(image_column).and_then(|i| Ok([i, find(label_column)?]));

@@ -202,11 +202,15 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
         let mut masks = Map::new();
         for (mask_name, mask) in &image.masks {
             if mask.dimensions() != image.rgb.dimensions() {
-                let (width, height) = image.rgb.dimensions();
-                return Err(Error::shape_mismatch(
+                return Err(Error::invalid(
                     format!("image {} mask {mask_name}", image.key),
-                    &[height as usize, width as usize],
-                    &[mask.height() as usize, mask.width() as usize],
+                    format!(
+                        "{}x{} does not match the image's {}x{}",
+                        mask.width(),
+                        mask.height(),
+                        image.rgb.width(),
+                        image.rgb.height()
+                    ),
                 ));
             }
             let bytes = encode_png(mask, &format!("{} mask {mask_name}", image.key))?;
