@@ -17,8 +17,8 @@ pub enum Error {
     /// Hub repo or file (including one missing from the cache while offline).
     #[error("{}", Named(what, message))]
     NotFound { what: String, message: String },
-    /// The input exists and is well formed, but this build cannot handle it (a file type, a format version, a
-    /// combination of options).
+    /// The input exists and is well formed, but this build cannot handle it: a file type, a format version, a
+    /// level, method or mode name it does not know, a combination of options.
     #[error("{}", Named(what, reason))]
     Unsupported { what: String, reason: String },
     /// A tensor or image has another shape than the one it must have.
@@ -42,7 +42,8 @@ pub enum Error {
     /// An output file could not be produced for a reason other than plain I/O (encoding, drawing).
     #[error("{path}: {message}")]
     Write { path: PathBuf, message: String },
-    /// A bug in segq: a state its own code should never reach.
+    /// Not the input's fault: a bug in segq (a state its own code should never reach), or the system refusing it a
+    /// resource (a thread).
     #[error("internal: {message}")]
     Internal { message: String },
     #[error("tensor computation failed: {0}")]
@@ -57,8 +58,10 @@ pub enum Error {
     Quant(String),
 }
 
-/// What went wrong, without the details: for callers (and tests) that branch on the failure.
+/// What went wrong, without the details: for callers (and tests) that branch on the failure. Kinds may be added
+/// (the temporary `Unclassified` will be split up), hence `non_exhaustive`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// A missing file (an I/O error of kind `NotFound` too) or anything else named that does not exist.
     NotFound,
@@ -319,6 +322,21 @@ mod tests {
             assert_eq!(error.kind(), kind, "{error}");
             assert_eq!(error.to_string(), text);
         }
+    }
+
+    #[test]
+    fn within_puts_the_origin_first_and_keeps_kind_and_name() {
+        let e = Error::config("eval.batch_size", "eval.batch_size must be at least 1").within("c.toml");
+        assert_eq!(e.to_string(), "c.toml: eval.batch_size must be at least 1");
+        assert!(
+            matches!(&e, Error::Config { key, .. } if key == "eval.batch_size"),
+            "{e:?}"
+        );
+        let e = Error::invalid("level \"int8\"", "confusion matrix has 9 labels").within("r.json");
+        assert_eq!(e.to_string(), "r.json: level \"int8\": confusion matrix has 9 labels");
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let e = Error::io("a.json", std::io::Error::other("disk full")).within("ignored");
+        assert_eq!(e.to_string(), "a.json: disk full");
     }
 
     #[test]
