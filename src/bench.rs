@@ -63,7 +63,7 @@ pub struct BenchReport {
 
 /// Parses `WIDTHxHEIGHT` (each side at least 32).
 pub fn parse_size(text: &str) -> Result<(usize, usize)> {
-    let bad = |why: &str| Error::Config(format!("--size `{text}`: {why}"));
+    let bad = |why: &str| Error::config(format!("--size `{text}`"), why);
     let (w, h) = text
         .split_once(['x', 'X'])
         .ok_or_else(|| bad("expected WIDTHxHEIGHT"))?;
@@ -86,7 +86,8 @@ fn synthetic_input(batch: usize, height: usize, width: usize) -> Result<Tensor> 
 /// Loads the model once and times every recipe of `plan` on it.
 pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
     if plan.iters == 0 || plan.batch_size == 0 {
-        return Err(Error::Config("--iters and --batch-size must be at least 1".into()));
+        let key = if plan.iters == 0 { "--iters" } else { "--batch-size" };
+        return Err(Error::config(key, "--iters and --batch-size must be at least 1"));
     }
     let loaded = model::load(&plan.model)?;
     let f32_bytes = loaded.weight_bytes() as f64;

@@ -180,19 +180,20 @@ impl Config {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-            Error::Config(format!("{origin} line {line}: {}", e.message()))
+            Error::config(format!("{origin} line {line}"), e.message())
         })?;
         if let Some(key) = find_secret(&table, "") {
-            return Err(Error::Config(format!(
+            let message = format!(
                 "{origin}: key `{key}` looks like a secret; {}",
                 crate::secret::SECRET_IN_CONFIG_MESSAGE
-            )));
+            );
+            return Err(Error::config(key, message));
         }
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-            Error::Config(format!("{origin} line {line}: {}", e.message().trim()))
+            Error::config(format!("{origin} line {line}"), e.message().trim())
         })?;
-        config.validate().map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        config.validate().map_err(|e| e.within(origin))?;
         Ok(config)
     }
 
@@ -220,32 +221,31 @@ impl Config {
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let (key, raw) = assignment
             .split_once('=')
-            .ok_or_else(|| Error::Config(format!("--set `{assignment}`: expected section.key=value")))?;
+            .ok_or_else(|| Error::config(format!("--set `{assignment}`"), "expected section.key=value"))?;
         let key = key.trim();
         let (section, field) = key
             .split_once('.')
-            .ok_or_else(|| Error::Config(format!("--set `{key}`: expected section.key (e.g. eval.batch_size)")))?;
+            .ok_or_else(|| Error::config(format!("--set `{key}`"), "expected section.key (e.g. eval.batch_size)"))?;
         if crate::secret::is_secret_key(field) {
-            return Err(Error::Config(format!(
-                "--set `{key}`: secrets are read from the environment only"
-            )));
+            return Err(Error::config(
+                format!("--set `{key}`"),
+                "secrets are read from the environment only",
+            ));
         }
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
-        let mut table = toml::Table::try_from(&*self).map_err(|e| Error::Config(format!("internal: {e}")))?;
+        let mut table = toml::Table::try_from(&*self).map_err(|e| Error::internal(e.to_string()))?;
         let section_table = table
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
-            .ok_or_else(|| Error::Config(format!("--set `{key}`: unknown section `{section}`")))?;
+            .ok_or_else(|| Error::config(format!("--set `{key}`"), format!("unknown section `{section}`")))?;
         section_table.insert(field.to_string(), value);
         let merged: Config = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("--set `{key}`: {}", e.message().trim())))?;
-        merged
-            .validate()
-            .map_err(|e| Error::Config(format!("--set `{key}`: {e}")))?;
+            .map_err(|e: toml::de::Error| Error::config(format!("--set `{key}`"), e.message().trim()))?;
+        merged.validate().map_err(|e| e.within(format_args!("--set `{key}`")))?;
         *self = merged;
         Ok(())
     }
@@ -253,10 +253,10 @@ impl Config {
     /// Checks values that serde's types cannot.
     pub fn validate(&self) -> Result<()> {
         if self.eval.batch_size == 0 {
-            return Err(Error::Config("eval.batch_size must be at least 1".into()));
+            return Err(Error::config("eval.batch_size", "eval.batch_size must be at least 1"));
         }
         if self.quant.levels.is_empty() {
-            return Err(Error::Config("quant.levels is empty".into()));
+            return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
         self.label_map()?;
         Ok(())
@@ -269,7 +269,8 @@ impl Config {
             .iter()
             .map(|(k, v)| {
                 let key = k.parse::<u8>().map_err(|_| {
-                    Error::Config(format!("dataset.label_map key \"{k}\" is not a label value 0..255"))
+                    let message = format!("dataset.label_map key \"{k}\" is not a label value 0..255");
+                    Error::config("dataset.label_map", message)
                 })?;
                 Ok((key, *v))
             })

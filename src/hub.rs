@@ -159,11 +159,10 @@ impl HubRepo {
             builder = builder.with_endpoint(endpoint);
         }
         builder.build().map_err(|e| {
-            Error::Hub(format!(
-                "{}: cannot start the Hub client: {}",
+            Error::network(
                 self.describe(),
-                scrub(&e.to_string())
-            ))
+                format!("cannot start the Hub client: {}", scrub(&e.to_string())),
+            )
         })
     }
 
@@ -175,11 +174,13 @@ impl HubRepo {
             return Ok(path);
         }
         if self.offline {
-            return Err(Error::Hub(format!(
-                "{}: `{filename}` is not in the cache at {} and HF_HUB_OFFLINE is set (download it once with network, or pass a local folder)",
+            return Err(Error::not_found(
                 self.describe(),
-                self.cache_dir.display()
-            )));
+                format!(
+                    "`{filename}` is not in the cache at {} and HF_HUB_OFFLINE is set (download it once with network, or pass a local folder)",
+                    self.cache_dir.display()
+                ),
+            ));
         }
         let api = self.api()?;
         tracing::info!(source = %self.describe(), file = filename, "downloading");
@@ -216,11 +217,10 @@ impl HubRepo {
             let ref_file = folder.join("refs").join(&self.id.revision);
             std::fs::read_to_string(&ref_file)
                 .map_err(|_| {
-                    Error::Hub(format!(
-                        "{}: not cached at {} and HF_HUB_OFFLINE is set",
+                    Error::not_found(
                         self.describe(),
-                        self.cache_dir.display()
-                    ))
+                        format!("not cached at {} and HF_HUB_OFFLINE is set", self.cache_dir.display()),
+                    )
                 })?
                 .trim()
                 .to_string()
@@ -234,17 +234,20 @@ impl HubRepo {
 
     fn download_error(&self, filename: &str, message: &str) -> Error {
         let message = scrub(message);
-        let hint = if message.contains("404") {
+        let missing = message.contains("404");
+        let hint = if missing {
             "the repository, revision or file does not exist (or is private: set HF_TOKEN)"
         } else if message.contains("401") || message.contains("403") {
             "access denied: the repository is gated or private; set HF_TOKEN to a token with access"
         } else {
             "the Hub cannot be reached; to work offline, download once with network (the cache is shared with transformers) and set HF_HUB_OFFLINE=1, or pass a local folder"
         };
-        Error::Hub(format!(
-            "{}: cannot fetch `{filename}`: {hint} ({message})",
-            self.describe()
-        ))
+        let message = format!("cannot fetch `{filename}`: {hint} ({message})");
+        if missing {
+            Error::not_found(self.describe(), message)
+        } else {
+            Error::network(self.describe(), message)
+        }
     }
 }
 
@@ -297,9 +300,7 @@ pub fn fetch_url(url: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     if hub_offline() {
-        return Err(Error::Hub(format!(
-            "{url}: not in the URL cache and HF_HUB_OFFLINE is set"
-        )));
+        return Err(Error::not_found(url, "not in the URL cache and HF_HUB_OFFLINE is set"));
     }
     let dir = path.parent().expect("has a parent");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -309,9 +310,10 @@ pub fn fetch_url(url: &str) -> Result<PathBuf> {
         .build()
         .new_agent();
     let mut response = agent.get(url).call().map_err(|e| {
-        Error::Hub(format!(
-            "{url}: download failed: {e} (to work offline, pass a local folder)"
-        ))
+        Error::network(
+            url,
+            format!("download failed: {e} (to work offline, pass a local folder)"),
+        )
     })?;
     let tmp = path.with_extension("part");
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -20,7 +20,7 @@ pub mod segmenter;
 pub mod sysinfo;
 pub mod track;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 
 /// segq's version, recorded in every result file.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -71,26 +71,37 @@ impl Default for PreprocessorConfig {
 impl PreprocessorConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))
+        Self::from_json(&text).map_err(|e| e.within(path.display()))
     }
 
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let c: PreprocessorConfig =
-            serde_json::from_str(text).map_err(|e| format!("malformed preprocessor_config.json: {e}"))?;
+    /// Parses and checks `preprocessor_config.json` text; errors name the field at fault (callers add the file).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: PreprocessorConfig = serde_json::from_str(text).map_err(|e| {
+            Error::invalid(
+                "preprocessor_config.json",
+                format!("malformed preprocessor_config.json: {e}"),
+            )
+        })?;
         if c.image_mean.len() != 3 || c.image_std.len() != 3 {
-            return Err("image_mean and image_std must have 3 entries".into());
+            return Err(Error::invalid(
+                "image_mean",
+                "image_mean and image_std must have 3 entries",
+            ));
         }
         if c.image_std.contains(&0.0) {
-            return Err("image_std has a zero entry".into());
+            return Err(Error::invalid("image_std", "image_std has a zero entry"));
         }
         if c.resample != 2 {
-            return Err(format!(
-                "resample = {} is not supported (segq implements Pillow BILINEAR = 2, SegFormer's default)",
-                c.resample
+            return Err(Error::unsupported(
+                "resample",
+                format!(
+                    "resample = {} is not supported (segq implements Pillow BILINEAR = 2, SegFormer's default)",
+                    c.resample
+                ),
             ));
         }
         if c.size.height == 0 || c.size.width == 0 {
-            return Err("size must be positive".into());
+            return Err(Error::invalid("size", "size must be positive"));
         }
         Ok(c)
     }

@@ -104,7 +104,7 @@ pub fn forward_inputs(model: &Segformer, inputs: &[&ModelInput]) -> Result<Vec<T
         }
     }
     out.into_iter()
-        .map(|l| l.ok_or_else(|| Error::Model("internal: an input got no logits".into())))
+        .map(|l| l.ok_or_else(|| Error::internal("an input got no logits")))
         .collect()
 }
 

@@ -51,7 +51,7 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
         let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
         overlay::overlay(&image, &prediction.mask, 0.5)?
             .save(&overlay_path)
-            .map_err(|e| segq::Error::Report(format!("{}: cannot write: {e}", overlay_path.display())))?;
+            .map_err(|e| segq::Error::write(&overlay_path, format!("cannot write: {e}")))?;
         if args.save_logits {
             let l = &prediction.logits;
             let npy = out_dir.join(format!("{stem}.logits.npy"));

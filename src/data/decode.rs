@@ -9,19 +9,21 @@ use std::io::Cursor;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
+use super::Problem;
+
 /// Decodes an image (JPEG or PNG) to RGB. Errors are one short line, without the location (the caller adds it).
-pub fn decode_image(bytes: &[u8], jpeg: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, String> {
+pub fn decode_image(bytes: &[u8], jpeg: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, Problem> {
     match sniff(bytes) {
         Format::Jpeg => decode_jpeg(bytes, jpeg),
         Format::Png => decode_png_image(bytes),
-        Format::Other => Err(format!("image is neither JPEG nor PNG ({})", describe_start(bytes))),
+        Format::Other => Err(format!("image is neither JPEG nor PNG ({})", describe_start(bytes)).into()),
     }
 }
 
 /// Decodes a PNG annotation to its 8-bit values: greyscale values, or palette indices for palette PNGs.
-pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, String> {
+pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, Problem> {
     if sniff(bytes) != Format::Png {
-        return Err(format!("annotation is not a PNG ({})", describe_start(bytes)));
+        return Err(format!("annotation is not a PNG ({})", describe_start(bytes)).into());
     }
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     // IDENTITY: no palette expansion, no tRNS alpha, no bit-depth scaling: we want the stored values.
@@ -45,7 +47,8 @@ pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, String> {
     if !supported {
         return Err(format!(
             "annotation PNG must be 8-bit greyscale or palette (one value per pixel), found {color:?} {bits}-bit"
-        ));
+        )
+        .into());
     }
     let (w, h) = (width as usize, height as usize);
     let mut values = Vec::with_capacity(w * h);
@@ -62,7 +65,7 @@ pub fn decode_mask(bytes: &[u8]) -> Result<GrayImage, String> {
             }));
         }
     }
-    GrayImage::from_raw(width, height, values).ok_or_else(|| "annotation PNG: truncated pixel data".to_string())
+    GrayImage::from_raw(width, height, values).ok_or_else(|| "annotation PNG: truncated pixel data".into())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +93,7 @@ fn describe_start(bytes: &[u8]) -> String {
     format!("{} bytes starting {}", bytes.len(), head.join(" "))
 }
 
-fn decode_jpeg(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, String> {
+fn decode_jpeg(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<RgbImage, Problem> {
     match decode_jpeg_with(bytes, slot) {
         Ok((image, false)) => Ok(image),
         other => {
@@ -102,7 +105,7 @@ fn decode_jpeg(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Resu
 }
 
 /// Decodes with the given (or a new) decompressor; the flag says a libjpeg warning was ignored.
-fn decode_jpeg_with(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<(RgbImage, bool), String> {
+fn decode_jpeg_with(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) -> Result<(RgbImage, bool), Problem> {
     if slot.is_none() {
         *slot = Some(turbojpeg::Decompressor::new().map_err(|e| format!("cannot start the JPEG decoder: {e}"))?);
     }
@@ -117,7 +120,8 @@ fn decode_jpeg_with(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) ->
         return Err(format!(
             "JPEG in {:?} colour space is not supported (only RGB/YCbCr/greyscale)",
             header.colorspace
-        ));
+        )
+        .into());
     }
     let (w, h) = (header.width, header.height);
     let mut pixels = vec![
@@ -142,9 +146,9 @@ fn decode_jpeg_with(bytes: &[u8], slot: &mut Option<turbojpeg::Decompressor>) ->
             tracing::debug!("JPEG warning ignored as Pillow does: {message}");
             warned = true;
         } else if message.contains("Premature end of JPEG file") {
-            return Err(format!("JPEG is truncated ({message})"));
+            return Err(format!("JPEG is truncated ({message})").into());
         } else {
-            return Err(format!("JPEG: {message}"));
+            return Err(format!("JPEG: {message}").into());
         }
     }
     let image = RgbImage::from_raw(w as u32, h as u32, pixels).ok_or("JPEG: bad dimensions")?;
@@ -158,7 +162,7 @@ fn jpeg_message(e: &turbojpeg::Error) -> String {
     }
 }
 
-fn decode_png_image(bytes: &[u8]) -> Result<RgbImage, String> {
+fn decode_png_image(bytes: &[u8]) -> Result<RgbImage, Problem> {
     let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png).map_err(|e| format!("PNG: {e}"))?;
     Ok(match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
@@ -185,7 +189,7 @@ fn high_bytes(w: u32, h: u32, pixels: impl Iterator<Item = [u16; 3]>) -> RgbImag
 /// Reads and decodes an image file to RGB (for `segq predict` and other single-image uses); errors name the file.
 pub fn read_rgb(path: &std::path::Path) -> crate::Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
-    decode_image(&bytes, &mut None).map_err(|e| crate::Error::Data(format!("{}: {e}", path.display())))
+    decode_image(&bytes, &mut None).map_err(|e| crate::Error::invalid(path.display().to_string(), e.to_string()))
 }
 
 #[cfg(test)]
@@ -253,9 +257,9 @@ mod tests {
         let got = decode_mask(&png_bytes(&DynamicImage::ImageLuma8(grey.clone()))).unwrap();
         assert_eq!(got, grey);
         let rgb = DynamicImage::ImageRgb8(image::RgbImage::new(2, 2));
-        let e = decode_mask(&png_bytes(&rgb)).unwrap_err();
+        let e = decode_mask(&png_bytes(&rgb)).unwrap_err().to_string();
         assert!(e.contains("8-bit greyscale or palette") && e.contains("Rgb"), "{e}");
-        let e = decode_mask(b"GIF89a....").unwrap_err();
+        let e = decode_mask(b"GIF89a....").unwrap_err().to_string();
         assert!(e.contains("not a PNG") && e.contains("47 49 46 38"), "{e}");
     }
 
@@ -278,17 +282,19 @@ mod tests {
             .sum();
         let mean = total as f64 / img.as_raw().len() as f64;
         assert!(mean < 12.0, "decoded JPEG far from source: mean difference {mean}");
-        let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec).unwrap_err();
+        let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("JPEG is truncated"), "{e}");
         assert!(dec.is_none(), "a decoder that saw an error is dropped");
         assert!(decode_image(&jpeg, &mut dec).unwrap() == first);
-        let e = decode_image(&jpeg[..20], &mut dec).unwrap_err();
+        let e = decode_image(&jpeg[..20], &mut dec).unwrap_err().to_string();
         assert!(e.starts_with("JPEG"), "{e}");
-        let e = decode_image(b"\xFF\xD8\xFF junk", &mut dec).unwrap_err();
+        let e = decode_image(b"\xFF\xD8\xFF junk", &mut dec).unwrap_err().to_string();
         assert!(e.starts_with("JPEG header"), "{e}");
         // The same decoder slot still decodes a good image identically afterwards.
         assert!(decode_image(&jpeg, &mut dec).unwrap() == first);
-        let e = decode_image(b"", &mut dec).unwrap_err();
+        let e = decode_image(b"", &mut dec).unwrap_err().to_string();
         assert!(e.contains("0 bytes"), "{e}");
     }
 }

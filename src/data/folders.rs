@@ -44,20 +44,19 @@ fn is_image(path: &Path) -> bool {
 /// Pairs of the ADE layout: `images/<split>/X.jpg` with `annotations/<split>/X.png`.
 pub fn ade_pairs(root: &Path, split: &str) -> Result<Vec<FilePair>> {
     let images = find_split_dir(&root.join("images"), split).ok_or_else(|| {
-        Error::Data(format!(
-            "ADE dataset {}: no images/ folder for split '{split}' (looked for {})",
-            root.display(),
-            split_aliases(split).join(", ")
-        ))
+        Error::not_found(
+            format!("ADE dataset {}", root.display()),
+            format!(
+                "no images/ folder for split '{split}' (looked for {})",
+                split_aliases(split).join(", ")
+            ),
+        )
     })?;
     let name = images.file_name().map(PathBuf::from).unwrap_or_default();
     let masks = root.join("annotations").join(name);
     if !masks.is_dir() {
-        return Err(Error::Data(format!(
-            "ADE dataset {}: missing folder {}",
-            root.display(),
-            masks.display()
-        )));
+        let message = format!("ADE dataset {}: missing folder {}", root.display(), masks.display());
+        return Err(Error::not_found(masks.display().to_string(), message));
     }
     folder_pairs(&images, &masks)
 }
@@ -70,10 +69,10 @@ pub fn folder_pairs(images: &Path, masks: &Path) -> Result<Vec<FilePair>> {
     collect_images(images, images, &mut found)?;
     found.sort();
     if found.is_empty() {
-        return Err(Error::Data(format!(
-            "image folder {} holds no .jpg/.jpeg/.png files",
-            images.display()
-        )));
+        return Err(Error::not_found(
+            images.display().to_string(),
+            format!("image folder {} holds no .jpg/.jpeg/.png files", images.display()),
+        ));
     }
     Ok(found
         .into_iter()
@@ -120,12 +119,10 @@ pub fn list_file_pairs(path: &Path) -> Result<Vec<FilePair>> {
             line.split_whitespace().collect()
         };
         let [image, mask] = fields.as_slice() else {
-            return Err(Error::Data(format!(
-                "{} line {}: expected 'image<TAB>mask', found {} field(s)",
-                path.display(),
-                n + 1,
-                fields.len()
-            )));
+            return Err(Error::invalid(
+                format!("{} line {}", path.display(), n + 1),
+                format!("expected 'image<TAB>mask', found {} field(s)", fields.len()),
+            ));
         };
         let image = base.join(image.trim());
         let id = image
@@ -139,7 +136,10 @@ pub fn list_file_pairs(path: &Path) -> Result<Vec<FilePair>> {
         });
     }
     if pairs.is_empty() {
-        return Err(Error::Data(format!("list file {} lists no examples", path.display())));
+        return Err(Error::invalid(
+            path.display().to_string(),
+            format!("list file {} lists no examples", path.display()),
+        ));
     }
     Ok(pairs)
 }

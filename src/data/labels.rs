@@ -71,20 +71,18 @@ impl LabelOptions {
     pub fn parse_label_map(text: &str) -> Result<BTreeMap<u8, u8>> {
         let mut map = BTreeMap::new();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let entry = format!("label map entry '{pair}'");
             let (from, to) = pair
                 .split_once(':')
-                .ok_or_else(|| Error::Config(format!("label map entry '{pair}' is not of the form from:to")))?;
+                .ok_or_else(|| Error::config(&entry, format!("{entry} is not of the form from:to")))?;
             let parse = |s: &str| {
-                s.trim().parse::<u8>().map_err(|_| {
-                    Error::Config(format!(
-                        "label map entry '{pair}': '{}' is not a label value 0..=255",
-                        s.trim()
-                    ))
-                })
+                s.trim()
+                    .parse::<u8>()
+                    .map_err(|_| Error::config(&entry, format!("'{}' is not a label value 0..=255", s.trim())))
             };
             let (from, to) = (parse(from)?, parse(to)?);
             if map.insert(from, to).is_some() {
-                return Err(Error::Config(format!("label map maps {from} twice")));
+                return Err(Error::config("label map", format!("label map maps {from} twice")));
             }
         }
         Ok(map)

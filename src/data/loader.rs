@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::folders::{self, FilePair};
 use super::parquet::ParquetFile;
-use super::{DatasetSpec, LabelOptions, OnError, Selection, decode};
+use super::{DatasetSpec, LabelOptions, OnError, Problem, Selection, decode};
 use crate::{Error, Result};
 
 /// How many skip reasons the statistics keep (the count is always complete).
@@ -102,7 +102,8 @@ pub struct Loader {
     threads: Vec<JoinHandle<()>>,
 }
 
-type Outcome = std::result::Result<Example, String>;
+/// A decoded example, or the error naming its file, row and id (kept as text if the example is skipped).
+type Outcome = Result<Example>;
 
 #[derive(Default)]
 struct Counters {
@@ -138,7 +139,7 @@ struct RawExample {
     id: String,
     /// File and row (Parquet) or image path, for messages.
     location: String,
-    payload: std::result::Result<Payload, String>,
+    payload: std::result::Result<Payload, Problem>,
 }
 
 enum Payload {
@@ -150,7 +151,7 @@ impl Loader {
     /// Indexes the dataset (Parquet footers or file listings, no pixel data) and starts the reader and workers.
     pub fn new(spec: &DatasetSpec, options: LoaderOptions) -> Result<Loader> {
         if options.batch_size == 0 {
-            return Err(Error::Config("batch size must be at least 1".into()));
+            return Err(Error::config("batch size", "batch size must be at least 1"));
         }
         let mut stats = LoadStats::default();
         let source = open_source(spec, options.on_error, &mut stats)?;
@@ -176,7 +177,7 @@ impl Loader {
         let (result_tx, result_rx) = unbounded::<(usize, Outcome)>();
         let shared = Arc::new(Counters::default());
         let mut threads = Vec::new();
-        let spawn_err = |e: std::io::Error| Error::Data(format!("cannot start a loader thread: {e}"));
+        let spawn_err = |e: std::io::Error| Error::internal(format!("cannot start a loader thread: {e}"));
         {
             let shared = shared.clone();
             let rows = rows.clone();
@@ -275,19 +276,20 @@ impl Iterator for Loader {
             let Some(outcome) = self.next_outcome() else {
                 let row = self.rows.start + self.next_seq;
                 self.shutdown();
-                return Some(Err(Error::Data(format!(
+                return Some(Err(Error::internal(format!(
                     "data loader stopped before row {row} (a loader thread ended)"
                 ))));
             };
             self.next_seq += 1;
             match outcome {
                 Ok(example) => batch.push(example),
-                Err(reason) => match self.on_error {
+                Err(error) => match self.on_error {
                     OnError::Fail => {
                         self.shutdown();
-                        return Some(Err(Error::Data(reason)));
+                        return Some(Err(error));
                     }
                     OnError::Skip => {
+                        let reason = error.to_string();
                         tracing::warn!("skipped: {reason}");
                         self.stats.skipped += 1;
                         if self.stats.skip_reasons.len() < MAX_SKIP_REASONS {
@@ -325,7 +327,7 @@ fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> 
             label_column,
         } => {
             if paths.is_empty() {
-                return Err(Error::Data("no Parquet files to read".into()));
+                return Err(Error::not_found("Parquet files", "no Parquet files to read"));
             }
             let mut files = Vec::with_capacity(paths.len());
             for path in paths {
@@ -342,21 +344,19 @@ fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> 
                 }
             }
             if files.is_empty() {
-                return Err(Error::Data(format!(
-                    "none of the {} Parquet files could be read",
-                    paths.len()
-                )));
+                return Err(Error::invalid(
+                    "Parquet files",
+                    format!("none of the {} Parquet files could be read", paths.len()),
+                ));
             }
-            let problems: Vec<String> = files
-                .iter()
-                .filter_map(|f| f.problem().map(|p| format!("{}: {p}", f.path.display())))
-                .collect();
-            if let Some(first) = problems.first() {
+            let with_problems = files.iter().filter(|f| f.problem().is_some()).count();
+            if let Some((file, problem)) = files.iter().find_map(|f| f.problem().map(|p| (f, p))) {
                 // A column missing everywhere is a setting to fix (--image-column / --label-column), not bad data.
-                if on_error == OnError::Fail || problems.len() == files.len() {
-                    return Err(Error::Data(format!(
-                        "{first} (set the dataset's image and label column names)"
-                    )));
+                if on_error == OnError::Fail || with_problems == files.len() {
+                    return Err(Error::invalid(
+                        file.path.display().to_string(),
+                        format!("{problem} (set the dataset's image and label column names)"),
+                    ));
                 }
             }
             let mut starts = Vec::with_capacity(files.len());
@@ -461,13 +461,24 @@ fn decode_example(raw: RawExample, labels: &LabelOptions, jpeg: &mut Option<turb
         payload,
         ..
     } = raw;
-    let fail = |why: String| format!("{location} ({id}): {why}");
-    let (image_bytes, label_bytes) = match payload.map_err(&fail)? {
+    let origin = format!("{location} ({id})");
+    let fail = |why: String| Error::invalid(&origin, why);
+    // A missing image or mask file (folder and list layouts) is NotFound, so callers can tell it from bad bytes.
+    let unreadable = |e: std::io::Error, why: String| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::not_found(&origin, why),
+        _ => Error::invalid(&origin, why),
+    };
+    let (image_bytes, label_bytes) = match payload.map_err(|p| fail(p.to_string()))? {
         Payload::Bytes { image, label } => (image, label),
         Payload::Files { image, label } => {
-            let image = std::fs::read(&image).map_err(|e| fail(format!("cannot read image: {e}")))?;
-            let label =
-                std::fs::read(&label).map_err(|e| fail(format!("cannot read annotation {}: {e}", label.display())))?;
+            let image = std::fs::read(&image).map_err(|e| {
+                let why = format!("cannot read image: {e}");
+                unreadable(e, why)
+            })?;
+            let label = std::fs::read(&label).map_err(|e| {
+                let why = format!("cannot read annotation {}: {e}", label.display());
+                unreadable(e, why)
+            })?;
             (image, label)
         }
     };

@@ -66,6 +66,25 @@ pub fn demo_dataset() -> Result<DatasetSpec> {
 
 use crate::{Error, Result};
 
+/// What is wrong with one example (or with every row of a file), as one line without the location: the loader
+/// puts the file, row and id in front when it turns it into an [`Error`] or a skip reason. Its own type rather
+/// than [`Error`] because it is only ever a part of such a message, never reported alone.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Problem(String);
+
+impl From<String> for Problem {
+    fn from(text: String) -> Self {
+        Problem(text)
+    }
+}
+
+impl From<&str> for Problem {
+    fn from(text: &str) -> Self {
+        Problem(text.to_string())
+    }
+}
+
 /// Default column names of Scene Parse 150 (and of `datasets`' Image features in general).
 pub const DEFAULT_IMAGE_COLUMN: &str = "image";
 pub const DEFAULT_LABEL_COLUMN: &str = "annotation";
@@ -90,9 +109,10 @@ pub fn resolve_source(
         resolve_local(source, split, image_column, label_column)?
     } else {
         let id = crate::hub::HubId::parse_dataset(source, "refs/convert/parquet").ok_or_else(|| {
-            Error::Data(format!(
-                "--dataset `{source}`: no such file or folder, and not a Hub dataset id ([owner/]name[@revision])"
-            ))
+            Error::not_found(
+                format!("--dataset `{source}`"),
+                "no such file or folder, and not a Hub dataset id ([owner/]name[@revision])",
+            )
         })?;
         let files = parquet::hub_parquet_files(&crate::hub::HubRepo::dataset(id), subset, split)?;
         DatasetSpec::Parquet {
@@ -145,7 +165,10 @@ impl FromStr for OnError {
         match s.trim().to_ascii_lowercase().as_str() {
             "fail" => Ok(OnError::Fail),
             "skip" => Ok(OnError::Skip),
-            other => Err(Error::Config(format!("on_error '{other}': expected 'fail' or 'skip'"))),
+            other => Err(Error::config(
+                "on_error",
+                format!("on_error '{other}': expected 'fail' or 'skip'"),
+            )),
         }
     }
 }
@@ -179,10 +202,13 @@ pub fn resolve_local(spec: &str, split: &str, image_column: &str, label_column: 
         let (images, masks) = (PathBuf::from(images.trim()), PathBuf::from(masks.trim()));
         for dir in [&images, &masks] {
             if !dir.is_dir() {
-                return Err(Error::Data(format!(
-                    "dataset '{spec}': {} is not a folder (expected IMAGES_DIR,MASKS_DIR)",
-                    dir.display()
-                )));
+                return Err(Error::not_found(
+                    dir.display().to_string(),
+                    format!(
+                        "dataset '{spec}': {} is not a folder (expected IMAGES_DIR,MASKS_DIR)",
+                        dir.display()
+                    ),
+                ));
             }
         }
         return Ok(DatasetSpec::Folders { images, masks });
@@ -198,17 +224,17 @@ pub fn resolve_local(spec: &str, split: &str, image_column: &str, label_column: 
         return match ext.as_str() {
             "parquet" => Ok(parquet(vec![path])),
             "txt" | "tsv" | "lst" => Ok(DatasetSpec::ListFile { path }),
-            _ => Err(Error::Data(format!(
-                "dataset {}: unknown file type (expected .parquet, or a .txt/.tsv/.lst list of image<TAB>mask)",
-                path.display()
-            ))),
+            _ => Err(Error::unsupported(
+                format!("dataset {}", path.display()),
+                "unknown file type (expected .parquet, or a .txt/.tsv/.lst list of image<TAB>mask)",
+            )),
         };
     }
     if !path.is_dir() {
-        return Err(Error::Data(format!(
-            "dataset {}: no such file or folder",
-            path.display()
-        )));
+        return Err(Error::not_found(
+            format!("dataset {}", path.display()),
+            "no such file or folder",
+        ));
     }
     if path.join("images").is_dir() && path.join("annotations").is_dir() {
         if folders::find_split_dir(&path.join("images"), split).is_some() {
@@ -243,11 +269,13 @@ pub fn resolve_local(spec: &str, split: &str, image_column: &str, label_column: 
             split: split.to_string(),
         });
     }
-    Err(Error::Data(format!(
-        "dataset {}: no layout recognised for split '{split}' (expected .parquet files, an ADE root with images/{split}/ \
-         and annotations/{split}/, or images/ and annotations/ folders)",
-        path.display()
-    )))
+    Err(Error::not_found(
+        format!("dataset {}", path.display()),
+        format!(
+            "no layout recognised for split '{split}' (expected .parquet files, an ADE root with images/{split}/ \
+             and annotations/{split}/, or images/ and annotations/ folders)"
+        ),
+    ))
 }
 
 fn extension(path: &Path) -> String {

@@ -14,7 +14,7 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
 
-use super::split_aliases;
+use super::{Problem, split_aliases};
 use crate::{Error, Result};
 
 /// Rows decoded from Parquet per Arrow batch: small, so memory follows the loader's bound, not the row group's.
@@ -56,11 +56,13 @@ pub fn find_parquet_files(dir: &Path, split: &str) -> Result<Vec<PathBuf>> {
         let mut found: Vec<String> = other.iter().filter_map(split_of).collect();
         found.sort();
         found.dedup();
-        return Err(Error::Data(format!(
-            "{}: no Parquet files for split '{split}' (splits found: {})",
-            dir.display(),
-            found.join(", ")
-        )));
+        return Err(Error::not_found(
+            dir.display().to_string(),
+            format!(
+                "no Parquet files for split '{split}' (splits found: {})",
+                found.join(", ")
+            ),
+        ));
     }
     Ok(kept)
 }
@@ -101,10 +103,10 @@ pub fn hub_parquet_files(repo: &crate::hub::HubRepo, config: &str, split: &str) 
         } else {
             available.join(", ")
         };
-        return Err(Error::Hub(format!(
-            "{}: no Parquet files for {config}/{split} (available: {available})",
-            repo.describe()
-        )));
+        return Err(Error::not_found(
+            repo.describe(),
+            format!("no Parquet files for {config}/{split} (available: {available})"),
+        ));
     }
     names.iter().map(|name| repo.get(name)).collect()
 }
@@ -126,7 +128,7 @@ pub struct ParquetFile {
     pub rows: usize,
     metadata: ArrowReaderMetadata,
     /// Root column indices of image and label, or why the file cannot provide them.
-    columns: std::result::Result<[(usize, ColumnKind); 2], String>,
+    columns: std::result::Result<[(usize, ColumnKind); 2], Problem>,
     column_names: [String; 2],
 }
 
@@ -136,7 +138,7 @@ impl ParquetFile {
     pub fn open(path: &Path, image_column: &str, label_column: &str) -> Result<ParquetFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
-            .map_err(|e| Error::Data(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+            .map_err(|e| Error::invalid(path.display().to_string(), format!("not a readable Parquet file: {e}")))?;
         let row_groups: Vec<usize> = metadata
             .metadata()
             .row_groups()
@@ -145,22 +147,22 @@ impl ParquetFile {
             .collect();
         let rows = row_groups.iter().sum();
         let schema = metadata.schema().clone();
-        let find = |name: &str| -> std::result::Result<(usize, ColumnKind), String> {
+        let find = |name: &str| -> std::result::Result<(usize, ColumnKind), Problem> {
             let Ok(index) = schema.index_of(name) else {
                 let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                return Err(format!("missing column '{name}' (columns: {})", names.join(", ")));
+                return Err(format!("missing column '{name}' (columns: {})", names.join(", ")).into());
             };
             match schema.field(index).data_type() {
                 DataType::Struct(fields) => match fields.iter().find(|f| f.name() == "bytes").map(|f| f.data_type()) {
                     Some(DataType::Binary | DataType::LargeBinary | DataType::BinaryView) => {
                         Ok((index, ColumnKind::Struct))
                     }
-                    _ => Err(format!("column '{name}' is a struct without a binary 'bytes' field")),
+                    _ => Err(format!("column '{name}' is a struct without a binary 'bytes' field").into()),
                 },
                 DataType::Binary | DataType::LargeBinary | DataType::BinaryView => Ok((index, ColumnKind::Binary)),
-                other => Err(format!(
-                    "column '{name}' has type {other}, expected {{bytes, path}} struct or binary"
-                )),
+                other => {
+                    Err(format!("column '{name}' has type {other}, expected {{bytes, path}} struct or binary").into())
+                }
             }
         };
         let columns = find(image_column).and_then(|i| Ok([i, find(label_column)?]));
@@ -175,8 +177,8 @@ impl ParquetFile {
     }
 
     /// Why this file's rows cannot be read (missing column, wrong type), if so.
-    pub fn problem(&self) -> Option<&str> {
-        self.columns.as_ref().err().map(String::as_str)
+    pub fn problem(&self) -> Option<&Problem> {
+        self.columns.as_ref().err()
     }
 
     /// Reads rows `range` (file-local) in order, one row group at a time, calling `emit` once per row.
@@ -218,10 +220,10 @@ impl ParquetFile {
                 Ok(false) => return,
                 Err(e) => {
                     // The rest of the row group is unreadable: every remaining selected row reports it.
-                    let why = format!(
+                    let why = Problem::from(format!(
                         "cannot read row group {group} (rows {}..{}): {e}",
                         group_range.start, group_range.end
-                    );
+                    ));
                     for row in next_row..hi {
                         if !emit(
                             row,
@@ -245,7 +247,7 @@ impl ParquetFile {
         rows: Range<usize>,
         columns: &[(usize, ColumnKind); 2],
         emit: &mut dyn FnMut(usize, RawRow) -> bool,
-    ) -> std::result::Result<bool, String> {
+    ) -> std::result::Result<bool, Problem> {
         let file = File::open(&self.path).map_err(|e| e.to_string())?;
         let mut selectors = vec![];
         if rows.start > group_range.start {
@@ -285,7 +287,8 @@ impl ParquetFile {
                 "row group ended after {} of {} selected rows",
                 row - rows.start,
                 rows.len()
-            ));
+            )
+            .into());
         }
         Ok(true)
     }
@@ -295,13 +298,13 @@ impl ParquetFile {
 pub struct RawRow {
     /// The image's stored `path`, when the column is a {bytes, path} struct and it is set.
     pub image_path: Option<String>,
-    pub bytes: std::result::Result<(Vec<u8>, Vec<u8>), String>,
+    pub bytes: std::result::Result<(Vec<u8>, Vec<u8>), Problem>,
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str) -> std::result::Result<&'a ArrayRef, String> {
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> std::result::Result<&'a ArrayRef, Problem> {
     batch
         .column_by_name(name)
-        .ok_or_else(|| format!("column '{name}' missing from the decoded batch"))
+        .ok_or_else(|| format!("column '{name}' missing from the decoded batch").into())
 }
 
 fn binary_value(array: &dyn Array, i: usize) -> Option<Vec<u8>> {
@@ -341,16 +344,16 @@ fn cell_path(array: &ArrayRef, kind: &ColumnKind, i: usize) -> Option<String> {
     }
 }
 
-fn cell_bytes(array: &ArrayRef, kind: &ColumnKind, i: usize, name: &str) -> std::result::Result<Vec<u8>, String> {
+fn cell_bytes(array: &ArrayRef, kind: &ColumnKind, i: usize, name: &str) -> std::result::Result<Vec<u8>, Problem> {
     if array.is_null(i) {
-        return Err(format!("'{name}' is null"));
+        return Err(format!("'{name}' is null").into());
     }
     match kind {
-        ColumnKind::Binary => binary_value(array.as_ref(), i).ok_or_else(|| format!("'{name}' is not binary")),
+        ColumnKind::Binary => binary_value(array.as_ref(), i).ok_or_else(|| format!("'{name}' is not binary").into()),
         ColumnKind::Struct => {
             let array = array
                 .as_struct_opt()
-                .ok_or_else(|| format!("'{name}' is not a struct"))?;
+                .ok_or_else(|| Problem::from(format!("'{name}' is not a struct")))?;
             match array.column_by_name("bytes").and_then(|b| binary_value(b.as_ref(), i)) {
                 Some(bytes) => Ok(bytes),
                 None => {
@@ -358,7 +361,8 @@ fn cell_bytes(array: &ArrayRef, kind: &ColumnKind, i: usize, name: &str) -> std:
                     Err(format!(
                         "'{name}' has no embedded bytes{}",
                         path.map(|p| format!(" (only a path: {p})")).unwrap_or_default()
-                    ))
+                    )
+                    .into())
                 }
             }
         }

@@ -60,9 +60,10 @@ impl Selection {
     /// Parses `I/N` (0-based I < N) as given to `--shard`.
     pub fn parse_shard(text: &str) -> Result<(usize, usize)> {
         let bad = |why: &str| {
-            Error::Config(format!(
-                "--shard '{text}': {why} (expected I/N with 0 <= I < N, e.g. 0/4)"
-            ))
+            Error::config(
+                format!("--shard '{text}'"),
+                format!("{why} (expected I/N with 0 <= I < N, e.g. 0/4)"),
+            )
         };
         let (i, n) = text.trim().split_once('/').ok_or_else(|| bad("missing '/'"))?;
         let i: usize = i.trim().parse().map_err(|_| bad("I is not a non-negative integer"))?;

@@ -31,7 +31,7 @@ pub fn merge(parts: Vec<EvalResults>) -> Result<EvalResults> {
 /// selection, configuration (apart from [`PER_SHARD_CONFIG_KEYS`]) and levels, and that the shards are distinct.
 pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<EvalResults> {
     let Some(first) = parts.first() else {
-        return Err(Error::Report("nothing to merge: no result files given".into()));
+        return Err(Error::invalid("merge", "nothing to merge: no result files given"));
     };
     if parts.len() == 1 && first.dataset.shard.is_none() {
         return Ok(parts.remove(0));
@@ -41,10 +41,13 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         match part.dataset.shard {
             Some(shard) => shards.push(shard),
             None => {
-                return Err(Error::Report(format!(
-                    "result {position} (created {}) is not a shard: only shards of one run can be merged",
-                    part.created_utc
-                )));
+                return Err(Error::invalid(
+                    format!("result {position}"),
+                    format!(
+                        "result {position} (created {}) is not a shard: only shards of one run can be merged",
+                        part.created_utc
+                    ),
+                ));
             }
         }
     }
@@ -52,26 +55,34 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
     let mut present = BTreeSet::new();
     for &(index, of) in &shards {
         if of != count {
-            return Err(Error::Report(format!(
-                "shard {index}/{of} does not belong to a run of {count} shards"
-            )));
+            return Err(Error::invalid(
+                format!("shard {index}/{of}"),
+                format!("shard {index}/{of} does not belong to a run of {count} shards"),
+            ));
         }
         if index >= count {
-            return Err(Error::Report(format!(
-                "shard index {index} is out of range for {count} shards"
-            )));
+            return Err(Error::invalid(
+                format!("shard index {index}"),
+                format!("shard index {index} is out of range for {count} shards"),
+            ));
         }
         if !present.insert(index) {
-            return Err(Error::Report(format!("shard {index}/{count} is given twice")));
+            return Err(Error::invalid(
+                format!("shard {index}/{count}"),
+                format!("shard {index}/{count} is given twice"),
+            ));
         }
     }
     let missing: Vec<usize> = (0..count).filter(|i| !present.contains(i)).collect();
     if !missing.is_empty() {
         let list = missing.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
         if !options.allow_partial {
-            return Err(Error::Report(format!(
-                "missing shards {list} of {count}; merge the rest with allow-partial to get an incomplete result"
-            )));
+            return Err(Error::not_found(
+                format!("shards {list}"),
+                format!(
+                    "missing shards {list} of {count}; merge the rest with allow-partial to get an incomplete result"
+                ),
+            ));
         }
         tracing::warn!(missing = %list, count, "merging an incomplete set of shards; the result is marked incomplete");
     }
@@ -123,9 +134,10 @@ fn check_compatible(first: &EvalResults, part: &EvalResults) -> Result<()> {
         .shard
         .map_or_else(String::new, |(i, n)| format!("shard {i}/{n}"));
     let mismatch = |what: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
-        Err(Error::Report(format!(
-            "{shard}: {what} differs from the first shard's: {b:?} vs {a:?}"
-        )))
+        Err(Error::invalid(
+            &shard,
+            format!("{what} differs from the first shard's: {b:?} vs {a:?}"),
+        ))
     };
     if part.segq_version != first.segq_version {
         return mismatch("segq version", &first.segq_version, &part.segq_version);
@@ -145,9 +157,10 @@ fn check_compatible(first: &EvalResults, part: &EvalResults) -> Result<()> {
     remove_keys(&mut config_a, PER_SHARD_CONFIG_KEYS);
     remove_keys(&mut config_b, PER_SHARD_CONFIG_KEYS);
     if let Some(path) = first_difference(&config_a, &config_b, String::new()) {
-        return Err(Error::Report(format!(
-            "{shard}: configuration key `{path}` differs from the first shard's"
-        )));
+        return Err(Error::invalid(
+            shard,
+            format!("configuration key `{path}` differs from the first shard's"),
+        ));
     }
     let labels = |r: &EvalResults| r.levels.iter().map(|l| l.label.clone()).collect::<Vec<_>>();
     if labels(part) != labels(first) {
@@ -311,25 +324,29 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
         match var(name) {
             None => Ok(None),
             Some(text) => text.trim().parse::<usize>().map(Some).map_err(|_| {
-                Error::Config(format!(
-                    "environment variable {name}={text:?} is not a non-negative integer"
-                ))
+                Error::config(
+                    name,
+                    format!("environment variable {name}={text:?} is not a non-negative integer"),
+                )
             }),
         }
     };
     let required = |name: &str, why: &str| -> Result<usize> {
-        number(name)?.ok_or_else(|| Error::Config(format!("environment variable {name} is not set ({why})")))
+        number(name)?.ok_or_else(|| Error::config(name, format!("environment variable {name} is not set ({why})")))
     };
     let (index, count, source) = if let Some(task_id) = number("SLURM_ARRAY_TASK_ID")? {
         let min = required("SLURM_ARRAY_TASK_MIN", "Slurm sets it in every array task")?;
         let count = required("SLURM_ARRAY_TASK_COUNT", "Slurm sets it in every array task")?;
         let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
         if task_id < min || step == 0 || (task_id - min) % step != 0 {
-            return Err(Error::Config(format!(
-                "SLURM_ARRAY_TASK_ID={task_id} is not on the array's grid (min {min}, step {step}); \
-                 use --array=0-{} or pass --shard I/N",
-                count.saturating_sub(1)
-            )));
+            return Err(Error::config(
+                "SLURM_ARRAY_TASK_ID",
+                format!(
+                    "SLURM_ARRAY_TASK_ID={task_id} is not on the array's grid (min {min}, step {step}); \
+                     use --array=0-{} or pass --shard I/N",
+                    count.saturating_sub(1)
+                ),
+            ));
         }
         ((task_id - min) / step, count, "SLURM_ARRAY_TASK_ID")
     } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
@@ -345,9 +362,10 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
         return Ok(None);
     };
     if count == 0 || index >= count {
-        return Err(Error::Config(format!(
-            "{source} gives shard {index} of {count}, which does not exist (shards are 0..{count})"
-        )));
+        return Err(Error::config(
+            source,
+            format!("{source} gives shard {index} of {count}, which does not exist (shards are 0..{count})"),
+        ));
     }
     Ok(Some((index, count)))
 }

@@ -39,23 +39,29 @@ impl From<ConfusionMatrix> for ConfusionMatrixRepr {
 }
 
 impl TryFrom<ConfusionMatrixRepr> for ConfusionMatrix {
-    type Error = String;
+    type Error = Error;
 
-    fn try_from(repr: ConfusionMatrixRepr) -> std::result::Result<Self, String> {
+    fn try_from(repr: ConfusionMatrixRepr) -> Result<Self> {
         let side = repr.num_labels + 1;
         if repr.counts.len() != side {
-            return Err(format!(
-                "confusion matrix for {} labels needs {side} rows, found {}",
-                repr.num_labels,
-                repr.counts.len()
+            return Err(Error::invalid(
+                "confusion matrix",
+                format!(
+                    "confusion matrix for {} labels needs {side} rows, found {}",
+                    repr.num_labels,
+                    repr.counts.len()
+                ),
             ));
         }
         let mut counts = Vec::with_capacity(side * side);
         for (row_index, row) in repr.counts.iter().enumerate() {
             if row.len() != side {
-                return Err(format!(
-                    "confusion matrix row {row_index} needs {side} counts, found {}",
-                    row.len()
+                return Err(Error::invalid(
+                    format!("confusion matrix row {row_index}"),
+                    format!(
+                        "confusion matrix row {row_index} needs {side} counts, found {}",
+                        row.len()
+                    ),
                 ));
             }
             counts.extend_from_slice(row);
@@ -136,11 +142,11 @@ impl ConfusionMatrix {
     /// (label_map, reduce_labels). Pixels whose label equals `ignore_index` are dropped from both.
     pub fn add(&mut self, pred: &[u16], label: &[u8], ignore_index: u8) -> Result<()> {
         if pred.len() != label.len() {
-            return Err(Error::Data(format!(
-                "prediction has {} pixels but the label has {}",
-                pred.len(),
-                label.len()
-            )));
+            return Err(Error::shape_mismatch(
+                "prediction (pixels of the label)",
+                &[label.len()],
+                &[pred.len()],
+            ));
         }
         let side = self.side();
         let out_of_range = self.num_labels;
@@ -174,11 +180,11 @@ impl ConfusionMatrix {
         ignore_index: u8,
     ) -> Result<()> {
         if pred.len() != reference.len() {
-            return Err(Error::Data(format!(
-                "prediction has {} pixels but the reference prediction has {}",
-                pred.len(),
-                reference.len()
-            )));
+            return Err(Error::shape_mismatch(
+                "prediction (pixels of the reference prediction)",
+                &[reference.len()],
+                &[pred.len()],
+            ));
         }
         let side = self.side();
         let out_of_range = self.num_labels;
@@ -186,11 +192,11 @@ impl ConfusionMatrix {
         match labels {
             Some(labels) => {
                 if labels.len() != pred.len() {
-                    return Err(Error::Data(format!(
-                        "prediction has {} pixels but the label has {}",
-                        pred.len(),
-                        labels.len()
-                    )));
+                    return Err(Error::shape_mismatch(
+                        "prediction (pixels of the label)",
+                        &[labels.len()],
+                        &[pred.len()],
+                    ));
                 }
                 for ((&p, &r), &l) in pred.iter().zip(reference).zip(labels) {
                     if l == ignore_index {
@@ -211,10 +217,13 @@ impl ConfusionMatrix {
     /// Adds another accumulator's counts (another shard, another thread); both must have the same labels.
     pub fn merge(&mut self, other: &ConfusionMatrix) -> Result<()> {
         if other.num_labels != self.num_labels {
-            return Err(Error::Report(format!(
-                "cannot merge a confusion matrix of {} labels into one of {}",
-                other.num_labels, self.num_labels
-            )));
+            return Err(Error::invalid(
+                "confusion matrix",
+                format!(
+                    "cannot merge a confusion matrix of {} labels into one of {}",
+                    other.num_labels, self.num_labels
+                ),
+            ));
         }
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
             *mine += theirs;

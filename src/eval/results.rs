@@ -301,10 +301,8 @@ impl EvalResults {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut results: EvalResults = serde_json::from_str(&text)
-            .map_err(|e| Error::Report(format!("{}: not a segq results file: {e}", path.display())))?;
-        results
-            .validate()
-            .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::invalid(path.display().to_string(), format!("not a segq results file: {e}")))?;
+        results.validate().map_err(|e| e.within(path.display()))?;
         results.refresh_summaries();
         Ok(results)
     }
@@ -315,7 +313,7 @@ impl EvalResults {
         let mut with_summaries = self.clone();
         with_summaries.refresh_summaries();
         let text = serde_json::to_string_pretty(&with_summaries)
-            .map_err(|e| Error::Report(format!("{}: cannot serialise results: {e}", path.display())))?;
+            .map_err(|e| Error::write(path, format!("cannot serialise results: {e}")))?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -329,20 +327,23 @@ impl EvalResults {
     }
 
     /// Consistency checks a hand-edited or truncated file could fail: unique labels, matrices sized for the model.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         for (index, level) in self.levels.iter().enumerate() {
             if self.levels[..index].iter().any(|l| l.label == level.label) {
-                return Err(format!("level label {:?} appears twice", level.label));
+                let origin = format!("level label {:?}", level.label);
+                return Err(Error::invalid(&origin, format!("{origin} appears twice")));
             }
             for (name, matrix) in [("confusion", &level.confusion), ("agreement", &level.agreement)] {
                 if let Some(matrix) = matrix
                     && matrix.num_labels() != self.model.num_labels
                 {
-                    return Err(format!(
-                        "level {:?}: {name} matrix has {} labels but the model has {}",
-                        level.label,
-                        matrix.num_labels(),
-                        self.model.num_labels
+                    return Err(Error::invalid(
+                        format!("level {:?}", level.label),
+                        format!(
+                            "{name} matrix has {} labels but the model has {}",
+                            matrix.num_labels(),
+                            self.model.num_labels
+                        ),
                     ));
                 }
             }

@@ -58,9 +58,10 @@ impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
     }
 }
 
-/// One model to evaluate: the float baseline or a quantized copy, or the reason it could not be built.
+/// One model to evaluate: the float baseline or a quantized copy; `None` once it could not be built or has failed
+/// (the reason is in `result.status`).
 struct Variant {
-    model: std::result::Result<Segformer, String>,
+    model: Option<Segformer>,
     result: LevelResult,
     wall_s: f64,
 }
@@ -168,7 +169,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         segq_version: crate::VERSION.to_string(),
         created_utc: crate::eval::results::utc_now(),
         complete,
-        config: serde_json::to_value(&plan.config).map_err(|e| Error::Config(format!("internal: {e}")))?,
+        config: serde_json::to_value(&plan.config).map_err(|e| Error::internal(e.to_string()))?,
         model: model_info,
         dataset: dataset_info,
         machine,
@@ -214,7 +215,7 @@ fn build_variants(
                     row.load_time_s = loaded.load_time.as_secs_f64();
                     row.quantize_time_s = report.seconds;
                     Variant {
-                        model: Ok(m),
+                        model: Some(m),
                         result: row,
                         wall_s: 0.0,
                     }
@@ -260,11 +261,11 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
 fn failed_variant(label: String, level: Level, method: LevelMethod, reason: String) -> Variant {
     tracing::error!(level = label, reason, "level cannot be built; the others go on");
     let mut result = level_row(label, level, method, 0);
-    result.status = LevelStatus::Failed { reason: reason.clone() };
+    result.status = LevelStatus::Failed { reason };
     result.confusion = None;
     result.agreement = None;
     Variant {
-        model: Err(reason),
+        model: None,
         result,
         wall_s: 0.0,
     }
@@ -316,7 +317,7 @@ fn evaluate_batch(
         });
     }
     for variant in variants.iter_mut() {
-        let Ok(model) = &variant.model else { continue };
+        let Some(model) = &variant.model else { continue };
         let level_start = Instant::now();
         crate::sysinfo::reset_peak_rss();
         let logits = match segmenter::forward_inputs(model, &inputs) {
@@ -325,7 +326,7 @@ fn evaluate_batch(
                 let reason = format!("forward pass failed: {e}");
                 tracing::error!(level = %variant.result.label, %reason, "level failed; the others go on");
                 variant.result.status = LevelStatus::Failed { reason };
-                variant.model = Err("failed".into());
+                variant.model = None;
                 continue;
             }
         };

@@ -65,10 +65,13 @@ impl Level {
             "int4" | "i4" | "qint4" => Level::Int4,
             "int2" | "i2" | "qint2" => Level::Int2,
             other => {
-                return Err(Error::Quant(format!(
-                    "unknown quantization level '{other}': expected one of f32, f16, bf16, f8 (float8, fp8, f8e4m3), \
-                     f8e5m2, int8, int8-dyn, int4, int2"
-                )));
+                return Err(Error::unsupported(
+                    format!("quantization level '{other}'"),
+                    format!(
+                        "unknown quantization level '{other}': expected one of f32, f16, bf16, f8 (float8, fp8, \
+                         f8e4m3), f8e5m2, int8, int8-dyn, int4, int2"
+                    ),
+                ));
             }
         };
         Ok(level)
@@ -161,9 +164,10 @@ impl Method {
         match text.trim().to_ascii_lowercase().as_str() {
             "rtn" | "minmax" | "round" => Ok(Method::Rtn),
             "hqq" => Ok(Method::Hqq),
-            other => Err(Error::Quant(format!(
-                "unknown quantization method '{other}': expected rtn or hqq"
-            ))),
+            other => Err(Error::unsupported(
+                format!("quantization method '{other}'"),
+                format!("unknown quantization method '{other}': expected rtn or hqq"),
+            )),
         }
     }
 
@@ -310,40 +314,49 @@ impl Recipe {
         let level = self.level;
         let label = format!("level {level}, method {}", self.method);
         if self.group_size == Some(0) {
-            return Err(Error::Quant(format!(
-                "{label}: group size 0 is invalid (use a positive number of elements)"
-            )));
+            return Err(Error::invalid(
+                label,
+                "group size 0 is invalid (use a positive number of elements)",
+            ));
         }
         match level.int_bits() {
             None => {
                 if let Some(g) = self.group_size {
-                    return Err(Error::Quant(format!(
-                        "{label}: group size {g} is not supported for float levels (f8 has one scale per output channel)"
-                    )));
+                    return Err(Error::unsupported(
+                        label,
+                        format!(
+                            "group size {g} is not supported for float levels (f8 has one scale per output channel)"
+                        ),
+                    ));
                 }
                 if self.symmetric == Some(false) {
-                    return Err(Error::Quant(format!(
-                        "{label}: float levels have no zero point (affine is int only)"
-                    )));
+                    return Err(Error::unsupported(
+                        label,
+                        "float levels have no zero point (affine is int only)",
+                    ));
                 }
                 if self.method != Method::Rtn {
-                    return Err(Error::Quant(format!(
-                        "{label}: {} applies to integer levels only; float levels are cast (use rtn)",
-                        self.method
-                    )));
+                    return Err(Error::unsupported(
+                        label,
+                        format!(
+                            "{} applies to integer levels only; float levels are cast (use rtn)",
+                            self.method
+                        ),
+                    ));
                 }
             }
             Some(_) => {
                 if self.method == Method::Hqq && self.symmetric == Some(true) {
-                    return Err(Error::Quant(format!(
-                        "{label}: hqq optimises a zero point and needs affine quantization (drop symmetric=true)"
-                    )));
+                    return Err(Error::unsupported(
+                        label,
+                        "hqq optimises a zero point and needs affine quantization (drop symmetric=true)",
+                    ));
                 }
             }
         }
         for pattern in &self.skip {
             glob::Pattern::new(pattern)
-                .map_err(|e| Error::Quant(format!("skip pattern '{pattern}' is not a valid glob: {e}")))?;
+                .map_err(|e| Error::config("skip", format!("skip pattern '{pattern}' is not a valid glob: {e}")))?;
         }
         Ok(())
     }

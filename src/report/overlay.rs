@@ -33,10 +33,12 @@ pub fn palette(num_labels: usize) -> Vec<[u8; 3]> {
 fn check_size(mask: &[u16], width: u32, height: u32) -> Result<()> {
     let expected = width as usize * height as usize;
     if mask.len() != expected {
-        return Err(Error::Report(format!(
-            "mask has {} pixels, expected {width}x{height} = {expected}",
-            mask.len()
-        )));
+        // The mask is flat: its shape is its pixel count.
+        return Err(Error::shape_mismatch(
+            "mask",
+            &[height as usize, width as usize],
+            &[mask.len()],
+        ));
     }
     Ok(())
 }
@@ -75,10 +77,10 @@ pub fn save_mask_png(mask: &[u16], width: u32, height: u32, num_labels: usize, p
             .iter()
             .map(|&class| {
                 u8::try_from(class).map_err(|_| {
-                    Error::Report(format!(
-                        "{}: class id {class} does not fit an 8-bit mask",
-                        path.display()
-                    ))
+                    Error::invalid(
+                        path.display().to_string(),
+                        format!("class id {class} does not fit an 8-bit mask"),
+                    )
                 })
             })
             .collect::<Result<Vec<u8>>>()?;
@@ -88,8 +90,8 @@ pub fn save_mask_png(mask: &[u16], width: u32, height: u32, num_labels: usize, p
     };
     match saved {
         Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(Error::Report(format!("{}: cannot write mask PNG: {e}", path.display()))),
-        None => Err(Error::Report(format!(
+        Some(Err(e)) => Err(Error::write(path, format!("cannot write mask PNG: {e}"))),
+        None => Err(Error::internal(format!(
             "{}: mask buffer does not match {width}x{height}",
             path.display()
         ))),
@@ -103,9 +105,7 @@ pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Resu
     let save = |image: RgbImage, folder: &Path, id: &str| -> Result<std::path::PathBuf> {
         std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
         let path = folder.join(format!("{id}.png"));
-        image
-            .save(&path)
-            .map_err(|e| Error::Report(format!("{}: {e}", path.display())))?;
+        image.save(&path).map_err(|e| Error::write(&path, e.to_string()))?;
         Ok(path)
     };
     for sample in samples {

@@ -27,10 +27,14 @@ fn register_font() {
     });
 }
 
-type DrawResult = std::result::Result<(), String>;
+/// Why a chart could not be drawn, as text: plotters' error type differs per backend (bitmap, SVG), and the text
+/// only ever becomes part of the [`Error::Write`] that names the file.
+struct DrawError(String);
 
-fn text_error(error: impl std::fmt::Display) -> String {
-    error.to_string()
+type DrawResult = std::result::Result<(), DrawError>;
+
+fn text_error(error: impl std::fmt::Display) -> DrawError {
+    DrawError(error.to_string())
 }
 
 /// Draws one chart into `dir/name.png` and `dir/name.svg`, returning both paths.
@@ -44,9 +48,9 @@ fn save_both(
     let png = dir.join(format!("{name}.png"));
     let svg = dir.join(format!("{name}.svg"));
     draw_png(BitMapBackend::new(&png, size).into_drawing_area())
-        .map_err(|e| Error::Report(format!("{}: cannot draw plot: {e}", png.display())))?;
+        .map_err(|DrawError(e)| Error::write(&png, format!("cannot draw plot: {e}")))?;
     draw_svg(SVGBackend::new(&svg, size).into_drawing_area())
-        .map_err(|e| Error::Report(format!("{}: cannot draw plot: {e}", svg.display())))?;
+        .map_err(|DrawError(e)| Error::write(&svg, format!("cannot draw plot: {e}")))?;
     Ok(vec![png, svg])
 }
 

@@ -42,16 +42,17 @@ impl TrackingMode {
 }
 
 impl std::str::FromStr for TrackingMode {
-    type Err = String;
-    fn from_str(text: &str) -> std::result::Result<TrackingMode, String> {
-        TrackingMode::parse(text).ok_or_else(|| format!("`{text}`: expected online, offline or disabled"))
+    type Err = crate::Error;
+    fn from_str(text: &str) -> crate::Result<TrackingMode> {
+        TrackingMode::parse(text)
+            .ok_or_else(|| crate::Error::unsupported(format!("`{text}`"), "expected online, offline or disabled"))
     }
 }
 
 /// segq.toml's `tracking.mode`, `--wandb` and `WANDB_MODE` accept the same spellings.
 impl TryFrom<String> for TrackingMode {
-    type Error = String;
-    fn try_from(text: String) -> std::result::Result<TrackingMode, String> {
+    type Error = crate::Error;
+    fn try_from(text: String) -> crate::Result<TrackingMode> {
         text.parse()
     }
 }
@@ -95,7 +96,10 @@ impl TrackingSettings {
         let mut merged = file;
         if let Some(mode) = var("WANDB_MODE") {
             merged.mode = Some(TrackingMode::parse(&mode).ok_or_else(|| {
-                crate::Error::Config(format!("WANDB_MODE={mode}: expected online, offline or disabled"))
+                crate::Error::config(
+                    "WANDB_MODE",
+                    format!("WANDB_MODE={mode}: expected online, offline or disabled"),
+                )
             })?);
         }
         merged.project = var("WANDB_PROJECT").or(merged.project);

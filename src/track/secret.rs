@@ -78,9 +78,13 @@ pub fn check_transport(base_url: &str) -> crate::Result<()> {
     if lower.starts_with("https://") || (lower.starts_with("http://") && is_loopback(base_url)) {
         Ok(())
     } else {
-        Err(crate::Error::Track(format!(
-            "tracking.base_url {base_url}: the W&B API key is only sent over https:// (plain http only to a loopback address)"
-        )))
+        Err(crate::Error::config(
+            "tracking.base_url",
+            format!(
+                "tracking.base_url {base_url}: the W&B API key is only sent over https:// (plain http only to a \
+                 loopback address)"
+            ),
+        ))
     }
 }
 

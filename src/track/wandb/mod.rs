@@ -104,7 +104,7 @@ where
 {
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| Error::Track(format!("{what}: PNG encoding failed: {e}")))?;
+        .map_err(|e| Error::invalid(what, format!("PNG encoding failed: {e}")))?;
     Ok(out.into_inner())
 }
 
@@ -139,18 +139,18 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
     let mut seen_keys = BTreeSet::new();
     for key in log.history.iter().flat_map(|row| row.keys()) {
         if key.starts_with('_') {
-            return Err(Error::Track(format!(
-                "run {}: history key {key}: names starting with _ are W&B's",
-                log.name
-            )));
+            return Err(Error::invalid(
+                format!("run {}: history key {key}", log.name),
+                "names starting with _ are W&B's",
+            ));
         }
     }
     for table in &log.tables {
         if !seen_keys.insert(table.key.clone()) {
-            return Err(Error::Track(format!(
-                "run {}: media key {} used twice",
-                log.name, table.key
-            )));
+            return Err(Error::invalid(
+                format!("run {}", log.name),
+                format!("media key {} used twice", table.key),
+            ));
         }
         if let Some((row, cells)) = table
             .rows
@@ -158,16 +158,13 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
             .enumerate()
             .find(|(_, r)| r.len() != table.columns.len())
         {
-            return Err(Error::Track(format!(
-                "run {}: table {} row {row}: {} cells for {} columns",
-                log.name,
-                table.key,
-                cells.len(),
-                table.columns.len()
-            )));
+            return Err(Error::invalid(
+                format!("run {}: table {} row {row}", log.name, table.key),
+                format!("{} cells for {} columns", cells.len(), table.columns.len()),
+            ));
         }
         let bytes = serde_json::to_vec(&json!({"columns": table.columns, "data": table.rows}))
-            .map_err(|e| Error::Track(format!("table {}: {e}", table.key)))?;
+            .map_err(|e| Error::invalid(format!("table {}", table.key), e.to_string()))?;
         let sha = sha256_hex(&bytes);
         let path = format!(
             "media/table/{}_{media_step}_{}.table.json",
@@ -183,10 +180,10 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
     }
     for image in &log.images {
         if !seen_keys.insert(image.key.clone()) {
-            return Err(Error::Track(format!(
-                "run {}: media key {} used twice",
-                log.name, image.key
-            )));
+            return Err(Error::invalid(
+                format!("run {}", log.name),
+                format!("media key {} used twice", image.key),
+            ));
         }
         let bytes = encode_png(&image.rgb, &image.key)?;
         let sha = sha256_hex(&bytes);
@@ -205,14 +202,16 @@ pub fn prepare_run(settings: &TrackingSettings, log: &RunLog, run_id: String) ->
         let mut masks = Map::new();
         for (mask_name, mask) in &image.masks {
             if mask.dimensions() != image.rgb.dimensions() {
-                return Err(Error::Track(format!(
-                    "image {} mask {mask_name}: {}x{} does not match the image's {}x{}",
-                    image.key,
-                    mask.width(),
-                    mask.height(),
-                    image.rgb.width(),
-                    image.rgb.height()
-                )));
+                return Err(Error::invalid(
+                    format!("image {} mask {mask_name}", image.key),
+                    format!(
+                        "{}x{} does not match the image's {}x{}",
+                        mask.width(),
+                        mask.height(),
+                        image.rgb.width(),
+                        image.rgb.height()
+                    ),
+                ));
             }
             let bytes = encode_png(mask, &format!("{} mask {mask_name}", image.key))?;
             let sha = sha256_hex(&bytes);
@@ -317,10 +316,13 @@ pub fn log_runs_with(
                 (TrackingMode::Online, Some(key))
             }
             None => {
-                return Err(Error::Track(format!(
-                    "tracking mode is online but no W&B API key was found for {base_url}: set WANDB_API_KEY, \
-                     run `wandb login`, or use WANDB_MODE=offline"
-                )));
+                return Err(Error::not_found(
+                    "W&B API key",
+                    format!(
+                        "tracking mode is online but no W&B API key was found for {base_url}: set WANDB_API_KEY, \
+                         run `wandb login`, or use WANDB_MODE=offline"
+                    ),
+                ));
             }
         },
         None => match secret::find_api_key(&base_url, env) {
@@ -355,8 +357,11 @@ pub fn log_runs_with(
         if mode == TrackingMode::Online {
             let result = match (&client, &network_down) {
                 (Some(client), None) => client.upload_run(&prepared),
-                (_, Some(reason)) => Err(Error::Track(format!("skipped after an earlier failure: {reason}"))),
-                (None, None) => Err(Error::Track("no API client".into())),
+                (_, Some(reason)) => Err(Error::network(
+                    &base_url,
+                    format!("skipped after an earlier failure: {reason}"),
+                )),
+                (None, None) => Err(Error::internal("no API client")),
             };
             match result {
                 Ok(url) => {

@@ -88,6 +88,7 @@ impl Client {
     /// Sends a request, retrying on 429, 5xx and network failures; returns the body of a 2xx answer.
     fn send(&self, request: &Request) -> Result<String> {
         let Request { what, method, url, .. } = *request;
+        let target = format!("{what}: {method} {url}");
         let mut attempt = 0;
         loop {
             let mut builder = match method {
@@ -115,32 +116,35 @@ impl Client {
                         return Ok(body);
                     }
                     let snippet: String = body.chars().take(200).collect::<String>().replace(['\n', '\r'], " ");
-                    let failure = format!("{what}: {method} {url}: HTTP {status}: {snippet}");
+                    let failure = format!("HTTP {status}: {snippet}");
                     if status != 429 && status < 500 {
-                        return Err(Error::Track(failure));
+                        return Err(Error::network(target, failure));
                     }
                     (failure, retry_after)
                 }
                 Err(err) => {
-                    let failure = format!("{what}: {method} {url}: {err}");
+                    let failure = err.to_string();
                     if !is_transient(&err) {
-                        return Err(Error::Track(failure));
+                        return Err(Error::network(target, failure));
                     }
                     (failure, None)
                 }
             };
             attempt += 1;
             if attempt >= self.options.attempts {
-                return Err(Error::Track(format!("{failure} (gave up after {attempt} tries)")));
+                return Err(Error::network(
+                    target,
+                    format!("{failure} (gave up after {attempt} tries)"),
+                ));
             }
             let delay = backoff_delay(&self.options, attempt - 1, retry_after);
-            tracing::debug!(%failure, ?delay, "W&B request failed, retrying");
+            tracing::debug!(%target, %failure, ?delay, "W&B request failed, retrying");
             std::thread::sleep(delay);
         }
     }
 
     fn post_json(&self, what: &str, url: &str, body: &Value) -> Result<String> {
-        let bytes = serde_json::to_vec(body).map_err(|e| Error::Track(format!("{what}: {e}")))?;
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::internal(format!("{what}: {e}")))?;
         self.send(&Request {
             what,
             method: "POST",
@@ -158,13 +162,16 @@ impl Client {
         let body = json!({"query": query, "variables": variables, "operationName": operation});
         let text = self.post_json(operation, &url, &body)?;
         let mut answer: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Track(format!("{operation}: {url}: answer is not JSON: {e}")))?;
+            .map_err(|e| Error::network(format!("{operation}: {url}"), format!("answer is not JSON: {e}")))?;
         if let Some(message) = answer.pointer("/errors/0/message").and_then(Value::as_str) {
-            return Err(Error::Track(format!("{operation}: {url}: server error: {message}")));
+            return Err(Error::network(
+                format!("{operation}: {url}"),
+                format!("server error: {message}"),
+            ));
         }
         match answer.get_mut("data") {
             Some(data) if !data.is_null() => Ok(data.take()),
-            _ => Err(Error::Track(format!("{operation}: {url}: answer has no data"))),
+            _ => Err(Error::network(format!("{operation}: {url}"), "answer has no data")),
         }
     }
 
@@ -225,8 +232,9 @@ impl Client {
         let project_name = project.and_then(|p| p.get("name")).and_then(Value::as_str);
         match (entity, project_name) {
             (Some(entity), Some(project)) => Ok((entity.to_string(), project.to_string())),
-            _ => Err(Error::Track(
-                "UpsertBucket: answer lacks upsertBucket.bucket.project.{name,entity.name}".into(),
+            _ => Err(Error::network(
+                "UpsertBucket",
+                "answer lacks upsertBucket.bucket.project.{name,entity.name}",
             )),
         }
     }
@@ -256,7 +264,7 @@ impl Client {
                 .find(|f| f.get("name").and_then(Value::as_str) == Some(media.path.as_str()))
                 .and_then(|f| f.get("uploadUrl"))
                 .and_then(Value::as_str)
-                .ok_or_else(|| Error::Track(format!("CreateRunFiles: no upload URL for {}", media.path)))?;
+                .ok_or_else(|| Error::network("CreateRunFiles", format!("no upload URL for {}", media.path)))?;
             let content_type = if media.path.ends_with(".png") {
                 "image/png"
             } else {

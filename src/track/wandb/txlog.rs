@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use crate::{Error, Result};
+
 /// Bytes per block; chunks never cross a block boundary.
 pub const BLOCK_SIZE: usize = 32 * 1024;
 /// Bytes of a chunk header: crc32 u32 LE, length u16 LE, type u8.
@@ -89,9 +91,13 @@ impl<W: Write> TxLogWriter<W> {
 
 /// Reads every record payload back from a whole log, checking the header, each CRC and the chunk sequence.
 /// Errors name the byte offset at fault.
-pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let at = |pos: usize, message: String| Error::invalid(format!("offset {pos}"), message);
     if bytes.len() < FILE_HEADER.len() || bytes[..FILE_HEADER.len()] != FILE_HEADER {
-        return Err("not a .wandb transaction log: bad file header".into());
+        return Err(Error::invalid(
+            ".wandb transaction log",
+            "not a .wandb transaction log: bad file header",
+        ));
     }
     let mut records = Vec::new();
     let mut pending: Option<Vec<u8>> = None;
@@ -101,26 +107,24 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         if left_in_block < CHUNK_HEADER_SIZE {
             let end = (pos + left_in_block).min(bytes.len());
             if bytes[pos..end].iter().any(|&b| b != 0) {
-                return Err(format!("offset {pos}: block tail is not zero-filled"));
+                return Err(at(pos, "block tail is not zero-filled".into()));
             }
             pos = end;
             continue;
         }
         if bytes.len() - pos < CHUNK_HEADER_SIZE {
-            return Err(format!("offset {pos}: truncated chunk header"));
+            return Err(at(pos, "truncated chunk header".into()));
         }
         let crc = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
         let len = u16::from_le_bytes([bytes[pos + 4], bytes[pos + 5]]) as usize;
         let chunk_type = bytes[pos + 6];
         let start = pos + CHUNK_HEADER_SIZE;
         if len > left_in_block - CHUNK_HEADER_SIZE || start + len > bytes.len() {
-            return Err(format!(
-                "offset {pos}: chunk of {len} bytes runs past its block or the file"
-            ));
+            return Err(at(pos, format!("chunk of {len} bytes runs past its block or the file")));
         }
         let data = &bytes[start..start + len];
         if chunk_crc(chunk_type, data) != crc {
-            return Err(format!("offset {pos}: CRC mismatch"));
+            return Err(at(pos, "CRC mismatch".into()));
         }
         match (chunk_type, pending.as_mut()) {
             (1, None) => records.push(data.to_vec()),
@@ -130,12 +134,12 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
                 buf.extend_from_slice(data);
                 records.extend(pending.take());
             }
-            (t, _) => return Err(format!("offset {pos}: unexpected chunk type {t}")),
+            (t, _) => return Err(at(pos, format!("unexpected chunk type {t}"))),
         }
         pos = start + len;
     }
     if pending.is_some() {
-        return Err("log ends inside a split record".into());
+        return Err(at(bytes.len(), "log ends inside a split record".into()));
     }
     Ok(records)
 }
@@ -229,7 +233,7 @@ mod tests {
     fn reader_rejects_corruption() {
         let mut bytes = write_log(&[b"hello".to_vec()]);
         bytes[15] ^= 1;
-        assert!(read_records(&bytes).unwrap_err().contains("CRC"));
+        assert!(read_records(&bytes).unwrap_err().to_string().contains("CRC"));
         assert!(read_records(b"nope").is_err());
         let truncated = write_log(&[vec![0; BLOCK_SIZE]]);
         assert!(read_records(&truncated[..BLOCK_SIZE + 10]).is_err());
