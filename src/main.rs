@@ -49,8 +49,14 @@ fn main() {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
             tracing::debug!(error = ?e, "command failed");
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", segq::hub::scrub(&chain.join(": ")));
+            // segq's errors already show their cause (`path: cause`); a cause is added only when it is new.
+            let mut line = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !line.contains(&cause) {
+                    line = if line.is_empty() { cause } else { format!("{line}: {cause}") };
+                }
+            }
+            eprintln!("error: {}", segq::hub::scrub(&line));
             1
         }
         Err(_) => 101,
