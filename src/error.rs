@@ -53,9 +53,6 @@ pub enum Error {
     /// To be replaced; src/model and src/kernels are being restructured and still build their errors as text.
     #[error("{0}")]
     Model(String),
-    /// To be replaced; src/quant/mod.rs (being restructured) builds these and adds the weight's name to them.
-    #[error("{0}")]
-    Quant(String),
 }
 
 /// What went wrong, without the details: for callers (and tests) that branch on the failure. Kinds may be added
@@ -97,7 +94,7 @@ impl Error {
             Error::Internal { .. } => ErrorKind::Internal,
             Error::Candle(_) => ErrorKind::Compute,
             Error::Interrupted => ErrorKind::Interrupted,
-            Error::Model(_) | Error::Quant(_) => ErrorKind::Unclassified,
+            Error::Model(_) => ErrorKind::Unclassified,
         }
     }
 
@@ -136,7 +133,6 @@ impl Error {
                 message: prefix(&message),
             },
             Error::Model(message) => Error::Model(prefix(&message)),
-            Error::Quant(message) => Error::Quant(prefix(&message)),
             other @ (Error::Io { .. } | Error::Write { .. } | Error::Candle(_) | Error::Interrupted) => other,
         }
     }
@@ -311,11 +307,6 @@ mod tests {
                 Error::Model("tensor `x` appears twice".into()),
                 ErrorKind::Unclassified,
                 "tensor `x` appears twice",
-            ),
-            (
-                Error::Quant("w: group size 3 is invalid".into()),
-                ErrorKind::Unclassified,
-                "w: group size 3 is invalid",
             ),
         ];
         for (error, kind, text) in cases {

@@ -43,16 +43,16 @@ impl I8Panels {
     /// Codes must lie in [-127, 127] (symmetric quantization).
     pub fn pack(codes: &[i8], scales: &[f32], n: usize, k: usize) -> Result<I8Panels> {
         if codes.len() != n * k || scales.len() != n {
-            return Err(Error::Quant(format!(
-                "I8Panels::pack: {} codes and {} scales given for N={n} K={k} (want {} and {n})",
+            return Err(Error::invalid("I8Panels::pack", format!(
+                "{} codes and {} scales given for N={n} K={k} (want {} and {n})",
                 codes.len(),
                 scales.len(),
                 n * k
             )));
         }
         if let Some(pos) = codes.iter().position(|&c| c == i8::MIN) {
-            return Err(Error::Quant(format!(
-                "I8Panels::pack: code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
+            return Err(Error::invalid("I8Panels::pack", format!(
+                "code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
                 pos / k.max(1),
                 pos % k.max(1)
             )));

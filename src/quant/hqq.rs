@@ -54,10 +54,11 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<
     let bits = recipe
         .level
         .int_bits()
-        .ok_or_else(|| Error::Quant(format!("hqq applies to integer levels only, not {}", recipe.level)))?;
+        .ok_or_else(|| Error::unsupported("hqq", format!("applies to integer levels only, not {}", recipe.level)))?;
     if recipe.is_symmetric() {
-        return Err(Error::Quant(
-            "hqq needs affine quantization (a zero point to optimise)".into(),
+        return Err(Error::unsupported(
+            "hqq",
+            "needs affine quantization (a zero point to optimise)",
         ));
     }
     let options = HqqOptions::default();

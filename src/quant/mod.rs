@@ -270,8 +270,10 @@ impl QuantTensor {
         }
         let n_rows = out.len() / cols;
         if !out.len().is_multiple_of(cols) || row_start + n_rows > self.rows {
-            return Err(Error::Quant(format!(
-                "dequantize: {} values from row {row_start} do not fit a [{}, {cols}] {} tensor",
+            return Err(Error::invalid(
+                "dequantize",
+                format!(
+                    "{} values from row {row_start} do not fit a [{}, {cols}] {} tensor",
                 out.len(),
                 self.rows,
                 self.format_name()
@@ -393,14 +395,14 @@ impl QuantTensor {
             zeros: Vec::new(),
         };
         if meta.format.has_scales() && (meta.group_size == 0 || meta.group_size > meta.cols.max(1)) {
-            return Err(Error::Quant(format!(
-                "{name}: group size {} is invalid for rows of {} elements",
+            return Err(Error::invalid(name, format!(
+                "group size {} is invalid for rows of {} elements",
                 meta.group_size, meta.cols
             )));
         }
         if meta.format.is_float_without_groups() && meta.group_size != meta.cols {
-            return Err(Error::Quant(format!(
-                "{name}: {} stores one scale per row, but the metadata says group size {} for rows of {}",
+            return Err(Error::invalid(name, format!(
+                "{} stores one scale per row, but the metadata says group size {} for rows of {}",
                 meta.format.name(),
                 meta.group_size,
                 meta.cols
@@ -408,16 +410,17 @@ impl QuantTensor {
         }
         let fetch = |tensor_name: String, dtype: Dtype, shape: Vec<usize>| -> Result<Vec<u8>> {
             let (found_dtype, found_shape, bytes) = lookup(&tensor_name)
-                .ok_or_else(|| Error::Quant(format!("{tensor_name}: missing from the checkpoint")))?;
+                .ok_or_else(|| Error::not_found(&tensor_name, "missing from the checkpoint"))?;
             if found_dtype != dtype || found_shape != shape {
-                return Err(Error::Quant(format!(
-                    "{tensor_name}: expected {dtype:?} {shape:?}, found {found_dtype:?} {found_shape:?}"
-                )));
+                return Err(Error::invalid(
+                    &tensor_name,
+                    format!("expected {dtype:?} {shape:?}, found {found_dtype:?} {found_shape:?}"),
+                ));
             }
             let expected_bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
             if bytes.len() != expected_bytes {
-                return Err(Error::Quant(format!(
-                    "{tensor_name}: expected {expected_bytes} bytes, found {}",
+                return Err(Error::invalid(&tensor_name, format!(
+                    "expected {expected_bytes} bytes, found {}",
                     bytes.len()
                 )));
             }
@@ -470,24 +473,21 @@ pub fn quantizer(method: Method) -> QuantizeFn {
 /// recipe first so that errors name the weight.
 pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     if w.len() != rows * cols {
-        return Err(Error::Quant(format!(
-            "{name}: {} values for shape [{rows}, {cols}]",
+        return Err(Error::invalid(name, format!(
+            "{} values for shape [{rows}, {cols}]",
             w.len()
         )));
     }
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Quant(format!(
-            "{name}: weight at row {}, column {} is {} (cannot quantize non-finite values)",
+        return Err(Error::invalid(name, format!(
+            "weight at row {}, column {} is {} (cannot quantize non-finite values)",
             i / cols.max(1),
             i % cols.max(1),
             w[i]
         )));
     }
-    recipe.validate().map_err(|e| Error::Quant(format!("{name}: {e}")))?;
-    let tensor = quantizer(recipe.method)(w, rows, cols, recipe).map_err(|e| match e {
-        Error::Quant(m) => Error::Quant(format!("{name}: {m}")),
-        other => other,
-    })?;
+    recipe.validate().map_err(|e| e.within(name))?;
+    let tensor = quantizer(recipe.method)(w, rows, cols, recipe).map_err(|e| e.within(name))?;
     tracing::debug!(
         weight = name,
         format = %tensor.format_name(),
@@ -519,7 +519,7 @@ pub fn checkpoint_metadata<'a>(
     };
     let map: BTreeMap<&str, QuantTensorMeta> = tensors.into_iter().map(|(n, t)| (n, t.meta())).collect();
     let json = |what: &str, r: serde_json::Result<String>| {
-        r.map_err(|e| Error::Quant(format!("cannot serialise the {what}: {e}")))
+        r.map_err(|e| Error::internal(format!("cannot serialise the {what}: {e}")))
     };
     Ok(HashMap::from([
         (
@@ -541,22 +541,22 @@ pub fn read_checkpoint_metadata(
     let get = |key: &str| {
         metadata
             .get(key)
-            .ok_or_else(|| Error::Quant(format!("{source}: metadata key '{key}' is missing")))
+            .ok_or_else(|| Error::not_found(source, format!("metadata key '{key}' is missing")))
     };
     let header: RecipeHeader = serde_json::from_str(get(RECIPE_METADATA_KEY)?)
-        .map_err(|e| Error::Quant(format!("{source}: metadata '{RECIPE_METADATA_KEY}' is invalid: {e}")))?;
+        .map_err(|e| Error::invalid(source, format!("metadata '{RECIPE_METADATA_KEY}' is invalid: {e}")))?;
     if header.version != STORAGE_VERSION {
-        return Err(Error::Quant(format!(
-            "{source}: quantization storage version {} is not supported (this build reads {STORAGE_VERSION})",
+        return Err(Error::unsupported(source, format!(
+            "quantization storage version {} is not supported (this build reads {STORAGE_VERSION})",
             header.version
         )));
     }
     header
         .recipe
         .validate()
-        .map_err(|e| Error::Quant(format!("{source}: {e}")))?;
+        .map_err(|e| e.within(source))?;
     let map: BTreeMap<String, QuantTensorMeta> = serde_json::from_str(get(MAP_METADATA_KEY)?)
-        .map_err(|e| Error::Quant(format!("{source}: metadata '{MAP_METADATA_KEY}' is invalid: {e}")))?;
+        .map_err(|e| Error::invalid(source, format!("metadata '{MAP_METADATA_KEY}' is invalid: {e}")))?;
     Ok((header, map))
 }
 
