@@ -116,8 +116,8 @@ impl I8Panels {
 /// Returns codes `[m, k]` and one scale per row (0 for an all-zero row, whose codes are all 0).
 pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f32>)> {
     if x.len() != m * k {
-        return Err(Error::Model(format!(
-            "quantize_rows_i8: input has {} values, want M*K = {m}*{k}",
+        return Err(Error::invalid("quantize_rows_i8", format!(
+            "input has {} values, want M*K = {m}*{k}",
             x.len()
         )));
     }
@@ -155,8 +155,8 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
 
 fn check_gemm(x: usize, m: usize, k: usize, w: &I8Panels, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
-        return Err(Error::Model(format!(
-            "gemm_i8_dynamic: shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
+        return Err(Error::invalid("gemm_i8_dynamic", format!(
+            "shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
              {out} values (want {}), bias has {} (want {})",
             w.n,
             w.k,
