@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 pub use decode_head::{ComposedHead, DecodeHead};
-pub use encoder::{Encoder, StageMap};
+pub use encoder::Encoder;
 
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
