@@ -27,7 +27,7 @@ use config::SegformerConfig;
 use layers::ParamMut;
 use plan::MatMul;
 pub use segformer::Segformer;
-use tree::{Node, Path as ModulePath};
+use tree::{NodeMut, Path as ModulePath};
 
 use crate::hub::{self, HubId, HubRepo};
 use crate::preprocess::PreprocessorConfig;
@@ -323,7 +323,8 @@ pub struct QuantizeReport {
 }
 
 /// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
-/// changed; weights are shared until replaced). Layers run in parallel; each error names its weight.
+/// changed; weights are shared until replaced), prepared for the recipe's level. Layers run in parallel; each error
+/// names its weight.
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
 

@@ -10,7 +10,7 @@ use super::super::config::{NORM_EPS, SegformerConfig};
 use super::super::layers::{Conv2d, LayerNorm, Linear};
 use super::super::plan::AttentionKernel;
 use super::super::tokens::Tokens;
-use super::super::tree::{Node, Path, Visitor, VisitorMut, node};
+use super::super::tree::{Node, NodeMut, Path, Visitor, VisitorMut, node};
 use crate::Result;
 use crate::kernels;
 
@@ -177,7 +177,9 @@ impl Node for Encoder {
     fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
         self.stages.iter().try_for_each(|s| s.visit(path, v))
     }
+}
 
+impl NodeMut for Encoder {
     fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
         self.stages.iter_mut().try_for_each(|s| s.visit_mut(path, v))
     }

@@ -17,7 +17,7 @@ pub use encoder::Encoder;
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
 use super::plan::{Activations, AttentionKernel, MatMul};
-use super::tree::{Leaf, LeafMut, Node, Path, node};
+use super::tree::{Leaf, LeafMut, Node, NodeMut, Path, node};
 use crate::Result;
 use crate::quant::Level;
 
