@@ -1,5 +1,5 @@
-//! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv (scalar reference, AVX2 in both
-//! layouts, with fused GELU as Mix-FFN uses it) and the W8A8 dynamic GEMM against candle's f32 matmul and
+//! Kernel benchmarks at SegFormer-B0 shapes for a 512x512 input: depthwise 3x3 conv on tokens (scalar reference,
+//! AVX2 with and without the fused GELU Mix-FFN uses) and the W8A8 dynamic GEMM against candle's f32 matmul and
 //! naive loops; the attention softmax and the decode head's upsample-sum; fused attention (f32 and int8-dyn) and one
 //! encoder block's Linear layers (f32 and W8A8) per stage, the two parts int8-dyn changes. The machine is shared and noisy: read the results as ratios within one run.
 
@@ -42,14 +42,11 @@ fn bench_dwconv(c: &mut Criterion) {
         let bias = values(ch, 3);
         let mut out = vec![0f32; ch * h * w];
         let id = format!("C{ch}_{h}x{w}");
-        g.bench_function(BenchmarkId::new("scalar", &id), |b| {
-            b.iter(|| dwconv::dwconv3x3_scalar(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
+        g.bench_function(BenchmarkId::new("nhwc_scalar", &id), |b| {
+            b.iter(|| dwconv::dwconv3x3_nhwc_scalar(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
         });
-        g.bench_function(BenchmarkId::new("nchw_simd", &id), |b| {
-            b.iter(|| kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))
-        });
-        g.bench_function(BenchmarkId::new("nchw_simd_nogelu", &id), |b| {
-            b.iter(|| kernels::dwconv3x3(black_box(&input), ch, h, w, &weight, &bias, false, &mut out))
+        g.bench_function(BenchmarkId::new("nhwc_simd_nogelu", &id), |b| {
+            b.iter(|| kernels::dwconv3x3_nhwc(black_box(&input), ch, h, w, &weight, &bias, false, &mut out))
         });
         g.bench_function(BenchmarkId::new("nhwc_simd", &id), |b| {
             b.iter(|| kernels::dwconv3x3_nhwc(black_box(&input), ch, h, w, &weight, &bias, true, &mut out))

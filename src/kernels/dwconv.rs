@@ -1,6 +1,6 @@
-//! Depthwise 3x3 convolution (stride 1, zero padding 1) with bias and optional fused exact GELU, for one image,
-//! in channels-first (`[C, H, W]`) and channels-last (`[H*W, C]`) layouts. This is SegFormer's Mix-FFN
-//! `dwconv` + `GELU`; weights are PyTorch's `[C, 1, 3, 3]` flattened to `[C, 9]`.
+//! Depthwise 3x3 convolution (stride 1, zero padding 1) with bias and optional fused exact GELU, for one
+//! channels-last image (`[H*W, C]`, the token layout SegFormer's Mix-FFN holds). This is Mix-FFN's `dwconv` + `GELU`;
+//! weights are PyTorch's `[C, 1, 3, 3]` flattened to `[C, 9]`.
 
 use rayon::prelude::*;
 
@@ -28,102 +28,6 @@ fn check_shapes(
     Ok(())
 }
 
-/// One output value of channel-first depthwise conv at `(y, x)` of a `height x width` plane, zero padded.
-#[inline]
-fn plane_pixel(plane: &[f32], height: usize, width: usize, k: &[f32], bias: f32, y: usize, x: usize) -> f32 {
-    let mut acc = bias;
-    for dy in 0..3 {
-        let Some(yy) = (y + dy).checked_sub(1).filter(|&yy| yy < height) else {
-            continue;
-        };
-        for dx in 0..3 {
-            let Some(xx) = (x + dx).checked_sub(1).filter(|&xx| xx < width) else {
-                continue;
-            };
-            acc += k[dy * 3 + dx] * plane[yy * width + xx];
-        }
-    }
-    acc
-}
-
-/// Depthwise 3x3 conv of `input` `[C, H, W]` into `out` `[C, H, W]`: `out = conv(input) + bias`, then exact GELU
-/// when `fuse_gelu`. Parallel over channels; AVX2 over the width when the CPU has it.
-#[allow(clippy::too_many_arguments)]
-pub fn dwconv3x3(
-    input: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    weight: &[f32],
-    bias: &[f32],
-    fuse_gelu: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    check_shapes(
-        "dwconv3x3",
-        input.len(),
-        channels,
-        height,
-        width,
-        weight.len(),
-        bias.len(),
-        out.len(),
-    )?;
-    let plane = height * width;
-    if plane == 0 {
-        return Ok(());
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
-        out.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
-            let src = &input[c * plane..(c + 1) * plane];
-            // SAFETY: the CPU supports AVX2 and FMA (checked above); slices have `plane` values.
-            unsafe { avx2::plane(src, height, width, &weight[c * 9..c * 9 + 9], bias[c], fuse_gelu, dst) };
-        });
-        return Ok(());
-    }
-    dwconv3x3_scalar(input, channels, height, width, weight, bias, fuse_gelu, out)
-}
-
-/// Scalar reference of [`dwconv3x3`] (also the fallback on CPUs without AVX2).
-#[allow(clippy::too_many_arguments)]
-pub fn dwconv3x3_scalar(
-    input: &[f32],
-    channels: usize,
-    height: usize,
-    width: usize,
-    weight: &[f32],
-    bias: &[f32],
-    fuse_gelu: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    check_shapes(
-        "dwconv3x3",
-        input.len(),
-        channels,
-        height,
-        width,
-        weight.len(),
-        bias.len(),
-        out.len(),
-    )?;
-    let plane = height * width;
-    if plane == 0 {
-        return Ok(());
-    }
-    out.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
-        let src = &input[c * plane..(c + 1) * plane];
-        let k = &weight[c * 9..c * 9 + 9];
-        for y in 0..height {
-            for x in 0..width {
-                let v = plane_pixel(src, height, width, k, bias[c], y, x);
-                dst[y * width + x] = if fuse_gelu { super::gelu::gelu_f32(v) } else { v };
-            }
-        }
-    });
-    Ok(())
-}
-
 /// The valid taps of a 3x3 window at `(y, x)`: (offset of the input pixel in pixels, tap index 0..9).
 #[inline]
 fn taps_at(height: usize, width: usize, y: usize, x: usize) -> ([(usize, usize); 9], usize) {
@@ -145,8 +49,8 @@ fn taps_at(height: usize, width: usize, y: usize, x: usize) -> ([(usize, usize);
 }
 
 /// Depthwise 3x3 conv in channels-last layout: `input` and `out` are `[H*W, C]` (a token matrix, as SegFormer's
-/// Mix-FFN holds them), `weight` is `[C, 9]`. Same result as [`dwconv3x3`] on the transposed data, without the
-/// two transposes. Parallel over image rows; AVX2 across channels when the CPU has it.
+/// Mix-FFN holds them), `weight` is `[C, 9]`: what PyTorch computes on the `[C, H, W]` transpose, without the two
+/// transposes. Parallel over image rows; AVX2 across channels when the CPU has it.
 #[allow(clippy::too_many_arguments)]
 pub fn dwconv3x3_nhwc(
     input: &[f32],
@@ -232,74 +136,8 @@ pub fn dwconv3x3_nhwc_scalar(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::gelu::{avx2::gelu_slice, gelu_f32};
-    use super::{plane_pixel, taps_at};
+    use super::taps_at;
     use std::arch::x86_64::*;
-
-    /// One channel plane. Columns 1..W-1 in blocks of eight (the last block overlaps the previous one rather than
-    /// falling back to scalar code), the two border columns and narrow planes in scalar code.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `src` and `dst` hold `height * width` values, `k` nine.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn plane(
-        src: &[f32],
-        height: usize,
-        width: usize,
-        k: &[f32],
-        bias: f32,
-        fuse_gelu: bool,
-        dst: &mut [f32],
-    ) {
-        let kv: [__m256; 9] = std::array::from_fn(|i| _mm256_set1_ps(k[i]));
-        let bv = _mm256_set1_ps(bias);
-        for y in 0..height {
-            let mut rows: [(usize, usize); 3] = [(0, 0); 3];
-            let mut nrows = 0;
-            for dy in 0..3 {
-                if let Some(yy) = (y + dy).checked_sub(1).filter(|&yy| yy < height) {
-                    rows[nrows] = (yy * width, dy);
-                    nrows += 1;
-                }
-            }
-            let out_row = y * width;
-            if width < 10 {
-                for x in 0..width {
-                    dst[out_row + x] = plane_pixel(src, height, width, k, bias, y, x);
-                }
-                continue;
-            }
-            dst[out_row] = plane_pixel(src, height, width, k, bias, y, 0);
-            dst[out_row + width - 1] = plane_pixel(src, height, width, k, bias, y, width - 1);
-            // Blocks start at 1, 9, 17, ... and a last one at width - 9, so x - 1 >= 0 and x + 8 <= width - 1.
-            let last = width - 9;
-            let mut x = 1;
-            loop {
-                let x0 = x.min(last);
-                let mut acc = bv;
-                for &(row, dy) in &rows[..nrows] {
-                    // SAFETY: row + x0 - 1 >= 0 and row + x0 + 9 <= row + width, inside `src`.
-                    unsafe {
-                        let p = src.as_ptr().add(row + x0 - 1);
-                        acc = _mm256_fmadd_ps(kv[dy * 3], _mm256_loadu_ps(p), acc);
-                        acc = _mm256_fmadd_ps(kv[dy * 3 + 1], _mm256_loadu_ps(p.add(1)), acc);
-                        acc = _mm256_fmadd_ps(kv[dy * 3 + 2], _mm256_loadu_ps(p.add(2)), acc);
-                    }
-                }
-                // SAFETY: out_row + x0 + 8 <= out_row + width, inside `dst`.
-                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(out_row + x0), acc) };
-                if x0 == last {
-                    break;
-                }
-                x += 8;
-            }
-        }
-        // GELU over the finished plane while it is in L2: a separate loop measured faster than GELU inside the
-        // convolution loop.
-        if fuse_gelu {
-            // SAFETY: AVX2 and FMA are available (caller's contract).
-            unsafe { gelu_slice(dst) };
-        }
-    }
 
     /// One output row `y` of the channels-last conv; `taps_weight` is `[9, C]`.
     ///
@@ -401,35 +239,6 @@ mod tests {
         (33, 5, 31),
     ];
 
-    #[test]
-    fn nchw_simd_and_scalar_match_f64_reference() {
-        for (i, &(c, h, w)) in SHAPES.iter().enumerate() {
-            let input = random_vec(c * h * w, 10 + i as u64, 2.0);
-            let k = random_vec(c * 9, 20 + i as u64, 1.0);
-            let b = random_vec(c, 30 + i as u64, 0.5);
-            let want = conv_f64(&input, c, h, w, &k, &b);
-            for gelu in [false, true] {
-                let mut fast = vec![f32::NAN; c * h * w];
-                let mut slow = vec![f32::NAN; c * h * w];
-                dwconv3x3(&input, c, h, w, &k, &b, gelu, &mut fast).unwrap();
-                dwconv3x3_scalar(&input, c, h, w, &k, &b, gelu, &mut slow).unwrap();
-                for j in 0..want.len() {
-                    let r = if gelu { gelu_ref(want[j]) } else { want[j] };
-                    let tol = 1e-5 * (1.0 + r.abs());
-                    assert!(
-                        (fast[j] as f64 - r).abs() < tol,
-                        "simd C={c} H={h} W={w} gelu={gelu} [{j}]"
-                    );
-                    assert!(
-                        (slow[j] as f64 - r).abs() < tol,
-                        "scalar C={c} H={h} W={w} gelu={gelu} [{j}]"
-                    );
-                }
-            }
-        }
-        compared_against_scalar("dwconv3x3 (NCHW)", &avx2_path());
-    }
-
     fn gelu_ref(x: f64) -> f64 {
         super::super::gelu::tests::gelu_f64(x)
     }
@@ -474,9 +283,9 @@ mod tests {
     #[test]
     fn shape_mismatch_is_an_error_not_a_panic() {
         let mut out = vec![0f32; 12];
-        let e = dwconv3x3(&[0.0; 12], 1, 3, 4, &[0.0; 8], &[0.0], false, &mut out).unwrap_err();
+        let e = dwconv3x3_nhwc(&[0.0; 12], 1, 3, 4, &[0.0; 8], &[0.0], false, &mut out).unwrap_err();
         assert!(e.to_string().contains("weight 8"), "{e}");
         assert!(dwconv3x3_nhwc(&[0.0; 11], 1, 3, 4, &[0.0; 9], &[0.0], false, &mut out).is_err());
-        assert!(dwconv3x3(&[], 0, 3, 4, &[], &[], true, &mut []).is_ok());
+        assert!(dwconv3x3_nhwc(&[], 0, 3, 4, &[], &[], true, &mut []).is_ok());
     }
 }

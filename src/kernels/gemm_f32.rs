@@ -130,6 +130,54 @@ fn check_matmul(a: usize, m: usize, k: usize, b: usize, n: usize, dst: usize) ->
     Ok(())
 }
 
+/// `a [m, k] * b [k, n]` as a new `[m, n]`, all row-major and contiguous (the decode head's per-stage products).
+/// Parallel over the thread pool. The `gemm` call is the one candle's CPU matmul makes (output not read, alpha 0,
+/// beta 1), so the results are the same values candle gave when the head multiplied tensors.
+pub fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
+    let mut dst = vec![0f32; m * n];
+    check_matmul(a.len(), m, k, b.len(), n, dst.len())?;
+    if m * n * k == 0 {
+        return Ok(dst);
+    }
+    let threads = rayon::current_num_threads();
+    // SAFETY: the three operands are contiguous row-major matrices of the checked sizes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+    Ok(dst)
+}
+
+/// Scalar reference of [`matmul`].
+pub fn matmul_scalar(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
+    let mut dst = vec![0f32; m * n];
+    matmul_accumulate_scalar(a, m, k, b, n, &mut dst)?;
+    Ok(dst)
+}
+
 /// `dst [m, n] += a [m, k] * b [k, n]`, all row-major and contiguous, on the calling thread (for callers that
 /// already work on one block per task, such as the decode head's bands).
 pub fn matmul_accumulate(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, dst: &mut [f32]) -> Result<()> {
@@ -547,5 +595,29 @@ mod tests {
         assert!(conv2d_nhwc(&[0.0; 32], s, &[0.0; 53], None).is_err());
         assert!(conv2d_nhwc(&[0.0; 32], ConvShape { stride: 0, ..s }, &[0.0; 54], None).is_err());
         assert!(conv2d_nhwc_scalar(&[0.0; 32], s, &[0.0; 54], Some(&[0.0; 2])).is_err());
+    }
+
+    #[test]
+    fn matmul_matches_scalar_and_candle_bit_for_bit() {
+        use candle_core::{Device, Tensor};
+        for (m, k, n) in [(1, 1, 1), (5, 3, 7), (70, 32, 256), (1024, 160, 256), (33, 160, 17)] {
+            let a = random_vec(m * k, 8, 1.0);
+            let b = random_vec(k * n, 9, 0.5);
+            let fast = matmul(&a, m, k, &b, n).unwrap();
+            assert_close(
+                &fast,
+                &matmul_scalar(&a, m, k, &b, n).unwrap(),
+                &format!("matmul {m}x{k}x{n}"),
+            );
+            // The decode head used candle's matmul before it had this kernel: the same values, bit for bit.
+            let ta = Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap();
+            let tb = Tensor::from_slice(&b, (k, n), &Device::Cpu).unwrap();
+            let candle = ta.matmul(&tb).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                fast.iter().zip(&candle).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "matmul {m}x{k}x{n} differs from candle's"
+            );
+        }
+        assert!(matmul(&[0.0; 6], 2, 3, &[0.0; 5], 2).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`attention`]: fused multi-head attention (scores kept per block of query rows in cache, never stored).
 //! - [`dwconv`]: depthwise 3x3 convolution (stride 1, padding 1) with bias and optional fused exact GELU, for
-//!   SegFormer's Mix-FFN; channels-first (`[C, H, W]`) and channels-last (`[H*W, C]`) layouts.
+//!   SegFormer's Mix-FFN, on channels-last tokens (`[H*W, C]`).
 //! - [`gemm_f32`]: float GEMMs with the bias/residual written first: Linear, and dense convolutions on
 //!   channels-last tokens via im2col per block of output pixels.
 //! - [`gemm_i8`]: W8A8 dynamic int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at
@@ -26,11 +26,11 @@ pub mod resize;
 pub mod softmax;
 
 pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar, attention_scalar};
-pub use dwconv::{dwconv3x3, dwconv3x3_nhwc};
+pub use dwconv::dwconv3x3_nhwc;
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{
     ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar,
-    matmul_accumulate, matmul_accumulate_scalar,
+    matmul, matmul_accumulate, matmul_accumulate_scalar, matmul_scalar,
 };
 pub use gemm_i8::{I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};
 pub use layer_norm::layer_norm;

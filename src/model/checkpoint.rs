@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::quant::{self, QuantTensor, QuantTensorMeta, RecipeHeader};
@@ -19,15 +19,21 @@ type RawTensor = (Dtype, Vec<usize>, Vec<u8>);
 
 /// A layer weight as the checkpoint holds it.
 pub enum StoredWeight {
-    /// Converted to f32.
-    Float(Tensor),
+    /// Converted to f32, row-major.
+    Float(Vec<f32>),
     Quantized(QuantTensor),
+}
+
+/// A float tensor of the checkpoint, converted to f32 when read (once: the model keeps these values).
+struct FloatTensor {
+    shape: Vec<usize>,
+    values: Vec<f32>,
 }
 
 /// The tensors of a checkpoint, consumed by name while the model is built.
 pub struct TensorStore {
     origin: String,
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, FloatTensor>,
     /// Parts of quantized weights (`<name>.qdata`, `.scale`, `.zero`), kept as stored.
     raw: HashMap<String, RawTensor>,
     quant_map: BTreeMap<String, QuantTensorMeta>,
@@ -53,9 +59,14 @@ impl TensorStore {
         *self.bytes_by_dtype.entry(dtype.to_uppercase()).or_insert(0) += bytes;
     }
 
-    fn insert(&mut self, origin: &str, name: String, t: Tensor) -> Result<()> {
-        self.count(format!("{:?}", t.dtype()), t.elem_count() * t.dtype().size_in_bytes());
-        if self.tensors.insert(name.clone(), t).is_some() {
+    /// Adds a tensor stored as `dtype` (counted in the file's bytes by dtype), already converted to f32.
+    fn insert(&mut self, origin: &str, name: String, dtype: DType, shape: Vec<usize>, values: Vec<f32>) -> Result<()> {
+        self.count(format!("{dtype:?}"), values.len() * dtype.size_in_bytes());
+        if self
+            .tensors
+            .insert(name.clone(), FloatTensor { shape, values })
+            .is_some()
+        {
             return Err(Error::Model(format!("{origin}: tensor `{name}` appears twice")));
         }
         Ok(())
@@ -81,7 +92,9 @@ impl TensorStore {
                 let tensors = candle_core::pickle::read_all(file)
                     .map_err(|e| Error::Model(format!("{shown}: cannot read PyTorch checkpoint: {e}")))?;
                 for (n, t) in tensors {
-                    store.insert(&shown, n, t)?;
+                    let (dtype, shape) = (t.dtype(), t.dims().to_vec());
+                    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    store.insert(&shown, n, dtype, shape, values)?;
                 }
             } else {
                 return Err(Error::Model(format!(
@@ -139,32 +152,26 @@ impl TensorStore {
                     )));
                 }
             };
-            let t = Tensor::from_raw_buffer(data, dtype, view.shape(), &Device::Cpu)?;
-            self.insert(origin, name, t)?;
+            self.insert(origin, name, dtype, view.shape().to_vec(), f32_values(dtype, data))?;
         }
         Ok(())
     }
 
-    /// Takes a float tensor by name, converted to f32, checking its shape.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Takes a float tensor by name (its f32 values, row-major), checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.tensors.remove(name).ok_or_else(|| {
             Error::Model(format!(
                 "{}: checkpoint lacks tensor `{name}` (expected shape {shape:?})",
                 self.origin
             ))
         })?;
-        if t.dims() != shape {
+        if t.shape != shape {
             return Err(Error::Model(format!(
                 "{}: tensor `{name}` has shape {:?}, the config expects {shape:?}",
-                self.origin,
-                t.dims()
+                self.origin, t.shape
             )));
         }
-        Ok(if t.dtype() == DType::F32 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
-        })
+        Ok(t.values)
     }
 
     /// Takes a layer weight by name: quantized when the checkpoint stores it quantized, else float.
@@ -219,6 +226,25 @@ impl TensorStore {
     }
 }
 
+/// Little-endian values of `dtype` converted to f32 as candle's `to_dtype` converts them (exact for f16 and bf16,
+/// round to nearest for f64, `as` for integers).
+fn f32_values(dtype: DType, data: &[u8]) -> Vec<f32> {
+    fn each<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        data.chunks_exact(N)
+            .map(|b| f(b.try_into().unwrap_or([0; N])))
+            .collect()
+    }
+    match dtype {
+        DType::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f32()),
+        DType::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f32()),
+        DType::F64 => each(data, |b| f64::from_le_bytes(b) as f32),
+        DType::I64 => each(data, |b| i64::from_le_bytes(b) as f32),
+        DType::U32 => each(data, |b| u32::from_le_bytes(b) as f32),
+        DType::U8 => data.iter().map(|&b| b as f32).collect(),
+        _ => each(data, f32::from_le_bytes),
+    }
+}
+
 /// Shard files listed by a `model.safetensors.index.json` (`weight_map` values), in a stable order.
 pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
@@ -233,4 +259,74 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Reading a dtype straight to f32 gives the values candle's `to_dtype` gave when the store held tensors.
+    #[test]
+    fn f32_values_convert_as_candle_does() {
+        let v: Vec<f64> = vec![0.1, -3.75, 65504.0, 1e-8, -0.0, 123456.789, 2.5e38, 7.0];
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        for dtype in [
+            DType::F64,
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::I64,
+            DType::U32,
+            DType::U8,
+        ] {
+            let typed = t.abs().unwrap().to_dtype(dtype).unwrap();
+            let bytes: Vec<u8> = match dtype {
+                DType::F64 => typed
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                DType::F32 => typed
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                DType::F16 => typed
+                    .to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                DType::BF16 => typed
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                DType::I64 => typed
+                    .to_vec1::<i64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                DType::U32 => typed
+                    .to_vec1::<u32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                _ => typed.to_vec1::<u8>().unwrap(),
+            };
+            let want = typed.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            let got = f32_values(dtype, &bytes);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?}"
+            );
+        }
+    }
 }

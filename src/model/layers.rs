@@ -5,9 +5,10 @@
 
 use std::borrow::Cow;
 
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::plan::{Activations, Columns, MatMul};
+use super::tokens::{Tokens, with_f32};
 use crate::kernels;
 use crate::{Error, Result};
 
@@ -115,40 +116,39 @@ impl Linear {
         self.weight = std::mem::replace(&mut self.weight, MatMul::empty()).planned(int8);
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Over the tokens' channels.
+    pub fn forward(&self, x: &Tokens) -> Result<Tokens> {
         self.forward_with(x, None)
     }
 
     /// `forward(x) + residual` with the bias and residual added in one pass over the output (SegFormer's
     /// `attention.output.dense` and `mlp.dense2` outputs feed a residual add).
-    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    pub fn forward_residual(&self, x: &Tokens, residual: &Tokens) -> Result<Tokens> {
         self.forward_with(x, Some(residual))
     }
 
-    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_features = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / in_features.max(1);
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.shape[0];
-        if let Some(r) = residual
-            && r.dims() != out_dims.as_slice()
-        {
+    fn forward_with(&self, x: &Tokens, residual: Option<&Tokens>) -> Result<Tokens> {
+        let [out_features, in_features] = self.shape;
+        let residual_fits = |r: &Tokens| {
+            (r.batch(), r.height(), r.width(), r.channels()) == (x.batch(), x.height(), x.width(), out_features)
+        };
+        if x.channels() != in_features || residual.is_some_and(|r| !residual_fits(r)) {
             return Err(Error::Model(format!(
-                "Linear {:?}: residual of shape {:?} for an output of shape {out_dims:?}",
+                "Linear {:?}: input of {} channels, residual {:?}",
                 self.shape,
-                r.dims()
+                x.channels(),
+                residual.map(|r| (r.batch(), r.height(), r.width(), r.channels()))
             )));
         }
-        let out = with_f32(x, |xs| {
-            let run = |r: Option<&[f32]>| self.weight.apply(xs, rows, in_features, self.shape[0], self.bias(), r);
-            match residual {
-                Some(res) => with_f32(res, |r| run(Some(r))),
-                None => run(None),
-            }
-        })?;
-        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+        let out = self.weight.apply(
+            x.data(),
+            x.rows(),
+            in_features,
+            out_features,
+            self.bias(),
+            residual.map(Tokens::data),
+        )?;
+        x.with_channels(out, out_features)
     }
 
     pub fn info(&self, name: &str) -> LayerInfo {
@@ -258,66 +258,48 @@ impl Conv2d {
         }
     }
 
-    /// A dense convolution on channels-last tokens `[B, H*W, C_in]`, giving tokens `[B, H'*W', C_out]` and
-    /// `(H', W')`: im2col + GEMM per block of output pixels, no NCHW transposes (SegFormer's patch embeddings and
-    /// spatial reductions).
-    pub fn forward_tokens(&self, x: &Tensor, height: usize, width: usize) -> Result<(Tensor, usize, usize)> {
-        let (b, n, c) = x.dims3()?;
+    /// A dense convolution on channels-last tokens, giving tokens of the output map: im2col + GEMM per block of
+    /// output pixels, no NCHW transposes (SegFormer's patch embeddings and spatial reductions).
+    pub fn forward_tokens(&self, x: &Tokens) -> Result<Tokens> {
         let (out_c, in_c, k) = (self.shape[0], self.shape[1], self.shape[2]);
-        if !self.is_dense() || c != in_c || n != height * width {
+        if !self.is_dense() || x.channels() != in_c {
             return Err(Error::Model(format!(
-                "Conv2d: forward_tokens needs a dense square convolution over {c} channels and {height}x{width} \
-                 tokens; the weight is {:?} with {} groups, the input {:?}",
+                "Conv2d: forward_tokens needs a dense square convolution over {} channels; the weight is {:?} with \
+                 {} groups",
+                x.channels(),
                 self.shape,
-                self.groups,
-                x.dims()
+                self.groups
             )));
         }
         let shape = kernels::ConvShape {
-            height,
-            width,
-            in_channels: c,
+            height: x.height(),
+            width: x.width(),
+            in_channels: in_c,
             out_channels: out_c,
             kernel: k,
             stride: self.stride,
             padding: self.padding,
         };
         let (out_h, out_w) = shape.out_size();
-        let out = with_f32(x, |xs| self.weight.conv_tokens(xs, b, shape, self.bias()))?;
-        Ok((
-            Tensor::from_vec(out, (b, out_h * out_w, out_c), &Device::Cpu)?,
-            out_h,
-            out_w,
-        ))
+        let out = self.weight.conv_tokens(x.data(), x.batch(), shape, self.bias())?;
+        Tokens::new(out, x.batch(), out_h, out_w, out_c)
     }
 
-    /// Depthwise 3x3 on channels-last tokens [B, H*W, C] (Mix-FFN's layout), so no transpose is materialised;
-    /// the result has the same layout. Optionally fused with exact GELU.
-    pub fn depthwise3x3_tokens(&self, x: &Tensor, height: usize, width: usize, fuse_gelu: bool) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let plane = n * c;
+    /// Depthwise 3x3 (stride 1, padding 1) on channels-last tokens (Mix-FFN's layout), so no transpose is
+    /// materialised; the result has the same layout. Optionally fused with exact GELU.
+    pub fn depthwise3x3_tokens(&self, x: &Tokens, fuse_gelu: bool) -> Result<Tokens> {
+        let c = x.channels();
+        let plane = x.height() * x.width() * c;
         let weight = self.weight.values();
         let bias = match self.bias() {
             Some(b) => Cow::Borrowed(b),
             None => Cow::Owned(vec![0.0; self.shape[0]]),
         };
-        let mut out = vec![0f32; x.elem_count()];
-        with_f32(x, |input| {
-            for i in 0..b {
-                kernels::dwconv3x3_nhwc(
-                    &input[i * plane..(i + 1) * plane],
-                    c,
-                    height,
-                    width,
-                    &weight,
-                    &bias,
-                    fuse_gelu,
-                    &mut out[i * plane..(i + 1) * plane],
-                )?;
-            }
-            Ok(())
-        })?;
-        Ok(Tensor::from_vec(out, (b, n, c), &Device::Cpu)?)
+        let mut out = vec![0f32; x.data().len()];
+        for (input, dst) in x.data().chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+            kernels::dwconv3x3_nhwc(input, c, x.height(), x.width(), &weight, &bias, fuse_gelu, dst)?;
+        }
+        x.with_channels(out, c)
     }
 
     pub fn info(&self, name: &str) -> LayerInfo {
@@ -351,16 +333,19 @@ impl LayerNorm {
         }
     }
 
-    /// Through [`kernels::layer_norm`] (two-pass statistics, AVX2, parallel over rows).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let cols = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / cols.max(1);
-        let mut out = vec![0f32; x.elem_count()];
-        with_f32(x, |xs| {
-            kernels::layer_norm(xs, rows, cols, &self.weight, &self.bias, self.eps as f32, &mut out)
-        })?;
-        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
+    /// Over the tokens' channels, through [`kernels::layer_norm`] (two-pass statistics, AVX2, parallel over rows).
+    pub fn forward(&self, x: &Tokens) -> Result<Tokens> {
+        let mut out = vec![0f32; x.data().len()];
+        kernels::layer_norm(
+            x.data(),
+            x.rows(),
+            x.channels(),
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+            &mut out,
+        )?;
+        x.with_channels(out, x.channels())
     }
 
     pub fn params(&self) -> Vec<(&'static str, Param<'_>)> {
@@ -441,27 +426,5 @@ impl BatchNorm2d {
             ("running_var", ParamMut::Vector(&mut self.running_var)),
             ("num_batches_tracked", ParamMut::Unused),
         ]
-    }
-}
-
-/// Runs `f` on the tensor's f32 values in row-major order, borrowing them when the tensor is contiguous (a
-/// non-contiguous tensor is copied once).
-pub fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    f(borrowed_values(&storage, layout, &x)?)
-}
-
-/// The f32 values of a contiguous CPU tensor through its storage guard (several tensors can be borrowed at once).
-pub(crate) fn borrowed_values<'a>(storage: &'a Storage, layout: &Layout, tensor: &Tensor) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Model(format!("tensor of shape {:?} is not contiguous", tensor.dims())))?;
-    match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end]),
-        _ => Err(Error::Model(format!(
-            "tensor of shape {:?} is not on the CPU",
-            tensor.dims()
-        ))),
     }
 }

@@ -5,6 +5,7 @@
 //! - [`segformer`]: the module tree and its forward pass; [`layers`]: its leaves; [`tree`]: the one walk over it.
 //! - [`plan`]: the kernel each part runs, decided once by `Segformer::prepare`, which `load` and `quantize` end in.
 //! - [`checkpoint`]: reading checkpoint files; [`save`]: writing them.
+//! - [`tokens`]: the activation type layers pass along (channels-last, plain `Vec<f32>`).
 
 pub mod checkpoint;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod layers;
 pub mod plan;
 pub mod save;
 pub mod segformer;
+pub mod tokens;
 pub mod tree;
 
 use std::collections::BTreeMap;
@@ -25,7 +27,7 @@ use config::SegformerConfig;
 use layers::ParamMut;
 use plan::MatMul;
 pub use segformer::Segformer;
-use tree::{Node, Path as ModulePath};
+use tree::{NodeMut, Path as ModulePath};
 
 use crate::hub::{self, HubId, HubRepo};
 use crate::preprocess::PreprocessorConfig;
@@ -290,12 +292,12 @@ fn from_store(config: &SegformerConfig, store: &mut TensorStore) -> Result<Segfo
             match param {
                 ParamMut::Weight(weight, shape) => {
                     *weight = match store.weight(name.as_str(), shape)? {
-                        StoredWeight::Float(t) => MatMul::F32(Arc::new(t.flatten_all()?.to_vec1::<f32>()?)),
+                        StoredWeight::Float(values) => MatMul::F32(Arc::new(values)),
                         StoredWeight::Quantized(q) => MatMul::Dequant(Arc::new(q)),
                     }
                 }
                 ParamMut::Vector(values) => {
-                    *values = store.take(name.as_str(), &[values.len()])?.to_vec1::<f32>()?;
+                    *values = store.take(name.as_str(), &[values.len()])?;
                 }
                 ParamMut::Unused => store.discard(name.as_str()),
             }
@@ -321,7 +323,8 @@ pub struct QuantizeReport {
 }
 
 /// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
-/// changed; weights are shared until replaced). Layers run in parallel; each error names its weight.
+/// changed; weights are shared until replaced), prepared for the recipe's level. Layers run in parallel; each error
+/// names its weight.
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
 

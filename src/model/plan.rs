@@ -7,11 +7,13 @@
 //! - [`AttentionKernel`]: f32 or int8 attention products.
 //! - [`Activations`]: what the level says about activations, from which the choices above follow.
 //!
-//! | level                  | Linear, patch embedding, spatial reduction, 1x1 conv | depthwise conv | attention | composed head |
-//! |------------------------|------------------------------------------------------|----------------|-----------|---------------|
-//! | f32                    | `F32`                                                | f32 values     | f32       | f32           |
-//! | f16 .. int2 (weight-only) | `Dequant`                                         | dequantized    | f32       | f32           |
-//! | int8-dyn               | `W8A8` (symmetric per-channel int8), else as above   | dequantized    | int8      | int8          |
+//! | level                     | Linear, dense conv (patch, `sr`, 1x1) | depthwise conv | attention | composed head |
+//! |---------------------------|----------------------------------------|----------------|-----------|---------------|
+//! | f32                       | `F32`                                  | f32            | f32       | f32           |
+//! | f16 .. int2 (weight-only) | `Dequant`                              | dequantized    | f32       | f32           |
+//! | int8-dyn                  | `W8A8` (symmetric per-channel int8)    | dequantized    | int8      | int8          |
+//!
+//! Weights a recipe keeps in float (`--skip`) stay `F32` at every level.
 
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -55,8 +55,8 @@ pub enum Leaf<'a> {
     Attention(&'a AttentionKernel),
 }
 
-/// A leaf of the tree, to fill, quantize or plan.
-pub enum LeafMut<'a> {
+/// A leaf of the tree, to fill, quantize or plan (crate-internal: the plan must stay in step with the weights).
+pub(crate) enum LeafMut<'a> {
     Linear(&'a mut Linear),
     Conv2d(&'a mut Conv2d),
     LayerNorm(&'a mut LayerNorm),
@@ -91,19 +91,23 @@ impl<'a> LeafMut<'a> {
 
 /// What [`Node::visit`] calls for every leaf (which it may keep: leaves borrow the tree for `'a`).
 pub type Visitor<'a, 'v> = dyn FnMut(&Path, Leaf<'a>) -> Result<()> + 'v;
-/// What [`Node::visit_mut`] calls for every leaf.
-pub type VisitorMut<'v> = dyn FnMut(&Path, LeafMut<'_>) -> Result<()> + 'v;
+/// What [`NodeMut::visit_mut`] calls for every leaf.
+pub(crate) type VisitorMut<'v> = dyn FnMut(&Path, LeafMut<'_>) -> Result<()> + 'v;
 
 /// A module of the tree: calls the visitor for each leaf below it, in checkpoint order.
 pub trait Node {
     fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()>;
-    /// Leaves handed out here change only through crate-internal methods (the plan stays in step with them).
+}
+
+/// The same walk with mutable leaves, for loading, quantization and `Segformer::prepare` only: outside the crate a
+/// model changes only through those, which keep its kernels and composed head in step with its weights.
+pub(crate) trait NodeMut {
     fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()>;
 }
 
-/// Implements [`Node`] for a module from one list of `segment => field` children, visited in that order; `visit`
-/// and `visit_mut` are the same list. A segment is any `Display` appended to the module's path (`""` keeps the
-/// path, for a child whose leaves sit directly under it); `$s` names the module inside segment expressions.
+/// Implements [`Node`] and [`NodeMut`] for a module from one list of `segment => field` children, visited in that
+/// order: `visit` and `visit_mut` are the same list. A segment is any `Display` appended to the module's path (`""`
+/// keeps the path, for a child whose leaves sit directly under it); `$s` names the module inside segment expressions.
 macro_rules! node {
     ($ty:ty, |$s:ident, $p:ident| { $($seg:expr => $field:ident),* $(,)? }) => {
         impl $crate::model::tree::Node for $ty {
@@ -119,7 +123,9 @@ macro_rules! node {
                 })*
                 Ok(())
             }
+        }
 
+        impl $crate::model::tree::NodeMut for $ty {
             fn visit_mut(
                 &mut self,
                 $p: &$crate::model::tree::Path,
@@ -128,7 +134,7 @@ macro_rules! node {
                 let $s = self;
                 $({
                     let path = $p.pp($seg);
-                    $crate::model::tree::Node::visit_mut(&mut $s.$field, &path, v)?;
+                    $crate::model::tree::NodeMut::visit_mut(&mut $s.$field, &path, v)?;
                 })*
                 Ok(())
             }
@@ -143,7 +149,9 @@ macro_rules! leaf {
             fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
                 v(path, Leaf::$variant(self))
             }
+        }
 
+        impl NodeMut for $ty {
             fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
                 v(path, LeafMut::$variant(self))
             }
@@ -161,7 +169,9 @@ impl<T: Node> Node for Vec<T> {
     fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
         self.iter().enumerate().try_for_each(|(i, m)| m.visit(&path.pp(i), v))
     }
+}
 
+impl<T: NodeMut> NodeMut for Vec<T> {
     fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
         self.iter_mut()
             .enumerate()
@@ -174,7 +184,9 @@ impl<T: Node> Node for Option<T> {
     fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
         self.as_ref().map_or(Ok(()), |m| m.visit(path, v))
     }
+}
 
+impl<T: NodeMut> NodeMut for Option<T> {
     fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
         self.as_mut().map_or(Ok(()), |m| m.visit_mut(path, v))
     }

@@ -3,13 +3,14 @@
 //! applied at each stage's own resolution. The composition is derived from the weights, so the head keeps it private
 //! and rebuilds it whenever the model is prepared.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::super::config::{NORM_EPS, SegformerConfig};
-use super::super::layers::{BatchNorm2d, Conv2d, Linear, borrowed_values, with_f32};
+use super::super::layers::{BatchNorm2d, Conv2d, Linear};
 use super::super::plan::Activations;
+use super::super::tokens::Tokens;
 use super::super::tree::node;
-use super::encoder::StageMap;
 use crate::kernels::{self, I8Panels};
 use crate::{Error, Result};
 
@@ -63,8 +64,8 @@ pub struct ComposedHead {
 /// The composed per-stage matrices in the form the plan runs them.
 #[derive(Debug, Clone)]
 enum StageProducts {
-    /// Per stage, `(s F_i W_i)^T` as `[C_i, D]` in f32, so tokens `[pixels, C_i]` multiply it directly.
-    F32(Vec<Tensor>),
+    /// Per stage, `(s F_i W_i)^T` as row-major `[C_i, D]` in f32, so tokens `[pixels, C_i]` multiply it directly.
+    F32(Vec<Vec<f32>>),
     /// Level `int8-dyn`: the same matrices quantized per output channel (symmetric int8) for the W8A8 GEMM, so the
     /// head's products run in int8 like the rest of the level.
     Int8(Vec<I8Panels>),
@@ -113,7 +114,12 @@ impl DecodeHead {
             }
         }
         let products = match activations {
-            Activations::F32 => StageProducts::F32(weights),
+            Activations::F32 => StageProducts::F32(
+                weights
+                    .iter()
+                    .map(|w| Ok(w.flatten_all()?.to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
             // Every stage matrix quantized per output channel and packed for the W8A8 GEMM.
             Activations::Int8Dynamic => StageProducts::Int8(
                 weights
@@ -138,18 +144,18 @@ impl DecodeHead {
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         match &self.composed {
             Some(c) => {
-                let maps = features.iter().map(StageMap::from_nchw).collect::<Result<Vec<_>>>()?;
+                let maps = features.iter().map(Tokens::from_nchw).collect::<Result<Vec<_>>>()?;
                 self.forward_composed(c, &maps)
             }
             None => self.forward_reference(features),
         }
     }
 
-    /// From the encoder's token maps (no NCHW round trip when the head is composed).
-    pub fn forward_maps(&self, maps: &[StageMap]) -> Result<Tensor> {
+    /// From the encoder's stage outputs (no NCHW round trip when the head is composed).
+    pub fn forward_maps(&self, maps: &[Tokens]) -> Result<Tensor> {
         match &self.composed {
             Some(c) => self.forward_composed(c, maps),
-            None => self.forward_reference(&maps.iter().map(StageMap::to_nchw).collect::<Result<Vec<_>>>()?),
+            None => self.forward_reference(&maps.iter().map(Tokens::to_nchw).collect::<Result<Vec<_>>>()?),
         }
     }
 
@@ -157,8 +163,8 @@ impl DecodeHead {
     /// the cache: stages below the output resolution are multiplied by their composed matrix at their own
     /// resolution first; then each band is their upsampled sum plus the bias, the full-resolution stage's product is
     /// accumulated onto it, ReLU, and the classifier turns it into logits.
-    fn forward_composed(&self, composed: &ComposedHead, features: &[StageMap]) -> Result<Tensor> {
-        let (batch, h0, w0) = (features[0].tokens.dim(0)?, features[0].height, features[0].width);
+    fn forward_composed(&self, composed: &ComposedHead, features: &[Tokens]) -> Result<Tensor> {
+        let (batch, h0, w0) = (features[0].batch(), features[0].height(), features[0].width());
         let d = composed.bias.len();
         let (labels, pixels) = (self.classifier.shape()[0], h0 * w0);
         let classifier_bias = self.classifier.bias();
@@ -170,62 +176,35 @@ impl DecodeHead {
         for b in 0..batch {
             let mut low_maps = Vec::new();
             let mut full_res = Vec::new();
-            for (i, state) in features.iter().enumerate() {
-                let tokens = state.tokens.get(b)?;
-                if (state.height, state.width) == (h0, w0) {
-                    full_res.push((i, tokens));
+            for (i, stage) in features.iter().enumerate() {
+                let (x, hw, c) = (stage.image(b), stage.height() * stage.width(), stage.channels());
+                let product = match &composed.products {
+                    StageProducts::F32(weights) => StageProduct::F32(&weights[i]),
+                    StageProducts::Int8(panels) => StageProduct::Int8(&panels[i]),
+                };
+                if (stage.height(), stage.width()) == (h0, w0) {
+                    full_res.push((x, c, product));
                     continue;
                 }
-                let map = match &composed.products {
-                    StageProducts::Int8(panels) => {
-                        let (hw, c) = tokens.dims2()?;
+                let map = match product {
+                    StageProduct::F32(w) => kernels::matmul(x, hw, c, w, d)?,
+                    StageProduct::Int8(p) => {
                         let mut out = vec![0f32; hw * d];
-                        with_f32(&tokens, |x| {
-                            kernels::gemm_i8_dynamic(x, hw, c, &panels[i], None, &mut out)
-                        })?;
-                        Tensor::from_vec(out, (hw, d), &candle_core::Device::Cpu)?
+                        kernels::gemm_i8_dynamic(x, hw, c, p, None, &mut out)?;
+                        out
                     }
-                    StageProducts::F32(weights) => tokens.matmul(&weights[i])?,
                 };
-                low_maps.push((map, state.height, state.width));
+                low_maps.push((map, stage.height(), stage.width()));
             }
-            // Borrow every map's values at once (the bands read them in parallel).
-            let low_guards: Vec<_> = low_maps.iter().map(|(t, _, _)| t.storage_and_layout()).collect();
-            let inputs = low_guards
+            let inputs: Vec<kernels::MapNhwc<'_>> = low_maps
                 .iter()
-                .zip(&low_maps)
-                .map(|((storage, layout), (t, h, w))| {
-                    Ok(kernels::MapNhwc {
-                        data: borrowed_values(storage, layout, t)?,
-                        height: *h,
-                        width: *w,
-                    })
+                .map(|(data, height, width)| kernels::MapNhwc {
+                    data,
+                    height: *height,
+                    width: *width,
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect();
             let upsampled = kernels::UpsampleSum::new(&inputs, d, h0, w0, &composed.bias)?;
-            let token_guards: Vec<_> = full_res.iter().map(|(_, t)| t.storage_and_layout()).collect();
-            let weight_guards: Vec<_> = match &composed.products {
-                StageProducts::F32(weights) => full_res
-                    .iter()
-                    .map(|(i, _)| Some(weights[*i].storage_and_layout()))
-                    .collect(),
-                StageProducts::Int8(_) => full_res.iter().map(|_| None).collect(),
-            };
-            let full_res = full_res
-                .iter()
-                .zip(token_guards.iter().zip(&weight_guards))
-                .map(|((i, t), ((ts, tl), wg))| {
-                    let product = match (&composed.products, wg) {
-                        (StageProducts::F32(weights), Some((ws, wl))) => {
-                            FullRes::F32(borrowed_values(ws, wl, &weights[*i])?)
-                        }
-                        (StageProducts::Int8(panels), _) => FullRes::Int8(&panels[*i]),
-                        _ => return Err(Error::Model("decode head: stage product missing".into())),
-                    };
-                    Ok((borrowed_values(ts, tl, t)?, t.dim(1)?, product))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            use rayon::prelude::*;
             let bands = (0..h0.div_ceil(band_rows))
                 .into_par_iter()
                 .map_init(
@@ -235,16 +214,15 @@ impl DecodeHead {
                         let rows = band_rows.min(h0 - y0) * w0;
                         fused.resize(rows * d, 0.0);
                         upsampled.rows(y0, fused);
-                        for (tokens, c, stage) in &full_res {
-                            let c = *c;
+                        for &(tokens, c, stage) in &full_res {
                             let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
                             match stage {
-                                FullRes::Int8(p) => {
+                                StageProduct::Int8(p) => {
                                     product.resize(rows * d, 0.0);
                                     kernels::gemm_i8_dynamic(x, rows, c, p, None, product)?;
                                     fused.iter_mut().zip(product.iter()).for_each(|(f, v)| *f += v);
                                 }
-                                FullRes::F32(weight) => kernels::matmul_accumulate(x, rows, c, weight, d, fused)?,
+                                StageProduct::F32(weight) => kernels::matmul_accumulate(x, rows, c, weight, d, fused)?,
                             }
                         }
                         fused.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -277,11 +255,8 @@ impl DecodeHead {
         let (_, _, h0, w0) = features[0].dims4()?;
         let mut upsampled = Vec::with_capacity(features.len());
         for (state, mlp) in features.iter().zip(&self.linear_c) {
-            let (b, c, h, w) = state.dims4()?;
-            let tokens = state.flatten_from(2)?.transpose(1, 2)?;
-            let x = mlp.proj.forward(&tokens.reshape((b, h * w, c))?)?;
-            let d = x.dim(D::Minus1)?;
-            let x = x.transpose(1, 2)?.reshape((b, d, h, w))?;
+            let x = mlp.proj.forward(&Tokens::from_nchw(state)?)?.to_nchw()?;
+            let (h, w) = (x.dim(2)?, x.dim(3)?);
             let x = if (h, w) == (h0, w0) {
                 x
             } else {
@@ -297,8 +272,9 @@ impl DecodeHead {
     }
 }
 
-/// A full-resolution stage's composed product, borrowed for the bands.
-enum FullRes<'a> {
+/// One stage's composed product, borrowed for the call.
+#[derive(Clone, Copy)]
+enum StageProduct<'a> {
     F32(&'a [f32]),
     Int8(&'a I8Panels),
 }

@@ -1,13 +1,16 @@
 //! SegFormer's encoder (`SegformerEncoder` in transformers): per stage an overlapping patch embedding, blocks of
-//! efficient self-attention and Mix-FFN, and a LayerNorm. Activations stay channels-last tokens `[B, H*W, C]`
-//! throughout; [`StageMap`] converts to transformers' NCHW where a caller wants it.
+//! efficient self-attention and Mix-FFN, and a LayerNorm. Activations stay channels-last [`Tokens`] throughout, where
+//! transformers reshapes between token sequences and NCHW maps.
+
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
 use super::super::config::{NORM_EPS, SegformerConfig};
-use super::super::layers::{Conv2d, LayerNorm, Linear, with_f32};
+use super::super::layers::{Conv2d, LayerNorm, Linear};
 use super::super::plan::AttentionKernel;
-use super::super::tree::{Node, Path, Visitor, VisitorMut, node};
+use super::super::tokens::Tokens;
+use super::super::tree::{Node, NodeMut, Path, Visitor, VisitorMut, node};
 use crate::Result;
 use crate::kernels;
 
@@ -21,12 +24,10 @@ pub struct OverlapPatchEmbeddings {
 node!(OverlapPatchEmbeddings, |s, p| { "proj" => proj, "layer_norm" => layer_norm });
 
 impl OverlapPatchEmbeddings {
-    /// Channels-last tokens `[B, H*W, C_in]` of an `height x width` map to tokens [B, H'*W', C] and the new (H', W').
-    /// transformers runs the conv on NCHW and then flattens and transposes; on tokens the conv writes that layout
-    /// directly.
-    pub fn forward(&self, tokens: &Tensor, height: usize, width: usize) -> Result<(Tensor, usize, usize)> {
-        let (x, h, w) = self.proj.forward_tokens(tokens, height, width)?;
-        Ok((self.layer_norm.forward(&x)?, h, w))
+    /// Tokens of a map to tokens of the smaller map. transformers runs the conv on NCHW and then flattens and
+    /// transposes; on tokens the conv writes that layout directly.
+    pub fn forward(&self, tokens: &Tokens) -> Result<Tokens> {
+        self.layer_norm.forward(&self.proj.forward_tokens(tokens)?)
     }
 }
 
@@ -61,32 +62,33 @@ node!(EfficientSelfAttention, |s, p| {
 });
 
 impl EfficientSelfAttention {
-    pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
-        let (b, n, c) = hidden.dims3()?;
+    pub fn forward(&self, hidden: &Tokens) -> Result<Tokens> {
         let query = self.query.forward(hidden)?;
+        let reduced;
         let kv_input = match &self.reduction {
             // transformers reshapes to NCHW, convolves, flattens back; the conv on tokens gives the same tokens.
-            Some(r) => r.layer_norm.forward(&r.sr.forward_tokens(hidden, height, width)?.0)?,
-            None => hidden.clone(),
+            Some(r) => {
+                reduced = r.layer_norm.forward(&r.sr.forward_tokens(hidden)?)?;
+                &reduced
+            }
+            None => hidden,
         };
-        let key = self.key.forward(&kv_input)?;
-        let value = self.value.forward(&kv_input)?;
+        let key = self.key.forward(kv_input)?;
+        let value = self.value.forward(kv_input)?;
         // transformers splits heads, forms softmax(QK^T / sqrt(d)) and multiplies by V per head; the fused kernel
         // computes the same per head on the projections' [tokens, heads * d] layout, without the score matrix.
+        let c = hidden.channels();
         let shape = kernels::AttentionShape {
-            batch: b,
-            queries: n,
-            keys: key.dim(1)?,
+            batch: hidden.batch(),
+            queries: hidden.height() * hidden.width(),
+            keys: key.height() * key.width(),
             heads: self.num_heads,
             head_dim: c / self.num_heads,
         };
-        let mut context = vec![0f32; b * n * c];
-        with_f32(&query, |q| {
-            with_f32(&key, |k| {
-                with_f32(&value, |v| self.kernel.run(q, k, v, shape, &mut context))
-            })
-        })?;
-        Ok(Tensor::from_vec(context, (b, n, c), &candle_core::Device::Cpu)?)
+        let mut context = vec![0f32; hidden.data().len()];
+        self.kernel
+            .run(query.data(), key.data(), value.data(), shape, &mut context)?;
+        hidden.with_channels(context, c)
     }
 }
 
@@ -111,11 +113,11 @@ node!(MixFfn, |s, p| { "dense1" => dense1, "dwconv.dwconv" => dwconv, "dense2" =
 
 impl MixFfn {
     /// `forward(hidden) + residual`, the residual added in dense2's bias pass.
-    pub fn forward_residual(&self, hidden: &Tensor, height: usize, width: usize, residual: &Tensor) -> Result<Tensor> {
+    pub fn forward_residual(&self, hidden: &Tokens, residual: &Tokens) -> Result<Tokens> {
         let x = self.dense1.forward(hidden)?;
         // transformers reshapes the tokens to NCHW for the conv; the channels-last kernel computes the same values
         // without the two transposes. GELU (exact erf, as nn.GELU()) is fused into it.
-        let x = self.dwconv.depthwise3x3_tokens(&x, height, width, true)?;
+        let x = self.dwconv.depthwise3x3_tokens(&x, true)?;
         self.dense2.forward_residual(&x, residual)
     }
 }
@@ -137,13 +139,13 @@ node!(Layer, |s, p| {
 });
 
 impl Layer {
-    pub fn forward(&self, hidden: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    pub fn forward(&self, hidden: &Tokens) -> Result<Tokens> {
         let normed = self.layer_norm_1.forward(hidden)?;
-        let attn = self.attention.self_attention.forward(&normed, height, width)?;
+        let attn = self.attention.self_attention.forward(&normed)?;
         // Residual adds fused into the output projections' bias pass (same sums, one pass fewer each).
         let hidden = self.attention.output_dense.forward_residual(&attn, hidden)?;
         let mlp_in = self.layer_norm_2.forward(&hidden)?;
-        self.mlp.forward_residual(&mlp_in, height, width, &hidden)
+        self.mlp.forward_residual(&mlp_in, &hidden)
     }
 }
 
@@ -175,41 +177,11 @@ impl Node for Encoder {
     fn visit<'a>(&'a self, path: &Path, v: &mut Visitor<'a, '_>) -> Result<()> {
         self.stages.iter().try_for_each(|s| s.visit(path, v))
     }
+}
 
+impl NodeMut for Encoder {
     fn visit_mut(&mut self, path: &Path, v: &mut VisitorMut<'_>) -> Result<()> {
         self.stages.iter_mut().try_for_each(|s| s.visit_mut(path, v))
-    }
-}
-
-/// One encoder stage's output as channels-last tokens `[B, height*width, C]`: the layout the encoder and the
-/// decode head work in (transformers hands NCHW maps between them; [`StageMap::to_nchw`] gives those).
-#[derive(Debug, Clone)]
-pub struct StageMap {
-    pub tokens: Tensor,
-    pub height: usize,
-    pub width: usize,
-}
-
-impl StageMap {
-    /// `[B, C, height, width]`, transformers' layout of a stage's hidden state.
-    pub fn to_nchw(&self) -> Result<Tensor> {
-        let (b, _, c) = self.tokens.dims3()?;
-        Ok(self
-            .tokens
-            .reshape((b, self.height, self.width, c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
-    }
-
-    /// From `[B, C, H, W]`.
-    pub fn from_nchw(x: &Tensor) -> Result<Self> {
-        let (b, c, height, width) = x.dims4()?;
-        let tokens = x
-            .flatten_from(2)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, height * width, c))?;
-        Ok(Self { tokens, height, width })
     }
 }
 
@@ -268,7 +240,7 @@ impl Encoder {
     }
 
     /// Returns each stage's feature map as NCHW (the last one as tokens `[B, N, C]` when `reshape_last_stage` is
-    /// off, as transformers does).
+    /// off), as transformers does.
     pub fn forward(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
         let maps = self.forward_maps(pixels, &mut |_, _| {})?;
         let last = maps.len().saturating_sub(1);
@@ -278,37 +250,27 @@ impl Encoder {
                 if i != last || self.reshape_last_stage {
                     m.to_nchw()
                 } else {
-                    Ok(m.tokens.clone())
+                    m.to_tensor()
                 }
             })
             .collect()
     }
 
-    /// Each stage's output as tokens, calling `on_stage(i, elapsed)` after each stage.
-    pub fn forward_maps(
-        &self,
-        pixels: &Tensor,
-        on_stage: &mut dyn FnMut(usize, std::time::Duration),
-    ) -> Result<Vec<StageMap>> {
-        // Stage 1's time includes turning the pixels into tokens.
-        let mut stage_start = std::time::Instant::now();
-        let mut current = StageMap::from_nchw(pixels)?;
-        let mut maps = Vec::with_capacity(self.stages.len());
+    /// Each stage's output for NCHW pixels, calling `on_stage(i, elapsed)` after each stage (stage 0's time includes
+    /// turning the pixels into tokens).
+    pub fn forward_maps(&self, pixels: &Tensor, on_stage: &mut dyn FnMut(usize, Duration)) -> Result<Vec<Tokens>> {
+        let mut stage_start = Instant::now();
+        let pixels = Tokens::from_nchw(pixels)?;
+        let mut maps: Vec<Tokens> = Vec::with_capacity(self.stages.len());
         for (i, stage) in self.stages.iter().enumerate() {
-            let (mut hidden, h, w) = stage
-                .patch_embeddings
-                .forward(&current.tokens, current.height, current.width)?;
+            let input = maps.last().unwrap_or(&pixels);
+            let mut hidden = stage.patch_embeddings.forward(input)?;
             for layer in &stage.block {
-                hidden = layer.forward(&hidden, h, w)?;
+                hidden = layer.forward(&hidden)?;
             }
-            current = StageMap {
-                tokens: stage.layer_norm.forward(&hidden)?,
-                height: h,
-                width: w,
-            };
-            maps.push(current.clone());
+            maps.push(stage.layer_norm.forward(&hidden)?);
             on_stage(i, stage_start.elapsed());
-            stage_start = std::time::Instant::now();
+            stage_start = Instant::now();
         }
         Ok(maps)
     }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 pub use decode_head::{ComposedHead, DecodeHead};
-pub use encoder::{Encoder, StageMap};
+pub use encoder::Encoder;
 
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
 use super::plan::{Activations, AttentionKernel, MatMul};
-use super::tree::{Leaf, LeafMut, Node, Path, node};
+use super::tree::{Leaf, LeafMut, Node, NodeMut, Path, node};
 use crate::Result;
 use crate::quant::Level;
 
