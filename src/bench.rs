@@ -67,7 +67,11 @@ pub fn parse_size(text: &str) -> Result<(usize, usize)> {
     let (w, h) = text
         .split_once(['x', 'X'])
         .ok_or_else(|| bad("expected WIDTHxHEIGHT"))?;
-    let side = |s: &str| s.trim().parse::<usize>().map_err(|_| bad("expected WIDTHxHEIGHT in pixels"));
+    let side = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| bad("expected WIDTHxHEIGHT in pixels"))
+    };
     let (w, h) = (side(w)?, side(h)?);
     if w < 32 || h < 32 {
         return Err(bad("each side must be at least 32"));
@@ -78,7 +82,9 @@ pub fn parse_size(text: &str) -> Result<(usize, usize)> {
 /// A deterministic, image-like input: smooth gradients in normalised units.
 fn synthetic_input(batch: usize, height: usize, width: usize) -> Result<Tensor> {
     let pixels: Vec<f32> = (0..batch * 3 * height * width)
-        .map(|i| (((i % width) as f32 / width as f32) - 0.5) * 2.0 + ((i / width % height) as f32 / height as f32) - 0.5)
+        .map(|i| {
+            (((i % width) as f32 / width as f32) - 0.5) * 2.0 + ((i / width % height) as f32 / height as f32) - 0.5
+        })
         .collect();
     Ok(Tensor::from_vec(pixels, (batch, 3, height, width), &Device::Cpu)?)
 }
@@ -188,7 +194,11 @@ mod tests {
         assert_eq!(labels, ["f32", "int8-dyn-rtn"]);
         for level in &report.levels {
             assert!(level.median_ms > 0.0 && level.p95_ms >= level.median_ms, "{level:?}");
-            assert!(level.stage_ms.iter().all(|&ms| ms > 0.0), "profiled stages: {:?}", level.stage_ms);
+            assert!(
+                level.stage_ms.iter().all(|&ms| ms > 0.0),
+                "profiled stages: {:?}",
+                level.stage_ms
+            );
         }
         assert!(report.levels[1].weight_bytes < report.levels[0].weight_bytes);
     }

@@ -98,7 +98,14 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     fn default() -> Self {
         Self {
-            levels: vec![Level::F32, Level::F16, Level::F8E4m3, Level::Int8, Level::Int4, Level::Int2],
+            levels: vec![
+                Level::F32,
+                Level::F16,
+                Level::F8E4m3,
+                Level::Int8,
+                Level::Int4,
+                Level::Int2,
+            ],
             methods: vec![Method::Rtn, Method::Hqq],
             group_size: None,
             symmetric: None,
@@ -396,7 +403,9 @@ mod tests {
         assert!(e.contains("quant.levels") && e.contains("int3"), "{e}");
         let e = c.set("dataset.on_error=ignore").unwrap_err().to_string();
         assert!(e.contains("dataset.on_error") && e.contains("ignore"), "{e}");
-        let e = Config::from_toml("[eval]\nprotocol = \"paper\"\n", "c.toml").unwrap_err().to_string();
+        let e = Config::from_toml("[eval]\nprotocol = \"paper\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("c.toml line 2:") && e.contains("paper"), "{e}");
     }
 }

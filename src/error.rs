@@ -50,13 +50,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("interrupted")]
     Interrupted,
-    /// To be replaced; src/model and src/kernels are being restructured and still build their errors as text.
-    #[error("{0}")]
-    Model(String),
 }
 
-/// What went wrong, without the details: for callers (and tests) that branch on the failure. Kinds may be added
-/// (the temporary `Unclassified` will be split up), hence `non_exhaustive`.
+/// What went wrong, without the details: for callers (and tests) that branch on the failure. Kinds may be added,
+/// hence `non_exhaustive`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -73,8 +70,6 @@ pub enum ErrorKind {
     /// A tensor operation (candle) failed.
     Compute,
     Interrupted,
-    /// The temporary `Model` and `Quant` variants, which do not say yet.
-    Unclassified,
 }
 
 impl Error {
@@ -94,7 +89,6 @@ impl Error {
             Error::Internal { .. } => ErrorKind::Internal,
             Error::Candle(_) => ErrorKind::Compute,
             Error::Interrupted => ErrorKind::Interrupted,
-            Error::Model(_) => ErrorKind::Unclassified,
         }
     }
 
@@ -132,7 +126,6 @@ impl Error {
             Error::Internal { message } => Error::Internal {
                 message: prefix(&message),
             },
-            Error::Model(message) => Error::Model(prefix(&message)),
             other @ (Error::Io { .. } | Error::Write { .. } | Error::Candle(_) | Error::Interrupted) => other,
         }
     }
@@ -303,11 +296,6 @@ mod tests {
                 "tensor computation failed: matmul",
             ),
             (Error::Interrupted, ErrorKind::Interrupted, "interrupted"),
-            (
-                Error::Model("tensor `x` appears twice".into()),
-                ErrorKind::Unclassified,
-                "tensor `x` appears twice",
-            ),
         ];
         for (error, kind, text) in cases {
             assert_eq!(error.kind(), kind, "{error}");

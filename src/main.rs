@@ -53,7 +53,11 @@ fn main() {
             let mut line = String::new();
             for cause in e.chain().map(|c| c.to_string()) {
                 if !line.contains(&cause) {
-                    line = if line.is_empty() { cause } else { format!("{line}: {cause}") };
+                    line = if line.is_empty() {
+                        cause
+                    } else {
+                        format!("{line}: {cause}")
+                    };
                 }
             }
             eprintln!("error: {}", segq::hub::scrub(&line));

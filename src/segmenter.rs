@@ -23,12 +23,8 @@ pub struct ModelInput {
 impl ModelInput {
     /// Resizes and normalises `image` as `preprocessor` and `protocol` say (Pillow-exact resize).
     pub fn new(image: &RgbImage, preprocessor: &PreprocessorConfig, protocol: Protocol) -> ModelInput {
-        let (width, height) = preprocess::target_size(
-            preprocessor,
-            protocol,
-            image.width() as usize,
-            image.height() as usize,
-        );
+        let (width, height) =
+            preprocess::target_size(preprocessor, protocol, image.width() as usize, image.height() as usize);
         ModelInput {
             pixels: preprocess::preprocess(image, preprocessor, protocol),
             height,
@@ -238,7 +234,10 @@ mod tests {
         let batch = segmenter.predict_batch(&images).unwrap();
         for (image, batched) in images.iter().zip(&batch) {
             let one = segmenter.predict(image).unwrap();
-            assert_eq!((one.width, one.height), (image.width() as usize, image.height() as usize));
+            assert_eq!(
+                (one.width, one.height),
+                (image.width() as usize, image.height() as usize)
+            );
             assert_eq!(one.mask, batched.mask);
             assert_eq!(one.logits.data.len(), batched.logits.data.len());
         }

@@ -78,7 +78,12 @@ fn logits_match_transformers() {
             );
             let exp = expected.f32s();
             let max_ref = exp.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            let max_diff = logits.data.iter().zip(&exp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let max_diff = logits
+                .data
+                .iter()
+                .zip(&exp)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(
                 max_diff <= 1e-4 * max_ref,
                 "{m}/{stem}: max |segq - transformers| = {max_diff}, bound {}",
@@ -115,7 +120,11 @@ fn embedded_demo_model_matches_transformers() {
     let expected = Npy::read(&fixtures().join("demo/SYN_val_00000001.logits.npy"));
     assert_eq!(expected.shape, vec![20, 64, 64]);
     assert_eq!(
-        [prediction.logits.classes, prediction.logits.height, prediction.logits.width][..],
+        [
+            prediction.logits.classes,
+            prediction.logits.height,
+            prediction.logits.width
+        ][..],
         expected.shape[..]
     );
     let exp = expected.f32s();

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use eval_support::{scratch, segq_ok};
 use segq::model::{self, ModelSource};
 use segq::preprocess::Protocol;
-use segq::segmenter::{ModelInput, forward_inputs};
 use segq::quant::{Level, Method, Recipe};
+use segq::segmenter::{ModelInput, forward_inputs};
 
 /// Relative logits error (||L_q - L_f32|| / ||L_f32||, worst image) that int8 and float8 e4m3 must stay within.
 /// tiny_a is a random-init model with 8..32 channels, so every rounding error weighs heavily; measured here:

@@ -13,9 +13,10 @@ pub struct Progress(indicatif::ProgressBar);
 impl Progress {
     pub fn new(show: bool) -> Progress {
         if show && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            let style =
-                indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             Progress(indicatif::ProgressBar::new(0).with_style(style))
         } else {
             Progress(indicatif::ProgressBar::hidden())

@@ -5,11 +5,11 @@
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::Result;
 use crate::model::{self, LoadedModel};
 use crate::preprocess::Protocol;
 use crate::quant::{Level, Method, Recipe};
 use crate::segmenter::{self, Logits, ModelInput};
-use crate::Result;
 
 /// One recipe's error against the float model.
 #[derive(Debug, Clone, Serialize)]
@@ -62,7 +62,12 @@ pub fn error_report(
         let (quantized, report) = model::quantize(&loaded.model, recipe)?;
         let (mut err, mut norm, mut agree, mut pixels) = (0f64, 0f64, 0usize, 0usize);
         for ((q, r), r_classes) in logits_of(&quantized)?.iter().zip(&reference).zip(&reference_classes) {
-            err += q.data.iter().zip(&r.data).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+            err += q
+                .data
+                .iter()
+                .zip(&r.data)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
             norm += r.data.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
             let q_classes = q.argmax();
             agree += q_classes.iter().zip(r_classes).filter(|(a, b)| a == b).count();

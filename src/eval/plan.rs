@@ -5,12 +5,12 @@
 
 use std::path::PathBuf;
 
+use crate::Result;
 use crate::config::Config;
 use crate::data::{LabelOptions, LoaderOptions, Selection, ShardSpec};
 use crate::model::ModelSource;
 use crate::preprocess::Protocol;
 use crate::quant::{Recipe, SweepSpec, UnbuildableLevel};
-use crate::Result;
 
 /// Where the examples come from, as configured; resolved to files (and downloaded) when the evaluation starts.
 #[derive(Debug, Clone, PartialEq)]

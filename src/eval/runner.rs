@@ -118,7 +118,10 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         os: std::env::consts::OS.to_string(),
     };
     let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels);
-    observer.started(loader.total(), &variants.iter().map(|v| v.result.clone()).collect::<Vec<_>>());
+    observer.started(
+        loader.total(),
+        &variants.iter().map(|v| v.result.clone()).collect::<Vec<_>>(),
+    );
     let options = RunOptions {
         preprocessor: &loaded.preprocessor,
         protocol: plan.protocol,
@@ -220,11 +223,19 @@ fn build_variants(
                         wall_s: 0.0,
                     }
                 }
-                Err(e) => failed_variant(recipe.label(), recipe.level, LevelMethod::Method(recipe.method), e.to_string()),
+                Err(e) => failed_variant(
+                    recipe.label(),
+                    recipe.level,
+                    LevelMethod::Method(recipe.method),
+                    e.to_string(),
+                ),
             },
-            Err(UnbuildableLevel { level, reason }) => {
-                failed_variant(level.name().to_string(), *level, LevelMethod::Unbuildable, reason.clone())
-            }
+            Err(UnbuildableLevel { level, reason }) => failed_variant(
+                level.name().to_string(),
+                *level,
+                LevelMethod::Unbuildable,
+                reason.clone(),
+            ),
         })
         .collect();
     let f32_bytes = variants[0].result.weight_bytes_memory.max(1) as f64;
@@ -351,7 +362,9 @@ fn evaluate_batch(
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
         for timed in &logits {
             result.model_latency_ms.push(timed.forward_ms);
-            result.pipeline_latency_ms.push(shared_per_image_ms + timed.forward_ms + post_ms);
+            result
+                .pipeline_latency_ms
+                .push(shared_per_image_ms + timed.forward_ms + post_ms);
         }
         result.peak_rss_bytes = result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
         variant.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;

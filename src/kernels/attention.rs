@@ -48,10 +48,13 @@ impl AttentionShape {
         let want_q = self.batch * self.queries * c;
         let want_kv = self.batch * self.keys * c;
         if q != want_q || k != want_kv || v != want_kv || out != want_q || self.keys == 0 || self.head_dim == 0 {
-            return Err(Error::invalid(format!("attention {self:?}"), format!(
-                "got q {q}, k {k}, v {v}, out {out} values (want q and out {want_q}, k and v \
+            return Err(Error::invalid(
+                format!("attention {self:?}"),
+                format!(
+                    "got q {q}, k {k}, v {v}, out {out} values (want q and out {want_q}, k and v \
                  {want_kv}; keys and head_dim > 0)"
-            )));
+                ),
+            ));
         }
         Ok(())
     }

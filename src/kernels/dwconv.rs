@@ -19,7 +19,7 @@ fn check_shapes(
 ) -> Result<()> {
     let plane = channels * height * width;
     if input != plane || out != plane || weight != channels * 9 || bias != channels {
-        return Err(Error::Model(format!(
+        return Err(Error::internal(format!(
             "{what}: shapes disagree for C={channels} H={height} W={width}: input has {input} values, output \
              {out} (both should be {plane}), weight {weight} (should be {}), bias {bias} (should be {channels})",
             channels * 9

@@ -54,7 +54,7 @@ fn check_linear(
     res: Option<usize>,
 ) -> Result<()> {
     if x != rows * k || w != n * k || bias.is_some_and(|b| b != n) || res.is_some_and(|r| r != rows * n) {
-        return Err(Error::Model(format!(
+        return Err(Error::internal(format!(
             "linear: x {x} values for {rows}x{k}, weight {w} for {n}x{k}, bias {bias:?} (want {n}), residual {res:?} \
              (want {})",
             rows * n
@@ -123,7 +123,7 @@ pub fn linear_f32(
 
 fn check_matmul(a: usize, m: usize, k: usize, b: usize, n: usize, dst: usize) -> Result<()> {
     if a != m * k || b != k * n || dst != m * n {
-        return Err(Error::Model(format!(
+        return Err(Error::internal(format!(
             "matmul_accumulate: a {a} values for {m}x{k}, b {b} for {k}x{n}, dst {dst} for {m}x{n}"
         )));
     }
@@ -289,7 +289,7 @@ impl ConvShape {
             && w == self.out_channels * self.patch()
             && bias.is_none_or(|b| b == self.out_channels);
         if !ok {
-            return Err(Error::Model(format!(
+            return Err(Error::internal(format!(
                 "conv2d {self:?}: input {x} values, weight {w}, bias {bias:?} (want input H*W*C_in, weight \
                  C_out*K*K*C_in, bias C_out, kernel within the padded input)"
             )));
@@ -389,7 +389,7 @@ fn conv2d_nhwc_i8_with(
 ) -> Result<Vec<f32>> {
     s.check(x.len(), weight.n() * weight.k(), bias.map(<[f32]>::len))?;
     if weight.n() != s.out_channels || weight.k() != s.patch() {
-        return Err(Error::Model(format!(
+        return Err(Error::internal(format!(
             "conv2d {s:?}: int8 weight is {}x{} (want C_out x K*K*C_in)",
             weight.n(),
             weight.k()

@@ -43,19 +43,25 @@ impl I8Panels {
     /// Codes must lie in [-127, 127] (symmetric quantization).
     pub fn pack(codes: &[i8], scales: &[f32], n: usize, k: usize) -> Result<I8Panels> {
         if codes.len() != n * k || scales.len() != n {
-            return Err(Error::invalid("I8Panels::pack", format!(
-                "{} codes and {} scales given for N={n} K={k} (want {} and {n})",
-                codes.len(),
-                scales.len(),
-                n * k
-            )));
+            return Err(Error::invalid(
+                "I8Panels::pack",
+                format!(
+                    "{} codes and {} scales given for N={n} K={k} (want {} and {n})",
+                    codes.len(),
+                    scales.len(),
+                    n * k
+                ),
+            ));
         }
         if let Some(pos) = codes.iter().position(|&c| c == i8::MIN) {
-            return Err(Error::invalid("I8Panels::pack", format!(
-                "code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
-                pos / k.max(1),
-                pos % k.max(1)
-            )));
+            return Err(Error::invalid(
+                "I8Panels::pack",
+                format!(
+                    "code -128 at row {} column {}; int8 weight codes must be symmetric, in [-127, 127]",
+                    pos / k.max(1),
+                    pos % k.max(1)
+                ),
+            ));
         }
         let k4 = k.div_ceil(4) * 4;
         let n_panels = n.div_ceil(NR);
@@ -116,10 +122,10 @@ impl I8Panels {
 /// Returns codes `[m, k]` and one scale per row (0 for an all-zero row, whose codes are all 0).
 pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f32>)> {
     if x.len() != m * k {
-        return Err(Error::invalid("quantize_rows_i8", format!(
-            "input has {} values, want M*K = {m}*{k}",
-            x.len()
-        )));
+        return Err(Error::invalid(
+            "quantize_rows_i8",
+            format!("input has {} values, want M*K = {m}*{k}", x.len()),
+        ));
     }
     let mut codes = vec![0i8; m * k];
     let mut scales = vec![0f32; m];
@@ -155,15 +161,18 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
 
 fn check_gemm(x: usize, m: usize, k: usize, w: &I8Panels, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
-        return Err(Error::invalid("gemm_i8_dynamic", format!(
-            "shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
+        return Err(Error::invalid(
+            "gemm_i8_dynamic",
+            format!(
+                "shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
              {out} values (want {}), bias has {} (want {})",
-            w.n,
-            w.k,
-            m * w.n,
-            bias.map_or(0, |b| b.len()),
-            w.n
-        )));
+                w.n,
+                w.k,
+                m * w.n,
+                bias.map_or(0, |b| b.len()),
+                w.n
+            ),
+        ));
     }
     Ok(())
 }

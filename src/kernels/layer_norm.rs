@@ -11,11 +11,14 @@ const MIN_ROWS_PER_TASK: usize = 64;
 
 fn check(x: usize, rows: usize, cols: usize, gamma: usize, beta: usize, out: usize) -> Result<()> {
     if x != rows * cols || out != rows * cols || gamma != cols || beta != cols {
-        return Err(Error::invalid("layer_norm", format!(
-            "shapes disagree for rows={rows} cols={cols}: input {x}, output {out} (want {}), gamma \
+        return Err(Error::invalid(
+            "layer_norm",
+            format!(
+                "shapes disagree for rows={rows} cols={cols}: input {x}, output {out} (want {}), gamma \
              {gamma}, beta {beta} (want {cols})",
-            rows * cols
-        )));
+                rows * cols
+            ),
+        ));
     }
     Ok(())
 }

@@ -66,19 +66,22 @@ pub struct UpsampleSum<'a> {
 impl<'a> UpsampleSum<'a> {
     pub fn new(inputs: &[MapNhwc<'a>], channels: usize, out_h: usize, out_w: usize, bias: &'a [f32]) -> Result<Self> {
         if bias.len() != channels {
-            return Err(Error::invalid("upsample_sum_nhwc", format!(
-                "bias has {} values for {channels} channels",
-                bias.len()
-            )));
+            return Err(Error::invalid(
+                "upsample_sum_nhwc",
+                format!("bias has {} values for {channels} channels", bias.len()),
+            ));
         }
         for (i, m) in inputs.iter().enumerate() {
             if m.height == 0 || m.width == 0 || m.data.len() != m.height * m.width * channels {
-                return Err(Error::invalid("upsample_sum_nhwc", format!(
-                    "input {i} has {} values for {}x{}x{channels}",
-                    m.data.len(),
-                    m.height,
-                    m.width
-                )));
+                return Err(Error::invalid(
+                    "upsample_sum_nhwc",
+                    format!(
+                        "input {i} has {} values for {}x{}x{channels}",
+                        m.data.len(),
+                        m.height,
+                        m.width
+                    ),
+                ));
             }
         }
         let axes = inputs
@@ -143,10 +146,10 @@ pub fn upsample_sum_nhwc(
 ) -> Result<()> {
     let sum = UpsampleSum::new(inputs, channels, out_h, out_w, bias)?;
     if out.len() != out_h * out_w * channels {
-        return Err(Error::invalid("upsample_sum_nhwc", format!(
-            "output has {} values for {out_h}x{out_w}x{channels}",
-            out.len()
-        )));
+        return Err(Error::invalid(
+            "upsample_sum_nhwc",
+            format!("output has {} values for {out_h}x{out_w}x{channels}", out.len()),
+        ));
     }
     if out.is_empty() {
         return Ok(());

@@ -12,11 +12,14 @@ const MIN_ROWS_PER_TASK: usize = 16;
 
 fn check(x: usize, rows: usize, cols: usize, scale: f32, out: usize) -> Result<()> {
     if x != rows * cols || out != rows * cols || !(scale > 0.0 && scale.is_finite()) {
-        return Err(Error::invalid("softmax_rows", format!(
-            "input {x} and output {out} values for rows={rows} cols={cols} (want {}), scale {scale} \
+        return Err(Error::invalid(
+            "softmax_rows",
+            format!(
+                "input {x} and output {out} values for rows={rows} cols={cols} (want {}), scale {scale} \
              (want finite > 0)",
-            rows * cols
-        )));
+                rows * cols
+            ),
+        ));
     }
     Ok(())
 }

@@ -67,7 +67,7 @@ impl TensorStore {
             .insert(name.clone(), FloatTensor { shape, values })
             .is_some()
         {
-            return Err(Error::Model(format!("{origin}: tensor `{name}` appears twice")));
+            return Err(Error::invalid(origin, format!("tensor `{name}` appears twice")));
         }
         Ok(())
     }
@@ -90,16 +90,17 @@ impl TensorStore {
                 store.add_safetensors(&shown, &bytes)?;
             } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
                 let tensors = candle_core::pickle::read_all(file)
-                    .map_err(|e| Error::Model(format!("{shown}: cannot read PyTorch checkpoint: {e}")))?;
+                    .map_err(|e| Error::invalid(&shown, format!("cannot read PyTorch checkpoint: {e}")))?;
                 for (n, t) in tensors {
                     let (dtype, shape) = (t.dtype(), t.dims().to_vec());
                     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     store.insert(&shown, n, dtype, shape, values)?;
                 }
             } else {
-                return Err(Error::Model(format!(
-                    "{shown}: unknown checkpoint format (expected .safetensors or .bin)"
-                )));
+                return Err(Error::unsupported(
+                    &shown,
+                    "unknown checkpoint format (expected .safetensors or .bin)",
+                ));
             }
         }
         Ok(store)
@@ -114,9 +115,9 @@ impl TensorStore {
 
     fn add_safetensors(&mut self, origin: &str, bytes: &[u8]) -> Result<()> {
         let (_, metadata) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| Error::Model(format!("{origin}: cannot read safetensors: {e}")))?;
+            .map_err(|e| Error::invalid(origin, format!("cannot read safetensors: {e}")))?;
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::Model(format!("{origin}: cannot read safetensors: {e}")))?;
+            .map_err(|e| Error::invalid(origin, format!("cannot read safetensors: {e}")))?;
         let mut quantized_parts = std::collections::HashSet::new();
         if let Some(meta) = metadata.metadata()
             && meta.contains_key(quant::RECIPE_METADATA_KEY)
@@ -147,9 +148,10 @@ impl TensorStore {
                 Dtype::U8 => DType::U8,
                 Dtype::U32 => DType::U32,
                 other => {
-                    return Err(Error::Model(format!(
-                        "{origin}: tensor `{name}` has unsupported dtype {other:?}"
-                    )));
+                    return Err(Error::unsupported(
+                        origin,
+                        format!("tensor `{name}` has unsupported dtype {other:?}"),
+                    ));
                 }
             };
             self.insert(origin, name, dtype, view.shape().to_vec(), f32_values(dtype, data))?;
@@ -160,16 +162,16 @@ impl TensorStore {
     /// Takes a float tensor by name (its f32 values, row-major), checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.tensors.remove(name).ok_or_else(|| {
-            Error::Model(format!(
-                "{}: checkpoint lacks tensor `{name}` (expected shape {shape:?})",
-                self.origin
-            ))
+            Error::not_found(
+                &self.origin,
+                format!("checkpoint lacks tensor `{name}` (expected shape {shape:?})"),
+            )
         })?;
         if t.shape != shape {
-            return Err(Error::Model(format!(
-                "{}: tensor `{name}` has shape {:?}, the config expects {shape:?}",
-                self.origin, t.shape
-            )));
+            return Err(Error::invalid(
+                &self.origin,
+                format!("tensor `{name}` has shape {:?}, the config expects {shape:?}", t.shape),
+            ));
         }
         Ok(t.values)
     }
@@ -182,16 +184,19 @@ impl TensorStore {
         let rows = shape[0];
         let cols = shape.iter().product::<usize>() / rows.max(1);
         if (meta.rows, meta.cols) != (rows, cols) {
-            return Err(Error::Model(format!(
-                "{}: quantized tensor `{name}` is [{}, {}], the config expects [{rows}, {cols}]",
-                self.origin, meta.rows, meta.cols
-            )));
+            return Err(Error::invalid(
+                &self.origin,
+                format!(
+                    "quantized tensor `{name}` is [{}, {}], the config expects [{rows}, {cols}]",
+                    meta.rows, meta.cols
+                ),
+            ));
         }
         let raw = &self.raw;
         let q = QuantTensor::from_tensors(name, &meta, |part| {
             raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice()))
         })
-        .map_err(|e| Error::Model(format!("{}: {e}", self.origin)))?;
+        .map_err(|e| e.within(&self.origin))?;
         for suffix in ["qdata", "scale", "zero"] {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
@@ -216,13 +221,15 @@ impl TensorStore {
             .collect();
         names.sort();
         let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
-        Err(Error::Model(format!(
-            "{}: checkpoint has {} unexpected tensor(s) for this config: {}{}",
-            self.origin,
-            names.len(),
-            shown.join(", "),
-            if names.len() > 5 { ", ..." } else { "" }
-        )))
+        Err(Error::invalid(
+            &self.origin,
+            format!(
+                "checkpoint has {} unexpected tensor(s) for this config: {}{}",
+                names.len(),
+                shown.join(", "),
+                if names.len() > 5 { ", ..." } else { "" }
+            ),
+        ))
     }
 }
 
@@ -248,12 +255,12 @@ fn f32_values(dtype: DType, data: &[u8]) -> Vec<f32> {
 /// Shard files listed by a `model.safetensors.index.json` (`weight_map` values), in a stable order.
 pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: malformed index: {e}", index.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(index.display().to_string(), format!("malformed index: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Model(format!("{}: index has no `weight_map`", index.display())))?;
+        .ok_or_else(|| Error::invalid(index.display().to_string(), "index has no `weight_map`"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
     files.sort();

@@ -90,23 +90,32 @@ impl SegformerConfig {
     /// Reads and validates `config.json`; errors name the file and the key at fault.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))
+        Self::from_json_at(&text, &path.display().to_string())
     }
 
-    /// Parses `config.json` text (the error does not carry the file name; `from_file` adds it).
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("malformed config.json: {e}"))?;
+    /// Parses `config.json` text; errors name `config.json`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        Self::from_json_at(text, "config.json")
+    }
+
+    /// Parses `config.json` text; errors name `origin` (the file it came from).
+    pub fn from_json_at(text: &str, origin: &str) -> Result<Self> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::invalid(origin, format!("malformed config.json: {e}")))?;
         let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("segformer");
         if model_type != "segformer" {
-            return Err(format!(
-                "unsupported model_type \"{model_type}\" (segq supports: segformer)"
+            return Err(Error::unsupported(
+                origin,
+                format!("unsupported model_type \"{model_type}\" (segq supports: segformer)"),
             ));
         }
-        let config: SegformerConfig = serde_json::from_value(value).map_err(|e| format!("bad config.json: {e}"))?;
-        config.validate()?;
+        let config: SegformerConfig =
+            serde_json::from_value(value).map_err(|e| Error::invalid(origin, format!("bad config.json: {e}")))?;
+        config.validate().map_err(|message| Error::invalid(origin, message))?;
         Ok(config)
     }
 
+    /// The first inconsistency between the keys, as text; `from_json_at` turns it into an error naming the file.
     fn validate(&self) -> std::result::Result<(), String> {
         let n = self.num_encoder_blocks;
         if n == 0 {
@@ -195,14 +204,19 @@ mod tests {
 
     #[test]
     fn rejects_other_model_types_and_bad_shapes() {
-        let e = SegformerConfig::from_json(r#"{"model_type":"bert"}"#).unwrap_err();
+        let e = SegformerConfig::from_json(r#"{"model_type":"bert"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unsupported model_type \"bert\""), "{e}");
         let e = SegformerConfig::from_json(r#"{"hidden_sizes":[30,64,160,256],"num_attention_heads":[4,2,5,8]}"#)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hidden_sizes[0] = 30"), "{e}");
-        let e = SegformerConfig::from_json(r#"{"depths":[2,2]}"#).unwrap_err();
+        let e = SegformerConfig::from_json(r#"{"depths":[2,2]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"depths\" has 2 entries"), "{e}");
-        let e = SegformerConfig::from_json("{not json").unwrap_err();
+        let e = SegformerConfig::from_json("{not json").unwrap_err().to_string();
         assert!(e.starts_with("malformed config.json"), "{e}");
     }
 }

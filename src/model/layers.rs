@@ -133,7 +133,7 @@ impl Linear {
             (r.batch(), r.height(), r.width(), r.channels()) == (x.batch(), x.height(), x.width(), out_features)
         };
         if x.channels() != in_features || residual.is_some_and(|r| !residual_fits(r)) {
-            return Err(Error::Model(format!(
+            return Err(Error::internal(format!(
                 "Linear {:?}: input of {} channels, residual {:?}",
                 self.shape,
                 x.channels(),
@@ -263,7 +263,7 @@ impl Conv2d {
     pub fn forward_tokens(&self, x: &Tokens) -> Result<Tokens> {
         let (out_c, in_c, k) = (self.shape[0], self.shape[1], self.shape[2]);
         if !self.is_dense() || x.channels() != in_c {
-            return Err(Error::Model(format!(
+            return Err(Error::internal(format!(
                 "Conv2d: forward_tokens needs a dense square convolution over {} channels; the weight is {:?} with \
                  {} groups",
                 x.channels(),

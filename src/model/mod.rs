@@ -72,9 +72,10 @@ impl ModelSource {
             return Ok(Self::Local(path.to_path_buf()));
         }
         HubId::parse(v).map(Self::Hub).ok_or_else(|| {
-            Error::Model(format!(
-                "--model `{v}`: no such file or folder, and not a Hub repo id (owner/name[@revision])"
-            ))
+            Error::config(
+                "--model",
+                format!("--model `{v}`: no such file or folder, and not a Hub repo id (owner/name[@revision])"),
+            )
         })
     }
 }
@@ -144,10 +145,10 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
     };
     let config = dir.join("config.json");
     if !config.exists() {
-        return Err(Error::Model(format!(
-            "{}: no config.json in this folder",
-            dir.display()
-        )));
+        return Err(Error::not_found(
+            dir.display().to_string(),
+            "no config.json in this folder",
+        ));
     }
     let weights = match explicit {
         Some(file) => vec![file],
@@ -162,10 +163,10 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
             } else if bin.exists() {
                 vec![bin]
             } else {
-                return Err(Error::Model(format!(
-                    "{}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
-                    dir.display()
-                )));
+                return Err(Error::not_found(
+                    dir.display().to_string(),
+                    "no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)",
+                ));
             }
         }
     };
@@ -238,17 +239,16 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
                 None => None,
             };
             // Validate the config before reading weights, naming the file on error.
-            SegformerConfig::from_json(&config_json)
-                .map_err(|e| Error::Model(format!("{}: {e}", files.config.display())))?;
+            SegformerConfig::from_json_at(&config_json, &files.config.display().to_string())?;
             if let (Some(p), Some(text)) = (&files.preprocessor, &pre) {
-                PreprocessorConfig::from_json(text).map_err(|e| Error::Model(format!("{}: {e}", p.display())))?;
+                PreprocessorConfig::from_json(text).map_err(|e| e.within(p.display()))?;
             }
             (config_json, pre, TensorStore::from_files(&files.weights)?)
         }
     };
-    let config = SegformerConfig::from_json(&config_json).map_err(|e| Error::Model(format!("{source}: {e}")))?;
+    let config = SegformerConfig::from_json(&config_json).map_err(|e| e.within(source))?;
     let preprocessor = match &preprocessor_json {
-        Some(text) => PreprocessorConfig::from_json(text).map_err(|e| Error::Model(format!("{source}: {e}")))?,
+        Some(text) => PreprocessorConfig::from_json(text).map_err(|e| e.within(source))?,
         None => {
             tracing::warn!(source = %source, "no preprocessor_config.json: using SegformerImageProcessor defaults (512x512)");
             PreprocessorConfig::default()

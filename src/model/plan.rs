@@ -258,7 +258,7 @@ impl MatMul {
     pub fn conv_tokens(&self, x: &[f32], batch: usize, shape: ConvShape, bias: Option<&[f32]>) -> Result<Vec<f32>> {
         let image = shape.height * shape.width * shape.in_channels;
         if x.len() != batch * image {
-            return Err(Error::Model(format!(
+            return Err(Error::internal(format!(
                 "convolution {shape:?}: {} input values for {batch} images",
                 x.len()
             )));
@@ -270,7 +270,7 @@ impl MatMul {
                     in_channels: shape.in_channels,
                 };
                 if p.columns != want {
-                    return Err(Error::Model(format!(
+                    return Err(Error::internal(format!(
                         "convolution {shape:?}: int8 weight packed in {:?} column order, not {want:?}",
                         p.columns
                     )));
@@ -321,7 +321,7 @@ impl ResolvedMatMul<'_> {
             ResolvedMatMul::F32(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
             ResolvedMatMul::W8A8(p) => {
                 if p.panels.n() != n {
-                    return Err(Error::Model(format!(
+                    return Err(Error::internal(format!(
                         "int8 weight has {} outputs, the layer {n}",
                         p.panels.n()
                     )));
@@ -330,7 +330,7 @@ impl ResolvedMatMul<'_> {
                 kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?;
                 if let Some(r) = residual {
                     if r.len() != out.len() {
-                        return Err(Error::Model(format!(
+                        return Err(Error::internal(format!(
                             "residual of {} values for an output of {}",
                             r.len(),
                             out.len()

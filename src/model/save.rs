@@ -83,12 +83,11 @@ pub fn save_quantized(
         .map(|(n, d, s, b)| {
             safetensors::tensor::TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Model(format!("tensor `{n}`: {e}")))
+                .map_err(|e| Error::invalid(format!("tensor `{n}`"), e.to_string()))
         })
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(metadata), &path)
-        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| Error::write(&path, e.to_string()))?;
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
     if let Some(pre) = preprocessor_json {

@@ -19,7 +19,7 @@ pub struct Tokens {
 impl Tokens {
     pub fn new(data: Vec<f32>, batch: usize, height: usize, width: usize, channels: usize) -> Result<Tokens> {
         if data.len() != batch * height * width * channels {
-            return Err(Error::Model(format!(
+            return Err(Error::internal(format!(
                 "{} values for tokens [{batch}, {height}x{width}, {channels}]",
                 data.len()
             )));
@@ -125,13 +125,13 @@ pub(crate) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     let (storage, layout) = x.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| Error::Model(format!("tensor of shape {:?} is not contiguous", x.dims())))?;
+        .ok_or_else(|| Error::unsupported(format!("tensor of shape {:?}", x.dims()), "not contiguous"))?;
     match &*storage {
         candle_core::Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[start..end]),
-        _ => Err(Error::Model(format!(
-            "tensor of shape {:?} is not on the CPU",
-            x.dims()
-        ))),
+        _ => Err(Error::unsupported(
+            format!("tensor of shape {:?}", x.dims()),
+            "not on the CPU",
+        )),
     }
 }
 

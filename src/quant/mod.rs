@@ -274,10 +274,11 @@ impl QuantTensor {
                 "dequantize",
                 format!(
                     "{} values from row {row_start} do not fit a [{}, {cols}] {} tensor",
-                out.len(),
-                self.rows,
-                self.format_name()
-            )));
+                    out.len(),
+                    self.rows,
+                    self.format_name()
+                ),
+            ));
         }
         let rb = self.row_bytes();
         let groups = self.groups_per_row();
@@ -395,22 +396,28 @@ impl QuantTensor {
             zeros: Vec::new(),
         };
         if meta.format.has_scales() && (meta.group_size == 0 || meta.group_size > meta.cols.max(1)) {
-            return Err(Error::invalid(name, format!(
-                "group size {} is invalid for rows of {} elements",
-                meta.group_size, meta.cols
-            )));
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "group size {} is invalid for rows of {} elements",
+                    meta.group_size, meta.cols
+                ),
+            ));
         }
         if meta.format.is_float_without_groups() && meta.group_size != meta.cols {
-            return Err(Error::invalid(name, format!(
-                "{} stores one scale per row, but the metadata says group size {} for rows of {}",
-                meta.format.name(),
-                meta.group_size,
-                meta.cols
-            )));
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{} stores one scale per row, but the metadata says group size {} for rows of {}",
+                    meta.format.name(),
+                    meta.group_size,
+                    meta.cols
+                ),
+            ));
         }
         let fetch = |tensor_name: String, dtype: Dtype, shape: Vec<usize>| -> Result<Vec<u8>> {
-            let (found_dtype, found_shape, bytes) = lookup(&tensor_name)
-                .ok_or_else(|| Error::not_found(&tensor_name, "missing from the checkpoint"))?;
+            let (found_dtype, found_shape, bytes) =
+                lookup(&tensor_name).ok_or_else(|| Error::not_found(&tensor_name, "missing from the checkpoint"))?;
             if found_dtype != dtype || found_shape != shape {
                 return Err(Error::invalid(
                     &tensor_name,
@@ -419,10 +426,10 @@ impl QuantTensor {
             }
             let expected_bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
             if bytes.len() != expected_bytes {
-                return Err(Error::invalid(&tensor_name, format!(
-                    "expected {expected_bytes} bytes, found {}",
-                    bytes.len()
-                )));
+                return Err(Error::invalid(
+                    &tensor_name,
+                    format!("expected {expected_bytes} bytes, found {}", bytes.len()),
+                ));
             }
             Ok(bytes.to_vec())
         };
@@ -473,18 +480,21 @@ pub fn quantizer(method: Method) -> QuantizeFn {
 /// recipe first so that errors name the weight.
 pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
     if w.len() != rows * cols {
-        return Err(Error::invalid(name, format!(
-            "{} values for shape [{rows}, {cols}]",
-            w.len()
-        )));
+        return Err(Error::invalid(
+            name,
+            format!("{} values for shape [{rows}, {cols}]", w.len()),
+        ));
     }
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(Error::invalid(name, format!(
-            "weight at row {}, column {} is {} (cannot quantize non-finite values)",
-            i / cols.max(1),
-            i % cols.max(1),
-            w[i]
-        )));
+        return Err(Error::invalid(
+            name,
+            format!(
+                "weight at row {}, column {} is {} (cannot quantize non-finite values)",
+                i / cols.max(1),
+                i % cols.max(1),
+                w[i]
+            ),
+        ));
     }
     recipe.validate().map_err(|e| e.within(name))?;
     let tensor = quantizer(recipe.method)(w, rows, cols, recipe).map_err(|e| e.within(name))?;
@@ -546,15 +556,15 @@ pub fn read_checkpoint_metadata(
     let header: RecipeHeader = serde_json::from_str(get(RECIPE_METADATA_KEY)?)
         .map_err(|e| Error::invalid(source, format!("metadata '{RECIPE_METADATA_KEY}' is invalid: {e}")))?;
     if header.version != STORAGE_VERSION {
-        return Err(Error::unsupported(source, format!(
-            "quantization storage version {} is not supported (this build reads {STORAGE_VERSION})",
-            header.version
-        )));
+        return Err(Error::unsupported(
+            source,
+            format!(
+                "quantization storage version {} is not supported (this build reads {STORAGE_VERSION})",
+                header.version
+            ),
+        ));
     }
-    header
-        .recipe
-        .validate()
-        .map_err(|e| e.within(source))?;
+    header.recipe.validate().map_err(|e| e.within(source))?;
     let map: BTreeMap<String, QuantTensorMeta> = serde_json::from_str(get(MAP_METADATA_KEY)?)
         .map_err(|e| Error::invalid(source, format!("metadata '{MAP_METADATA_KEY}' is invalid: {e}")))?;
     Ok((header, map))

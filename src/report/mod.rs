@@ -57,8 +57,10 @@ impl ReportWriter {
     /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays.
     pub fn write(&mut self, output: &EvalOutput) -> Result<()> {
         self.written = write_all(&output.results, &self.dir)?;
-        self.written
-            .extend(overlay::save_sample_overlays(&output.samples, &self.dir.join("samples"))?);
+        self.written.extend(overlay::save_sample_overlays(
+            &output.samples,
+            &self.dir.join("samples"),
+        )?);
         tracing::info!(
             out = %self.dir.display(),
             files = self.written.len(),

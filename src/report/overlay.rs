@@ -110,7 +110,11 @@ pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Resu
     };
     for sample in samples {
         let truth: Vec<u16> = sample.label.as_raw().iter().map(|&v| v as u16).collect();
-        written.push(save(overlay(&sample.image, &truth, 0.5)?, &dir.join("ground_truth"), &sample.id)?);
+        written.push(save(
+            overlay(&sample.image, &truth, 0.5)?,
+            &dir.join("ground_truth"),
+            &sample.id,
+        )?);
         for (label, pred) in &sample.predictions {
             written.push(save(overlay(&sample.image, pred, 0.5)?, &dir.join(label), &sample.id)?);
         }

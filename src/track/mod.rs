@@ -272,7 +272,11 @@ mod tests {
     fn settings_from_toml() {
         let table: toml::Table = toml::from_str("mode = \"dryrun\"\nproject = \"p\"\ntags = [\"x\"]\n").unwrap();
         let settings: TrackingSettings = table.try_into().unwrap();
-        assert_eq!(settings.mode, Some(TrackingMode::Offline), "W&B's `dryrun` spelling, as WANDB_MODE accepts");
+        assert_eq!(
+            settings.mode,
+            Some(TrackingMode::Offline),
+            "W&B's `dryrun` spelling, as WANDB_MODE accepts"
+        );
         let bad: Result<TrackingSettings, _> = toml::from_str("mode = \"sometimes\"\n");
         assert!(bad.unwrap_err().to_string().contains("sometimes"));
     }

@@ -93,9 +93,10 @@ impl DecodeHead {
         let n = self.linear_c.len();
         let (d, fuse_in) = (self.linear_fuse.shape()[0], self.linear_fuse.shape()[1]);
         if fuse_in != d * n || self.linear_c.iter().any(|l| l.proj.shape()[0] != d) {
-            return Err(Error::Model(format!(
-                "decode_head.linear_fuse: input channels {fuse_in} are not {n} stages x decoder size {d}"
-            )));
+            return Err(Error::invalid(
+                "decode_head.linear_fuse",
+                format!("input channels {fuse_in} are not {n} stages x decoder size {d}"),
+            ));
         }
         let cpu = &candle_core::Device::Cpu;
         let fuse = Tensor::from_slice(&self.linear_fuse.weight().values(), (d, fuse_in), cpu)?;
