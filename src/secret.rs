@@ -57,10 +57,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_never_print() {
-        let s = Secret::new("hf_abcdef123");
-        assert!(!format!("{s} {s:?}").contains("abcdef"));
-        assert_eq!(s.expose(), "hf_abcdef123");
+    fn debug_and_display_are_redacted() {
+        let secret = Secret::new("abc123-very-secret");
+        assert!(!format!("{secret:?}").contains("abc123"));
+        assert!(!format!("{secret}").contains("abc123"));
+        assert!(!format!("{:?}", Some(&secret)).contains("abc123"));
+        assert_eq!(secret.expose(), "abc123-very-secret");
     }
 
     #[test]

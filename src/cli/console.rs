@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use segq::eval::results::LevelResult;
 use segq::eval::{EvalObserver, EvalOutput};
 
 /// The progress bar, drawn on stderr when it is a terminal.
@@ -25,7 +24,7 @@ impl Progress {
 }
 
 impl EvalObserver for Progress {
-    fn started(&mut self, examples: usize, _levels: &[LevelResult]) {
+    fn started(&mut self, examples: usize) {
         self.0.set_length(examples as u64);
     }
     fn batch_done(&mut self, images: usize) {

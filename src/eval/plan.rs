@@ -33,7 +33,6 @@ pub struct EvalPlan {
     /// Batching, decoding, error policy, labels and the rows to read (shard already resolved).
     pub loader: LoaderOptions,
     pub protocol: Protocol,
-    pub ignore_index: u8,
     /// The first `samples` examples are kept with every level's prediction (overlays, W&B images).
     pub samples: usize,
     /// Compute threads the process runs with (recorded in the results).
@@ -91,7 +90,6 @@ impl EvalPlan {
             recipes,
             loader,
             protocol: config.eval.protocol,
-            ignore_index: d.ignore_index,
             samples: config.eval.samples,
             threads,
             output_dir: config.output.dir.clone(),

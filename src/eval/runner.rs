@@ -17,7 +17,7 @@ use crate::eval::results::{
 };
 use crate::model::segformer::Segformer;
 use crate::model::{self, LoadedModel};
-use crate::preprocess::{PreprocessorConfig, Protocol};
+use crate::preprocess::PreprocessorConfig;
 use crate::quant::{Level, Recipe, UnbuildableLevel};
 use crate::segmenter::{self, ModelInput};
 use crate::{Error, Result};
@@ -25,7 +25,7 @@ use crate::{Error, Result};
 /// Receives an evaluation's progress and its end. Every method has a default that does nothing.
 pub trait EvalObserver {
     /// The model, the dataset and every level are ready; `examples` are about to be evaluated.
-    fn started(&mut self, _examples: usize, _levels: &[LevelResult]) {}
+    fn started(&mut self, _examples: usize) {}
     /// A batch of `images` went through every level.
     fn batch_done(&mut self, _images: usize) {}
     /// Asked before each batch: true stops the run there (the results are marked incomplete).
@@ -44,8 +44,8 @@ impl EvalObserver for () {}
 
 /// Several observers, called in order (e.g. write the files first, then upload).
 impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
-    fn started(&mut self, examples: usize, levels: &[LevelResult]) {
-        self.iter_mut().for_each(|o| o.started(examples, levels));
+    fn started(&mut self, examples: usize) {
+        self.iter_mut().for_each(|o| o.started(examples));
     }
     fn batch_done(&mut self, images: usize) {
         self.iter_mut().for_each(|o| o.batch_done(images));
@@ -63,7 +63,6 @@ impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
 struct Variant {
     model: Option<Segformer>,
     result: LevelResult,
-    wall_s: f64,
 }
 
 /// A kept example with every level's prediction, keyed by level label.
@@ -118,16 +117,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         os: std::env::consts::OS.to_string(),
     };
     let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels);
-    observer.started(
-        loader.total(),
-        &variants.iter().map(|v| v.result.clone()).collect::<Vec<_>>(),
-    );
-    let options = RunOptions {
-        preprocessor: &loaded.preprocessor,
-        protocol: plan.protocol,
-        ignore_index: plan.ignore_index,
-        samples: plan.samples,
-    };
+    observer.started(loader.total());
     let mut samples: Vec<Sample> = Vec::new();
     let mut complete = true;
     let mut wait_start = Instant::now();
@@ -144,7 +134,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             wait_start = Instant::now();
             continue;
         }
-        evaluate_batch(&batch, &mut variants, &options, data_s, &mut samples)?;
+        evaluate_batch(&batch, &mut variants, plan, &loaded.preprocessor, data_s, &mut samples)?;
         observer.batch_done(batch.len());
         wait_start = Instant::now();
     }
@@ -161,13 +151,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     if stats.decoded + stats.skipped < stats.selected {
         complete = false;
     }
-    let levels = variants
-        .into_iter()
-        .map(|mut v| {
-            v.result.wall_time_s = v.wall_s;
-            v.result
-        })
-        .collect();
+    let levels = variants.into_iter().map(|v| v.result).collect();
     let mut results = EvalResults {
         segq_version: crate::VERSION.to_string(),
         created_utc: crate::eval::results::utc_now(),
@@ -205,7 +189,7 @@ fn build_variants(
                             LevelMethod::AsLoaded {
                                 recipe: header.label.clone(),
                             },
-                            stored_bits_per_weight(&m),
+                            m.bits_per_weight(),
                         ),
                         (None, true) => (LevelMethod::None, report.bits_per_weight),
                         (_, false) => (LevelMethod::Method(recipe.method), report.bits_per_weight),
@@ -220,7 +204,6 @@ fn build_variants(
                     Variant {
                         model: Some(m),
                         result: row,
-                        wall_s: 0.0,
                     }
                 }
                 Err(e) => failed_variant(
@@ -275,51 +258,32 @@ fn failed_variant(label: String, level: Level, method: LevelMethod, reason: Stri
     result.status = LevelStatus::Failed { reason };
     result.confusion = None;
     result.agreement = None;
-    Variant {
-        model: None,
-        result,
-        wall_s: 0.0,
-    }
-}
-
-/// Stored bits per Linear/Conv weight of a model as it is (scales and zero points included).
-fn stored_bits_per_weight(m: &Segformer) -> f64 {
-    let (bits, count) = m.layers().iter().fold((0.0, 0usize), |(bits, count), l| {
-        let n: usize = l.shape.iter().product();
-        (bits + l.bits_per_weight * n as f64, count + n)
-    });
-    bits / count.max(1) as f64
-}
-
-/// What every batch needs besides the levels.
-struct RunOptions<'a> {
-    preprocessor: &'a PreprocessorConfig,
-    protocol: Protocol,
-    ignore_index: u8,
-    samples: usize,
+    Variant { model: None, result }
 }
 
 fn evaluate_batch(
     batch: &[Example],
     variants: &mut [Variant],
-    options: &RunOptions,
+    plan: &EvalPlan,
+    preprocessor: &PreprocessorConfig,
     data_s: f64,
     samples: &mut Vec<Sample>,
 ) -> Result<()> {
     let n = batch.len();
+    let ignore_index = plan.loader.labels.ignore_index;
     // Preprocess once for all levels; images of one size share a forward pass.
     let pre_start = Instant::now();
     let inputs: Vec<ModelInput> = batch
         .iter()
-        .map(|ex| ModelInput::new(&ex.image, options.preprocessor, options.protocol))
+        .map(|ex| ModelInput::new(&ex.image, preprocessor, plan.protocol))
         .collect();
     let inputs: Vec<&ModelInput> = inputs.iter().collect();
     let shared_per_image_ms = (data_s + pre_start.elapsed().as_secs_f64()) * 1000.0 / n as f64;
 
     let mut reference: Vec<Vec<u16>> = Vec::new();
     let keep_from = samples.len();
-    // The first `options.samples` examples of the run are kept, with every level's prediction added below.
-    for ex in batch.iter().take(options.samples.saturating_sub(samples.len())) {
+    // The first `plan.samples` examples of the run are kept, with every level's prediction added below.
+    for ex in batch.iter().take(plan.samples.saturating_sub(samples.len())) {
         samples.push(Sample {
             id: ex.id.clone(),
             image: ex.image.clone(),
@@ -351,12 +315,12 @@ fn evaluate_batch(
         for (i, ex) in batch.iter().enumerate() {
             let pred = &predictions[i];
             if let Some(conf) = result.confusion.as_mut() {
-                conf.add(pred, ex.label.as_raw(), options.ignore_index)?;
+                conf.add(pred, ex.label.as_raw(), ignore_index)?;
             }
             if let Some(agreement) = result.agreement.as_mut()
                 && let Some(reference) = reference.get(i)
             {
-                agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), options.ignore_index)?;
+                agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), ignore_index)?;
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
@@ -367,7 +331,7 @@ fn evaluate_batch(
                 .push(shared_per_image_ms + timed.forward_ms + post_ms);
         }
         result.peak_rss_bytes = result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
-        variant.wall_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
+        result.wall_time_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
         for (k, sample) in samples.iter_mut().enumerate().skip(keep_from) {
             sample
                 .predictions

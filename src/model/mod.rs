@@ -382,17 +382,13 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
     if w8a8 > 0 {
         tracing::info!(recipe = %recipe.label(), packed = w8a8, "weights packed for the int8 dynamic GEMM");
     }
-    let (bits, count) = out.layers().iter().fold((0.0, 0usize), |(b, c), l| {
-        let n: usize = l.shape.iter().product();
-        (b + l.bits_per_weight * n as f64, c + n)
-    });
     let report = QuantizeReport {
         label: recipe.label(),
         quantized_layers,
         skipped_layers: skipped,
         seconds: start.elapsed().as_secs_f64(),
         weight_rel_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
-        bits_per_weight: bits / count.max(1) as f64,
+        bits_per_weight: out.bits_per_weight(),
     };
     tracing::info!(
         recipe = %report.label,

@@ -178,11 +178,6 @@ impl Method {
             Method::Hqq => "hqq",
         }
     }
-
-    /// True when the method needs calibration activations (none of the current ones; GPTQ would).
-    pub fn needs_calibration(self) -> bool {
-        false
-    }
 }
 
 impl std::str::FromStr for Method {

@@ -42,38 +42,33 @@ pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> 
 /// Writes every report and the sample overlays of a finished evaluation into one folder.
 pub struct ReportWriter {
     dir: PathBuf,
-    /// The files written by the last run.
-    pub written: Vec<PathBuf>,
 }
 
 impl ReportWriter {
     pub fn new(dir: impl Into<PathBuf>) -> ReportWriter {
-        ReportWriter {
-            dir: dir.into(),
-            written: Vec::new(),
-        }
+        ReportWriter { dir: dir.into() }
     }
 
-    /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays.
-    pub fn write(&mut self, output: &EvalOutput) -> Result<()> {
-        self.written = write_all(&output.results, &self.dir)?;
-        self.written.extend(overlay::save_sample_overlays(
+    /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays; returns the files written.
+    pub fn write(&self, output: &EvalOutput) -> Result<Vec<PathBuf>> {
+        let mut written = write_all(&output.results, &self.dir)?;
+        written.extend(overlay::save_sample_overlays(
             &output.samples,
             &self.dir.join("samples"),
         )?);
         tracing::info!(
             out = %self.dir.display(),
-            files = self.written.len(),
+            files = written.len(),
             complete = output.results.complete,
             "results written"
         );
-        Ok(())
+        Ok(written)
     }
 }
 
 impl EvalObserver for ReportWriter {
     fn finished(&mut self, output: &EvalOutput) -> Result<()> {
-        self.write(output)
+        self.write(output).map(drop)
     }
 }
 

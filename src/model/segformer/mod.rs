@@ -108,6 +108,15 @@ impl Segformer {
         self.layers().iter().map(|l| l.weight_bytes + l.bias_bytes).sum()
     }
 
+    /// Stored bits per Linear/Conv2d weight as the model is (scales and zero points included; float weights count 32).
+    pub fn bits_per_weight(&self) -> f64 {
+        let (bits, count) = self.layers().iter().fold((0.0, 0usize), |(bits, count), l| {
+            let n: usize = l.shape.iter().product();
+            (bits + l.bits_per_weight * n as f64, count + n)
+        });
+        bits / count.max(1) as f64
+    }
+
     /// Every quantizable layer (Linear and Conv2d) with its weight-name prefix, in checkpoint order.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let mut out = Vec::new();
