@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod hub;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod preprocess;
 pub mod quant;
