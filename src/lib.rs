@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod hub;
+pub mod interrupt;
 pub mod kernels;
 pub mod limits;
 pub mod model;
