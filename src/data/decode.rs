@@ -691,6 +691,71 @@ mod tests {
     }
 
     #[test]
+    fn sizes_over_the_limit_are_refused_from_the_header() {
+        let small = DecodeOptions {
+            max_image_pixels: 100,
+            ..opts()
+        };
+        let png = png_bytes(&DynamicImage::ImageLuma8(GrayImage::new(11, 10)));
+        let e = decode_image(&png, &mut None, &small).unwrap_err().to_string();
+        assert!(
+            e.contains("11x10") && e.contains("limit of 100") && e.contains("--max-image-pixels"),
+            "{e}"
+        );
+        let e = decode_mask(&png, &small).unwrap_err().to_string();
+        assert!(e.contains("11x10"), "{e}");
+        assert!(decode_mask(&png_bytes(&DynamicImage::ImageLuma8(GrayImage::new(10, 10))), &small).is_ok());
+    }
+
+    #[test]
+    fn exif_blocks_are_read_safely() {
+        let block = |order: &[u8], entry: &[u8]| [order, entry].concat();
+        // Little-endian: IFD at 8, one entry, Orientation SHORT 1 = 6.
+        let le = block(b"II*\0\x08\0\0\0", b"\x01\0\x12\x01\x03\0\x01\0\0\0\x06\0\0\0");
+        assert_eq!(exif_orientation(&le), Some(6));
+        assert_eq!(exif_orientation(&[b"Exif\0\0".as_slice(), &le].concat()), Some(6));
+        let be = block(b"MM\0*\0\0\0\x08", b"\0\x01\x01\x12\0\x03\0\0\0\x01\0\x03\0\0");
+        assert_eq!(exif_orientation(&be), Some(3));
+        // Truncated, offsets past the end, huge entry counts, wrong magic: no orientation, no panic.
+        for n in 0..le.len() {
+            assert!(exif_orientation(&le[..n]).is_none_or(|o| o == 6));
+        }
+        assert_eq!(exif_orientation(b"II*\0\xff\xff\xff\xff"), None);
+        assert_eq!(exif_orientation(b"II*\0\x08\0\0\0\xff\xff"), None);
+        assert_eq!(exif_orientation(b"XX*\0\x08\0\0\0"), None);
+        assert_eq!(xmp_orientation(b"<a tiff:Orientation=\"8\"/>"), Some(8));
+        assert_eq!(xmp_orientation(b"<tiff:Orientation>3</tiff:Orientation>"), Some(3));
+        assert_eq!(xmp_orientation(b"tiff:Orientation"), None);
+        // A JPEG whose segment lengths run past its end.
+        assert_eq!(jpeg_orientation(b"\xff\xd8\xff\xe1\xff\xff Exif"), 1);
+        assert_eq!(jpeg_orientation(b"\xff\xd8\xff\xe1\x00\x00\xff\xe1\x00\x01"), 1);
+    }
+
+    #[test]
+    fn orientation_moves_pixels_as_pillow_transposes() {
+        // 3x2 image, value = 10 * y + x; Pillow's results for each orientation, row by row.
+        let img = GrayImage::from_fn(3, 2, |x, y| image::Luma([(10 * y + x) as u8]));
+        let cases: [(u16, (u32, u32), &[u8]); 8] = [
+            (1, (3, 2), &[0, 1, 2, 10, 11, 12]),
+            (2, (3, 2), &[2, 1, 0, 12, 11, 10]),
+            (3, (3, 2), &[12, 11, 10, 2, 1, 0]),
+            (4, (3, 2), &[10, 11, 12, 0, 1, 2]),
+            (5, (2, 3), &[0, 10, 1, 11, 2, 12]),
+            (6, (2, 3), &[10, 0, 11, 1, 12, 2]),
+            (7, (2, 3), &[12, 2, 11, 1, 10, 0]),
+            (8, (2, 3), &[2, 12, 1, 11, 0, 10]),
+        ];
+        for (orientation, dims, values) in cases {
+            let out = orient(img.clone(), orientation);
+            assert_eq!(
+                (out.dimensions(), out.as_raw().as_slice()),
+                (dims, values),
+                "orientation {orientation}"
+            );
+        }
+    }
+
+    #[test]
     fn jpeg_round_trip_and_corruption() {
         let img = image::RgbImage::from_fn(160, 96, |x, y| {
             image::Rgb([(x * 6 % 256) as u8, ((x + 2 * y) / 2) as u8, (y * 10 % 256) as u8])

@@ -227,6 +227,11 @@ mod tests {
         let ids: Vec<&str> = pairs.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["a/1", "b/2"]);
         assert_eq!(pairs[1].mask, dir.join("mask/b/2.png"));
+        // A link loop and a second link to a listed folder add nothing.
+        std::os::unix::fs::symlink("..", dir.join("img/a/up")).unwrap();
+        std::os::unix::fs::symlink("b", dir.join("img/b2")).unwrap();
+        let again = folder_pairs(&dir.join("img"), &dir.join("mask")).unwrap();
+        assert_eq!(again, pairs);
         let e = folder_pairs(&dir.join("mask/a/none"), &dir).unwrap_err().to_string();
         assert!(e.contains("none"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
