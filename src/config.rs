@@ -61,6 +61,10 @@ pub struct DatasetConfig {
     pub on_error: OnError,
     /// Decoding threads (0 = one per core).
     pub workers: usize,
+    /// Images and masks with more pixels are refused from their header (Pillow's decompression-bomb limit).
+    pub max_image_pixels: u64,
+    /// Turn images and masks upright by their EXIF Orientation tag, as `datasets` and transformers do.
+    pub exif_orientation: bool,
 }
 
 impl Default for DatasetConfig {
@@ -76,6 +80,8 @@ impl Default for DatasetConfig {
             label_map: BTreeMap::new(),
             on_error: OnError::Fail,
             workers: 0,
+            max_image_pixels: crate::limits::DEFAULT_MAX_IMAGE_PIXELS,
+            exif_orientation: true,
         }
     }
 }
@@ -282,6 +288,12 @@ impl Config {
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
+        if self.dataset.max_image_pixels == 0 {
+            return Err(Error::config(
+                "dataset.max_image_pixels",
+                "dataset.max_image_pixels must be at least 1",
+            ));
+        }
         self.label_map()?;
         Ok(())
     }
@@ -330,6 +342,8 @@ ignore_index = 255
 label_map = {}                # raw value -> label, before reduce_labels, e.g. { "7" = 0, "8" = 1 }
 on_error = "fail"             # or "skip": count and report bad examples
 workers = 0                   # decoding threads, 0 = one per core
+max_image_pixels = 178956970  # larger images (and masks) are refused from their header, as Pillow refuses them
+exif_orientation = true       # turn images and masks upright by their EXIF tag, as datasets/transformers do
 
 [quant]
 levels = ["f32", "f16", "f8", "int8", "int4", "int2"]   # also bf16, f8e5m2, int8-dyn

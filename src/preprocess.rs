@@ -134,6 +134,39 @@ pub fn target_size(config: &PreprocessorConfig, protocol: Protocol, width: usize
     }
 }
 
+/// Refuses a `width x height` image whose model input under `protocol` would have a side shorter than `min_side`
+/// (the model's [`min_input_side`](crate::model::config::SegformerConfig::min_input_side)): the model cannot run on
+/// it. The message gives both sizes; the caller names the image.
+pub fn check_input_size(
+    config: &PreprocessorConfig,
+    protocol: Protocol,
+    width: usize,
+    height: usize,
+    min_side: usize,
+) -> std::result::Result<(), String> {
+    let (w, h) = target_size(config, protocol, width, height);
+    if w.min(h) < min_side {
+        let protocol = match protocol {
+            Protocol::Transformers => "transformers",
+            Protocol::Mmseg => "mmseg",
+        };
+        return Err(format!(
+            "image is {width}x{height}, which the {protocol} protocol resizes to {w}x{h}; the model needs at least \
+             {min_side} pixels on each side"
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_input_size`] as the data loader's per-image check, so a too-small image is failed or skipped (and
+/// counted) with its file named, like any other bad example.
+pub fn input_size_check(config: &PreprocessorConfig, protocol: Protocol, min_side: usize) -> crate::data::ImageCheck {
+    let config = config.clone();
+    crate::data::ImageCheck(std::sync::Arc::new(move |width, height| {
+        check_input_size(&config, protocol, width as usize, height as usize, min_side)
+    }))
+}
+
 /// Turns an RGB image into normalised pixels [3, H, W] (float32, C order).
 pub fn preprocess(image: &RgbImage, config: &PreprocessorConfig, protocol: Protocol) -> Vec<f32> {
     let (w, h) = target_size(config, protocol, image.width() as usize, image.height() as usize);

@@ -46,6 +46,12 @@ pub struct DatasetArgs {
     /// Do not map ADE-style labels (0 = other, k -> k-1).
     #[arg(long)]
     pub no_reduce_labels: bool,
+    /// Refuse images (and masks) with more pixels than this, from their header [default: 178956970, Pillow's].
+    #[arg(long, value_name = "N")]
+    pub max_image_pixels: Option<u64>,
+    /// Keep images as stored instead of turning them upright by their EXIF Orientation tag.
+    #[arg(long)]
+    pub no_exif_orientation: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -105,6 +111,10 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     config.eval.allow_empty |= args.allow_empty;
     if d.no_reduce_labels {
         config.dataset.reduce_labels = false;
+    }
+    set(&mut config.dataset.max_image_pixels, d.max_image_pixels);
+    if d.no_exif_orientation {
+        config.dataset.exif_orientation = false;
     }
 }
 

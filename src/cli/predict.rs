@@ -30,6 +30,12 @@ pub struct PredictArgs {
     /// Resize protocol.
     #[arg(long, value_enum)]
     pub protocol: Option<Protocol>,
+    /// Refuse images with more pixels than this, from their header [default: dataset.max_image_pixels].
+    #[arg(long, value_name = "N")]
+    pub max_image_pixels: Option<u64>,
+    /// Keep images as stored instead of turning them upright by their EXIF Orientation tag.
+    #[arg(long)]
+    pub no_exif_orientation: bool,
 }
 
 pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
@@ -40,9 +46,21 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
     let segmenter = Segmenter::from_loaded(model::load(&source)?, args.protocol.unwrap_or(config.eval.protocol));
     std::fs::create_dir_all(&out_dir).map_err(|e| segq::Error::io(&out_dir, e))?;
     let num_labels = segmenter.model().config().num_labels();
+    let max_image_pixels = args.max_image_pixels.unwrap_or(config.dataset.max_image_pixels);
+    if max_image_pixels == 0 {
+        return Err(segq::Error::config("--max-image-pixels", "--max-image-pixels must be at least 1").into());
+    }
+    let decode = segq::data::DecodeOptions {
+        max_image_pixels,
+        exif_orientation: config.dataset.exif_orientation && !args.no_exif_orientation,
+    };
+    let min_side = segmenter.model().config().min_input_side();
     for path in &args.images {
         let start = std::time::Instant::now();
-        let image = segq::data::decode::read_rgb(path)?;
+        let image = segq::data::decode::read_rgb_with(path, &decode)?;
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        segq::preprocess::check_input_size(segmenter.preprocessor(), segmenter.protocol(), w, h, min_side)
+            .map_err(|why| segq::Error::invalid(path.display().to_string(), why))?;
         let prediction = segmenter.predict(&image)?;
         let stem = stem_of(path)?;
         let (w, h) = (prediction.width as u32, prediction.height as u32);

@@ -1,6 +1,12 @@
 //! Datasets stored as separate image and mask files: the ADEChallengeData2016 layout, a generic pair of folders,
 //! and list files. Each gives an ordered list of (image, mask) paths; reading and decoding happen in the loader.
+//!
+//! Listing follows symbolic links but enters each folder once (by device and inode), so a link loop neither recurses
+//! forever nor lists a file twice. Entries named like images are listed whatever their type: a FIFO, socket or
+//! device is refused when the loader reads it (before opening it), so it is failed or skipped and counted there.
 
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::split_aliases;
@@ -16,6 +22,9 @@ pub struct FilePair {
 }
 
 const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// A list file of a million examples with long paths is well under this; a larger one is a mistake, not read whole.
+const MAX_LIST_FILE_BYTES: u64 = 1 << 30;
 
 /// The folder under `parent` that holds `split` (`training` for `train`, ...), if any.
 pub fn find_split_dir(parent: &Path, split: &str) -> Option<PathBuf> {
@@ -66,7 +75,10 @@ pub fn ade_pairs(root: &Path, split: &str) -> Result<Vec<FilePair>> {
 /// `--on-error skip` can count it.
 pub fn folder_pairs(images: &Path, masks: &Path) -> Result<Vec<FilePair>> {
     let mut found = Vec::new();
-    collect_images(images, images, &mut found)?;
+    let mut visited = HashSet::new();
+    let root = std::fs::metadata(images).map_err(|e| Error::io(images, e))?;
+    visited.insert((root.dev(), root.ino()));
+    collect_images(images, images, &mut visited, &mut found)?;
     found.sort();
     if found.is_empty() {
         return Err(Error::not_found(
@@ -87,12 +99,25 @@ pub fn folder_pairs(images: &Path, masks: &Path) -> Result<Vec<FilePair>> {
         .collect())
 }
 
-fn collect_images(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Lists the images under `dir`, entering each folder (by device and inode) once.
+fn collect_images(root: &Path, dir: &Path, visited: &mut HashSet<(u64, u64)>, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.is_dir() {
-            collect_images(root, &path, out)?;
+        // `metadata` follows links; a dangling link has none and is listed, so that reading it names it.
+        let followed = std::fs::metadata(&path).ok();
+        if let Some(meta) = followed.as_ref().filter(|m| m.is_dir()) {
+            if visited.insert((meta.dev(), meta.ino())) {
+                collect_images(root, &path, visited, out)?;
+            } else {
+                let target = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                tracing::warn!(
+                    "{} leads to folder {}, already listed (a symbolic link loop or a second link to it): not \
+                     entered again",
+                    path.display(),
+                    target.display()
+                );
+            }
         } else if is_image(&path)
             && let Ok(relative) = path.strip_prefix(root)
         {
@@ -105,6 +130,19 @@ fn collect_images(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()>
 /// Pairs listed in a text file, one `image<TAB>mask` per line (or two whitespace-separated paths when the line has
 /// no tab), relative to the list file's folder. Blank lines and lines starting with `#` are ignored.
 pub fn list_file_pairs(path: &Path) -> Result<Vec<FilePair>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_LIST_FILE_BYTES {
+        let why = if meta.is_file() {
+            format!(
+                "list file is {}, more than the {} a list file may be",
+                crate::limits::human_bytes(meta.len()),
+                crate::limits::human_bytes(MAX_LIST_FILE_BYTES)
+            )
+        } else {
+            "list file is not a regular file; not opened".to_string()
+        };
+        return Err(Error::invalid(path.display().to_string(), why));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut pairs = Vec::new();
@@ -189,6 +227,11 @@ mod tests {
         let ids: Vec<&str> = pairs.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["a/1", "b/2"]);
         assert_eq!(pairs[1].mask, dir.join("mask/b/2.png"));
+        // A link loop and a second link to a listed folder add nothing.
+        std::os::unix::fs::symlink("..", dir.join("img/a/up")).unwrap();
+        std::os::unix::fs::symlink("b", dir.join("img/b2")).unwrap();
+        let again = folder_pairs(&dir.join("img"), &dir.join("mask")).unwrap();
+        assert_eq!(again, pairs);
         let e = folder_pairs(&dir.join("mask/a/none"), &dir).unwrap_err().to_string();
         assert!(e.contains("none"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();

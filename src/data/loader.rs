@@ -18,9 +18,10 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
+use super::decode::{self, DecodeOptions, FileProblem};
 use super::folders::{self, FilePair};
 use super::parquet::ParquetFile;
-use super::{DatasetSpec, LabelOptions, OnError, Problem, Selection, decode};
+use super::{DatasetSpec, LabelOptions, OnError, Problem, Selection};
 use crate::{Error, Result};
 
 /// How many skip reasons the statistics keep (the count is always complete).
@@ -56,10 +57,26 @@ pub struct LoaderOptions {
     /// are not read again, but they stay in [`LoadStats::selected`].
     #[serde(skip_serializing_if = "is_zero")]
     pub skip_first: usize,
+    /// Pixel limit and EXIF orientation.
+    pub decode: DecodeOptions,
+    /// A check of each decoded image's size by a higher layer (the model's smallest input), run in the decode
+    /// workers so that a refused image fails or is skipped like any other bad example.
+    #[serde(skip)]
+    pub image_check: Option<ImageCheck>,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+/// Refuses an image from its `(width, height)`, with a reason without the location (the loader adds it).
+#[derive(Clone)]
+pub struct ImageCheck(pub Arc<dyn Fn(u32, u32) -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for ImageCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageCheck")
+    }
 }
 
 impl Default for LoaderOptions {
@@ -72,6 +89,8 @@ impl Default for LoaderOptions {
             on_error: OnError::Fail,
             labels: LabelOptions::default(),
             skip_first: 0,
+            decode: DecodeOptions::default(),
+            image_check: None,
         }
     }
 }
@@ -211,13 +230,17 @@ impl Loader {
                     .map_err(spawn_err)?,
             );
         }
-        let table = Arc::new(options.labels.clone());
+        let settings = Arc::new(DecodeSettings {
+            labels: options.labels.clone(),
+            decode: options.decode,
+            image_check: options.image_check.clone(),
+        });
         for worker in 0..options.workers.max(1) {
-            let (raw_rx, result_tx, labels) = (raw_rx.clone(), result_tx.clone(), table.clone());
+            let (raw_rx, result_tx, settings) = (raw_rx.clone(), result_tx.clone(), settings.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("segq-data-decode-{worker}"))
-                    .spawn(move || decode_worker(&raw_rx, &result_tx, &labels))
+                    .spawn(move || decode_worker(&raw_rx, &result_tx, &settings))
                     .map_err(spawn_err)?,
             );
         }
@@ -471,18 +494,25 @@ fn read_source(
     }
 }
 
-fn decode_worker(input: &Receiver<RawExample>, output: &Sender<(usize, Outcome)>, labels: &LabelOptions) {
+/// What every decode worker applies to every example.
+struct DecodeSettings {
+    labels: LabelOptions,
+    decode: DecodeOptions,
+    image_check: Option<ImageCheck>,
+}
+
+fn decode_worker(input: &Receiver<RawExample>, output: &Sender<(usize, Outcome)>, settings: &DecodeSettings) {
     let mut jpeg = None;
     while let Ok(raw) = input.recv() {
         let seq = raw.seq;
-        let outcome = decode_example(raw, labels, &mut jpeg);
+        let outcome = decode_example(raw, settings, &mut jpeg);
         if output.send((seq, outcome)).is_err() {
             return;
         }
     }
 }
 
-fn decode_example(raw: RawExample, labels: &LabelOptions, jpeg: &mut Option<turbojpeg::Decompressor>) -> Outcome {
+fn decode_example(raw: RawExample, settings: &DecodeSettings, jpeg: &mut Option<turbojpeg::Decompressor>) -> Outcome {
     let RawExample {
         index,
         id,
@@ -493,26 +523,36 @@ fn decode_example(raw: RawExample, labels: &LabelOptions, jpeg: &mut Option<turb
     let origin = format!("{location} ({id})");
     let fail = |why: String| Error::invalid(&origin, why);
     // A missing image or mask file (folder and list layouts) is NotFound, so callers can tell it from bad bytes.
-    let unreadable = |e: std::io::Error, why: String| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::not_found(&origin, why),
+    let unreadable = |problem: FileProblem, why: String| match problem {
+        FileProblem::Io(e) if e.kind() == std::io::ErrorKind::NotFound => Error::not_found(&origin, why),
         _ => Error::invalid(&origin, why),
+    };
+    let options = &settings.decode;
+    // Mask files are named in their errors too (the location names the image).
+    let annotation = match &payload {
+        Ok(Payload::Files { label, .. }) => format!("annotation {}", label.display()),
+        _ => "annotation".to_string(),
     };
     let (image_bytes, label_bytes) = match payload.map_err(|p| fail(p.to_string()))? {
         Payload::Bytes { image, label } => (image, label),
         Payload::Files { image, label } => {
-            let image = std::fs::read(&image).map_err(|e| {
+            let image = decode::read_file(&image, options).map_err(|e| {
                 let why = format!("cannot read image: {e}");
                 unreadable(e, why)
             })?;
-            let label = std::fs::read(&label).map_err(|e| {
+            let label = decode::read_file(&label, options).map_err(|e| {
                 let why = format!("cannot read annotation {}: {e}", label.display());
                 unreadable(e, why)
             })?;
             (image, label)
         }
     };
-    let image = decode::decode_image(&image_bytes, jpeg).map_err(|e| fail(format!("image: {e}")))?;
-    let mut label = decode::decode_mask(&label_bytes).map_err(|e| fail(format!("annotation: {e}")))?;
+    let image = decode::decode_image(&image_bytes, jpeg, options).map_err(|e| fail(format!("image: {e}")))?;
+    drop(image_bytes);
+    if let Some(ImageCheck(check)) = &settings.image_check {
+        check(image.width(), image.height()).map_err(fail)?;
+    }
+    let mut label = decode::decode_mask(&label_bytes, options).map_err(|e| fail(format!("{annotation}: {e}")))?;
     if image.dimensions() != label.dimensions() {
         return Err(fail(format!(
             "image is {}x{} but annotation is {}x{} (masks are never resized)",
@@ -522,7 +562,7 @@ fn decode_example(raw: RawExample, labels: &LabelOptions, jpeg: &mut Option<turb
             label.height()
         )));
     }
-    labels.apply(&mut label);
+    settings.labels.apply(&mut label);
     Ok(Example {
         index,
         id,

@@ -17,8 +17,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use decode::DecodeOptions;
 pub use labels::LabelOptions;
-pub use loader::{Example, LoadStats, Loader, LoaderOptions};
+pub use loader::{Example, ImageCheck, LoadStats, Loader, LoaderOptions};
 pub use parquet::hub_parquet_files;
 pub use shard::{Selection, ShardSpec};
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::data::{LabelOptions, LoaderOptions, Selection, ShardSpec};
+use crate::data::{DecodeOptions, LabelOptions, LoaderOptions, Selection, ShardSpec};
 use crate::eval::results::EvalResults;
 use crate::model::ModelSource;
 use crate::preprocess::Protocol;
@@ -92,6 +92,11 @@ impl EvalPlan {
                 ignore_index: d.ignore_index,
                 label_map: (!label_map.is_empty()).then_some(label_map),
             },
+            decode: DecodeOptions {
+                max_image_pixels: d.max_image_pixels,
+                exif_orientation: d.exif_orientation,
+            },
+            image_check: None,
         };
         Ok(EvalPlan {
             model: ModelSource::parse(Some(&config.model.source))?,

@@ -104,7 +104,14 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let d = &plan.dataset;
     let (spec, dataset_description) =
         crate::data::resolve_source(&d.source, &d.split, &d.subset, &d.image_column, &d.label_column)?;
-    let mut loader = Loader::new(&spec, plan.loader.clone())?;
+    let mut loader_options = plan.loader.clone();
+    // Images the model cannot run on are refused (named, or skipped and counted) by the loader, not by a conv.
+    loader_options.image_check = Some(crate::preprocess::input_size_check(
+        &loaded.preprocessor,
+        plan.protocol,
+        loaded.model.config().min_input_side(),
+    ));
+    let mut loader = Loader::new(&spec, loader_options)?;
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!(dataset = %dataset_description, examples = selected, "dataset ready");
     let selection = &plan.loader.selection;

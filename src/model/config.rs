@@ -189,11 +189,42 @@ impl SegformerConfig {
             })
             .collect()
     }
+
+    /// The shortest input side (height or width) the encoder can run on: each stage's patch embedding (padding
+    /// `patch / 2`) shrinks the map by its stride, and a stage's spatial-reduction conv (kernel = stride =
+    /// `sr_ratio`, no padding) needs at least `sr_ratio` rows and columns. B0..B5 need 29.
+    pub fn min_input_side(&self) -> usize {
+        let fits = |side: usize| {
+            let mut size = side;
+            (0..self.num_encoder_blocks).all(|i| {
+                let (p, s) = (self.patch_sizes[i], self.strides[i]);
+                match (size + 2 * (p / 2)).checked_sub(p) {
+                    Some(room) => {
+                        size = room / s + 1;
+                        size >= self.sr_ratios[i]
+                    }
+                    None => false,
+                }
+            })
+        };
+        (1..=crate::limits::MAX_INPUT_SIDE)
+            .find(|&side| fits(side))
+            .unwrap_or(crate::limits::MAX_INPUT_SIDE)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_input_side_follows_strides_and_reductions() {
+        let b0 = SegformerConfig::from_json(r#"{"num_labels":150}"#).unwrap();
+        // Stage 1 maps 29 -> 8 rows, just enough for its 8x8 spatial-reduction conv; 28 -> 7 is not.
+        assert_eq!(b0.min_input_side(), 29);
+        let no_reduction = SegformerConfig::from_json(r#"{"num_labels":2,"sr_ratios":[1,1,1,1]}"#).unwrap();
+        assert_eq!(no_reduction.min_input_side(), 1);
+    }
 
     #[test]
     fn defaults_are_b0() {
