@@ -59,7 +59,11 @@ fn quantize_out_is_the_model_folder() {
     let dir = scratch("q-same");
     let model = model_copy(&dir);
     let before = snapshot(&dir);
-    let outcome = segq("q-same", &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&model)]).run();
+    let outcome = segq(
+        "q-same",
+        &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&model)],
+    )
+    .run();
     outcome.refused(&["--out", s(&model), "input"]);
     said_once(&outcome, &[]);
     assert_eq!(snapshot(&dir), before);
@@ -71,9 +75,12 @@ fn quantize_out_inside_the_model_folder() {
     let model = model_copy(&dir);
     let before = snapshot(&dir);
     let out = model.join("int8");
-    segq("q-inside", &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&out)])
-        .run()
-        .refused(&["--out", "is inside the input"]);
+    segq(
+        "q-inside",
+        &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&out)],
+    )
+    .run()
+    .refused(&["--out", "is inside the input"]);
     assert_eq!(snapshot(&dir), before);
     assert!(!out.exists());
 }
@@ -85,14 +92,20 @@ fn quantize_out_through_a_symlink_to_the_model_folder() {
     let link = dir.join("link");
     std::os::unix::fs::symlink(&model, &link).unwrap();
     let before = snapshot(&model);
-    segq("q-link", &["quantize", "--model", s(&model), "--quant", "int4", "--out", s(&link)])
-        .run()
-        .refused(&["--out", s(&link)]);
+    segq(
+        "q-link",
+        &["quantize", "--model", s(&model), "--quant", "int4", "--out", s(&link)],
+    )
+    .run()
+    .refused(&["--out", s(&link)]);
     // Also spelled with `..` through a folder that does not exist yet.
     let dotted = dir.join("new/../model");
-    segq("q-link-dots", &["quantize", "--model", s(&model), "--quant", "int4", "--out", s(&dotted)])
-        .run()
-        .refused(&["--out"]);
+    segq(
+        "q-link-dots",
+        &["quantize", "--model", s(&model), "--quant", "int4", "--out", s(&dotted)],
+    )
+    .run()
+    .refused(&["--out"]);
     assert_eq!(snapshot(&model), before);
 }
 
@@ -102,9 +115,20 @@ fn quantize_model_given_as_its_weights_file() {
     let model = model_copy(&dir);
     let weights = model.join("model.safetensors");
     let before = snapshot(&dir);
-    segq("q-file", &["quantize", "--model", s(&weights), "--quant", "int8", "--out", s(&model)])
-        .run()
-        .refused(&["--out", s(&model)]);
+    segq(
+        "q-file",
+        &[
+            "quantize",
+            "--model",
+            s(&weights),
+            "--quant",
+            "int8",
+            "--out",
+            s(&model),
+        ],
+    )
+    .run()
+    .refused(&["--out", s(&model)]);
     assert_eq!(snapshot(&dir), before);
 }
 
@@ -116,7 +140,15 @@ fn quantize_error_report_onto_the_weights() {
     let before = snapshot(&dir);
     segq(
         "q-report",
-        &["quantize", "--model", s(&model), "--quant", "int8", "--error-report", s(&weights)],
+        &[
+            "quantize",
+            "--model",
+            s(&model),
+            "--quant",
+            "int8",
+            "--error-report",
+            s(&weights),
+        ],
     )
     .run()
     .refused(&["--error-report", "model.safetensors"]);
@@ -130,9 +162,12 @@ fn quantize_out_is_a_file() {
     let file = dir.join("taken.txt");
     std::fs::write(&file, "keep me").unwrap();
     let before = snapshot(&dir);
-    segq("q-outfile", &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&file)])
-        .run()
-        .refused(&["--out", "taken.txt", "not a folder"]);
+    segq(
+        "q-outfile",
+        &["quantize", "--model", s(&model), "--quant", "int8", "--out", s(&file)],
+    )
+    .run()
+    .refused(&["--out", "taken.txt", "not a folder"]);
     assert_eq!(snapshot(&dir), before);
 }
 
@@ -141,7 +176,11 @@ fn quantize_unknown_level_names_it_once() {
     let dir = scratch("q-level");
     let model = model_copy(&dir);
     let before = snapshot(&dir);
-    let outcome = segq("q-level", &["quantize", "--model", s(&model), "--quant", "int7", "--out", "q"]).run();
+    let outcome = segq(
+        "q-level",
+        &["quantize", "--model", s(&model), "--quant", "int7", "--out", "q"],
+    )
+    .run();
     outcome.refused(&["--quant", "int7"]);
     said_once(&outcome, &["int7", "--quant"]);
     assert_eq!(snapshot(&dir), before);
@@ -182,7 +221,11 @@ fn merge_out_is_an_input_folder() {
     let dir = scratch("m-folder");
     let parts = shards(&dir);
     let before = snapshot(&dir);
-    let outcome = segq("m-folder", &["merge", s(&parts[0]), s(&parts[1]), s(&parts[2]), "--out", s(&parts[0])]).run();
+    let outcome = segq(
+        "m-folder",
+        &["merge", s(&parts[0]), s(&parts[1]), s(&parts[2]), "--out", s(&parts[0])],
+    )
+    .run();
     outcome.refused(&["--out", s(&parts[0])]);
     said_once(&outcome, &[]);
     assert_eq!(snapshot(&dir), before);
@@ -194,14 +237,20 @@ fn merge_out_is_the_folder_of_an_input_file() {
     let parts = shards(&dir);
     let files: Vec<PathBuf> = parts.iter().map(|p| p.join("results.json")).collect();
     let before = snapshot(&dir);
-    segq("m-file", &["merge", s(&files[0]), s(&files[1]), s(&files[2]), "--out", s(&parts[1])])
-        .run()
-        .refused(&["--out", "s1"]);
+    segq(
+        "m-file",
+        &["merge", s(&files[0]), s(&files[1]), s(&files[2]), "--out", s(&parts[1])],
+    )
+    .run()
+    .refused(&["--out", "s1"]);
     // Relative spelling, run from the shards' parent folder.
-    segq("m-file-rel", &["merge", "s0/results.json", "s1/results.json", "--out", "./s0/"])
-        .current_dir(&dir)
-        .run()
-        .refused(&["--out"]);
+    segq(
+        "m-file-rel",
+        &["merge", "s0/results.json", "s1/results.json", "--out", "./s0/"],
+    )
+    .current_dir(&dir)
+    .run()
+    .refused(&["--out"]);
     assert_eq!(snapshot(&dir), before);
 }
 
@@ -210,9 +259,18 @@ fn merge_out_inside_an_input_folder() {
     let dir = scratch("m-inside");
     let parts = shards(&dir);
     let before = snapshot(&dir);
-    segq("m-inside", &["merge", s(&parts[0]), s(&parts[1]), "--out", s(&parts[1].join("merged"))])
-        .run()
-        .refused(&["--out", "is inside the input"]);
+    segq(
+        "m-inside",
+        &[
+            "merge",
+            s(&parts[0]),
+            s(&parts[1]),
+            "--out",
+            s(&parts[1].join("merged")),
+        ],
+    )
+    .run()
+    .refused(&["--out", "is inside the input"]);
     assert_eq!(snapshot(&dir), before);
 }
 
@@ -259,7 +317,9 @@ fn predict_same_named_images_get_separate_outputs() {
         place(&dir, "c/X.jpg", "photo_61x47.jpg"),
     ];
     let out = dir.join("out");
-    segq("p-same", &strs(&predict_args(&out, &images, &[]))).run().succeeded();
+    segq("p-same", &strs(&predict_args(&out, &images, &[])))
+        .run()
+        .succeeded();
     let sizes: Vec<(u32, u32)> = ["x", "x-2", "X-3"]
         .iter()
         .map(|n| image::image_dimensions(out.join(format!("{n}.mask.png"))).unwrap())
@@ -280,7 +340,9 @@ fn predict_generated_names_avoid_other_images_names() {
         place(&dir, "x-2.png", "small_23x19.png"),
     ];
     let out = dir.join("out");
-    segq("p-names", &strs(&predict_args(&out, &images, &[]))).run().succeeded();
+    segq("p-names", &strs(&predict_args(&out, &images, &[])))
+        .run()
+        .succeeded();
     let size = |n: &str| image::image_dimensions(out.join(format!("{n}.mask.png"))).unwrap();
     assert_eq!(size("x"), (37, 53));
     assert_eq!(size("x-3"), (101, 45));
@@ -332,7 +394,11 @@ fn predict_with_every_image_bad_fails_even_with_skip() {
     std::fs::write(&bad, b"nope").unwrap();
     let missing = dir.join("missing.jpg");
     let images = [bad, missing];
-    let outcome = segq("p-allbad", &strs(&predict_args(&dir.join("out"), &images, &["--on-error", "skip"]))).run();
+    let outcome = segq(
+        "p-allbad",
+        &strs(&predict_args(&dir.join("out"), &images, &["--on-error", "skip"])),
+    )
+    .run();
     outcome.refused(&["no image could be predicted", "bad.png", "missing.jpg"]);
     said_once(&outcome, &["missing.jpg"]);
 }
@@ -354,7 +420,10 @@ fn predict_into_an_out_that_is_a_file() {
 fn predict_never_writes_over_an_input_image() {
     let dir = scratch("p-input");
     // a.png's mask would be out/a.mask.png, which is also an input.
-    let images = [place(&dir, "a.png", "odd_37x53.png"), place(&dir, "out/a.mask.png", "small_23x19.png")];
+    let images = [
+        place(&dir, "a.png", "odd_37x53.png"),
+        place(&dir, "out/a.mask.png", "small_23x19.png"),
+    ];
     let before = snapshot(&dir);
     segq("p-input", &strs(&predict_args(&dir.join("out"), &images, &[])))
         .run()
@@ -367,7 +436,9 @@ fn predict_leaves_only_finished_files() {
     let dir = scratch("p-atomic");
     let images = [place(&dir, "x.png", "wide_101x45.png")];
     let out = dir.join("out");
-    segq("p-atomic", &strs(&predict_args(&out, &images, &["--save-logits"]))).run().succeeded();
+    segq("p-atomic", &strs(&predict_args(&out, &images, &["--save-logits"])))
+        .run()
+        .succeeded();
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -394,10 +465,13 @@ fn a_hundred_thousand_threads_are_clamped() {
         .run()
         .succeeded()
         .warns(&["--threads = 100000", "using 256"]);
-    segq("t-threads-set", &["inspect", "--model", s(&tiny), "--set", "eval.threads=100000"])
-        .run()
-        .succeeded()
-        .warns(&["eval.threads = 100000"]);
+    segq(
+        "t-threads-set",
+        &["inspect", "--model", s(&tiny), "--set", "eval.threads=100000"],
+    )
+    .run()
+    .succeeded()
+    .warns(&["eval.threads = 100000"]);
 }
 
 #[test]
@@ -431,9 +505,12 @@ fn a_hundred_thousand_workers_are_clamped() {
 
 #[test]
 fn zero_threads_means_one_per_core() {
-    segq("t-zero", &["--threads", "0", "inspect", "--model", s(&fixtures().join(TINY))])
-        .run()
-        .succeeded();
+    segq(
+        "t-zero",
+        &["--threads", "0", "inspect", "--model", s(&fixtures().join(TINY))],
+    )
+    .run()
+    .succeeded();
 }
 
 #[test]

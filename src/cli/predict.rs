@@ -203,7 +203,10 @@ fn plan_outputs(
     let mut plan = Vec::with_capacity(images.len());
     for (path, stem) in images.iter().zip(stems) {
         let Some(stem) = stem else {
-            plan.push((path.clone(), Err("cannot derive an output name from this path".to_string())));
+            plan.push((
+                path.clone(),
+                Err("cannot derive an output name from this path".to_string()),
+            ));
             continue;
         };
         let mut name = stem.clone();
@@ -224,7 +227,10 @@ fn plan_outputs(
         plan.push((path.clone(), Ok(names)));
     }
     let inputs: Vec<Input<'_>> = images.iter().map(|p| Input::File(p)).collect();
-    for (image, names) in plan.iter().filter_map(|(image, names)| Some((image, names.as_ref().ok()?))) {
+    for (image, names) in plan
+        .iter()
+        .filter_map(|(image, names)| Some((image, names.as_ref().ok()?)))
+    {
         let written = [&names.mask, &names.overlay, &names.logits];
         for output in &written[..if save_logits { 3 } else { 2 }] {
             if let Some((input, _)) = outputs::clashing_input(output, &inputs) {

@@ -101,7 +101,9 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
         let names = args.images.iter().map(|p| p.display().to_string()).collect();
         let report = segq::eval::error_report::error_report(&loaded, &recipes, &images, names, Protocol::Transformers)?;
         let json = serde_json::to_string_pretty(&report)?;
-        outputs::write_atomically(path, |tmp| std::fs::write(tmp, &json).map_err(|e| segq::Error::io(path, e)))?;
+        outputs::write_atomically(path, |tmp| {
+            std::fs::write(tmp, &json).map_err(|e| segq::Error::io(path, e))
+        })?;
         tracing::info!(path = %path.display(), recipes = recipes.len(), "error report written");
     }
     Ok(())
@@ -111,7 +113,11 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
 /// of a checkpoint file) or one of `--images`.
 fn check_outputs(source: &ModelSource, args: &QuantizeArgs) -> Result<()> {
     let model_folder = match source {
-        ModelSource::Local(p) if p.is_file() => Some(p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))),
+        ModelSource::Local(p) if p.is_file() => Some(
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        ),
         ModelSource::Local(p) => Some(p.as_path()),
         _ => None,
     };

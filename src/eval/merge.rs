@@ -35,7 +35,10 @@ pub fn check_out_dir(out: &Path, inputs: &[PathBuf]) -> Result<()> {
             if input.is_dir() {
                 input.as_path()
             } else {
-                input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+                input
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
             }
         })
         .collect();
