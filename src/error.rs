@@ -11,7 +11,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing `path` failed.
-    #[error("{path}: {source}")]
+    #[error("{}: {}", path.display(), IoCause(source))]
     Io { path: PathBuf, source: std::io::Error },
     /// Something named does not exist: a file or folder, a dataset split, a column, a tensor, a metadata key, a
     /// Hub repo or file (including one missing from the cache while offline).
@@ -214,6 +214,31 @@ impl std::fmt::Display for Named<'_> {
     }
 }
 
+/// An I/O error's cause as the rest of segq words it: a missing file is "no such file or folder" whichever call
+/// found it, and the OS's "(os error N)" is left out (the text already says it).
+struct IoCause<'a>(&'a std::io::Error);
+
+impl std::fmt::Display for IoCause<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.kind() == std::io::ErrorKind::NotFound && self.0.raw_os_error().is_some() {
+            return f.write_str("no such file or folder");
+        }
+        let text = self.0.to_string();
+        let text = match text.rfind(" (os error ") {
+            Some(at) if text.ends_with(')') => &text[..at],
+            _ => &text,
+        };
+        let mut chars = text.chars();
+        match chars.next() {
+            // "Permission denied" -> "permission denied", as segq's own causes read; "EOF ..." stays as written.
+            Some(first) if chars.clone().next().is_some_and(char::is_lowercase) => {
+                write!(f, "{}{}", first.to_lowercase(), chars.as_str())
+            }
+            _ => f.write_str(text),
+        }
+    }
+}
+
 /// Joins the lines of a message that quotes another library's multi-line error, so the error stays one line.
 fn one_line(text: String) -> String {
     if !text.contains(['\n', '\r']) {
@@ -316,6 +341,16 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Invalid);
         let e = Error::io("a.json", std::io::Error::other("disk full")).within("ignored");
         assert_eq!(e.to_string(), "a.json: disk full");
+    }
+
+    #[test]
+    fn os_errors_read_as_segq_words_them() {
+        let missing = std::io::Error::from_raw_os_error(2);
+        assert_eq!(Error::io("x.png", missing).to_string(), "x.png: no such file or folder");
+        let denied = std::io::Error::from_raw_os_error(13);
+        assert_eq!(Error::io("out", denied).to_string(), "out: permission denied");
+        let custom = std::io::Error::other("EOF while reading");
+        assert_eq!(Error::io("a", custom).to_string(), "a: EOF while reading");
     }
 
     #[test]

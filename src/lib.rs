@@ -14,6 +14,7 @@ pub mod interrupt;
 pub mod kernels;
 pub mod limits;
 pub mod model;
+pub mod outputs;
 pub mod preprocess;
 pub mod quant;
 pub mod report;

@@ -40,27 +40,25 @@ fn main() {
             segq::hub::scrub(&message)
         );
     }));
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => match cli::usage_error_line(&e) {
+            Some(line) => {
+                eprintln!("error: {line}");
+                std::process::exit(2);
+            }
+            None => e.exit(),
+        },
+    };
     if let Err(e) = cli::init_logging(&args.global) {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", cli::error_line(&e));
         std::process::exit(2);
     }
     let code = match std::panic::catch_unwind(|| cli::run(args)) {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
             tracing::debug!(error = ?e, "command failed");
-            // segq's errors already show their cause (`path: cause`); a cause is added only when it is new.
-            let mut line = String::new();
-            for cause in e.chain().map(|c| c.to_string()) {
-                if !line.contains(&cause) {
-                    line = if line.is_empty() {
-                        cause
-                    } else {
-                        format!("{line}: {cause}")
-                    };
-                }
-            }
-            eprintln!("error: {}", segq::hub::scrub(&line));
+            eprintln!("error: {}", cli::error_line(&e));
             1
         }
         Err(_) => 101,

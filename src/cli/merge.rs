@@ -23,6 +23,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
+    segq::eval::merge::check_out_dir(&args.out, &args.inputs)?;
     let mut parts = Vec::new();
     for input in &args.inputs {
         let path = if input.is_dir() {
@@ -36,6 +37,9 @@ pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
         allow_partial: args.allow_partial,
     };
     let merged = segq::eval::merge::merge_with(parts, options)?;
+    if args.out.join("results.json").exists() {
+        tracing::warn!(out = %args.out.display(), "replacing the results already in this folder");
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| segq::Error::io(&args.out, e))?;
     segq::report::write_all(&merged, &args.out)?;
     println!("{}", segq::report::format_table(&merged));

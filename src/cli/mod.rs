@@ -16,6 +16,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use segq::config::Config;
+use segq::limits;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,17 +88,87 @@ pub fn init_logging(args: &GlobalArgs) -> Result<()> {
         _ => "trace",
     };
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() && args.verbose == 0 && args.quiet == 0 => tracing_subscriber::EnvFilter::try_new(v)?,
+        Ok(v) if !v.is_empty() && args.verbose == 0 && args.quiet == 0 => {
+            tracing_subscriber::EnvFilter::try_new(&v).map_err(|e| segq::Error::config("RUST_LOG", e.to_string()))?
+        }
         _ => tracing_subscriber::EnvFilter::try_new(format!("{level},ureq=warn,rustls=warn,hf_hub=warn"))?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_target(false).compact().init(),
     }
     Ok(())
+}
+
+/// Colour codes in log lines only when stderr is a terminal and `NO_COLOR` is unset or empty (no-color.org):
+/// redirected logs and CI captures stay plain text.
+fn colour_on_stderr() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The one line `segq` prints for an error: each cause of the chain once. segq's errors show their own cause
+/// (`path: cause`, in segq's words), so the chain ends at the first one; other causes are added only when the line
+/// does not hold them yet.
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for link in error.chain() {
+        let cause = link.to_string();
+        let complete = link.downcast_ref::<segq::Error>().is_some();
+        if line.contains(&cause) {
+            if complete {
+                break;
+            }
+            continue;
+        }
+        line = if line.is_empty() {
+            cause
+        } else if cause.contains(&line) {
+            // The cause repeats everything said so far (a context that restates its source): keep the fuller one.
+            cause
+        } else {
+            format!("{line}: {cause}")
+        };
+        if complete {
+            break;
+        }
+    }
+    segq::hub::scrub(&line)
+}
+
+/// A command-line value clap refused (`--quant int7`, `--shard x`) as one line that names the flag and the value
+/// once: clap's own text ("invalid value 'x' for '--shard <SHARD>': --shard 'x': ...") repeats what segq's parsers
+/// already say. `None` for everything else (help, version, unknown or missing arguments), which clap prints itself.
+pub fn usage_error_line(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |kind| match error.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let arg = text(ContextKind::InvalidArg)?;
+    let flag = arg.split(' ').next().unwrap_or(&arg);
+    let value = text(ContextKind::InvalidValue)?;
+    let line = match error.kind() {
+        ErrorKind::ValueValidation => {
+            let cause = std::error::Error::source(error)?.to_string();
+            if cause.contains(flag) {
+                cause
+            } else if !value.is_empty() && cause.contains(&value) {
+                format!("{flag}: {cause}")
+            } else {
+                format!("{flag} '{value}': {cause}")
+            }
+        }
+        ErrorKind::InvalidValue => match error.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(valid)) => format!("{flag} '{value}': expected one of {}", valid.join(", ")),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(segq::hub::scrub(&line))
 }
 
 /// Loads the configuration and applies the global --set overrides.
@@ -109,9 +180,12 @@ pub fn load_config(global: &GlobalArgs) -> Result<Config> {
     for assignment in &global.set {
         config.set(assignment)?;
     }
-    if let Some(t) = global.threads {
-        config.eval.threads = t;
-    }
+    // Thread and worker counts are clamped here, where flags and files meet, before anything starts threads.
+    config.eval.threads = match global.threads {
+        Some(t) => limits::clamp_threads(t, "--threads"),
+        None => limits::clamp_threads(config.eval.threads, "eval.threads"),
+    };
+    config.dataset.workers = limits::clamp_threads(config.dataset.workers, "dataset.workers");
     Ok(config)
 }
 
@@ -121,7 +195,8 @@ pub fn set_threads(threads: usize) -> usize {
         segq::sysinfo::logical_cores()
     } else {
         threads
-    };
+    }
+    .min(limits::MAX_THREADS);
     // SAFETY: called once at start-up, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();

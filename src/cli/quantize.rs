@@ -2,13 +2,14 @@
 //! ([`segq::model::checkpoint::save_quantized`]), and/or the error report of every recipe against f32
 //! ([`segq::eval::error_report`], used by scripts/compare_quanto.py).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::Args;
 
 use super::{GlobalArgs, load_config};
 use segq::model::{self, ModelSource};
+use segq::outputs::{self, Input};
 use segq::preprocess::Protocol;
 use segq::quant::{Level, Method, SweepSpec};
 
@@ -68,8 +69,12 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
         );
     }
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
+    check_outputs(&source, &args)?;
     let loaded = model::load(&source)?;
     if let Some(out) = &args.out {
+        if out.join("model.safetensors").exists() {
+            tracing::warn!(out = %out.display(), "replacing the checkpoint already in this folder");
+        }
         let (quantized, report) = model::quantize(&loaded.model, &recipes[0])?;
         let bytes = model::checkpoint::save_quantized(
             &quantized,
@@ -95,8 +100,35 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             .collect::<segq::Result<Vec<_>>>()?;
         let names = args.images.iter().map(|p| p.display().to_string()).collect();
         let report = segq::eval::error_report::error_report(&loaded, &recipes, &images, names, Protocol::Transformers)?;
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| segq::Error::io(path, e))?;
+        let json = serde_json::to_string_pretty(&report)?;
+        outputs::write_atomically(path, |tmp| {
+            std::fs::write(tmp, &json).map_err(|e| segq::Error::io(path, e))
+        })?;
         tracing::info!(path = %path.display(), recipes = recipes.len(), "error report written");
+    }
+    Ok(())
+}
+
+/// Refuses a `--out` folder or `--error-report` file that would replace the input model (its folder, or the folder
+/// of a checkpoint file) or one of `--images`.
+fn check_outputs(source: &ModelSource, args: &QuantizeArgs) -> Result<()> {
+    let model_folder = match source {
+        ModelSource::Local(p) if p.is_file() => Some(
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        ),
+        ModelSource::Local(p) => Some(p.as_path()),
+        _ => None,
+    };
+    let mut inputs: Vec<Input<'_>> = model_folder.into_iter().map(Input::Folder).collect();
+    if let Some(out) = &args.out {
+        outputs::check_folder("--out", out)?;
+        outputs::check_not_input("--out", out, &inputs)?;
+    }
+    if let Some(report) = &args.error_report {
+        inputs.extend(args.images.iter().map(|p| Input::File(p)));
+        outputs::check_not_input("--error-report", report, &inputs)?;
     }
     Ok(())
 }

@@ -7,9 +7,11 @@
 //! count-derived number (mIoU, accuracies, agreement, latency quantiles) equals the unsharded run's exactly.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use crate::eval::metrics::ConfusionMatrix;
 use crate::eval::results::{Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, utc_now};
+use crate::outputs::Input;
 use crate::{Error, Result};
 
 /// Configuration keys that legitimately differ between the shards of one evaluation (at any depth).
@@ -20,6 +22,28 @@ pub struct MergeOptions {
     /// Merge even when some shards are missing: the result is marked `complete: false` and a warning names
     /// the missing shards. Off by default, so a forgotten shard cannot pass for the whole dataset.
     pub allow_partial: bool,
+}
+
+/// Refuses an output folder `out` that would overwrite a shard being merged: one of the `inputs` (result folders,
+/// or result files, whose folder counts as the input since the merged `results.json` and summaries are written
+/// under the same names), or a folder inside one. Also refuses an `out` that is a file.
+pub fn check_out_dir(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    crate::outputs::check_folder("--out", out)?;
+    let folders: Vec<&Path> = inputs
+        .iter()
+        .map(|input| {
+            if input.is_dir() {
+                input.as_path()
+            } else {
+                input
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+            }
+        })
+        .collect();
+    let inputs: Vec<Input<'_>> = folders.into_iter().map(Input::Folder).collect();
+    crate::outputs::check_not_input("--out", out, &inputs)
 }
 
 /// Merges the shards of one evaluation; every shard `0..n` must be present exactly once.
