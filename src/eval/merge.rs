@@ -24,25 +24,28 @@ pub struct MergeOptions {
     pub allow_partial: bool,
 }
 
-/// Refuses an output folder `out` that would overwrite a shard being merged: one of the `inputs` (result folders,
-/// or result files, whose folder counts as the input since the merged `results.json` and summaries are written
-/// under the same names), or a folder inside one. Also refuses an `out` that is a file.
+/// Refuses an output folder `out` that would overwrite a shard being merged: one of the `inputs`, or inside one.
+/// A `DIR/results.json` input counts as its folder `DIR` (the same shard, spelled as a file: the merged
+/// `results.json` would land on it); any other file counts as itself. Also refuses an `out` that is a file.
 pub fn check_out_dir(out: &Path, inputs: &[PathBuf]) -> Result<()> {
     crate::outputs::check_folder("--out", out)?;
-    let folders: Vec<&Path> = inputs
+    let inputs: Vec<Input<'_>> = inputs
         .iter()
         .map(|input| {
             if input.is_dir() {
-                input.as_path()
+                Input::Folder(input)
+            } else if input.file_name().is_some_and(|n| n == "results.json") {
+                Input::Folder(
+                    input
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new(".")),
+                )
             } else {
-                input
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."))
+                Input::File(input)
             }
         })
         .collect();
-    let inputs: Vec<Input<'_>> = folders.into_iter().map(Input::Folder).collect();
     crate::outputs::check_not_input("--out", out, &inputs)
 }
 
