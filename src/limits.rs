@@ -46,7 +46,11 @@ pub fn available_memory_bytes() -> Option<u64> {
     let cgroup = (|| {
         let max = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?;
         let max: u64 = max.trim().parse().ok()?; // "max" (no limit) does not parse
-        let current: u64 = std::fs::read_to_string("/sys/fs/cgroup/memory.current").ok()?.trim().parse().ok()?;
+        let current: u64 = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         Some(max.saturating_sub(current))
     })();
     match (meminfo, cgroup) {
@@ -68,7 +72,11 @@ pub fn check_fits_in_memory(what: &str, bytes: u64, hint: &str) -> Result<()> {
                 "needs about {} of memory, more than the {} available{}",
                 human_bytes(bytes),
                 human_bytes(available),
-                if hint.is_empty() { String::new() } else { format!("; {hint}") }
+                if hint.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {hint}")
+                }
             ),
         ));
     }
@@ -115,7 +123,10 @@ mod tests {
         if available_memory_bytes().is_some() {
             let err = check_fits_in_memory("--batch-size", u64::MAX / 2, "use a smaller batch").unwrap_err();
             let text = err.to_string();
-            assert!(text.contains("--batch-size") && text.contains("use a smaller batch"), "{text}");
+            assert!(
+                text.contains("--batch-size") && text.contains("use a smaller batch"),
+                "{text}"
+            );
         }
         check_fits_in_memory("small", 1024, "").unwrap();
     }

@@ -117,7 +117,10 @@ impl Case {
                 if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                let no_core = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
                 libc::setrlimit(libc::RLIMIT_CORE, &no_core);
                 Ok(())
             });
@@ -197,7 +200,10 @@ impl Running {
                 // SAFETY: as above, blocking this time.
                 unsafe { libc::wait4(self.pid, &mut status, 0, &mut usage) };
                 let stderr = self.stderr.join().unwrap_or_default();
-                panic!("{}: hung (killed after {:?}); stderr:\n{stderr}", self.description, self.timeout);
+                panic!(
+                    "{}: hung (killed after {:?}); stderr:\n{stderr}",
+                    self.description, self.timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -268,7 +274,11 @@ impl Outcome {
         let errors: Vec<&str> = self.stderr.lines().filter(|l| l.starts_with("error")).collect();
         assert_eq!(errors.len(), 1, "expected one error line: {}", self.context());
         for culprit in culprits {
-            assert!(errors[0].contains(culprit), "error line does not name {culprit:?}: {}", self.context());
+            assert!(
+                errors[0].contains(culprit),
+                "error line does not name {culprit:?}: {}",
+                self.context()
+            );
         }
         self
     }
@@ -283,7 +293,11 @@ impl Outcome {
     /// stderr (warnings included) mentions every one of `texts`.
     pub fn warns(&self, texts: &[&str]) -> &Self {
         for text in texts {
-            assert!(self.stderr.contains(text), "stderr does not mention {text:?}: {}", self.context());
+            assert!(
+                self.stderr.contains(text),
+                "stderr does not mention {text:?}: {}",
+                self.context()
+            );
         }
         self
     }
