@@ -129,6 +129,11 @@ pub struct EvalConfig {
     pub threads: usize,
     /// Images per level saved as overlays.
     pub samples: usize,
+    /// Seconds between partial `results.json` writes during a run (0: after every batch), so that a killed run
+    /// loses at most this much work and `--resume` continues from it.
+    pub checkpoint_seconds: u64,
+    /// Accept a selection of zero examples (an empty shard, an offset past the end) instead of failing.
+    pub allow_empty: bool,
 }
 
 impl Default for EvalConfig {
@@ -141,6 +146,8 @@ impl Default for EvalConfig {
             protocol: Protocol::Transformers,
             threads: 0,
             samples: 3,
+            checkpoint_seconds: 120,
+            allow_empty: false,
         }
     }
 }
@@ -262,6 +269,16 @@ impl Config {
         if self.eval.batch_size == 0 {
             return Err(Error::config("eval.batch_size", "eval.batch_size must be at least 1"));
         }
+        if self.eval.batch_size > crate::limits::MAX_BATCH_SIZE {
+            return Err(Error::config(
+                "eval.batch_size",
+                format!(
+                    "eval.batch_size (--batch-size) = {} is more than the {} segq accepts",
+                    self.eval.batch_size,
+                    crate::limits::MAX_BATCH_SIZE
+                ),
+            ));
+        }
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
@@ -329,6 +346,8 @@ offset = 0
 protocol = "transformers"     # or "mmseg": keep-ratio resize to fit 2048x512
 threads = 0                   # 0 = one per core
 samples = 3                   # overlay images saved per level
+checkpoint_seconds = 120      # partial results.json written this often (0 = every batch); see --resume
+allow_empty = false           # true: a selection of zero examples is not an error
 
 [output]
 dir = "segq-out"

@@ -1,9 +1,6 @@
 //! What `segq eval` shows and listens to on the console, as evaluation observers: the progress bar, Ctrl-C, and
 //! the results table printed once the files are written.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use segq::eval::{EvalObserver, EvalOutput};
 
 /// The progress bar, drawn on stderr when it is a terminal.
@@ -36,26 +33,26 @@ impl EvalObserver for Progress {
     }
 }
 
-/// Ctrl-C: the first stops the run after the current batch (partial results are written), the second aborts.
-pub struct Interrupt(Arc<AtomicBool>);
+/// Ctrl-C and SIGTERM (what Slurm and Kubernetes send before killing a job): the first stops the run after the
+/// current batch and any upload in progress (partial results are written, `--resume` continues them); a second
+/// aborts at once.
+pub struct Interrupt;
 
 impl Interrupt {
     pub fn install() -> Interrupt {
-        let flag = Arc::new(AtomicBool::new(false));
-        let handler_flag = flag.clone();
-        let _ = ctrlc::set_handler(move || {
-            if handler_flag.swap(true, Ordering::SeqCst) {
+        let _ = ctrlc::set_handler(|| {
+            if segq::interrupt::request_stop() {
                 std::process::exit(130);
             }
-            eprintln!("interrupt: finishing the current batch and writing partial results (Ctrl-C again to abort)");
+            eprintln!("interrupt: finishing the current batch and writing partial results (again to abort)");
         });
-        Interrupt(flag)
+        Interrupt
     }
 }
 
 impl EvalObserver for Interrupt {
     fn should_stop(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        segq::interrupt::stop_requested()
     }
 }
 

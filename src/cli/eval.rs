@@ -10,6 +10,7 @@ use super::console::{Interrupt, Progress, Table};
 use super::{GlobalArgs, load_config};
 use segq::config::Config;
 use segq::data::{OnError, ShardSpec};
+use segq::eval::results::{EvalResults, LevelStatus};
 use segq::eval::{EvalObserver, EvalPlan};
 use segq::preprocess::Protocol;
 use segq::quant::{Level, Method};
@@ -76,6 +77,13 @@ pub struct EvalArgs {
     /// is found and offline otherwise).
     #[arg(long)]
     pub wandb: Option<TrackingMode>,
+    /// Continue the interrupted run whose partial results are in DIR (its configuration is reused; flags given
+    /// again must agree with it). The final results equal an uninterrupted run's.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Accept a selection of zero examples (an empty shard) instead of failing.
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
@@ -94,6 +102,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     config.eval.limit = d.limit.or(config.eval.limit);
     config.eval.shard = d.shard.or(config.eval.shard);
     config.quant.group_size = args.group_size.or(config.quant.group_size);
+    config.eval.allow_empty |= args.allow_empty;
     if d.no_reduce_labels {
         config.dataset.reduce_labels = false;
     }
@@ -107,25 +116,75 @@ fn set<T>(slot: &mut T, flag: Option<T>) {
 }
 
 pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
-    let mut config = load_config(global)?;
-    apply_eval_args(&mut config, &args);
-    let threads = super::set_threads(config.eval.threads);
-    let plan = EvalPlan::from_config(&config, threads)?;
-    let wandb = WandbPublisher::new(&config.tracking, args.wandb, &plan.output_dir)?;
+    let plan = match &args.resume {
+        None => {
+            let mut config = load_config(global)?;
+            apply_eval_args(&mut config, &args);
+            let threads = super::set_threads(config.eval.threads);
+            EvalPlan::from_config(&config, threads)?
+        }
+        Some(dir) => {
+            // The interrupted run's configuration, not segq.toml's: flags given again are checked against it.
+            let partial = EvalResults::read(&dir.join("results.json"))?;
+            let mut config: Config = serde_json::from_value(partial.config.clone())
+                .map_err(|e| anyhow::anyhow!("{}: configuration unreadable: {e}", dir.display()))?;
+            for assignment in &global.set {
+                config.set(assignment)?;
+            }
+            if let Some(threads) = global.threads {
+                config.eval.threads = threads;
+            }
+            apply_eval_args(&mut config, &args);
+            config.output.dir = dir.clone();
+            let threads = super::set_threads(config.eval.threads);
+            EvalPlan::resuming(&config, threads, partial)?
+        }
+    };
+    // Everything that can fail without the model is checked before it is loaded: the output folder, W&B.
+    let reports = ReportWriter::create(&plan.output_dir)?;
+    let wandb = WandbPublisher::new(&plan.config.tracking, args.wandb, &plan.output_dir)?;
     let mut observers: Vec<Box<dyn EvalObserver>> = vec![
         Box::new(Progress::new(global.quiet == 0)),
         Box::new(Interrupt::install()),
-        Box::new(ReportWriter::new(&plan.output_dir)),
+        Box::new(reports),
         Box::new(Table),
     ];
     if let Some(w) = wandb {
         observers.push(Box::new(w));
     }
     let output = segq::eval::evaluate(&plan, &mut observers)?;
+    let dir = plan.output_dir.display();
     if !output.results.complete {
+        let counts = &output.results.counts;
+        let why = if counts.unreadable_files > 0 {
+            format!(
+                "{} Parquet file(s) could not be read, so their rows are unknown (see skip_reasons)",
+                counts.unreadable_files
+            )
+        } else {
+            format!(
+                "{} of {} examples counted",
+                counts.evaluated + counts.skipped,
+                output.results.dataset.examples_total_selected
+            )
+        };
         anyhow::bail!(
-            "the run is incomplete (interrupted or examples unaccounted for); partial results are in {}",
-            plan.output_dir.display()
+            "the run is incomplete: {why}; partial results are in {dir} (continue with `segq eval --resume {dir}`)"
+        );
+    }
+    let failed: Vec<String> = output
+        .results
+        .levels
+        .iter()
+        .filter_map(|l| match &l.status {
+            LevelStatus::Failed { reason } => Some(format!("{}: {reason}", l.label)),
+            LevelStatus::Ok => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "level failed: {}; the other levels' results are in {dir}",
+            failed.join("; ")
         );
     }
     Ok(())

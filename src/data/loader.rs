@@ -52,6 +52,14 @@ pub struct LoaderOptions {
     pub prefetch_batches: usize,
     pub on_error: OnError,
     pub labels: LabelOptions,
+    /// Examples at the start of the selection that an interrupted run already counted (`eval --resume`): they
+    /// are not read again, but they stay in [`LoadStats::selected`].
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skip_first: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for LoaderOptions {
@@ -63,6 +71,7 @@ impl Default for LoaderOptions {
             prefetch_batches: 2,
             on_error: OnError::Fail,
             labels: LabelOptions::default(),
+            skip_first: 0,
         }
     }
 }
@@ -89,6 +98,9 @@ pub struct LoadStats {
 
 /// The parallel, ordered, bounded-memory example loader. Iterate it for batches.
 pub struct Loader {
+    /// Rows of the dataset (all of it, before the selection).
+    dataset_rows: usize,
+    /// The rows still to read: the selection, less `skip_first`.
     rows: Range<usize>,
     batch_size: usize,
     on_error: OnError,
@@ -156,8 +168,19 @@ impl Loader {
         let mut stats = LoadStats::default();
         let source = open_source(spec, options.on_error, &mut stats)?;
         let total = source.len();
-        let rows = options.selection.rows(total);
+        let mut rows = options.selection.rows(total);
         stats.selected = rows.len();
+        if options.skip_first > rows.len() {
+            return Err(Error::invalid(
+                "resumed run",
+                format!(
+                    "{} examples were already counted, but the selection has only {}: the dataset changed",
+                    options.skip_first,
+                    rows.len()
+                ),
+            ));
+        }
+        rows.start += options.skip_first;
         let bound = options.batch_size * (options.prefetch_batches + 1);
         stats.in_flight_bound = bound;
         tracing::info!(
@@ -199,6 +222,7 @@ impl Loader {
             );
         }
         Ok(Loader {
+            dataset_rows: total,
             rows,
             batch_size: options.batch_size,
             on_error: options.on_error,
@@ -213,9 +237,14 @@ impl Loader {
         })
     }
 
-    /// Number of examples selected (handed out + skipped, once iteration completes).
+    /// Number of examples this loader will hand out or skip (the selection, less those skipped by `skip_first`).
     pub fn total(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Rows in the whole dataset, before offset, limit and shard select from them.
+    pub fn dataset_rows(&self) -> usize {
+        self.dataset_rows
     }
 
     /// Counts so far (complete once the iterator has returned `None`).

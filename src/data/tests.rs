@@ -263,6 +263,48 @@ fn reduce_labels_are_applied_by_the_loader() {
 }
 
 #[test]
+fn skip_first_continues_a_selection_where_an_interrupted_run_stopped() {
+    let ade = DatasetSpec::AdeFolder {
+        root: ade_root(),
+        split: "validation".into(),
+    };
+    let selection = Selection {
+        shard: None,
+        offset: 2,
+        limit: Some(6),
+    };
+    let (all, _) = load_all(
+        &ade,
+        LoaderOptions {
+            selection,
+            ..options(2, 1)
+        },
+    );
+    let resumed = LoaderOptions {
+        selection,
+        skip_first: 4,
+        ..options(2, 1)
+    };
+    let loader = Loader::new(&ade, resumed.clone()).unwrap();
+    assert_eq!(loader.total(), 2);
+    drop(loader);
+    let (rest, stats) = load_all(&ade, resumed);
+    let indices = |examples: &[Example]| examples.iter().map(|e| e.index).collect::<Vec<_>>();
+    assert_eq!(indices(&rest), indices(&all[4..]));
+    assert_eq!((stats.selected, stats.decoded), (6, 2));
+    let too_many = LoaderOptions {
+        selection,
+        skip_first: 7,
+        ..options(2, 1)
+    };
+    let error = Loader::new(&ade, too_many)
+        .err()
+        .expect("more skipped than selected")
+        .to_string();
+    assert!(error.contains("dataset changed"), "{error}");
+}
+
+#[test]
 fn shards_are_disjoint_and_cover_the_selection() {
     let parquet = resolve_local(
         demo().join("parquet").to_str().unwrap(),

@@ -100,6 +100,7 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         counts.read += part.counts.read;
         counts.evaluated += part.counts.evaluated;
         counts.skipped += part.counts.skipped;
+        counts.unreadable_files += part.counts.unreadable_files;
         counts.skip_reasons.extend(part.counts.skip_reasons.iter().cloned());
     }
     let mut config = first.config.clone();
@@ -107,7 +108,7 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
     let merged = EvalResults {
         segq_version: first.segq_version.clone(),
         created_utc: utc_now(),
-        complete: missing.is_empty() && parts.iter().all(|p| p.complete),
+        complete: missing.is_empty() && parts.iter().all(|p| p.complete) && counts.unreadable_files == 0,
         config,
         model: first.model.clone(),
         dataset: DatasetInfo {
@@ -266,7 +267,7 @@ fn merge_machines(parts: &[EvalResults]) -> MachineInfo {
     }
 }
 
-fn remove_keys(value: &mut serde_json::Value, keys: &[&str]) {
+pub(crate) fn remove_keys(value: &mut serde_json::Value, keys: &[&str]) {
     match value {
         serde_json::Value::Object(map) => {
             map.retain(|k, _| !keys.contains(&k.as_str()));
@@ -278,7 +279,7 @@ fn remove_keys(value: &mut serde_json::Value, keys: &[&str]) {
 }
 
 /// Dotted path of the first place where two JSON values differ.
-fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) -> Option<String> {
+pub(crate) fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: String) -> Option<String> {
     use serde_json::Value;
     let join = |key: &str| {
         if path.is_empty() {

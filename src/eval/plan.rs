@@ -4,13 +4,15 @@
 //! bad setting fails in a second instead of after the evaluation.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::Result;
 use crate::config::Config;
 use crate::data::{LabelOptions, LoaderOptions, Selection, ShardSpec};
+use crate::eval::results::EvalResults;
 use crate::model::ModelSource;
 use crate::preprocess::Protocol;
 use crate::quant::{Recipe, SweepSpec, UnbuildableLevel};
+use crate::{Error, Result};
 
 /// Where the examples come from, as configured; resolved to files (and downloaded) when the evaluation starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,8 +30,8 @@ pub struct DatasetPlan {
 pub struct EvalPlan {
     pub model: ModelSource,
     pub dataset: DatasetPlan,
-    /// f32 first, then each level x method; levels no method can build are kept as failed rows.
-    pub recipes: Vec<std::result::Result<Recipe, UnbuildableLevel>>,
+    /// f32 first, then each level x method.
+    pub recipes: Vec<Recipe>,
     /// Batching, decoding, error policy, labels and the rows to read (shard already resolved).
     pub loader: LoaderOptions,
     pub protocol: Protocol,
@@ -38,6 +40,12 @@ pub struct EvalPlan {
     /// Compute threads the process runs with (recorded in the results).
     pub threads: usize,
     pub output_dir: PathBuf,
+    /// How often partial results are handed to the observers ([`crate::eval::EvalObserver::checkpoint`]).
+    pub checkpoint_every: Duration,
+    /// A selection of zero examples is accepted instead of being an error.
+    pub allow_empty: bool,
+    /// The partial results of an interrupted run of this same plan, to continue from (`eval --resume`).
+    pub resume: Option<Box<EvalResults>>,
     /// The effective configuration, recorded in results.json.
     pub config: Config,
 }
@@ -55,7 +63,13 @@ impl EvalPlan {
             symmetric: quant.symmetric,
             skip: &quant.skip,
         }
-        .recipes();
+        .recipes()
+        .into_iter()
+        .map(|recipe| {
+            // Asked for by name and impossible: an argument error now, not a failed row after the evaluation.
+            recipe.map_err(|UnbuildableLevel { reason, .. }| Error::config("quant.levels", reason))
+        })
+        .collect::<Result<Vec<_>>>()?;
         let d = &config.dataset;
         let label_map = config.label_map()?;
         let loader = LoaderOptions {
@@ -71,6 +85,7 @@ impl EvalPlan {
                 d.workers
             },
             prefetch_batches: 2,
+            skip_first: 0,
             on_error: d.on_error,
             labels: LabelOptions {
                 reduce_labels: d.reduce_labels,
@@ -93,8 +108,46 @@ impl EvalPlan {
             samples: config.eval.samples,
             threads,
             output_dir: config.output.dir.clone(),
+            checkpoint_every: Duration::from_secs(config.eval.checkpoint_seconds),
+            allow_empty: config.eval.allow_empty,
+            resume: None,
             config: config.clone(),
         })
+    }
+
+    /// The plan that continues `partial`, the results an interrupted run of `config` left in `output_dir`.
+    /// `config` must be that run's configuration (flags given again must agree with it); only where the results
+    /// go and how many threads compute may differ.
+    pub fn resuming(config: &Config, threads: usize, partial: EvalResults) -> Result<EvalPlan> {
+        if partial.complete {
+            return Err(Error::invalid(
+                "--resume",
+                "that run is complete: there is nothing to resume (its results.json is final)",
+            ));
+        }
+        let recorded: Config = serde_json::from_value(partial.config.clone()).map_err(|e| {
+            Error::invalid(
+                "--resume",
+                format!("the results file's configuration cannot be read: {e}"),
+            )
+        })?;
+        let (mut asked, mut was) = (
+            serde_json::to_value(config).map_err(|e| Error::internal(e.to_string()))?,
+            serde_json::to_value(&recorded).map_err(|e| Error::internal(e.to_string()))?,
+        );
+        crate::eval::merge::remove_keys(&mut asked, RESUME_MAY_DIFFER);
+        crate::eval::merge::remove_keys(&mut was, RESUME_MAY_DIFFER);
+        if let Some(key) = crate::eval::merge::first_difference(&was, &asked, String::new()) {
+            return Err(Error::config(
+                key,
+                "differs from the interrupted run's configuration: --resume continues the same run (drop the flag \
+                 or start a new run in another folder)",
+            ));
+        }
+        let mut plan = EvalPlan::from_config(config, threads)?;
+        plan.loader.skip_first = (partial.counts.evaluated + partial.counts.skipped) as usize;
+        plan.resume = Some(Box::new(partial));
+        Ok(plan)
     }
 
     /// This run's shard `(index, count)`, if it is one.
@@ -102,6 +155,9 @@ impl EvalPlan {
         self.loader.selection.shard
     }
 }
+
+/// Configuration keys a resumed run may change: where its results go, threads, and how often it saves them.
+const RESUME_MAY_DIFFER: &[&str] = &["output", "threads", "checkpoint_seconds"];
 
 /// `--shard` as (index, count): "I/N", or "auto" from the cluster's environment.
 fn resolve_shard(spec: Option<ShardSpec>) -> Result<Option<(usize, usize)>> {
@@ -127,7 +183,7 @@ mod tests {
     fn plan_of_the_default_config() {
         let plan = EvalPlan::from_config(&Config::default(), 2).unwrap();
         assert_eq!(plan.model, ModelSource::Embedded);
-        let labels: Vec<String> = plan.recipes.iter().map(|r| r.as_ref().unwrap().label()).collect();
+        let labels: Vec<String> = plan.recipes.iter().map(Recipe::label).collect();
         assert_eq!(
             labels,
             [
@@ -147,16 +203,16 @@ mod tests {
     }
 
     #[test]
-    fn a_level_no_method_builds_is_a_failed_row() {
+    fn a_level_no_method_builds_is_an_argument_error() {
         let mut config = Config::default();
         config.quant.levels = vec![Level::F8E4m3, Level::Int4];
         config.quant.methods = vec![Method::Hqq];
+        let error = EvalPlan::from_config(&config, 1).unwrap_err().to_string();
+        assert!(error.contains("quant.levels") && error.contains("f8"), "{error}");
+        assert!(error.contains("integer levels only"), "{error}");
+        config.quant.methods = vec![Method::Hqq, Method::Rtn];
         let plan = EvalPlan::from_config(&config, 1).unwrap();
-        assert_eq!(plan.recipes.len(), 3);
-        let failed = plan.recipes[1].as_ref().unwrap_err();
-        assert_eq!(failed.level, Level::F8E4m3);
-        assert!(failed.reason.contains("integer levels only"), "{}", failed.reason);
-        assert_eq!(plan.recipes[2].as_ref().unwrap().label(), "int4-hqq-g64");
+        assert_eq!(plan.recipes.len(), 4);
     }
 
     #[test]

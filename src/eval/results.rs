@@ -68,6 +68,14 @@ pub struct Counts {
     pub skipped: u64,
     /// One line per skipped example, naming it and the reason.
     pub skip_reasons: Vec<String>,
+    /// Parquet files skipped whole because their footer could not be read: their rows are unknown, so they are
+    /// not in `skipped`, and a run with any is not `complete`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreadable_files: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -320,8 +328,14 @@ impl EvalResults {
         let mut temporary = path.as_os_str().to_owned();
         temporary.push(".tmp");
         let temporary = std::path::PathBuf::from(temporary);
-        std::fs::write(&temporary, text + "\n").map_err(|e| Error::io(&temporary, e))?;
-        std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))?;
+        let written = std::fs::write(&temporary, text + "\n")
+            .map_err(|e| Error::io(&temporary, e))
+            .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e)));
+        if written.is_err() {
+            // Never leave a half-written temporary beside the results.
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written?;
         tracing::info!(path = %path.display(), levels = self.levels.len(), "wrote results");
         Ok(())
     }
@@ -542,6 +556,7 @@ pub(crate) mod test_support {
                 evaluated: rows.len() as u64,
                 skipped: 0,
                 skip_reasons: Vec::new(),
+                unreadable_files: 0,
             },
             levels,
         }

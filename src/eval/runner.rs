@@ -18,7 +18,7 @@ use crate::eval::results::{
 use crate::model::segformer::Segformer;
 use crate::model::{self, LoadedModel};
 use crate::preprocess::PreprocessorConfig;
-use crate::quant::{Level, Recipe, UnbuildableLevel};
+use crate::quant::{Level, Recipe};
 use crate::segmenter::{self, ModelInput};
 use crate::{Error, Result};
 
@@ -31,6 +31,11 @@ pub trait EvalObserver {
     /// Asked before each batch: true stops the run there (the results are marked incomplete).
     fn should_stop(&self) -> bool {
         false
+    }
+    /// The results so far (incomplete), every `EvalPlan::checkpoint_every`: save them so that a killed run loses
+    /// at most that much work.
+    fn checkpoint(&mut self, _partial: &EvalResults) -> Result<()> {
+        Ok(())
     }
     /// The run is over, complete or not: publish it. Errors end [`evaluate`] with that error, after the observers
     /// before this one have published.
@@ -52,6 +57,9 @@ impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
     }
     fn should_stop(&self) -> bool {
         self.iter().any(|o| o.should_stop())
+    }
+    fn checkpoint(&mut self, partial: &EvalResults) -> Result<()> {
+        self.iter_mut().try_for_each(|o| o.checkpoint(partial))
     }
     fn finished(&mut self, output: &EvalOutput) -> Result<()> {
         self.iter_mut().try_for_each(|o| o.finished(output))
@@ -80,7 +88,10 @@ pub struct EvalOutput {
 }
 
 /// Runs `plan`: loads the model and the dataset, builds every level, evaluates them all in one pass over the
-/// examples, and calls `observer.finished` with the output before returning it.
+/// examples, and calls `observer.finished` with the output before returning it. Every level is built before the
+/// first forward pass, so an argument that cannot work fails in seconds. Partial results go to
+/// `observer.checkpoint` every `plan.checkpoint_every`; a plan that resumes an interrupted run starts from its
+/// counts and reads only the examples it had not reached.
 pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<EvalOutput> {
     let loaded = model::load(&plan.model)?;
     if let Some(header) = &loaded.recipe {
@@ -94,7 +105,31 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let (spec, dataset_description) =
         crate::data::resolve_source(&d.source, &d.split, &d.subset, &d.image_column, &d.label_column)?;
     let mut loader = Loader::new(&spec, plan.loader.clone())?;
-    tracing::info!(dataset = %dataset_description, examples = loader.total(), "dataset ready");
+    let selected = loader.total() + plan.loader.skip_first;
+    tracing::info!(dataset = %dataset_description, examples = selected, "dataset ready");
+    let selection = &plan.loader.selection;
+    // An empty shard of a non-empty selection (more shards than examples) is legitimate: its merge is exact.
+    let unsharded = crate::data::Selection {
+        shard: None,
+        ..*selection
+    }
+    .rows(loader.dataset_rows())
+    .len();
+    if selected == 0 && unsharded > 0 {
+        tracing::warn!(shard = ?selection.shard, "this shard selects no examples (more shards than examples)");
+    } else if selected == 0 && !plan.allow_empty {
+        return Err(Error::config(
+            "dataset selection",
+            format!(
+                "no examples selected from {dataset_description} ({} rows; offset {}, limit {}, shard {}); pass \
+                 --allow-empty (eval.allow_empty) to accept an empty run",
+                loader.dataset_rows(),
+                selection.offset,
+                selection.limit.map_or("none".to_string(), |l| l.to_string()),
+                selection.shard.map_or("none".to_string(), |(i, n)| format!("{i}/{n}")),
+            ),
+        ));
+    }
     let model_info = ModelInfo {
         source: plan.model.to_string(),
         num_labels: loaded.model.config().num_labels(),
@@ -108,7 +143,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         shard: plan.shard(),
         offset: plan.loader.selection.offset,
         limit: plan.loader.selection.limit,
-        examples_total_selected: loader.total(),
+        examples_total_selected: selected,
     };
     let machine = MachineInfo {
         cpu_model: crate::sysinfo::cpu_model(),
@@ -116,15 +151,33 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         threads: plan.threads,
         os: std::env::consts::OS.to_string(),
     };
-    let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels);
+    let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels)?;
+    let mut earlier = Counts::default();
+    if let Some(partial) = plan.resume.as_deref() {
+        continue_from(partial, &mut variants, &model_info, &dataset_info)?;
+        earlier = partial.counts.clone();
+        tracing::info!(
+            done = earlier.evaluated + earlier.skipped,
+            of = selected,
+            "resuming the interrupted run"
+        );
+    }
+    let run = RunInfo {
+        plan,
+        model: &model_info,
+        dataset: &dataset_info,
+        machine: &machine,
+        earlier: &earlier,
+    };
     observer.started(loader.total());
     let mut samples: Vec<Sample> = Vec::new();
-    let mut complete = true;
+    let mut stopped = false;
     let mut wait_start = Instant::now();
+    let mut last_checkpoint = Instant::now();
     loop {
-        if observer.should_stop() {
+        if observer.should_stop() || crate::interrupt::stop_requested() {
             tracing::warn!("interrupted: writing the results so far, marked incomplete");
-            complete = false;
+            stopped = true;
             break;
         }
         let Some(batch) = loader.next() else { break };
@@ -136,96 +189,190 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         }
         evaluate_batch(&batch, &mut variants, plan, &loaded.preprocessor, data_s, &mut samples)?;
         observer.batch_done(batch.len());
+        if last_checkpoint.elapsed() >= plan.checkpoint_every {
+            let partial = run.results(
+                variants.iter().map(|v| v.result.clone()).collect(),
+                &loader.stats(),
+                false,
+            )?;
+            observer.checkpoint(&partial)?;
+            last_checkpoint = Instant::now();
+        }
         wait_start = Instant::now();
     }
     let stats = loader.stats();
-    let counts = Counts {
-        read: stats.read as u64,
-        evaluated: stats.decoded as u64,
-        skipped: stats.skipped as u64,
-        skip_reasons: stats.skip_reasons.clone(),
-    };
     if stats.skipped > 0 {
         tracing::warn!(skipped = stats.skipped, first = ?stats.skip_reasons.first(), "examples skipped");
     }
-    if stats.decoded + stats.skipped < stats.selected {
-        complete = false;
+    if stats.unreadable_files > 0 {
+        tracing::warn!(
+            files = stats.unreadable_files,
+            "Parquet files could not be read and their rows are unknown: the run is marked incomplete"
+        );
     }
-    let levels = variants.into_iter().map(|v| v.result).collect();
-    let mut results = EvalResults {
-        segq_version: crate::VERSION.to_string(),
-        created_utc: crate::eval::results::utc_now(),
-        complete,
-        config: serde_json::to_value(&plan.config).map_err(|e| Error::internal(e.to_string()))?,
-        model: model_info,
-        dataset: dataset_info,
-        machine,
-        counts,
-        levels,
-    };
-    results.refresh_summaries();
+    let results = run.results(variants.into_iter().map(|v| v.result).collect(), &stats, !stopped)?;
     let output = EvalOutput { results, samples };
     observer.finished(&output)?;
     Ok(output)
 }
 
+/// What every results file of one run shares, with the counts of the run it resumes.
+struct RunInfo<'a> {
+    plan: &'a EvalPlan,
+    model: &'a ModelInfo,
+    dataset: &'a DatasetInfo,
+    machine: &'a MachineInfo,
+    earlier: &'a Counts,
+}
+
+impl RunInfo<'_> {
+    /// The results so far. `finished`: the loader has been run to its end (or to an error), rather than stopped
+    /// or checkpointed mid-way. Complete only when finished and every selected example was evaluated or skipped.
+    fn results(&self, levels: Vec<LevelResult>, stats: &crate::data::LoadStats, finished: bool) -> Result<EvalResults> {
+        let mut skip_reasons = self.earlier.skip_reasons.clone();
+        skip_reasons.extend(stats.skip_reasons.iter().cloned());
+        let consumed = (stats.decoded + stats.skipped) as u64;
+        let counts = Counts {
+            // Mid-run the reader is ahead of what was scored; a checkpoint counts only what its scores include.
+            read: self.earlier.read + if finished { stats.read as u64 } else { consumed },
+            evaluated: self.earlier.evaluated + stats.decoded as u64,
+            skipped: self.earlier.skipped + stats.skipped as u64,
+            skip_reasons,
+            unreadable_files: self.earlier.unreadable_files.max(stats.unreadable_files as u64),
+        };
+        let accounted = counts.evaluated + counts.skipped == self.dataset.examples_total_selected as u64;
+        let mut results = EvalResults {
+            segq_version: crate::VERSION.to_string(),
+            created_utc: crate::eval::results::utc_now(),
+            complete: finished && accounted && counts.unreadable_files == 0,
+            config: serde_json::to_value(&self.plan.config).map_err(|e| Error::internal(e.to_string()))?,
+            model: self.model.clone(),
+            dataset: self.dataset.clone(),
+            machine: self.machine.clone(),
+            counts,
+            levels,
+        };
+        results.refresh_summaries();
+        Ok(results)
+    }
+}
+
+/// Starts `variants` from the scores an interrupted run left in `partial`, after checking that it is the same
+/// model, dataset selection and list of levels.
+fn continue_from(
+    partial: &EvalResults,
+    variants: &mut [Variant],
+    model: &ModelInfo,
+    dataset: &DatasetInfo,
+) -> Result<()> {
+    let origin = "--resume";
+    if partial.model != *model {
+        return Err(Error::invalid(
+            origin,
+            format!(
+                "the model differs from the interrupted run's ({})",
+                partial.model.source
+            ),
+        ));
+    }
+    let (a, b) = (&partial.dataset, dataset);
+    if (
+        &a.source,
+        &a.split,
+        a.shard,
+        a.offset,
+        a.limit,
+        a.examples_total_selected,
+    ) != (
+        &b.source,
+        &b.split,
+        b.shard,
+        b.offset,
+        b.limit,
+        b.examples_total_selected,
+    ) {
+        return Err(Error::invalid(
+            origin,
+            format!(
+                "the dataset selection differs from the interrupted run's ({} {}, {} examples now {})",
+                a.source, a.split, a.examples_total_selected, b.examples_total_selected
+            ),
+        ));
+    }
+    let labels = |levels: &mut dyn Iterator<Item = &LevelResult>| levels.map(|l| l.label.clone()).collect::<Vec<_>>();
+    let (was, now) = (
+        labels(&mut partial.levels.iter()),
+        labels(&mut variants.iter().map(|v| &v.result)),
+    );
+    if was != now {
+        return Err(Error::invalid(
+            origin,
+            format!(
+                "the levels differ from the interrupted run's: {} vs {}",
+                now.join(","),
+                was.join(",")
+            ),
+        ));
+    }
+    for (variant, done) in variants.iter_mut().zip(&partial.levels) {
+        let result = &mut variant.result;
+        if let LevelStatus::Failed { .. } = &done.status {
+            variant.model = None;
+            result.status = done.status.clone();
+            result.confusion = None;
+            result.agreement = None;
+        } else {
+            result.confusion = done.confusion.clone();
+            result.agreement = done.agreement.clone();
+        }
+        result.model_latency_ms = done.model_latency_ms.clone();
+        result.pipeline_latency_ms = done.pipeline_latency_ms.clone();
+        result.wall_time_s = done.wall_time_s;
+        result.peak_rss_bytes = done.peak_rss_bytes;
+    }
+    Ok(())
+}
+
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
-/// baseline: its predictions are the reference for every other level's agreement.
-fn build_variants(
-    loaded: &LoadedModel,
-    recipes: &[std::result::Result<Recipe, UnbuildableLevel>],
-    num_labels: usize,
-) -> Vec<Variant> {
+/// baseline: its predictions are the reference for every other level's agreement. A recipe that cannot be built
+/// for this model is an error naming it, before any example is read.
+fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -> Result<Vec<Variant>> {
     let mut variants: Vec<Variant> = recipes
         .iter()
-        .map(|recipe| match recipe {
-            Ok(recipe) => match model::quantize(&loaded.model, recipe) {
-                Ok((m, report)) => {
-                    let baseline = recipe.level.is_float_baseline();
-                    // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and
-                    // the row must say so rather than claim 32 bits per weight.
-                    let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
-                        (Some(header), true) => (
-                            LevelMethod::AsLoaded {
-                                recipe: header.label.clone(),
-                            },
-                            m.bits_per_weight(),
-                        ),
-                        (None, true) => (LevelMethod::None, report.bits_per_weight),
-                        (_, false) => (LevelMethod::Method(recipe.method), report.bits_per_weight),
-                    };
-                    let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
-                    row.group_size = recipe.requested_group_size();
-                    row.bits_per_weight = bits_per_weight;
-                    row.weight_bytes_memory = m.weight_bytes() as u64;
-                    row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
-                    row.load_time_s = loaded.load_time.as_secs_f64();
-                    row.quantize_time_s = report.seconds;
-                    Variant {
-                        model: Some(m),
-                        result: row,
-                    }
-                }
-                Err(e) => failed_variant(
-                    recipe.label(),
-                    recipe.level,
-                    LevelMethod::Method(recipe.method),
-                    e.to_string(),
+        .map(|recipe| {
+            let (m, report) = model::quantize(&loaded.model, recipe)
+                .map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
+            let baseline = recipe.level.is_float_baseline();
+            // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and the row
+            // must say so rather than claim 32 bits per weight.
+            let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
+                (Some(header), true) => (
+                    LevelMethod::AsLoaded {
+                        recipe: header.label.clone(),
+                    },
+                    m.bits_per_weight(),
                 ),
-            },
-            Err(UnbuildableLevel { level, reason }) => failed_variant(
-                level.name().to_string(),
-                *level,
-                LevelMethod::Unbuildable,
-                reason.clone(),
-            ),
+                (None, true) => (LevelMethod::None, report.bits_per_weight),
+                (_, false) => (LevelMethod::Method(recipe.method), report.bits_per_weight),
+            };
+            let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
+            row.group_size = recipe.requested_group_size();
+            row.bits_per_weight = bits_per_weight;
+            row.weight_bytes_memory = m.weight_bytes() as u64;
+            row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
+            row.load_time_s = loaded.load_time.as_secs_f64();
+            row.quantize_time_s = report.seconds;
+            Ok(Variant {
+                model: Some(m),
+                result: row,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let f32_bytes = variants[0].result.weight_bytes_memory.max(1) as f64;
     for v in &mut variants {
         v.result.ratio_to_f32 = v.result.weight_bytes_memory as f64 / f32_bytes;
     }
-    variants
+    Ok(variants)
 }
 
 /// A result row with no scores yet: accumulators for levels that run, none for failed ones.
@@ -250,15 +397,6 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         wall_time_s: 0.0,
         summary: None,
     }
-}
-
-fn failed_variant(label: String, level: Level, method: LevelMethod, reason: String) -> Variant {
-    tracing::error!(level = label, reason, "level cannot be built; the others go on");
-    let mut result = level_row(label, level, method, 0);
-    result.status = LevelStatus::Failed { reason };
-    result.confusion = None;
-    result.agreement = None;
-    Variant { model: None, result }
 }
 
 fn evaluate_batch(

@@ -39,14 +39,26 @@ pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> 
     Ok(written)
 }
 
-/// Writes every report and the sample overlays of a finished evaluation into one folder.
+/// Writes every report and the sample overlays of a finished evaluation into one folder, and the partial
+/// `results.json` at every checkpoint.
 pub struct ReportWriter {
     dir: PathBuf,
 }
 
 impl ReportWriter {
-    pub fn new(dir: impl Into<PathBuf>) -> ReportWriter {
-        ReportWriter { dir: dir.into() }
+    /// A writer into `dir`, which is created now and probed with a file, so that a folder that cannot be written
+    /// fails before the evaluation instead of after it.
+    pub fn create(dir: impl Into<PathBuf>) -> Result<ReportWriter> {
+        let dir = dir.into();
+        let cannot = |e: std::io::Error| Error::write(&dir, format!("cannot write the output folder: {e}"));
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::write(&dir, "the output folder is a file"));
+        }
+        std::fs::create_dir_all(&dir).map_err(cannot)?;
+        let probe = dir.join(".segq-write-probe");
+        std::fs::write(&probe, b"").map_err(cannot)?;
+        std::fs::remove_file(&probe).map_err(cannot)?;
+        Ok(ReportWriter { dir })
     }
 
     /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays; returns the files written.
@@ -67,6 +79,10 @@ impl ReportWriter {
 }
 
 impl EvalObserver for ReportWriter {
+    fn checkpoint(&mut self, partial: &EvalResults) -> Result<()> {
+        partial.write(&self.dir.join("results.json"))
+    }
+
     fn finished(&mut self, output: &EvalOutput) -> Result<()> {
         self.write(output).map(drop)
     }
