@@ -209,7 +209,6 @@ fn wandb_server_throttling_beyond_the_budget() {
 }
 
 #[test]
-#[ignore = "needs the CLI's SIGINT handler to call segq::interrupt::request_stop (src/cli/console.rs)"]
 fn wandb_upload_interrupted_with_ctrl_c() {
     let (url, connections) = stalling_server("");
     // Long limits: only the interrupt can end the upload quickly.
