@@ -219,7 +219,7 @@ pub fn check_base_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("not a valid address ({e})"))?;
     let port = authority.rsplit_once(']').map_or(authority, |(_, after)| after);
     if let Some((_, port)) = port.rsplit_once(':')
-        && port.parse::<u16>().map_or(true, |p| p == 0)
+        && !port.parse::<u16>().is_ok_and(|p| p != 0)
     {
         return Err(format!("port `{port}` is not a number from 1 to 65535"));
     }
