@@ -374,6 +374,9 @@ dir = "segq-out"
 # tags = ["b0"]
 # dir = "."                   # run folders go in <dir>/wandb/
 # base_url = "https://api.wandb.ai"
+# connect_timeout_s = 10
+# http_timeout_s = 30         # one try of one request; WANDB_HTTP_TIMEOUT overrides
+# retry_budget_s = 30         # time all uploads may lose to failures before the rest stays offline
 "#;
 
 #[cfg(test)]

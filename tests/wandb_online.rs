@@ -1,15 +1,19 @@
-//! The online W&B client against a scripted loopback server: request shapes, Basic auth, retries on 500/429,
-//! and the offline fallback (with a `wandb sync` hint) when the server fails or cannot be reached.
+//! The online W&B client against a scripted loopback server: request shapes, Basic auth, retries on 500/429
+//! within the retry budget, `Retry-After`, deadlines on servers that hang, and the offline fallback (every run
+//! written before any upload, a `wandb sync` hint per run) when the server fails or cannot be reached.
 
 mod wandb_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use segq::track::wandb::{OnlineOptions, log_runs_with};
 use segq::track::{TrackingMode, TrackingSettings};
 use serde_json::Value;
-use wandb_support::{Recorded, ScriptedServer, all_files, example_run, run_folders, temp_dir, wandb_like};
+use wandb_support::{
+    Recorded, ScriptedServer, all_files, closed_port_url, example_run, run_folders, stalling_server, temp_dir,
+    wandb_like,
+};
 
 const FAKE_KEY: &str = "0123456789abcdef-fake-wandb-key";
 
@@ -18,7 +22,9 @@ fn fast_options() -> OnlineOptions {
         attempts: 3,
         base_delay: Duration::from_millis(5),
         max_delay: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(10),
+        retry_budget: Duration::from_secs(10),
     }
 }
 
@@ -230,14 +236,17 @@ fn persistent_server_errors_keep_the_offline_folder_and_say_how_to_sync() {
                 .starts_with("offline-run-")
         );
         assert!(folder.join(format!("run-{}.wandb", run.run_id)).is_file());
-        let hint = run.warnings.last().unwrap();
-        assert!(hint.contains(&format!("wandb sync {}", folder.display())), "{hint}");
-        assert!(!hint.contains('\n'));
+        let line = run.upload_error.as_deref().unwrap();
+        assert!(line.contains(&format!("wandb sync {}", folder.display())), "{line}");
+        assert!(line.contains(&server.base_url), "names the server: {line}");
+        assert!(!line.contains('\n'));
     }
+    let first = outcome.runs[0].upload_error.as_deref().unwrap();
+    assert!(first.contains("HTTP 503"), "{first}");
+    let second = outcome.runs[1].upload_error.as_deref().unwrap();
     assert!(
-        outcome.runs[0].warnings[0].contains("HTTP 503"),
-        "{:?}",
-        outcome.runs[0].warnings
+        second.contains("not uploaded") && second.contains(&outcome.runs[0].run_id),
+        "{second}"
     );
     assert_eq!(run_folders(&dir).len(), 2);
     assert_key_absent(&dir, &[format!("{outcome:?}")]);
@@ -245,17 +254,13 @@ fn persistent_server_errors_keep_the_offline_folder_and_say_how_to_sync() {
 
 #[test]
 fn connection_refused_falls_back_to_offline() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     let dir = temp_dir("online-refused");
-    let settings = online_settings(&format!("http://127.0.0.1:{port}"), &dir);
+    let settings = online_settings(&closed_port_url(), &dir);
     let outcome = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
     let run = &outcome.runs[0];
     assert_eq!(run.mode, TrackingMode::Offline);
     assert!(run.url.is_none());
-    let hint = run.warnings.join(" | ");
+    let hint = run.upload_error.clone().unwrap();
     assert!(
         hint.contains("wandb sync") && hint.contains("gave up after 3 tries"),
         "{hint}"
@@ -276,11 +281,8 @@ fn client_errors_are_not_retried() {
     )
     .unwrap();
     assert_eq!(server.recorded().len(), 1);
-    assert!(
-        outcome.runs[0].warnings[0].contains("HTTP 401"),
-        "{:?}",
-        outcome.runs[0].warnings
-    );
+    let line = outcome.runs[0].upload_error.as_deref().unwrap();
+    assert!(line.contains("HTTP 401") && line.contains("bad key"), "{line}");
 }
 
 #[test]
@@ -322,4 +324,189 @@ fn online_without_a_key_is_an_error_and_auto_mode_goes_offline() {
     let outcome = log_runs_with(&disabled, &[example_run("a")], &fast_options(), &env_with_key).unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Disabled);
     assert!(!dir.join("d").exists());
+}
+
+/// Options whose budget ends a hanging upload in about a second.
+fn short_budget() -> OnlineOptions {
+    OnlineOptions {
+        attempts: 100,
+        retry_budget: Duration::from_secs(1),
+        ..fast_options()
+    }
+}
+
+#[test]
+fn a_server_that_never_answers_costs_the_budget_not_minutes() {
+    let (base_url, connections) = stalling_server("");
+    let dir = temp_dir("online-hang");
+    let started = Instant::now();
+    let outcome = log_runs_with(
+        &online_settings(&base_url, &dir),
+        &[example_run("a"), example_run("b")],
+        &short_budget(),
+        &env_with_key,
+    )
+    .unwrap();
+    // It used to take 5 tries of 60 s; the bound here is loose on purpose (slow machines), the budget is 1 s.
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(*connections.lock().unwrap(), 1, "one try fills the whole budget");
+    let line = outcome.runs[0].upload_error.as_deref().unwrap();
+    assert!(
+        line.contains("no answer within") && line.contains("retry budget"),
+        "{line}"
+    );
+    assert_eq!(run_folders(&dir).len(), 2);
+    assert!(outcome.runs.iter().all(|r| r.mode == TrackingMode::Offline));
+    assert_key_absent(&dir, &[format!("{outcome:?}")]);
+}
+
+#[test]
+fn a_server_that_stops_mid_answer_is_a_timeout_too() {
+    let (base_url, _) =
+        stalling_server("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"da");
+    let dir = temp_dir("online-mid-answer");
+    let started = Instant::now();
+    let outcome = log_runs_with(
+        &online_settings(&base_url, &dir),
+        &[example_run("a")],
+        &short_budget(),
+        &env_with_key,
+    )
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(outcome.runs[0].mode, TrackingMode::Offline);
+    assert!(outcome.runs[0].upload_error.is_some());
+}
+
+#[test]
+fn a_short_retry_after_is_honoured() {
+    let server = ScriptedServer::start(|request, index, base| match index {
+        0 => (429, vec![("Retry-After".into(), "1".into())], "{}".into()),
+        _ => wandb_like(request, base),
+    });
+    let dir = temp_dir("online-retry-after");
+    let options = OnlineOptions {
+        retry_budget: Duration::from_secs(20),
+        ..fast_options()
+    };
+    let started = Instant::now();
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &[example_run("a")],
+        &options,
+        &env_with_key,
+    )
+    .unwrap();
+    assert_eq!(
+        outcome.runs[0].mode,
+        TrackingMode::Online,
+        "{:?}",
+        outcome.runs[0].upload_error
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited as asked");
+}
+
+#[test]
+fn a_retry_after_beyond_the_budget_gives_up_at_once() {
+    let server = ScriptedServer::start(|_, _, _| (429, vec![("Retry-After".into(), "3600".into())], "{}".into()));
+    let dir = temp_dir("online-retry-after-long");
+    let started = Instant::now();
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(server.recorded().len(), 1);
+    let line = outcome.runs[0].upload_error.as_deref().unwrap();
+    assert!(
+        line.contains("wait 3600 s") && line.contains("tracking.retry_budget_s"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_answer_that_is_not_json_fails_the_upload_and_keeps_the_run() {
+    let server = ScriptedServer::start(|_, _, _| (200, Vec::new(), "<<<\u{0}garbage".into()));
+    let dir = temp_dir("online-garbage");
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &[example_run("a")],
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
+    let line = outcome.runs[0].upload_error.as_deref().unwrap();
+    assert!(line.contains("not JSON") && line.contains("UpsertBucket"), "{line}");
+    assert_eq!(run_folders(&dir).len(), 1);
+}
+
+#[test]
+fn every_run_is_on_disk_before_the_first_request() {
+    let dir = temp_dir("online-order");
+    let watched = dir.clone();
+    let server = ScriptedServer::start(move |request, index, base| {
+        if index == 0 {
+            assert_eq!(
+                run_folders(&watched).len(),
+                3,
+                "all runs written before the first upload"
+            );
+        }
+        wandb_like(request, base)
+    });
+    let runs = [example_run("a"), example_run("b"), example_run("c")];
+    let outcome = log_runs_with(
+        &online_settings(&server.base_url, &dir),
+        &runs,
+        &fast_options(),
+        &env_with_key,
+    )
+    .unwrap();
+    assert!(
+        outcome.runs.iter().all(|r| r.mode == TrackingMode::Online),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_before_anything_is_written() {
+    let dir = temp_dir("online-bad-settings");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let cases: [(TrackingSettings, &str); 4] = [
+        (
+            TrackingSettings {
+                dir: Some(file.clone()),
+                ..online_settings("http://127.0.0.1:9", &dir)
+            },
+            "tracking.dir",
+        ),
+        (
+            TrackingSettings {
+                dir: Some(file.join("below")),
+                ..online_settings("http://127.0.0.1:9", &dir)
+            },
+            "tracking.dir",
+        ),
+        (online_settings("http//nowhere", &dir), "tracking.base_url"),
+        (
+            TrackingSettings {
+                retry_budget_s: Some(-1.0),
+                ..online_settings("http://127.0.0.1:9", &dir)
+            },
+            "tracking.retry_budget_s",
+        ),
+    ];
+    for (settings, key) in cases {
+        let err = log_runs_with(&settings, &[example_run("a")], &fast_options(), &env_with_key).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(key) && !text.contains('\n') && !text.contains(FAKE_KEY),
+            "{text}"
+        );
+    }
+    assert!(run_folders(&dir).is_empty());
 }

@@ -209,7 +209,12 @@ fn url_files(url: &str) -> Result<ModelFiles> {
     let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
     let weights = vec![hub::fetch_url(url)?];
     let config = hub::fetch_url(&format!("{base}/config.json"))?;
-    let preprocessor = hub::fetch_url(&format!("{base}/preprocessor_config.json")).ok();
+    // Optional: only its absence (404) is passed over; a bad answer, the size cap or a stop request is an error.
+    let preprocessor = match hub::fetch_url(&format!("{base}/preprocessor_config.json")) {
+        Ok(path) => Some(path),
+        Err(e) if e.kind() == crate::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
     Ok(ModelFiles {
         config,
         preprocessor,

@@ -136,8 +136,9 @@ pub fn run_logs(
         .collect()
 }
 
-/// Logs a finished evaluation to Weights & Biases. Settings are resolved when it is made (segq.toml's
-/// `[tracking]` < `WANDB_*` variables < the command line), so a bad setting fails before the evaluation.
+/// Logs a finished evaluation to Weights & Biases. Settings are resolved and checked when it is made (segq.toml's
+/// `[tracking]` < `WANDB_*` variables < the command line), so a bad setting, a missing key or an unwritable run
+/// folder fails before the evaluation.
 pub struct WandbPublisher {
     settings: TrackingSettings,
 }
@@ -160,10 +161,12 @@ impl WandbPublisher {
         if settings.dir.is_none() {
             settings.dir = Some(output_dir.to_path_buf());
         }
+        crate::track::check_settings(&settings)?;
         Ok(Some(WandbPublisher { settings }))
     }
 
-    /// Logs one run per level; a notice shared by every run is shown once, offline runs in one sync hint.
+    /// Logs one run per level; a notice shared by every run is shown once, each failed upload in one line, offline
+    /// runs in one sync hint. `Error::Interrupted` when a stop request cut the uploads short (every run is on disk).
     pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
         let settings = &self.settings;
         let group = settings
@@ -180,9 +183,12 @@ impl WandbPublisher {
                 if w.contains("wandb sync") {
                     tracing::info!(run = %run.name, "{w}");
                 } else if !shown.contains(&w) {
-                    tracing::warn!(run = %run.name, "{w}");
+                    tracing::warn!("{w}");
                     shown.push(w);
                 }
+            }
+            if let Some(line) = &run.upload_error {
+                tracing::warn!("{line}");
             }
             match (&run.url, &run.offline_dir) {
                 (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
@@ -200,6 +206,9 @@ impl WandbPublisher {
                 dir.display(),
                 dir.display()
             );
+        }
+        if outcome.interrupted {
+            return Err(crate::Error::Interrupted);
         }
         Ok(())
     }

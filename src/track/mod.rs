@@ -78,11 +78,29 @@ pub struct TrackingSettings {
     pub dir: Option<PathBuf>,
     /// API server (default https://api.wandb.ai).
     pub base_url: Option<String>,
+    /// Seconds to wait for a connection to the W&B server (default 10).
+    pub connect_timeout_s: Option<f64>,
+    /// Seconds one try of one request may take, as `WANDB_HTTP_TIMEOUT` (default 30).
+    pub http_timeout_s: Option<f64>,
+    /// Seconds the uploads of one `segq eval` may lose to failed tries and waits (back-off, `Retry-After`) before
+    /// the remaining runs are left offline (default 30).
+    pub retry_budget_s: Option<f64>,
 }
+
+/// Default of `tracking.connect_timeout_s`.
+pub const DEFAULT_CONNECT_TIMEOUT_S: f64 = 10.0;
+/// Default of `tracking.http_timeout_s` / `WANDB_HTTP_TIMEOUT`.
+pub const DEFAULT_HTTP_TIMEOUT_S: f64 = 30.0;
+/// Default of `tracking.retry_budget_s`: short enough that an unreachable server costs half a minute, not the
+/// five minutes of five 60-second tries it used to.
+pub const DEFAULT_RETRY_BUDGET_S: f64 = 30.0;
+/// Longest accepted value of any of the three durations: a day. Anything longer is a typo (milliseconds).
+const MAX_SECONDS: f64 = 86_400.0;
 
 impl TrackingSettings {
     /// Layers W&B's environment variables over `file` (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME,
-    /// WANDB_RUN_GROUP, WANDB_TAGS, WANDB_DIR, WANDB_BASE_URL).
+    /// WANDB_RUN_GROUP, WANDB_TAGS, WANDB_DIR, WANDB_BASE_URL, WANDB_HTTP_TIMEOUT); a malformed value is an error
+    /// naming the variable.
     pub fn from_env_over(file: TrackingSettings) -> crate::Result<TrackingSettings> {
         Self::from_vars_over(file, &|name| std::env::var(name).ok())
     }
@@ -110,8 +128,36 @@ impl TrackingSettings {
             merged.tags = Some(split_tags(&tags));
         }
         merged.dir = var("WANDB_DIR").map(PathBuf::from).or(merged.dir);
-        merged.base_url = var("WANDB_BASE_URL").or(merged.base_url);
+        if let Some(url) = var("WANDB_BASE_URL") {
+            check_base_url(&url)
+                .map_err(|why| crate::Error::config("WANDB_BASE_URL", format!("WANDB_BASE_URL={url}: {why}")))?;
+            merged.base_url = Some(url);
+        }
+        if let Some(seconds) = var("WANDB_HTTP_TIMEOUT") {
+            merged.http_timeout_s = Some(parse_seconds(&seconds).map_err(|why| {
+                crate::Error::config("WANDB_HTTP_TIMEOUT", format!("WANDB_HTTP_TIMEOUT={seconds}: {why}"))
+            })?);
+        }
         Ok(merged)
+    }
+
+    /// Checks what serde cannot: the server address and the three durations. Errors name the segq.toml key.
+    pub fn validate(&self) -> crate::Result<()> {
+        if let Some(url) = &self.base_url {
+            check_base_url(url).map_err(|why| {
+                crate::Error::config("tracking.base_url", format!("tracking.base_url {url:?}: {why}"))
+            })?;
+        }
+        for (key, value) in [
+            ("tracking.connect_timeout_s", self.connect_timeout_s),
+            ("tracking.http_timeout_s", self.http_timeout_s),
+            ("tracking.retry_budget_s", self.retry_budget_s),
+        ] {
+            if let Some(seconds) = value {
+                check_seconds(seconds).map_err(|why| crate::Error::config(key, format!("{key} = {seconds}: {why}")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Overlays every field set in `over` (the command line) on `self`.
@@ -125,6 +171,9 @@ impl TrackingSettings {
             tags: over.tags.or(self.tags),
             dir: over.dir.or(self.dir),
             base_url: over.base_url.or(self.base_url),
+            connect_timeout_s: over.connect_timeout_s.or(self.connect_timeout_s),
+            http_timeout_s: over.http_timeout_s.or(self.http_timeout_s),
+            retry_budget_s: over.retry_budget_s.or(self.retry_budget_s),
         }
     }
 
@@ -141,6 +190,59 @@ impl TrackingSettings {
             .as_deref()
             .unwrap_or(DEFAULT_BASE_URL)
             .trim_end_matches('/')
+    }
+}
+
+/// Why `url` cannot be a W&B server address, if it cannot: it must be `http(s)://host[:port][/path]`.
+pub fn check_base_url(url: &str) -> Result<(), String> {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains spaces or control characters".into());
+    }
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://")) else {
+        return Err("expected an http:// or https:// address, e.g. https://api.wandb.ai".into());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(
+            "user names or passwords do not belong in the address (the API key is read from WANDB_API_KEY)".into(),
+        );
+    }
+    let (_, host) = secret::api_host(url);
+    if host.is_empty() {
+        return Err("no host name".into());
+    }
+    if rest.contains(['?', '#']) {
+        return Err("a server address has no query or fragment".into());
+    }
+    url.parse::<ureq::http::Uri>()
+        .map_err(|e| format!("not a valid address ({e})"))?;
+    let port = authority.rsplit_once(']').map_or(authority, |(_, after)| after);
+    if let Some((_, port)) = port.rsplit_once(':')
+        && !port.parse::<u16>().is_ok_and(|p| p != 0)
+    {
+        return Err(format!("port `{port}` is not a number from 1 to 65535"));
+    }
+    Ok(())
+}
+
+/// A duration in seconds as written in a setting: a positive number no larger than a day.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number of seconds".to_string())?;
+    check_seconds(seconds)?;
+    Ok(seconds)
+}
+
+fn check_seconds(seconds: f64) -> Result<(), String> {
+    if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a number of seconds above 0 and at most {MAX_SECONDS}"
+        ))
     }
 }
 
@@ -191,6 +293,8 @@ pub struct MaskedImage {
 #[derive(Clone, Debug, Default)]
 pub struct TrackOutcome {
     pub runs: Vec<RunOutcome>,
+    /// A stop was asked for (Ctrl-C) before every upload was done; the runs not uploaded are on disk.
+    pub interrupted: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -206,13 +310,24 @@ pub struct RunOutcome {
     pub url: Option<String>,
     /// One-line notices (fallbacks, sync hints).
     pub warnings: Vec<String>,
+    /// Why an online run was not uploaded, in one line naming the server and the run folder to `wandb sync`.
+    pub upload_error: Option<String>,
 }
 
 /// Logs every run as configured; see [`wandb::log_runs_with`] for the knobs tests use.
 pub fn log_runs(settings: &TrackingSettings, runs: &[RunLog]) -> crate::Result<TrackOutcome> {
-    wandb::log_runs_with(settings, runs, &wandb::OnlineOptions::default(), &|name| {
-        std::env::var(name).ok()
-    })
+    wandb::log_runs_with(
+        settings,
+        runs,
+        &wandb::OnlineOptions::from_settings(settings),
+        &|name| std::env::var(name).ok(),
+    )
+}
+
+/// Checks `settings` (merged with the environment) as [`log_runs`] will use them, with the real environment:
+/// the call to make before a long evaluation whose results will be logged. See [`wandb::resolve`].
+pub fn check_settings(settings: &TrackingSettings) -> crate::Result<()> {
+    wandb::resolve(settings, &|name| std::env::var(name).ok()).map(|_| ())
 }
 
 #[cfg(test)]
@@ -266,6 +381,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("WANDB_MODE=sometimes") && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn server_addresses_and_durations_are_checked() {
+        for good in [
+            "https://api.wandb.ai",
+            "http://127.0.0.1:8080/",
+            "https://wandb.example.com/base",
+            "http://[::1]:9",
+        ] {
+            assert!(check_base_url(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "api.wandb.ai",
+            "not a url",
+            "http//api.wandb.ai",
+            "ftp://api.wandb.ai",
+            "http://",
+            "http://:8080",
+            "http://localhost:99999",
+            "http://localhost:0",
+            "https://user:pw@api.wandb.ai",
+            "https://api.wandb.ai/?x=1",
+        ] {
+            assert!(check_base_url(bad).is_err(), "{bad}");
+        }
+        let vars = |name: &str| match name {
+            "WANDB_BASE_URL" => Some("http//oops".to_string()),
+            _ => None,
+        };
+        let err = TrackingSettings::from_vars_over(TrackingSettings::default(), &vars).unwrap_err();
+        assert!(err.to_string().starts_with("WANDB_BASE_URL=http//oops: "), "{err}");
+        for (value, ok) in [
+            ("2.5", true),
+            ("0", false),
+            ("-1", false),
+            ("soon", false),
+            ("1e9", false),
+        ] {
+            let vars = |name: &str| (name == "WANDB_HTTP_TIMEOUT").then(|| value.to_string());
+            let merged = TrackingSettings::from_vars_over(TrackingSettings::default(), &vars);
+            assert_eq!(merged.is_ok(), ok, "{value}");
+            if let Err(e) = merged {
+                assert!(e.to_string().contains("WANDB_HTTP_TIMEOUT"), "{e}");
+            }
+        }
+        let settings = TrackingSettings {
+            retry_budget_s: Some(f64::NAN),
+            ..Default::default()
+        };
+        assert!(
+            settings
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("tracking.retry_budget_s")
+        );
+        assert!(TrackingSettings::default().validate().is_ok());
     }
 
     #[test]

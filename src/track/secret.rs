@@ -72,17 +72,18 @@ pub fn is_loopback(base_url: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Refuses to send a key anywhere but over HTTPS or to a loopback address.
-pub fn check_transport(base_url: &str) -> crate::Result<()> {
+/// Refuses to send a key anywhere but over HTTPS or to a loopback address; `key` names the setting the address came
+/// from (`WANDB_BASE_URL` or `tracking.base_url`).
+pub fn check_transport(base_url: &str, key: &str) -> crate::Result<()> {
     let lower = base_url.to_ascii_lowercase();
     if lower.starts_with("https://") || (lower.starts_with("http://") && is_loopback(base_url)) {
         Ok(())
     } else {
         Err(crate::Error::config(
-            "tracking.base_url",
+            key,
             format!(
-                "tracking.base_url {base_url}: the W&B API key is only sent over https:// (plain http only to a \
-                 loopback address)"
+                "{key} {base_url}: the W&B API key is only sent over https:// (plain http only to a loopback \
+                 address)"
             ),
         ))
     }
@@ -130,17 +131,18 @@ mod tests {
 
     #[test]
     fn hosts_and_transport() {
+        let allowed = |url: &str| check_transport(url, "tracking.base_url").is_ok();
         assert_eq!(
             api_host("https://api.wandb.ai/x"),
             ("api.wandb.ai".into(), "api.wandb.ai".into())
         );
         assert_eq!(api_host("http://[::1]:9000"), ("[::1]:9000".into(), "::1".into()));
-        assert!(check_transport("https://api.wandb.ai").is_ok());
-        assert!(check_transport("http://127.0.0.1:5000").is_ok());
-        assert!(check_transport("http://localhost").is_ok());
-        assert!(check_transport("http://[::1]:9000").is_ok());
-        assert!(check_transport("http://wandb.example.com").is_err());
-        assert!(check_transport("http://127.0.0.1.evil.com").is_err());
-        assert!(check_transport("ftp://127.0.0.1").is_err());
+        assert!(allowed("https://api.wandb.ai"));
+        assert!(allowed("http://127.0.0.1:5000"));
+        assert!(allowed("http://localhost"));
+        assert!(allowed("http://[::1]:9000"));
+        assert!(!allowed("http://wandb.example.com"));
+        assert!(!allowed("http://127.0.0.1.evil.com"));
+        assert!(!allowed("ftp://127.0.0.1"));
     }
 }

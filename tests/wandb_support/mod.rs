@@ -230,3 +230,33 @@ pub fn wandb_like(request: &Recorded, base_url: &str) -> Reply {
         _ => (404, Vec::new(), "{\"error\": \"not scripted\"}".into()),
     }
 }
+
+/// A loopback port nothing listens on (connections are refused).
+pub fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
+}
+
+/// A loopback server that accepts every connection, reads the request, writes `reply_start` (possibly nothing,
+/// possibly the first bytes of an answer) and then says nothing more, holding the connection open: a server that
+/// hangs after accept, or in the middle of its answer. Returns the base URL and the number of connections seen.
+pub fn stalling_server(reply_start: &'static str) -> (String, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(Mutex::new(0));
+    let seen = Arc::clone(&connections);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            *seen.lock().unwrap() += 1;
+            let mut head = [0u8; 4096];
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+            let _ = stream.read(&mut head);
+            let _ = stream.write_all(reply_start.as_bytes());
+            let _ = stream.flush();
+            held.push(stream);
+        }
+    });
+    (base_url, connections)
+}

@@ -285,39 +285,57 @@ pub fn sync_hint(dir: &std::path::Path) -> String {
     format!("upload it later with `wandb sync {}`", dir.display())
 }
 
-/// [`super::log_runs`] with injectable HTTP options and environment (for tests).
-pub fn log_runs_with(
-    settings: &TrackingSettings,
-    runs: &[RunLog],
-    options: &OnlineOptions,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<TrackOutcome> {
+/// Tracking settings checked and resolved: what a publication does, decided before any evaluation starts.
+pub struct Resolved {
+    /// Online only with a key; Disabled means nothing else here is used.
+    pub mode: TrackingMode,
+    pub key: Option<secret::Secret>,
+    /// The one-line notice when the mode was chosen for the user (no key found: offline).
+    pub notice: Option<String>,
+    pub base_url: String,
+    /// `<dir>/wandb`, where the run folders go.
+    pub wandb_dir: PathBuf,
+}
+
+/// Checks `settings` (already merged with the environment) the way a publication will use them, so that a bad
+/// setting fails before an evaluation rather than after it: the values themselves, the API key when online (and
+/// that it travels only over HTTPS or to a loopback address), and that the run folder can be written. Errors
+/// name the environment variable when one set the value, else the segq.toml key.
+pub fn resolve(settings: &TrackingSettings, env: &dyn Fn(&str) -> Option<String>) -> Result<Resolved> {
+    let from_env = |var: &str| env(var).is_some_and(|v| !v.trim().is_empty());
     let base_url = settings.base_url_or_default().to_string();
-    let mut notice = None;
-    let (mode, key) = match settings.mode {
-        Some(TrackingMode::Disabled) => {
-            let runs = runs
-                .iter()
-                .map(|r| RunOutcome {
-                    name: r.name.clone(),
-                    run_id: String::new(),
-                    mode: TrackingMode::Disabled,
-                    offline_dir: None,
-                    url: None,
-                    warnings: Vec::new(),
-                })
-                .collect();
-            return Ok(TrackOutcome { runs });
-        }
-        Some(TrackingMode::Offline) => (TrackingMode::Offline, None),
-        Some(TrackingMode::Online) => match secret::find_api_key(&base_url, env) {
+    let base_url_key = if from_env("WANDB_BASE_URL") {
+        "WANDB_BASE_URL"
+    } else {
+        "tracking.base_url"
+    };
+    let dir_key = if from_env("WANDB_DIR") {
+        "WANDB_DIR"
+    } else {
+        "tracking.dir"
+    };
+    settings.validate()?;
+    let wandb_dir = settings.dir_or_default().join("wandb");
+    let mut resolved = Resolved {
+        mode: TrackingMode::Disabled,
+        key: None,
+        notice: None,
+        base_url,
+        wandb_dir,
+    };
+    let base_url = resolved.base_url.as_str();
+    match settings.mode {
+        Some(TrackingMode::Disabled) => return Ok(resolved),
+        Some(TrackingMode::Offline) => resolved.mode = TrackingMode::Offline,
+        Some(TrackingMode::Online) => match secret::find_api_key(base_url, env) {
             Some((key, source)) => {
                 tracing::debug!(source = %secret::describe_source(&source), "W&B API key found");
-                (TrackingMode::Online, Some(key))
+                resolved.mode = TrackingMode::Online;
+                resolved.key = Some(key);
             }
             None => {
-                return Err(Error::not_found(
-                    "W&B API key",
+                return Err(Error::config(
+                    "WANDB_API_KEY",
                     format!(
                         "tracking mode is online but no W&B API key was found for {base_url}: set WANDB_API_KEY, \
                          run `wandb login`, or use WANDB_MODE=offline"
@@ -325,80 +343,169 @@ pub fn log_runs_with(
                 ));
             }
         },
-        None => match secret::find_api_key(&base_url, env) {
-            Some((key, _)) => (TrackingMode::Online, Some(key)),
+        None => match secret::find_api_key(base_url, env) {
+            Some((key, _)) => {
+                resolved.mode = TrackingMode::Online;
+                resolved.key = Some(key);
+            }
             None => {
-                let line = "no W&B API key found (WANDB_API_KEY or netrc): logging offline".to_string();
-                tracing::info!("{line}");
-                notice = Some(line);
-                (TrackingMode::Offline, None)
+                resolved.mode = TrackingMode::Offline;
+                resolved.notice = Some("no W&B API key found (WANDB_API_KEY or netrc): logging offline".into());
             }
         },
-    };
-    if key.is_some() {
-        secret::check_transport(&base_url)?;
     }
-    let wandb_dir = settings.dir_or_default().join("wandb");
-    let client = key.map(|key| online::Client::new(&base_url, key, options.clone()));
-    let mut network_down: Option<String> = None;
+    if resolved.key.is_some() {
+        secret::check_transport(base_url, base_url_key)?;
+    }
+    check_writable_folder(&settings.dir_or_default(), dir_key)?;
+    Ok(resolved)
+}
+
+/// Refuses a run folder location that cannot be written: a file in the way, or a folder without write access
+/// (tried by creating and removing a file in the nearest existing folder). Creates nothing that stays.
+fn check_writable_folder(dir: &std::path::Path, key: &str) -> Result<()> {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    let shown = dir.display();
+    if !existing.is_dir() {
+        let what = if existing == dir {
+            "is a file, not a folder".to_string()
+        } else {
+            format!("cannot be a folder: {} is a file", existing.display())
+        };
+        return Err(Error::config(
+            key,
+            format!("{key} {shown} {what} (W&B run folders go in it)"),
+        ));
+    }
+    let probe = existing.join(format!(".segq-write-test-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::config(
+            key,
+            format!("{key} {shown}: cannot write in {} ({e})", existing.display()),
+        )),
+    }
+}
+
+/// [`super::log_runs`] with injectable HTTP options and environment (for tests).
+///
+/// Every run's offline folder is written before the first upload starts, so that a failed, slow or interrupted
+/// upload leaves every run ready for `wandb sync`. After one upload fails, the remaining runs are not tried (the
+/// server is known to be failing); after a stop request, none is.
+pub fn log_runs_with(
+    settings: &TrackingSettings,
+    runs: &[RunLog],
+    options: &OnlineOptions,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TrackOutcome> {
+    let resolved = resolve(settings, env)?;
+    if resolved.mode == TrackingMode::Disabled {
+        let runs = runs
+            .iter()
+            .map(|r| RunOutcome {
+                name: r.name.clone(),
+                run_id: String::new(),
+                mode: TrackingMode::Disabled,
+                offline_dir: None,
+                url: None,
+                warnings: Vec::new(),
+                upload_error: None,
+            })
+            .collect();
+        return Ok(TrackOutcome {
+            runs,
+            interrupted: false,
+        });
+    }
+    if let Some(notice) = &resolved.notice {
+        tracing::info!("{notice}");
+    }
     let mut outcome = TrackOutcome::default();
+    let mut prepared_runs = Vec::with_capacity(runs.len());
     for log in runs {
         let prepared = prepare_run(settings, log, new_run_id())?;
-        let offline_dir = offline::write_run(&wandb_dir, &prepared)?;
-        let mut run = RunOutcome {
-            name: log.name.clone(),
-            run_id: prepared.run_id.clone(),
-            mode: TrackingMode::Offline,
-            offline_dir: Some(offline_dir.clone()),
-            url: None,
-            warnings: notice.iter().cloned().collect(),
-        };
+        let offline_dir = offline::write_run(&resolved.wandb_dir, &prepared)?;
         tracing::info!(run = %prepared.run_id, name = %prepared.display_name, dir = %offline_dir.display(), "W&B run written");
-        if mode == TrackingMode::Online {
-            let result = match (&client, &network_down) {
-                (Some(client), None) => client.upload_run(&prepared),
-                (_, Some(reason)) => Err(Error::network(
-                    &base_url,
-                    format!("skipped after an earlier failure: {reason}"),
-                )),
-                (None, None) => Err(Error::internal("no API client")),
-            };
-            match result {
-                Ok(url) => {
-                    run.mode = TrackingMode::Online;
-                    run.offline_dir = Some(offline::mark_synced(&offline_dir)?);
-                    tracing::info!(run = %prepared.run_id, %url, "W&B run uploaded");
-                    run.url = Some(url);
-                }
-                Err(err) => {
-                    let line = format!(
-                        "W&B upload of run {} failed ({err}); {}",
-                        prepared.run_id,
-                        sync_hint(&offline_dir)
-                    );
-                    tracing::warn!("{line}");
-                    if network_down.is_none() {
-                        network_down = Some(err.to_string());
-                    }
-                    run.warnings.push(line);
-                }
-            }
-        } else {
-            run.warnings.push(format!(
+        let mut warnings: Vec<String> = resolved.notice.iter().cloned().collect();
+        if resolved.mode == TrackingMode::Offline {
+            warnings.push(format!(
                 "W&B run {} kept offline; {}",
                 prepared.run_id,
                 sync_hint(&offline_dir)
             ));
         }
-        outcome.runs.push(run);
+        outcome.runs.push(RunOutcome {
+            name: log.name.clone(),
+            run_id: prepared.run_id.clone(),
+            mode: TrackingMode::Offline,
+            offline_dir: Some(offline_dir),
+            url: None,
+            warnings,
+            upload_error: None,
+        });
+        prepared_runs.push(prepared);
+    }
+    let (TrackingMode::Online, Some(key)) = (resolved.mode, resolved.key) else {
+        return Ok(outcome);
+    };
+    let base_url = resolved.base_url.as_str();
+    let client = online::Client::new(base_url, key, options.clone());
+    // Why the remaining runs are not tried, once one failed or a stop was asked for.
+    let mut skip_reason: Option<String> = None;
+    for (run, prepared) in outcome.runs.iter_mut().zip(&prepared_runs) {
+        let Some(offline_dir) = run.offline_dir.clone() else {
+            continue;
+        };
+        let who = format!("W&B run {} ({})", prepared.run_id, prepared.display_name);
+        let kept = format!("kept in {}: {}", offline_dir.display(), sync_hint(&offline_dir));
+        if skip_reason.is_none() && crate::interrupt::stop_requested() {
+            outcome.interrupted = true;
+            skip_reason = Some("interrupted".into());
+        }
+        if let Some(reason) = &skip_reason {
+            run.upload_error = Some(format!("{who} not uploaded to {base_url} ({reason}); {kept}"));
+            continue;
+        }
+        match client.upload_run(prepared) {
+            Ok(url) => {
+                run.mode = TrackingMode::Online;
+                run.offline_dir = Some(offline::mark_synced(&offline_dir)?);
+                tracing::info!(run = %prepared.run_id, %url, "W&B run uploaded");
+                run.url = Some(url);
+            }
+            Err(Error::Interrupted) => {
+                outcome.interrupted = true;
+                run.upload_error = Some(format!("{who}: upload to {base_url} interrupted; {kept}"));
+                skip_reason = Some("interrupted".into());
+            }
+            Err(err) => {
+                run.upload_error = Some(format!("{who}: upload to {base_url} failed: {err}; {kept}"));
+                skip_reason = Some(format!("the upload of run {} failed", prepared.run_id));
+            }
+        }
     }
     Ok(outcome)
 }
 
-/// Used by the online client to sleep between retries; a function so tests can see the schedule.
-pub(crate) fn backoff_delay(options: &OnlineOptions, attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let exponential = options.base_delay.saturating_mul(1u32 << attempt.min(16));
-    retry_after.unwrap_or(exponential).min(options.max_delay)
+/// The online client's wait before retry number `attempt + 1` when the server gave no `Retry-After`; a function
+/// so tests can see the schedule.
+pub(crate) fn backoff_delay(options: &OnlineOptions, attempt: u32) -> Duration {
+    options
+        .base_delay
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(options.max_delay)
 }
 
 /// The `YYYYMMDD_HHMMSS` stamp (UTC) W&B puts in run folder names.
