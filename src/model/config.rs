@@ -354,7 +354,7 @@ mod tests {
             ("[]", "JSON object"),
         ] {
             let e = SegformerConfig::from_json(json).unwrap_err().to_string();
-            assert!(e.contains(key) && e.starts_with("config.json"), "{json}: {e}");
+            assert!(e.contains(key) && e.contains("config.json"), "{json}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
     }
