@@ -92,17 +92,32 @@ pub fn read_text_capped(path: &std::path::Path, max_bytes: u64) -> Result<String
     if len > max_bytes {
         return Err(Error::unsupported(
             path.display().to_string(),
-            format!("file is {}, more than the {} segq reads for this kind of file", human_bytes(len), human_bytes(max_bytes)),
+            format!(
+                "file is {}, more than the {} segq reads for this kind of file",
+                human_bytes(len),
+                human_bytes(max_bytes)
+            ),
         ));
     }
     let mut bytes = Vec::with_capacity(len as usize);
     // `take`: a file that grows while being read still stops at the cap.
-    file.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     if bytes.len() as u64 > max_bytes {
-        return Err(Error::unsupported(path.display().to_string(), format!("file grew past {}", human_bytes(max_bytes))));
+        return Err(Error::unsupported(
+            path.display().to_string(),
+            format!("file grew past {}", human_bytes(max_bytes)),
+        ));
     }
     String::from_utf8(bytes).map_err(|e| {
-        Error::invalid(path.display().to_string(), format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+        Error::invalid(
+            path.display().to_string(),
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
     })
 }
 
@@ -138,7 +153,10 @@ mod tests {
         if available_memory_bytes().is_some() {
             let err = check_fits_in_memory("--batch-size", u64::MAX / 2, "use a smaller batch").unwrap_err();
             let text = err.to_string();
-            assert!(text.contains("--batch-size") && text.contains("use a smaller batch"), "{text}");
+            assert!(
+                text.contains("--batch-size") && text.contains("use a smaller batch"),
+                "{text}"
+            );
         }
         check_fits_in_memory("small", 1024, "").unwrap();
     }

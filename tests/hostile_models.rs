@@ -85,7 +85,12 @@ fn read_tensors(path: &Path) -> (Tensors, Option<std::collections::HashMap<Strin
 fn write_tensors(path: &Path, tensors: &Tensors, metadata: Option<std::collections::HashMap<String, String>>) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, metadata).unwrap()).unwrap();
 }
@@ -506,12 +511,20 @@ fn quantize_writes_its_checkpoint_readable_by_all_like_every_other_file() {
 
 #[test]
 fn bench_refuses_a_30000_pixel_side_at_once() {
-    let outcome = segq("bench-size", &["bench", "--size", "30000x30000", "--quant", "f32", "--iters", "1"]).run();
+    let outcome = segq(
+        "bench-size",
+        &["bench", "--size", "30000x30000", "--quant", "f32", "--iters", "1"],
+    )
+    .run();
     outcome.refused(&["--size", "30000x30000", "needs about"]);
 }
 
 #[test]
 fn bench_refuses_a_batch_of_a_million_at_once() {
-    let outcome = segq("bench-batch", &["bench", "--batch-size", "1000000", "--quant", "f32", "--iters", "1"]).run();
+    let outcome = segq(
+        "bench-batch",
+        &["bench", "--batch-size", "1000000", "--quant", "f32", "--iters", "1"],
+    )
+    .run();
     outcome.refused(&["--batch-size", "needs about"]);
 }

@@ -259,7 +259,12 @@ fn base_safetensors() -> Vec<u8> {
     let metadata = quant::checkpoint_metadata(&recipe, [("w", &q)]).unwrap();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, Some(metadata)).unwrap()
 }
@@ -585,8 +590,12 @@ fn the_bases_are_valid() {
     PreprocessorConfig::from_json(&demo_preprocessor().to_string()).unwrap();
     let bytes = base_safetensors();
     let (header, data) = split_safetensors(&bytes);
-    let mut store = TensorStore::from_safetensors_bytes("model.safetensors", &join_safetensors(&header, &data)).unwrap();
-    assert!(matches!(store.weight("w", &[8, 64]).unwrap(), StoredWeight::Quantized(_)));
+    let mut store =
+        TensorStore::from_safetensors_bytes("model.safetensors", &join_safetensors(&header, &data)).unwrap();
+    assert!(matches!(
+        store.weight("w", &[8, 64]).unwrap(),
+        StoredWeight::Quantized(_)
+    ));
     store.take("a", &[2, 3]).unwrap();
     store.take("b", &[4]).unwrap();
     store.finish().unwrap();

@@ -251,7 +251,11 @@ impl ConfusionMatrix {
                 ),
             ));
         }
-        if self.total_pixels().checked_add(other.total_pixels()).is_none_or(|t| t > MAX_PIXELS) {
+        if self
+            .total_pixels()
+            .checked_add(other.total_pixels())
+            .is_none_or(|t| t > MAX_PIXELS)
+        {
             return Err(Error::invalid(
                 "confusion matrix",
                 format!("merged counts would exceed {MAX_PIXELS} pixels"),

@@ -249,7 +249,10 @@ impl TensorStore {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
         for (suffix, params) in [("scale", &q.scales), ("zero", &q.zeros)] {
-            self.note_non_finite(&format!("{name}.{suffix}"), params.iter().filter(|v| !v.is_finite()).count());
+            self.note_non_finite(
+                &format!("{name}.{suffix}"),
+                params.iter().filter(|v| !v.is_finite()).count(),
+            );
         }
         Ok(StoredWeight::Quantized(q))
     }

@@ -136,9 +136,9 @@ impl SegformerConfig {
         }
         let model_type = match value.get("model_type") {
             None => "segformer",
-            Some(v) => v.as_str().ok_or_else(|| {
-                Error::invalid(origin, format!("key \"model_type\" must be a string, found {v}"))
-            })?,
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| Error::invalid(origin, format!("key \"model_type\" must be a string, found {v}")))?,
         };
         if model_type != "segformer" {
             return Err(Error::unsupported(
@@ -149,7 +149,10 @@ impl SegformerConfig {
         let config: SegformerConfig = serde_json::from_value(value.clone()).map_err(|e| {
             Error::invalid(
                 origin,
-                format!("bad config.json: {}", culprit::<SegformerConfig>(&value).unwrap_or_else(|| e.to_string())),
+                format!(
+                    "bad config.json: {}",
+                    culprit::<SegformerConfig>(&value).unwrap_or_else(|| e.to_string())
+                ),
             )
         })?;
         config.validate().map_err(|message| Error::invalid(origin, message))?;
@@ -222,7 +225,11 @@ impl SegformerConfig {
             return Err("the model has no labels (id2label is empty and num_labels is 0)".into());
         }
         if labels > MAX_LABELS {
-            let key = if self.id2label.is_empty() { "num_labels" } else { "id2label" };
+            let key = if self.id2label.is_empty() {
+                "num_labels"
+            } else {
+                "id2label"
+            };
             return Err(format!(
                 "key \"{key}\" gives {labels} labels, more than segq's masks hold ({MAX_LABELS})"
             ));
@@ -249,10 +256,12 @@ impl SegformerConfig {
     /// materialised and not counted. The result is scaled by 5/4 for what the allocator and the kernels' per-thread
     /// buffers add. Upsampling the logits back to the image size (predict, eval) is outside the forward pass.
     ///
-    /// Checked against `segq bench`'s measured heap high-water mark ("working" memory: the forward pass alone,
-    /// above the live input) for the embedded B0 (20 labels), f32: at 512x512 batch 1 it measured 29.6 MiB and this
-    /// gives 35.0 MiB; at 512x512 batch 4, 118 MiB measured against 136 MiB; at 1024x1024 batch 1, 118 MiB against
-    /// 138 MiB (the estimate includes the 6-12 MiB of input the measurement leaves out).
+    /// Checked against `segq bench --json`'s `working_bytes` (the heap high-water mark of the passes above what was
+    /// live before them, so without the NCHW input tensor) for the embedded B0 (20 labels), f32, debug build:
+    /// 512x512 batch 1 measured 31.0 MiB (34.0 with the 3 MiB input) and this gives 40.0 MiB; 512x512 batch 4,
+    /// 124.5 MiB (136.5) against 160.0; 1024x1024 batch 1, 124.0 MiB (136.0) against 160.0. Without the 5/4 the
+    /// counted values alone come to 32 and 128 MiB, about 6% under the measurement; with it the estimate is about
+    /// 18% above.
     pub fn forward_bytes(&self, height: usize, width: usize, batch: usize) -> u64 {
         let mul = |a: u64, b: u64| a.saturating_mul(b);
         let batch = batch as u64;

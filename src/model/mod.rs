@@ -340,12 +340,17 @@ pub fn check_forward_memory(
         human_bytes(bytes)
     );
     if height == 0 || width == 0 || batch == 0 {
-        return Err(Error::config(what, format!("{what}: sizes and batch must be at least 1")));
+        return Err(Error::config(
+            what,
+            format!("{what}: sizes and batch must be at least 1"),
+        ));
     }
     if height.max(width) > MAX_INPUT_SIDE {
         return Err(Error::unsupported(
             what,
-            format!("{what}: {width}x{height} is larger than segq accepts ({MAX_INPUT_SIDE} pixels a side); {estimate}"),
+            format!(
+                "{what}: {width}x{height} is larger than segq accepts ({MAX_INPUT_SIDE} pixels a side); {estimate}"
+            ),
         ));
     }
     if batch > MAX_BATCH_SIZE {
@@ -354,11 +359,7 @@ pub fn check_forward_memory(
             format!("{what}: a batch of {batch} is more than segq accepts ({MAX_BATCH_SIZE}); {estimate}"),
         ));
     }
-    crate::limits::check_fits_in_memory(
-        what,
-        bytes,
-        &format!("{estimate}; use a smaller batch or input size"),
-    )
+    crate::limits::check_fits_in_memory(what, bytes, &format!("{estimate}; use a smaller batch or input size"))
 }
 
 /// Compares the numbers of `config.json` (read from `origin`) with the checkpoint before anything is sized by them:
@@ -488,7 +489,11 @@ fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store
     let d = config.decoder_hidden_size;
     if shape.first() != Some(&d) {
         let key = format!("key \"decoder_hidden_size\" = {d}");
-        return Err(mismatch(key, fuse, differs(fuse, &[d, d * n, 1, 1]).unwrap_or_default()));
+        return Err(mismatch(
+            key,
+            fuse,
+            differs(fuse, &[d, d * n, 1, 1]).unwrap_or_default(),
+        ));
     }
     let classifier = "decode_head.classifier.weight";
     let shape = store
