@@ -79,6 +79,22 @@ pub fn parse_size(text: &str) -> Result<(usize, usize)> {
     Ok((w, h))
 }
 
+/// Most timed (and warm-up) passes per level: far more than a stable median needs.
+pub const MAX_ITERS: usize = 1_000_000;
+
+/// Refuses an input size or batch the machine cannot run, naming the flag at fault and the estimated memory.
+fn check_sizes(config: &model::config::SegformerConfig, plan: &BenchPlan) -> Result<()> {
+    let (w, h, b) = (plan.width, plan.height, plan.batch_size);
+    let what = if h.max(w) > crate::limits::MAX_INPUT_SIDE {
+        format!("--size {w}x{h}")
+    } else if b > crate::limits::MAX_BATCH_SIZE || b > 1 {
+        format!("--batch-size {b}")
+    } else {
+        format!("--size {w}x{h}")
+    };
+    model::check_forward_memory(config, h, w, b, &what)
+}
+
 /// A deterministic, image-like input: smooth gradients in normalised units.
 fn synthetic_input(batch: usize, height: usize, width: usize) -> Result<Tensor> {
     let pixels: Vec<f32> = (0..batch * 3 * height * width)
@@ -95,7 +111,20 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
         let key = if plan.iters == 0 { "--iters" } else { "--batch-size" };
         return Err(Error::config(key, "--iters and --batch-size must be at least 1"));
     }
+    if plan.iters > MAX_ITERS || plan.warmup > MAX_ITERS {
+        let key = if plan.iters > MAX_ITERS { "--iters" } else { "--warmup" };
+        return Err(Error::config(
+            key,
+            format!("{key} must be at most {MAX_ITERS} (a timing needs far fewer passes)"),
+        ));
+    }
+    // Sizes are checked from the config alone first, so a hostile --size or --batch-size costs milliseconds, not a
+    // model load; then again with the loaded model's config (a Hub model's is known only now).
+    if let Some(config) = model::local_config(&plan.model)? {
+        check_sizes(&config, plan)?;
+    }
     let loaded = model::load(&plan.model)?;
+    check_sizes(loaded.model.config(), plan)?;
     let f32_bytes = loaded.weight_bytes() as f64;
     let input = synthetic_input(plan.batch_size, plan.height, plan.width)?;
     let mut levels = Vec::new();

@@ -244,7 +244,8 @@ fn one_line(text: String) -> String {
     if !text.contains(['\n', '\r']) {
         return text;
     }
-    text.lines()
+    // A lone carriage return (quoted from input by serde) breaks a terminal line as surely as a newline.
+    text.split(['\n', '\r'])
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()

@@ -91,6 +91,44 @@ pub fn checked_product(what: &str, factors: &[u64]) -> Result<u64> {
         .ok_or_else(|| Error::unsupported(what, format!("sizes {factors:?} overflow")))
 }
 
+/// Reads a small text file (a config, a list, a results file) of at most `max_bytes`, refusing a larger one (it is
+/// not the file it claims to be) before reading it, so a mistaken path to a multi-gigabyte file costs nothing.
+pub fn read_text_capped(path: &std::path::Path, max_bytes: u64) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > max_bytes {
+        return Err(Error::unsupported(
+            path.display().to_string(),
+            format!(
+                "file is {}, more than the {} segq reads for this kind of file",
+                human_bytes(len),
+                human_bytes(max_bytes)
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take`: a file that grows while being read still stops at the cap.
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Error::unsupported(
+            path.display().to_string(),
+            format!("file grew past {}", human_bytes(max_bytes)),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::invalid(
+            path.display().to_string(),
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
 /// Bytes as a person reads them: "3.2 GiB".
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -69,18 +69,28 @@ impl Default for PreprocessorConfig {
 }
 
 impl PreprocessorConfig {
+    /// Reads `preprocessor_config.json` (at most [`crate::model::config::MAX_CONFIG_BYTES`]); errors name the file
+    /// and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::limits::read_text_capped(path, crate::model::config::MAX_CONFIG_BYTES)?;
         Self::from_json(&text).map_err(|e| e.within(path.display()))
     }
 
-    /// Parses and checks `preprocessor_config.json` text; errors name the field at fault (callers add the file).
+    /// Parses and checks `preprocessor_config.json` text; errors name the key at fault (callers add the file).
+    /// `size` is bounded by [`crate::limits::MAX_INPUT_SIDE`] on each side.
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: PreprocessorConfig = serde_json::from_str(text).map_err(|e| {
+        let malformed = |message: String| {
             Error::invalid(
                 "preprocessor_config.json",
-                format!("malformed preprocessor_config.json: {e}"),
+                format!("malformed preprocessor_config.json: {message}"),
             )
+        };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        if !value.is_object() {
+            return Err(malformed("expected a JSON object".into()));
+        }
+        let c: PreprocessorConfig = serde_json::from_value(value.clone()).map_err(|e| {
+            malformed(crate::model::config::culprit::<PreprocessorConfig>(&value).unwrap_or_else(|| e.to_string()))
         })?;
         if c.image_mean.len() != 3 || c.image_std.len() != 3 {
             return Err(Error::invalid(
@@ -100,8 +110,17 @@ impl PreprocessorConfig {
                 ),
             ));
         }
-        if c.size.height == 0 || c.size.width == 0 {
-            return Err(Error::invalid("size", "size must be positive"));
+        let max = crate::limits::MAX_INPUT_SIDE;
+        for (key, side) in [("height", c.size.height), ("width", c.size.width)] {
+            if side == 0 {
+                return Err(Error::invalid("size", format!("size.{key} must be positive")));
+            }
+            if side > max {
+                return Err(Error::unsupported(
+                    "size",
+                    format!("size.{key} = {side} is larger than segq accepts ({max} pixels a side)"),
+                ));
+            }
         }
         Ok(c)
     }

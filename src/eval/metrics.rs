@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Most pixels a matrix counts (2^52, exact in f64: some 17 billion 512x512 images); a file claiming more is
+/// refused, so that no sum of counts can overflow.
+pub const MAX_PIXELS: u64 = 1 << 52;
+
 /// Exact per-(label, prediction) pixel counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "ConfusionMatrixRepr", into = "ConfusionMatrixRepr")]
@@ -42,7 +46,7 @@ impl TryFrom<ConfusionMatrixRepr> for ConfusionMatrix {
     type Error = Error;
 
     fn try_from(repr: ConfusionMatrixRepr) -> Result<Self> {
-        let side = repr.num_labels + 1;
+        let side = repr.num_labels.saturating_add(1);
         if repr.counts.len() != side {
             return Err(Error::invalid(
                 "confusion matrix",
@@ -51,6 +55,28 @@ impl TryFrom<ConfusionMatrixRepr> for ConfusionMatrix {
                     repr.num_labels,
                     repr.counts.len()
                 ),
+            ));
+        }
+        // Rows are checked before the matrix is allocated: its size comes from the file.
+        if let Some((row_index, row)) = repr.counts.iter().enumerate().find(|(_, row)| row.len() != side) {
+            return Err(Error::invalid(
+                format!("confusion matrix row {row_index}"),
+                format!(
+                    "confusion matrix row {row_index} needs {side} counts, found {}",
+                    row.len()
+                ),
+            ));
+        }
+        // Sums over rows, columns and the whole matrix (areas, unions) must not overflow.
+        let total = repr
+            .counts
+            .iter()
+            .flatten()
+            .try_fold(0u64, |sum, &c| sum.checked_add(c).filter(|&t| t <= MAX_PIXELS));
+        if total.is_none() {
+            return Err(Error::invalid(
+                "confusion matrix",
+                format!("confusion matrix counts add up to more than {MAX_PIXELS} pixels"),
             ));
         }
         let mut counts = Vec::with_capacity(side * side);
@@ -223,6 +249,16 @@ impl ConfusionMatrix {
                     "cannot merge a confusion matrix of {} labels into one of {}",
                     other.num_labels, self.num_labels
                 ),
+            ));
+        }
+        if self
+            .total_pixels()
+            .checked_add(other.total_pixels())
+            .is_none_or(|t| t > MAX_PIXELS)
+        {
+            return Err(Error::invalid(
+                "confusion matrix",
+                format!("merged counts would exceed {MAX_PIXELS} pixels"),
             ));
         }
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {

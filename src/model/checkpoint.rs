@@ -41,7 +41,12 @@ pub struct TensorStore {
     pub recipe: Option<RecipeHeader>,
     /// Bytes of weights by their dtype in the file (e.g. "F32" -> 14.9 MB), for the load log.
     pub bytes_by_dtype: BTreeMap<String, usize>,
+    /// Tensors found holding NaN or infinite values (each warned about once, the first few by name).
+    non_finite_tensors: usize,
 }
+
+/// Tensors with non-finite values named one by one in warnings; past this many, one summary line follows.
+const NON_FINITE_WARNINGS: usize = 8;
 
 impl TensorStore {
     fn empty(origin: impl Into<String>) -> Self {
@@ -52,6 +57,25 @@ impl TensorStore {
             quant_map: BTreeMap::new(),
             recipe: None,
             bytes_by_dtype: BTreeMap::new(),
+            non_finite_tensors: 0,
+        }
+    }
+
+    /// Warns (once per tensor) that `name` holds `count` NaN or infinite values. transformers loads such a
+    /// checkpoint silently, and so does segq, so that `inspect` can still show it; but every logit it computes
+    /// will be NaN, so the user is told which tensor is at fault.
+    fn note_non_finite(&mut self, name: &str, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.non_finite_tensors += 1;
+        if self.non_finite_tensors <= NON_FINITE_WARNINGS {
+            tracing::warn!(
+                file = %self.origin,
+                tensor = name,
+                count,
+                "tensor `{name}` holds {count} NaN or infinite value(s): the model's outputs will be NaN"
+            );
         }
     }
 
@@ -62,6 +86,7 @@ impl TensorStore {
     /// Adds a tensor stored as `dtype` (counted in the file's bytes by dtype), already converted to f32.
     fn insert(&mut self, origin: &str, name: String, dtype: DType, shape: Vec<usize>, values: Vec<f32>) -> Result<()> {
         self.count(format!("{dtype:?}"), values.len() * dtype.size_in_bytes());
+        self.note_non_finite(&name, values.iter().filter(|v| !v.is_finite()).count());
         if self
             .tensors
             .insert(name.clone(), FloatTensor { shape, values })
@@ -75,6 +100,7 @@ impl TensorStore {
     /// Loads safetensors files (all shards of one checkpoint, float or quantized by segq) or a PyTorch `.bin`.
     pub fn from_files(files: &[PathBuf]) -> Result<Self> {
         let origin = files.first().map(|p| p.display().to_string()).unwrap_or_default();
+        check_checkpoint_memory(&origin, files)?;
         let mut store = Self::empty(origin);
         for file in files {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -89,6 +115,7 @@ impl TensorStore {
                 let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
                 store.add_safetensors(&shown, &bytes)?;
             } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+                check_pickle_sizes(file, &shown)?;
                 let tensors = candle_core::pickle::read_all(file)
                     .map_err(|e| Error::invalid(&shown, format!("cannot read PyTorch checkpoint: {e}")))?;
                 for (n, t) in tensors {
@@ -114,8 +141,10 @@ impl TensorStore {
     }
 
     fn add_safetensors(&mut self, origin: &str, bytes: &[u8]) -> Result<()> {
-        let (_, metadata) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| Error::invalid(origin, format!("cannot read safetensors: {e}")))?;
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            let why = describe_bad_header(bytes).unwrap_or_else(|| e.to_string());
+            Error::invalid(origin, format!("cannot read safetensors: {why}"))
+        })?;
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::invalid(origin, format!("cannot read safetensors: {e}")))?;
         let mut quantized_parts = std::collections::HashSet::new();
@@ -159,6 +188,25 @@ impl TensorStore {
         Ok(())
     }
 
+    /// The shape of a tensor the checkpoint holds under `name`: a float tensor's own shape, or `[rows, cols]` of a
+    /// quantized weight (its metadata's layout); `None` when there is no such tensor.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match self.quant_map.get(name) {
+            Some(meta) => Some(vec![meta.rows, meta.cols]),
+            None => self.tensors.get(name).map(|t| t.shape.clone()),
+        }
+    }
+
+    /// Names of the tensors (float tensors and quantized weights, not the parts these are stored as), in no order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().chain(self.quant_map.keys()).map(String::as_str)
+    }
+
+    /// The file (or first shard) the tensors came from, for errors.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// Takes a float tensor by name (its f32 values, row-major), checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.tensors.remove(name).ok_or_else(|| {
@@ -200,6 +248,12 @@ impl TensorStore {
         for suffix in ["qdata", "scale", "zero"] {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
+        for (suffix, params) in [("scale", &q.scales), ("zero", &q.zeros)] {
+            self.note_non_finite(
+                &format!("{name}.{suffix}"),
+                params.iter().filter(|v| !v.is_finite()).count(),
+            );
+        }
         Ok(StoredWeight::Quantized(q))
     }
 
@@ -210,6 +264,13 @@ impl TensorStore {
 
     /// Fails if tensors are left over: a checkpoint for another architecture or configuration.
     pub fn finish(&self) -> Result<()> {
+        if self.non_finite_tensors > NON_FINITE_WARNINGS {
+            tracing::warn!(
+                file = %self.origin,
+                "{} more tensors hold NaN or infinite values",
+                self.non_finite_tensors - NON_FINITE_WARNINGS
+            );
+        }
         if self.tensors.is_empty() && self.raw.is_empty() && self.quant_map.is_empty() {
             return Ok(());
         }
@@ -233,6 +294,75 @@ impl TensorStore {
     }
 }
 
+/// Which tensor of a safetensors header is at fault, for the errors where the safetensors library names none (a
+/// shape that does not match its data offsets, offsets past the end of the file, gaps or overlaps).
+fn describe_bad_header(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    let data_len = (bytes.len() - 8 - n) as u64;
+    let serde_json::Value::Object(entries) = serde_json::from_slice(header).ok()? else {
+        return None;
+    };
+    let mut spans = Vec::new();
+    for (name, info) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let bits: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 8,
+            "U16" | "I16" | "F16" | "BF16" => 16,
+            "U32" | "I32" | "F32" => 32,
+            "U64" | "I64" | "F64" => 64,
+            "F4" => 4,
+            "F6_E2M3" | "F6_E3M2" => 6,
+            _ => return Some(format!("tensor `{name}` has unknown dtype {dtype:?}")),
+        };
+        let shape: Vec<u64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|dims| dims.iter().map(|d| d.as_u64().unwrap_or(u64::MAX)).collect())
+            .unwrap_or_default();
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .map(|o| o.iter().map(|v| v.as_u64().unwrap_or(u64::MAX)).collect())
+            .unwrap_or_default();
+        let [start, end] = offsets[..] else {
+            return Some(format!("tensor `{name}` has no valid data_offsets"));
+        };
+        let needed = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|e| e.checked_mul(bits))
+            .map(|b| b.div_ceil(8));
+        if end < start || end > data_len {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}] outside the file's {data_len} bytes of data"
+            ));
+        }
+        if needed != Some(end - start) {
+            return Some(format!(
+                "tensor `{name}` of {dtype} {shape:?} needs {} bytes, its data_offsets [{start}, {end}] hold {}",
+                needed.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string()),
+                end - start
+            ));
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    let mut at = 0;
+    for (start, end, name) in spans {
+        if start != at {
+            return Some(format!(
+                "tensor `{name}` starts at offset {start}, where the data before it ends at {at} (overlap or gap)"
+            ));
+        }
+        at = end;
+    }
+    (at != data_len).then(|| format!("the tensors' data ends at {at}, the file holds {data_len} bytes of data"))
+}
+
 /// Little-endian values of `dtype` converted to f32 as candle's `to_dtype` converts them (exact for f16 and bf16,
 /// round to nearest for f64, `as` for integers).
 fn f32_values(dtype: DType, data: &[u8]) -> Vec<f32> {
@@ -254,7 +384,7 @@ fn f32_values(dtype: DType, data: &[u8]) -> Vec<f32> {
 
 /// Shard files listed by a `model.safetensors.index.json` (`weight_map` values), in a stable order.
 pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::limits::read_text_capped(index, super::config::MAX_CONFIG_BYTES * 4)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(index.display().to_string(), format!("malformed index: {e}")))?;
     let map = value
@@ -265,8 +395,146 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
+    // Shards sit beside the index: a path elsewhere (`../x`, `/etc/x`) is not a shard of this checkpoint.
+    if let Some(bad) = files
+        .iter()
+        .find(|f| f.is_empty() || f.contains(['/', '\\']) || f.as_str() == "..")
+    {
+        return Err(Error::invalid(
+            index.display().to_string(),
+            format!("weight_map names shard \"{bad}\", which is not a file name beside the index"),
+        ));
+    }
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
+
+/// Refuses a PyTorch checkpoint a tensor of which claims more bytes than the whole file holds (PyTorch stores
+/// tensors uncompressed): the reader would allocate what the pickle claims before reading it.
+fn check_pickle_sizes(file: &Path, shown: &str) -> Result<()> {
+    let len = std::fs::metadata(file).map_err(|e| Error::io(file, e))?.len();
+    let infos = candle_core::pickle::read_pth_tensor_info(file, false, None)
+        .map_err(|e| Error::invalid(shown, format!("cannot read PyTorch checkpoint: {e}")))?;
+    for info in infos {
+        let bytes = info
+            .layout
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|b| b.checked_add(info.layout.start_offset() as u64 * info.dtype.size_in_bytes() as u64));
+        if bytes.is_none_or(|b| b > len) {
+            return Err(Error::invalid(
+                shown,
+                format!(
+                    "tensor `{}` claims shape {:?} of {:?}, more than the file's {len} bytes hold",
+                    info.name,
+                    info.layout.dims(),
+                    info.dtype
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a checkpoint whose loading would need more memory than the machine has, before reading it: a
+/// safetensors file takes its own size while it is read plus an f32 copy of each float tensor (from its header);
+/// a PyTorch `.bin` is counted at three times its size (stored tensors, their f32 copies, the values kept).
+fn check_checkpoint_memory(origin: &str, files: &[PathBuf]) -> Result<()> {
+    let mut largest_file = 0u64;
+    let mut kept = 0u64;
+    for file in files {
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue; // the read reports it
+        };
+        let len = meta.len();
+        largest_file = largest_file.max(len);
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        kept = kept.saturating_add(if name.ends_with(".safetensors") {
+            safetensors_loaded_bytes(file, len)?
+        } else {
+            len.saturating_mul(2)
+        });
+    }
+    crate::limits::check_fits_in_memory(
+        origin,
+        largest_file.saturating_add(kept),
+        "the checkpoint is larger than this machine can load",
+    )
+}
+
+/// Bytes the tensors of safetensors file `path` (of `len` bytes) take once loaded, from its header alone: float
+/// tensors as f32, quantized parts as stored. A header that cannot be read counts as the file's size (reading the
+/// file then reports what is wrong with it).
+fn safetensors_loaded_bytes(path: &Path, len: u64) -> Result<u64> {
+    use std::io::Read;
+    let shown = || path.display().to_string();
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut n = [0u8; 8];
+    if file.read_exact(&mut n).is_err() {
+        return Err(Error::invalid(
+            shown(),
+            format!("cannot read safetensors: the file is {len} bytes, too short for a header"),
+        ));
+    }
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > MAX_SAFETENSORS_HEADER {
+        return Err(Error::invalid(
+            shown(),
+            format!("cannot read safetensors: the header claims {n} bytes, the file has {len}"),
+        ));
+    }
+    let mut header = Vec::with_capacity(n as usize);
+    (&mut file)
+        .take(n)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return Ok(len);
+    };
+    let quantized: std::collections::HashSet<String> = entries
+        .get("__metadata__")
+        .and_then(|m| m.get(quant::MAP_METADATA_KEY))
+        .and_then(|m| m.as_str())
+        .and_then(|m| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m).ok())
+        .map(|map| {
+            map.keys()
+                .flat_map(|k| ["qdata", "scale", "zero"].map(|s| format!("{k}.{s}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total = 0u64;
+    for (name, info) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let stored = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some(o.get(1)?.as_u64()?.saturating_sub(o.first()?.as_u64()?)))
+            .unwrap_or(0);
+        let elements = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().unwrap_or(u64::MAX))
+                    .fold(1u64, u64::saturating_mul)
+            })
+            .unwrap_or(0);
+        // A header that lies about shapes is refused when the file is read; here it must not inflate the estimate:
+        // converting to f32 at most quadruples a tensor's stored bytes (u8 -> f32).
+        let stored = stored.min(len);
+        total = total.saturating_add(if quantized.contains(name) {
+            stored
+        } else {
+            elements.saturating_mul(4).min(stored.saturating_mul(4))
+        });
+    }
+    Ok(total.min(len.saturating_mul(4)))
+}
+
+/// safetensors' own cap on the JSON header (100 MB).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 
 #[cfg(test)]
 mod tests {

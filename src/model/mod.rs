@@ -223,12 +223,19 @@ fn url_files(url: &str) -> Result<ModelFiles> {
 }
 
 /// Loads a model from any source, logging where from, how long it took, weight bytes by dtype and peak memory.
+///
+/// Nothing is sized by an input before it is checked: `config.json` against fixed bounds, the checkpoint's size
+/// against the memory available (from its header), then the config's numbers against the checkpoint's tensor names
+/// and shapes (a lying `config.json` is named with its key), and the processor's input size against the memory a
+/// forward pass at that size needs.
 pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     let start = Instant::now();
-    let (config_json, preprocessor_json, mut store) = match source {
+    let (config_json, config_origin, preprocessor_json, preprocessor_origin, mut store) = match source {
         ModelSource::Embedded => (
             embedded::CONFIG.to_string(),
+            "embedded config.json".to_string(),
             Some(embedded::PREPROCESSOR.to_string()),
+            "embedded preprocessor_config.json".to_string(),
             TensorStore::from_safetensors_bytes("embedded model.safetensors", embedded::WEIGHTS)?,
         ),
         other => {
@@ -238,27 +245,48 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
                 ModelSource::Url(u) => url_files(u)?,
                 ModelSource::Embedded => unreachable!("handled above"),
             };
-            let config_json = std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+            let config_json = crate::limits::read_text_capped(&files.config, config::MAX_CONFIG_BYTES)?;
             let pre = match &files.preprocessor {
-                Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+                Some(p) => Some(crate::limits::read_text_capped(p, config::MAX_CONFIG_BYTES)?),
                 None => None,
             };
-            // Validate the config before reading weights, naming the file on error.
-            SegformerConfig::from_json_at(&config_json, &files.config.display().to_string())?;
-            if let (Some(p), Some(text)) = (&files.preprocessor, &pre) {
-                PreprocessorConfig::from_json(text).map_err(|e| e.within(p.display()))?;
+            let config_origin = files.config.display().to_string();
+            let pre_origin = files
+                .preprocessor
+                .as_ref()
+                .map_or_else(String::new, |p| p.display().to_string());
+            // Validate the configs before reading weights, naming the file on error.
+            SegformerConfig::from_json_at(&config_json, &config_origin)?;
+            if let Some(text) = &pre {
+                PreprocessorConfig::from_json(text).map_err(|e| e.within(&pre_origin))?;
             }
-            (config_json, pre, TensorStore::from_files(&files.weights)?)
+            (
+                config_json,
+                config_origin,
+                pre,
+                pre_origin,
+                TensorStore::from_files(&files.weights)?,
+            )
         }
     };
-    let config = SegformerConfig::from_json(&config_json).map_err(|e| e.within(source))?;
+    let config = SegformerConfig::from_json_at(&config_json, &config_origin)?;
     let preprocessor = match &preprocessor_json {
-        Some(text) => PreprocessorConfig::from_json(text).map_err(|e| e.within(source))?,
+        Some(text) => PreprocessorConfig::from_json(text).map_err(|e| e.within(&preprocessor_origin))?,
         None => {
             tracing::warn!(source = %source, "no preprocessor_config.json: using SegformerImageProcessor defaults (512x512)");
             PreprocessorConfig::default()
         }
     };
+    check_config_against_checkpoint(&config, &config_origin, &store)?;
+    if preprocessor.do_resize {
+        let size = preprocessor.size;
+        let what = if preprocessor_origin.is_empty() {
+            "preprocessor size (default)".to_string()
+        } else {
+            format!("{preprocessor_origin}: size")
+        };
+        check_forward_memory(&config, size.height, size.width, 1, &what)?;
+    }
     let bytes_by_dtype = store.bytes_by_dtype.clone();
     let recipe = store.recipe.take();
     let mut model = from_store(&config, &mut store)?;
@@ -285,6 +313,208 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
         bytes_by_dtype,
         recipe,
     })
+}
+
+/// The model's `config.json` alone, validated, when it is at hand without downloading (the embedded model, a local
+/// folder or file): lets a command refuse sizes in milliseconds, before loading weights. `None` for Hub and URL
+/// sources.
+pub fn local_config(source: &ModelSource) -> Result<Option<SegformerConfig>> {
+    match source {
+        ModelSource::Embedded => SegformerConfig::from_json_at(embedded::CONFIG, "embedded config.json").map(Some),
+        ModelSource::Local(p) => SegformerConfig::from_file(&local_files(p)?.config).map(Some),
+        ModelSource::Hub(_) | ModelSource::Url(_) => Ok(None),
+    }
+}
+
+/// Refuses a forward pass of `config` on `batch` images of `height` x `width` when its estimated peak memory
+/// ([`SegformerConfig::forward_bytes`]) plus the input's is more than the machine has; `what` names the flag, key or
+/// file the size came from (`--batch-size`, `preprocessor_config.json: size`). Also refuses sides above
+/// [`crate::limits::MAX_INPUT_SIDE`] and batches above [`crate::limits::MAX_BATCH_SIZE`]. Every refusal states the
+/// estimate. Computes nothing large: call it before allocating the batch.
+pub fn check_forward_memory(
+    config: &SegformerConfig,
+    height: usize,
+    width: usize,
+    batch: usize,
+    what: &str,
+) -> Result<()> {
+    use crate::limits::{MAX_BATCH_SIZE, MAX_INPUT_SIDE, human_bytes};
+    let bytes = config.forward_bytes(height, width, batch);
+    let estimate = format!(
+        "a forward pass on {batch} image(s) of {width}x{height} needs about {}",
+        human_bytes(bytes)
+    );
+    if height == 0 || width == 0 || batch == 0 {
+        return Err(Error::config(
+            what,
+            format!("{what}: sizes and batch must be at least 1"),
+        ));
+    }
+    if height.max(width) > MAX_INPUT_SIDE {
+        return Err(Error::unsupported(
+            what,
+            format!(
+                "{what}: {width}x{height} is larger than segq accepts ({MAX_INPUT_SIDE} pixels a side); {estimate}"
+            ),
+        ));
+    }
+    if batch > MAX_BATCH_SIZE {
+        return Err(Error::unsupported(
+            what,
+            format!("{what}: a batch of {batch} is more than segq accepts ({MAX_BATCH_SIZE}); {estimate}"),
+        ));
+    }
+    crate::limits::check_fits_in_memory(what, bytes, &format!("{estimate}; use a smaller batch or input size"))
+}
+
+/// Compares the numbers of `config.json` (read from `origin`) with the checkpoint before anything is sized by them:
+/// the stages, the blocks of each stage and the sizes the key tensors' shapes give (hidden sizes, patch sizes, MLP
+/// and reduction ratios, decoder size, labels). A lying config is named with its key; a checkpoint without the key
+/// tensors is named with the first one it lacks. What the shapes cannot tell (strides, heads) is bounded by
+/// `SegformerConfig`'s validation. Once this passes, the model the config describes is no larger than the
+/// checkpoint.
+fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store: &TensorStore) -> Result<()> {
+    const ENCODER: &str = "segformer.encoder";
+    let lie = |message: String| Error::invalid(origin, message);
+    let lacks = |name: &str, why: &str| {
+        Error::not_found(
+            store.origin(),
+            format!("checkpoint lacks tensor `{name}` ({why}, as {origin} describes the model)"),
+        )
+    };
+    // The tensor's shape when it differs from `expected` (compared as `[rows, cols]` for a quantized weight).
+    let differs = |name: &str, expected: &[usize]| -> Option<(Vec<usize>, Vec<usize>)> {
+        let found = store.shape_of(name)?;
+        let expected = if found.len() == 2 && expected.len() == 4 {
+            vec![expected[0], expected[1..].iter().product()]
+        } else {
+            expected.to_vec()
+        };
+        (found != expected).then_some((found, expected))
+    };
+    let mismatch = |key: String, name: &str, (found, expected): (Vec<usize>, Vec<usize>)| {
+        lie(format!(
+            "{key}, but tensor `{name}` has shape {found:?}, the config expects {expected:?}"
+        ))
+    };
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    let mut stages = 0usize;
+    let mut blocks: BTreeMap<usize, usize> = BTreeMap::new();
+    for name in store.names() {
+        if let Some(i) = name
+            .strip_prefix(ENCODER)
+            .and_then(|r| r.strip_prefix(".patch_embeddings."))
+            .and_then(index)
+        {
+            stages = stages.max(i.saturating_add(1));
+        }
+        if let Some(rest) = name.strip_prefix(ENCODER).and_then(|r| r.strip_prefix(".block.")) {
+            let mut parts = rest.splitn(3, '.');
+            if let (Some(Ok(i)), Some(Ok(j))) = (
+                parts.next().map(str::parse::<usize>),
+                parts.next().map(str::parse::<usize>),
+            ) {
+                let count = blocks.entry(i).or_insert(0);
+                *count = (*count).max(j.saturating_add(1));
+            }
+        }
+    }
+    let n = config.num_encoder_blocks;
+    if stages > 0 && stages != n {
+        return Err(lie(format!(
+            "key \"num_encoder_blocks\" = {n}, but the checkpoint has patch embeddings for {stages} stage(s)"
+        )));
+    }
+    for i in 0..n {
+        let (hidden, patch) = (config.hidden_sizes[i], config.patch_sizes[i]);
+        let in_channels = if i == 0 {
+            config.num_channels
+        } else {
+            config.hidden_sizes[i - 1]
+        };
+        let proj = format!("{ENCODER}.patch_embeddings.{i}.proj.weight");
+        if store.shape_of(&proj).is_none() {
+            return Err(lacks(&proj, &format!("stage {i}'s patch embedding")));
+        }
+        if let Some(d) = differs(&proj, &[hidden, in_channels, patch, patch]) {
+            let key = if d.0.first() != Some(&hidden) {
+                format!("key \"hidden_sizes\"[{i}] = {hidden}")
+            } else {
+                format!("key \"patch_sizes\"[{i}] = {patch}")
+            };
+            return Err(mismatch(key, &proj, d));
+        }
+        let depth = config.depths[i];
+        let found = blocks.get(&i).copied().unwrap_or(0);
+        if found != depth {
+            let detail = if found < depth {
+                format!("the checkpoint lacks tensor `{ENCODER}.block.{i}.{found}.*`")
+            } else {
+                format!("unexpected tensor(s) `{ENCODER}.block.{i}.{depth}.*`")
+            };
+            return Err(lie(format!(
+                "key \"depths\"[{i}] = {depth}, but the checkpoint has {found} block(s) in stage {i}: {detail}"
+            )));
+        }
+        let dense1 = format!("{ENCODER}.block.{i}.0.mlp.dense1.weight");
+        if store.shape_of(&dense1).is_none() {
+            return Err(lacks(&dense1, &format!("stage {i}'s first Mix-FFN")));
+        }
+        let ratio = config.mlp_ratios[i];
+        if let Some(d) = differs(&dense1, &[hidden * ratio, hidden]) {
+            return Err(mismatch(format!("key \"mlp_ratios\"[{i}] = {ratio}"), &dense1, d));
+        }
+        let sr = format!("{ENCODER}.block.{i}.0.attention.self.sr.weight");
+        let ratio = config.sr_ratios[i];
+        let key = format!("key \"sr_ratios\"[{i}] = {ratio}");
+        match store.shape_of(&sr) {
+            None if ratio > 1 => {
+                return Err(lie(format!(
+                    "{key}, but the checkpoint lacks tensor `{sr}` (it has no spatial reduction)"
+                )));
+            }
+            Some(found) if ratio == 1 => {
+                return Err(lie(format!(
+                    "{key} (no spatial reduction), but the checkpoint has tensor `{sr}` of shape {found:?}"
+                )));
+            }
+            _ => {
+                if ratio > 1
+                    && let Some(d) = differs(&sr, &[hidden, hidden, ratio, ratio])
+                {
+                    return Err(mismatch(key, &sr, d));
+                }
+            }
+        }
+    }
+    let fuse = "decode_head.linear_fuse.weight";
+    let shape = store
+        .shape_of(fuse)
+        .ok_or_else(|| lacks(fuse, "the decode head's fusion"))?;
+    let d = config.decoder_hidden_size;
+    if shape.first() != Some(&d) {
+        let key = format!("key \"decoder_hidden_size\" = {d}");
+        return Err(mismatch(
+            key,
+            fuse,
+            differs(fuse, &[d, d * n, 1, 1]).unwrap_or_default(),
+        ));
+    }
+    let classifier = "decode_head.classifier.weight";
+    let shape = store
+        .shape_of(classifier)
+        .ok_or_else(|| lacks(classifier, "the classifier"))?;
+    let labels = config.num_labels();
+    if shape.first() != Some(&labels) {
+        let key = if config.id2label.is_empty() {
+            format!("key \"num_labels\" = {labels}")
+        } else {
+            format!("key \"id2label\" gives {labels} labels")
+        };
+        let d = differs(classifier, &[labels, d, 1, 1]).unwrap_or_default();
+        return Err(mismatch(key, classifier, d));
+    }
+    Ok(())
 }
 
 /// Builds the model of `config` from a checkpoint's tensors, checking every name and shape; leftover tensors are

@@ -2,6 +2,7 @@
 //! quantized checkpoint folders, which `model::load` reads back through `checkpoint`.
 
 use std::borrow::Cow;
+use std::io::Write;
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -87,14 +88,69 @@ pub fn save_quantized(
         })
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| Error::write(&path, e.to_string()))?;
+    // The configs first: a folder with weights but no config.json would look complete to a reader.
     let config_path = dir.join("config.json");
-    std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
+    write_atomically(&config_path, |out| out.write_all(config_json.as_bytes()))?;
     if let Some(pre) = preprocessor_json {
         let p = dir.join("preprocessor_config.json");
-        std::fs::write(&p, pre).map_err(|e| Error::io(&p, e))?;
+        write_atomically(&p, |out| out.write_all(pre.as_bytes()))?;
     }
+    write_atomically(&path, |out| write_safetensors(out, &views, metadata))?;
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
+}
+
+/// Writes `path` through `fill` atomically: into `<path>.tmp` beside it, flushed and synced, then renamed over
+/// `path`, so a reader (or a run killed half-way) never sees half a file. The file is created as every other file
+/// segq writes (mode 0666 less the umask: 0644 usually), not 0600 as a temporary-file library would make it.
+fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    let written = (|| {
+        let file = std::fs::File::create(&temporary)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        fill(&mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::io(&temporary, e));
+    }
+    std::fs::rename(&temporary, path).map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        Error::io(path, e)
+    })
+}
+
+/// The safetensors format, streamed: 8 bytes of header length (little endian), the JSON header (tensor dtypes,
+/// shapes and data offsets, then `__metadata__`) padded with spaces to a multiple of 8, then the tensors' bytes,
+/// widest dtype first (as the safetensors library orders them) so every tensor starts aligned to its element size.
+fn write_safetensors(
+    out: &mut dyn Write,
+    views: &[(String, safetensors::tensor::TensorView<'_>)],
+    metadata: std::collections::HashMap<String, String>,
+) -> std::io::Result<()> {
+    let mut order: Vec<&(String, safetensors::tensor::TensorView<'_>)> = views.iter().collect();
+    order.sort_by_key(|(_, view)| std::cmp::Reverse(view.dtype().bitsize()));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, view) in &order {
+        let end = offset + view.data().len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": view.dtype(), "shape": view.shape(), "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut text = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    out.write_all(&(text.len() as u64).to_le_bytes())?;
+    out.write_all(&text)?;
+    for (_, view) in &order {
+        out.write_all(view.data())?;
+    }
+    Ok(())
 }
 
 /// Bytes of tensor data a checkpoint of `model` holds as `save_quantized` writes it (the file adds only its JSON
