@@ -16,7 +16,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct BenchPlan {
     pub model: ModelSource,
-    /// Recipes in order; an [`UnbuildableLevel`] is logged and left out.
+    /// Recipes in order; an [`UnbuildableLevel`] makes [`run`] fail before loading the model.
     pub recipes: Vec<std::result::Result<Recipe, UnbuildableLevel>>,
     pub width: usize,
     pub height: usize,
@@ -111,6 +111,10 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
         let key = if plan.iters == 0 { "--iters" } else { "--batch-size" };
         return Err(Error::config(key, "--iters and --batch-size must be at least 1"));
     }
+    // A level asked for by name that no method builds is an argument error, before anything is loaded.
+    if let Some(Err(UnbuildableLevel { reason, .. })) = plan.recipes.iter().find(|r| r.is_err()) {
+        return Err(Error::config("--quant", reason.clone()));
+    }
     if plan.iters > MAX_ITERS || plan.warmup > MAX_ITERS {
         let key = if plan.iters > MAX_ITERS { "--iters" } else { "--warmup" };
         return Err(Error::config(
@@ -132,6 +136,7 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
         let recipe = match recipe {
             Ok(r) => r,
             Err(UnbuildableLevel { level, reason }) => {
+                // Refused above; kept for a plan built by hand.
                 tracing::error!(level = level.name(), reason, "skipped");
                 continue;
             }

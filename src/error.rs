@@ -216,7 +216,7 @@ impl std::fmt::Display for Named<'_> {
 
 /// An I/O error's cause as the rest of segq words it: a missing file is "no such file or folder" whichever call
 /// found it, and the OS's "(os error N)" is left out (the text already says it).
-struct IoCause<'a>(&'a std::io::Error);
+pub(crate) struct IoCause<'a>(pub(crate) &'a std::io::Error);
 
 impl std::fmt::Display for IoCause<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -682,7 +682,12 @@ fn check_safetensors(file: &mut std::fs::File, size: u64) -> std::result::Result
     let mut length = [0u8; 8];
     file.read_exact(&mut length).map_err(|e| e.to_string())?;
     let header_length = u64::from_le_bytes(length);
-    if header_length > MAX_SAFETENSORS_HEADER || header_length > size - 8 {
+    if header_length <= MAX_SAFETENSORS_HEADER && header_length > size - 8 {
+        return Err(format!(
+            "the safetensors header announces {header_length} bytes but the file has only {size} (cut short?)"
+        ));
+    }
+    if header_length > MAX_SAFETENSORS_HEADER {
         return Err(format!(
             "not a safetensors file (its first 8 bytes announce a {header_length}-byte header in a {size}-byte file)"
         ));

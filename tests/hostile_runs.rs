@@ -178,6 +178,8 @@ fn impossible_levels_and_sizes_are_argument_errors() {
     .refused(&["int4", "group size 0"]);
     run("batch-huge", &with(&[(8, "99999999999999")])).refused(&["eval.batch_size"]);
     run("batch-zero", &with(&[(8, "0")])).refused(&["eval.batch_size"]);
+    // Within the cap but not within this machine's memory: refused from the model's estimate, before any batch.
+    run("batch-over-memory", &with(&[(8, "4000")])).refused(&["--batch-size 4000", "needs about"]);
     assert!(!out.join("results.json").exists());
 }
 

@@ -147,7 +147,7 @@ pub enum FileProblem {
 impl std::fmt::Display for FileProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FileProblem::Io(e) => write!(f, "{e}"),
+            FileProblem::Io(e) => write!(f, "{}", crate::error::IoCause(e)),
             FileProblem::NotRegular(kind) => write!(f, "not a regular file (a {kind}); not opened"),
             FileProblem::TooLarge(bytes) => write!(
                 f,

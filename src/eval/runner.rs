@@ -111,6 +111,21 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         plan.protocol,
         loaded.model.config().min_input_side(),
     ));
+    // The largest model input a batch can hold: the processor's size, or mmseg's 2048x512 fit.
+    let (input_width, input_height) = match plan.protocol {
+        crate::preprocess::Protocol::Mmseg => (2048, 512),
+        crate::preprocess::Protocol::Transformers => {
+            let size = &loaded.preprocessor.size;
+            (size.width, size.height)
+        }
+    };
+    model::check_forward_memory(
+        loaded.model.config(),
+        input_height,
+        input_width,
+        plan.loader.batch_size,
+        &format!("--batch-size {}", plan.loader.batch_size),
+    )?;
     let mut loader = Loader::new(&spec, loader_options)?;
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!(dataset = %dataset_description, examples = selected, "dataset ready");

@@ -106,6 +106,7 @@ impl Case {
     }
 
     /// Starts the process (under the address-space cap) without waiting for it.
+    #[allow(clippy::zombie_processes)] // reaped by Running::wait with wait4, which std cannot see
     pub fn spawn(mut self) -> Running {
         // SAFETY: setrlimit is async-signal-safe and touches only the child between fork and exec.
         unsafe {
