@@ -98,7 +98,7 @@ fn mean_iou(out: &Path) -> f64 {
 fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
     let (mut jpeg, _) = demo(1);
     let sof = (2..jpeg.len() - 1)
-        .find(|&i| jpeg[i] == 0xFF && matches!(jpeg[i + 1], 0xC0 | 0xC1 | 0xC2))
+        .find(|&i| jpeg[i] == 0xFF && matches!(jpeg[i + 1], 0xC0..=0xC2))
         .expect("the demo JPEG has a frame header");
     // FFCx, length (2), precision (1), height (2), width (2).
     jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());

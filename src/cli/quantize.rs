@@ -58,7 +58,7 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
     .into_iter()
     .skip(1) // the f32 baseline
     .collect::<std::result::Result<Vec<_>, _>>()
-    .map_err(|failed| anyhow::anyhow!("{}: {}", failed.level, failed.reason))?;
+    .map_err(|failed| segq::Error::config("--quant", failed.reason))?;
     if recipes.is_empty() {
         bail!("--quant names no quantized level (f32 is the unquantized model)");
     }

@@ -511,7 +511,7 @@ fn png_orientation(info: &png::Info) -> u16 {
 /// Python's `bytes.fromhex`: pairs of hex digits, ASCII whitespace allowed between pairs.
 fn from_hex(text: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     digits
