@@ -108,7 +108,12 @@ fn sigterm_stops_like_ctrl_c_and_resume_needs_only_the_folder() {
     let (out, outcome, partial) = interrupted("term", libc::SIGTERM);
     assert!(!partial.complete);
     outcome.refused(&["incomplete", "--resume"]);
-    assert!(!out.join("results.json.tmp").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial") || n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
     // --resume DIR alone: the run's own configuration comes from its results.
     run(

@@ -51,10 +51,8 @@ pub fn demo_dataset() -> Result<DatasetSpec> {
             .map(|m| m.len() == bytes.len() as u64)
             .unwrap_or(false);
         if !fresh {
-            // Write to a temporary name first so concurrent runs never read a half-written file.
-            let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-            std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            // Atomically, so concurrent runs never read a half-written file.
+            crate::outputs::write_atomically(&path, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e)))?;
         }
         files.push(path);
     }

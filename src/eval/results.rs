@@ -315,8 +315,8 @@ impl EvalResults {
         Ok(results)
     }
 
-    /// Writes `results.json` (pretty-printed, derived summaries included) atomically: a temporary file in the
-    /// same folder, then a rename, so a reader never sees half a file.
+    /// Writes `results.json` (pretty-printed, derived summaries included) atomically
+    /// ([`crate::outputs::write_atomically`]), so a reader never sees half a file.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut with_summaries = self.clone();
         with_summaries.refresh_summaries();
@@ -325,17 +325,9 @@ impl EvalResults {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        let temporary = std::path::PathBuf::from(temporary);
-        let written = std::fs::write(&temporary, text + "\n")
-            .map_err(|e| Error::io(&temporary, e))
-            .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e)));
-        if written.is_err() {
-            // Never leave a half-written temporary beside the results.
-            let _ = std::fs::remove_file(&temporary);
-        }
-        written?;
+        crate::outputs::write_atomically(path, |temporary| {
+            std::fs::write(temporary, text + "\n").map_err(|e| Error::io(temporary, e))
+        })?;
         tracing::info!(path = %path.display(), levels = self.levels.len(), "wrote results");
         Ok(())
     }

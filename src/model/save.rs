@@ -99,26 +99,16 @@ pub fn save_quantized(
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }
 
-/// Writes `path` through `fill` atomically: into `<path>.tmp` beside it, flushed and synced, then renamed over
-/// `path`, so a reader (or a run killed half-way) never sees half a file. The file is created as every other file
+/// Writes `path` through `fill` atomically ([`crate::outputs::write_atomically`]), flushed and synced before the
+/// rename, so a reader (or a run killed half-way) never sees half a file. The file is created as every other file
 /// segq writes (mode 0666 less the umask: 0644 usually), not 0600 as a temporary-file library would make it.
 fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = std::path::PathBuf::from(temporary);
-    let written = (|| {
-        let file = std::fs::File::create(&temporary)?;
+    crate::outputs::write_atomically(path, |temporary| {
+        let file = std::fs::File::create(temporary).map_err(|e| Error::io(temporary, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        fill(&mut out)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(Error::io(&temporary, e));
-    }
-    std::fs::rename(&temporary, path).map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        Error::io(path, e)
+        fill(&mut out)
+            .and_then(|()| out.into_inner().map_err(|e| e.into_error())?.sync_all())
+            .map_err(|e| Error::io(temporary, e))
     })
 }
 
