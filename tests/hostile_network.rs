@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hostile_support::{Outcome, scratch, segq};
-use wandb_support::{ScriptedServer, all_files, closed_port_url, run_folders, stalling_server, wandb_like};
+use wandb_support::{
+    ScriptedServer, all_files, assert_secret_absent, closed_port_url, run_folders, stalling_server, wandb_like,
+};
 
 const FAKE_KEY: &str = "hostile-fake-wandb-key-5e1f0c3d2b1a";
 
@@ -59,20 +61,7 @@ fn eval_online_with_budget(case: &str, base_url: &str, budget: &str) -> (hostile
 
 /// The key is in no output and no file written.
 fn assert_key_nowhere(outcome: &Outcome, dirs: &[&Path]) {
-    assert!(
-        !outcome.stderr.contains(FAKE_KEY) && !outcome.stdout.contains(FAKE_KEY),
-        "key in output"
-    );
-    for dir in dirs {
-        for file in all_files(dir) {
-            let bytes = std::fs::read(&file).unwrap();
-            assert!(
-                !bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()),
-                "key in {}",
-                file.display()
-            );
-        }
-    }
+    assert_secret_absent(FAKE_KEY, &[&outcome.stderr, &outcome.stdout], dirs);
 }
 
 /// Both levels' runs are on disk as offline runs, and every failure line names the server and its folder.

@@ -11,8 +11,8 @@ use segq::track::wandb::{OnlineOptions, log_runs_with};
 use segq::track::{TrackingMode, TrackingSettings};
 use serde_json::Value;
 use wandb_support::{
-    Recorded, ScriptedServer, all_files, closed_port_url, example_run, run_folders, stalling_server, temp_dir,
-    wandb_like,
+    Recorded, ScriptedServer, assert_secret_absent, closed_port_url, example_run, run_folders, stalling_server,
+    temp_dir, wandb_like,
 };
 
 const FAKE_KEY: &str = "0123456789abcdef-fake-wandb-key";
@@ -47,17 +47,8 @@ fn online_settings(base_url: &str, dir: &std::path::Path) -> TrackingSettings {
 }
 
 fn assert_key_absent(dir: &std::path::Path, texts: &[String]) {
-    for text in texts {
-        assert!(!text.contains(FAKE_KEY), "key leaked into: {text}");
-    }
-    for file in all_files(dir) {
-        let bytes = std::fs::read(&file).unwrap();
-        assert!(
-            !bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()),
-            "key in {}",
-            file.display()
-        );
-    }
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    assert_secret_absent(FAKE_KEY, &texts, &[dir]);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use segq::track::wandb::{OnlineOptions, log_runs_with};
 use segq::track::{TrackingMode, TrackingSettings, log_runs};
-use wandb_support::{all_files, example_run, temp_dir};
+use wandb_support::{all_files, assert_secret_absent, example_run, temp_dir};
 
 const FAKE_KEY: &str = "fakekey-9f8e7d6c5b4a39281706f5e4d3c2b1a0";
 
@@ -51,15 +51,6 @@ fn key_from_env_never_reaches_files_logs_or_errors() {
 
     let files = all_files(&dir);
     assert!(files.len() >= 10, "two runs with .wandb logs and media: {files:?}");
-    for file in files {
-        let bytes = std::fs::read(&file).unwrap();
-        assert!(
-            !bytes.windows(FAKE_KEY.len()).any(|w| w == FAKE_KEY.as_bytes()),
-            "key in {}",
-            file.display()
-        );
-    }
-    for report in reports {
-        assert!(!report.contains(FAKE_KEY), "{report}");
-    }
+    let reports: Vec<&str> = reports.iter().map(String::as_str).collect();
+    assert_secret_absent(FAKE_KEY, &reports, &[&dir]);
 }

@@ -82,6 +82,23 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Fails when `secret` appears in any of `texts` or in the bytes of any file under `dirs`.
+pub fn assert_secret_absent(secret: &str, texts: &[&str], dirs: &[&Path]) {
+    for text in texts {
+        assert!(!text.contains(secret), "secret leaked into: {text}");
+    }
+    for dir in dirs {
+        for file in all_files(dir) {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "secret in {}",
+                file.display()
+            );
+        }
+    }
+}
+
 /// The run folders under `<dir>/wandb`.
 pub fn run_folders(dir: &Path) -> Vec<PathBuf> {
     let mut folders: Vec<PathBuf> = std::fs::read_dir(dir.join("wandb"))
