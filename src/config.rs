@@ -99,6 +99,9 @@ pub struct QuantConfig {
     pub symmetric: Option<bool>,
     /// Glob patterns over weight names kept in float (mixed precision), e.g. "decode_head.classifier".
     pub skip: Vec<String>,
+    /// A quantized checkpoint is evaluated as loaded, alone; true quantizes its dequantized weights again to the
+    /// levels asked for (rows marked `requantized from ...`). Pass the float model to compare levels properly.
+    pub requantize: bool,
 }
 
 impl Default for QuantConfig {
@@ -116,6 +119,7 @@ impl Default for QuantConfig {
             group_size: None,
             symmetric: None,
             skip: Vec::new(),
+            requantize: false,
         }
     }
 }

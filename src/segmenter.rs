@@ -148,6 +148,36 @@ impl Segmenter {
         Segmenter::new(loaded.model, loaded.preprocessor, protocol)
     }
 
+    /// The loaded model quantized to `recipe` on the fly, as `segq eval` builds a level (an f32 recipe keeps it as
+    /// loaded), with what quantizing it did. A quantized checkpoint is not quantized again unless `requantize`:
+    /// its weights are already rounded, and the result would not be the level asked for.
+    pub fn quantized(
+        loaded: LoadedModel,
+        recipe: &crate::quant::Recipe,
+        requantize: bool,
+        protocol: Protocol,
+    ) -> Result<(Segmenter, Option<crate::model::QuantizeReport>)> {
+        if recipe.level.is_float_baseline() {
+            return Ok((Segmenter::from_loaded(loaded, protocol), None));
+        }
+        if let Some(header) = &loaded.recipe
+            && !requantize
+        {
+            return Err(crate::Error::config(
+                "--quant",
+                format!(
+                    "{} is a quantized checkpoint ({}); quantizing it to {} would round already-rounded weights. \
+                     Pass the float model, or --requantize to do it anyway",
+                    loaded.source,
+                    header.label,
+                    recipe.label()
+                ),
+            ));
+        }
+        let (model, report) = crate::model::quantize(&loaded.model, recipe)?;
+        Ok((Segmenter::new(model, loaded.preprocessor, protocol), Some(report)))
+    }
+
     pub fn model(&self) -> &Segformer {
         &self.model
     }

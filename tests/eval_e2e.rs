@@ -9,7 +9,7 @@ mod parquet_fixture;
 
 use std::path::Path;
 
-use eval_support::{demo_example, results, scratch, segq_fails, segq_ok};
+use eval_support::{demo_example, level, results, scratch, segq_fails, segq_ok};
 use segq::eval::results::{EvalResults, LevelStatus};
 
 fn reference() -> serde_json::Value {
@@ -213,22 +213,39 @@ fn writes_every_output_and_prints_the_table() {
         assert!(overlay.width() > 100 && overlay.height() > 100);
     }
 
-    // The printed table: a header with the promised columns, then one row per level.
+    // The printed table: the compact columns within 100 characters, then one row per level; summary.md has
+    // every column.
+    for line in stdout.lines() {
+        assert!(line.chars().count() <= 100, "wider than 100 columns: {line:?}");
+    }
     let header_line = stdout
         .lines()
         .find(|l| l.starts_with("level"))
         .unwrap_or_else(|| panic!("no table header in:\n{stdout}"));
     for column in [
+        "bits/w",
         "mIoU %",
-        "mean acc %",
-        "overall acc %",
-        "pixel agreement f32 %",
-        "agreement mIoU %",
+        "Δ mIoU",
+        "agree mIoU %",
         "weight MB",
-        "images/s model",
-        "images/s pipeline",
+        "model ms",
+        "memory MB",
+        "status",
     ] {
         assert!(header_line.contains(column), "table lacks `{column}`:\n{stdout}");
+    }
+    let markdown = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    for column in ["mean acc %", "overall acc %", "pixel agreement f32 %", "images/s pipeline", "inference MB"] {
+        assert!(markdown.contains(column), "summary.md lacks `{column}`");
+    }
+    // Each level's inference memory is its own: weights plus the working heap of its forward passes.
+    for label in labels {
+        let row = level(&json, label);
+        let weights = row["weight_bytes_memory"].as_u64().unwrap();
+        let working = row["working_bytes"].as_u64().unwrap();
+        assert!(working > 1_000_000, "{label}: working heap {working} B");
+        assert!(working < 400_000_000, "{label}: working heap {working} B is the process, not the level");
+        assert!(weights > 0);
     }
     for label in labels {
         let row = stdout

@@ -255,12 +255,22 @@ fn quantize_command_writes_a_checkpoint_that_predict_and_inspect_load() {
     let results = segq::eval::results::EvalResults::read(&evaluated.join("results.json")).unwrap();
     let row = &results.levels[0];
     assert_eq!(row.method.to_string(), "as loaded (int4-hqq-g64)");
+    assert_eq!(row.label, "int4-hqq-g64", "the reference row is labelled with the checkpoint's recipe, not f32");
+    assert_eq!(row.level, Level::Int4);
+    assert!(row.agreement.is_none(), "the reference row is what the others agree with");
+    assert!(
+        (row.ratio_to_f32 - 0.15).abs() < 0.1,
+        "ratio to the float model's size: {}",
+        row.ratio_to_f32
+    );
     assert!(
         row.bits_per_weight > 4.0 && row.bits_per_weight < 8.0,
         "{}",
         row.bits_per_weight
     );
     assert!(row.metrics().is_some());
+
+    quantized_checkpoint_rows(&checkpoint, &dir);
 
     let original = segq_ok(&[
         "inspect",
@@ -273,4 +283,135 @@ fn quantize_command_writes_a_checkpoint_that_predict_and_inspect_load() {
         shown["total_weight_bytes"].as_u64().unwrap() * 3 < original["total_weight_bytes"].as_u64().unwrap(),
         "int4 weights are well under a third of f32"
     );
+}
+
+/// A quantized checkpoint evaluates as loaded, alone, by default; other levels asked for are refused (they would
+/// round rounded weights) unless `--requantize`, whose rows say where they came from.
+fn quantized_checkpoint_rows(checkpoint: &Path, dir: &Path) {
+    let model = checkpoint.to_str().unwrap();
+    let out = dir.join("eval-default");
+    segq_ok(&["eval", "--model", model, "--limit", "1", "--out", out.to_str().unwrap()]);
+    let results = segq::eval::results::EvalResults::read(&out.join("results.json")).unwrap();
+    let labels: Vec<&str> = results.levels.iter().map(|l| l.label.as_str()).collect();
+    assert_eq!(labels, ["int4-hqq-g64"], "the default level list shrinks to the checkpoint as loaded");
+
+    let refused = eval_support::segq_fails(&["eval", "--model", model, "--quant", "f32,int8", "--limit", "1"]);
+    assert!(
+        refused.contains("quantized checkpoint (int4-hqq-g64)")
+            && refused.contains("int8-rtn")
+            && refused.contains("--requantize"),
+        "{refused}"
+    );
+
+    let out = dir.join("eval-requantize");
+    segq_ok(&[
+        "eval",
+        "--model",
+        model,
+        "--quant",
+        "f32,int8",
+        "--method",
+        "rtn",
+        "--requantize",
+        "--limit",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let results = segq::eval::results::EvalResults::read(&out.join("results.json")).unwrap();
+    let rows: Vec<(String, String)> = results
+        .levels
+        .iter()
+        .map(|l| (l.label.clone(), l.method.to_string()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("int4-hqq-g64".to_string(), "as loaded (int4-hqq-g64)".to_string()),
+            (
+                "int8-rtn-requant".to_string(),
+                "rtn, requantized from int4-hqq-g64".to_string()
+            ),
+        ]
+    );
+    assert!(results.levels[1].agreement.is_some(), "agreement with the checkpoint as loaded");
+    assert!(results.levels[1].bits_per_weight < 9.0);
+}
+
+#[test]
+fn predict_quantizes_on_the_fly_like_a_checkpoint() {
+    let dir = scratch("predict-quant");
+    let image = fixture("images/odd_37x53.png");
+    let model = fixture("models/tiny_a");
+    let on_the_fly = dir.join("on-the-fly");
+    segq_ok(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--quant",
+        "int4",
+        "--method",
+        "hqq",
+        "--group-size",
+        "32",
+        "--save-logits",
+        "--out",
+        on_the_fly.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let checkpoint = dir.join("int4-hqq-g32");
+    segq_ok(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--quant",
+        "int4",
+        "--method",
+        "hqq",
+        "--group-size",
+        "32",
+        "--out",
+        checkpoint.to_str().unwrap(),
+    ]);
+    let from_checkpoint = dir.join("from-checkpoint");
+    segq_ok(&[
+        "predict",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--save-logits",
+        "--out",
+        from_checkpoint.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let float = dir.join("float");
+    segq_ok(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--save-logits",
+        "--out",
+        float.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let read = |d: &Path| common::Npy::read(&d.join("odd_37x53.logits.npy")).f32s();
+    let (a, b, f) = (read(&on_the_fly), read(&from_checkpoint), read(&float));
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "predict --quant int4 --method hqq differs from predict on the int4-hqq checkpoint"
+    );
+    assert!(a.iter().zip(&f).any(|(x, y)| x != y), "--quant changed nothing");
+
+    let refused = eval_support::segq_fails(&[
+        "predict",
+        "--model",
+        checkpoint.to_str().unwrap(),
+        "--quant",
+        "int8",
+        "--out",
+        dir.join("refused").to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("quantized checkpoint") && refused.contains("--requantize"), "{refused}");
+    let unknown = eval_support::segq_fails(&["predict", "--quant", "int3", image.to_str().unwrap()]);
+    assert!(unknown.contains("int3"), "{unknown}");
 }

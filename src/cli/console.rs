@@ -3,33 +3,123 @@
 
 use segq::eval::{EvalObserver, EvalOutput};
 
-/// The progress bar, drawn on stderr when it is a terminal.
-pub struct Progress(indicatif::ProgressBar);
+/// Progress: a bar on stderr when it is a terminal; otherwise (a batch job's log) one line every
+/// [`PROGRESS_LINE_EVERY`], so a log shows the run is alive and how long it has left without a line per batch.
+pub enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines(ProgressLines),
+    Off,
+}
+
+/// How often a log (stderr not a terminal) gets a progress line.
+pub const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub struct ProgressLines {
+    total: usize,
+    done: usize,
+    started: std::time::Instant,
+    last_line: std::time::Instant,
+}
 
 impl Progress {
     pub fn new(show: bool) -> Progress {
-        if show && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        if !show {
+            return Progress::Off;
+        }
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let style = indicatif::ProgressStyle::with_template(
-                "{spinner} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}",
+                "{bar:30} {pos}/{len} images [{elapsed_precise} < {eta}] {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            Progress(indicatif::ProgressBar::new(0).with_style(style))
+            Progress::Bar(indicatif::ProgressBar::new(0).with_style(style))
         } else {
-            Progress(indicatif::ProgressBar::hidden())
+            let now = std::time::Instant::now();
+            Progress::Lines(ProgressLines {
+                total: 0,
+                done: 0,
+                started: now,
+                last_line: now,
+            })
         }
+    }
+}
+
+impl ProgressLines {
+    /// `done of total images (pct), rate, time left`, as a log reader wants it.
+    fn line(&self) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = self.done as f64 / elapsed.max(1e-9);
+        let left = self.total.saturating_sub(self.done) as f64 / rate.max(1e-9);
+        format!(
+            "progress: {}/{} images ({:.0}%), {:.2} images/s, about {} left",
+            self.done,
+            self.total,
+            100.0 * self.done as f64 / self.total.max(1) as f64,
+            rate,
+            human_duration(left)
+        )
+    }
+}
+
+/// `1h02m`, `4m05s`, `12s`.
+fn human_duration(seconds: f64) -> String {
+    let s = seconds.round().max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }
 
 impl EvalObserver for Progress {
     fn started(&mut self, examples: usize) {
-        self.0.set_length(examples as u64);
+        match self {
+            Progress::Bar(bar) => bar.set_length(examples as u64),
+            Progress::Lines(lines) => {
+                lines.total = examples;
+                lines.started = std::time::Instant::now();
+                lines.last_line = lines.started;
+            }
+            Progress::Off => {}
+        }
     }
     fn batch_done(&mut self, images: usize) {
-        self.0.inc(images as u64);
+        match self {
+            Progress::Bar(bar) => bar.inc(images as u64),
+            Progress::Lines(lines) => {
+                lines.done += images;
+                if lines.last_line.elapsed() >= PROGRESS_LINE_EVERY && lines.done < lines.total {
+                    tracing::info!("{}", lines.line());
+                    lines.last_line = std::time::Instant::now();
+                }
+            }
+            Progress::Off => {}
+        }
     }
     fn finished(&mut self, _output: &EvalOutput) -> segq::Result<()> {
-        self.0.finish_and_clear();
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_say_how_far_and_how_long() {
+        let lines = ProgressLines {
+            total: 2000,
+            done: 500,
+            started: std::time::Instant::now() - std::time::Duration::from_secs(100),
+            last_line: std::time::Instant::now(),
+        };
+        let line = lines.line();
+        assert!(line.starts_with("progress: 500/2000 images (25%), 5.00 images/s, about 5m0"), "{line}");
+        assert_eq!(human_duration(3725.0), "1h02m");
+        assert_eq!(human_duration(12.4), "12s");
     }
 }
 
@@ -56,12 +146,21 @@ impl EvalObserver for Interrupt {
     }
 }
 
-/// Prints the results table once the files are written, before W&B's messages.
-pub struct Table;
+/// Prints the results table once the files are written, before W&B's messages: the compact one unless `--wide`.
+pub struct Table(pub segq::report::TableWidth);
 
 impl EvalObserver for Table {
     fn finished(&mut self, output: &EvalOutput) -> segq::Result<()> {
-        println!("{}", segq::report::format_table(&output.results));
+        println!("{}", segq::report::format_table(&output.results, self.0));
         Ok(())
+    }
+}
+
+/// The table width `--wide` asks for.
+pub fn table_width(wide: bool) -> segq::report::TableWidth {
+    if wide {
+        segq::report::TableWidth::Wide
+    } else {
+        segq::report::TableWidth::Compact
     }
 }

@@ -73,6 +73,10 @@ pub struct EvalArgs {
     /// Weight-name glob patterns kept in float (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip: Option<Vec<String>>,
+    /// With a quantized checkpoint as --model: quantize its dequantized weights again to the --quant levels
+    /// (otherwise it is evaluated as loaded, alone).
+    #[arg(long)]
+    pub requantize: bool,
     /// Resize protocol: transformers (processor size) or mmseg (keep ratio, fit 2048x512).
     #[arg(long, value_enum)]
     pub protocol: Option<Protocol>,
@@ -90,6 +94,9 @@ pub struct EvalArgs {
     /// Accept a selection of zero examples (an empty shard) instead of failing.
     #[arg(long)]
     pub allow_empty: bool,
+    /// Print every column of the results table (summary.md always has them all).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
@@ -109,6 +116,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     config.eval.shard = d.shard.or(config.eval.shard);
     config.quant.group_size = args.group_size.or(config.quant.group_size);
     config.eval.allow_empty |= args.allow_empty;
+    config.quant.requantize |= args.requantize;
     if d.no_reduce_labels {
         config.dataset.reduce_labels = false;
     }
@@ -157,7 +165,7 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
         Box::new(Progress::new(global.quiet == 0)),
         Box::new(Interrupt::install()),
         Box::new(reports),
-        Box::new(Table),
+        Box::new(Table(super::console::table_width(args.wide))),
     ];
     if let Some(w) = wandb {
         observers.push(Box::new(w));

@@ -20,6 +20,9 @@ pub struct MergeArgs {
     /// Merge even when some shards are missing; the result is marked incomplete.
     #[arg(long)]
     pub allow_partial: bool,
+    /// Print every column of the table (summary.md always has them all).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
@@ -42,7 +45,10 @@ pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out).map_err(|e| segq::Error::io(&args.out, e))?;
     segq::report::write_all(&merged, &args.out)?;
-    println!("{}", segq::report::format_table(&merged));
+    println!(
+        "{}",
+        segq::report::format_table(&merged, super::console::table_width(args.wide))
+    );
     tracing::info!(out = %args.out.display(), parts = args.inputs.len(), complete = merged.complete, "merged");
     Ok(())
 }

@@ -97,9 +97,12 @@ pub fn init_logging(args: &GlobalArgs) -> Result<()> {
         .with_env_filter(filter)
         .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_target(false).compact().init(),
+    // A person at a terminal reads messages, not timestamps; a batch job's log keeps them.
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match (args.log_format, on_terminal) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_target(false).without_time().compact().init(),
+        (LogFormat::Text, false) => builder.with_target(false).compact().init(),
     }
     Ok(())
 }

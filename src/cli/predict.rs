@@ -19,6 +19,7 @@ use segq::data::OnError;
 use segq::model::{self, ModelSource};
 use segq::outputs::{self, Input};
 use segq::preprocess::Protocol;
+use segq::quant::{Level, Method, Recipe};
 use segq::report::overlay;
 use segq::segmenter::Segmenter;
 
@@ -49,6 +50,22 @@ pub struct PredictArgs {
     /// (go on; the skipped images and their reasons are reported).
     #[arg(long, value_name = "fail|skip")]
     pub on_error: Option<OnError>,
+    /// Quantize the model to this level first, as eval does (one level: f32, f16, bf16, f8, f8e5m2, int8,
+    /// int8-dyn, int4, int2) [default: the model as loaded].
+    #[arg(long, value_name = "LEVEL")]
+    pub quant: Option<Level>,
+    /// Quantization method for --quant: rtn or hqq [default: rtn].
+    #[arg(long, value_name = "METHOD", requires = "quant")]
+    pub method: Option<Method>,
+    /// Weights per group for int4/int2 [default: 64 for int4, 32 for int2].
+    #[arg(long, requires = "quant")]
+    pub group_size: Option<usize>,
+    /// Weight-name glob patterns kept in float with --quant (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "quant")]
+    pub skip: Option<Vec<String>>,
+    /// With a quantized checkpoint as --model, quantize its dequantized weights again to --quant.
+    #[arg(long, requires = "quant")]
+    pub requantize: bool,
 }
 
 /// The files written for one image.
@@ -66,7 +83,16 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
     let out_dir = args.out.clone().unwrap_or(config.output.dir.clone());
     outputs::check_folder("--out", &out_dir)?;
     let plan = plan_outputs(&args.images, &out_dir, args.save_logits)?;
-    let segmenter = Segmenter::from_loaded(model::load(&source)?, args.protocol.unwrap_or(config.eval.protocol));
+    let recipe = Recipe::new(
+        args.quant.unwrap_or(Level::F32),
+        args.method.unwrap_or(Method::Rtn),
+        args.group_size,
+        config.quant.symmetric,
+        args.skip.clone().unwrap_or_default(),
+    )?;
+    let protocol = args.protocol.unwrap_or(config.eval.protocol);
+    // Quantizing logs its level, bits per weight and time.
+    let (segmenter, _report) = Segmenter::quantized(model::load(&source)?, &recipe, args.requantize, protocol)?;
     std::fs::create_dir_all(&out_dir).map_err(|e| segq::Error::io(&out_dir, e))?;
     let num_labels = segmenter.model().config().num_labels();
     let max_image_pixels = args.max_image_pixels.unwrap_or(config.dataset.max_image_pixels);
@@ -136,7 +162,7 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
             image = %path.display(),
             mask = %names.mask.display(),
             overlay = %names.overlay.display(),
-            seconds = start.elapsed().as_secs_f64(),
+            seconds = %format!("{:.3}", start.elapsed().as_secs_f64()),
             "segmented"
         );
     }

@@ -264,6 +264,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
         load_time_s: mean(|l| l.load_time_s),
         quantize_time_s: mean(|l| l.quantize_time_s),
         peak_rss_bytes: levels.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0),
+        working_bytes: levels.iter().map(|l| l.working_bytes).max().unwrap_or(0),
         model_latency_ms: levels.iter().flat_map(|l| l.model_latency_ms.iter().copied()).collect(),
         pipeline_latency_ms: levels
             .iter()

@@ -86,14 +86,27 @@ pub enum LevelStatus {
 }
 
 /// How a row's weights were made, written in results.json (and shown) as `none` (the float model), `rtn`, `hqq`,
-/// `as loaded (<recipe label>)` (the f32 row of a quantized checkpoint) or `-` (a level no method could build).
+/// `as loaded (<recipe label>)` (a quantized checkpoint evaluated as it is: the run's reference row),
+/// `<method>, requantized from <recipe label>` (a level made from a quantized checkpoint's dequantized weights,
+/// `--requantize`) or `-` (a level no method could build).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum LevelMethod {
     None,
     Method(Method),
     AsLoaded { recipe: String },
+    Requantized { method: Method, from: String },
     Unbuildable,
+}
+
+/// Separates the method from the source recipe in a requantized row's method text.
+const REQUANTIZED_FROM: &str = ", requantized from ";
+
+impl LevelMethod {
+    /// True for the row every other is compared with: the float model, or a quantized checkpoint as loaded.
+    pub fn is_reference(&self) -> bool {
+        matches!(self, LevelMethod::None | LevelMethod::AsLoaded { .. })
+    }
 }
 
 impl std::fmt::Display for LevelMethod {
@@ -102,6 +115,7 @@ impl std::fmt::Display for LevelMethod {
             LevelMethod::None => f.write_str("none"),
             LevelMethod::Method(m) => write!(f, "{m}"),
             LevelMethod::AsLoaded { recipe } => write!(f, "as loaded ({recipe})"),
+            LevelMethod::Requantized { method, from } => write!(f, "{method}{REQUANTIZED_FROM}{from}"),
             LevelMethod::Unbuildable => f.write_str("-"),
         }
     }
@@ -123,7 +137,13 @@ impl TryFrom<String> for LevelMethod {
                 Some(recipe) => LevelMethod::AsLoaded {
                     recipe: recipe.to_string(),
                 },
-                None => LevelMethod::Method(Method::parse(&text)?),
+                None => match text.split_once(REQUANTIZED_FROM) {
+                    Some((method, from)) => LevelMethod::Requantized {
+                        method: Method::parse(method)?,
+                        from: from.to_string(),
+                    },
+                    None => LevelMethod::Method(Method::parse(&text)?),
+                },
             },
         })
     }
@@ -156,6 +176,11 @@ pub struct LevelResult {
     #[serde(with = "nan_as_null")]
     pub quantize_time_s: f64,
     pub peak_rss_bytes: u64,
+    /// Heap high-water mark of this level's forward passes above what was live before them (activations and
+    /// scratch; 0 where the binary counts no heap). With `weight_bytes_memory` it is the level's own inference
+    /// memory, which the process's peak RSS (every level, the loader and the source model) cannot tell apart.
+    #[serde(default)]
+    pub working_bytes: u64,
     /// Forward pass alone, one entry per image, in evaluation order.
     pub model_latency_ms: Vec<f64>,
     /// Decode + preprocess + forward + postprocess + scoring, one entry per image.
@@ -226,6 +251,16 @@ impl LevelResult {
         quantile(&self.pipeline_latency_ms, 0.95)
     }
 
+    /// This level's inference memory: its weights plus the working heap of its forward passes (NaN when no heap
+    /// was counted, e.g. results written before segq measured it).
+    pub fn inference_bytes(&self) -> f64 {
+        if self.working_bytes > 0 {
+            (self.weight_bytes_memory + self.working_bytes) as f64
+        } else {
+            f64::NAN
+        }
+    }
+
     /// Throughput of the forward pass alone: images / summed model latency.
     pub fn images_per_s_model(&self) -> f64 {
         let total_ms: f64 = self.model_latency_ms.iter().sum();
@@ -261,9 +296,10 @@ impl LevelResult {
 }
 
 impl EvalResults {
-    /// The float baseline row (level `f32`), if the run has one.
+    /// The reference row, if the run has one: the float model (level `f32`), or a quantized checkpoint as loaded.
+    /// Deltas and agreement are measured against it.
     pub fn baseline(&self) -> Option<&LevelResult> {
-        self.levels.iter().find(|l| l.level == BASELINE_LEVEL)
+        self.levels.iter().find(|l| l.method.is_reference())
     }
 
     /// A level by its display label.
@@ -489,6 +525,7 @@ pub(crate) mod test_support {
                 load_time_s: 0.5 + rows.start as f64 * 0.01,
                 quantize_time_s: if level == Level::F32 { 0.0 } else { 1.5 },
                 peak_rss_bytes: 200_000_000 + rows.start as u64 * 1000,
+                working_bytes: 30_000_000 + rows.start as u64 * 100,
                 model_latency_ms: Vec::new(),
                 pipeline_latency_ms: Vec::new(),
                 wall_time_s: 0.25,

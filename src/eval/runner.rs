@@ -94,13 +94,7 @@ pub struct EvalOutput {
 /// counts and reads only the examples it had not reached.
 pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<EvalOutput> {
     let loaded = model::load(&plan.model)?;
-    if let Some(header) = &loaded.recipe {
-        tracing::warn!(
-            recipe = %header.label,
-            "the model is a quantized checkpoint: the `f32` row is this model as loaded, and other levels are \
-             quantized from its dequantized weights"
-        );
-    }
+    let recipes = recipes_for(&loaded, plan)?;
     let d = &plan.dataset;
     let (spec, dataset_description) =
         crate::data::resolve_source(&d.source, &d.split, &d.subset, &d.image_column, &d.label_column)?;
@@ -173,7 +167,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         threads: plan.threads,
         os: std::env::consts::OS.to_string(),
     };
-    let mut variants = build_variants(&loaded, &plan.recipes, model_info.num_labels)?;
+    let mut variants = build_variants(&loaded, &recipes, model_info.num_labels)?;
     let mut earlier = Counts::default();
     if let Some(partial) = plan.resume.as_deref() {
         continue_from(partial, &mut variants, &model_info, &dataset_info)?;
@@ -351,8 +345,57 @@ fn continue_from(
         result.pipeline_latency_ms = done.pipeline_latency_ms.clone();
         result.wall_time_s = done.wall_time_s;
         result.peak_rss_bytes = done.peak_rss_bytes;
+        result.working_bytes = done.working_bytes;
     }
     Ok(())
+}
+
+/// The recipes to evaluate on `loaded`: the plan's, unless the model is a quantized checkpoint. That is evaluated
+/// as loaded, alone: quantizing it again would report levels of an already-rounded model as if they were the float
+/// model's. Levels asked for explicitly are refused unless the plan says to requantize; the default list is
+/// dropped with a notice.
+fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
+    let Some(header) = &loaded.recipe else {
+        return Ok(plan.recipes.clone());
+    };
+    let others: Vec<String> = plan
+        .recipes
+        .iter()
+        .filter(|r| !r.level.is_float_baseline())
+        .map(Recipe::label)
+        .collect();
+    let quant = &plan.config.quant;
+    if quant.requantize {
+        tracing::warn!(
+            recipe = %header.label,
+            "requantizing a quantized checkpoint: the other levels are made from its dequantized weights and \
+             compared with it, not with the float model"
+        );
+        return Ok(plan.recipes.clone());
+    }
+    if !others.is_empty() && quant.levels != crate::config::QuantConfig::default().levels {
+        return Err(Error::config(
+            "quant.levels",
+            format!(
+                "{} is a quantized checkpoint ({}): it is evaluated as loaded; {} would quantize already-rounded \
+                 weights. Pass the float model to compare levels, or --requantize (quant.requantize) to quantize \
+                 this one again",
+                plan.model,
+                header.label,
+                others.join(",")
+            ),
+        ));
+    }
+    tracing::info!(
+        recipe = %header.label,
+        "the model is a quantized checkpoint: evaluating it as loaded (pass the float model to compare levels)"
+    );
+    Ok(plan
+        .recipes
+        .iter()
+        .filter(|r| r.level.is_float_baseline())
+        .cloned()
+        .collect())
 }
 
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
@@ -365,21 +408,43 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -
             let (m, report) = model::quantize(&loaded.model, recipe)
                 .map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
             let baseline = recipe.level.is_float_baseline();
-            // The baseline row is the model as loaded: from a quantized checkpoint that is not float, and the row
-            // must say so rather than claim 32 bits per weight.
-            let (method, bits_per_weight) = match (&loaded.recipe, baseline) {
-                (Some(header), true) => (
-                    LevelMethod::AsLoaded {
-                        recipe: header.label.clone(),
-                    },
-                    m.bits_per_weight(),
-                ),
-                (None, true) => (LevelMethod::None, report.bits_per_weight),
-                (_, false) => (LevelMethod::Method(recipe.method), report.bits_per_weight),
+            // The reference row is the model as loaded: from a quantized checkpoint that is not float, and the row
+            // says what it is (label, level, bits) rather than claim 32 bits per weight.
+            let mut row = match (&loaded.recipe, baseline) {
+                (Some(header), true) => {
+                    let mut row = level_row(
+                        header.label.clone(),
+                        header.recipe.level,
+                        LevelMethod::AsLoaded {
+                            recipe: header.label.clone(),
+                        },
+                        num_labels,
+                    );
+                    row.bits_per_weight = m.bits_per_weight();
+                    row
+                }
+                (None, true) => {
+                    let mut row = level_row(report.label.clone(), recipe.level, LevelMethod::None, num_labels);
+                    row.bits_per_weight = report.bits_per_weight;
+                    row
+                }
+                (Some(header), false) => {
+                    let method = LevelMethod::Requantized {
+                        method: recipe.method,
+                        from: header.label.clone(),
+                    };
+                    let mut row = level_row(format!("{}-requant", report.label), recipe.level, method, num_labels);
+                    row.bits_per_weight = report.bits_per_weight;
+                    row
+                }
+                (None, false) => {
+                    let method = LevelMethod::Method(recipe.method);
+                    let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
+                    row.bits_per_weight = report.bits_per_weight;
+                    row
+                }
             };
-            let mut row = level_row(report.label.clone(), recipe.level, method, num_labels);
             row.group_size = recipe.requested_group_size();
-            row.bits_per_weight = bits_per_weight;
             row.weight_bytes_memory = m.weight_bytes() as u64;
             row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
             row.load_time_s = loaded.load_time.as_secs_f64();
@@ -390,7 +455,12 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -
             })
         })
         .collect::<Result<_>>()?;
-    let f32_bytes = variants[0].result.weight_bytes_memory.max(1) as f64;
+    // The ratio is to the float model's size: the first row's, unless that is a quantized checkpoint, whose float
+    // size is its parameter count at 4 bytes.
+    let f32_bytes = match &loaded.recipe {
+        None => variants[0].result.weight_bytes_memory.max(1) as f64,
+        Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
+    };
     for v in &mut variants {
         v.result.ratio_to_f32 = v.result.weight_bytes_memory as f64 / f32_bytes;
     }
@@ -399,6 +469,7 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -
 
 /// A result row with no scores yet: accumulators for levels that run, none for failed ones.
 fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize) -> LevelResult {
+    let reference = method.is_reference();
     LevelResult {
         label,
         level,
@@ -407,13 +478,14 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         bits_per_weight: f64::NAN,
         status: LevelStatus::Ok,
         confusion: Some(ConfusionMatrix::new(num_labels)),
-        agreement: (!level.is_float_baseline()).then(|| ConfusionMatrix::new(num_labels)),
+        agreement: (!reference).then(|| ConfusionMatrix::new(num_labels)),
         weight_bytes_memory: 0,
         weight_bytes_disk: None,
         ratio_to_f32: f64::NAN,
         load_time_s: f64::NAN,
         quantize_time_s: f64::NAN,
         peak_rss_bytes: 0,
+        working_bytes: 0,
         model_latency_ms: Vec::new(),
         pipeline_latency_ms: Vec::new(),
         wall_time_s: 0.0,
@@ -455,6 +527,11 @@ fn evaluate_batch(
         let Some(model) = &variant.model else { continue };
         let level_start = Instant::now();
         crate::sysinfo::reset_peak_rss();
+        // This level's working memory: the heap high-water mark of its forward passes above what was live before
+        // (every level's weights, the batch). The loader's threads decode ahead meanwhile, so it can be over by
+        // the images in flight, never under.
+        let live_before = crate::sysinfo::heap_bytes();
+        crate::sysinfo::reset_peak_heap();
         let logits = match segmenter::forward_inputs(model, &inputs) {
             Ok(l) => l,
             Err(e) => {
@@ -465,6 +542,7 @@ fn evaluate_batch(
                 continue;
             }
         };
+        let working = crate::sysinfo::peak_heap_bytes().saturating_sub(live_before) as u64;
         let predictions: Vec<Vec<u16>> = logits
             .iter()
             .zip(batch)
@@ -491,13 +569,14 @@ fn evaluate_batch(
                 .push(shared_per_image_ms + timed.forward_ms + post_ms);
         }
         result.peak_rss_bytes = result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
+        result.working_bytes = result.working_bytes.max(working);
         result.wall_time_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
         for (k, sample) in samples.iter_mut().enumerate().skip(keep_from) {
             sample
                 .predictions
                 .insert(result.label.clone(), predictions[k - keep_from].clone());
         }
-        if result.level.is_float_baseline() {
+        if result.method.is_reference() {
             reference = predictions;
         }
     }

@@ -297,10 +297,10 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k}: {v} B")).collect();
     tracing::info!(
         source = %source,
-        seconds = load_time.as_secs_f64(),
+        seconds = %format!("{:.2}", load_time.as_secs_f64()),
         weights = %by_dtype.join(", "),
         quantization = recipe.as_ref().map(|r| r.label.as_str()).unwrap_or("none"),
-        peak_rss_mb = crate::sysinfo::peak_rss_bytes() as f64 / 1e6,
+        peak_rss_mb = %format!("{:.0}", crate::sysinfo::peak_rss_bytes() as f64 / 1e6),
         "model loaded"
     );
     Ok(LoadedModel {
@@ -629,9 +629,9 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         recipe = %report.label,
         layers = report.quantized_layers,
         skipped = report.skipped_layers.len(),
-        seconds = report.seconds,
-        bits_per_weight = report.bits_per_weight,
-        weight_rel_error = report.weight_rel_error,
+        seconds = %format!("{:.2}", report.seconds),
+        bits_per_weight = %format!("{:.2}", report.bits_per_weight),
+        weight_rel_error = %format!("{:.4}", report.weight_rel_error),
         "quantized"
     );
     Ok((out, report))

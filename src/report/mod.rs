@@ -13,7 +13,7 @@ use crate::eval::results::EvalResults;
 use crate::eval::{EvalObserver, EvalOutput};
 use crate::{Error, Result};
 
-pub use table::{format_table, summary_csv, summary_markdown};
+pub use table::{COMPACT_WIDTH, TableWidth, format_table, summary_csv, summary_markdown};
 
 /// Writes every report of `results` into `out_dir` (created if needed) and returns the files written:
 /// `results.json`, `summary.csv`, `summary.md` and `plots/*.{png,svg}` (plots that have no data are skipped).
@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(miou, results.levels[2].miou());
         let delta: f64 = int4[4].parse().unwrap();
         assert_eq!(delta, results.delta_miou(&results.levels[2]));
-        assert_eq!(int4[17], "ok");
+        assert_eq!(int4[18], "ok");
         // The failed level: empty score fields and its reason quoted (it holds a comma and quotes).
         assert!(lines[2].starts_with("int8,rtn,8.25,,,,,,,"), "{}", lines[2]);
         assert!(
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn terminal_table_aligns_columns() {
         let results = run(0..5, 5, Some((0, 2)));
-        let table = format_table(&results);
+        let table = format_table(&results, TableWidth::Wide);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].contains("shard 0/2"), "{}", lines[0]);
         let header = lines[1];
@@ -221,6 +221,36 @@ mod tests {
             }
         }
         assert_eq!(lines.len(), 2 + results.levels.len());
+    }
+
+    #[test]
+    fn compact_table_fits_100_columns_and_names_failures_below() {
+        let mut results = run(0..5, 5, Some((0, 2)));
+        results.model.source = "nvidia/segformer-b0-finetuned-ade-512-512".into();
+        results.dataset.source = "scene_parse_150 (Hub, Parquet conversion of the validation split)".into();
+        results.levels[1].status = LevelStatus::Failed {
+            reason: "forward pass failed: a reason long enough to wrap any terminal if it were put in a cell".into(),
+        };
+        let table = format_table(&results, TableWidth::Compact);
+        let lines: Vec<&str> = table.lines().collect();
+        for line in &lines {
+            assert!(line.chars().count() <= COMPACT_WIDTH, "{} chars: {line:?}", line.chars().count());
+        }
+        let header = lines.iter().find(|l| l.starts_with("level")).unwrap();
+        for name in ["bits/w", "mIoU %", "Δ mIoU", "agree mIoU %", "weight MB", "model ms", "memory MB", "status"] {
+            assert!(header.contains(name), "{name} missing from {header:?}");
+        }
+        assert!(!header.contains("p95"), "the compact table leaves the latency tail to summary.md");
+        let failed = &results.levels[1].label;
+        assert!(table.contains("FAILED"), "{table}");
+        assert!(
+            lines.last().unwrap().starts_with(&format!("{failed} failed: forward pass failed")),
+            "{table}"
+        );
+        // The wide table has every column, as summary.md does.
+        let wide = format_table(&results, TableWidth::Wide);
+        assert!(wide.lines().nth(1).unwrap().contains("p95 ms"));
+        assert!(wide.lines().any(|l| l.chars().count() > COMPACT_WIDTH));
     }
 
     #[test]

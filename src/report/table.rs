@@ -1,15 +1,19 @@
-//! The per-level summary table, in three renderings with the same content: CSV (raw fractions and full
-//! precision, for programs), Markdown and aligned terminal text (percentages and rounded figures, for people).
+//! The per-level summary table, in three renderings: CSV (raw fractions and full precision, for programs),
+//! Markdown and aligned terminal text (percentages and rounded figures, for people). CSV, Markdown and the wide
+//! terminal table hold every column; the default terminal table holds the few a person reads first and fits 100
+//! columns.
 
 use crate::eval::results::{EvalResults, LevelResult, LevelStatus};
 
 const MB: f64 = 1e6;
 
-/// One column: CSV name, human header, how the human rendering scales and rounds the value.
+/// One column: CSV name, human header, how the human rendering scales and rounds the value, and its short header
+/// when the compact terminal table shows it.
 struct Column {
     csv: &'static str,
     header: &'static str,
     style: Style,
+    compact: Option<&'static str>,
 }
 
 #[derive(Clone, Copy)]
@@ -27,91 +31,115 @@ const COLUMNS: &[Column] = &[
         csv: "level",
         header: "level",
         style: Style::Text,
+        compact: Some("level"),
     },
     Column {
         csv: "method",
         header: "method",
         style: Style::Text,
+        compact: None,
     },
     Column {
         csv: "bits_per_weight",
         header: "bits/weight",
         style: Style::Decimals(2),
+        compact: Some("bits/w"),
     },
     Column {
         csv: "miou",
         header: "mIoU %",
         style: Style::Percent,
+        compact: Some("mIoU %"),
     },
     Column {
         csv: "delta_miou_vs_f32",
         header: "Δ mIoU vs f32",
         style: Style::SignedPoints,
+        compact: Some("Δ mIoU"),
     },
     Column {
         csv: "mean_accuracy",
         header: "mean acc %",
         style: Style::Percent,
+        compact: None,
     },
     Column {
         csv: "overall_accuracy",
         header: "overall acc %",
         style: Style::Percent,
+        compact: None,
     },
     Column {
         csv: "pixel_agreement_f32",
         header: "pixel agreement f32 %",
         style: Style::Percent,
+        compact: None,
     },
     Column {
         csv: "agreement_miou",
         header: "agreement mIoU %",
         style: Style::Percent,
+        compact: Some("agree mIoU %"),
     },
     Column {
         csv: "weight_mb",
         header: "weight MB",
         style: Style::Decimals(2),
+        compact: Some("weight MB"),
     },
     Column {
         csv: "ratio_to_f32",
         header: "ratio to f32",
         style: Style::Decimals(3),
+        compact: None,
     },
     Column {
         csv: "load_s",
         header: "load s",
         style: Style::Decimals(2),
+        compact: None,
     },
     Column {
         csv: "model_median_ms",
         header: "model median ms",
         style: Style::Decimals(1),
+        compact: Some("model ms"),
     },
     Column {
         csv: "model_p95_ms",
         header: "p95 ms",
         style: Style::Decimals(1),
+        compact: None,
     },
     Column {
         csv: "images_per_s_model",
         header: "images/s model",
         style: Style::Decimals(2),
+        compact: None,
     },
     Column {
         csv: "images_per_s_pipeline",
         header: "images/s pipeline",
         style: Style::Decimals(2),
+        compact: None,
     },
     Column {
         csv: "peak_rss_mb",
         header: "peak RSS MB",
         style: Style::Decimals(1),
+        compact: None,
+    },
+    Column {
+        csv: "inference_mb",
+        header: "inference MB",
+        style: Style::Decimals(1),
+        compact: Some("memory MB"),
     },
     Column {
         csv: "status",
         header: "status",
         style: Style::Text,
+        compact: Some("status"),
     },
 ];
 
@@ -147,6 +175,7 @@ fn row(results: &EvalResults, level: &LevelResult) -> Vec<Cell> {
         Cell::Number(level.images_per_s_model()),
         Cell::Number(level.images_per_s_pipeline()),
         Cell::Number(level.peak_rss_bytes as f64 / MB),
+        Cell::Number(level.inference_bytes() / MB),
         Cell::Text(status),
     ]
 }
@@ -245,28 +274,56 @@ pub fn summary_markdown(results: &EvalResults) -> String {
     out
 }
 
+/// How much of the table a terminal gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableWidth {
+    /// The columns a person reads first (level, bits, mIoU and its change, agreement, size, speed, memory,
+    /// status), within 100 characters for the usual labels; failure reasons follow the table.
+    Compact,
+    /// Every column, as in summary.md.
+    Wide,
+}
+
+/// The terminal width the compact table is made to fit.
+pub const COMPACT_WIDTH: usize = 100;
+
 /// The summary table for a terminal: caption, then columns aligned (text left, numbers right).
-pub fn format_table(results: &EvalResults) -> String {
+pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
     let rows = human_rows(results);
-    let widths: Vec<usize> = COLUMNS
+    let shown: Vec<(usize, &str)> = COLUMNS
         .iter()
         .enumerate()
-        .map(|(i, c)| {
+        .filter_map(|(i, c)| match width {
+            TableWidth::Wide => Some((i, c.header)),
+            TableWidth::Compact => c.compact.map(|short| (i, short)),
+        })
+        .collect();
+    let cell = |row: &[String], i: usize| -> String {
+        // The compact status is one word; the reasons are listed under the table.
+        if width == TableWidth::Compact && COLUMNS[i].csv == "status" && row[i].starts_with("failed") {
+            "FAILED".to_string()
+        } else {
+            row[i].clone()
+        }
+    };
+    let widths: Vec<usize> = shown
+        .iter()
+        .map(|&(i, header)| {
             rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([c.header.chars().count()])
+                .map(|r| cell(r, i).chars().count())
+                .chain([header.chars().count()])
                 .max()
                 .unwrap_or(0)
         })
         .collect();
-    let render = |cells: Vec<&str>| {
+    let render = |cells: Vec<String>| {
         let padded: Vec<String> = cells
             .iter()
-            .zip(COLUMNS)
+            .zip(&shown)
             .zip(&widths)
-            .map(|((cell, column), &width)| {
+            .map(|((cell, &(i, _)), &width)| {
                 let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
-                if matches!(column.style, Style::Text) {
+                if matches!(COLUMNS[i].style, Style::Text) {
                     format!("{cell}{pad}")
                 } else {
                     format!("{pad}{cell}")
@@ -275,15 +332,43 @@ pub fn format_table(results: &EvalResults) -> String {
             .collect();
         padded.join("  ").trim_end().to_string()
     };
-    let mut out = caption(results);
+    let mut out = match width {
+        TableWidth::Wide => caption(results),
+        TableWidth::Compact => wrap_caption(&caption(results), COMPACT_WIDTH),
+    };
     out.push('\n');
-    out.push_str(&render(COLUMNS.iter().map(|c| c.header).collect()));
+    out.push_str(&render(shown.iter().map(|(_, h)| h.to_string()).collect()));
     out.push('\n');
-    for cells in &rows {
-        out.push_str(&render(cells.iter().map(String::as_str).collect()));
+    for r in &rows {
+        out.push_str(&render(shown.iter().map(|&(i, _)| cell(r, i)).collect()));
         out.push('\n');
     }
+    if width == TableWidth::Compact {
+        for level in &results.levels {
+            if let LevelStatus::Failed { reason } = &level.status {
+                out.push_str(&format!("{} failed: {reason}\n", level.label));
+            }
+        }
+    }
     out
+}
+
+/// Breaks a caption into lines of at most `width` characters at spaces (a word longer than that, such as a long
+/// path, stays whole on its own line).
+fn wrap_caption(text: &str, width: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines.join("\n")
 }
 
 /// Column names of `summary.csv`, in order.
