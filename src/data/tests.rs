@@ -73,6 +73,8 @@ fn parquet_spec(files: Vec<PathBuf>) -> DatasetSpec {
         files,
         image_column: "image".into(),
         label_column: "annotation".into(),
+        rows_before: 0,
+        rows_after: 0,
     }
 }
 
