@@ -607,3 +607,42 @@ fn cell_path_of(array: &arrow_array::StructArray, i: usize) -> Option<String> {
         .and_then(|p| string_value(p.as_ref(), i))
         .filter(|p| !p.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO: &[u8] = include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0000.parquet");
+
+    fn demo_rows() -> usize {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/assets/demo/ade/parquet/scene_parsing/validation/0000.parquet"
+        );
+        let reader = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&File::open(path).unwrap())
+            .unwrap();
+        metadata_rows(&reader)
+    }
+
+    #[test]
+    fn a_footer_is_read_from_the_tail_alone() {
+        let size = DEMO.len() as u64;
+        let rows = demo_rows();
+        assert!(rows > 0);
+        assert_eq!(footer_from_tail(DEMO, size), Ok(Footer::Rows(rows)));
+        // A tail too short for the footer asks for exactly the footer and its trailer.
+        let needed = match footer_from_tail(&DEMO[DEMO.len() - 16..], size).unwrap() {
+            Footer::Needs(n) => n,
+            other => panic!("{other:?}"),
+        };
+        assert!(needed > 16 && needed < size, "{needed}");
+        let tail = &DEMO[DEMO.len() - needed as usize..];
+        assert_eq!(footer_from_tail(tail, size), Ok(Footer::Rows(rows)));
+        // Not Parquet, or a length beyond the file: one-line reasons.
+        assert!(footer_from_tail(b"<html>not parquet</html>", 24).unwrap_err().contains("PAR1"));
+        let mut lying = DEMO[DEMO.len() - 8..].to_vec();
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(footer_from_tail(&lying, 8).unwrap_err().contains("exceeds"));
+    }
+}

@@ -263,3 +263,64 @@ impl EvalObserver for WandbPublisher {
         self.publish(&output.results, &output.samples)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::RunOutcome;
+
+    fn run(name: &str, mode: TrackingMode, url: Option<&str>, error: Option<&str>) -> RunOutcome {
+        RunOutcome {
+            name: name.into(),
+            run_id: "abc12345".into(),
+            mode,
+            offline_dir: Some(format!("out/wandb/offline-run-x-{name}").into()),
+            url: url.map(String::from),
+            upload_error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn offline_runs_get_one_line_and_online_runs_one_each() {
+        let offline = TrackOutcome {
+            runs: vec![
+                run("f32", TrackingMode::Offline, None, None),
+                run("int8-rtn", TrackingMode::Offline, None, None),
+            ],
+            notice: Some("no API key found (WANDB_API_KEY or netrc)".into()),
+            wandb_dir: "out/wandb".into(),
+            interrupted: false,
+        };
+        let lines = console_lines(&offline);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].warning);
+        assert_eq!(
+            lines[0].text,
+            "W&B: no API key found (WANDB_API_KEY or netrc): 2 runs kept offline in out/wandb; upload with \
+             `wandb sync out/wandb/offline-run-*`"
+        );
+        let mixed = TrackOutcome {
+            runs: vec![
+                run("f32", TrackingMode::Online, Some("https://w/r/1"), None),
+                run("int8-rtn", TrackingMode::Offline, None, Some("upload failed; wandb sync x")),
+            ],
+            notice: None,
+            wandb_dir: "out/wandb".into(),
+            interrupted: false,
+        };
+        let lines = console_lines(&mixed);
+        assert_eq!(
+            lines,
+            [
+                ConsoleLine {
+                    warning: false,
+                    text: "W&B run f32: https://w/r/1".into()
+                },
+                ConsoleLine {
+                    warning: true,
+                    text: "upload failed; wandb sync x".into()
+                }
+            ]
+        );
+    }
+}
