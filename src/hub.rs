@@ -288,7 +288,10 @@ impl HubRepo {
 
     /// True when `filename` is in the shared cache for this revision (nothing is checked or downloaded).
     pub fn is_cached(&self, filename: &str) -> bool {
-        Cache::new(self.cache_dir.clone()).repo(self.repo()).get(filename).is_some()
+        Cache::new(self.cache_dir.clone())
+            .repo(self.repo())
+            .get(filename)
+            .is_some()
     }
 
     /// The cache folder of this repo (`<cache>/datasets--owner--name`), where the Python libraries keep it too.

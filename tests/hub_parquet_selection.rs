@@ -99,7 +99,10 @@ impl FakeHub {
                     }
                 }
                 let (status, headers, body) = answer(&split_root, &path, &range, &log);
-                let mut head = format!("HTTP/1.1 {status} Fake\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                let mut head = format!(
+                    "HTTP/1.1 {status} Fake\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
                 for (name, value) in headers {
                     head.push_str(&format!("{name}: {value}\r\n"));
                 }
@@ -130,7 +133,11 @@ fn answer(
             .chain([serde_json::json!({"rfilename": "README.md"})])
             .collect();
         let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
-        return (200, vec![("Content-Type".into(), "application/json".into())], body.into_bytes());
+        return (
+            200,
+            vec![("Content-Type".into(), "application/json".into())],
+            body.into_bytes(),
+        );
     }
     let Some(rest) = path.strip_prefix("/datasets/fake/scenes/resolve/") else {
         return (404, Vec::new(), b"not found".to_vec());
@@ -177,7 +184,16 @@ fn eval(hub: &str, caches: &Path, dataset: &str, out: &Path, selection: &[&str])
         .env_remove("RUST_LOG")
         .env_remove("SLURM_ARRAY_TASK_ID")
         .env_remove("JOB_COMPLETION_INDEX")
-        .args(["-q", "eval", "--quant", "f32", "--threads", "2", "--set", "eval.samples=0"])
+        .args([
+            "-q",
+            "eval",
+            "--quant",
+            "f32",
+            "--threads",
+            "2",
+            "--set",
+            "eval.samples=0",
+        ])
         .args(["--dataset", dataset, "--split", "validation", "--out"])
         .arg(out)
         .args(selection);
@@ -210,7 +226,11 @@ fn evaluated(results: &Value) -> Value {
 }
 
 fn downloads(requests: &[FileRequest]) -> Vec<String> {
-    let mut files: Vec<String> = requests.iter().filter(|r| r.is_download()).map(|r| r.file.clone()).collect();
+    let mut files: Vec<String> = requests
+        .iter()
+        .filter(|r| r.is_download())
+        .map(|r| r.file.clone())
+        .collect();
     files.sort();
     files.dedup();
     files
@@ -226,10 +246,20 @@ fn only_the_files_holding_the_selected_rows_are_downloaded() {
 
     // --limit 2: rows 0..2, all in the first file. Row counts come from the three footers.
     let caches = dir.join("caches-a");
-    let limited = run_ok(eval(&hub.url, &caches, "fake/scenes", &dir.join("a"), &["--limit", "2"]));
+    let limited = run_ok(eval(
+        &hub.url,
+        &caches,
+        "fake/scenes",
+        &dir.join("a"),
+        &["--limit", "2"],
+    ));
     let requests = hub.take();
     assert_eq!(downloads(&requests), ["0000.parquet"], "{requests:?}");
-    let footers: Vec<&str> = requests.iter().filter(|r| r.is_footer()).map(|r| r.file.as_str()).collect();
+    let footers: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.is_footer())
+        .map(|r| r.file.as_str())
+        .collect();
     assert_eq!(footers, FILES, "one footer read per file: {requests:?}");
     let whole_local = run_ok(eval(&hub.url, &caches, local, &dir.join("a-local"), &["--limit", "2"]));
     assert_eq!(evaluated(&limited), evaluated(&whole_local));
@@ -241,7 +271,13 @@ fn only_the_files_holding_the_selected_rows_are_downloaded() {
     std::fs::create_dir_all(&fresh).unwrap();
     let _ = std::fs::remove_dir_all(fresh.join("xdg"));
     copy_dir(&caches.join("xdg"), &fresh.join("xdg"));
-    let shard = run_ok(eval(&hub.url, &fresh, "fake/scenes", &dir.join("b"), &["--shard", "1/2"]));
+    let shard = run_ok(eval(
+        &hub.url,
+        &fresh,
+        "fake/scenes",
+        &dir.join("b"),
+        &["--shard", "1/2"],
+    ));
     let requests = hub.take();
     assert_eq!(downloads(&requests), ["0001.parquet", "0002.parquet"], "{requests:?}");
     assert!(!requests.iter().any(FileRequest::is_footer), "{requests:?}");
@@ -260,11 +296,20 @@ fn only_the_files_holding_the_selected_rows_are_downloaded() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert_ne!(output.status.code(), Some(101), "{stderr}");
-    assert!(stderr.contains("0000.parquet") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    assert!(
+        stderr.contains("0000.parquet") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
     assert!(hub.take().is_empty(), "offline runs make no request");
 
     // The whole split (no selection) still downloads every file.
-    let all = run_ok(eval(&hub.url, &dir.join("caches-c"), "fake/scenes", &dir.join("e"), &[]));
+    let all = run_ok(eval(
+        &hub.url,
+        &dir.join("caches-c"),
+        "fake/scenes",
+        &dir.join("e"),
+        &[],
+    ));
     assert_eq!(downloads(&hub.take()), FILES);
     assert_eq!(all["counts"]["evaluated"], 12);
 }

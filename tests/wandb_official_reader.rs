@@ -124,7 +124,14 @@ fn official_wandb_reader_accepts_merged_shard_runs() {
         let out = dir.join(format!("shard-{index}"));
         let status = segq()
             .args(["eval", "--quant", "f32,int8", "--method", "rtn", "--limit", "4"])
-            .args(["--set", "eval.samples=0", "--wandb", "offline", "--shard", &format!("{index}/2")])
+            .args([
+                "--set",
+                "eval.samples=0",
+                "--wandb",
+                "offline",
+                "--shard",
+                &format!("{index}/2"),
+            ])
             .arg("--out")
             .arg(&out)
             .status()
@@ -158,7 +165,11 @@ fn official_wandb_reader_accepts_merged_shard_runs() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         println!("{stdout}{stderr}");
-        assert!(output.status.success(), "{} rejected:\n{stdout}{stderr}", folder.display());
+        assert!(
+            output.status.success(),
+            "{} rejected:\n{stdout}{stderr}",
+            folder.display()
+        );
         assert!(stdout.contains("wandb-core reader: agrees"), "{stdout}");
     }
 }

@@ -114,12 +114,14 @@ fn read_run(folder: &Path) -> RunRead {
             }
             RecordType::Config(c) => {
                 for item in c.update {
-                    run.config.insert(item.key, serde_json::from_str(&item.value_json).unwrap());
+                    run.config
+                        .insert(item.key, serde_json::from_str(&item.value_json).unwrap());
                 }
             }
             RecordType::Summary(s) => {
                 for item in s.update {
-                    run.summary.insert(item.key, serde_json::from_str(&item.value_json).unwrap());
+                    run.summary
+                        .insert(item.key, serde_json::from_str(&item.value_json).unwrap());
                 }
             }
             RecordType::Exit(e) => run.exit_code = e.exit_code,
@@ -187,7 +189,11 @@ fn assert_merged_like_whole(merged: &BTreeMap<String, RunRead>, whole: &BTreeMap
         assert_eq!(run.exit_code, 0, "{name}");
         assert!(run.summary.contains_key("mean_iou"), "{name}: {:?}", run.summary);
         assert_eq!(scores(&run.summary), scores(&reference.summary), "{name}: summary");
-        assert!(!run.tags.iter().any(|t| t.starts_with("shard-")), "{name}: {:?}", run.tags);
+        assert!(
+            !run.tags.iter().any(|t| t.starts_with("shard-")),
+            "{name}: {:?}",
+            run.tags
+        );
         for key in ["model", "dataset", "split", "level", "method", "group_size", "examples"] {
             assert_eq!(run.config.get(key), reference.config.get(key), "{name}: config {key}");
         }

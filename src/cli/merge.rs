@@ -70,7 +70,9 @@ pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
     tracing::info!(out = %args.out.display(), parts = args.inputs.len(), complete = merged.complete, "merged");
     if let Some(wandb) = wandb {
         if !merged.complete {
-            tracing::warn!("W&B: the merge is incomplete, so no runs are published (they would pass for the whole run)");
+            tracing::warn!(
+                "W&B: the merge is incomplete, so no runs are published (they would pass for the whole run)"
+            );
             return Ok(());
         }
         // The sample images stay with the shards: results.json holds scores, tables and counts only.

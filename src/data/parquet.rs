@@ -242,11 +242,7 @@ fn count_rows(
 }
 
 fn metadata_rows(metadata: &parquet::file::metadata::ParquetMetaData) -> usize {
-    metadata
-        .row_groups()
-        .iter()
-        .map(|g| g.num_rows().max(0) as usize)
-        .sum()
+    metadata.row_groups().iter().map(|g| g.num_rows().max(0) as usize).sum()
 }
 
 /// A remote Parquet file's row count from its footer: the last 64 KiB, and once more when the footer is longer.
@@ -257,7 +253,11 @@ fn remote_footer_rows(repo: &crate::hub::HubRepo, name: &str, commit: &str) -> s
         match footer_from_tail(&tail, size).map_err(|why| format!("`{name}`: {why}"))? {
             Footer::Rows(rows) => return Ok(rows),
             Footer::Needs(bytes) if bytes > want && bytes <= MAX_FOOTER_BYTES => want = bytes,
-            Footer::Needs(bytes) => return Err(format!("`{name}`: a footer of {bytes} bytes is too large to read alone")),
+            Footer::Needs(bytes) => {
+                return Err(format!(
+                    "`{name}`: a footer of {bytes} bytes is too large to read alone"
+                ));
+            }
         }
     }
 }
@@ -333,7 +333,9 @@ fn save_row_counts(path: &Path, names: &[String], counts: &[usize]) {
     };
     let result = path
         .parent()
-        .map_or(Ok(()), |dir| std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e)))
+        .map_or(Ok(()), |dir| {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+        })
         .and_then(|()| {
             let text = serde_json::to_vec_pretty(&counts).map_err(|e| Error::internal(e.to_string()))?;
             crate::outputs::write_atomically(path, |tmp| std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e)))
@@ -640,7 +642,11 @@ mod tests {
         let tail = &DEMO[DEMO.len() - needed as usize..];
         assert_eq!(footer_from_tail(tail, size), Ok(Footer::Rows(rows)));
         // Not Parquet, or a length beyond the file: one-line reasons.
-        assert!(footer_from_tail(b"<html>not parquet</html>", 24).unwrap_err().contains("PAR1"));
+        assert!(
+            footer_from_tail(b"<html>not parquet</html>", 24)
+                .unwrap_err()
+                .contains("PAR1")
+        );
         let mut lying = DEMO[DEMO.len() - 8..].to_vec();
         lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(footer_from_tail(&lying, 8).unwrap_err().contains("exceeds"));

@@ -102,8 +102,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         );
     }
     let d = &plan.dataset;
-    let (spec, dataset_description) =
-        crate::data::resolve_source(
+    let (spec, dataset_description) = crate::data::resolve_source(
         &d.source,
         &d.split,
         &d.subset,

@@ -252,7 +252,9 @@ pub fn console_lines(outcome: &TrackOutcome) -> Vec<ConsoleLine> {
         let runs = if offline == 1 { "run" } else { "runs" };
         lines.push(ConsoleLine {
             warning: outcome.notice.is_some(),
-            text: format!("W&B: {why}{offline} {runs} kept offline in {dir}; upload with `wandb sync {dir}/offline-run-*`"),
+            text: format!(
+                "W&B: {why}{offline} {runs} kept offline in {dir}; upload with `wandb sync {dir}/offline-run-*`"
+            ),
         });
     }
     lines
@@ -302,7 +304,12 @@ mod tests {
         let mixed = TrackOutcome {
             runs: vec![
                 run("f32", TrackingMode::Online, Some("https://w/r/1"), None),
-                run("int8-rtn", TrackingMode::Offline, None, Some("upload failed; wandb sync x")),
+                run(
+                    "int8-rtn",
+                    TrackingMode::Offline,
+                    None,
+                    Some("upload failed; wandb sync x"),
+                ),
             ],
             notice: None,
             wandb_dir: "out/wandb".into(),
