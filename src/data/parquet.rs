@@ -155,7 +155,7 @@ pub fn hub_parquet_files(
     if *selection == super::Selection::default() {
         return fetch_all(&names);
     }
-    let counts = match saved.filter(|saved| saved.iter().map(|(n, _)| n).eq(names.iter())) {
+    let counts: Vec<usize> = match saved.filter(|saved| saved.iter().map(|(n, _)| n).eq(names.iter())) {
         Some(saved) => saved.into_iter().map(|(_, rows)| rows).collect(),
         None => match count_rows(repo, &names, listing.commit.as_deref()) {
             Ok(counts) => {

@@ -731,8 +731,10 @@ fn offline_hub_listing_reads_the_cache_layout() {
         &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "val",
+        &Selection::default(),
     )
-    .unwrap();
+    .unwrap()
+    .files;
     assert_eq!(
         files,
         vec![split_dir.join("0000.parquet"), split_dir.join("0001.parquet")]
@@ -741,11 +743,12 @@ fn offline_hub_listing_reads_the_cache_layout() {
         &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "train",
+        &Selection::default(),
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("no Parquet files for scene_parsing/train"), "{e}");
-    let e = parquet::hub_parquet_files(&repo("someone/other", "main"), "c", "train")
+    let e = parquet::hub_parquet_files(&repo("someone/other", "main"), "c", "train", &Selection::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("not cached") && e.contains("HF_HUB_OFFLINE"), "{e}");
