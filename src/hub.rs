@@ -103,6 +103,16 @@ impl HubId {
     }
 }
 
+/// A repository's file names, as [`HubRepo::listing`] found them.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    pub files: Vec<String>,
+    /// The commit of the listed revision, when known.
+    pub commit: Option<String>,
+    /// Listed from the local cache (offline or the Hub unreachable): only the files downloaded before.
+    pub from_cache: bool,
+}
+
 /// Access to one Hub repository (model or dataset), cache first.
 pub struct HubRepo {
     id: HubId,
@@ -233,41 +243,141 @@ impl HubRepo {
 
     /// Names of the repo's files: from the Hub, or from the cached snapshot when offline or unreachable.
     pub fn list_files(&self) -> Result<Vec<String>> {
+        self.listing().map(|listing| listing.files)
+    }
+
+    /// The repo's files and the commit they belong to: from the Hub, or from the cached snapshot when offline or
+    /// unreachable (then `from_cache` is true and only the cached files are listed).
+    pub fn listing(&self) -> Result<Listing> {
+        let cached = || -> Result<Listing> {
+            Ok(Listing {
+                files: self.cached_snapshot_files()?,
+                commit: self.cached_commit().ok(),
+                from_cache: true,
+            })
+        };
         if self.offline {
-            return self.cached_snapshot_files();
+            return cached();
         }
         let api = self.api()?;
         match api.repo(self.repo()).info() {
-            Ok(info) => Ok(info.siblings.into_iter().map(|s| s.rfilename).collect()),
+            Ok(info) => Ok(Listing {
+                files: info.siblings.into_iter().map(|s| s.rfilename).collect(),
+                commit: Some(info.sha).filter(|sha| !sha.is_empty()),
+                from_cache: false,
+            }),
             Err(e) => {
                 // Fall back to what is cached, as huggingface_hub does when the Hub cannot be reached.
-                let cached = self.cached_snapshot_files().unwrap_or_default();
-                if cached.is_empty() {
-                    Err(self.download_error("(file list)", &e.to_string()))
-                } else {
-                    Ok(cached)
+                match cached() {
+                    Ok(listing) if !listing.files.is_empty() => Ok(listing),
+                    _ => Err(self.download_error("(file list)", &e.to_string())),
                 }
             }
         }
     }
 
+    /// Cache only (`HF_HUB_OFFLINE`).
+    pub fn offline(&self) -> bool {
+        self.offline
+    }
+
+    /// The repo's folder name in the cache (`datasets--owner--name`).
+    pub fn folder_name(&self) -> String {
+        self.repo().folder_name()
+    }
+
+    /// True when `filename` is in the shared cache for this revision (nothing is checked or downloaded).
+    pub fn is_cached(&self, filename: &str) -> bool {
+        Cache::new(self.cache_dir.clone())
+            .repo(self.repo())
+            .get(filename)
+            .is_some()
+    }
+
+    /// The cache folder of this repo (`<cache>/datasets--owner--name`), where the Python libraries keep it too.
+    pub fn cache_folder(&self) -> PathBuf {
+        self.cache_dir.join(self.repo().folder_name())
+    }
+
+    /// The last `bytes` bytes of `filename` at `commit` and the file's whole size, by one HTTP Range request (with
+    /// `HF_TOKEN`, to `HF_ENDPOINT`): how a Parquet footer is read without the file. Fails, without reading the
+    /// body, when the server ignores the range (HTTP 200) or the answer is not the file's tail.
+    pub fn read_tail(&self, filename: &str, commit: &str, bytes: u64) -> Result<(Vec<u8>, u64)> {
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".to_string());
+        let url = format!(
+            "{}/{}/resolve/{commit}/{filename}",
+            endpoint.trim_end_matches('/'),
+            self.repo().url()
+        );
+        let limits = DownloadLimits::from_env()?;
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(limits.timeout))
+            .timeout_recv_response(Some(limits.timeout))
+            .timeout_per_read(Some(limits.timeout))
+            // The Hub redirects file requests to its CDN with a signed address: the token stays with the Hub.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            .user_agent(concat!("segq/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let agent = ureq::Agent::new_with_config(config);
+        let mut request = agent.get(&url).header("Range", format!("bytes=-{bytes}"));
+        if let Some(token) = hub_token() {
+            request = request.header("Authorization", format!("Bearer {}", token.expose()));
+        }
+        let what = format!("`{filename}` of {}", self.describe());
+        let mut response = request
+            .call()
+            .map_err(|e| Error::network(&what, format!("cannot read its footer: {}", scrub(&e.to_string()))))?;
+        let status = response.status().as_u16();
+        if status != 206 {
+            return Err(Error::network(
+                &what,
+                format!("reading its footer with a Range request gave HTTP {status}, not 206"),
+            ));
+        }
+        let size = response
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::network(&what, "the Range answer has no usable Content-Range"))?;
+        let tail = response
+            .body_mut()
+            .with_config()
+            .limit(bytes)
+            .read_to_vec()
+            .map_err(|e| Error::network(&what, format!("cannot read its footer: {e}")))?;
+        if tail.len() as u64 != bytes.min(size) {
+            return Err(Error::network(
+                &what,
+                format!("asked for the last {} bytes, got {}", bytes.min(size), tail.len()),
+            ));
+        }
+        Ok((tail, size))
+    }
+
+    /// The commit the cached revision points at (`refs/<revision>`), or the revision itself when it is a hash.
+    fn cached_commit(&self) -> Result<String> {
+        if self.id.revision.len() == 40 {
+            return Ok(self.id.revision.clone());
+        }
+        let ref_file = self.cache_folder().join("refs").join(&self.id.revision);
+        std::fs::read_to_string(&ref_file)
+            .map(|text| text.trim().to_string())
+            .map_err(|_| {
+                Error::not_found(
+                    self.describe(),
+                    format!("not cached at {} and HF_HUB_OFFLINE is set", self.cache_dir.display()),
+                )
+            })
+    }
+
     fn cached_snapshot_files(&self) -> Result<Vec<String>> {
-        let folder = self.cache_dir.join(self.repo().folder_name());
-        let revision = if self.id.revision.len() == 40 {
-            self.id.revision.clone()
-        } else {
-            let ref_file = folder.join("refs").join(&self.id.revision);
-            std::fs::read_to_string(&ref_file)
-                .map_err(|_| {
-                    Error::not_found(
-                        self.describe(),
-                        format!("not cached at {} and HF_HUB_OFFLINE is set", self.cache_dir.display()),
-                    )
-                })?
-                .trim()
-                .to_string()
-        };
-        let snapshot = folder.join("snapshots").join(revision);
+        let snapshot = self.cache_folder().join("snapshots").join(self.cached_commit()?);
         let mut files = Vec::new();
         collect_files(&snapshot, &snapshot, &mut files);
         files.sort();
@@ -375,14 +485,18 @@ impl DownloadLimits {
     }
 }
 
-/// segq's URL cache: `$XDG_CACHE_HOME/segq/urls`, else `~/.cache/segq/urls`.
-pub fn url_cache_dir() -> PathBuf {
+/// segq's own cache folder: `$XDG_CACHE_HOME/segq`, else `~/.cache/segq`.
+pub fn segq_cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| home_dir().join(".cache"))
         .join("segq")
-        .join("urls")
+}
+
+/// segq's URL cache: `$XDG_CACHE_HOME/segq/urls`, else `~/.cache/segq/urls`.
+pub fn url_cache_dir() -> PathBuf {
+    segq_cache_dir().join("urls")
 }
 
 /// Downloads `url` into segq's URL cache ([`url_cache_dir`]), keyed by the URL, and returns the local path; a

@@ -99,3 +99,77 @@ fn official_wandb_reader_accepts_offline_runs() {
         }
     }
 }
+
+/// `segq eval --shard I/2` twice, then `segq merge --wandb offline`: wandb's reader accepts each merged run (one
+/// per level, named like an unsharded eval's), and the shards wrote no run.
+#[test]
+#[ignore = "needs SEGQ_WANDB_PYTHON, a Python with wandb; .ci/run runs it with --ignored"]
+fn official_wandb_reader_accepts_merged_shard_runs() {
+    let python = reader_python();
+    let dir = temp_dir("official-reader-merged");
+    let segq = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_segq"));
+        c.env("HF_HUB_OFFLINE", "1")
+            .env("NETRC", "/nonexistent/netrc")
+            .env_remove("WANDB_API_KEY")
+            .env_remove("WANDB_MODE")
+            .env_remove("WANDB_DIR")
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX")
+            .arg("-q");
+        c
+    };
+    let mut shards = Vec::new();
+    for index in 0..2 {
+        let out = dir.join(format!("shard-{index}"));
+        let status = segq()
+            .args(["eval", "--quant", "f32,int8", "--method", "rtn", "--limit", "4"])
+            .args([
+                "--set",
+                "eval.samples=0",
+                "--wandb",
+                "offline",
+                "--shard",
+                &format!("{index}/2"),
+            ])
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(!out.join("wandb").exists(), "a shard logs no run by default");
+        shards.push(out);
+    }
+    let merged = dir.join("merged");
+    let status = segq()
+        .arg("merge")
+        .args(&shards)
+        .arg("--out")
+        .arg(&merged)
+        .args(["--wandb", "offline"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let folders = wandb_support::run_folders(&merged);
+    assert_eq!(folders.len(), 2, "one run per level: {folders:?}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_wandb_offline.py");
+    for folder in &folders {
+        let output = Command::new(&python)
+            .arg(script)
+            .arg(folder)
+            .args(["--config-keys", "model,dataset,level,method,examples,segq_version"])
+            .args(["--history-keys", "mean_iou,overall_accuracy,_step"])
+            .args(["--summary-keys", "mean_iou,mean_accuracy,weight_mb,per_class_iou"])
+            .output()
+            .expect("run the check script");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!("{stdout}{stderr}");
+        assert!(
+            output.status.success(),
+            "{} rejected:\n{stdout}{stderr}",
+            folder.display()
+        );
+        assert!(stdout.contains("wandb-core reader: agrees"), "{stdout}");
+    }
+}

@@ -63,7 +63,7 @@ fn uploads_a_run_like_the_official_client() {
     )
     .unwrap();
     let run = &outcome.runs[0];
-    assert_eq!(run.mode, TrackingMode::Online, "{:?}", run.warnings);
+    assert_eq!(run.mode, TrackingMode::Online, "{:?}", run.upload_error);
     assert_eq!(
         run.url.as_deref(),
         Some(format!("{}/me/segq/runs/{}", server.base_url, run.run_id).as_str())
@@ -194,7 +194,7 @@ fn retries_on_500_and_429_then_succeeds() {
         outcome.runs[0].mode,
         TrackingMode::Online,
         "{:?}",
-        outcome.runs[0].warnings
+        outcome.runs[0].upload_error
     );
     let operations: Vec<Option<String>> = server.recorded().iter().take(4).map(Recorded::operation).collect();
     let upsert = Some("UpsertBucket".to_string());
@@ -306,7 +306,7 @@ fn online_without_a_key_is_an_error_and_auto_mode_goes_offline() {
     };
     let outcome = log_runs_with(&auto, &[example_run("a")], &fast_options(), &no_env).unwrap();
     assert_eq!(outcome.runs[0].mode, TrackingMode::Offline);
-    assert!(outcome.runs[0].warnings[0].contains("logging offline"));
+    assert!(outcome.notice.as_deref().unwrap().contains("no API key found"));
     let disabled = TrackingSettings {
         mode: Some(TrackingMode::Disabled),
         dir: Some(dir.join("d")),

@@ -20,12 +20,15 @@ export RAYON_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 
 SEGQ="${SEGQ:-segq}"
 RESULTS="${RESULTS:-results/$SLURM_ARRAY_JOB_ID}"
+# The shards log no W&B runs; the merge publishes one run per level: online when an API key is found, else
+# offline for `wandb sync`. SEGQ_WANDB=online|offline|disabled forces a mode.
+SEGQ_WANDB="${SEGQ_WANDB:-}"
 
 # The first task to start queues the merge; it runs once every array task has finished successfully.
 if [ "$SLURM_ARRAY_TASK_ID" = "${SLURM_ARRAY_TASK_MIN:-0}" ]; then
     sbatch --job-name=segq-merge --dependency="afterok:$SLURM_ARRAY_JOB_ID" \
         --cpus-per-task=1 --mem=2G --time=00:15:00 --output="logs/segq-merge-%j.out" \
-        --wrap="$SEGQ merge $RESULTS/shard-*/results.json --out $RESULTS/merged"
+        --wrap="$SEGQ merge $RESULTS/shard-*/results.json --out $RESULTS/merged ${SEGQ_WANDB:+--wandb $SEGQ_WANDB}"
 fi
 
 mkdir -p "$RESULTS"

@@ -87,6 +87,10 @@ pub struct EvalArgs {
     /// is found and offline otherwise).
     #[arg(long)]
     pub wandb: Option<TrackingMode>,
+    /// With --shard: also log this shard's partial runs to W&B, named and tagged `shard-I-of-N` (needs
+    /// WANDB_RUN_GROUP or tracking.group). By default a shard logs nothing and `segq merge --wandb` publishes.
+    #[arg(long)]
+    pub wandb_shard_runs: bool,
     /// Continue the interrupted run whose partial results are in DIR (its configuration is reused; flags given
     /// again must agree with it). The final results equal an uninterrupted run's.
     #[arg(long, value_name = "DIR")]
@@ -117,6 +121,9 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     config.quant.group_size = args.group_size.or(config.quant.group_size);
     config.eval.allow_empty |= args.allow_empty;
     config.quant.requantize |= args.requantize;
+    if args.wandb_shard_runs {
+        config.tracking.shard_runs = Some(true);
+    }
     if d.no_reduce_labels {
         config.dataset.reduce_labels = false;
     }
@@ -160,7 +167,12 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
     };
     // Everything that can fail without the model is checked before it is loaded: the output folder, W&B.
     let reports = ReportWriter::create(&plan.output_dir)?;
-    let wandb = WandbPublisher::new(&plan.config.tracking, args.wandb, &plan.output_dir)?;
+    let wandb = WandbPublisher::new(
+        &plan.config.tracking,
+        args.wandb,
+        &plan.output_dir,
+        plan.loader.selection.shard,
+    )?;
     let mut observers: Vec<Box<dyn EvalObserver>> = vec![
         Box::new(Progress::new(global.quiet == 0)),
         Box::new(Interrupt::install()),

@@ -1,13 +1,15 @@
 //! `segq merge DIR...`: sums the confusion matrices and counts of sharded runs into one result, identical to an
-//! unsharded run, and writes the same reports.
+//! unsharded run, writes the same reports, and publishes the merged runs to W&B as an unsharded eval would.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
-use super::GlobalArgs;
+use super::{GlobalArgs, load_config};
 use segq::eval::results::EvalResults;
+use segq::report::wandb_runs::WandbPublisher;
+use segq::track::{TrackingMode, TrackingSettings};
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -23,9 +25,29 @@ pub struct MergeArgs {
     /// Print every column of the table (summary.md always has them all).
     #[arg(long)]
     pub wide: bool,
+    /// W&B mode for the merged runs: online, offline or disabled (default: WANDB_MODE, else tracking.mode, else
+    /// online when an API key is found and offline otherwise). Settings: the shards' `[tracking]`, then --set
+    /// tracking.KEY=VALUE and the WANDB_* variables, as for eval.
+    #[arg(long)]
+    pub wandb: Option<TrackingMode>,
 }
 
-pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
+/// The shards' tracking settings as recorded in their results (they ran with the same ones), else segq.toml's;
+/// `--set tracking.*` given to merge applies on top either way.
+fn tracking_settings(global: &GlobalArgs, merged: &EvalResults) -> Result<TrackingSettings> {
+    let mut config = load_config(global)?;
+    if let Some(recorded) = merged.config.get("tracking")
+        && let Ok(recorded) = serde_json::from_value::<TrackingSettings>(recorded.clone())
+    {
+        config.tracking = recorded;
+        for assignment in &global.set {
+            config.set(assignment)?;
+        }
+    }
+    Ok(config.tracking)
+}
+
+pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
     segq::eval::merge::check_out_dir(&args.out, &args.inputs)?;
     let mut parts = Vec::new();
     for input in &args.inputs {
@@ -40,6 +62,8 @@ pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
         allow_partial: args.allow_partial,
     };
     let merged = segq::eval::merge::merge_with(parts, options)?;
+    // W&B settings are checked before anything is written, as eval checks them before evaluating.
+    let wandb = WandbPublisher::new(&tracking_settings(global, &merged)?, args.wandb, &args.out, None)?;
     if args.out.join("results.json").exists() {
         tracing::warn!(out = %args.out.display(), "replacing the results already in this folder");
     }
@@ -50,5 +74,15 @@ pub fn run(_global: &GlobalArgs, args: MergeArgs) -> Result<()> {
         segq::report::format_table(&merged, super::console::table_width(args.wide))
     );
     tracing::info!(out = %args.out.display(), parts = args.inputs.len(), complete = merged.complete, "merged");
+    if let Some(wandb) = wandb {
+        if !merged.complete {
+            tracing::warn!(
+                "W&B: the merge is incomplete, so no runs are published (they would pass for the whole run)"
+            );
+            return Ok(());
+        }
+        // The sample images stay with the shards: results.json holds scores, tables and counts only.
+        wandb.publish(&merged, &[])?;
+    }
     Ok(())
 }

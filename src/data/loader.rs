@@ -148,6 +148,8 @@ enum Source {
     Parquet {
         files: Vec<ParquetFile>,
         starts: Vec<usize>,
+        /// Rows of the whole dataset, the files not fetched included.
+        total: usize,
     },
     Files(Vec<FilePair>),
 }
@@ -155,9 +157,7 @@ enum Source {
 impl Source {
     fn len(&self) -> usize {
         match self {
-            Source::Parquet { files, starts } => {
-                starts.last().copied().unwrap_or(0) + files.last().map_or(0, |f| f.rows)
-            }
+            Source::Parquet { total, .. } => *total,
             Source::Files(pairs) => pairs.len(),
         }
     }
@@ -377,7 +377,17 @@ fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> 
             files: paths,
             image_column,
             label_column,
+            rows_before,
+            rows_after,
         } => {
+            if paths.is_empty() && rows_before + rows_after > 0 {
+                // A Hub split none of whose files holds a selected row.
+                return Ok(Source::Parquet {
+                    files: Vec::new(),
+                    starts: Vec::new(),
+                    total: rows_before + rows_after,
+                });
+            }
             if paths.is_empty() {
                 return Err(Error::not_found("Parquet files", "no Parquet files to read"));
             }
@@ -412,12 +422,16 @@ fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> 
                 }
             }
             let mut starts = Vec::with_capacity(files.len());
-            let mut start = 0;
+            let mut start = *rows_before;
             for f in &files {
                 starts.push(start);
                 start += f.rows;
             }
-            Ok(Source::Parquet { files, starts })
+            Ok(Source::Parquet {
+                files,
+                starts,
+                total: start + rows_after,
+            })
         }
     }
 }
@@ -461,7 +475,7 @@ fn read_source(
                 }
             }
         }
-        Source::Parquet { files, starts } => {
+        Source::Parquet { files, starts, .. } => {
             for (file, &start) in files.iter().zip(starts) {
                 let local =
                     rows.start.max(start).saturating_sub(start)..rows.end.min(start + file.rows).saturating_sub(start);

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use decode::DecodeOptions;
 pub use labels::LabelOptions;
 pub use loader::{Example, ImageCheck, LoadStats, Loader, LoaderOptions};
-pub use parquet::hub_parquet_files;
+pub use parquet::{HubParquetFiles, hub_parquet_files};
 pub use shard::{Selection, ShardSpec};
 
 /// The demo dataset's Parquet files, compiled into the binary so `segq eval` works anywhere with no network.
@@ -60,6 +60,8 @@ pub fn demo_dataset() -> Result<DatasetSpec> {
         files,
         image_column: DEFAULT_IMAGE_COLUMN.to_string(),
         label_column: DEFAULT_LABEL_COLUMN.to_string(),
+        rows_before: 0,
+        rows_after: 0,
     })
 }
 
@@ -90,13 +92,15 @@ pub const DEFAULT_LABEL_COLUMN: &str = "annotation";
 
 /// Resolves a dataset source as users write it (`--dataset`, `dataset.source`) to files on this machine:
 /// "embedded"/"demo", an existing path or `IMAGES_DIR,MASKS_DIR` (see [`resolve_local`]), else a Hub dataset id whose
-/// Parquet conversion is downloaded (`subset`, `split`). Returns the spec and a description for results and logs.
+/// Parquet conversion is downloaded (`subset`, `split`): only the files holding the rows `selection` takes (see
+/// [`hub_parquet_files`]). Returns the spec and a description for results and logs.
 pub fn resolve_source(
     source: &str,
     split: &str,
     subset: &str,
     image_column: &str,
     label_column: &str,
+    selection: &Selection,
 ) -> Result<(DatasetSpec, String)> {
     if source == "embedded" || source == "demo" {
         return Ok((
@@ -113,11 +117,13 @@ pub fn resolve_source(
                 "no such file or folder, and not a Hub dataset id ([owner/]name[@revision])",
             )
         })?;
-        let files = parquet::hub_parquet_files(&crate::hub::HubRepo::dataset(id), subset, split)?;
+        let hub = parquet::hub_parquet_files(&crate::hub::HubRepo::dataset(id), subset, split, selection)?;
         DatasetSpec::Parquet {
-            files,
+            files: hub.files,
             image_column: image_column.to_string(),
             label_column: label_column.to_string(),
+            rows_before: hub.rows_before,
+            rows_after: hub.rows_after,
         }
     };
     Ok((spec, source.to_string()))
@@ -131,6 +137,13 @@ pub enum DatasetSpec {
         files: Vec<PathBuf>,
         image_column: String,
         label_column: String,
+        /// Rows of the dataset's files before `files` that were not fetched (a Hub split read in part): global
+        /// row numbers start after them.
+        #[serde(skip_serializing_if = "is_zero")]
+        rows_before: usize,
+        /// Rows of the dataset's files after `files` that were not fetched.
+        #[serde(skip_serializing_if = "is_zero")]
+        rows_after: usize,
     },
     /// `root/images/<split>/*.jpg` with `root/annotations/<split>/<same stem>.png`.
     AdeFolder { root: PathBuf, split: String },
@@ -138,6 +151,10 @@ pub enum DatasetSpec {
     Folders { images: PathBuf, masks: PathBuf },
     /// Lines `image<TAB>mask`, paths relative to the list file's folder.
     ListFile { path: PathBuf },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What to do with an example that cannot be read or decoded.
@@ -217,6 +234,8 @@ pub fn resolve_local(spec: &str, split: &str, image_column: &str, label_column: 
         files,
         image_column: image_column.to_string(),
         label_column: label_column.to_string(),
+        rows_before: 0,
+        rows_after: 0,
     };
     if path.is_file() {
         let ext = extension(&path);

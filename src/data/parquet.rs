@@ -79,19 +79,57 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Lists and fetches `<config>/<split>/*.parquet` of a Hub dataset (its Parquet conversion, usually at revision
-/// `refs/convert/parquet`) through the shared Hub cache; offline, only the cached snapshot is listed.
-pub fn hub_parquet_files(repo: &crate::hub::HubRepo, config: &str, split: &str) -> Result<Vec<PathBuf>> {
+/// The Parquet files of a Hub split that a run reads, on this machine, and the rows of the split's files that it
+/// does not need (before and after them, in the split's order), so that global row numbers stay those of the
+/// whole split.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HubParquetFiles {
+    pub files: Vec<PathBuf>,
+    pub rows_before: usize,
+    pub rows_after: usize,
+}
+
+/// First guess of a Parquet footer's size: one Range request reads it whole for `datasets`' files (a few KiB).
+const FOOTER_GUESS_BYTES: u64 = 64 << 10;
+/// Largest footer read remotely (row-group statistics of a very wide file); a larger one downloads the file.
+const MAX_FOOTER_BYTES: u64 = 64 << 20;
+
+/// Lists `<config>/<split>/*.parquet` of a Hub dataset (its Parquet conversion, usually at revision
+/// `refs/convert/parquet`) and fetches, through the shared Hub cache, only the files that hold the rows
+/// `selection` takes. Row counts per file come from the files' footers: a cached file's own, else the footer's
+/// bytes alone, by an HTTP Range request (no other Hub API is needed, and the counts are exact for the listed
+/// commit). They are saved in segq's cache (`hub-parquet/<repo>/<commit>/<config>/<split>.json`) so that an
+/// offline run (`HF_HUB_OFFLINE`) knows the whole split even when only some files were downloaded. When a count
+/// cannot be had (a server without Range support, offline without saved counts), every file is fetched, as
+/// huggingface_hub would.
+pub fn hub_parquet_files(
+    repo: &crate::hub::HubRepo,
+    config: &str,
+    split: &str,
+    selection: &super::Selection,
+) -> Result<HubParquetFiles> {
     let splits = split_aliases(split);
     let wanted = |name: &str| -> bool {
         let parts: Vec<&str> = name.split('/').collect();
         parts.len() == 3 && parts[0] == config && splits.iter().any(|s| s == parts[1]) && parts[2].ends_with(".parquet")
     };
-    let all = repo.list_files()?;
-    let mut names: Vec<&String> = all.iter().filter(|n| wanted(n)).collect();
+    let listing = repo.listing()?;
+    let counts_path = listing
+        .commit
+        .as_ref()
+        .map(|commit| row_counts_path(repo, commit, config, split));
+    let saved = counts_path.as_deref().and_then(read_row_counts);
+    let mut names: Vec<String> = listing.files.iter().filter(|n| wanted(n)).cloned().collect();
     names.sort();
+    if listing.from_cache
+        && let Some(saved) = &saved
+    {
+        // The cache holds only what was downloaded; the saved counts name every file of the split.
+        names = saved.iter().map(|(name, _)| name.clone()).collect();
+    }
     if names.is_empty() {
-        let mut available: Vec<&str> = all
+        let mut available: Vec<&str> = listing
+            .files
             .iter()
             .filter(|n| n.ends_with(".parquet"))
             .filter_map(|n| n.rsplit_once('/').map(|(dir, _)| dir))
@@ -108,7 +146,203 @@ pub fn hub_parquet_files(repo: &crate::hub::HubRepo, config: &str, split: &str) 
             format!("no Parquet files for {config}/{split} (available: {available})"),
         ));
     }
-    names.iter().map(|name| repo.get(name)).collect()
+    let fetch_all = |names: &[String]| -> Result<HubParquetFiles> {
+        Ok(HubParquetFiles {
+            files: names.iter().map(|name| repo.get(name)).collect::<Result<_>>()?,
+            ..Default::default()
+        })
+    };
+    if *selection == super::Selection::default() {
+        return fetch_all(&names);
+    }
+    let counts: Vec<usize> = match saved.filter(|saved| saved.iter().map(|(n, _)| n).eq(names.iter())) {
+        Some(saved) => saved.into_iter().map(|(_, rows)| rows).collect(),
+        None => match count_rows(repo, &names, listing.commit.as_deref()) {
+            Ok(counts) => {
+                if !listing.from_cache
+                    && let Some(path) = &counts_path
+                {
+                    save_row_counts(path, &names, &counts);
+                }
+                counts
+            }
+            Err(why) => {
+                tracing::info!(
+                    dataset = %repo.describe(),
+                    "fetching all {} Parquet files of {config}/{split}: {why}",
+                    names.len()
+                );
+                return fetch_all(&names);
+            }
+        },
+    };
+    let total: usize = counts.iter().sum();
+    let rows = selection.rows(total);
+    let mut start = 0;
+    let mut needed = Vec::new();
+    for (index, &count) in counts.iter().enumerate() {
+        if start < rows.end && rows.start < start + count {
+            needed.push(index);
+        }
+        start += count;
+    }
+    let (first, last) = match (needed.first(), needed.last()) {
+        (Some(&first), Some(&last)) => (first, last),
+        _ => {
+            return Ok(HubParquetFiles {
+                files: Vec::new(),
+                rows_before: total,
+                rows_after: 0,
+            });
+        }
+    };
+    tracing::info!(
+        dataset = %repo.describe(),
+        "reading {} of the {} Parquet files of {config}/{split} (rows {}..{} of {total})",
+        needed.len(),
+        names.len(),
+        rows.start,
+        rows.end
+    );
+    Ok(HubParquetFiles {
+        files: names[first..=last]
+            .iter()
+            .map(|name| repo.get(name))
+            .collect::<Result<_>>()?,
+        rows_before: counts[..first].iter().sum(),
+        rows_after: counts[last + 1..].iter().sum(),
+    })
+}
+
+/// Rows of each named file: from the cached file's footer, else from the footer alone over HTTP. Fails (with the
+/// reason, one line) when a count cannot be had without downloading a file.
+fn count_rows(
+    repo: &crate::hub::HubRepo,
+    names: &[String],
+    commit: Option<&str>,
+) -> std::result::Result<Vec<usize>, String> {
+    names
+        .iter()
+        .map(|name| {
+            if repo.is_cached(name) {
+                let path = repo.get(name).map_err(|e| e.to_string())?;
+                let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let metadata = parquet::file::metadata::ParquetMetaDataReader::new()
+                    .parse_and_finish(&file)
+                    .map_err(|e| format!("{}: not a readable Parquet file: {e}", path.display()))?;
+                return Ok(metadata_rows(&metadata));
+            }
+            if repo.offline() {
+                return Err(format!("`{name}` is not cached and HF_HUB_OFFLINE is set"));
+            }
+            let commit = commit.ok_or("the Hub gave no commit for the listing")?;
+            remote_footer_rows(repo, name, commit)
+        })
+        .collect()
+}
+
+fn metadata_rows(metadata: &parquet::file::metadata::ParquetMetaData) -> usize {
+    metadata.row_groups().iter().map(|g| g.num_rows().max(0) as usize).sum()
+}
+
+/// A remote Parquet file's row count from its footer: the last 64 KiB, and once more when the footer is longer.
+fn remote_footer_rows(repo: &crate::hub::HubRepo, name: &str, commit: &str) -> std::result::Result<usize, String> {
+    let mut want = FOOTER_GUESS_BYTES;
+    loop {
+        let (tail, size) = repo.read_tail(name, commit, want).map_err(|e| e.to_string())?;
+        match footer_from_tail(&tail, size).map_err(|why| format!("`{name}`: {why}"))? {
+            Footer::Rows(rows) => return Ok(rows),
+            Footer::Needs(bytes) if bytes > want && bytes <= MAX_FOOTER_BYTES => want = bytes,
+            Footer::Needs(bytes) => {
+                return Err(format!(
+                    "`{name}`: a footer of {bytes} bytes is too large to read alone"
+                ));
+            }
+        }
+    }
+}
+
+/// What the end of a Parquet file says.
+#[derive(Debug, PartialEq, Eq)]
+enum Footer {
+    Rows(usize),
+    /// The footer (with its 8-byte trailer) is this long: read that many bytes from the end.
+    Needs(u64),
+}
+
+/// Decodes the row count from the last bytes of a Parquet file of `size` bytes (`tail` is its end).
+fn footer_from_tail(tail: &[u8], size: u64) -> std::result::Result<Footer, String> {
+    let n = tail.len();
+    if n < 8 || &tail[n - 4..] != b"PAR1" {
+        return Err("does not end like a Parquet file (PAR1)".into());
+    }
+    let length = u32::from_le_bytes([tail[n - 8], tail[n - 7], tail[n - 6], tail[n - 5]]) as u64;
+    if length + 8 > size {
+        return Err(format!("footer length {length} exceeds the file's {size} bytes"));
+    }
+    if length + 8 > n as u64 {
+        return Ok(Footer::Needs(length + 8));
+    }
+    let start = n - 8 - length as usize;
+    let metadata = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&tail[start..n - 8])
+        .map_err(|e| format!("unreadable Parquet footer: {e}"))?;
+    Ok(Footer::Rows(metadata_rows(&metadata)))
+}
+
+/// Where the row counts of a Hub split's Parquet files are kept: segq's cache, by repo and commit (a commit's
+/// files never change, so the counts never go stale).
+fn row_counts_path(repo: &crate::hub::HubRepo, commit: &str, config: &str, split: &str) -> PathBuf {
+    let safe = |s: &str| s.replace(['/', '\\'], "_");
+    crate::hub::segq_cache_dir()
+        .join("hub-parquet")
+        .join(repo.folder_name())
+        .join(safe(commit))
+        .join(safe(config))
+        .join(format!("{}.json", safe(split)))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RowCounts {
+    files: Vec<FileRows>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FileRows {
+    name: String,
+    rows: usize,
+}
+
+/// Saved counts, if any and readable (an unreadable file is ignored: the counts are found again).
+fn read_row_counts(path: &Path) -> Option<Vec<(String, usize)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let counts: RowCounts = serde_json::from_str(&text).ok()?;
+    Some(counts.files.into_iter().map(|f| (f.name, f.rows)).collect())
+}
+
+/// Saves the counts; failing to is only a debug note (they are found again next time, with network).
+fn save_row_counts(path: &Path, names: &[String], counts: &[usize]) {
+    let counts = RowCounts {
+        files: names
+            .iter()
+            .zip(counts)
+            .map(|(name, &rows)| FileRows {
+                name: name.clone(),
+                rows,
+            })
+            .collect(),
+    };
+    let result = path
+        .parent()
+        .map_or(Ok(()), |dir| {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+        })
+        .and_then(|()| {
+            let text = serde_json::to_vec_pretty(&counts).map_err(|e| Error::internal(e.to_string()))?;
+            crate::outputs::write_atomically(path, |tmp| std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e)))
+        });
+    if let Err(e) = result {
+        tracing::debug!("cannot save Parquet row counts: {e}");
+    }
 }
 
 /// How the image or label bytes are stored in a column.
@@ -374,4 +608,47 @@ fn cell_path_of(array: &arrow_array::StructArray, i: usize) -> Option<String> {
         .column_by_name("path")
         .and_then(|p| string_value(p.as_ref(), i))
         .filter(|p| !p.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO: &[u8] = include_bytes!("../../assets/demo/ade/parquet/scene_parsing/validation/0000.parquet");
+
+    fn demo_rows() -> usize {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/assets/demo/ade/parquet/scene_parsing/validation/0000.parquet"
+        );
+        let reader = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&File::open(path).unwrap())
+            .unwrap();
+        metadata_rows(&reader)
+    }
+
+    #[test]
+    fn a_footer_is_read_from_the_tail_alone() {
+        let size = DEMO.len() as u64;
+        let rows = demo_rows();
+        assert!(rows > 0);
+        assert_eq!(footer_from_tail(DEMO, size), Ok(Footer::Rows(rows)));
+        // A tail too short for the footer asks for exactly the footer and its trailer.
+        let needed = match footer_from_tail(&DEMO[DEMO.len() - 16..], size).unwrap() {
+            Footer::Needs(n) => n,
+            other => panic!("{other:?}"),
+        };
+        assert!(needed > 16 && needed < size, "{needed}");
+        let tail = &DEMO[DEMO.len() - needed as usize..];
+        assert_eq!(footer_from_tail(tail, size), Ok(Footer::Rows(rows)));
+        // Not Parquet, or a length beyond the file: one-line reasons.
+        assert!(
+            footer_from_tail(b"<html>not parquet</html>", 24)
+                .unwrap_err()
+                .contains("PAR1")
+        );
+        let mut lying = DEMO[DEMO.len() - 8..].to_vec();
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(footer_from_tail(&lying, 8).unwrap_err().contains("exceeds"));
+    }
 }

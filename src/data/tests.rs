@@ -73,6 +73,8 @@ fn parquet_spec(files: Vec<PathBuf>) -> DatasetSpec {
         files,
         image_column: "image".into(),
         label_column: "annotation".into(),
+        rows_before: 0,
+        rows_after: 0,
     }
 }
 
@@ -729,8 +731,10 @@ fn offline_hub_listing_reads_the_cache_layout() {
         &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "val",
+        &Selection::default(),
     )
-    .unwrap();
+    .unwrap()
+    .files;
     assert_eq!(
         files,
         vec![split_dir.join("0000.parquet"), split_dir.join("0001.parquet")]
@@ -739,11 +743,12 @@ fn offline_hub_listing_reads_the_cache_layout() {
         &repo("someone/scene_parse_150", "refs/convert/parquet"),
         "scene_parsing",
         "train",
+        &Selection::default(),
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("no Parquet files for scene_parsing/train"), "{e}");
-    let e = parquet::hub_parquet_files(&repo("someone/other", "main"), "c", "train")
+    let e = parquet::hub_parquet_files(&repo("someone/other", "main"), "c", "train", &Selection::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("not cached") && e.contains("HF_HUB_OFFLINE"), "{e}");

@@ -96,8 +96,14 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let loaded = model::load(&plan.model)?;
     let recipes = recipes_for(&loaded, plan)?;
     let d = &plan.dataset;
-    let (spec, dataset_description) =
-        crate::data::resolve_source(&d.source, &d.split, &d.subset, &d.image_column, &d.label_column)?;
+    let (spec, dataset_description) = crate::data::resolve_source(
+        &d.source,
+        &d.split,
+        &d.subset,
+        &d.image_column,
+        &d.label_column,
+        &plan.loader.selection,
+    )?;
     let mut loader_options = plan.loader.clone();
     // Images the model cannot run on are refused (named, or skipped and counted) by the loader, not by a conv.
     loader_options.image_check = Some(crate::preprocess::input_size_check(

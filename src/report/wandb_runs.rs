@@ -1,6 +1,11 @@
 //! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
 //! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks; and
-//! [`WandbPublisher`], the evaluation observer that logs them when the run is over.
+//! [`WandbPublisher`], the evaluation observer that logs them when the run is over (and `segq merge`'s publisher
+//! of merged shards), with what it tells the user on the console.
+//!
+//! Sharded runs: one shard's scores are partial, so by default a shard logs nothing and the merge of all shards
+//! publishes the final runs, named and configured exactly as an unsharded evaluation's. With
+//! `tracking.shard_runs` a shard also logs its partial runs, named `<level>-shard-I-of-N`, tagged `shard-I-of-N`.
 
 use std::collections::BTreeMap;
 
@@ -8,20 +13,16 @@ use serde_json::{Map, Value, json};
 
 use crate::eval::results::EvalResults;
 use crate::eval::{EvalObserver, EvalOutput, Sample};
-use crate::track::{MaskedImage, RunLog, Table, TrackingMode, TrackingSettings};
+use crate::track::{MaskedImage, RunLog, Table, TrackOutcome, TrackingMode, TrackingSettings};
 
 fn finite(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }
 }
 
-/// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason).
-pub fn run_logs(
-    results: &EvalResults,
-    samples: &[Sample],
-    group: &str,
-    name_prefix: Option<&str>,
-    tags: &[String],
-) -> Vec<RunLog> {
+/// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason), named by
+/// the level's label (the `tracking.name` prefix is added by the tracker). A shard's runs are named
+/// `<label>-shard-I-of-N` and tagged `shard-I-of-N` (I 0-based, as `--shard I/N`).
+pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[String]) -> Vec<RunLog> {
     let class_names = &results.model.class_names;
     let class_labels: BTreeMap<u32, String> = class_names
         .iter()
@@ -43,6 +44,9 @@ pub fn run_logs(
             config.insert("threads".into(), json!(results.machine.threads));
             config.insert("segq_version".into(), json!(results.segq_version));
             config.insert("examples".into(), json!(results.counts.evaluated));
+            if let Some((index, count)) = results.dataset.shard {
+                config.insert("shard".into(), json!(format!("{index}/{count}")));
+            }
             let mut metrics = Map::new();
             let mut tables = Vec::new();
             if let Some(m) = level.metrics() {
@@ -117,14 +121,19 @@ pub fn run_logs(
                     })
                 })
                 .collect();
-            let name = match name_prefix {
-                Some(p) => format!("{p}-{}", level.label),
+            let mut tags = tags.to_vec();
+            let name = match results.dataset.shard {
+                Some((index, count)) => {
+                    let shard = format!("shard-{index}-of-{count}");
+                    tags.push(shard.clone());
+                    format!("{}-{shard}", level.label)
+                }
                 None => level.label.clone(),
             };
             RunLog {
                 name,
                 group: group.to_string(),
-                tags: tags.to_vec(),
+                tags,
                 config,
                 history: vec![metrics.clone()],
                 summary: metrics,
@@ -136,20 +145,23 @@ pub fn run_logs(
         .collect()
 }
 
-/// Logs a finished evaluation to Weights & Biases. Settings are resolved and checked when it is made (segq.toml's
-/// `[tracking]` < `WANDB_*` variables < the command line), so a bad setting, a missing key or an unwritable run
-/// folder fails before the evaluation.
+/// Logs a finished evaluation (or a merge of shards) to Weights & Biases. Settings are resolved and checked when
+/// it is made (segq.toml's `[tracking]` < `WANDB_*` variables < the command line), so a bad setting, a missing key
+/// or an unwritable run folder fails before the evaluation.
 pub struct WandbPublisher {
     settings: TrackingSettings,
 }
 
 impl WandbPublisher {
-    /// `None` when tracking is disabled. Run folders go to `output_dir` unless `WANDB_DIR` or `tracking.dir` say
-    /// otherwise.
+    /// `None` when tracking is disabled, or when `shard` is a shard of a sharded evaluation and
+    /// `tracking.shard_runs` is off (then one line says that the merge publishes). Run folders go to `output_dir`
+    /// unless `WANDB_DIR` or `tracking.dir` say otherwise. A shard that logs its runs needs `tracking.group` (or
+    /// `WANDB_RUN_GROUP`): the default group is per process, so the shards and the merge would land apart.
     pub fn new(
         configured: &TrackingSettings,
         mode_override: Option<TrackingMode>,
         output_dir: &std::path::Path,
+        shard: Option<(usize, usize)>,
     ) -> crate::Result<Option<WandbPublisher>> {
         let mut settings = TrackingSettings::from_env_over(configured.clone())?;
         if let Some(mode) = mode_override {
@@ -158,6 +170,22 @@ impl WandbPublisher {
         if settings.mode == Some(TrackingMode::Disabled) {
             return Ok(None);
         }
+        if let Some((index, count)) = shard {
+            if !settings.shard_runs.unwrap_or(false) {
+                tracing::info!(
+                    "W&B: shard {index}/{count} logs no runs; `segq merge --wandb` of all {count} shards publishes the \
+                     merged runs (tracking.shard_runs=true logs this shard's partial runs too)"
+                );
+                return Ok(None);
+            }
+            if settings.group.is_none() {
+                return Err(crate::Error::config(
+                    "tracking.shard_runs",
+                    "tracking.shard_runs logs each shard's runs in a group shared with the other shards and the \
+                     merge: set WANDB_RUN_GROUP or tracking.group (e.g. WANDB_RUN_GROUP=segq-$SLURM_ARRAY_JOB_ID)",
+                ));
+            }
+        }
         if settings.dir.is_none() {
             settings.dir = Some(output_dir.to_path_buf());
         }
@@ -165,8 +193,10 @@ impl WandbPublisher {
         Ok(Some(WandbPublisher { settings }))
     }
 
-    /// Logs one run per level; a notice shared by every run is shown once, each failed upload in one line, offline
-    /// runs in one sync hint. `Error::Interrupted` when a stop request cut the uploads short (every run is on disk).
+    /// Logs one run per level. The console gets at most one line per run: offline, one line for all runs (where
+    /// they are, the `wandb sync` command, and why they are offline when no key was found); online, each run's
+    /// URL, or for a failed upload the reason and the run folder to sync. `Error::Interrupted` when a stop request
+    /// cut the uploads short (every run is on disk).
     pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
         let settings = &self.settings;
         let group = settings
@@ -174,38 +204,14 @@ impl WandbPublisher {
             .clone()
             .unwrap_or_else(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
         let tags = settings.tags.clone().unwrap_or_default();
-        let runs = run_logs(results, samples, &group, settings.name.as_deref(), &tags);
+        let runs = run_logs(results, samples, &group, &tags);
         let outcome = crate::track::log_runs(settings, &runs)?;
-        let mut shown: Vec<&String> = Vec::new();
-        let mut offline = 0;
-        for run in &outcome.runs {
-            for w in &run.warnings {
-                if w.contains("wandb sync") {
-                    tracing::info!(run = %run.name, "{w}");
-                } else if !shown.contains(&w) {
-                    tracing::warn!("{w}");
-                    shown.push(w);
-                }
+        for line in console_lines(&outcome) {
+            if line.warning {
+                tracing::warn!("{}", line.text);
+            } else {
+                tracing::info!("{}", line.text);
             }
-            if let Some(line) = &run.upload_error {
-                tracing::warn!("{line}");
-            }
-            match (&run.url, &run.offline_dir) {
-                (Some(url), _) => tracing::info!(run = %run.name, %url, "logged to W&B"),
-                (None, Some(dir)) => {
-                    offline += 1;
-                    tracing::info!(run = %run.name, dir = %dir.display(), "W&B run written offline")
-                }
-                _ => {}
-            }
-        }
-        if offline > 0 {
-            let dir = settings.dir_or_default().join("wandb");
-            tracing::warn!(
-                "{offline} W&B run(s) kept offline in {}; upload them with `wandb sync {}/offline-run-*`",
-                dir.display(),
-                dir.display()
-            );
         }
         if outcome.interrupted {
             return Err(crate::Error::Interrupted);
@@ -214,8 +220,114 @@ impl WandbPublisher {
     }
 }
 
+/// One line for the console.
+#[derive(Debug, PartialEq)]
+pub struct ConsoleLine {
+    pub warning: bool,
+    pub text: String,
+}
+
+/// What the user is told about a publication: each uploaded run's URL, each failed upload (reason and folder to
+/// sync, from the tracker), and one line for the runs written offline by choice or for lack of a key.
+pub fn console_lines(outcome: &TrackOutcome) -> Vec<ConsoleLine> {
+    let mut lines = Vec::new();
+    let mut offline = 0;
+    for run in &outcome.runs {
+        match (&run.url, &run.upload_error, run.mode) {
+            (Some(url), _, _) => lines.push(ConsoleLine {
+                warning: false,
+                text: format!("W&B run {}: {url}", run.name),
+            }),
+            (None, Some(error), _) => lines.push(ConsoleLine {
+                warning: true,
+                text: error.clone(),
+            }),
+            (None, None, TrackingMode::Offline) => offline += 1,
+            _ => {}
+        }
+    }
+    if offline > 0 {
+        let dir = outcome.wandb_dir.display();
+        let why = outcome.notice.as_deref().map(|n| format!("{n}: ")).unwrap_or_default();
+        let runs = if offline == 1 { "run" } else { "runs" };
+        lines.push(ConsoleLine {
+            warning: outcome.notice.is_some(),
+            text: format!(
+                "W&B: {why}{offline} {runs} kept offline in {dir}; upload with `wandb sync {dir}/offline-run-*`"
+            ),
+        });
+    }
+    lines
+}
+
 impl EvalObserver for WandbPublisher {
     fn finished(&mut self, output: &EvalOutput) -> crate::Result<()> {
         self.publish(&output.results, &output.samples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::RunOutcome;
+
+    fn run(name: &str, mode: TrackingMode, url: Option<&str>, error: Option<&str>) -> RunOutcome {
+        RunOutcome {
+            name: name.into(),
+            run_id: "abc12345".into(),
+            mode,
+            offline_dir: Some(format!("out/wandb/offline-run-x-{name}").into()),
+            url: url.map(String::from),
+            upload_error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn offline_runs_get_one_line_and_online_runs_one_each() {
+        let offline = TrackOutcome {
+            runs: vec![
+                run("f32", TrackingMode::Offline, None, None),
+                run("int8-rtn", TrackingMode::Offline, None, None),
+            ],
+            notice: Some("no API key found (WANDB_API_KEY or netrc)".into()),
+            wandb_dir: "out/wandb".into(),
+            interrupted: false,
+        };
+        let lines = console_lines(&offline);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].warning);
+        assert_eq!(
+            lines[0].text,
+            "W&B: no API key found (WANDB_API_KEY or netrc): 2 runs kept offline in out/wandb; upload with \
+             `wandb sync out/wandb/offline-run-*`"
+        );
+        let mixed = TrackOutcome {
+            runs: vec![
+                run("f32", TrackingMode::Online, Some("https://w/r/1"), None),
+                run(
+                    "int8-rtn",
+                    TrackingMode::Offline,
+                    None,
+                    Some("upload failed; wandb sync x"),
+                ),
+            ],
+            notice: None,
+            wandb_dir: "out/wandb".into(),
+            interrupted: false,
+        };
+        let lines = console_lines(&mixed);
+        assert_eq!(
+            lines,
+            [
+                ConsoleLine {
+                    warning: false,
+                    text: "W&B run f32: https://w/r/1".into()
+                },
+                ConsoleLine {
+                    warning: true,
+                    text: "upload failed; wandb sync x".into()
+                }
+            ]
+        );
     }
 }

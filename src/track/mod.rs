@@ -74,6 +74,9 @@ pub struct TrackingSettings {
     pub group: Option<String>,
     /// Tags added to every run.
     pub tags: Option<Vec<String>>,
+    /// A shard of a sharded evaluation (`--shard I/N`) also logs its partial runs, named `<level>-shard-I-of-N` and
+    /// tagged `shard-I-of-N` (default false: only `segq merge` publishes, the merged runs). Needs `group`.
+    pub shard_runs: Option<bool>,
     /// Folder under which `wandb/` run folders are written (default ".").
     pub dir: Option<PathBuf>,
     /// API server (default https://api.wandb.ai).
@@ -169,6 +172,7 @@ impl TrackingSettings {
             name: over.name.or(self.name),
             group: over.group.or(self.group),
             tags: over.tags.or(self.tags),
+            shard_runs: over.shard_runs.or(self.shard_runs),
             dir: over.dir.or(self.dir),
             base_url: over.base_url.or(self.base_url),
             connect_timeout_s: over.connect_timeout_s.or(self.connect_timeout_s),
@@ -293,12 +297,17 @@ pub struct MaskedImage {
 #[derive(Clone, Debug, Default)]
 pub struct TrackOutcome {
     pub runs: Vec<RunOutcome>,
+    /// Why the runs were kept offline when the mode was chosen for the user (no API key found), once for all runs.
+    pub notice: Option<String>,
+    /// The `wandb/` folder that holds the run folders.
+    pub wandb_dir: PathBuf,
     /// A stop was asked for (Ctrl-C) before every upload was done; the runs not uploaded are on disk.
     pub interrupted: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct RunOutcome {
+    /// The run's display name in W&B (the `tracking.name` prefix included).
     pub name: String,
     /// Empty when tracking is disabled.
     pub run_id: String,
@@ -308,8 +317,6 @@ pub struct RunOutcome {
     pub offline_dir: Option<PathBuf>,
     /// The run's page, when uploaded.
     pub url: Option<String>,
-    /// One-line notices (fallbacks, sync hints).
-    pub warnings: Vec<String>,
     /// Why an online run was not uploaded, in one line naming the server and the run folder to `wandb sync`.
     pub upload_error: Option<String>,
 }

@@ -290,7 +290,7 @@ pub struct Resolved {
     /// Online only with a key; Disabled means nothing else here is used.
     pub mode: TrackingMode,
     pub key: Option<secret::Secret>,
-    /// The one-line notice when the mode was chosen for the user (no key found: offline).
+    /// Why the mode was chosen for the user (no key found: offline), shown once for all runs.
     pub notice: Option<String>,
     pub base_url: String,
     /// `<dir>/wandb`, where the run folders go.
@@ -350,7 +350,7 @@ pub fn resolve(settings: &TrackingSettings, env: &dyn Fn(&str) -> Option<String>
             }
             None => {
                 resolved.mode = TrackingMode::Offline;
-                resolved.notice = Some("no W&B API key found (WANDB_API_KEY or netrc): logging offline".into());
+                resolved.notice = Some("no API key found (WANDB_API_KEY or netrc)".into());
             }
         },
     }
@@ -411,8 +411,14 @@ pub fn log_runs_with(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<TrackOutcome> {
     let resolved = resolve(settings, env)?;
+    let mut outcome = TrackOutcome {
+        runs: Vec::with_capacity(runs.len()),
+        notice: resolved.notice.clone(),
+        wandb_dir: resolved.wandb_dir.clone(),
+        interrupted: false,
+    };
     if resolved.mode == TrackingMode::Disabled {
-        let runs = runs
+        outcome.runs = runs
             .iter()
             .map(|r| RunOutcome {
                 name: r.name.clone(),
@@ -420,39 +426,22 @@ pub fn log_runs_with(
                 mode: TrackingMode::Disabled,
                 offline_dir: None,
                 url: None,
-                warnings: Vec::new(),
                 upload_error: None,
             })
             .collect();
-        return Ok(TrackOutcome {
-            runs,
-            interrupted: false,
-        });
+        return Ok(outcome);
     }
-    if let Some(notice) = &resolved.notice {
-        tracing::info!("{notice}");
-    }
-    let mut outcome = TrackOutcome::default();
     let mut prepared_runs = Vec::with_capacity(runs.len());
     for log in runs {
         let prepared = prepare_run(settings, log, new_run_id())?;
         let offline_dir = offline::write_run(&resolved.wandb_dir, &prepared)?;
-        tracing::info!(run = %prepared.run_id, name = %prepared.display_name, dir = %offline_dir.display(), "W&B run written");
-        let mut warnings: Vec<String> = resolved.notice.iter().cloned().collect();
-        if resolved.mode == TrackingMode::Offline {
-            warnings.push(format!(
-                "W&B run {} kept offline; {}",
-                prepared.run_id,
-                sync_hint(&offline_dir)
-            ));
-        }
+        tracing::debug!(run = %prepared.run_id, name = %prepared.display_name, dir = %offline_dir.display(), "W&B run written");
         outcome.runs.push(RunOutcome {
-            name: log.name.clone(),
+            name: prepared.display_name.clone(),
             run_id: prepared.run_id.clone(),
             mode: TrackingMode::Offline,
             offline_dir: Some(offline_dir),
             url: None,
-            warnings,
             upload_error: None,
         });
         prepared_runs.push(prepared);
@@ -482,7 +471,7 @@ pub fn log_runs_with(
             Ok(url) => {
                 run.mode = TrackingMode::Online;
                 run.offline_dir = Some(offline::mark_synced(&offline_dir)?);
-                tracing::info!(run = %prepared.run_id, %url, "W&B run uploaded");
+                tracing::debug!(run = %prepared.run_id, %url, "W&B run uploaded");
                 run.url = Some(url);
             }
             Err(Error::Interrupted) => {
