@@ -202,7 +202,7 @@ impl Loader {
         rows.start += options.skip_first;
         let bound = options.batch_size * (options.prefetch_batches + 1);
         stats.in_flight_bound = bound;
-        tracing::info!(
+        tracing::debug!(
             "dataset: {total} rows, selected {}..{} ({} rows), batch {}, {} workers, at most {bound} examples in flight",
             rows.start,
             rows.end,

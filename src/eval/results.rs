@@ -364,7 +364,7 @@ impl EvalResults {
         crate::outputs::write_atomically(path, |temporary| {
             std::fs::write(temporary, text + "\n").map_err(|e| Error::io(temporary, e))
         })?;
-        tracing::info!(path = %path.display(), levels = self.levels.len(), "wrote results");
+        tracing::debug!(path = %path.display(), levels = self.levels.len(), "wrote results");
         Ok(())
     }
 

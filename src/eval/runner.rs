@@ -128,7 +128,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     )?;
     let mut loader = Loader::new(&spec, loader_options)?;
     let selected = loader.total() + plan.loader.skip_first;
-    tracing::info!(dataset = %dataset_description, examples = selected, "dataset ready");
+    tracing::info!("dataset ready: {dataset_description}, {selected} examples");
     let selection = &plan.loader.selection;
     // An empty shard of a non-empty selection (more shards than examples) is legitimate: its merge is exact.
     let unsharded = crate::data::Selection {

@@ -294,14 +294,15 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     // int8-dyn checkpoints store plain int8 codes: the plan packs them for the W8A8 GEMM as `quantize` does.
     model.prepare(recipe.as_ref().map_or(Level::F32, |r| r.recipe.level))?;
     let load_time = start.elapsed();
-    let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k}: {v} B")).collect();
+    let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k} {}", crate::limits::human_bytes(*v as u64))).collect();
     tracing::info!(
-        source = %source,
-        seconds = %format!("{:.2}", load_time.as_secs_f64()),
-        weights = %by_dtype.join(", "),
-        quantization = recipe.as_ref().map(|r| r.label.as_str()).unwrap_or("none"),
-        peak_rss_mb = %format!("{:.0}", crate::sysinfo::peak_rss_bytes() as f64 / 1e6),
-        "model loaded"
+        "model loaded in {:.2} s: {source} ({}{}), peak RSS {:.0} MB",
+        load_time.as_secs_f64(),
+        by_dtype.join(", "),
+        recipe
+            .as_ref()
+            .map_or(String::new(), |r| format!(", quantized {}", r.label)),
+        crate::sysinfo::peak_rss_bytes() as f64 / 1e6,
     );
     Ok(LoadedModel {
         model,
@@ -626,13 +627,17 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         bits_per_weight: out.bits_per_weight(),
     };
     tracing::info!(
-        recipe = %report.label,
-        layers = report.quantized_layers,
-        skipped = report.skipped_layers.len(),
-        seconds = %format!("{:.2}", report.seconds),
-        bits_per_weight = %format!("{:.2}", report.bits_per_weight),
-        weight_rel_error = %format!("{:.4}", report.weight_rel_error),
-        "quantized"
+        "quantized {}: {:.2} bits/weight, weight error {:.4}, {:.2} s ({} layers{})",
+        report.label,
+        report.bits_per_weight,
+        report.weight_rel_error,
+        report.seconds,
+        report.quantized_layers,
+        if report.skipped_layers.is_empty() {
+            String::new()
+        } else {
+            format!(", {} kept float", report.skipped_layers.len())
+        }
     );
     Ok((out, report))
 }

@@ -35,7 +35,7 @@ pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> 
     }
 
     written.extend(plots::write_plots(results, &out_dir.join("plots"))?);
-    tracing::info!(dir = %out_dir.display(), files = written.len(), "wrote reports");
+    tracing::debug!(dir = %out_dir.display(), files = written.len(), "wrote reports");
     Ok(written)
 }
 
@@ -68,7 +68,7 @@ impl ReportWriter {
             &output.samples,
             &self.dir.join("samples"),
         )?);
-        tracing::info!(
+        tracing::debug!(
             out = %self.dir.display(),
             files = written.len(),
             complete = output.results.complete,
