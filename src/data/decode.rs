@@ -950,7 +950,10 @@ mod tests {
                 .map(|(a, b)| a.abs_diff(*b) as u64)
                 .sum();
             let mean = total as f64 / img.as_raw().len() as f64;
-            assert!(mean < 8.0, "{factors:?}: decoded JPEG far from source: mean difference {mean}");
+            assert!(
+                mean < 8.0,
+                "{factors:?}: decoded JPEG far from source: mean difference {mean}"
+            );
         }
     }
 
