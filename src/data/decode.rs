@@ -2,10 +2,14 @@
 //! them: images become 8-bit RGB (`ImageOps.exif_transpose(im).convert("RGB")`), masks stay single-channel 8-bit
 //! values. Sizes are checked from the file's header before any pixel buffer is allocated.
 //!
-//! JPEG goes through libjpeg-turbo (the `turbojpeg` crate), which decodes bit-identically to Pillow's libjpeg; PNG
-//! through the `png` crate with no transformations, so that every conversion to RGB is written here, as Pillow's
-//! `convert("RGB")` does it (16-bit samples, low bit depths, palettes, alpha dropped). Masks keep their stored
-//! values: palette masks give their raw indices (as Pillow's mode P does) rather than colours.
+//! JPEG goes through libjpeg with its default settings (accurate integer IDCT, fancy upsampling), as Pillow, which
+//! bundles libjpeg-turbo, decodes it: the libjpeg-turbo-derived code that `mozjpeg-sys` compiles with the C compiler
+//! alone (no cmake), called through its TurboJPEG API. nasm, when installed, adds the SIMD code Pillow's build has:
+//! the same pixels, except in the damaged blocks of a corrupt file that Pillow still loads (with a warning), which
+//! only the SIMD code decodes exactly as Pillow. PNG goes through the `png` crate with no transformations, so that
+//! every conversion to RGB is written here, as Pillow's `convert("RGB")` does it (16-bit samples, low bit depths,
+//! palettes, alpha dropped). Masks keep their stored values: palette masks give their raw indices (as Pillow's mode P
+//! does) rather than colours.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -60,7 +64,7 @@ impl DecodeOptions {
 /// Decodes an image (JPEG or PNG) to RGB. Errors are one short line, without the location (the caller adds it).
 pub fn decode_image(
     bytes: &[u8],
-    jpeg: &mut Option<turbojpeg::Decompressor>,
+    jpeg: &mut Option<JpegDecoder>,
     options: &DecodeOptions,
 ) -> Result<RgbImage, Problem> {
     let (image, orientation) = match sniff(bytes) {
@@ -203,11 +207,7 @@ fn describe_start(bytes: &[u8]) -> String {
 
 // ---------------------------------------------------------------------------------------------------------- JPEG
 
-fn decode_jpeg(
-    bytes: &[u8],
-    slot: &mut Option<turbojpeg::Decompressor>,
-    options: &DecodeOptions,
-) -> Result<RgbImage, Problem> {
+fn decode_jpeg(bytes: &[u8], slot: &mut Option<JpegDecoder>, options: &DecodeOptions) -> Result<RgbImage, Problem> {
     match decode_jpeg_with(bytes, slot, options) {
         Ok((image, false)) => Ok(image),
         other => {
@@ -221,41 +221,29 @@ fn decode_jpeg(
 /// Decodes with the given (or a new) decompressor; the flag says a libjpeg warning was ignored.
 fn decode_jpeg_with(
     bytes: &[u8],
-    slot: &mut Option<turbojpeg::Decompressor>,
+    slot: &mut Option<JpegDecoder>,
     options: &DecodeOptions,
 ) -> Result<(RgbImage, bool), Problem> {
     if slot.is_none() {
-        *slot = Some(turbojpeg::Decompressor::new().map_err(|e| format!("cannot start the JPEG decoder: {e}"))?);
+        *slot = Some(JpegDecoder::new()?);
     }
     let decoder = slot.as_mut().ok_or("JPEG decoder unavailable")?;
     let header = decoder
         .read_header(bytes)
-        .map_err(|e| format!("JPEG header: {}", jpeg_message(&e)))?;
+        .map_err(|message| format!("JPEG header: {message}"))?;
     let (w, h) = (header.width, header.height);
     options
         .check_size(w as u64, h as u64)
         .map_err(|e| format!("JPEG {e}"))?;
     // Pillow opens 4-component JPEGs as CMYK (libjpeg turns YCCK into CMYK) and reads them Adobe-inverted.
-    let cmyk = matches!(
-        header.colorspace,
-        turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
-    );
-    let (format, channels) = if cmyk {
-        (turbojpeg::PixelFormat::CMYK, 4)
+    let (format, channels) = if header.cmyk {
+        (turbojpeg_api::TJPF_CMYK, 4)
     } else {
-        (turbojpeg::PixelFormat::RGB, 3)
+        (turbojpeg_api::TJPF_RGB, 3)
     };
     let mut pixels = vec![0u8; w * h * channels];
-    let out = turbojpeg::Image {
-        pixels: &mut pixels[..],
-        width: w,
-        pitch: w * channels,
-        height: h,
-        format,
-    };
     let mut warned = false;
-    if let Err(e) = decoder.decompress(bytes, out) {
-        let message = jpeg_message(&e);
+    if let Err(message) = decoder.decompress(bytes, &mut pixels, (w, h), format, channels) {
         // TurboJPEG reports libjpeg warnings as errors. Pillow ignores "Corrupt JPEG data: ..." warnings (the image
         // still loads) but refuses truncated files; do the same.
         if message.starts_with("Corrupt JPEG data") {
@@ -267,11 +255,170 @@ fn decode_jpeg_with(
             return Err(format!("JPEG: {message}").into());
         }
     }
-    if cmyk {
+    if header.cmyk {
         pixels = inverted_cmyk_to_rgb(&pixels);
     }
     let image = RgbImage::from_raw(w as u32, h as u32, pixels).ok_or("JPEG: bad dimensions")?;
     Ok((image, warned))
+}
+
+/// A JPEG decompressor, kept by each decoding thread across images (starting one allocates libjpeg's state).
+pub struct JpegDecoder {
+    handle: std::ptr::NonNull<std::ffi::c_void>,
+}
+
+// A TurboJPEG handle holds no thread-local state: it may move between threads, used by one at a time (`&mut self`).
+unsafe impl Send for JpegDecoder {}
+
+/// What the frame header says: the size, and whether the pixels are 4-component CMYK or YCCK.
+struct JpegHeader {
+    width: usize,
+    height: usize,
+    cmyk: bool,
+}
+
+impl JpegDecoder {
+    fn new() -> Result<Self, Problem> {
+        // SAFETY: no arguments; a null handle is the failure, with its message in the library's thread-local string.
+        let handle = unsafe { turbojpeg_api::tjInitDecompress() };
+        match std::ptr::NonNull::new(handle) {
+            Some(handle) => Ok(JpegDecoder { handle }),
+            None => Err(format!("cannot start the JPEG decoder: {}", error_text(handle)).into()),
+        }
+    }
+
+    fn read_header(&mut self, bytes: &[u8]) -> Result<JpegHeader, String> {
+        let size = std::ffi::c_ulong::try_from(bytes.len()).map_err(|_| "file too large".to_string())?;
+        let (mut width, mut height, mut subsampling, mut colorspace) = (0, 0, -1, -1);
+        // SAFETY: the handle is live; the buffer and its length come from one slice; the outputs are plain ints.
+        let status = unsafe {
+            turbojpeg_api::tjDecompressHeader3(
+                self.handle.as_ptr(),
+                bytes.as_ptr(),
+                size,
+                &mut width,
+                &mut height,
+                &mut subsampling,
+                &mut colorspace,
+            )
+        };
+        if status != 0 {
+            let message = error_text(self.handle.as_ptr());
+            // TurboJPEG 2 refuses sampling factors outside its named layouts (4:1:0, 3x1, mixed chroma) after it
+            // has read the whole header and filled in the size; libjpeg (and so Pillow) decodes them, and so does
+            // tjDecompress2, which does not look at the layout.
+            let unnamed_layout = message.contains("Could not determine subsampling type") && width > 0 && height > 0;
+            if !unnamed_layout {
+                return Err(message);
+            }
+        }
+        Ok(JpegHeader {
+            width: width as usize,
+            height: height as usize,
+            cmyk: matches!(colorspace, turbojpeg_api::TJCS_CMYK | turbojpeg_api::TJCS_YCCK),
+        })
+    }
+
+    /// Decodes the whole image at full size into `pixels` (`width * height * channels` bytes of `format`).
+    fn decompress(
+        &mut self,
+        bytes: &[u8],
+        pixels: &mut [u8],
+        (width, height): (usize, usize),
+        format: std::ffi::c_int,
+        channels: usize,
+    ) -> Result<(), String> {
+        let too_large = || "image too large for the JPEG decoder".to_string();
+        let size = std::ffi::c_ulong::try_from(bytes.len()).map_err(|_| too_large())?;
+        let pitch = std::ffi::c_int::try_from(width * channels).map_err(|_| too_large())?;
+        let (c_width, c_height) = (
+            std::ffi::c_int::try_from(width).map_err(|_| too_large())?,
+            std::ffi::c_int::try_from(height).map_err(|_| too_large())?,
+        );
+        if pixels.len() != width * height * channels {
+            return Err("pixel buffer does not match the image size".into());
+        }
+        // SAFETY: the handle is live; `pixels` holds `height` rows of `pitch` bytes, and the decoder writes no more
+        // (it scales to fit within width x height, and these are the image's own size); flags 0 keep libjpeg's
+        // defaults (accurate integer IDCT, fancy upsampling), as Pillow uses them.
+        let status = unsafe {
+            turbojpeg_api::tjDecompress2(
+                self.handle.as_ptr(),
+                bytes.as_ptr(),
+                size,
+                pixels.as_mut_ptr(),
+                c_width,
+                pitch,
+                c_height,
+                format,
+                0,
+            )
+        };
+        if status != 0 {
+            return Err(error_text(self.handle.as_ptr()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for JpegDecoder {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tjInitDecompress and is destroyed once, here.
+        unsafe { turbojpeg_api::tjDestroy(self.handle.as_ptr()) };
+    }
+}
+
+/// The library's message for the last failure of `handle` (or of starting one, for a null handle), trimmed.
+fn error_text(handle: *mut std::ffi::c_void) -> String {
+    // SAFETY: tjGetErrorStr2 accepts any handle or null and returns a NUL-terminated string it owns, copied at once.
+    let text = unsafe { turbojpeg_api::tjGetErrorStr2(handle) };
+    if text.is_null() {
+        return "unknown JPEG decoder error".into();
+    }
+    unsafe { std::ffi::CStr::from_ptr(text) }
+        .to_string_lossy()
+        .trim()
+        .to_string()
+}
+
+/// The few TurboJPEG 2 functions and constants segq uses, from the static library `mozjpeg-sys` builds (its
+/// `turbojpeg_api` feature), declared as in its turbojpeg.h.
+mod turbojpeg_api {
+    use std::ffi::{c_char, c_int, c_uchar, c_ulong, c_void};
+
+    // Names the crate so that its static library is linked.
+    use mozjpeg_sys as _;
+
+    pub const TJPF_RGB: c_int = 0;
+    pub const TJPF_CMYK: c_int = 11;
+    pub const TJCS_CMYK: c_int = 3;
+    pub const TJCS_YCCK: c_int = 4;
+
+    unsafe extern "C" {
+        pub fn tjInitDecompress() -> *mut c_void;
+        pub fn tjDecompressHeader3(
+            handle: *mut c_void,
+            jpeg: *const c_uchar,
+            jpeg_size: c_ulong,
+            width: *mut c_int,
+            height: *mut c_int,
+            subsampling: *mut c_int,
+            colorspace: *mut c_int,
+        ) -> c_int;
+        pub fn tjDecompress2(
+            handle: *mut c_void,
+            jpeg: *const c_uchar,
+            jpeg_size: c_ulong,
+            pixels: *mut c_uchar,
+            width: c_int,
+            pitch: c_int,
+            height: c_int,
+            pixel_format: c_int,
+            flags: c_int,
+        ) -> c_int;
+        pub fn tjGetErrorStr2(handle: *mut c_void) -> *mut c_char;
+        pub fn tjDestroy(handle: *mut c_void) -> c_int;
+    }
 }
 
 /// Pillow's CMYK JPEG path: unpack as "CMYK;I" (Adobe polarity: stored 0 is full ink), then `cmyk2rgb`:
@@ -290,13 +437,6 @@ fn inverted_cmyk_to_rgb(stored: &[u8]) -> Vec<u8> {
         }
     }
     rgb
-}
-
-fn jpeg_message(e: &turbojpeg::Error) -> String {
-    match e {
-        turbojpeg::Error::TurboJpegError(m) => m.trim().to_string(),
-        other => other.to_string(),
-    }
 }
 
 /// The EXIF orientation of a JPEG as Pillow finds it: the Exif APP1 segments (concatenated, as Pillow does), else
@@ -755,14 +895,77 @@ mod tests {
         }
     }
 
+    /// A JPEG with the given luma sampling factors (chroma 1x1), from libjpeg's own compressor with libjpeg-turbo's
+    /// defaults (no encoder segq has otherwise writes layouts such as 4:1:0 or 3x1).
+    fn jpeg_with_luma_sampling(img: &RgbImage, factors: (i32, i32)) -> Vec<u8> {
+        use mozjpeg_sys::*;
+        let (w, h) = img.dimensions();
+        // SAFETY: libjpeg's documented compression sequence on zeroed structs it initialises itself; the error
+        // manager exits the process on failure (a test helper), rows are whole rows of `img`, and the output buffer
+        // libjpeg allocates is copied and then freed.
+        unsafe {
+            let mut err: jpeg_error_mgr = std::mem::zeroed();
+            let mut c: jpeg_compress_struct = std::mem::zeroed();
+            c.common.err = jpeg_std_error(&mut err);
+            jpeg_create_compress(&mut c);
+            let (mut buffer, mut size): (*mut u8, std::ffi::c_ulong) = (std::ptr::null_mut(), 0);
+            jpeg_mem_dest(&mut c, &mut buffer, &mut size);
+            (c.image_width, c.image_height, c.input_components) = (w, h, 3);
+            c.in_color_space = J_COLOR_SPACE::JCS_RGB;
+            jpeg_c_set_int_param(
+                &mut c,
+                J_INT_PARAM::JINT_COMPRESS_PROFILE,
+                JINT_COMPRESS_PROFILE_VALUE::JCP_FASTEST as i32,
+            );
+            jpeg_set_defaults(&mut c);
+            (*c.comp_info).h_samp_factor = factors.0;
+            (*c.comp_info).v_samp_factor = factors.1;
+            jpeg_start_compress(&mut c, 1);
+            while c.next_scanline < c.image_height {
+                let rows = [img.as_raw().as_ptr().add(c.next_scanline as usize * w as usize * 3)];
+                jpeg_write_scanlines(&mut c, rows.as_ptr() as JSAMPARRAY, 1);
+            }
+            jpeg_finish_compress(&mut c);
+            let jpeg = std::slice::from_raw_parts(buffer, size as usize).to_vec();
+            jpeg_destroy_compress(&mut c);
+            libc::free(buffer.cast());
+            jpeg
+        }
+    }
+
+    #[test]
+    fn jpegs_with_unnamed_sampling_layouts_decode() {
+        let img = image::RgbImage::from_fn(61, 47, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+        });
+        // 4:1:0 and 3x1 luma, which TurboJPEG 2's header reader cannot name; 2x2 (4:2:0) for comparison.
+        for factors in [(4, 2), (3, 1), (2, 2)] {
+            let jpeg = jpeg_with_luma_sampling(&img, factors);
+            let decoded = decode_image(&jpeg, &mut None, &opts()).unwrap_or_else(|e| panic!("{factors:?}: {e}"));
+            assert_eq!(decoded.dimensions(), (61, 47), "{factors:?}");
+            let total: u64 = decoded
+                .as_raw()
+                .iter()
+                .zip(img.as_raw())
+                .map(|(a, b)| a.abs_diff(*b) as u64)
+                .sum();
+            let mean = total as f64 / img.as_raw().len() as f64;
+            assert!(
+                mean < 8.0,
+                "{factors:?}: decoded JPEG far from source: mean difference {mean}"
+            );
+        }
+    }
+
     #[test]
     fn jpeg_round_trip_and_corruption() {
         let img = image::RgbImage::from_fn(160, 96, |x, y| {
             image::Rgb([(x * 6 % 256) as u8, ((x + 2 * y) / 2) as u8, (y * 10 % 256) as u8])
         });
-        let jpeg = turbojpeg::compress_image(&img, 90, turbojpeg::Subsamp::Sub2x2)
-            .unwrap()
-            .to_vec();
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&img)
+            .unwrap();
         let mut dec = None;
         let first = decode_image(&jpeg, &mut dec, &opts()).unwrap();
         assert_eq!(first.dimensions(), (160, 96));

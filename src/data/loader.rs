@@ -526,7 +526,7 @@ fn decode_worker(input: &Receiver<RawExample>, output: &Sender<(usize, Outcome)>
     }
 }
 
-fn decode_example(raw: RawExample, settings: &DecodeSettings, jpeg: &mut Option<turbojpeg::Decompressor>) -> Outcome {
+fn decode_example(raw: RawExample, settings: &DecodeSettings, jpeg: &mut Option<decode::JpegDecoder>) -> Outcome {
     let RawExample {
         index,
         id,
