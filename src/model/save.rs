@@ -88,6 +88,11 @@ pub fn save_quantized(
         })
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
+    // A quanto map left by an earlier `--format quanto` would make the folder read as a quanto checkpoint.
+    let stale_map = dir.join(super::quanto::QUANTIZATION_MAP_FILE);
+    if stale_map.exists() {
+        std::fs::remove_file(&stale_map).map_err(|e| Error::io(&stale_map, e))?;
+    }
     // The configs first: a folder with weights but no config.json would look complete to a reader.
     let config_path = dir.join("config.json");
     write_atomically(&config_path, |out| out.write_all(config_json.as_bytes()))?;
