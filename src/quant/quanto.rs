@@ -421,7 +421,7 @@ mod tests {
     }
 
     fn lookup<'a>(parts: &'a [StoredTensor]) -> impl Fn(&str) -> Option<Part<'a>> {
-        |n| parts.iter().find(|p| p.0 == n).map(|p| (p.1, p.2.clone(), p.3.as_slice()))
+        move |n| parts.iter().find(|p| p.0 == n).map(|p| (p.1, p.2.clone(), p.3.as_slice()))
     }
 
     #[test]
