@@ -8,6 +8,8 @@ Each fixture folder holds what a quanto user saves:
   quantization_map.json      optimum.quanto.quantization_map(model)
   config.json, preprocessor_config.json   copied from tiny_a
   logits.npy                 float32 [num_labels, h, w]: the quanto model's logits for input.pixel_values.npy
+  dequantized.safetensors    float32: quanto's own dequantization (`module.weight.dequantize()`) of three layers
+                             (a grouped conv, a per-channel conv, a Linear), under Hub names, for the bit-exact check
 
 The state dict of a transformers 5 model uses its in-memory module names (segformer.stages.0.blocks.0.attention.
 q_proj); fixtures marked "hub" are renamed to the Hub checkpoint names (segformer.encoder.block.0.0.attention.self.
@@ -45,6 +47,14 @@ OUT = os.path.join(ROOT, "quanto")
 # The input: the top-left 32x32 of SegformerImageProcessor's pixels for odd_37x53.png (tiny_a's smallest input
 # side is 29), so that the logits stay small: [150, 8, 8].
 PIXELS = os.path.join(ROOT, "reference", "tiny_a__odd_37x53.pixel_values.npy")
+
+# Layers whose dequantized weights are kept (Hub names): stage 0's spatial reduction (512 inputs: groups of 128 for
+# int4/int2), its patch embedding (147 inputs: per channel) and its first Mix-FFN Linear.
+DEQUANTIZED = [
+    "segformer.encoder.block.0.0.attention.self.sr",
+    "segformer.encoder.patch_embeddings.0.proj",
+    "segformer.encoder.block.0.0.mlp.dense1",
+]
 
 CONVS = ["*patch_embeddings.proj", "*sequence_reduction.sequence_reduction", "*dwconv.dwconv", "*linear_fuse",
          "*classifier"]
@@ -122,11 +132,15 @@ def main():
         folder = os.path.join(OUT, name)
         os.makedirs(folder)
         save_file(state, os.path.join(folder, "model.safetensors"))
+        os.chmod(os.path.join(folder, "model.safetensors"), 0o644)
         with open(os.path.join(folder, "quantization_map.json"), "w") as f:
             json.dump(qmap, f, indent=1, sort_keys=True)
         for cfg in ("config.json", "preprocessor_config.json"):
             shutil.copy(os.path.join(MODEL, cfg), os.path.join(folder, cfg))
         np.save(os.path.join(folder, "logits.npy"), np.ascontiguousarray(logits.numpy().astype("<f4")))
+        modules = {hub_name(n): m for n, m in model.named_modules()}
+        dequantized = {f"{n}.weight": modules[n].weight.dequantize().detach().contiguous() for n in DEQUANTIZED}
+        save_file(dequantized, os.path.join(folder, "dequantized.safetensors"))
         kinds = sorted({v["weights"] for v in qmap.values()})
         print(f"{name}: {len(qmap)} quantized modules ({', '.join(kinds)}), {spelling} names")
 

@@ -89,6 +89,31 @@ fn quanto_checkpoints_load_and_match_quanto_logits() {
 }
 
 #[test]
+fn dequantized_weights_are_quantos_bit_for_bit() {
+    for (name, _) in FIXTURES {
+        let dir = fixtures().join("quanto").join(name);
+        let ours = weights(&load(&dir).model);
+        let bytes = std::fs::read(dir.join("dequantized.safetensors")).unwrap();
+        let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(reference.len(), 3, "{name}");
+        for (tensor, view) in reference.tensors() {
+            let expected: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let (_, got) = ours
+                .iter()
+                .find(|(n, _)| *n == tensor)
+                .unwrap_or_else(|| panic!("{name}: no weight `{tensor}`"));
+            let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(got.len(), expected.len(), "{name} {tensor}");
+            assert_eq!(differing, 0, "{name} {tensor}: {differing} values differ from quanto's dequantization");
+        }
+    }
+}
+
+#[test]
 fn both_name_spellings_load_the_same_model() {
     // qint4 is stored under transformers 5's in-memory names; a copy renamed to the Hub names must load the same.
     let src = fixtures().join("quanto/qint4");
