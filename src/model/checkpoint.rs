@@ -170,6 +170,12 @@ impl TensorStore {
                     std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
                 ));
             }
+            if store.quanto_modules.is_some() && !name.ends_with(".safetensors") {
+                return Err(Error::unsupported(
+                    &shown,
+                    "optimum-quanto checkpoints are read from safetensors (save_file(model.state_dict()))",
+                ));
+            }
             if name.ends_with(".safetensors") {
                 let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
                 store.add_safetensors(&shown, &bytes)?;
