@@ -208,10 +208,23 @@ fn export_refuses_what_quanto_cannot_hold() {
     assert!(err.contains("level bf16 cannot be written as an optimum-quanto checkpoint"), "{err}");
     let err = save(&Recipe::level_default(Level::Int8Dyn));
     assert!(err.contains("int8-dyn quantizes activations"), "{err}");
-    // int4's default groups of 64 split quanto's groups of 128 on the 512-input spatial-reduction conv.
+    // int4's default groups of 64 split the first patch embedding's rows of 147, which quanto keeps per channel...
     let err = save(&Recipe::level_default(Level::Int4));
     assert!(
-        err.starts_with("segformer.stages.0.blocks.0.attention.sequence_reduction.sequence_reduction.weight: cannot be written for optimum-quanto: quanto quantizes rows of 512 inputs in groups of 128"),
+        err.starts_with(
+            "segformer.stages.0.patch_embeddings.proj.weight: cannot be written for optimum-quanto: quanto \
+             quantizes rows of 147 inputs per output channel"
+        ),
+        "{err}"
+    );
+    // ... and with that layer kept float, the 512-input spatial-reduction conv, which quanto cuts in groups of 128.
+    let skip = vec!["segformer.encoder.patch_embeddings.*".to_string()];
+    let err = save(&Recipe::new(Level::Int4, Method::Rtn, None, None, skip).unwrap());
+    assert!(
+        err.starts_with(
+            "segformer.stages.0.blocks.0.attention.sequence_reduction.sequence_reduction.weight: cannot be written \
+             for optimum-quanto: quanto quantizes rows of 512 inputs in groups of 128"
+        ),
         "{err}"
     );
     assert!(!dir.join("quantization_map.json").exists());

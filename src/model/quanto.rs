@@ -5,7 +5,6 @@
 //! ([`save_quanto`]). The per-weight layouts are `quant::quanto`; `checkpoint::TensorStore` reads the tensors.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::Dtype;
