@@ -106,9 +106,16 @@ fn dequantized_weights_are_quantos_bit_for_bit() {
                 .iter()
                 .find(|(n, _)| *n == tensor)
                 .unwrap_or_else(|| panic!("{name}: no weight `{tensor}`"));
-            let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let differing = got
+                .iter()
+                .zip(&expected)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
             assert_eq!(got.len(), expected.len(), "{name} {tensor}");
-            assert_eq!(differing, 0, "{name} {tensor}: {differing} values differ from quanto's dequantization");
+            assert_eq!(
+                differing, 0,
+                "{name} {tensor}: {differing} values differ from quanto's dequantization"
+            );
         }
     }
 }
@@ -128,8 +135,16 @@ fn both_name_spellings_load_the_same_model() {
         .into_iter()
         .map(|(n, v)| (model::quanto::hub_name(&n), v))
         .collect();
-    assert!(renamed.iter().any(|(n, _)| n.contains("attention.self.query.weight._data._data")));
-    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(renamed, None).unwrap()).unwrap();
+    assert!(
+        renamed
+            .iter()
+            .any(|(n, _)| n.contains("attention.self.query.weight._data._data"))
+    );
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(renamed, None).unwrap(),
+    )
+    .unwrap();
     let map: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(src.join("quantization_map.json")).unwrap()).unwrap();
     let map: serde_json::Map<String, serde_json::Value> =
@@ -150,7 +165,14 @@ fn exports() -> Vec<(Recipe, PathBuf, Segformer)> {
         Recipe::level_default(Level::F8E4m3),
         Recipe::level_default(Level::F8E5m2),
         Recipe::new(Level::Int4, Method::Rtn, Some(4096), None, vec![]).unwrap(),
-        Recipe::new(Level::Int4, Method::Hqq, Some(4096), None, vec!["decode_head.classifier*".into()]).unwrap(),
+        Recipe::new(
+            Level::Int4,
+            Method::Hqq,
+            Some(4096),
+            None,
+            vec!["decode_head.classifier*".into()],
+        )
+        .unwrap(),
         Recipe::new(Level::Int2, Method::Rtn, Some(4096), Some(true), vec![]).unwrap(),
     ];
     recipes
@@ -187,7 +209,10 @@ fn export_then_import_gives_the_same_weights() {
                 let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
                 assert!(diff <= 1e-6 * scale.max(1e-6), "{label} {name}: {diff}");
             } else {
-                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{label} {name}");
+                assert!(
+                    x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{label} {name}"
+                );
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -205,7 +230,10 @@ fn export_refuses_what_quanto_cannot_hold() {
             .to_string()
     };
     let err = save(&Recipe::level_default(Level::Bf16));
-    assert!(err.contains("level bf16 cannot be written as an optimum-quanto checkpoint"), "{err}");
+    assert!(
+        err.contains("level bf16 cannot be written as an optimum-quanto checkpoint"),
+        "{err}"
+    );
     let err = save(&Recipe::level_default(Level::Int8Dyn));
     assert!(err.contains("int8-dyn quantizes activations"), "{err}");
     // int4's default groups of 64 split the first patch embedding's rows of 147, which quanto keeps per channel...
@@ -263,8 +291,13 @@ fn bad_quanto_checkpoints_are_named_errors() {
         err.contains(&format!("module `{module}` quantizes activations (qint8)")),
         "{err}"
     );
-    let err = load_error("qint4", |d| edit_map(d, |m| m[module]["weights"] = "qfloat8_e4m3fnuz".into()));
-    assert!(err.contains("has weights \"qfloat8_e4m3fnuz\", which segq does not read"), "{err}");
+    let err = load_error("qint4", |d| {
+        edit_map(d, |m| m[module]["weights"] = "qfloat8_e4m3fnuz".into())
+    });
+    assert!(
+        err.contains("has weights \"qfloat8_e4m3fnuz\", which segq does not read"),
+        "{err}"
+    );
     let err = load_error("qint4", |d| edit_map(d, |m| m[module]["weights"] = "qint2".into()));
     assert!(
         err.contains("segformer.encoder.block.0.0.attention.self.query.weight._data._data: expected U8 [2, 8] for a qint2 weight of shape [8, 8], found U8 [4, 8]"),
@@ -279,7 +312,9 @@ fn bad_quanto_checkpoints_are_named_errors() {
         err.contains("is part of a quanto weight, but quantization_map.json does not list module `segformer.encoder.block.0.0.attention.self.query`"),
         "{err}"
     );
-    let err = load_error("qint8", |d| std::fs::write(d.join("quantization_map.json"), "[1, 2]").unwrap());
+    let err = load_error("qint8", |d| {
+        std::fs::write(d.join("quantization_map.json"), "[1, 2]").unwrap()
+    });
     assert!(err.contains("not a quanto quantization map"), "{err}");
 }
 
@@ -290,7 +325,10 @@ fn quanto_python() -> OsString {
          (python3 -m venv /tmp/venv-quanto && /tmp/venv-quanto/bin/pip install torch transformers optimum-quanto)",
     );
     let output = Command::new(&python)
-        .args(["-c", "import optimum.quanto, transformers; print(transformers.__version__)"])
+        .args([
+            "-c",
+            "import optimum.quanto, transformers; print(transformers.__version__)",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("SEGQ_QUANTO_PYTHON={}: cannot run it: {e}", python.display()));
     assert!(
@@ -334,7 +372,11 @@ fn python_requantize_reloads_exports_with_segq_logits() {
             .args([dir.as_os_str(), input_path.as_os_str(), segq_logits.as_os_str()])
             .status()
             .unwrap();
-        assert!(status.success(), "{}: quanto's logits differ from segq's (see above)", recipe.label());
+        assert!(
+            status.success(),
+            "{}: quanto's logits differ from segq's (see above)",
+            recipe.label()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

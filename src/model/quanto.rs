@@ -26,8 +26,14 @@ const RENAMES: [(&str, &str); 11] = [
     (".attention.q_proj.", ".attention.self.query."),
     (".attention.k_proj.", ".attention.self.key."),
     (".attention.v_proj.", ".attention.self.value."),
-    (".attention.sequence_reduction.sequence_reduction.", ".attention.self.sr."),
-    (".attention.sequence_reduction.layer_norm.", ".attention.self.layer_norm."),
+    (
+        ".attention.sequence_reduction.sequence_reduction.",
+        ".attention.self.sr.",
+    ),
+    (
+        ".attention.sequence_reduction.layer_norm.",
+        ".attention.self.layer_norm.",
+    ),
     (".attention.o_proj.", ".attention.output.dense."),
     (".mlp.fc1.", ".mlp.dense1."),
     (".mlp.fc2.", ".mlp.dense2."),
@@ -149,7 +155,14 @@ pub fn recipe_header(map: &BTreeMap<String, QType>) -> RecipeHeader {
         .map_or(QType::Int8, |(q, _)| *q);
     RecipeHeader {
         version: STORAGE_VERSION,
-        label: format!("quanto-{}", if names.is_empty() { "none".to_string() } else { names.join("+") }),
+        label: format!(
+            "quanto-{}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join("+")
+            }
+        ),
         recipe: Recipe::level_default(dominant.level()),
     }
 }
@@ -173,7 +186,10 @@ pub fn check_recipe(recipe: &Recipe) -> Result<()> {
     };
     Err(Error::unsupported(
         format!("--format quanto, level {}", recipe.label()),
-        format!("level {} cannot be written as an optimum-quanto checkpoint: {why}", recipe.label()),
+        format!(
+            "level {} cannot be written as an optimum-quanto checkpoint: {why}",
+            recipe.label()
+        ),
     ))
 }
 
@@ -253,7 +269,9 @@ pub fn save_quanto(
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     super::save::write_atomically(&path, |out| super::save::write_safetensors(out, &views, metadata))?;
     // The map last: with it the folder reads as a quanto checkpoint.
-    super::save::write_atomically(&dir.join(QUANTIZATION_MAP_FILE), |out| out.write_all(map_json.as_bytes()))?;
+    super::save::write_atomically(&dir.join(QUANTIZATION_MAP_FILE), |out| {
+        out.write_all(map_json.as_bytes())
+    })?;
     tracing::info!(out = %dir.display(), layers = map.len(), recipe = %recipe.label(), "optimum-quanto checkpoint written");
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }
@@ -281,15 +299,24 @@ mod tests {
                 "segformer.stages.2.patch_embeddings.proj.weight._data._data",
                 "segformer.encoder.patch_embeddings.2.proj.weight._data._data",
             ),
-            ("segformer.stages.3.layer_norm.weight", "segformer.encoder.layer_norm.3.weight"),
+            (
+                "segformer.stages.3.layer_norm.weight",
+                "segformer.encoder.layer_norm.3.weight",
+            ),
             (
                 "segformer.stages.0.blocks.1.layernorm_after.bias",
                 "segformer.encoder.block.0.1.layer_norm_2.bias",
             ),
-            ("segformer.stages.0.blocks.0.mlp.fc2.weight", "segformer.encoder.block.0.0.mlp.dense2.weight"),
+            (
+                "segformer.stages.0.blocks.0.mlp.fc2.weight",
+                "segformer.encoder.block.0.0.mlp.dense2.weight",
+            ),
             ("decode_head.linear_projections.3.proj", "decode_head.linear_c.3.proj"),
             ("decode_head.linear_fuse.weight", "decode_head.linear_fuse.weight"),
-            ("segformer.stages.0.blocks.0.attention.o_proj.input_scale", "segformer.encoder.block.0.0.attention.output.dense.input_scale"),
+            (
+                "segformer.stages.0.blocks.0.attention.o_proj.input_scale",
+                "segformer.encoder.block.0.0.attention.output.dense.input_scale",
+            ),
         ];
         for (memory, hub) in pairs {
             assert_eq!(hub_name(memory), hub);
@@ -312,7 +339,9 @@ mod tests {
         let header = recipe_header(&map);
         assert_eq!(header.label, "quanto-qint4+qint8");
         assert_eq!(header.recipe.level, Level::Int8);
-        let err = check_recipe(&Recipe::level_default(Level::Int8Dyn)).unwrap_err().to_string();
+        let err = check_recipe(&Recipe::level_default(Level::Int8Dyn))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("int8-dyn quantizes activations"), "{err}");
     }
 }

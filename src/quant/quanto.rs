@@ -166,9 +166,12 @@ pub fn from_quanto<'a>(
     let cols = shape.iter().skip(1).product::<usize>();
     let get = |suffix: &str| {
         let full = format!("{name}.{suffix}");
-        lookup(&full)
-            .map(|p| (full.clone(), p))
-            .ok_or_else(|| Error::not_found(&full, format!("missing from the checkpoint (quanto {} weight)", qtype.name())))
+        lookup(&full).map(|p| (full.clone(), p)).ok_or_else(|| {
+            Error::not_found(
+                &full,
+                format!("missing from the checkpoint (quanto {} weight)", qtype.name()),
+            )
+        })
     };
     let mismatch = |tensor: &str, expected: String, part: &Part<'_>| {
         Error::invalid(
@@ -208,7 +211,11 @@ pub fn from_quanto<'a>(
         }
         check_bytes(&data_name, &data)?;
         if scales.len() != rows {
-            return Err(mismatch(&scale_name, format!("{rows} values (one per output channel)"), &scale));
+            return Err(mismatch(
+                &scale_name,
+                format!("{rows} values (one per output channel)"),
+                &scale,
+            ));
         }
         return Ok(QuantTensor {
             format: qtype.format(),
@@ -228,14 +235,22 @@ pub fn from_quanto<'a>(
     let total = rows * cols;
     let group = if groups_total == 0 { 0 } else { total / groups_total };
     if group == 0 || group * groups_total != total || !cols.is_multiple_of(group) {
-        return Err(mismatch(&scale_name, "one value per output channel or per group".into(), &scale));
+        return Err(mismatch(
+            &scale_name,
+            "one value per output channel or per group".into(),
+            &scale,
+        ));
     }
     let (n, inner, packed_shape) = if group == cols {
         let mut s = shape.to_vec();
         s[0] = rows.div_ceil((8 / bits) as usize);
         (rows, cols, s)
     } else {
-        (groups_total, group, vec![groups_total.div_ceil((8 / bits) as usize), group])
+        (
+            groups_total,
+            group,
+            vec![groups_total.div_ceil((8 / bits) as usize), group],
+        )
     };
     let (data_name, data) = get("_data._data")?;
     if data.0 != Dtype::U8 || data.1 != packed_shape {
@@ -245,7 +260,11 @@ pub fn from_quanto<'a>(
     let (shift_name, shift) = get("_shift")?;
     check_bytes(&shift_name, &shift)?;
     if shift.1.iter().product::<usize>() != groups_total {
-        return Err(mismatch(&shift_name, format!("{groups_total} values like `_scale`"), &shift));
+        return Err(mismatch(
+            &shift_name,
+            format!("{groups_total} values like `_scale`"),
+            &shift,
+        ));
     }
     let (zero_point, zeros) = match shift.0 {
         Dtype::U8 => (ZeroPoint::Codes, shift.2.iter().map(|&z| z as f32).collect()),
@@ -324,14 +343,21 @@ pub fn to_quanto(name: &str, q: &QuantTensor, shape: &[usize]) -> Result<(QType,
             qtype,
             vec![
                 (format!("{name}._data"), dtype, shape.to_vec(), q.data.clone()),
-                (format!("{name}._scale"), Dtype::F32, per_channel_shape, f32_bytes(&q.scales)),
+                (
+                    format!("{name}._scale"),
+                    Dtype::F32,
+                    per_channel_shape,
+                    f32_bytes(&q.scales),
+                ),
             ],
         ));
     };
     let quanto_group = group_size(cols).unwrap_or(cols);
     let segq_group = q.group_size.max(1);
     // Each of quanto's groups must lie within one of segq's, whose scale and zero point it then repeats.
-    if (0..cols / quanto_group).any(|k| (k * quanto_group) / segq_group != (k * quanto_group + quanto_group - 1) / segq_group) {
+    if (0..cols / quanto_group)
+        .any(|k| (k * quanto_group) / segq_group != (k * quanto_group + quanto_group - 1) / segq_group)
+    {
         let quanto_layout = if quanto_group == cols {
             "per output channel".to_string()
         } else {
@@ -347,7 +373,10 @@ pub fn to_quanto(name: &str, q: &QuantTensor, shape: &[usize]) -> Result<(QType,
     let codes = int::unpack(&q.data, rows, cols, bits);
     let offset = 1u8 << (bits - 1);
     let codes: Vec<u8> = if q.symmetric {
-        codes.iter().map(|&c| (int::sign_extend(c, bits) + offset as i8) as u8).collect()
+        codes
+            .iter()
+            .map(|&c| (int::sign_extend(c, bits) + offset as i8) as u8)
+            .collect()
     } else {
         codes
     };
@@ -372,7 +401,12 @@ pub fn to_quanto(name: &str, q: &QuantTensor, shape: &[usize]) -> Result<(QType,
         (rows, cols, s, per_channel_shape)
     } else {
         let n = rows * n_groups;
-        (n, quanto_group, vec![n.div_ceil((8 / bits) as usize), quanto_group], vec![n, 1])
+        (
+            n,
+            quanto_group,
+            vec![n.div_ceil((8 / bits) as usize), quanto_group],
+            vec![n, 1],
+        )
     };
     Ok((
         qtype,
@@ -383,7 +417,12 @@ pub fn to_quanto(name: &str, q: &QuantTensor, shape: &[usize]) -> Result<(QType,
                 packed_shape,
                 pack_first_axis(&codes, n, inner, bits),
             ),
-            (format!("{name}._scale"), Dtype::F32, param_shape.clone(), f32_bytes(&scales)),
+            (
+                format!("{name}._scale"),
+                Dtype::F32,
+                param_shape.clone(),
+                f32_bytes(&scales),
+            ),
             (format!("{name}._shift"), Dtype::F32, param_shape, f32_bytes(&shifts)),
         ],
     ))
@@ -421,7 +460,12 @@ mod tests {
     }
 
     fn lookup<'a>(parts: &'a [StoredTensor]) -> impl Fn(&str) -> Option<Part<'a>> {
-        move |n| parts.iter().find(|p| p.0 == n).map(|p| (p.1, p.2.clone(), p.3.as_slice()))
+        move |n| {
+            parts
+                .iter()
+                .find(|p| p.0 == n)
+                .map(|p| (p.1, p.2.clone(), p.3.as_slice()))
+        }
     }
 
     #[test]
@@ -448,7 +492,11 @@ mod tests {
                 let (a, b) = (q.dequantize(), back.dequantize());
                 if q.format.is_int() && q.format != Format::Int8 {
                     let tol = q.scales.iter().fold(0f32, |m, s| m.max(*s)) * 1e-5;
-                    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "{}", recipe.label());
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol),
+                        "{}",
+                        recipe.label()
+                    );
                 } else {
                     assert_eq!(a, b, "{}", recipe.label());
                     assert_eq!(back.data, q.data);
@@ -462,21 +510,45 @@ mod tests {
         let w = testing::trained_like(4, 256, 1);
         let q = quantize_weight("w", &w, 4, 256, &Recipe::level_default(Level::Int4)).unwrap();
         let err = to_quanto("enc.weight", &q, &[4, 256]).unwrap_err().to_string();
-        assert!(err.starts_with("enc.weight: cannot be written for optimum-quanto: quanto quantizes rows of 256 inputs in groups of 128"), "{err}");
+        assert!(
+            err.starts_with(
+                "enc.weight: cannot be written for optimum-quanto: quanto quantizes rows of 256 inputs in groups of 128"
+            ),
+            "{err}"
+        );
         let q = quantize_weight("w", &w, 4, 256, &Recipe::level_default(Level::Bf16)).unwrap();
         let err = to_quanto("enc.weight", &q, &[4, 256]).unwrap_err().to_string();
         assert!(err.contains("bf16 weights have no quanto qtype"), "{err}");
         let r = Recipe::new(Level::Int8, Method::Rtn, Some(64), None, vec![]).unwrap();
         let q = quantize_weight("w", &w, 4, 256, &r).unwrap();
         let err = to_quanto("enc.weight", &q, &[4, 256]).unwrap_err().to_string();
-        assert!(err.contains("qint8 is symmetric with one scale per output channel"), "{err}");
+        assert!(
+            err.contains("qint8 is symmetric with one scale per output channel"),
+            "{err}"
+        );
         // Import: a packed tensor of the wrong shape is named with both shapes.
-        let q = quantize_weight("w", &w, 4, 256, &Recipe::new(Level::Int4, Method::Rtn, Some(128), None, vec![]).unwrap()).unwrap();
+        let q = quantize_weight(
+            "w",
+            &w,
+            4,
+            256,
+            &Recipe::new(Level::Int4, Method::Rtn, Some(128), None, vec![]).unwrap(),
+        )
+        .unwrap();
         let (_, mut parts) = to_quanto("m.weight", &q, &[4, 256]).unwrap();
         parts[0].2 = vec![2, 256];
-        let err = from_quanto("m.weight", QType::Int4, &[4, 256], lookup(&parts)).unwrap_err().to_string();
-        assert!(err.starts_with("m.weight._data._data: expected U8 [4, 128] for a qint4 weight of shape [4, 256], found U8 [2, 256]"), "{err}");
-        let err = from_quanto("x.weight", QType::Int4, &[4, 256], lookup(&parts)).unwrap_err().to_string();
+        let err = from_quanto("m.weight", QType::Int4, &[4, 256], lookup(&parts))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "m.weight._data._data: expected U8 [4, 128] for a qint4 weight of shape [4, 256], found U8 [2, 256]"
+            ),
+            "{err}"
+        );
+        let err = from_quanto("x.weight", QType::Int4, &[4, 256], lookup(&parts))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("x.weight._scale: missing"), "{err}");
         assert_eq!(QType::parse("qfloat8"), Some(QType::Float8E4m3fn));
         assert_eq!(QType::parse("qfloat8_e4m3fnuz"), None);
