@@ -272,7 +272,6 @@ pub fn save_quanto(
     super::save::write_atomically(&dir.join(QUANTIZATION_MAP_FILE), |out| {
         out.write_all(map_json.as_bytes())
     })?;
-    tracing::info!(out = %dir.display(), layers = map.len(), recipe = %recipe.label(), "optimum-quanto checkpoint written");
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }
 

@@ -233,7 +233,7 @@ pub fn from_quanto<'a>(
     // qint4 / qint2: one scale and shift per group; the group size follows from the number of scales.
     let groups_total = scales.len();
     let total = rows * cols;
-    let group = if groups_total == 0 { 0 } else { total / groups_total };
+    let group = total.checked_div(groups_total).unwrap_or(0);
     if group == 0 || group * groups_total != total || !cols.is_multiple_of(group) {
         return Err(mismatch(
             &scale_name,
