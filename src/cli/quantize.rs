@@ -32,12 +32,25 @@ pub struct QuantizeArgs {
     /// Write the quantized checkpoint folder here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Format of the --out folder: segq's own, or an optimum-quanto checkpoint (state dict with transformers 5's
+    /// in-memory names + quantization_map.json) that Python reloads with `requantize`.
+    #[arg(long, value_enum, default_value = "segq")]
+    pub format: CheckpointFormat,
     /// Write a JSON report of each recipe's weight and logits error against f32.
     #[arg(long)]
     pub error_report: Option<PathBuf>,
     /// Images for the logits error (with --error-report).
     #[arg(long, num_args = 1..)]
     pub images: Vec<PathBuf>,
+}
+
+/// What `--out` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointFormat {
+    /// segq's quantized checkpoint (`--model DIR` loads it).
+    Segq,
+    /// An optimum-quanto checkpoint (`--model DIR` loads it too).
+    Quanto,
 }
 
 pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
@@ -68,6 +81,13 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             recipes.len()
         );
     }
+    if args.format == CheckpointFormat::Quanto {
+        if args.out.is_none() {
+            bail!("--format quanto is the format of --out: give --out DIR");
+        }
+        // Before loading and quantizing: a level quanto cannot hold fails in milliseconds.
+        model::quanto::check_recipe(&recipes[0])?;
+    }
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
     check_outputs(&source, &args)?;
     let loaded = model::load(&source)?;
@@ -76,7 +96,11 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             tracing::warn!(out = %out.display(), "replacing the checkpoint already in this folder");
         }
         let (quantized, report) = model::quantize(&loaded.model, &recipes[0])?;
-        let bytes = model::checkpoint::save_quantized(
+        let save = match args.format {
+            CheckpointFormat::Segq => model::checkpoint::save_quantized,
+            CheckpointFormat::Quanto => model::quanto::save_quanto,
+        };
+        let bytes = save(
             &quantized,
             &recipes[0],
             &loaded.config_json,

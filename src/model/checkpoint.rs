@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::quant::quanto::QType;
 use crate::quant::{self, QuantTensor, QuantTensorMeta, RecipeHeader};
 use crate::{Error, Result};
 
@@ -43,7 +44,14 @@ pub struct TensorStore {
     pub bytes_by_dtype: BTreeMap<String, usize>,
     /// Tensors found holding NaN or infinite values (each warned about once, the first few by name).
     non_finite_tensors: usize,
+    /// An optimum-quanto checkpoint: its quantized modules (Hub names) while the files are read.
+    quanto_modules: Option<BTreeMap<String, QType>>,
+    /// The quanto weights (`<module>.weight`, Hub names) not yet taken; their parts are in `raw`.
+    quanto: BTreeMap<String, QType>,
 }
+
+/// The parts quanto stores a quantized weight as, under `<module>.weight.`.
+const QUANTO_PARTS: [&str; 4] = ["_data", "_data._data", "_scale", "_shift"];
 
 /// Tensors with non-finite values named one by one in warnings; past this many, one summary line follows.
 const NON_FINITE_WARNINGS: usize = 8;
@@ -58,7 +66,53 @@ impl TensorStore {
             recipe: None,
             bytes_by_dtype: BTreeMap::new(),
             non_finite_tensors: 0,
+            quanto_modules: None,
+            quanto: BTreeMap::new(),
         }
+    }
+
+    /// Loads the safetensors files of an optimum-quanto checkpoint whose `quantization_map.json` gave `map` (module
+    /// -> qtype, Hub names). Tensor names may be transformers 5's in-memory names or the Hub's; they are kept under
+    /// the Hub names. The recipe is labelled from the map (`quanto-qint4`).
+    pub fn from_quanto_files(files: &[PathBuf], map: BTreeMap<String, QType>) -> Result<Self> {
+        let header = super::quanto::recipe_header(&map);
+        let mut store = Self::read_files(files, Some(map))?;
+        if let Some(modules) = store.quanto_modules.take() {
+            store.quanto = modules.into_iter().map(|(m, q)| (format!("{m}.weight"), q)).collect();
+        }
+        store.recipe = Some(header);
+        Ok(store)
+    }
+
+    /// Sorts one tensor of a quanto checkpoint, named `hub` (Hub spelling): `Some(true)` for a part of a quantized
+    /// weight (kept raw), `Some(false)` for a quantized module's activation scale (dropped: activations are not
+    /// quantized), `None` for a float tensor.
+    fn quanto_role(&self, origin: &str, hub: &str) -> Result<Option<bool>> {
+        let Some(modules) = &self.quanto_modules else {
+            return Ok(None);
+        };
+        for part in QUANTO_PARTS {
+            if let Some(module) = hub.strip_suffix(&format!(".weight.{part}")) {
+                if !modules.contains_key(module) {
+                    return Err(Error::invalid(
+                        origin,
+                        format!(
+                            "tensor `{hub}` is part of a quanto weight, but {} does not list module `{module}`",
+                            super::quanto::QUANTIZATION_MAP_FILE
+                        ),
+                    ));
+                }
+                return Ok(Some(true));
+            }
+        }
+        for scalar in ["input_scale", "output_scale"] {
+            if let Some(module) = hub.strip_suffix(&format!(".{scalar}"))
+                && modules.contains_key(module)
+            {
+                return Ok(Some(false));
+            }
+        }
+        Ok(None)
     }
 
     /// Warns (once per tensor) that `name` holds `count` NaN or infinite values. transformers loads such a
@@ -99,9 +153,14 @@ impl TensorStore {
 
     /// Loads safetensors files (all shards of one checkpoint, float or quantized by segq) or a PyTorch `.bin`.
     pub fn from_files(files: &[PathBuf]) -> Result<Self> {
+        Self::read_files(files, None)
+    }
+
+    fn read_files(files: &[PathBuf], quanto_modules: Option<BTreeMap<String, QType>>) -> Result<Self> {
         let origin = files.first().map(|p| p.display().to_string()).unwrap_or_default();
         check_checkpoint_memory(&origin, files)?;
         let mut store = Self::empty(origin);
+        store.quanto_modules = quanto_modules;
         for file in files {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let shown = file.display().to_string();
@@ -109,6 +168,12 @@ impl TensorStore {
                 return Err(Error::io(
                     file,
                     std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+                ));
+            }
+            if store.quanto_modules.is_some() && !name.ends_with(".safetensors") {
+                return Err(Error::unsupported(
+                    &shown,
+                    "optimum-quanto checkpoints are read from safetensors (save_file(model.state_dict()))",
                 ));
             }
             if name.ends_with(".safetensors") {
@@ -162,6 +227,26 @@ impl TensorStore {
         }
         for (name, view) in st.tensors() {
             let data = view.data();
+            let name = if self.quanto_modules.is_some() {
+                super::quanto::hub_name(&name)
+            } else {
+                name
+            };
+            match self.quanto_role(origin, &name)? {
+                Some(true) => {
+                    self.count(format!("{:?}", view.dtype()), data.len());
+                    if self
+                        .raw
+                        .insert(name.clone(), (view.dtype(), view.shape().to_vec(), data.to_vec()))
+                        .is_some()
+                    {
+                        return Err(Error::invalid(origin, format!("tensor `{name}` appears twice")));
+                    }
+                    continue;
+                }
+                Some(false) => continue,
+                None => {}
+            }
             if quantized_parts.contains(&name) {
                 self.count(format!("{:?}", view.dtype()), data.len());
                 self.raw
@@ -190,7 +275,22 @@ impl TensorStore {
 
     /// The shape of a tensor the checkpoint holds under `name`: a float tensor's own shape, or `[rows, cols]` of a
     /// quantized weight (its metadata's layout); `None` when there is no such tensor.
+    /// A quanto int4/int2 weight stored with groups is `[total elements]`: its rows are not stored (quanto takes
+    /// them from the model), and two-dimensional packed data does not tell a grouped weight from a per-channel one.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some(qtype) = self.quanto.get(name) {
+            let raw_shape = |part: &str| self.raw.get(&format!("{name}.{part}")).map(|r| r.1.clone());
+            if qtype.format().is_int() && qtype.format() != quant::Format::Int8 {
+                let data = raw_shape("_data._data")?;
+                let groups: usize = raw_shape("_scale")?.iter().product();
+                return Some(if data.len() > 2 {
+                    std::iter::once(groups).chain(data[1..].iter().copied()).collect()
+                } else {
+                    vec![groups * data.get(1).copied().unwrap_or(1)]
+                });
+            }
+            return raw_shape("_data");
+        }
         match self.quant_map.get(name) {
             Some(meta) => Some(vec![meta.rows, meta.cols]),
             None => self.tensors.get(name).map(|t| t.shape.clone()),
@@ -199,7 +299,11 @@ impl TensorStore {
 
     /// Names of the tensors (float tensors and quantized weights, not the parts these are stored as), in no order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().chain(self.quant_map.keys()).map(String::as_str)
+        self.tensors
+            .keys()
+            .chain(self.quant_map.keys())
+            .chain(self.quanto.keys())
+            .map(String::as_str)
     }
 
     /// The file (or first shard) the tensors came from, for errors.
@@ -226,6 +330,23 @@ impl TensorStore {
 
     /// Takes a layer weight by name: quantized when the checkpoint stores it quantized, else float.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<StoredWeight> {
+        if let Some(qtype) = self.quanto.remove(name) {
+            let raw = &self.raw;
+            let q = quant::quanto::from_quanto(name, qtype, shape, |part| {
+                raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice()))
+            })
+            .map_err(|e| e.within(&self.origin))?;
+            for part in QUANTO_PARTS {
+                self.raw.remove(&format!("{name}.{part}"));
+            }
+            for (suffix, params) in [("_scale", &q.scales), ("_shift", &q.zeros)] {
+                self.note_non_finite(
+                    &format!("{name}.{suffix}"),
+                    params.iter().filter(|v| !v.is_finite()).count(),
+                );
+            }
+            return Ok(StoredWeight::Quantized(q));
+        }
         let Some(meta) = self.quant_map.remove(name) else {
             return Ok(StoredWeight::Float(self.take(name, shape)?));
         };
@@ -271,7 +392,7 @@ impl TensorStore {
                 self.non_finite_tensors - NON_FINITE_WARNINGS
             );
         }
-        if self.tensors.is_empty() && self.raw.is_empty() && self.quant_map.is_empty() {
+        if self.tensors.is_empty() && self.raw.is_empty() && self.quant_map.is_empty() && self.quanto.is_empty() {
             return Ok(());
         }
         let mut names: Vec<&String> = self
@@ -279,6 +400,7 @@ impl TensorStore {
             .keys()
             .chain(self.raw.keys())
             .chain(self.quant_map.keys())
+            .chain(self.quanto.keys())
             .collect();
         names.sort();
         let shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();

@@ -4,13 +4,14 @@
 //!
 //! - [`segformer`]: the module tree and its forward pass; [`layers`]: its leaves; [`tree`]: the one walk over it.
 //! - [`plan`]: the kernel each part runs, decided once by `Segformer::prepare`, which `load` and `quantize` end in.
-//! - [`checkpoint`]: reading checkpoint files; [`save`]: writing them.
+//! - [`checkpoint`]: reading checkpoint files; [`save`]: writing them; [`quanto`]: optimum-quanto checkpoints.
 //! - [`tokens`]: the activation type layers pass along (channels-last, plain `Vec<f32>`).
 
 pub mod checkpoint;
 pub mod config;
 pub mod layers;
 pub mod plan;
+pub mod quanto;
 pub mod save;
 pub mod segformer;
 pub mod tokens;
@@ -100,6 +101,8 @@ pub struct ModelFiles {
     pub config: PathBuf,
     pub preprocessor: Option<PathBuf>,
     pub weights: Vec<PathBuf>,
+    /// `quantization_map.json` of an optimum-quanto checkpoint (local folders only).
+    pub quanto_map: Option<PathBuf>,
 }
 
 /// A loaded model with everything needed to run and describe it.
@@ -171,10 +174,12 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
         }
     };
     let preprocessor = Some(dir.join("preprocessor_config.json")).filter(|p| p.exists());
+    let quanto_map = Some(dir.join(quanto::QUANTIZATION_MAP_FILE)).filter(|p| p.exists());
     Ok(ModelFiles {
         config,
         preprocessor,
         weights,
+        quanto_map,
     })
 }
 
@@ -202,6 +207,7 @@ fn hub_files(id: &HubId) -> Result<ModelFiles> {
         config,
         preprocessor,
         weights,
+        quanto_map: None,
     })
 }
 
@@ -219,6 +225,7 @@ fn url_files(url: &str) -> Result<ModelFiles> {
         config,
         preprocessor,
         weights,
+        quanto_map: None,
     })
 }
 
@@ -260,13 +267,11 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
             if let Some(text) = &pre {
                 PreprocessorConfig::from_json(text).map_err(|e| e.within(&pre_origin))?;
             }
-            (
-                config_json,
-                config_origin,
-                pre,
-                pre_origin,
-                TensorStore::from_files(&files.weights)?,
-            )
+            let store = match &files.quanto_map {
+                Some(map) => TensorStore::from_quanto_files(&files.weights, quanto::read_map(map)?)?,
+                None => TensorStore::from_files(&files.weights)?,
+            };
+            (config_json, config_origin, pre, pre_origin, store)
         }
     };
     let config = SegformerConfig::from_json_at(&config_json, &config_origin)?;
@@ -384,10 +389,14 @@ fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store
         )
     };
     // The tensor's shape when it differs from `expected` (compared as `[rows, cols]` for a quantized weight).
+    // A quantized weight is compared as `[rows, cols]`; a grouped quanto weight, whose rows are not stored, by its
+    // element count.
     let differs = |name: &str, expected: &[usize]| -> Option<(Vec<usize>, Vec<usize>)> {
         let found = store.shape_of(name)?;
         let expected = if found.len() == 2 && expected.len() == 4 {
             vec![expected[0], expected[1..].iter().product()]
+        } else if found.len() == 1 && expected.len() > 1 {
+            vec![expected.iter().product()]
         } else {
             expected.to_vec()
         };
@@ -493,7 +502,7 @@ fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store
         .shape_of(fuse)
         .ok_or_else(|| lacks(fuse, "the decode head's fusion"))?;
     let d = config.decoder_hidden_size;
-    if shape.first() != Some(&d) {
+    if first_dim_differs(&shape, d, d * d * n) {
         let key = format!("key \"decoder_hidden_size\" = {d}");
         return Err(mismatch(
             key,
@@ -506,7 +515,7 @@ fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store
         .shape_of(classifier)
         .ok_or_else(|| lacks(classifier, "the classifier"))?;
     let labels = config.num_labels();
-    if shape.first() != Some(&labels) {
+    if first_dim_differs(&shape, labels, labels * d) {
         let key = if config.id2label.is_empty() {
             format!("key \"num_labels\" = {labels}")
         } else {
@@ -516,6 +525,15 @@ fn check_config_against_checkpoint(config: &SegformerConfig, origin: &str, store
         return Err(mismatch(key, classifier, d));
     }
     Ok(())
+}
+
+/// Whether a stored weight's first dimension is not `rows`; a one-dimensional shape (a grouped quanto weight, whose
+/// rows are not stored) is compared by its element count with `elements`.
+fn first_dim_differs(shape: &[usize], rows: usize, elements: usize) -> bool {
+    match shape {
+        [total] => *total != elements,
+        _ => shape.first() != Some(&rows),
+    }
 }
 
 /// Builds the model of `config` from a checkpoint's tensors, checking every name and shape; leftover tensors are

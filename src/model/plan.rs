@@ -128,6 +128,7 @@ impl W8A8Weight {
         QuantTensor {
             format: self.meta.format,
             symmetric: self.meta.symmetric,
+            zero_point: self.meta.zero_point,
             rows,
             cols,
             group_size: self.meta.group_size,

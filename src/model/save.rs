@@ -88,6 +88,11 @@ pub fn save_quantized(
         })
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
+    // A quanto map left by an earlier `--format quanto` would make the folder read as a quanto checkpoint.
+    let stale_map = dir.join(super::quanto::QUANTIZATION_MAP_FILE);
+    if stale_map.exists() {
+        std::fs::remove_file(&stale_map).map_err(|e| Error::io(&stale_map, e))?;
+    }
     // The configs first: a folder with weights but no config.json would look complete to a reader.
     let config_path = dir.join("config.json");
     write_atomically(&config_path, |out| out.write_all(config_json.as_bytes()))?;
@@ -102,7 +107,7 @@ pub fn save_quantized(
 /// Writes `path` through `fill` atomically ([`crate::outputs::write_atomically`]), flushed and synced before the
 /// rename, so a reader (or a run killed half-way) never sees half a file. The file is created as every other file
 /// segq writes (mode 0666 less the umask: 0644 usually), not 0600 as a temporary-file library would make it.
-fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+pub(super) fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
     crate::outputs::write_atomically(path, |temporary| {
         let file = std::fs::File::create(temporary).map_err(|e| Error::io(temporary, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -115,7 +120,7 @@ fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::R
 /// The safetensors format, streamed: 8 bytes of header length (little endian), the JSON header (tensor dtypes,
 /// shapes and data offsets, then `__metadata__`) padded with spaces to a multiple of 8, then the tensors' bytes,
 /// widest dtype first (as the safetensors library orders them) so every tensor starts aligned to its element size.
-fn write_safetensors(
+pub(super) fn write_safetensors(
     out: &mut dyn Write,
     views: &[(String, safetensors::tensor::TensorView<'_>)],
     metadata: std::collections::HashMap<String, String>,

@@ -259,6 +259,7 @@ where
     QuantTensor {
         format,
         symmetric,
+        zero_point: super::ZeroPoint::Codes,
         rows,
         cols,
         group_size,

@@ -8,6 +8,7 @@
 pub mod f8;
 pub mod hqq;
 pub mod int;
+pub mod quanto;
 pub mod recipe;
 pub mod rtn;
 
@@ -136,17 +137,40 @@ impl ParamDtype {
     }
 }
 
+/// Where an affine integer format's zero point enters the dequantization. Both conventions are kept as stored, so
+/// that a weight dequantizes to exactly the floats of the tool that wrote it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ZeroPoint {
+    /// `(q - zero) * scale`, the zero point in code units (segq's methods, HQQ, quanto's integer zero points).
+    #[default]
+    #[serde(rename = "codes")]
+    Codes,
+    /// `q * scale - shift`, the shift in weight units (optimum-quanto's float `_shift`).
+    #[serde(rename = "shift")]
+    Shift,
+}
+
+impl ZeroPoint {
+    /// True for the default convention (left out of checkpoint metadata, which then reads as before).
+    pub fn is_codes(&self) -> bool {
+        *self == ZeroPoint::Codes
+    }
+}
+
 /// A quantized (or float-cast) weight matrix: codes at their real width plus scales and zero points.
 ///
 /// Layout of `data` by format: f32 little-endian floats; f16/bf16 little-endian 16-bit codes; f8 one code per
 /// byte; int8/int4/int2 codes packed row by row as described in [`int`]. `scales` (and `zeros` for affine integer
 /// formats) hold `rows * groups_per_row` values, row-major, already rounded to `param_dtype`. Float8 and integer
-/// values dequantize to `decode(code) * scale`, `q * scale` (symmetric) or `(q - zero) * scale` (affine).
+/// values dequantize to `decode(code) * scale`, `q * scale` (symmetric) or, affine, `(q - zero) * scale` or
+/// `q * scale - shift` as [`ZeroPoint`] says (`zeros` holds the zero points or the shifts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantTensor {
     pub format: Format,
     /// Integer formats: codes are signed without zero point; always true for float formats.
     pub symmetric: bool,
+    /// How an affine tensor's `zeros` enter the dequantization (ignored when symmetric).
+    pub zero_point: ZeroPoint,
     pub rows: usize,
     pub cols: usize,
     /// Elements per group along a row (`cols` when per channel); the last group of a row may be shorter.
@@ -162,6 +186,8 @@ pub struct QuantTensor {
 pub struct QuantTensorMeta {
     pub format: Format,
     pub symmetric: bool,
+    #[serde(default, skip_serializing_if = "ZeroPoint::is_codes")]
+    pub zero_point: ZeroPoint,
     pub rows: usize,
     pub cols: usize,
     pub group_size: usize,
@@ -219,6 +245,7 @@ impl QuantTensor {
         QuantTensorMeta {
             format: self.format,
             symmetric: self.symmetric,
+            zero_point: self.zero_point,
             rows: self.rows,
             cols: self.cols,
             group_size: self.group_size,
@@ -232,7 +259,11 @@ impl QuantTensor {
         if !self.format.is_int() {
             return base.to_string();
         }
-        let kind = if self.symmetric { "sym" } else { "affine" };
+        let kind = match (self.symmetric, self.zero_point) {
+            (true, _) => "sym",
+            (false, ZeroPoint::Codes) => "affine",
+            (false, ZeroPoint::Shift) => "shift",
+        };
         if self.group_size < self.cols {
             format!("{base}-g{}-{kind}", self.group_size)
         } else {
@@ -318,7 +349,8 @@ impl QuantTensor {
                     }
                     Format::Int8 | Format::Int4 | Format::Int2 => {
                         let params = &self.scales[r * groups..(r + 1) * groups];
-                        let zeros = (!self.symmetric).then(|| &self.zeros[r * groups..(r + 1) * groups]);
+                        let zeros =
+                            (!self.symmetric).then(|| (&self.zeros[r * groups..(r + 1) * groups], self.zero_point));
                         let g = self.group_size;
                         match self.format {
                             Format::Int8 => dequantize_int_row::<8>(packed, params, zeros, g, dst),
@@ -387,6 +419,7 @@ impl QuantTensor {
         let mut tensor = QuantTensor {
             format: meta.format,
             symmetric: meta.symmetric || !meta.format.is_int(),
+            zero_point: meta.zero_point,
             rows: meta.rows,
             cols: meta.cols,
             group_size: meta.group_size,
@@ -626,12 +659,12 @@ pub(crate) mod testing {
 }
 
 /// One row of packed `BITS`-bit codes (low bits first within a byte, as [`int::pack`] writes them) to floats:
-/// `code * scale` (symmetric, codes sign-extended) or `(code - zero) * scale` per group. `BITS` is a constant so the
-/// unpacking is shifts and masks, without a per-row buffer.
+/// `code * scale` (symmetric, codes sign-extended), `(code - zero) * scale` or `code * scale - shift` per group.
+/// `BITS` is a constant so the unpacking is shifts and masks, without a per-row buffer.
 fn dequantize_int_row<const BITS: u32>(
     packed: &[u8],
     scales: &[f32],
-    zeros: Option<&[f32]>,
+    zeros: Option<(&[f32], ZeroPoint)>,
     group_size: usize,
     dst: &mut [f32],
 ) {
@@ -645,10 +678,15 @@ fn dequantize_int_row<const BITS: u32>(
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, d)| *d = int::sign_extend(code(start + i), BITS) as f32 * s),
-            Some(z) => out
+            Some((z, ZeroPoint::Codes)) => out
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, d)| *d = (code(start + i) as f32 - z[g]) * s),
+            // quanto's order of operations: scale first, then subtract the shift (two roundings, as torch does).
+            Some((z, ZeroPoint::Shift)) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = code(start + i) as f32 * s - z[g]),
         }
     }
 }

@@ -14,6 +14,7 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<
     let float = |data: Vec<u8>| QuantTensor {
         format,
         symmetric: true,
+        zero_point: super::ZeroPoint::Codes,
         rows,
         cols,
         group_size: cols,
@@ -74,6 +75,7 @@ fn quantize_f8(w: &[f32], rows: usize, cols: usize, format: Format, spec: f8::F8
     QuantTensor {
         format,
         symmetric: true,
+        zero_point: super::ZeroPoint::Codes,
         rows,
         cols,
         group_size: cols,
