@@ -174,9 +174,20 @@ fn kubernetes_example_commands_run_as_written() {
     let (config_dir, results_dir) = (dir.join("config"), dir.join("results"));
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::create_dir_all(&results_dir).unwrap();
+    // The pod's absolute paths (words starting /config or /results) mapped into the scratch folder.
     let map = |text: &str| {
-        text.replace("/config", &config_dir.display().to_string())
-            .replace("/results", &results_dir.display().to_string())
+        text.split(' ')
+            .map(|word| {
+                if let Some(rest) = word.strip_prefix("/config") {
+                    format!("{}{rest}", config_dir.display())
+                } else if let Some(rest) = word.strip_prefix("/results") {
+                    format!("{}{rest}", results_dir.display())
+                } else {
+                    word.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let job = read("docs/examples/segq-k8s-indexed-job.yaml");
     std::fs::write(config_dir.join("segq.toml"), yaml_block(&job, "segq.toml")).unwrap();
@@ -361,7 +372,7 @@ fn documented_keys() -> Vec<(String, String)> {
 #[test]
 fn config_init_and_the_configuration_reference_list_the_same_keys() {
     let init = config_init_keys();
-    for (section, key, setting) in &init {
+    for (section, _, setting) in &init {
         let snippet = format!("[{section}]\n{setting}\n");
         if let Err(e) = Config::from_toml(&snippet, "segq config init") {
             panic!("`segq config init` shows `{setting}` under [{section}], which segq refuses: {e}");
