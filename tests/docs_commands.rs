@@ -22,7 +22,11 @@ const SKIPPED: &[(&str, &str, &str)] = &[
         "--model nvidia/segformer-b0-finetuned-ade-512-512 --dataset scene_parse_150",
         "downloads SegFormer-B0 and Scene Parse 150 from the Hugging Face Hub",
     ),
-    ("docs/quickstart.md", "sudo apt-get install cmake nasm", "installs system packages"),
+    (
+        "docs/quickstart.md",
+        "sudo apt-get install cmake nasm",
+        "installs system packages",
+    ),
     (
         "docs/quickstart.md",
         "--model nvidia/segformer-b0-finetuned-ade-512-512 --dataset scene_parse_150",
@@ -63,11 +67,7 @@ const SKIPPED: &[(&str, &str, &str)] = &[
         "segq eval --model nvidia/segformer-b0-finetuned-ade-512-512 --dataset scene_parse_150 --limit 1",
         "downloads SegFormer-B0 and Scene Parse 150 from the Hugging Face Hub",
     ),
-    (
-        "docs/offline.md",
-        "rsync -a",
-        "copies a cache between two machines",
-    ),
+    ("docs/offline.md", "rsync -a", "copies a cache between two machines"),
     (
         "docs/offline.md",
         "HF_HUB_OFFLINE=1 segq eval --model nvidia/segformer-b0-finetuned-ade-512-512",
@@ -159,7 +159,10 @@ fn documentation() -> Vec<(String, String)> {
 }
 
 fn all_blocks() -> Vec<Block> {
-    documentation().iter().flat_map(|(file, text)| blocks(file, text)).collect()
+    documentation()
+        .iter()
+        .flat_map(|(file, text)| blocks(file, text))
+        .collect()
 }
 
 /// Whitespace runs collapsed to one space, ends trimmed.
@@ -231,7 +234,10 @@ impl Drop for Sandbox {
 
 /// The block's commands with `cargo run --release --` turned into `segq` (the binary under test).
 fn script_of(block: &Block) -> String {
-    block.text.replace("cargo run --release -- ", "segq ").replace("cargo run --release --\n", "segq\n")
+    block
+        .text
+        .replace("cargo run --release -- ", "segq ")
+        .replace("cargo run --release --\n", "segq\n")
 }
 
 struct Ran {
@@ -281,7 +287,10 @@ fn parses_fences_tags_and_sample_lines() {
     assert!(!found[2].is_shell());
     assert!(line_matches("a  b ... c", "a b  then  c d"));
     assert!(!line_matches("a b ... c", "c a b"));
-    assert!(line_matches("int8-rtn rtn 8.07 ... ok", "int8-rtn   rtn   8.07  62.11  ok"));
+    assert!(line_matches(
+        "int8-rtn rtn 8.07 ... ok",
+        "int8-rtn   rtn   8.07  62.11  ok"
+    ));
     assert_eq!(
         script_of(&Block {
             text: "cargo run --release -- eval --limit 2\n".into(),
@@ -296,7 +305,10 @@ fn every_shell_block_is_run_or_skipped_with_a_reason() {
     let blocks = all_blocks();
     let mut unclassified = Vec::new();
     for block in blocks.iter().filter(|b| b.is_shell() && !b.runnable()) {
-        if !SKIPPED.iter().any(|(file, text, _)| block.file == *file && block.text.contains(text)) {
+        if !SKIPPED
+            .iter()
+            .any(|(file, text, _)| block.file == *file && block.text.contains(text))
+        {
             unclassified.push(format!("{}:{}: {}", block.file, block.line, block.text.trim()));
         }
     }
@@ -347,7 +359,13 @@ fn documented_offline_commands_run_and_print_what_the_docs_show() {
                 continue;
             }
             let ran = run(&sandbox, &script_of(block));
-            eprintln!("{:.1} s: {}:{}: {}", ran.seconds, block.file, block.line, block.text.trim());
+            eprintln!(
+                "{:.1} s: {}:{}: {}",
+                ran.seconds,
+                block.file,
+                block.line,
+                block.text.trim()
+            );
             if !ran.ok {
                 failures.push(format!(
                     "{}:{}: `{}` failed (or ran past {} s); stderr:\n{}",

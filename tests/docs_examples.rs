@@ -32,7 +32,9 @@ fn yaml_block(yaml: &str, key: &str) -> String {
         .map(|l| l.len() - l.trim_start().len())
         .min()
         .unwrap_or(0);
-    body.iter().map(|l| format!("{}\n", l.get(margin..).unwrap_or(""))).collect()
+    body.iter()
+        .map(|l| format!("{}\n", l.get(margin..).unwrap_or("")))
+        .collect()
 }
 
 /// The shell commands of a YAML container's `args:` list (`- segq ...` items).
@@ -193,7 +195,10 @@ fn kubernetes_example_commands_run_as_written() {
     std::fs::write(config_dir.join("segq.toml"), yaml_block(&job, "segq.toml")).unwrap();
     let env = yaml_env(&job);
     assert!(env.iter().any(|(n, v)| n == "SEGQ_SHARD_COUNT" && v == "8"), "{env:?}");
-    assert!(job.contains("completions: 8"), "completions must equal SEGQ_SHARD_COUNT");
+    assert!(
+        job.contains("completions: 8"),
+        "completions must equal SEGQ_SHARD_COUNT"
+    );
     let commands = yaml_segq_commands(&job);
     assert_eq!(commands.len(), 1, "{commands:?}");
     let mut pod = shell(&dir, &map(&commands[0]));
@@ -239,15 +244,22 @@ fn slurm_task(dir: &Path, job: u32, task: u32, array: (u32, u32), rerun_into: Op
     let script = repo_root().join("docs/examples/segq-slurm.sh");
     let mut c = shell(dir, &format!("bash {}", script.display()));
     let (min, max) = array;
-    c.env("PATH", format!("{}:{}", dir.join("fake-slurm").display(), std::env::var("PATH").unwrap()))
-        .env("SEGQ", env!("CARGO_BIN_EXE_segq"))
-        .env("SLURM_ARRAY_JOB_ID", job.to_string())
-        .env("SLURM_ARRAY_TASK_ID", task.to_string())
-        .env("SLURM_ARRAY_TASK_MIN", min.to_string())
-        .env("SLURM_ARRAY_TASK_MAX", max.to_string())
-        .env("SLURM_ARRAY_TASK_COUNT", (max - min + 1).to_string())
-        .env("SLURM_ARRAY_TASK_STEP", "1")
-        .env("SLURM_CPUS_PER_TASK", "1");
+    c.env(
+        "PATH",
+        format!(
+            "{}:{}",
+            dir.join("fake-slurm").display(),
+            std::env::var("PATH").unwrap()
+        ),
+    )
+    .env("SEGQ", env!("CARGO_BIN_EXE_segq"))
+    .env("SLURM_ARRAY_JOB_ID", job.to_string())
+    .env("SLURM_ARRAY_TASK_ID", task.to_string())
+    .env("SLURM_ARRAY_TASK_MIN", min.to_string())
+    .env("SLURM_ARRAY_TASK_MAX", max.to_string())
+    .env("SLURM_ARRAY_TASK_COUNT", (max - min + 1).to_string())
+    .env("SLURM_ARRAY_TASK_STEP", "1")
+    .env("SLURM_CPUS_PER_TASK", "1");
     if let Some(results) = rerun_into {
         c.env("RESULTS", results);
     }
@@ -297,7 +309,12 @@ fn slurm_script_reruns_a_failed_task_into_its_own_shard_and_the_merge_succeeds()
     let (ok, stderr) = slurm_task(&dir, 2000, 5, (5, 5), Some("results/1000"));
     assert!(ok, "rerun of task 5: {stderr}");
     let shard = results(&dir.join("results/1000/shard-5"));
-    assert_eq!(shard["dataset"]["shard"], serde_json::json!([5, 8]), "{}", shard["dataset"]);
+    assert_eq!(
+        shard["dataset"]["shard"],
+        serde_json::json!([5, 8]),
+        "{}",
+        shard["dataset"]
+    );
     assert_eq!(shard["counts"]["evaluated"], 1);
 
     // The rerun queued the merge of every shard in the first run's folder; run what it submitted.
@@ -338,7 +355,9 @@ fn config_init_keys() -> Vec<(String, String, String)> {
             continue;
         }
         let setting = line.trim_start_matches('#').trim_start();
-        let Some((key, _)) = setting.split_once(" = ") else { continue };
+        let Some((key, _)) = setting.split_once(" = ") else {
+            continue;
+        };
         if !section.is_empty() && !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
             out.push((section.clone(), key.to_string(), setting.to_string()));
         }
@@ -379,19 +398,31 @@ fn config_init_and_the_configuration_reference_list_the_same_keys() {
         }
     }
     let documented = documented_keys();
-    assert!(documented.len() >= 30, "docs/configuration.md's tables were not found: {documented:?}");
+    assert!(
+        documented.len() >= 30,
+        "docs/configuration.md's tables were not found: {documented:?}"
+    );
     let in_init: Vec<(String, String)> = init.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
     let missing_in_init: Vec<_> = documented.iter().filter(|k| !in_init.contains(k)).collect();
-    assert!(missing_in_init.is_empty(), "documented but not in `segq config init`: {missing_in_init:?}");
+    assert!(
+        missing_in_init.is_empty(),
+        "documented but not in `segq config init`: {missing_in_init:?}"
+    );
     let missing_in_docs: Vec<_> = in_init.iter().filter(|k| !documented.contains(k)).collect();
-    assert!(missing_in_docs.is_empty(), "in `segq config init` but not documented: {missing_in_docs:?}");
+    assert!(
+        missing_in_docs.is_empty(),
+        "in `segq config init` but not documented: {missing_in_docs:?}"
+    );
 }
 
 /// Every environment variable segq's source reads is in docs/configuration.md's table.
 #[test]
 fn every_environment_variable_segq_reads_is_documented() {
     let docs = read("docs/configuration.md");
-    let table = docs.split("## Environment variables").nth(1).expect("the section exists");
+    let table = docs
+        .split("## Environment variables")
+        .nth(1)
+        .expect("the section exists");
     let mut sources = vec![repo_root().join("src")];
     let mut names = std::collections::BTreeSet::new();
     while let Some(path) = sources.pop() {
@@ -409,13 +440,18 @@ fn every_environment_variable_segq_reads_is_documented() {
                 .any(|p| literal.starts_with(p));
             let plain = ["NO_COLOR", "RUST_LOG", "NETRC", "HOME"].contains(&literal);
             let name_like = literal.len() > 3
-                && literal.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                && literal
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
             if (prefixed || plain) && name_like {
                 names.insert(literal.to_string());
             }
         }
     }
-    assert!(names.contains("SEGQ_SIMD") && names.contains("WANDB_API_KEY"), "{names:?}");
+    assert!(
+        names.contains("SEGQ_SIMD") && names.contains("WANDB_API_KEY"),
+        "{names:?}"
+    );
     let undocumented: Vec<_> = names.iter().filter(|n| !table.contains(&format!("`{n}`"))).collect();
     assert!(
         undocumented.is_empty(),

@@ -656,7 +656,10 @@ mod tests {
             ("SLURM_ARRAY_TASK_COUNT", "2"),
         ];
         let error = shard_from_vars(vars(&partial)).unwrap_err().to_string();
-        assert!(error.contains("tasks 1-5") && error.contains("SEGQ_SHARD_COUNT"), "{error}");
+        assert!(
+            error.contains("tasks 1-5") && error.contains("SEGQ_SHARD_COUNT"),
+            "{error}"
+        );
         let with_count: Vec<_> = partial.iter().copied().chain([("SEGQ_SHARD_COUNT", "8")]).collect();
         assert_eq!(shard_from_vars(vars(&with_count)).unwrap(), Some((5, 8)));
 
