@@ -419,3 +419,22 @@ fn sandbox_is_offline_and_keyless() {
         ran.stdout
     );
 }
+
+/// `segq eval` ends by saying where everything is: the table is a summary, the files hold the rest.
+#[test]
+fn eval_ends_by_naming_the_full_results() {
+    let sandbox = Sandbox::new("final-line");
+    let ran = run(
+        &sandbox,
+        "segq eval --quant f32 --limit 1 --wandb disabled --out run-out",
+    );
+    assert!(ran.ok, "{}", ran.stderr);
+    let last = ran.stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert_eq!(
+        last,
+        "full results: run-out/summary.md, run-out/results.json (plots/ and samples/ beside them)"
+    );
+    for file in ["summary.md", "results.json"] {
+        assert!(sandbox.root.join("work/run-out").join(file).is_file(), "{file}");
+    }
+}
