@@ -61,7 +61,8 @@ fn recipes() -> Vec<Recipe> {
     let mut out = Vec::new();
     for level in ["f16", "bf16", "f8", "f8e5m2", "int8", "int8-dyn", "int4", "int2"] {
         let level = Level::parse(level).unwrap();
-        let methods: &[&str] = if level.int_bits().is_some() {
+        // int8-dyn takes rtn only: its W8A8 kernels need symmetric weights, and hqq's are affine.
+        let methods: &[&str] = if level.int_bits().is_some() && !level.dynamic_activations() {
             &["rtn", "hqq"]
         } else {
             &["rtn"]

@@ -217,5 +217,11 @@ pub fn run(global: &GlobalArgs, args: EvalArgs) -> Result<()> {
             failed.join("; ")
         );
     }
+    // Last on stdout, after the table and W&B's lines: the table is a summary, the files hold everything.
+    println!(
+        "full results: {}, {} (plots/ and samples/ beside them)",
+        plan.output_dir.join("summary.md").display(),
+        plan.output_dir.join("results.json").display()
+    );
     Ok(())
 }

@@ -336,8 +336,13 @@ pub(crate) fn first_difference(a: &serde_json::Value, b: &serde_json::Value, pat
 
 /// This process's shard `(index, count)` from the scheduler's environment, for `--shard auto`:
 ///
-/// - Slurm job arrays: index = (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN`) / `SLURM_ARRAY_TASK_STEP`
-///   (step 1 when unset), count = `SLURM_ARRAY_TASK_COUNT`.
+/// - Slurm job arrays with `SEGQ_SHARD_COUNT` set: index = `SLURM_ARRAY_TASK_ID`, count = `SEGQ_SHARD_COUNT`. The
+///   task id is the shard index, so a rerun of one failed task (`sbatch --array=3`, where Slurm says the array has
+///   one task) still evaluates shard 3 of the whole count.
+/// - Slurm job arrays without it: index = (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN`) /
+///   `SLURM_ARRAY_TASK_STEP` (step 1 when unset), count = `SLURM_ARRAY_TASK_COUNT`. A one-task array, or one whose
+///   `SLURM_ARRAY_TASK_MAX` is off the grid of min, step and count (a rerun of some tasks), is refused: it cannot
+///   tell which shard it is, and would silently evaluate the wrong rows.
 /// - Kubernetes Indexed Jobs: index = `JOB_COMPLETION_INDEX`, count = `SEGQ_SHARD_COUNT` (Kubernetes does not
 ///   expose `spec.completions` to the pod, so the manifest sets it to the same number).
 /// - Anything else: `SEGQ_SHARD_INDEX` with `SEGQ_SHARD_COUNT`.
@@ -363,7 +368,21 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
     let required = |name: &str, why: &str| -> Result<usize> {
         number(name)?.ok_or_else(|| Error::config(name, format!("environment variable {name} is not set ({why})")))
     };
+    let explicit_count = number("SEGQ_SHARD_COUNT")?;
     let (index, count, source) = if let Some(task_id) = number("SLURM_ARRAY_TASK_ID")? {
+        if let Some(count) = explicit_count {
+            if task_id >= count {
+                return Err(Error::config(
+                    "SLURM_ARRAY_TASK_ID",
+                    format!(
+                        "SLURM_ARRAY_TASK_ID={task_id} is not a shard of SEGQ_SHARD_COUNT={count}: with \
+                         SEGQ_SHARD_COUNT set the task id is the shard index (use --array=0-{})",
+                        count.saturating_sub(1)
+                    ),
+                ));
+            }
+            return Ok(Some((task_id, count)));
+        }
         let min = required("SLURM_ARRAY_TASK_MIN", "Slurm sets it in every array task")?;
         let count = required("SLURM_ARRAY_TASK_COUNT", "Slurm sets it in every array task")?;
         let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
@@ -377,16 +396,39 @@ pub fn shard_from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<(u
                 ),
             ));
         }
+        let max = number("SLURM_ARRAY_TASK_MAX")?;
+        let full_grid = max.is_none_or(|max| max >= min && (max - min) % step == 0 && (max - min) / step + 1 == count);
+        if count == 1 || !full_grid {
+            let array = match max {
+                Some(max) => format!("tasks {min}-{max}, step {step}, {count} task(s)"),
+                None => format!("{count} task(s)"),
+            };
+            return Err(Error::config(
+                "SLURM_ARRAY_TASK_COUNT",
+                format!(
+                    "this Slurm array ({array}) is not the whole sharded run (a rerun of some tasks?), so its \
+                     shard count is unknown; set SEGQ_SHARD_COUNT to the number of shards (the task id is then the \
+                     shard index) or pass --shard {task_id}/N"
+                ),
+            ));
+        }
         ((task_id - min) / step, count, "SLURM_ARRAY_TASK_ID")
     } else if let Some(index) = number("JOB_COMPLETION_INDEX")? {
-        let count = required("SEGQ_SHARD_COUNT", "set it to the Indexed Job's spec.completions")?;
+        let count = explicit_count.ok_or_else(|| {
+            Error::config(
+                "SEGQ_SHARD_COUNT",
+                "environment variable SEGQ_SHARD_COUNT is not set (set it to the Indexed Job's spec.completions)",
+            )
+        })?;
         (index, count, "JOB_COMPLETION_INDEX")
     } else if let Some(index) = number("SEGQ_SHARD_INDEX")? {
-        (
-            index,
-            required("SEGQ_SHARD_COUNT", "it goes with SEGQ_SHARD_INDEX")?,
-            "SEGQ_SHARD_INDEX",
-        )
+        let count = explicit_count.ok_or_else(|| {
+            Error::config(
+                "SEGQ_SHARD_COUNT",
+                "environment variable SEGQ_SHARD_COUNT is not set (it goes with SEGQ_SHARD_INDEX)",
+            )
+        })?;
+        (index, count, "SEGQ_SHARD_INDEX")
     } else {
         return Ok(None);
     };
@@ -573,6 +615,67 @@ mod tests {
             shard_from_vars(vars(&[("SEGQ_SHARD_INDEX", "0"), ("SEGQ_SHARD_COUNT", "1")])).unwrap(),
             Some((0, 1))
         );
+    }
+
+    /// `sbatch --array=3` reruns one failed task: Slurm then describes a one-task array (min = max = 3, count 1),
+    /// which must not become shard 0 of 1 (the whole dataset, which the merge then refuses).
+    #[test]
+    fn a_rerun_of_one_slurm_task_keeps_its_shard() {
+        let rerun = [
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        let error = shard_from_vars(vars(&rerun)).unwrap_err().to_string();
+        assert!(
+            error.contains("SEGQ_SHARD_COUNT") && error.contains("--shard 3/N"),
+            "{error}"
+        );
+        let with_count: Vec<_> = rerun.iter().copied().chain([("SEGQ_SHARD_COUNT", "8")]).collect();
+        assert_eq!(shard_from_vars(vars(&with_count)).unwrap(), Some((3, 8)));
+
+        // The first run of the same script: a full 0-7 array with the explicit count gives the same shards.
+        for task in 0..8 {
+            let id = task.to_string();
+            let full = [
+                ("SLURM_ARRAY_TASK_ID", id.as_str()),
+                ("SLURM_ARRAY_TASK_MIN", "0"),
+                ("SLURM_ARRAY_TASK_MAX", "7"),
+                ("SLURM_ARRAY_TASK_COUNT", "8"),
+            ];
+            assert_eq!(shard_from_vars(vars(&full)).unwrap(), Some((task, 8)));
+            let with_count: Vec<_> = full.iter().copied().chain([("SEGQ_SHARD_COUNT", "8")]).collect();
+            assert_eq!(shard_from_vars(vars(&with_count)).unwrap(), Some((task, 8)));
+        }
+
+        // Rerunning tasks 1 and 5 (`--array=1,5`): min, max and count do not describe one grid.
+        let partial = [
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "5"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ];
+        let error = shard_from_vars(vars(&partial)).unwrap_err().to_string();
+        assert!(
+            error.contains("tasks 1-5") && error.contains("SEGQ_SHARD_COUNT"),
+            "{error}"
+        );
+        let with_count: Vec<_> = partial.iter().copied().chain([("SEGQ_SHARD_COUNT", "8")]).collect();
+        assert_eq!(shard_from_vars(vars(&with_count)).unwrap(), Some((5, 8)));
+
+        // With the explicit count the task id is the shard index: an id past it is an error naming both.
+        let error = shard_from_vars(vars(&[("SLURM_ARRAY_TASK_ID", "8"), ("SEGQ_SHARD_COUNT", "8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("SLURM_ARRAY_TASK_ID=8") && error.contains("--array=0-7"),
+            "{error}"
+        );
+        let error = shard_from_vars(vars(&[("SLURM_ARRAY_TASK_ID", "1"), ("SEGQ_SHARD_COUNT", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("SEGQ_SHARD_COUNT=\"x\""), "{error}");
     }
 
     #[test]

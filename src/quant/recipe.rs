@@ -341,6 +341,29 @@ impl Recipe {
                 }
             }
             Some(_) => {
+                // The W8A8 kernels multiply int8 activations by symmetric per-channel int8 codes; any other weight
+                // would fall back to dequantizing with float activations: weight-only int8 under the int8-dyn name.
+                if level.dynamic_activations() {
+                    let why = if self.method == Method::Hqq {
+                        Some("hqq weights are affine (they have a zero point)".to_string())
+                    } else if self.symmetric == Some(false) {
+                        Some("affine weights (symmetric = false) have a zero point".to_string())
+                    } else {
+                        self.group_size
+                            .map(|g| format!("group size {g} gives several scales per output channel"))
+                    };
+                    if let Some(why) = why {
+                        return Err(Error::unsupported(
+                            label,
+                            format!(
+                                "int8-dyn multiplies int8 activations by symmetric int8 weights with one scale per \
+                                 output channel; {why}, so it would run weight-only: use int8-dyn with rtn and no \
+                                 group size, or int8 with {}",
+                                self.method
+                            ),
+                        ));
+                    }
+                }
                 if self.method == Method::Hqq && self.symmetric == Some(true) {
                     return Err(Error::unsupported(
                         label,
@@ -484,6 +507,18 @@ mod tests {
             (
                 err(Level::Int4, Method::Hqq, None, Some(true), vec![]),
                 "hqq optimises a zero point",
+            ),
+            (
+                err(Level::Int8Dyn, Method::Hqq, None, None, vec![]),
+                "hqq weights are affine",
+            ),
+            (
+                err(Level::Int8Dyn, Method::Rtn, None, Some(false), vec![]),
+                "would run weight-only",
+            ),
+            (
+                err(Level::Int8Dyn, Method::Rtn, Some(64), None, vec![]),
+                "group size 64 gives several scales",
             ),
             (
                 err(Level::F8E5m2, Method::Rtn, None, Some(false), vec![]),
