@@ -24,8 +24,8 @@ const SKIPPED: &[(&str, &str, &str)] = &[
     ),
     (
         "docs/quickstart.md",
-        "sudo apt-get install cmake nasm",
-        "installs system packages",
+        "cargo install --path .",
+        "installs segq into ~/.cargo/bin (a release build of the whole crate); the tests run the built binary",
     ),
     (
         "docs/quickstart.md",
