@@ -355,6 +355,7 @@ methods = ["rtn", "hqq"]
 # group_size = 64             # int4 default 64, int2 default 32
 # symmetric = false
 skip = []                     # weight-name globs kept in float, e.g. ["decode_head.classifier"]
+requantize = false            # quantize a quantized checkpoint again (--requantize); else it is evaluated as loaded
 
 [eval]
 batch_size = 4

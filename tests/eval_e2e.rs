@@ -219,7 +219,10 @@ fn writes_every_output_and_prints_the_table() {
     for line in stdout.lines().filter(|l| !l.starts_with("full results: ")) {
         assert!(line.chars().count() <= 100, "wider than 100 columns: {line:?}");
     }
-    assert!(stdout.trim_end().ends_with("(plots/ and samples/ beside them)"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("(plots/ and samples/ beside them)"),
+        "{stdout}"
+    );
     let header_line = stdout
         .lines()
         .find(|l| l.starts_with("level"))
@@ -237,7 +240,13 @@ fn writes_every_output_and_prints_the_table() {
         assert!(header_line.contains(column), "table lacks `{column}`:\n{stdout}");
     }
     let markdown = std::fs::read_to_string(out.join("summary.md")).unwrap();
-    for column in ["mean acc %", "overall acc %", "pixel agreement f32 %", "images/s pipeline", "inference MB"] {
+    for column in [
+        "mean acc %",
+        "overall acc %",
+        "pixel agreement f32 %",
+        "images/s pipeline",
+        "inference MB",
+    ] {
         assert!(markdown.contains(column), "summary.md lacks `{column}`");
     }
     // Each level's inference memory is its own: weights plus the working heap of its forward passes.
@@ -246,7 +255,10 @@ fn writes_every_output_and_prints_the_table() {
         let weights = row["weight_bytes_memory"].as_u64().unwrap();
         let working = row["working_bytes"].as_u64().unwrap();
         assert!(working > 1_000_000, "{label}: working heap {working} B");
-        assert!(working < 400_000_000, "{label}: working heap {working} B is the process, not the level");
+        assert!(
+            working < 400_000_000,
+            "{label}: working heap {working} B is the process, not the level"
+        );
         assert!(weights > 0);
     }
     for label in labels {

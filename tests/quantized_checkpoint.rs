@@ -256,9 +256,15 @@ fn quantize_command_writes_a_checkpoint_that_predict_and_inspect_load() {
     let results = segq::eval::results::EvalResults::read(&evaluated.join("results.json")).unwrap();
     let row = &results.levels[0];
     assert_eq!(row.method.to_string(), "as loaded (int4-hqq-g64)");
-    assert_eq!(row.label, "int4-hqq-g64", "the reference row is labelled with the checkpoint's recipe, not f32");
+    assert_eq!(
+        row.label, "int4-hqq-g64",
+        "the reference row is labelled with the checkpoint's recipe, not f32"
+    );
     assert_eq!(row.level, Level::Int4);
-    assert!(row.agreement.is_none(), "the reference row is what the others agree with");
+    assert!(
+        row.agreement.is_none(),
+        "the reference row is what the others agree with"
+    );
     assert!(
         (row.ratio_to_f32 - 0.15).abs() < 0.1,
         "ratio to the float model's size: {}",
@@ -294,7 +300,11 @@ fn quantized_checkpoint_rows(checkpoint: &Path, dir: &Path) {
     segq_ok(&["eval", "--model", model, "--limit", "1", "--out", out.to_str().unwrap()]);
     let results = segq::eval::results::EvalResults::read(&out.join("results.json")).unwrap();
     let labels: Vec<&str> = results.levels.iter().map(|l| l.label.as_str()).collect();
-    assert_eq!(labels, ["int4-hqq-g64"], "the default level list shrinks to the checkpoint as loaded");
+    assert_eq!(
+        labels,
+        ["int4-hqq-g64"],
+        "the default level list shrinks to the checkpoint as loaded"
+    );
 
     let refused = eval_support::segq_fails(&["eval", "--model", model, "--quant", "f32,int8", "--limit", "1"]);
     assert!(
@@ -335,7 +345,10 @@ fn quantized_checkpoint_rows(checkpoint: &Path, dir: &Path) {
             ),
         ]
     );
-    assert!(results.levels[1].agreement.is_some(), "agreement with the checkpoint as loaded");
+    assert!(
+        results.levels[1].agreement.is_some(),
+        "agreement with the checkpoint as loaded"
+    );
     assert!(results.levels[1].bits_per_weight < 9.0);
 }
 
@@ -412,7 +425,10 @@ fn predict_quantizes_on_the_fly_like_a_checkpoint() {
         dir.join("refused").to_str().unwrap(),
         image.to_str().unwrap(),
     ]);
-    assert!(refused.contains("quantized checkpoint") && refused.contains("--requantize"), "{refused}");
+    assert!(
+        refused.contains("quantized checkpoint") && refused.contains("--requantize"),
+        "{refused}"
+    );
     let unknown = eval_support::segq_fails(&["predict", "--quant", "int3", image.to_str().unwrap()]);
     assert!(unknown.contains("int3"), "{unknown}");
 }

@@ -117,7 +117,10 @@ mod tests {
             last_line: std::time::Instant::now(),
         };
         let line = lines.line();
-        assert!(line.starts_with("progress: 500/2000 images (25%), 5.00 images/s, about 5m0"), "{line}");
+        assert!(
+            line.starts_with("progress: 500/2000 images (25%), 5.00 images/s, about 5m0"),
+            "{line}"
+        );
         assert_eq!(human_duration(3725.0), "1h02m");
         assert_eq!(human_duration(12.4), "12s");
     }

@@ -299,7 +299,10 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
     // int8-dyn checkpoints store plain int8 codes: the plan packs them for the W8A8 GEMM as `quantize` does.
     model.prepare(recipe.as_ref().map_or(Level::F32, |r| r.recipe.level))?;
     let load_time = start.elapsed();
-    let by_dtype: Vec<String> = bytes_by_dtype.iter().map(|(k, v)| format!("{k} {}", crate::limits::human_bytes(*v as u64))).collect();
+    let by_dtype: Vec<String> = bytes_by_dtype
+        .iter()
+        .map(|(k, v)| format!("{k} {}", crate::limits::human_bytes(*v as u64)))
+        .collect();
     tracing::info!(
         "model loaded in {:.2} s: {source} ({}{}), peak RSS {:.0} MB",
         load_time.as_secs_f64(),

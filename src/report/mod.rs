@@ -234,17 +234,36 @@ mod tests {
         let table = format_table(&results, TableWidth::Compact);
         let lines: Vec<&str> = table.lines().collect();
         for line in &lines {
-            assert!(line.chars().count() <= COMPACT_WIDTH, "{} chars: {line:?}", line.chars().count());
+            assert!(
+                line.chars().count() <= COMPACT_WIDTH,
+                "{} chars: {line:?}",
+                line.chars().count()
+            );
         }
         let header = lines.iter().find(|l| l.starts_with("level")).unwrap();
-        for name in ["bits/w", "mIoU %", "Δ mIoU", "agree mIoU %", "weight MB", "model ms", "memory MB", "status"] {
+        for name in [
+            "bits/w",
+            "mIoU %",
+            "Δ mIoU",
+            "agree mIoU %",
+            "weight MB",
+            "model ms",
+            "memory MB",
+            "status",
+        ] {
             assert!(header.contains(name), "{name} missing from {header:?}");
         }
-        assert!(!header.contains("p95"), "the compact table leaves the latency tail to summary.md");
+        assert!(
+            !header.contains("p95"),
+            "the compact table leaves the latency tail to summary.md"
+        );
         let failed = &results.levels[1].label;
         assert!(table.contains("FAILED"), "{table}");
         assert!(
-            lines.last().unwrap().starts_with(&format!("{failed} failed: forward pass failed")),
+            lines
+                .last()
+                .unwrap()
+                .starts_with(&format!("{failed} failed: forward pass failed")),
             "{table}"
         );
         // The wide table has every column, as summary.md does.
