@@ -383,6 +383,7 @@ dir = "segq-out"
 # connect_timeout_s = 10
 # http_timeout_s = 30         # one try of one request; WANDB_HTTP_TIMEOUT overrides
 # retry_budget_s = 30         # time all uploads may lose to failures before the rest stays offline
+# shard_runs = false          # a shard of a sharded eval logs its partial runs too (else only segq merge logs)
 "#;
 
 #[cfg(test)]

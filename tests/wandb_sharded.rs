@@ -258,13 +258,14 @@ fn merge_publishes_online_to_the_group() {
             .unwrap();
         let summary_line = requests
             .iter()
+            .rev()
             .filter(|r| r.path.ends_with(&format!("/{run_id}/file_stream")))
             .filter_map(|r| {
                 r.json()["files"]["wandb-summary.json"]["content"]
                     .as_array()
                     .and_then(|c| c.last().cloned())
             })
-            .last()
+            .next()
             .unwrap_or_else(|| panic!("no summary for {name}"));
         let summary: BTreeMap<String, Value> = serde_json::from_str(summary_line.as_str().unwrap()).unwrap();
         assert_eq!(scores(&summary), scores(&reference.summary), "{name}");

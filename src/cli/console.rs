@@ -104,28 +104,6 @@ impl EvalObserver for Progress {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_lines_say_how_far_and_how_long() {
-        let lines = ProgressLines {
-            total: 2000,
-            done: 500,
-            started: std::time::Instant::now() - std::time::Duration::from_secs(100),
-            last_line: std::time::Instant::now(),
-        };
-        let line = lines.line();
-        assert!(
-            line.starts_with("progress: 500/2000 images (25%), 5.00 images/s, about 5m0"),
-            "{line}"
-        );
-        assert_eq!(human_duration(3725.0), "1h02m");
-        assert_eq!(human_duration(12.4), "12s");
-    }
-}
-
 /// Ctrl-C and SIGTERM (what Slurm and Kubernetes send before killing a job): the first stops the run after the
 /// current batch and any upload in progress (partial results are written, `--resume` continues them); a second
 /// aborts at once.
@@ -165,5 +143,27 @@ pub fn table_width(wide: bool) -> segq::report::TableWidth {
         segq::report::TableWidth::Wide
     } else {
         segq::report::TableWidth::Compact
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_say_how_far_and_how_long() {
+        let lines = ProgressLines {
+            total: 2000,
+            done: 500,
+            started: std::time::Instant::now() - std::time::Duration::from_secs(100),
+            last_line: std::time::Instant::now(),
+        };
+        let line = lines.line();
+        assert!(
+            line.starts_with("progress: 500/2000 images (25%), 5.00 images/s, about 5m0"),
+            "{line}"
+        );
+        assert_eq!(human_duration(3725.0), "1h02m");
+        assert_eq!(human_duration(12.4), "12s");
     }
 }
