@@ -225,6 +225,8 @@ impl SweepSpec<'_> {
     pub fn recipes(&self) -> Vec<std::result::Result<Recipe, UnbuildableLevel>> {
         let mut out = vec![Ok(Recipe::level_default(Level::F32))];
         let mut seen = vec![Recipe::level_default(Level::F32).label()];
+        // Combinations left out, by method and reason, so each reason is said once for all its levels.
+        let mut left_out: Vec<(Method, String, Vec<&str>)> = Vec::new();
         for &level in self.levels {
             if level.is_float_baseline() {
                 continue;
@@ -234,18 +236,23 @@ impl SweepSpec<'_> {
             for &method in self.methods {
                 match Recipe::new(level, method, self.group_size, self.symmetric, self.skip.to_vec()) {
                     Ok(r) => built.push(r),
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => errors.push((method, e.to_string())),
                 }
             }
             if built.is_empty() {
                 out.push(Err(UnbuildableLevel {
                     level,
-                    reason: errors.join("; "),
+                    reason: errors.into_iter().map(|(_, e)| e).collect::<Vec<_>>().join("; "),
                 }));
                 continue;
             }
-            for e in errors {
-                tracing::info!(level = level.name(), "{e}; evaluated with the other methods");
+            for (method, e) in errors {
+                // "level f16, method hqq: <reason>" -> the reason, shared by every level it applies to.
+                let reason = e.split_once(": ").map_or(e.clone(), |(_, r)| r.to_string());
+                match left_out.iter_mut().find(|(m, r, _)| *m == method && *r == reason) {
+                    Some((_, _, levels)) => levels.push(level.name()),
+                    None => left_out.push((method, reason, vec![level.name()])),
+                }
             }
             for r in built {
                 let label = r.label();
@@ -254,6 +261,9 @@ impl SweepSpec<'_> {
                     out.push(Ok(r));
                 }
             }
+        }
+        for (method, reason, levels) in left_out {
+            tracing::info!("{} evaluated without {method} ({reason})", levels.join(", "));
         }
         out
     }
