@@ -144,6 +144,10 @@ pub struct EvalConfig {
     pub checkpoint_seconds: u64,
     /// Accept a selection of zero examples (an empty shard, an offset past the end) instead of failing.
     pub allow_empty: bool,
+    /// Quantized levels held in memory at once (0: all). Fewer means one pass over the examples per group of
+    /// levels, the f32 model running in every pass for agreement: memory bounded by the f32 model plus that many
+    /// levels, time up by the f32 forward passes repeated. Checkpoints and --resume need a single pass.
+    pub levels_at_once: usize,
 }
 
 impl Default for EvalConfig {
@@ -158,6 +162,7 @@ impl Default for EvalConfig {
             samples: 3,
             checkpoint_seconds: 120,
             allow_empty: false,
+            levels_at_once: 0,
         }
     }
 }
@@ -367,6 +372,7 @@ threads = 0                   # 0 = one per core
 samples = 3                   # overlay images saved per level
 checkpoint_seconds = 120      # partial results.json written this often (0 = every batch); see --resume
 allow_empty = false           # true: a selection of zero examples is not an error
+levels_at_once = 0            # quantized levels held at once (0 = all); fewer: one pass per group, f32 rerun
 
 [output]
 dir = "segq-out"

@@ -405,3 +405,60 @@ fn bad_examples_are_skipped_and_counted_or_named() {
         "{stderr}"
     );
 }
+
+/// `eval.levels_at_once = 1` builds and holds one quantized level at a time (one pass over the examples each, the f32
+/// model in every pass): the same rows, scores and agreement as one pass with every level, bit for bit, and every
+/// level's sample overlays.
+#[test]
+fn levels_one_at_a_time_give_the_scores_of_one_pass() {
+    let scores = |out: &Path| {
+        let results = EvalResults::read(&out.join("results.json")).unwrap();
+        assert!(results.complete);
+        let rows: Vec<_> = results
+            .levels
+            .iter()
+            .map(|l| {
+                (
+                    l.label.clone(),
+                    l.method.to_string(),
+                    l.bits_per_weight.to_bits(),
+                    l.ratio_to_f32.to_bits(),
+                    l.confusion.clone(),
+                    l.agreement.clone(),
+                    l.images(),
+                )
+            })
+            .collect();
+        (rows, results.counts.clone())
+    };
+    let mut outs = Vec::new();
+    for at_once in ["0", "1"] {
+        let out = scratch(&format!("at-once-{at_once}"));
+        segq_ok(&[
+            "eval",
+            "--quant",
+            "f32,int8,int4,int2",
+            "--method",
+            "rtn",
+            "--limit",
+            "5",
+            "--batch-size",
+            "2",
+            "--set",
+            &format!("eval.levels_at_once={at_once}"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        outs.push(out);
+    }
+    let (one_pass, grouped) = (scores(&outs[0]), scores(&outs[1]));
+    assert_eq!(one_pass.0.len(), 4);
+    assert_eq!(one_pass, grouped, "one level at a time changed a score");
+    for level in ["f32", "int8-rtn", "int4-rtn-g64", "int2-rtn-g32"] {
+        let dir = outs[1].join("samples").join(level);
+        let pngs = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .count();
+        assert!(pngs >= 3, "{}: {pngs} overlays", dir.display());
+    }
+}

@@ -126,7 +126,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         plan.loader.batch_size,
         &format!("--batch-size {}", plan.loader.batch_size),
     )?;
-    let mut loader = Loader::new(&spec, loader_options)?;
+    let mut loader = Loader::new(&spec, loader_options.clone())?;
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!("dataset ready: {dataset_description}, {selected} examples");
     let selection = &plan.loader.selection;
@@ -173,7 +173,22 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         threads: plan.threads,
         os: std::env::consts::OS.to_string(),
     };
-    let mut variants = build_variants(&loaded, &recipes, model_info.num_labels)?;
+    // Levels are built and held a group at a time (eval.levels_at_once); each group is one pass over the examples,
+    // with the reference model in every pass for agreement. One group (the default) is one pass.
+    let groups = level_groups(recipes.len(), plan.config.eval.levels_at_once);
+    let passes = groups.len();
+    if passes > 1 && plan.resume.is_some() {
+        return Err(Error::config(
+            "eval.levels_at_once",
+            "a run of several passes cannot be resumed: resume with eval.levels_at_once = 0",
+        ));
+    }
+    let mut variants = build_variants(&loaded, &recipes[..groups[0].end], model_info.num_labels, None)?;
+    // Later groups' ratios are to the same float size as the first group's (see build_variants).
+    let f32_bytes = match &loaded.recipe {
+        None => variants[0].result.weight_bytes_memory.max(1) as f64,
+        Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
+    };
     let mut earlier = Counts::default();
     if let Some(partial) = plan.resume.as_deref() {
         continue_from(partial, &mut variants, &model_info, &dataset_info)?;
@@ -191,38 +206,73 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         machine: &machine,
         earlier: &earlier,
     };
-    observer.started(loader.total());
+    observer.started(loader.total() * passes);
     let mut samples: Vec<Sample> = Vec::new();
     let mut stopped = false;
-    let mut wait_start = Instant::now();
-    let mut last_checkpoint = Instant::now();
-    loop {
-        if observer.should_stop() || crate::interrupt::stop_requested() {
-            tracing::warn!("interrupted: writing the results so far, marked incomplete");
-            stopped = true;
+    let mut rows: Vec<LevelResult> = Vec::new();
+    let mut first_pass_stats = None;
+    for (pass, group) in groups.iter().enumerate() {
+        if pass > 0 {
+            tracing::info!(pass = pass + 1, of = passes, "next group of levels");
+            variants.truncate(1);
+            variants.extend(build_variants(
+                &loaded,
+                &recipes[group.clone()],
+                model_info.num_labels,
+                Some(f32_bytes),
+            )?);
+            loader = Loader::new(&spec, loader_options.clone())?;
+        }
+        let mut wait_start = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut seen = 0usize;
+        loop {
+            if observer.should_stop() || crate::interrupt::stop_requested() {
+                tracing::warn!("interrupted: writing the results so far, marked incomplete");
+                stopped = true;
+                break;
+            }
+            let Some(batch) = loader.next() else { break };
+            let batch = batch?;
+            let data_s = wait_start.elapsed().as_secs_f64();
+            if batch.is_empty() {
+                wait_start = Instant::now();
+                continue;
+            }
+            let at = BatchAt { pass, first: seen };
+            evaluate_batch(
+                &batch,
+                &mut variants,
+                plan,
+                &loaded.preprocessor,
+                data_s,
+                &mut samples,
+                at,
+            )?;
+            seen += batch.len();
+            observer.batch_done(batch.len());
+            // Partial results are resumable only from a single pass.
+            if passes == 1 && last_checkpoint.elapsed() >= plan.checkpoint_every {
+                let partial = run.results(
+                    variants.iter().map(|v| v.result.clone()).collect(),
+                    &loader.stats(),
+                    false,
+                )?;
+                observer.checkpoint(&partial)?;
+                last_checkpoint = Instant::now();
+            }
+            wait_start = Instant::now();
+        }
+        if pass == 0 {
+            first_pass_stats = Some(loader.stats());
+        }
+        rows.extend(variants.drain(1..).map(|v| v.result));
+        if stopped {
             break;
         }
-        let Some(batch) = loader.next() else { break };
-        let batch = batch?;
-        let data_s = wait_start.elapsed().as_secs_f64();
-        if batch.is_empty() {
-            wait_start = Instant::now();
-            continue;
-        }
-        evaluate_batch(&batch, &mut variants, plan, &loaded.preprocessor, data_s, &mut samples)?;
-        observer.batch_done(batch.len());
-        if last_checkpoint.elapsed() >= plan.checkpoint_every {
-            let partial = run.results(
-                variants.iter().map(|v| v.result.clone()).collect(),
-                &loader.stats(),
-                false,
-            )?;
-            observer.checkpoint(&partial)?;
-            last_checkpoint = Instant::now();
-        }
-        wait_start = Instant::now();
     }
-    let stats = loader.stats();
+    rows.insert(0, variants.remove(0).result);
+    let stats = first_pass_stats.unwrap_or_else(|| loader.stats());
     if stats.skipped > 0 {
         tracing::warn!(skipped = stats.skipped, first = ?stats.skip_reasons.first(), "examples skipped");
     }
@@ -232,7 +282,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             "Parquet files could not be read and their rows are unknown: the run is marked incomplete"
         );
     }
-    let results = run.results(variants.into_iter().map(|v| v.result).collect(), &stats, !stopped)?;
+    let results = run.results(rows, &stats, !stopped)?;
     let output = EvalOutput { results, samples };
     observer.finished(&output)?;
     Ok(output)
@@ -356,6 +406,26 @@ fn continue_from(
     Ok(())
 }
 
+/// The passes over the examples: ranges of `recipes` indices (the reference, index 0, runs in every pass), each of
+/// at most `at_once` quantized levels; one range with every level when `at_once` is 0 or not smaller.
+fn level_groups(recipes: usize, at_once: usize) -> Vec<std::ops::Range<usize>> {
+    let levels = recipes.saturating_sub(1);
+    if at_once == 0 || at_once >= levels {
+        return vec![1..recipes.max(1)];
+    }
+    (1..recipes)
+        .step_by(at_once)
+        .map(|start| start..(start + at_once).min(recipes))
+        .collect()
+}
+
+/// Where a batch is in the run: which pass, and how many examples of that pass came before it.
+#[derive(Clone, Copy)]
+struct BatchAt {
+    pass: usize,
+    first: usize,
+}
+
 /// The recipes to evaluate on `loaded`: the plan's, unless the model is a quantized checkpoint. That is evaluated
 /// as loaded, alone: quantizing it again would report levels of an already-rounded model as if they were the float
 /// model's. Levels asked for explicitly are refused unless the plan says to requantize; the default list is
@@ -407,7 +477,12 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
 /// baseline: its predictions are the reference for every other level's agreement. A recipe that cannot be built
 /// for this model is an error naming it, before any example is read.
-fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -> Result<Vec<Variant>> {
+fn build_variants(
+    loaded: &LoadedModel,
+    recipes: &[Recipe],
+    num_labels: usize,
+    f32_bytes: Option<f64>,
+) -> Result<Vec<Variant>> {
     let mut variants: Vec<Variant> = recipes
         .iter()
         .map(|recipe| {
@@ -463,10 +538,10 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize) -
         .collect::<Result<_>>()?;
     // The ratio is to the float model's size: the first row's, unless that is a quantized checkpoint, whose float
     // size is its parameter count at 4 bytes.
-    let f32_bytes = match &loaded.recipe {
+    let f32_bytes = f32_bytes.unwrap_or_else(|| match &loaded.recipe {
         None => variants[0].result.weight_bytes_memory.max(1) as f64,
         Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
-    };
+    });
     for v in &mut variants {
         v.result.ratio_to_f32 = v.result.weight_bytes_memory as f64 / f32_bytes;
     }
@@ -506,6 +581,7 @@ fn evaluate_batch(
     preprocessor: &PreprocessorConfig,
     data_s: f64,
     samples: &mut Vec<Sample>,
+    at: BatchAt,
 ) -> Result<()> {
     let n = batch.len();
     let ignore_index = plan.loader.labels.ignore_index;
@@ -519,18 +595,30 @@ fn evaluate_batch(
     let shared_per_image_ms = (data_s + pre_start.elapsed().as_secs_f64()) * 1000.0 / n as f64;
 
     let mut reference: Vec<Vec<u16>> = Vec::new();
-    let keep_from = samples.len();
-    // The first `plan.samples` examples of the run are kept, with every level's prediction added below.
-    for ex in batch.iter().take(plan.samples.saturating_sub(samples.len())) {
-        samples.push(Sample {
-            id: ex.id.clone(),
-            image: ex.image.clone(),
-            label: ex.label.clone(),
-            predictions: BTreeMap::new(),
-        });
+    // The first `plan.samples` examples of the run are kept (in the first pass), with every level's prediction
+    // added below; batch item `k` is sample `at.first + k`.
+    if at.pass == 0 {
+        for ex in batch.iter().take(plan.samples.saturating_sub(samples.len())) {
+            samples.push(Sample {
+                id: ex.id.clone(),
+                image: ex.image.clone(),
+                label: ex.label.clone(),
+                predictions: BTreeMap::new(),
+            });
+        }
     }
     for variant in variants.iter_mut() {
         let Some(model) = &variant.model else { continue };
+        // After the first pass the reference runs only to be agreed with: its scores and timings are counted once.
+        if at.pass > 0 && variant.result.method.is_reference() {
+            let logits = segmenter::forward_inputs(model, &inputs)?;
+            reference = logits
+                .iter()
+                .zip(batch)
+                .map(|(l, ex)| l.logits.mask(ex.label.height() as usize, ex.label.width() as usize))
+                .collect();
+            continue;
+        }
         let level_start = Instant::now();
         crate::sysinfo::reset_peak_rss();
         // This level's working memory: the heap high-water mark of its forward passes above what was live before
@@ -577,14 +665,29 @@ fn evaluate_batch(
         result.peak_rss_bytes = result.peak_rss_bytes.max(crate::sysinfo::peak_rss_bytes());
         result.working_bytes = result.working_bytes.max(working);
         result.wall_time_s += level_start.elapsed().as_secs_f64() + shared_per_image_ms * n as f64 / 1000.0;
-        for (k, sample) in samples.iter_mut().enumerate().skip(keep_from) {
-            sample
-                .predictions
-                .insert(result.label.clone(), predictions[k - keep_from].clone());
+        for (k, prediction) in predictions.iter().enumerate() {
+            if let Some(sample) = samples.get_mut(at.first + k) {
+                sample.predictions.insert(result.label.clone(), prediction.clone());
+            }
         }
         if result.method.is_reference() {
             reference = predictions;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_groups;
+
+    #[test]
+    fn level_groups_cover_every_level_once_with_the_reference_apart() {
+        assert_eq!(level_groups(9, 0), vec![1..9]);
+        assert_eq!(level_groups(9, 8), vec![1..9]);
+        assert_eq!(level_groups(9, 20), vec![1..9]);
+        assert_eq!(level_groups(9, 3), vec![1..4, 4..7, 7..9]);
+        assert_eq!(level_groups(4, 1), vec![1..2, 2..3, 3..4]);
+        assert_eq!(level_groups(1, 1), vec![1..1], "f32 alone: one pass");
+    }
 }
