@@ -411,7 +411,7 @@ fn continue_from(
 fn level_groups(recipes: usize, at_once: usize) -> Vec<std::ops::Range<usize>> {
     let levels = recipes.saturating_sub(1);
     if at_once == 0 || at_once >= levels {
-        return vec![1..recipes.max(1)];
+        return std::iter::once(1..recipes.max(1)).collect();
     }
     (1..recipes)
         .step_by(at_once)
