@@ -183,12 +183,13 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             "a run of several passes cannot be resumed: resume with eval.levels_at_once = 0",
         ));
     }
-    let mut variants = build_variants(&loaded, &recipes[..groups[0].end], model_info.num_labels, None)?;
-    // Later groups' ratios are to the same float size as the first group's (see build_variants).
+    // Ratios are to the float model's size: the model as loaded, unless that is a quantized checkpoint, whose float
+    // size is its parameter count at 4 bytes.
     let f32_bytes = match &loaded.recipe {
-        None => variants[0].result.weight_bytes_memory.max(1) as f64,
+        None => loaded.weight_bytes().max(1) as f64,
         Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
     };
+    let mut variants = build_variants(&loaded, &recipes[..groups[0].end], model_info.num_labels, f32_bytes)?;
     let mut earlier = Counts::default();
     if let Some(partial) = plan.resume.as_deref() {
         continue_from(partial, &mut variants, &model_info, &dataset_info)?;
@@ -219,7 +220,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
                 &loaded,
                 &recipes[group.clone()],
                 model_info.num_labels,
-                Some(f32_bytes),
+                f32_bytes,
             )?);
             loader = Loader::new(&spec, loader_options.clone())?;
         }
@@ -476,13 +477,8 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
 
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
 /// baseline: its predictions are the reference for every other level's agreement. A recipe that cannot be built
-/// for this model is an error naming it, before any example is read.
-fn build_variants(
-    loaded: &LoadedModel,
-    recipes: &[Recipe],
-    num_labels: usize,
-    f32_bytes: Option<f64>,
-) -> Result<Vec<Variant>> {
+/// for this model is an error naming it, before any example is read. Ratios are to `f32_bytes`, the float size.
+fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f32_bytes: f64) -> Result<Vec<Variant>> {
     let mut variants: Vec<Variant> = recipes
         .iter()
         .map(|recipe| {
@@ -536,12 +532,6 @@ fn build_variants(
             })
         })
         .collect::<Result<_>>()?;
-    // The ratio is to the float model's size: the first row's, unless that is a quantized checkpoint, whose float
-    // size is its parameter count at 4 bytes.
-    let f32_bytes = f32_bytes.unwrap_or_else(|| match &loaded.recipe {
-        None => variants[0].result.weight_bytes_memory.max(1) as f64,
-        Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
-    });
     for v in &mut variants {
         v.result.ratio_to_f32 = v.result.weight_bytes_memory as f64 / f32_bytes;
     }

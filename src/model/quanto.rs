@@ -206,7 +206,7 @@ pub fn save_quanto(
     dir: &Path,
 ) -> Result<u64> {
     check_recipe(recipe)?;
-    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut stored: Vec<super::save::StoredTensor> = Vec::new();
     let mut map: BTreeMap<String, MapEntry> = BTreeMap::new();
     let mut failure = None;
     let f32_bytes = |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
@@ -249,30 +249,15 @@ pub fn save_quanto(
         return Err(e);
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
-        .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::invalid(format!("tensor `{n}`"), e.to_string()))
-        })
-        .collect::<Result<_>>()?;
     let map_json = serde_json::to_string_pretty(&map)
         .map_err(|e| Error::internal(format!("cannot serialise the quantization map: {e}")))?;
-    super::save::write_atomically(&dir.join("config.json"), |out| out.write_all(config_json.as_bytes()))?;
-    if let Some(pre) = preprocessor_json {
-        super::save::write_atomically(&dir.join("preprocessor_config.json"), |out| {
-            out.write_all(pre.as_bytes())
-        })?;
-    }
-    let path = dir.join("model.safetensors");
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    super::save::write_atomically(&path, |out| super::save::write_safetensors(out, &views, metadata))?;
+    let bytes = super::save::write_model_files(dir, config_json, preprocessor_json, &stored, metadata)?;
     // The map last: with it the folder reads as a quanto checkpoint.
     super::save::write_atomically(&dir.join(QUANTIZATION_MAP_FILE), |out| {
         out.write_all(map_json.as_bytes())
     })?;
-    Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub fn save_quantized(
     dir: &Path,
 ) -> Result<u64> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut stored: Vec<StoredTensor> = Vec::new();
     let mut quantized: Vec<(String, Cow<'_, QuantTensor>)> = Vec::new();
     for (name, entry) in state_dict(model) {
         match entry {
@@ -79,6 +79,27 @@ pub fn save_quantized(
         }
     }
     let metadata = quant::checkpoint_metadata(recipe, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
+    // A quanto map left by an earlier `--format quanto` would make the folder read as a quanto checkpoint.
+    let stale_map = dir.join(super::quanto::QUANTIZATION_MAP_FILE);
+    if stale_map.exists() {
+        std::fs::remove_file(&stale_map).map_err(|e| Error::io(&stale_map, e))?;
+    }
+    write_model_files(dir, config_json, preprocessor_json, &stored, metadata)
+}
+
+/// A tensor as written: name, dtype, shape and little-endian bytes.
+pub(super) type StoredTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes the files every checkpoint folder holds, each atomically: `config.json` and `preprocessor_config.json`
+/// first (a folder with weights but no config.json would look complete to a reader), then `model.safetensors` with
+/// `stored` and `metadata`. Returns the bytes of the safetensors file.
+pub(super) fn write_model_files(
+    dir: &Path,
+    config_json: &str,
+    preprocessor_json: Option<&str>,
+    stored: &[StoredTensor],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<u64> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
         .iter()
         .map(|(n, d, s, b)| {
@@ -87,19 +108,13 @@ pub fn save_quantized(
                 .map_err(|e| Error::invalid(format!("tensor `{n}`"), e.to_string()))
         })
         .collect::<Result<_>>()?;
-    let path = dir.join("model.safetensors");
-    // A quanto map left by an earlier `--format quanto` would make the folder read as a quanto checkpoint.
-    let stale_map = dir.join(super::quanto::QUANTIZATION_MAP_FILE);
-    if stale_map.exists() {
-        std::fs::remove_file(&stale_map).map_err(|e| Error::io(&stale_map, e))?;
-    }
-    // The configs first: a folder with weights but no config.json would look complete to a reader.
-    let config_path = dir.join("config.json");
-    write_atomically(&config_path, |out| out.write_all(config_json.as_bytes()))?;
+    write_atomically(&dir.join("config.json"), |out| out.write_all(config_json.as_bytes()))?;
     if let Some(pre) = preprocessor_json {
-        let p = dir.join("preprocessor_config.json");
-        write_atomically(&p, |out| out.write_all(pre.as_bytes()))?;
+        write_atomically(&dir.join("preprocessor_config.json"), |out| {
+            out.write_all(pre.as_bytes())
+        })?;
     }
+    let path = dir.join("model.safetensors");
     write_atomically(&path, |out| write_safetensors(out, &views, metadata))?;
     Ok(std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len())
 }
