@@ -943,18 +943,23 @@ mod tests {
             let jpeg = jpeg_with_luma_sampling(&img, factors);
             let decoded = decode_image(&jpeg, &mut None, &opts()).unwrap_or_else(|e| panic!("{factors:?}: {e}"));
             assert_eq!(decoded.dimensions(), (61, 47), "{factors:?}");
-            let total: u64 = decoded
-                .as_raw()
-                .iter()
-                .zip(img.as_raw())
-                .map(|(a, b)| a.abs_diff(*b) as u64)
-                .sum();
-            let mean = total as f64 / img.as_raw().len() as f64;
+            let mean = mean_abs_difference(&decoded, &img);
             assert!(
                 mean < 8.0,
                 "{factors:?}: decoded JPEG far from source: mean difference {mean}"
             );
         }
+    }
+
+    /// Mean absolute difference per channel value between a decoded image and its source.
+    fn mean_abs_difference(decoded: &image::RgbImage, source: &image::RgbImage) -> f64 {
+        let total: u64 = decoded
+            .as_raw()
+            .iter()
+            .zip(source.as_raw())
+            .map(|(a, b)| a.abs_diff(*b) as u64)
+            .sum();
+        total as f64 / source.as_raw().len() as f64
     }
 
     #[test]
@@ -969,13 +974,7 @@ mod tests {
         let mut dec = None;
         let first = decode_image(&jpeg, &mut dec, &opts()).unwrap();
         assert_eq!(first.dimensions(), (160, 96));
-        let total: u64 = first
-            .as_raw()
-            .iter()
-            .zip(img.as_raw())
-            .map(|(a, b)| a.abs_diff(*b) as u64)
-            .sum();
-        let mean = total as f64 / img.as_raw().len() as f64;
+        let mean = mean_abs_difference(&first, &img);
         assert!(mean < 12.0, "decoded JPEG far from source: mean difference {mean}");
         let e = decode_image(&jpeg[..jpeg.len() * 3 / 4], &mut dec, &opts())
             .unwrap_err()
