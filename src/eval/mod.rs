@@ -2,6 +2,7 @@
 //! reports to observers, pixel-count metrics, the result files every run writes, merging of sharded runs, and the
 //! quantization error report.
 
+pub mod auto;
 pub mod error_report;
 pub mod merge;
 pub mod metrics;

@@ -162,6 +162,9 @@ pub struct LevelResult {
     /// The whole recipe of a mixed-precision row (its per-layer rules); absent for uniform levels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<crate::quant::Recipe>,
+    /// How an `auto:` row's recipe was searched (target, images, predicted and measured drop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<crate::eval::auto::AutoSearch>,
     /// Average stored bits per quantized weight, scales and zero points included.
     #[serde(with = "nan_as_null")]
     pub bits_per_weight: f64,
@@ -519,6 +522,7 @@ pub(crate) mod test_support {
                 method,
                 group_size: (level == Level::Int4).then_some(64),
                 recipe: None,
+                auto: None,
                 bits_per_weight: bits,
                 status: LevelStatus::Ok,
                 confusion: Some(ConfusionMatrix::new(NUM_LABELS)),

@@ -10,6 +10,7 @@ use std::time::Instant;
 use image::{GrayImage, RgbImage};
 
 use crate::data::{Example, Loader};
+use crate::eval::auto::{AutoSearch, AutoSpec};
 use crate::eval::metrics::ConfusionMatrix;
 use crate::eval::plan::EvalPlan;
 use crate::eval::results::{
@@ -94,7 +95,7 @@ pub struct EvalOutput {
 /// counts and reads only the examples it had not reached.
 pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<EvalOutput> {
     let loaded = model::load(&plan.model)?;
-    let recipes = recipes_for(&loaded, plan)?;
+    let mut recipes = recipes_for(&loaded, plan)?;
     let d = &plan.dataset;
     let (spec, dataset_description) = crate::data::resolve_source(
         &d.source,
@@ -126,6 +127,9 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         plan.loader.batch_size,
         &format!("--batch-size {}", plan.loader.batch_size),
     )?;
+    // Mixed-precision searches run before any level is built: their recipes are rows like the others.
+    let searched = search_recipes(&loaded, plan, &spec, &loader_options)?;
+    recipes.extend(searched.iter().map(|(recipe, _)| recipe.clone()));
     let mut loader = Loader::new(&spec, loader_options.clone())?;
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!("dataset ready: {dataset_description}, {selected} examples");
@@ -190,6 +194,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
     };
     let mut variants = build_variants(&loaded, &recipes[..groups[0].end], model_info.num_labels, f32_bytes)?;
+    attach_searches(&mut variants, &searched);
     let mut earlier = Counts::default();
     if let Some(partial) = plan.resume.as_deref() {
         continue_from(partial, &mut variants, &model_info, &dataset_info)?;
@@ -222,6 +227,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
                 model_info.num_labels,
                 f32_bytes,
             )?);
+            attach_searches(&mut variants, &searched);
             loader = Loader::new(&spec, loader_options.clone())?;
         }
         let mut wait_start = Instant::now();
@@ -470,6 +476,69 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
     Ok(plan.recipes.iter().filter(|r| r.is_float_baseline()).cloned().collect())
 }
 
+/// The recipes of the configuration's `auto:` searches, measured on the first `quant.auto_images` examples of the
+/// selection before sharding (so every shard searches the same images and finds the same recipes).
+fn search_recipes(
+    loaded: &LoadedModel,
+    plan: &EvalPlan,
+    spec: &crate::data::DatasetSpec,
+    loader_options: &crate::data::LoaderOptions,
+) -> Result<Vec<(Recipe, AutoSearch)>> {
+    let quant = &plan.config.quant;
+    if quant.auto.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut options = loader_options.clone();
+    let selection = plan.loader.selection;
+    options.selection = crate::data::Selection {
+        shard: None,
+        offset: selection.offset,
+        limit: Some(selection.limit.map_or(quant.auto_images, |l| l.min(quant.auto_images))),
+    };
+    options.skip_first = 0;
+    let mut inputs = Vec::new();
+    for batch in Loader::new(spec, options)? {
+        inputs.extend(
+            batch?
+                .iter()
+                .map(|ex| ModelInput::new(&ex.image, &loaded.preprocessor, plan.protocol)),
+        );
+    }
+    if inputs.is_empty() {
+        return Err(Error::config(
+            "quant.auto",
+            "the mixed-precision search has no images: the selection is empty",
+        ));
+    }
+    // hqq rounds int2/int4 better than rtn: the search uses it when the sweep compares it.
+    let method = if quant.methods.contains(&crate::quant::Method::Hqq) {
+        crate::quant::Method::Hqq
+    } else {
+        quant.methods.first().copied().unwrap_or(crate::quant::Method::Rtn)
+    };
+    let auto_spec = AutoSpec {
+        targets: quant.auto.clone(),
+        method,
+        group_size: quant.group_size,
+        batch_size: plan.loader.batch_size,
+    };
+    crate::eval::auto::search_all(loaded, &inputs, &auto_spec)
+}
+
+/// Records on each searched row how its recipe was found.
+fn attach_searches(variants: &mut [Variant], searched: &[(Recipe, AutoSearch)]) {
+    for v in variants {
+        let found = v
+            .result
+            .recipe
+            .as_ref()
+            .and_then(|r| searched.iter().find(|(s, _)| s == r));
+        if let Some((_, info)) = found {
+            v.result.auto = Some(info.clone());
+        }
+    }
+}
+
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
 /// baseline: its predictions are the reference for every other level's agreement. A recipe that cannot be built
 /// for this model is an error naming it, before any example is read. Ratios are to `f32_bytes`, the float size.
@@ -543,6 +612,7 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         method,
         group_size: None,
         recipe: None,
+        auto: None,
         bits_per_weight: f64::NAN,
         status: LevelStatus::Ok,
         confusion: Some(ConfusionMatrix::new(num_labels)),

@@ -16,7 +16,8 @@ use crate::{Error, Result};
 pub use table::{COMPACT_WIDTH, TableWidth, format_table, summary_csv, summary_markdown};
 
 /// Writes every report of `results` into `out_dir` (created if needed) and returns the files written:
-/// `results.json`, `summary.csv`, `summary.md` and `plots/*.{png,svg}` (plots that have no data are skipped).
+/// `results.json`, `summary.csv`, `summary.md`, `recipes/*.toml` (mixed-precision rows) and `plots/*.{png,svg}`
+/// (plots that have no data are skipped).
 pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut written = Vec::new();
@@ -34,8 +35,32 @@ pub fn write_all(results: &EvalResults, out_dir: &Path) -> Result<Vec<PathBuf>> 
         written.push(path);
     }
 
+    written.extend(write_recipes(results, &out_dir.join("recipes"))?);
     written.extend(plots::write_plots(results, &out_dir.join("plots"))?);
     tracing::debug!(dir = %out_dir.display(), files = written.len(), "wrote reports");
+    Ok(written)
+}
+
+/// Writes `recipes/<label>.toml` for every mixed-precision row (searched or given by rules), the file
+/// `--recipe` reads to evaluate, quantize or predict with that recipe again.
+fn write_recipes(results: &EvalResults, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for level in &results.levels {
+        let Some(recipe) = &level.recipe else { continue };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(format!("{}.toml", level.label));
+        let mut text = format!("# {}: {:.3} bits per weight", level.label, level.bits_per_weight);
+        if let Some(auto) = &level.auto {
+            text.push_str(&format!(
+                ", searched by --quant {} ({} images, method {})",
+                auto.target, auto.images, auto.method
+            ));
+        }
+        text.push_str("\n# segq eval --recipe THIS_FILE (also quantize, predict)\n");
+        text.push_str(&recipe.to_toml());
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+    }
     Ok(written)
 }
 
