@@ -1,5 +1,5 @@
-//! What `segq eval` shows and listens to on the console, as evaluation observers: the progress bar, Ctrl-C, and
-//! the results table printed once the files are written.
+//! What `segq eval` (and `segq sensitivity`) shows and listens to on the console, as evaluation observers: the
+//! progress bar, Ctrl-C, and the results table printed once the files are written.
 
 use segq::eval::{EvalObserver, EvalOutput};
 
