@@ -14,13 +14,25 @@ fn sensitivity_on_the_demo_writes_the_report_the_chart_the_table_and_the_wandb_r
         .env("WANDB_MODE", "offline")
         .env_remove("WANDB_API_KEY")
         .env_remove("WANDB_DIR")
-        .args(["--threads", "2", "sensitivity", "--limit", "2", "--granularity", "block"])
+        .args([
+            "--threads",
+            "2",
+            "sensitivity",
+            "--limit",
+            "2",
+            "--granularity",
+            "block",
+        ])
         .args(["--out", out.to_str().unwrap()]);
     let stdout = run_ok(command);
 
     let report = SensitivityReport::read(&out.join("sensitivity.json")).unwrap();
     assert_eq!(report.images, 2);
-    assert_eq!(report.input_sizes, vec![[256, 256]], "the demo processor resizes to 256x256");
+    assert_eq!(
+        report.input_sizes,
+        vec![[256, 256]],
+        "the demo processor resizes to 256x256"
+    );
     assert_eq!(report.groups.len(), 13, "4 patch embeddings, 8 blocks, the decode head");
     let labels: Vec<&str> = report.whole_model.iter().map(|s| s.label.as_str()).collect();
     assert_eq!(labels, ["int8-rtn", "int4-rtn-g64", "int2-rtn-g32"]);
@@ -47,9 +59,16 @@ fn sensitivity_on_the_demo_writes_the_report_the_chart_the_table_and_the_wandb_r
     // The table: caption, header, one row per group worst first, the whole model last; 100 columns at most.
     assert!(stdout.contains("Sensitivity per block"), "{stdout}");
     assert!(stdout.contains("int2 Δ") && stdout.contains("int2 KL"), "{stdout}");
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(char::is_numeric))
+        .collect();
     assert_eq!(rows.len(), 13, "{stdout}");
-    let worst = report.ranked()[0].name.strip_prefix("segformer.encoder.").unwrap_or(&report.ranked()[0].name).to_string();
+    let worst = report.ranked()[0]
+        .name
+        .strip_prefix("segformer.encoder.")
+        .unwrap_or(&report.ranked()[0].name)
+        .to_string();
     assert!(rows[0].contains(&worst), "{} first in\n{stdout}", worst);
     assert!(stdout.contains("(every layer)"));
     for line in stdout.lines().filter(|l| !l.contains(out.to_str().unwrap())) {

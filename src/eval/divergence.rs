@@ -21,7 +21,9 @@ fn log_softmax(logits: &[f32], classes: usize, pixels: usize, out: &mut Vec<f64>
     out.resize(classes * pixels, 0.0);
     for p in 0..pixels {
         let max = (0..classes).fold(f64::NEG_INFINITY, |m, c| m.max(f64::from(logits[c * pixels + p])));
-        let sum: f64 = (0..classes).map(|c| (f64::from(logits[c * pixels + p]) - max).exp()).sum();
+        let sum: f64 = (0..classes)
+            .map(|c| (f64::from(logits[c * pixels + p]) - max).exp())
+            .sum();
         let log_sum = sum.ln();
         for c in 0..classes {
             out[c * pixels + p] = f64::from(logits[c * pixels + p]) - max - log_sum;
@@ -79,7 +81,12 @@ impl KlDivergence {
     /// Adds one image: `logits` are class-planar like the reference's, for the same pixels. Exactly zero when they
     /// are the logits the reference was made from (both sides go through the same arithmetic).
     pub fn add(&mut self, reference: &SoftmaxReference, logits: &[f32]) -> Result<()> {
-        check_len("logits (pixels of the reference)", logits, reference.classes, reference.pixels)?;
+        check_len(
+            "logits (pixels of the reference)",
+            logits,
+            reference.classes,
+            reference.pixels,
+        )?;
         let (classes, pixels) = (reference.classes, reference.pixels);
         log_softmax(logits, classes, pixels, &mut self.scratch);
         let mut image = 0.0;

@@ -625,7 +625,9 @@ fn reference_pass(
             });
         }
         if b == 0 {
-            let first = references[batch.images[0]].as_ref().map_or(0, |r| r.softmax.bytes() + 2 * r.argmax.len());
+            let first = references[batch.images[0]]
+                .as_ref()
+                .map_or(0, |r| r.softmax.bytes() + 2 * r.argmax.len());
             let per_image = activations.bytes() / activations.batch().max(1) + first;
             let total = (per_image * inputs.len()) as u64;
             crate::limits::check_fits_in_memory(
@@ -649,14 +651,15 @@ fn reference_pass(
 
 /// Stored bits per weight over the group's layers as `variant` holds them.
 fn group_bits(variant: &Segformer, group: &LayerGroup) -> f64 {
-    let (bits, count) = variant
-        .layers()
-        .iter()
-        .filter(|l| group.layers.contains(&l.name))
-        .fold((0.0, 0usize), |(bits, count), l| {
-            let n: usize = l.shape.iter().product();
-            (bits + l.bits_per_weight * n as f64, count + n)
-        });
+    let (bits, count) =
+        variant
+            .layers()
+            .iter()
+            .filter(|l| group.layers.contains(&l.name))
+            .fold((0.0, 0usize), |(bits, count), l| {
+                let n: usize = l.shape.iter().product();
+                (bits + l.bits_per_weight * n as f64, count + n)
+            });
     bits / count.max(1) as f64
 }
 
@@ -744,7 +747,8 @@ mod tests {
         let mut references = Vec::new();
         let mut outputs = Vec::new();
         for input in inputs {
-            let tensor = crate::preprocess::batch_tensor(vec![input.pixels.clone()], input.height, input.width).unwrap();
+            let tensor =
+                crate::preprocess::batch_tensor(vec![input.pixels.clone()], input.height, input.width).unwrap();
             let reference = split_logits(&float.forward(&tensor).unwrap()).unwrap().remove(0);
             references.push(Reference {
                 softmax: SoftmaxReference::new(&reference.data, classes).unwrap(),
@@ -801,7 +805,13 @@ mod tests {
     fn a_group_kept_in_f32_has_exactly_zero_sensitivity() {
         let loaded = fixture("tiny_a");
         for reverse in [false, true] {
-            let report = measure(&loaded, &inputs(3), &spec(&[Level::F32], Granularity::Layer, reverse), &mut ()).unwrap();
+            let report = measure(
+                &loaded,
+                &inputs(3),
+                &spec(&[Level::F32], Granularity::Layer, reverse),
+                &mut (),
+            )
+            .unwrap();
             assert!(!report.groups.is_empty());
             for g in &report.groups {
                 let s = &g.levels[0];
@@ -819,7 +829,13 @@ mod tests {
     fn one_layer_variants_predict_what_a_one_rule_recipe_predicts() {
         let loaded = fixture("tiny_a");
         let images = inputs(3);
-        let report = measure(&loaded, &images, &spec(&[Level::Int2], Granularity::Layer, false), &mut ()).unwrap();
+        let report = measure(
+            &loaded,
+            &images,
+            &spec(&[Level::Int2], Granularity::Layer, false),
+            &mut (),
+        )
+        .unwrap();
         let int2 = Recipe::level_default(Level::Int2);
         let groups = layer_groups(&loaded.model, Granularity::Layer).unwrap();
         // One layer at the start of a stage, one inside a block, one in the decode head.
@@ -838,7 +854,11 @@ mod tests {
             let got = &report.groups[g].levels[0];
             assert_eq!(
                 (got.agreement_miou, got.pixel_agreement, got.kl_divergence),
-                (expected.agreement_miou, expected.pixel_agreement, expected.kl_divergence),
+                (
+                    expected.agreement_miou,
+                    expected.pixel_agreement,
+                    expected.kl_divergence
+                ),
                 "{name}"
             );
             damaged += usize::from(got.kl_divergence > 0.0);
@@ -852,7 +872,13 @@ mod tests {
     fn reversed_variants_predict_what_the_recipe_with_one_float_rule_predicts() {
         let loaded = fixture("tiny_a");
         let images = inputs(2);
-        let report = measure(&loaded, &images, &spec(&[Level::Int4], Granularity::Block, true), &mut ()).unwrap();
+        let report = measure(
+            &loaded,
+            &images,
+            &spec(&[Level::Int4], Granularity::Block, true),
+            &mut (),
+        )
+        .unwrap();
         let int4 = Recipe::level_default(Level::Int4);
         let groups = layer_groups(&loaded.model, Granularity::Block).unwrap();
         for g in [1, groups.len() - 1] {
@@ -873,12 +899,22 @@ mod tests {
     #[test]
     fn ranking_puts_the_largest_damage_first_and_levels_are_checked_early() {
         let loaded = fixture("tiny_a");
-        let report = measure(&loaded, &inputs(2), &spec(&[Level::Int8, Level::Int2], Granularity::Block, false), &mut ())
-            .unwrap();
+        let report = measure(
+            &loaded,
+            &inputs(2),
+            &spec(&[Level::Int8, Level::Int2], Granularity::Block, false),
+            &mut (),
+        )
+        .unwrap();
         let ranked = report.ranked();
         assert_eq!(ranked.len(), report.groups.len());
         for pair in ranked.windows(2) {
-            assert!(pair[0].worst() >= pair[1].worst(), "{:?} before {:?}", pair[0].worst(), pair[1].worst());
+            assert!(
+                pair[0].worst() >= pair[1].worst(),
+                "{:?} before {:?}",
+                pair[0].worst(),
+                pair[1].worst()
+            );
         }
         let mut bad = spec(&[Level::F8E4m3], Granularity::Layer, false);
         bad.method = Method::Hqq;

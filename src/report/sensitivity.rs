@@ -99,7 +99,11 @@ pub fn format_table(report: &SensitivityReport, rows: Option<usize>) -> String {
             .enumerate()
             .map(|(c, (cell, &w))| {
                 let pad = " ".repeat(w.saturating_sub(cell.chars().count()));
-                if c == 1 { format!("{cell}{pad}") } else { format!("{pad}{cell}") }
+                if c == 1 {
+                    format!("{cell}{pad}")
+                } else {
+                    format!("{pad}{cell}")
+                }
             })
             .collect::<Vec<_>>()
             .join("  ")
@@ -211,7 +215,11 @@ fn damage_bars<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, report: &Sensit
         },
         report.images
     );
-    let name_width = groups.iter().map(|g| label_of(&g.name).chars().count()).max().unwrap_or(10);
+    let name_width = groups
+        .iter()
+        .map(|g| label_of(&g.name).chars().count())
+        .max()
+        .unwrap_or(10);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 22))
         .margin(20)
@@ -252,7 +260,10 @@ fn damage_bars<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, report: &Sensit
                 }
                 let i = count - 1 - row as i32;
                 let mut bar = Rectangle::new(
-                    [(0.0, SegmentValue::Exact(i)), (damage.max(0.0), SegmentValue::Exact(i + 1))],
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (damage.max(0.0), SegmentValue::Exact(i + 1)),
+                    ],
                     colour.filled(),
                 );
                 bar.set_margin(top, bottom, 0, 0);
@@ -300,8 +311,14 @@ pub fn run_log(report: &SensitivityReport, group: &str, tags: &[String]) -> RunL
     let finite = |v: f64| if v.is_finite() { json!(v) } else { Value::Null };
     let mut summary = Map::new();
     for s in &report.whole_model {
-        summary.insert(format!("whole_model/{}/agreement_miou", s.level), finite(s.agreement_miou));
-        summary.insert(format!("whole_model/{}/kl_divergence", s.level), finite(s.kl_divergence));
+        summary.insert(
+            format!("whole_model/{}/agreement_miou", s.level),
+            finite(s.agreement_miou),
+        );
+        summary.insert(
+            format!("whole_model/{}/kl_divergence", s.level),
+            finite(s.kl_divergence),
+        );
     }
     let mut history = Vec::new();
     let mut rows = Vec::new();

@@ -74,7 +74,12 @@ impl SavedActivations {
     /// Bytes held (f32 values).
     pub fn bytes(&self) -> usize {
         let values = self.pixels.data().len()
-            + self.block_inputs.iter().flatten().map(|t| t.data().len()).sum::<usize>()
+            + self
+                .block_inputs
+                .iter()
+                .flatten()
+                .map(|t| t.data().len())
+                .sum::<usize>()
             + self.stage_outputs.iter().map(|t| t.data().len()).sum::<usize>();
         values * std::mem::size_of::<f32>()
     }
