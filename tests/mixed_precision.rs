@@ -220,3 +220,163 @@ fn recipe_files_and_config_rules_run_through_eval_quantize_and_predict() {
     assert!(err.contains("--recipe") || err.contains("--quant"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn search_inputs(loaded: &model::LoadedModel) -> Vec<ModelInput> {
+    ["odd_37x53.png", "wide_101x45.png", "small_23x19.png"]
+        .iter()
+        .map(|name| {
+            let image = segq::data::decode::read_rgb(&fixture(&format!("images/{name}"))).unwrap();
+            ModelInput::new(&image, &loaded.preprocessor, Protocol::Transformers)
+        })
+        .collect()
+}
+
+#[test]
+fn searches_keep_their_budget_are_deterministic_and_name_their_rows() {
+    use segq::eval::auto::{AutoSpec, search_all};
+    use segq::quant::search::AutoTarget;
+    let loaded = tiny_a();
+    let inputs = search_inputs(&loaded);
+    // Budgets around this small model's own sizes (its short rows make scales weigh more than on a B0).
+    let bits_of = |level| {
+        model::quantize(&loaded.model, &Recipe::level_default(level))
+            .unwrap()
+            .1
+            .bits_per_weight
+    };
+    let (int2, int8) = (bits_of(Level::Int2), bits_of(Level::Int8));
+    let spec = AutoSpec {
+        targets: vec![
+            AutoTarget::Bits(int2 + 0.05),
+            AutoTarget::Bits((int2 + int8) / 2.0),
+            AutoTarget::Bits(int8 + 1.0),
+            AutoTarget::MaxDrop(5.0),
+        ],
+        method: Method::Rtn,
+        group_size: None,
+        batch_size: 2,
+    };
+    let found = search_all(&loaded, &inputs, &spec).unwrap();
+    let untimed = |found: &[(Recipe, segq::eval::auto::AutoSearch)]| {
+        let mut found = found.to_vec();
+        for (_, info) in &mut found {
+            (info.sensitivity_s, info.search_s) = (0.0, 0.0);
+        }
+        found
+    };
+    assert_eq!(
+        untimed(&found),
+        untimed(&search_all(&loaded, &inputs, &spec).unwrap()),
+        "deterministic"
+    );
+    for ((recipe, info), target) in found.iter().zip(&spec.targets) {
+        assert_eq!(info.target, *target);
+        assert_eq!(recipe.name.as_deref(), Some(target.name().as_str()));
+        let (quantized, report) = model::quantize(&loaded.model, recipe).unwrap();
+        assert_eq!(report.bits_per_weight, info.bits_per_weight);
+        assert_eq!(quantized.bits_per_weight(), info.bits_per_weight);
+        match *target {
+            AutoTarget::Bits(bits) => assert!(info.bits_per_weight <= bits, "{target}: {}", info.bits_per_weight),
+            AutoTarget::MaxDrop(drop) => {
+                assert!(info.attempts >= 1 && info.attempts <= segq::eval::auto::MAX_ATTEMPTS);
+                assert_eq!(
+                    info.target_met_on_search_images,
+                    info.search_images_drop <= drop,
+                    "{info:?}"
+                );
+            }
+        }
+        assert!(!recipe.is_float_baseline() && recipe.is_custom());
+        assert_eq!(info.layers, loaded.model.layers().len());
+        assert_eq!(info.layers_per_level.values().sum::<usize>(), info.layers);
+    }
+    // A larger budget never predicts more damage.
+    assert!(found[2].1.predicted_drop <= found[1].1.predicted_drop);
+    assert!(found[1].1.predicted_drop <= found[0].1.predicted_drop);
+    // Below every layer at int2 nothing fits: one line naming the target.
+    let below = (int2 - 0.2).max(1.1);
+    let too_small = AutoSpec {
+        targets: vec![AutoTarget::Bits(below)],
+        ..spec
+    };
+    let err = search_all(&loaded, &inputs, &too_small).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("auto:bits={below}")) && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from_shards() {
+    let dir = scratch("mixed-auto");
+    let model = fixture("models/tiny_a");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--limit",
+            "4",
+            "--set",
+            "quant.auto_images=3",
+            "--set",
+            "eval.samples=0",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        segq_ok(&args)
+    };
+    let out = dir.join("auto");
+    run(&out, &["--quant", "f32,int4,auto:bits=3.5"]);
+    let r = results(&out);
+    let labels = eval_support::labels(&r);
+    assert_eq!(labels.len(), 3, "{labels:?}");
+    let label = &labels[2];
+    assert!(
+        label.starts_with("mixed-") && label.ends_with("-auto-bits3.5"),
+        "{label}"
+    );
+    let row = level(&r, label);
+    assert!(row["bits_per_weight"].as_f64().unwrap() <= 3.5);
+    assert_eq!(row["auto"]["target"], "auto:bits=3.5");
+    assert_eq!(row["auto"]["images"], 3);
+    assert_eq!(r["config"]["quant"]["auto"][0], "auto:bits=3.5");
+    let recipe_file = out.join("recipes").join(format!("{label}.toml"));
+    assert!(recipe_file.exists(), "{}", recipe_file.display());
+
+    // The written recipe, given back with --recipe, is the same row with the same scores.
+    let again = dir.join("again");
+    run(&again, &["--quant", "f32", "--recipe", recipe_file.to_str().unwrap()]);
+    let r2 = results(&again);
+    let row2 = level(&r2, label);
+    assert_eq!(row2["confusion"], row["confusion"]);
+    assert_eq!(row2["agreement"], row["agreement"]);
+    assert_eq!(row2["bits_per_weight"], row["bits_per_weight"]);
+
+    // Shards search the same first images, so they find the same recipe and merge into the unsharded scores.
+    let mut shard_dirs = Vec::new();
+    for i in 0..2 {
+        let shard = dir.join(format!("shard{i}"));
+        run(
+            &shard,
+            &["--quant", "f32,int4,auto:bits=3.5", "--shard", &format!("{i}/2")],
+        );
+        shard_dirs.push(shard);
+    }
+    let merged = dir.join("merged");
+    segq_ok(&[
+        "merge",
+        shard_dirs[0].to_str().unwrap(),
+        shard_dirs[1].to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let m = results(&merged);
+    assert_eq!(level(&m, label)["confusion"], row["confusion"]);
+    assert_eq!(level(&m, label)["agreement"], row["agreement"]);
+    assert!(merged.join("recipes").join(format!("{label}.toml")).exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

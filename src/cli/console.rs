@@ -1,5 +1,5 @@
-//! What `segq eval` shows and listens to on the console, as evaluation observers: the progress bar, Ctrl-C, and
-//! the results table printed once the files are written.
+//! What `segq eval` (and `segq sensitivity`) shows and listens to on the console, as evaluation observers: the
+//! progress bar, Ctrl-C, and the results table printed once the files are written.
 
 use segq::eval::{EvalObserver, EvalOutput};
 
@@ -97,10 +97,27 @@ impl EvalObserver for Progress {
         }
     }
     fn finished(&mut self, _output: &EvalOutput) -> segq::Result<()> {
+        self.finish();
+        Ok(())
+    }
+}
+
+impl Progress {
+    /// Clears the bar (the run is over).
+    pub fn finish(&mut self) {
         if let Progress::Bar(bar) = self {
             bar.finish_and_clear();
         }
-        Ok(())
+    }
+}
+
+/// `segq sensitivity` counts image passes (every variant runs every image) on the same bar.
+impl segq::eval::sensitivity::SensitivityObserver for Progress {
+    fn started(&mut self, images: usize) {
+        EvalObserver::started(self, images);
+    }
+    fn images_done(&mut self, images: usize) {
+        EvalObserver::batch_done(self, images);
     }
 }
 

@@ -112,11 +112,7 @@ pub struct EvalArgs {
 fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     let d = &args.data;
     set(&mut config.model.source, args.model.clone());
-    set(&mut config.dataset.source, d.dataset.clone());
-    set(&mut config.dataset.split, d.split.clone());
-    set(&mut config.eval.offset, d.offset);
-    set(&mut config.eval.batch_size, d.batch_size);
-    set(&mut config.dataset.on_error, d.on_error);
+    apply_dataset_args(config, d);
     if let Some(specs) = &args.quant {
         let (levels, auto) = LevelSpec::split(specs);
         // Searches alone still have the float model as their reference row.
@@ -130,14 +126,23 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     }
     set(&mut config.eval.protocol, args.protocol);
     set(&mut config.output.dir, args.out.clone());
-    config.eval.limit = d.limit.or(config.eval.limit);
-    config.eval.shard = d.shard.or(config.eval.shard);
     config.quant.group_size = args.group_size.or(config.quant.group_size);
     config.eval.allow_empty |= args.allow_empty;
     config.quant.requantize |= args.requantize;
     if args.wandb_shard_runs {
         config.tracking.shard_runs = Some(true);
     }
+}
+
+/// Applies the dataset flags (shared by the commands that read a dataset) to their keys.
+pub(super) fn apply_dataset_args(config: &mut Config, d: &DatasetArgs) {
+    set(&mut config.dataset.source, d.dataset.clone());
+    set(&mut config.dataset.split, d.split.clone());
+    set(&mut config.eval.offset, d.offset);
+    set(&mut config.eval.batch_size, d.batch_size);
+    set(&mut config.dataset.on_error, d.on_error);
+    config.eval.limit = d.limit.or(config.eval.limit);
+    config.eval.shard = d.shard.or(config.eval.shard);
     if d.no_reduce_labels {
         config.dataset.reduce_labels = false;
     }
@@ -148,7 +153,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
 }
 
 /// Overrides `slot` with a flag's value when the flag was given.
-fn set<T>(slot: &mut T, flag: Option<T>) {
+pub(super) fn set<T>(slot: &mut T, flag: Option<T>) {
     if let Some(v) = flag {
         *slot = v;
     }

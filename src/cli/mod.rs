@@ -9,6 +9,7 @@ mod inspect;
 mod merge;
 mod predict;
 mod quantize;
+mod sensitivity;
 
 use std::path::PathBuf;
 
@@ -73,6 +74,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// Show a model's configuration and, per layer, kind, shape, parameters, format and bytes.
     Inspect(inspect::InspectArgs),
+    /// Per-layer sensitivity: the damage of quantizing only one layer (or block, stage) at each level, ranked.
+    Sensitivity(sensitivity::SensitivityArgs),
     /// Write or show the configuration file.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -215,6 +218,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Merge(args)) => merge::run(&global, args),
         Some(Command::Predict(args)) => predict::run(&global, args),
         Some(Command::Inspect(args)) => inspect::run(&global, args),
+        Some(Command::Sensitivity(args)) => sensitivity::run(&global, args),
         Some(Command::Config(cmd)) => config_cmd::run(&global, cmd),
         // The main job: with no subcommand, evaluate the configured (by default embedded) model and dataset.
         None => eval::run(&global, eval::EvalArgs::default()),

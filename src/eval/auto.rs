@@ -96,7 +96,11 @@ pub fn search_all(loaded: &LoadedModel, inputs: &[ModelInput], spec: &AutoSpec) 
                 recipe.label_with_bits(info.bits_per_weight),
                 info.bits_per_weight,
                 info.search_images_drop,
-                if info.target_met_on_search_images { "" } else { ", over the limit" }
+                if info.target_met_on_search_images {
+                    ""
+                } else {
+                    ", over the limit"
+                }
             );
             Ok((recipe, info))
         })
@@ -204,15 +208,25 @@ fn recipe_of(layers: &[LayerOptions], choice: &[usize], spec: &AutoSpec, target:
         .iter()
         .max_by_key(|(level, n)| (*n, std::cmp::Reverse(Level::ALL.iter().position(|l| l == level))))
         .map_or(Level::F32, |(level, _)| *level);
-    let method_for = |level: Level| if level.int_bits().is_some() { spec.method } else { Method::Rtn };
+    let method_for = |level: Level| {
+        if level.int_bits().is_some() {
+            spec.method
+        } else {
+            Method::Rtn
+        }
+    };
     let group_for = |level: Level| level.int_bits().and(spec.group_size);
     let mut recipe = Recipe::new(base, method_for(base), group_for(base), None, Vec::new())?;
-    let rules = layers.iter().zip(&chosen).filter(|(_, level)| **level != base).map(|(l, &level)| {
-        let mut rule = LayerRule::new(l.layer.clone(), level);
-        rule.method = level.int_bits().map(|_| spec.method);
-        rule.group_size = group_for(level);
-        rule
-    });
+    let rules = layers
+        .iter()
+        .zip(&chosen)
+        .filter(|(_, level)| **level != base)
+        .map(|(l, &level)| {
+            let mut rule = LayerRule::new(l.layer.clone(), level);
+            rule.method = level.int_bits().map(|_| spec.method);
+            rule.group_size = group_for(level);
+            rule
+        });
     recipe = recipe.with_rules(rules)?;
     recipe.name = Some(target.name());
     recipe.validate()?;
@@ -229,7 +243,10 @@ fn search_one(
 ) -> Result<(Recipe, AutoSearch)> {
     let layers = layer_options(loaded, report)?;
     let choices: Vec<LayerChoices> = layers.iter().map(|l| l.choices.clone()).collect();
-    let weights: u64 = layers.iter().map(|l| l.choices.options.last().map_or(0, |o| o.bits / 32)).sum();
+    let weights: u64 = layers
+        .iter()
+        .map(|l| l.choices.options.last().map_or(0, |o| o.bits / 32))
+        .sum();
     let no_fit = |why: String| Error::config(format!("--quant {target}"), format!("--quant {target}: {why}"));
     let mut attempts = 0;
     let mut allowance = match target {

@@ -3,12 +3,14 @@
 //! quantization error report.
 
 pub mod auto;
+pub mod divergence;
 pub mod error_report;
 pub mod merge;
 pub mod metrics;
 pub mod plan;
 pub mod results;
 pub mod runner;
+pub mod sensitivity;
 
 pub use plan::EvalPlan;
-pub use runner::{EvalObserver, EvalOutput, Sample, evaluate};
+pub use runner::{EvalObserver, EvalOutput, OpenedDataset, Sample, evaluate, open_dataset};

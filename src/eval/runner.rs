@@ -97,40 +97,15 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let loaded = model::load(&plan.model)?;
     let mut recipes = recipes_for(&loaded, plan)?;
     let d = &plan.dataset;
-    let (spec, dataset_description) = crate::data::resolve_source(
-        &d.source,
-        &d.split,
-        &d.subset,
-        &d.image_column,
-        &d.label_column,
-        &plan.loader.selection,
-    )?;
-    let mut loader_options = plan.loader.clone();
-    // Images the model cannot run on are refused (named, or skipped and counted) by the loader, not by a conv.
-    loader_options.image_check = Some(crate::preprocess::input_size_check(
-        &loaded.preprocessor,
-        plan.protocol,
-        loaded.model.config().min_input_side(),
-    ));
-    // The largest model input a batch can hold: the processor's size, or mmseg's 2048x512 fit.
-    let (input_width, input_height) = match plan.protocol {
-        crate::preprocess::Protocol::Mmseg => (2048, 512),
-        crate::preprocess::Protocol::Transformers => {
-            let size = &loaded.preprocessor.size;
-            (size.width, size.height)
-        }
-    };
-    model::check_forward_memory(
-        loaded.model.config(),
-        input_height,
-        input_width,
-        plan.loader.batch_size,
-        &format!("--batch-size {}", plan.loader.batch_size),
-    )?;
+    let OpenedDataset {
+        spec,
+        description: dataset_description,
+        options: loader_options,
+        mut loader,
+    } = open_dataset(plan, &loaded)?;
     // Mixed-precision searches run before any level is built: their recipes are rows like the others.
-    let searched = search_recipes(&loaded, plan, &spec, &loader_options)?;
+    let searched = search_recipes(&loaded, plan, &loader_options)?;
     recipes.extend(searched.iter().map(|(recipe, _)| recipe.clone()));
-    let mut loader = Loader::new(&spec, loader_options.clone())?;
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!("dataset ready: {dataset_description}, {selected} examples");
     let selection = &plan.loader.selection;
@@ -293,6 +268,59 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let output = EvalOutput { results, samples };
     observer.finished(&output)?;
     Ok(output)
+}
+
+/// A plan's dataset opened for one model: files resolved (downloaded when remote), a loader over the selected
+/// rows, and a description for results and logs.
+pub struct OpenedDataset {
+    pub spec: crate::data::DatasetSpec,
+    pub description: String,
+    /// The plan's loader options with the model's input-size check: a new [`Loader`] over the same rows.
+    pub options: crate::data::LoaderOptions,
+    pub loader: Loader,
+}
+
+/// Opens `plan`'s dataset for `loaded`: images the model cannot run on are refused (named, or skipped and counted)
+/// by the loader, and a batch the machine cannot hold is refused before any is read. `segq eval` and
+/// `segq sensitivity` read their examples through this.
+pub fn open_dataset(plan: &EvalPlan, loaded: &LoadedModel) -> Result<OpenedDataset> {
+    let d = &plan.dataset;
+    let (spec, description) = crate::data::resolve_source(
+        &d.source,
+        &d.split,
+        &d.subset,
+        &d.image_column,
+        &d.label_column,
+        &plan.loader.selection,
+    )?;
+    let mut options = plan.loader.clone();
+    options.image_check = Some(crate::preprocess::input_size_check(
+        &loaded.preprocessor,
+        plan.protocol,
+        loaded.model.config().min_input_side(),
+    ));
+    // The largest model input a batch can hold: the processor's size, or mmseg's 2048x512 fit.
+    let (input_width, input_height) = match plan.protocol {
+        crate::preprocess::Protocol::Mmseg => (2048, 512),
+        crate::preprocess::Protocol::Transformers => {
+            let size = &loaded.preprocessor.size;
+            (size.width, size.height)
+        }
+    };
+    model::check_forward_memory(
+        loaded.model.config(),
+        input_height,
+        input_width,
+        plan.loader.batch_size,
+        &format!("--batch-size {}", plan.loader.batch_size),
+    )?;
+    let loader = Loader::new(&spec, options.clone())?;
+    Ok(OpenedDataset {
+        spec,
+        description,
+        options,
+        loader,
+    })
 }
 
 /// What every results file of one run shares, with the counts of the run it resumes.
@@ -481,7 +509,6 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
 fn search_recipes(
     loaded: &LoadedModel,
     plan: &EvalPlan,
-    spec: &crate::data::DatasetSpec,
     loader_options: &crate::data::LoaderOptions,
 ) -> Result<Vec<(Recipe, AutoSearch)>> {
     let quant = &plan.config.quant;
@@ -496,8 +523,18 @@ fn search_recipes(
         limit: Some(selection.limit.map_or(quant.auto_images, |l| l.min(quant.auto_images))),
     };
     options.skip_first = 0;
+    // Resolved for these rows: a shard's own files (Hub Parquet) may not hold the first ones.
+    let d = &plan.dataset;
+    let (spec, _) = crate::data::resolve_source(
+        &d.source,
+        &d.split,
+        &d.subset,
+        &d.image_column,
+        &d.label_column,
+        &options.selection,
+    )?;
     let mut inputs = Vec::new();
-    for batch in Loader::new(spec, options)? {
+    for batch in Loader::new(&spec, options)? {
         inputs.extend(
             batch?
                 .iter()
@@ -586,7 +623,7 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f
                 }
             };
             row.group_size = recipe.requested_group_size();
-            row.recipe = recipe.is_mixed().then(|| recipe.clone());
+            row.recipe = recipe.is_custom().then(|| recipe.clone());
             row.weight_bytes_memory = m.weight_bytes() as u64;
             row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
             row.load_time_s = loaded.load_time.as_secs_f64();

@@ -383,7 +383,13 @@ impl Recipe {
 
     /// True for the float model itself: level f32 with no rule quantizing any weight.
     pub fn is_float_baseline(&self) -> bool {
-        self.level.is_float_baseline() && !self.is_mixed()
+        self.level.is_float_baseline() && !self.is_mixed() && self.name.is_none()
+    }
+
+    /// True when rows and checkpoints of this recipe carry the whole recipe: mixed or named ones (a search can
+    /// choose one level for every layer, and its row is still the search's).
+    pub fn is_custom(&self) -> bool {
+        self.is_mixed() || self.name.is_some()
     }
 
     /// True when rules give some weights another quantized level or method than the recipe's own (rules that only
@@ -614,11 +620,19 @@ impl Recipe {
     }
 
     /// A short stable name such as `f32`, `f8`, `int8-rtn`, `int8-dyn-rtn`, `int4-hqq-g64`, `int4-rtn-g64-sym`;
-    /// `mixed-<tag>` for a mixed recipe (rows and checkpoints use [`Recipe::label_with_bits`]).
+    /// `mixed-<tag>` for a mixed recipe (rows and checkpoints use [`Recipe::label_with_bits`]); a named uniform
+    /// recipe adds its name (`int8-rtn-auto-drop0.5`).
     pub fn label(&self) -> String {
         if self.is_mixed() {
             return format!("mixed-{}", self.tag());
         }
+        match &self.name {
+            Some(name) => format!("{}-{name}", self.uniform_label()),
+            None => self.uniform_label(),
+        }
+    }
+
+    fn uniform_label(&self) -> String {
         let level = self.level;
         let Some(bits) = level.int_bits() else {
             return level.name().to_string();
@@ -983,6 +997,13 @@ mod tests {
             ..recipe
         };
         assert_eq!(named.label_with_bits(4.4321), "mixed-4.4b-head8");
+        // A search may choose one level everywhere: its named recipe is still its own row, never the baseline.
+        let uniform = Recipe {
+            name: Some("auto-drop0".into()),
+            ..Recipe::level_default(Level::F32)
+        };
+        assert!(!uniform.is_float_baseline() && uniform.is_custom() && !uniform.is_mixed());
+        assert_eq!(uniform.label_with_bits(32.0), "f32-auto-drop0");
     }
 
     #[test]

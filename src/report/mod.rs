@@ -4,6 +4,7 @@
 
 pub mod overlay;
 pub mod plots;
+pub mod sensitivity;
 pub mod table;
 pub mod wandb_runs;
 

@@ -12,11 +12,11 @@ use crate::{Error, Result};
 
 /// Embedded so that PNG text never depends on the fonts of the machine (see assets/fonts/README.md).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 /// How many classes the class-drop plot shows.
 pub const WORST_CLASSES: usize = 15;
 
-fn register_font() {
+pub(crate) fn register_font() {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
@@ -29,16 +29,16 @@ fn register_font() {
 
 /// Why a chart could not be drawn, as text: plotters' error type differs per backend (bitmap, SVG), and the text
 /// only ever becomes part of the [`Error::Write`] that names the file.
-struct DrawError(String);
+pub(crate) struct DrawError(String);
 
-type DrawResult = std::result::Result<(), DrawError>;
+pub(crate) type DrawResult = std::result::Result<(), DrawError>;
 
-fn text_error(error: impl std::fmt::Display) -> DrawError {
+pub(crate) fn text_error(error: impl std::fmt::Display) -> DrawError {
     DrawError(error.to_string())
 }
 
 /// Draws one chart into `dir/name.png` and `dir/name.svg`, returning both paths.
-fn save_both(
+pub(crate) fn save_both(
     dir: &Path,
     name: &str,
     size: (u32, u32),

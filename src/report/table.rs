@@ -355,7 +355,7 @@ pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
 
 /// Breaks a caption into lines of at most `width` characters at spaces (a word longer than that, such as a long
 /// path, stays whole on its own line).
-fn wrap_caption(text: &str, width: usize) -> String {
+pub(crate) fn wrap_caption(text: &str, width: usize) -> String {
     let mut lines: Vec<String> = Vec::new();
     let mut line = String::new();
     for word in text.split(' ') {

@@ -198,14 +198,25 @@ impl WandbPublisher {
     /// URL, or for a failed upload the reason and the run folder to sync. `Error::Interrupted` when a stop request
     /// cut the uploads short (every run is on disk).
     pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
-        let settings = &self.settings;
-        let group = settings
-            .group
-            .clone()
-            .unwrap_or_else(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
-        let tags = settings.tags.clone().unwrap_or_default();
-        let runs = run_logs(results, samples, &group, &tags);
-        let outcome = crate::track::log_runs(settings, &runs)?;
+        let group = self.group(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
+        let runs = run_logs(results, samples, &group, &self.tags());
+        self.publish_runs(&runs)
+    }
+
+    /// The configured run group (`tracking.group`, `WANDB_RUN_GROUP`), else `default()`.
+    pub fn group(&self, default: impl FnOnce() -> String) -> String {
+        self.settings.group.clone().unwrap_or_else(default)
+    }
+
+    /// The configured tags.
+    pub fn tags(&self) -> Vec<String> {
+        self.settings.tags.clone().unwrap_or_default()
+    }
+
+    /// Logs `runs` and tells the console what happened, as [`WandbPublisher::publish`] does (other commands'
+    /// runs, such as `segq sensitivity`'s, go through here).
+    pub fn publish_runs(&self, runs: &[RunLog]) -> crate::Result<()> {
+        let outcome = crate::track::log_runs(&self.settings, runs)?;
         for line in console_lines(&outcome) {
             if line.warning {
                 tracing::warn!("{}", line.text);

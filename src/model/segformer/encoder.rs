@@ -259,16 +259,48 @@ impl Encoder {
     /// Each stage's output for NCHW pixels, calling `on_stage(i, elapsed)` after each stage (stage 0's time includes
     /// turning the pixels into tokens).
     pub fn forward_maps(&self, pixels: &Tensor, on_stage: &mut dyn FnMut(usize, Duration)) -> Result<Vec<Tokens>> {
-        let mut stage_start = Instant::now();
+        let start = Instant::now();
         let pixels = Tokens::from_nchw(pixels)?;
-        let mut maps: Vec<Tokens> = Vec::with_capacity(self.stages.len());
-        for (i, stage) in self.stages.iter().enumerate() {
-            let input = maps.last().unwrap_or(&pixels);
-            let mut hidden = stage.patch_embeddings.forward(input)?;
-            for layer in &stage.block {
+        self.run_stages(Some(&pixels), Vec::new(), None, None, start, on_stage)
+    }
+
+    /// The stages from `maps.len()` on: `maps` holds the outputs of the stages before (the next stage's input is the
+    /// last of them, or `pixels` for stage 0). `resume = Some((block, hidden))` starts that first stage at `block`
+    /// from its input `hidden` instead of at its patch embedding. `record` receives every block input and stage
+    /// output computed (the boundaries a later pass can start from). Returns every stage's output. This is the one
+    /// loop over the stages: [`Encoder::forward_maps`] is it from the pixels.
+    pub(super) fn run_stages(
+        &self,
+        pixels: Option<&Tokens>,
+        mut maps: Vec<Tokens>,
+        mut resume: Option<(usize, Tokens)>,
+        mut record: Option<&mut super::resume::SavedActivations>,
+        mut stage_start: Instant,
+        on_stage: &mut dyn FnMut(usize, Duration),
+    ) -> Result<Vec<Tokens>> {
+        let first = maps.len();
+        for (i, stage) in self.stages.iter().enumerate().skip(first) {
+            let (first_block, mut hidden) = match resume.take() {
+                Some((block, hidden)) => (block, hidden),
+                None => {
+                    let input = maps
+                        .last()
+                        .or(pixels)
+                        .ok_or_else(|| crate::Error::internal("stage 0 needs the pixels"))?;
+                    (0, stage.patch_embeddings.forward(input)?)
+                }
+            };
+            for layer in stage.block.iter().skip(first_block) {
+                if let Some(saved) = record.as_deref_mut() {
+                    saved.block_inputs[i].push(hidden.clone());
+                }
                 hidden = layer.forward(&hidden)?;
             }
-            maps.push(stage.layer_norm.forward(&hidden)?);
+            let output = stage.layer_norm.forward(&hidden)?;
+            if let Some(saved) = record.as_deref_mut() {
+                saved.stage_outputs.push(output.clone());
+            }
+            maps.push(output);
             on_stage(i, stage_start.elapsed());
             stage_start = Instant::now();
         }

@@ -1,11 +1,12 @@
 //! SegFormer for semantic segmentation, mirroring transformers' `modeling_segformer.py`: the same modules, the same
 //! weight names (`segformer.encoder.block.{i}.{j}.attention.self.query`, `decode_head.linear_fuse`, ...), the same
 //! arithmetic (LayerNorm/BatchNorm eps 1e-5, bilinear upsampling in the decode head, exact GELU). [`Segformer`] owns
-//! the module tree ([`encoder`], [`decode_head`]), its one walk ([`Node`]) and the step that decides its kernels
-//! ([`Segformer::prepare`]).
+//! the module tree ([`encoder`], [`decode_head`]), its one walk ([`Node`]), the step that decides its kernels
+//! ([`Segformer::prepare`]) and passes that start part-way from saved activations ([`resume`]).
 
 pub mod decode_head;
 pub mod encoder;
+pub mod resume;
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use candle_core::Tensor;
 
 pub use decode_head::{ComposedHead, DecodeHead};
 pub use encoder::Encoder;
+pub use resume::{ResumePoint, SavedActivations, Section};
 
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
