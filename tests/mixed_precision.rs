@@ -255,8 +255,9 @@ fn searches_keep_their_budget_are_deterministic_and_name_their_rows() {
         method: Method::Rtn,
         group_size: None,
         batch_size: 2,
+        ignore_index: 255,
     };
-    let found = search_all(&loaded, &inputs, &spec).unwrap();
+    let found = search_all(&loaded, &inputs, None, &spec).unwrap();
     let untimed = |found: &[(Recipe, segq::eval::auto::AutoSearch)]| {
         let mut found = found.to_vec();
         for (_, info) in &mut found {
@@ -266,7 +267,7 @@ fn searches_keep_their_budget_are_deterministic_and_name_their_rows() {
     };
     assert_eq!(
         untimed(&found),
-        untimed(&search_all(&loaded, &inputs, &spec).unwrap()),
+        untimed(&search_all(&loaded, &inputs, None, &spec).unwrap()),
         "deterministic"
     );
     for ((recipe, info), target) in found.iter().zip(&spec.targets) {
@@ -299,7 +300,7 @@ fn searches_keep_their_budget_are_deterministic_and_name_their_rows() {
         targets: vec![AutoTarget::Bits(below)],
         ..spec
     };
-    let err = search_all(&loaded, &inputs, &too_small).unwrap_err().to_string();
+    let err = search_all(&loaded, &inputs, None, &too_small).unwrap_err().to_string();
     assert!(
         err.contains(&format!("auto:bits={below}")) && !err.contains('\n'),
         "{err}"
@@ -330,7 +331,7 @@ fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from
         segq_ok(&args)
     };
     let out = dir.join("auto");
-    run(&out, &["--quant", "f32,int4,auto:bits=3.5"]);
+    run(&out, &["--quant", "f32,int4,auto:bits=3.5", "--wandb", "offline"]);
     let r = results(&out);
     let labels = eval_support::labels(&r);
     assert_eq!(labels.len(), 3, "{labels:?}");
@@ -346,6 +347,17 @@ fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from
     assert_eq!(r["config"]["quant"]["auto"][0], "auto:bits=3.5");
     let recipe_file = out.join("recipes").join(format!("{label}.toml"));
     assert!(recipe_file.exists(), "{}", recipe_file.display());
+    // The row's W&B run carries the recipe and the search in its config.
+    let logged = |needle: &str| {
+        walk(&out.join("wandb")).iter().any(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+    };
+    assert!(
+        logged("auto:bits=3.5") && logged("search_images_drop"),
+        "no search in the W&B runs"
+    );
 
     // The written recipe, given back with --recipe, is the same row with the same scores.
     let again = dir.join("again");
@@ -379,4 +391,18 @@ fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from
     assert_eq!(level(&m, label)["agreement"], row["agreement"]);
     assert!(merged.join("recipes").join(format!("{label}.toml")).exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

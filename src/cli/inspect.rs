@@ -23,6 +23,9 @@ pub struct InspectArgs {
     /// Weight-name glob patterns kept in float.
     #[arg(long, value_delimiter = ',')]
     pub skip: Option<Vec<String>>,
+    /// Show what each layer becomes under a recipe file (level, method, skips, [[rules]]) instead of --quant.
+    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["quant", "group_size", "skip"])]
+    pub recipe: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -34,14 +37,21 @@ pub fn run(global: &GlobalArgs, args: InspectArgs) -> Result<()> {
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
     let mut loaded = model::load(&source)?;
     let f32_bytes: usize = loaded.model.layers().iter().map(|l| l.parameters * 4).sum();
-    if let Some(level) = args.quant {
-        let recipe = segq::quant::Recipe::new(
-            level,
-            args.method,
-            args.group_size.or(config.quant.group_size),
-            config.quant.symmetric,
-            args.skip.clone().unwrap_or_else(|| config.quant.skip.clone()),
-        )?;
+    let recipe = match (&args.recipe, args.quant) {
+        (Some(path), _) => Some(segq::quant::Recipe::read_file(path)?),
+        (None, Some(level)) => Some(
+            segq::quant::Recipe::new(
+                level,
+                args.method,
+                args.group_size.or(config.quant.group_size),
+                config.quant.symmetric,
+                args.skip.clone().unwrap_or_else(|| config.quant.skip.clone()),
+            )?
+            .with_rules(config.quant.rules.iter().cloned())?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(recipe) = recipe {
         let (quantized, _) = model::quantize(&loaded.model, &recipe)?;
         loaded.model = quantized;
     }

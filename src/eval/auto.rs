@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use image::GrayImage;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::ConfusionMatrix;
@@ -57,11 +58,20 @@ pub struct AutoSpec {
     pub method: Method,
     pub group_size: Option<usize>,
     pub batch_size: usize,
+    /// Label value excluded from the check's agreement, as `segq eval` excludes it.
+    pub ignore_index: u8,
 }
 
 /// Runs every search of `spec` on `inputs`, measuring the layers' sensitivity once for all of them. Returns each
-/// target's recipe (named after it, e.g. `auto-bits3.5`) with how it was chosen.
-pub fn search_all(loaded: &LoadedModel, inputs: &[ModelInput], spec: &AutoSpec) -> Result<Vec<(Recipe, AutoSearch)>> {
+/// target's recipe (named after it, e.g. `auto-bits3.5`) with how it was chosen. With `labels` (one per input),
+/// the check measures agreement exactly as `segq eval` does: predictions at the label's size, ignored pixels left
+/// out; without, at the logits' size.
+pub fn search_all(
+    loaded: &LoadedModel,
+    inputs: &[ModelInput],
+    labels: Option<&[GrayImage]>,
+    spec: &AutoSpec,
+) -> Result<Vec<(Recipe, AutoSearch)>> {
     if spec.targets.is_empty() {
         return Ok(Vec::new());
     }
@@ -83,7 +93,10 @@ pub fn search_all(loaded: &LoadedModel, inputs: &[ModelInput], spec: &AutoSpec) 
     );
     let report = sensitivity::measure(loaded, inputs, &sensitivity_spec, &mut ())?;
     let sensitivity_s = started.elapsed().as_secs_f64();
-    let reference = Reference::new(&loaded.model, inputs)?;
+    if labels.is_some_and(|l| l.len() != inputs.len()) {
+        return Err(Error::internal("mixed-precision search: one label per image expected"));
+    }
+    let reference = Reference::new(&loaded.model, inputs, labels, spec.ignore_index)?;
     spec.targets
         .iter()
         .map(|&target| {
@@ -107,16 +120,25 @@ pub fn search_all(loaded: &LoadedModel, inputs: &[ModelInput], spec: &AutoSpec) 
         .collect()
 }
 
-/// The float model's argmax per search image: what every choice is checked against.
-struct Reference {
-    argmax: Vec<Vec<u16>>,
+/// The float model's predictions on the search images: what every choice is checked against.
+struct Reference<'a> {
+    predictions: Vec<Vec<u16>>,
+    labels: Option<&'a [GrayImage]>,
+    ignore_index: u8,
     classes: usize,
 }
 
-impl Reference {
-    fn new(model: &crate::model::Segformer, inputs: &[ModelInput]) -> Result<Reference> {
+impl<'a> Reference<'a> {
+    fn new(
+        model: &crate::model::Segformer,
+        inputs: &[ModelInput],
+        labels: Option<&'a [GrayImage]>,
+        ignore_index: u8,
+    ) -> Result<Reference<'a>> {
         Ok(Reference {
-            argmax: predictions(model, inputs)?,
+            predictions: predictions(model, inputs, labels)?,
+            labels,
+            ignore_index,
             classes: model.config().num_labels(),
         })
     }
@@ -124,18 +146,34 @@ impl Reference {
     /// Agreement-mIoU drop (points) of `model` against the float model on the search images.
     fn drop_of(&self, model: &crate::model::Segformer, inputs: &[ModelInput]) -> Result<f64> {
         let mut agreement = ConfusionMatrix::new(self.classes);
-        for (pred, reference) in predictions(model, inputs)?.iter().zip(&self.argmax) {
-            agreement.add_agreement(pred, reference, None, 0)?;
+        for (i, (pred, reference)) in predictions(model, inputs, self.labels)?
+            .iter()
+            .zip(&self.predictions)
+            .enumerate()
+        {
+            let label = self.labels.map(|l| l[i].as_raw().as_slice());
+            agreement.add_agreement(pred, reference, label, self.ignore_index)?;
         }
         Ok(100.0 * (1.0 - agreement.agreement().miou))
     }
 }
 
-/// The argmax of the logits (at the logits' resolution, as the sensitivity measures) of every input.
-fn predictions(model: &crate::model::Segformer, inputs: &[ModelInput]) -> Result<Vec<Vec<u16>>> {
+/// Each input's predicted classes: at its label's size as `segq eval` scores them, else at the logits' size.
+fn predictions(
+    model: &crate::model::Segformer,
+    inputs: &[ModelInput],
+    labels: Option<&[GrayImage]>,
+) -> Result<Vec<Vec<u16>>> {
     inputs
         .iter()
-        .map(|input| Ok(forward_inputs(model, &[input])?.remove(0).logits.argmax()))
+        .enumerate()
+        .map(|(i, input)| {
+            let logits = forward_inputs(model, &[input])?.remove(0).logits;
+            Ok(match labels {
+                Some(labels) => logits.mask(labels[i].height() as usize, labels[i].width() as usize),
+                None => logits.argmax(),
+            })
+        })
         .collect()
 }
 

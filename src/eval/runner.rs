@@ -533,13 +533,12 @@ fn search_recipes(
         &d.label_column,
         &options.selection,
     )?;
-    let mut inputs = Vec::new();
+    let (mut inputs, mut labels) = (Vec::new(), Vec::new());
     for batch in Loader::new(&spec, options)? {
-        inputs.extend(
-            batch?
-                .iter()
-                .map(|ex| ModelInput::new(&ex.image, &loaded.preprocessor, plan.protocol)),
-        );
+        for ex in batch? {
+            inputs.push(ModelInput::new(&ex.image, &loaded.preprocessor, plan.protocol));
+            labels.push(ex.label);
+        }
     }
     if inputs.is_empty() {
         return Err(Error::config(
@@ -558,8 +557,9 @@ fn search_recipes(
         method,
         group_size: quant.group_size,
         batch_size: plan.loader.batch_size,
+        ignore_index: plan.loader.labels.ignore_index,
     };
-    crate::eval::auto::search_all(loaded, &inputs, &auto_spec)
+    crate::eval::auto::search_all(loaded, &inputs, Some(&labels), &auto_spec)
 }
 
 /// Records on each searched row how its recipe was found.

@@ -41,6 +41,13 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             config.insert("level".into(), json!(level.level));
             config.insert("method".into(), json!(level.method));
             config.insert("group_size".into(), json!(level.group_size));
+            // Mixed rows: their per-layer rules, and for searched ones how they were chosen.
+            if let Some(recipe) = &level.recipe {
+                config.insert("recipe".into(), json!(recipe));
+            }
+            if let Some(auto) = &level.auto {
+                config.insert("auto".into(), json!(auto));
+            }
             config.insert("threads".into(), json!(results.machine.threads));
             config.insert("segq_version".into(), json!(results.segq_version));
             config.insert("examples".into(), json!(results.counts.evaluated));
