@@ -44,6 +44,10 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             config.insert("threads".into(), json!(results.machine.threads));
             config.insert("segq_version".into(), json!(results.segq_version));
             config.insert("examples".into(), json!(results.counts.evaluated));
+            if let Some(bootstrap) = results.bootstrap {
+                config.insert("bootstrap_resamples".into(), json!(bootstrap.resamples));
+                config.insert("bootstrap_seed".into(), json!(bootstrap.seed));
+            }
             if let Some((index, count)) = results.dataset.shard {
                 config.insert("shard".into(), json!(format!("{index}/{count}")));
             }
@@ -87,6 +91,17 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             if let Some(a) = level.agreement_metrics() {
                 metrics.insert("agreement/pixel".into(), finite(a.pixel_agreement));
                 metrics.insert("agreement/mean_iou".into(), finite(a.miou));
+            }
+            // The 95% bootstrap intervals (results.json's `bootstrap` says how they were drawn).
+            let summary = level.summary.as_ref();
+            for (key, interval) in [
+                ("delta_mean_iou_vs_f32", summary.and_then(|s| s.delta_miou_ci)),
+                ("agreement/mean_iou", summary.and_then(|s| s.agreement_miou_ci)),
+            ] {
+                if let Some([low, high]) = interval {
+                    metrics.insert(format!("{key}_ci95_low"), finite(low));
+                    metrics.insert(format!("{key}_ci95_high"), finite(high));
+                }
             }
             metrics.insert("images_per_s".into(), finite(level.images_per_s_model()));
             metrics.insert("images_per_s_pipeline".into(), finite(level.images_per_s_pipeline()));
