@@ -47,10 +47,11 @@ pub fn percentile_interval(values: &[f64]) -> Option<[f64; 2]> {
 
 /// One level's per-image counts laid out flat, image after image, for summing with multiplicities.
 struct Flat {
-    /// Image `i`'s groups are `groups[starts[i]..starts[i + 1]]`.
+    /// Image `i`'s groups are `classes[starts[i]..starts[i + 1]]` and the same range of `counts`.
     starts: Vec<usize>,
-    /// `(class, intersect, pred, label)`.
-    groups: Vec<(usize, u64, u64, u64)>,
+    classes: Vec<u32>,
+    /// `[intersect, pred, label]`.
+    counts: Vec<[u64; 3]>,
 }
 
 impl Flat {
@@ -58,7 +59,8 @@ impl Flat {
     fn new(images: &[ImageCounts], agreement: bool) -> Option<Flat> {
         let mut flat = Flat {
             starts: vec![0],
-            groups: Vec::new(),
+            classes: Vec::new(),
+            counts: Vec::new(),
         };
         for image in images {
             let counts = if agreement {
@@ -66,36 +68,49 @@ impl Flat {
             } else {
                 &image.labels
             };
-            flat.groups.extend(
-                counts
-                    .classes()
-                    .iter()
-                    .map(|c| (c.class as usize, c.intersect, c.pred, c.label)),
-            );
-            flat.starts.push(flat.groups.len());
+            for c in counts.classes() {
+                flat.classes.push(c.class);
+                flat.counts.push([c.intersect, c.pred, c.label]);
+            }
+            flat.starts.push(flat.classes.len());
         }
         Some(flat)
     }
 
-    /// mIoU of the images drawn `times[i]` times each.
-    fn mean_iou(&self, times: &[u32], num_labels: usize) -> f64 {
-        let mut areas = ClassAreas {
-            intersect: vec![0; num_labels],
-            pred: vec![0; num_labels],
-            label: vec![0; num_labels],
-        };
+    /// mIoU of the images drawn `times[i]` times each; `sums` is scratch space of one entry per class.
+    fn mean_iou(&self, times: &[u32], sums: &mut [[u64; 3]]) -> f64 {
+        sums.fill([0; 3]);
         for (image, &t) in times.iter().enumerate() {
             if t == 0 {
                 continue;
             }
             let t = u64::from(t);
-            for &(class, intersect, pred, label) in &self.groups[self.starts[image]..self.starts[image + 1]] {
-                areas.intersect[class] += intersect * t;
-                areas.pred[class] += pred * t;
-                areas.label[class] += label * t;
+            let range = self.starts[image]..self.starts[image + 1];
+            for (&class, counts) in self.classes[range.clone()].iter().zip(&self.counts[range]) {
+                let sum = &mut sums[class as usize];
+                sum[0] += counts[0] * t;
+                sum[1] += counts[1] * t;
+                sum[2] += counts[2] * t;
             }
         }
+        let areas = ClassAreas {
+            intersect: sums.iter().map(|s| s[0]).collect(),
+            pred: sums.iter().map(|s| s[1]).collect(),
+            label: sums.iter().map(|s| s[2]).collect(),
+        };
         areas.mean_iou()
+    }
+
+    /// The mIoU of every resample, in resample order. Resamples run in parallel, each drawing its images from
+    /// the seed alone, so the values do not depend on the thread count.
+    fn resampled(&self, images: usize, num_labels: usize, settings: BootstrapSettings) -> Vec<f64> {
+        (0..settings.resamples.min(MAX_RESAMPLES))
+            .into_par_iter()
+            .map_init(
+                || vec![[0u64; 3]; num_labels],
+                |sums, resample| self.mean_iou(&draw(settings.seed, resample, images), sums),
+            )
+            .collect()
     }
 }
 
@@ -148,37 +163,27 @@ pub fn paired_intervals(
             _ => (None, None),
         })
         .collect();
-    // One row per resample: (delta, agreement) per level, NaN where a level has none.
-    let resampled: Vec<Vec<(f64, f64)>> = (0..settings.resamples.min(MAX_RESAMPLES))
-        .into_par_iter()
-        .map(|resample| {
-            let times = draw(settings.seed, resample, reference.len());
-            let reference_miou = reference_flat.mean_iou(&times, num_labels);
-            flats
-                .iter()
-                .map(|(labels, agreement)| {
-                    let delta = labels
-                        .as_ref()
-                        .map_or(f64::NAN, |f| f.mean_iou(&times, num_labels) - reference_miou);
-                    let agree = agreement.as_ref().map_or(f64::NAN, |f| f.mean_iou(&times, num_labels));
-                    (delta, agree)
-                })
-                .collect()
-        })
-        .collect();
-    (0..levels.len())
-        .map(|level| {
-            let column =
-                |pick: fn(&(f64, f64)) -> f64| -> Vec<f64> { resampled.iter().map(|r| pick(&r[level])).collect() };
+    // Level by level, so that one level's counts stay in cache; every level redraws the same images per resample.
+    let images = reference.len();
+    let reference_values = reference_flat.resampled(images, num_labels, settings);
+    flats
+        .iter()
+        .map(|(labels, agreement)| {
+            let delta_miou = labels.as_ref().and_then(|flat| {
+                let deltas: Vec<f64> = flat
+                    .resampled(images, num_labels, settings)
+                    .iter()
+                    .zip(&reference_values)
+                    .map(|(level, reference)| level - reference)
+                    .collect();
+                percentile_interval(&deltas)
+            });
+            let agreement_miou = agreement
+                .as_ref()
+                .and_then(|flat| percentile_interval(&flat.resampled(images, num_labels, settings)));
             LevelIntervals {
-                delta_miou: flats[level]
-                    .0
-                    .as_ref()
-                    .and_then(|_| percentile_interval(&column(|v| v.0))),
-                agreement_miou: flats[level]
-                    .1
-                    .as_ref()
-                    .and_then(|_| percentile_interval(&column(|v| v.1))),
+                delta_miou,
+                agreement_miou,
             }
         })
         .collect()

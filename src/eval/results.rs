@@ -379,7 +379,7 @@ impl EvalResults {
         let levels: Vec<Option<&[ImageCounts]>> = self
             .levels
             .iter()
-            .map(|l| l.is_ok().then_some(l.per_image.as_slice()))
+            .map(|l| (l.is_ok() && l.confusion.is_some()).then_some(l.per_image.as_slice()))
             .collect();
         crate::eval::bootstrap::paired_intervals(&reference.per_image, &levels, self.model.num_labels, settings)
     }
