@@ -323,6 +323,11 @@ mod tests {
             table.contains("paired bootstrap over the 5 images (200 resamples, seed 42)"),
             "{table}"
         );
+        let mut without = results.clone();
+        without.bootstrap = None;
+        without.refresh_summaries();
+        let plain = format_table(&without, TableWidth::Compact);
+        assert!(!plain.contains("95% CI") && !plain.contains("bootstrap"), "{plain}");
         let failed = &results.levels[1].label;
         assert!(table.contains("FAILED"), "{table}");
         assert!(

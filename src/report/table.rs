@@ -378,11 +378,14 @@ pub const COMPACT_WIDTH: usize = 100;
 /// The summary table for a terminal: caption, then columns aligned (text left, numbers right).
 pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
     let rows = human_rows(results);
+    let footnote = interval_footnote(results);
     let shown: Vec<(usize, &str)> = COLUMNS
         .iter()
         .enumerate()
         .filter_map(|(i, c)| match width {
             TableWidth::Wide => Some((i, c.header)),
+            // A run without intervals (bootstrap off, older files) keeps the compact table free of empty columns.
+            TableWidth::Compact if footnote.is_none() && matches!(c.style, Style::Interval { .. }) => None,
             TableWidth::Compact => c.compact.map(|short| (i, short)),
         })
         .collect();
@@ -431,7 +434,7 @@ pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
         out.push_str(&render(shown.iter().map(|&(i, _)| cell(r, i)).collect()));
         out.push('\n');
     }
-    if let Some(footnote) = interval_footnote(results) {
+    if let Some(footnote) = footnote {
         let footnote = match width {
             TableWidth::Wide => footnote,
             TableWidth::Compact => wrap_caption(&footnote, COMPACT_WIDTH),
