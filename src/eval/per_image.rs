@@ -62,13 +62,12 @@ impl SparseCounts {
         }
     }
 
-    /// Pixels counted in this image's label areas (at most [`MAX_PIXELS`] once validated).
-    fn labelled_pixels(&self) -> u64 {
-        self.0.iter().map(|c| c.label).sum()
-    }
-
-    fn predicted_pixels(&self) -> u64 {
-        self.0.iter().map(|c| c.pred).sum()
+    /// The larger of the summed predicted and label areas: a bound on every sum of these counts (at most
+    /// [`MAX_PIXELS`] once checked).
+    fn largest_area(&self) -> u64 {
+        let pred: u64 = self.0.iter().map(|c| c.pred).sum();
+        let label: u64 = self.0.iter().map(|c| c.label).sum();
+        pred.max(label)
     }
 
     /// Classes below `num_labels`, ascending, each with a pixel, an intersection within both areas, and counts
@@ -232,7 +231,7 @@ pub fn validate(
         return Ok(());
     }
     let fail = |message: String| Err(Error::invalid(what, format!("{what}: per-image counts: {message}")));
-    let mut labelled = 0u64;
+    let mut pixels = 0u64;
     for (position, image) in images.iter().enumerate() {
         if position > 0 && images[position - 1].index >= image.index {
             return fail(format!(
@@ -241,15 +240,17 @@ pub fn validate(
                 images[position - 1].index
             ));
         }
+        let mut largest = 0;
         for counts in std::iter::once(&image.labels).chain(&image.agreement) {
             if let Err(message) = counts.check(num_labels) {
                 return fail(format!("image {}: {message}", image.index));
             }
+            largest = counts.largest_area().max(largest);
         }
-        labelled = labelled.saturating_add(image.labels.labelled_pixels().max(image.labels.predicted_pixels()));
+        pixels = pixels.saturating_add(largest);
     }
-    // A resample draws an image up to once per image: every sum stays below 2^64.
-    if labelled.checked_mul(images.len() as u64).is_none() {
+    // A resample draws an image at most once per image: every resampled sum stays below 2^64.
+    if pixels.checked_mul(images.len() as u64).is_none() {
         return fail("too many pixels to resample without overflow".into());
     }
     // A level without scores (failed) has nothing for its counts to match; they are never resampled.
@@ -261,10 +262,11 @@ pub fn validate(
     }
     let with_agreement = images.iter().filter(|i| i.agreement.is_some()).count();
     match agreement {
-        Some(matrix) if with_agreement == images.len() => {
-            if sum_areas(images, num_labels, true).as_ref() != Some(&matrix.class_areas()) {
-                return fail("their agreement sum differs from the agreement matrix".into());
-            }
+        Some(matrix)
+            if with_agreement == images.len()
+                && sum_areas(images, num_labels, true).as_ref() != Some(&matrix.class_areas()) =>
+        {
+            return fail("their agreement sum differs from the agreement matrix".into());
         }
         // A reference row that failed mid-run leaves later images without agreement: no interval, but no error.
         Some(_) => {}
