@@ -422,6 +422,20 @@ mod tests {
     }
 
     #[test]
+    fn bootstrap_keys_set_and_bounded() {
+        let mut config = Config::default();
+        config.set("eval.bootstrap_resamples=2000").unwrap();
+        config.set("eval.bootstrap_seed=7").unwrap();
+        assert_eq!((config.eval.bootstrap_resamples, config.eval.bootstrap_seed), (2000, 7));
+        let error = config.set("eval.bootstrap_resamples=100001").unwrap_err().to_string();
+        assert!(
+            error.contains("eval.bootstrap_resamples") && error.contains("100000"),
+            "{error}"
+        );
+        assert_eq!(config.eval.bootstrap_resamples, 2000, "a refused value changes nothing");
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let e = Config::from_toml("[eval]\nbatch_size = 2\nbatchsize = 3\n", "my.toml")
             .unwrap_err()

@@ -303,7 +303,16 @@ struct RunInfo<'a> {
 impl RunInfo<'_> {
     /// The results so far. `finished`: the loader has been run to its end (or to an error), rather than stopped
     /// or checkpointed mid-way. Complete only when finished and every selected example was evaluated or skipped.
-    fn results(&self, levels: Vec<LevelResult>, stats: &crate::data::LoadStats, finished: bool) -> Result<EvalResults> {
+    fn results(
+        &self,
+        mut levels: Vec<LevelResult>,
+        stats: &crate::data::LoadStats,
+        finished: bool,
+    ) -> Result<EvalResults> {
+        // The loader hands examples out in row order; sorting keeps the per-image counts' invariant regardless.
+        for level in &mut levels {
+            level.per_image.sort_by_key(|image| image.index);
+        }
         let mut skip_reasons = self.earlier.skip_reasons.clone();
         skip_reasons.extend(stats.skip_reasons.iter().cloned());
         let consumed = (stats.decoded + stats.skipped) as u64;
