@@ -298,6 +298,24 @@ mod tests {
     }
 
     #[test]
+    fn level_runs_carry_the_bootstrap_intervals() {
+        let mut results = crate::eval::results::test_support::run(0..6, 6, None);
+        results.refresh_summaries();
+        let logs = run_logs(&results, &[], "group", &[]);
+        let int4 = logs.iter().find(|l| l.name == "int4-hqq-g64").unwrap();
+        let [low, high] = results.levels[2].summary.as_ref().unwrap().delta_miou_ci.unwrap();
+        assert_eq!(int4.summary["delta_mean_iou_vs_f32_ci95_low"], json!(low));
+        assert_eq!(int4.summary["delta_mean_iou_vs_f32_ci95_high"], json!(high));
+        assert!(int4.summary["agreement/mean_iou_ci95_low"].as_f64().unwrap() <= 1.0);
+        assert_eq!(int4.config["bootstrap_resamples"], json!(200));
+        assert_eq!(int4.config["bootstrap_seed"], json!(42));
+        // The reference row: its [0, 0] difference, and no agreement interval.
+        let f32 = logs.iter().find(|l| l.name == "f32").unwrap();
+        assert_eq!(f32.summary["delta_mean_iou_vs_f32_ci95_high"], json!(0.0));
+        assert!(!f32.summary.contains_key("agreement/mean_iou_ci95_low"));
+    }
+
+    #[test]
     fn offline_runs_get_one_line_and_online_runs_one_each() {
         let offline = TrackOutcome {
             runs: vec![
