@@ -162,6 +162,11 @@ pub struct EvalConfig {
     /// levels, the f32 model running in every pass for agreement: memory bounded by the f32 model plus that many
     /// levels, time up by the f32 forward passes repeated. Checkpoints and --resume need a single pass.
     pub levels_at_once: usize,
+    /// Resamples of the paired bootstrap over images behind the 95% intervals of Δ mIoU and agreement mIoU (0: no
+    /// intervals, and no per-image counts in results.json).
+    pub bootstrap_resamples: usize,
+    /// Seed of the bootstrap's draws: the same seed, resamples and images give the same intervals.
+    pub bootstrap_seed: u64,
 }
 
 impl Default for EvalConfig {
@@ -177,6 +182,8 @@ impl Default for EvalConfig {
             checkpoint_seconds: 120,
             allow_empty: false,
             levels_at_once: 0,
+            bootstrap_resamples: 1000,
+            bootstrap_seed: 0,
         }
     }
 }
@@ -317,6 +324,16 @@ impl Config {
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
+        if self.eval.bootstrap_resamples > crate::eval::bootstrap::MAX_RESAMPLES {
+            return Err(Error::config(
+                "eval.bootstrap_resamples",
+                format!(
+                    "eval.bootstrap_resamples (--bootstrap) = {} is more than the {} segq draws",
+                    self.eval.bootstrap_resamples,
+                    crate::eval::bootstrap::MAX_RESAMPLES
+                ),
+            ));
+        }
         if self.dataset.max_image_pixels == 0 {
             return Err(Error::config(
                 "dataset.max_image_pixels",
@@ -397,6 +414,8 @@ samples = 3                   # overlay images saved per level
 checkpoint_seconds = 120      # partial results.json written this often (0 = every batch); see --resume
 allow_empty = false           # true: a selection of zero examples is not an error
 levels_at_once = 0            # quantized levels held at once (0 = all); fewer: one pass per group, f32 rerun
+bootstrap_resamples = 1000    # paired bootstrap over images for 95% intervals of Δ mIoU (0 = off); --bootstrap
+bootstrap_seed = 0            # the bootstrap's seed; --bootstrap-seed
 
 [output]
 dir = "segq-out"
@@ -424,6 +443,20 @@ mod tests {
     fn default_file_parses_to_defaults() {
         let c = Config::from_toml(DEFAULT_FILE, "segq.toml").unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn bootstrap_keys_set_and_bounded() {
+        let mut config = Config::default();
+        config.set("eval.bootstrap_resamples=2000").unwrap();
+        config.set("eval.bootstrap_seed=7").unwrap();
+        assert_eq!((config.eval.bootstrap_resamples, config.eval.bootstrap_seed), (2000, 7));
+        let error = config.set("eval.bootstrap_resamples=100001").unwrap_err().to_string();
+        assert!(
+            error.contains("eval.bootstrap_resamples") && error.contains("100000"),
+            "{error}"
+        );
+        assert_eq!(config.eval.bootstrap_resamples, 2000, "a refused value changes nothing");
     }
 
     #[test]

@@ -231,16 +231,20 @@ fn writes_every_output_and_prints_the_table() {
         "bits/w",
         "mIoU %",
         "Δ mIoU",
+        "95% CI",
         "agree mIoU %",
-        "weight MB",
         "model ms",
         "memory MB",
         "status",
     ] {
         assert!(header_line.contains(column), "table lacks `{column}`:\n{stdout}");
     }
+    assert!(stdout.contains("paired bootstrap over the 3 images"), "{stdout}");
     let markdown = std::fs::read_to_string(out.join("summary.md")).unwrap();
     for column in [
+        "weight MB",
+        "Δ mIoU 95% CI",
+        "agreement mIoU 95% CI",
         "mean acc %",
         "overall acc %",
         "pixel agreement f32 %",

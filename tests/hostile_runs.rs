@@ -56,6 +56,14 @@ fn assert_same_scores(a: &EvalResults, b: &EvalResults) {
         assert_eq!(x.status, y.status);
         assert_eq!(x.confusion, y.confusion, "{}: confusion matrices differ", x.label);
         assert_eq!(x.agreement, y.agreement, "{}: agreement matrices differ", x.label);
+        // The resumed run keeps the interrupted part's per-image counts: same images, same intervals.
+        assert_eq!(x.per_image, y.per_image, "{}: per-image counts differ", x.label);
+        assert_eq!(x.per_image.len() as u64, a.counts.evaluated, "{}", x.label);
+        let intervals = |l: &segq::eval::results::LevelResult| {
+            let s = l.summary.as_ref().expect("summaries are filled on read");
+            (s.delta_miou_ci, s.agreement_miou_ci)
+        };
+        assert_eq!(intervals(x), intervals(y), "{}: bootstrap intervals differ", x.label);
         assert_eq!(x.model_latency_ms.len(), y.model_latency_ms.len());
         let (mx, my) = (x.metrics().unwrap(), y.metrics().unwrap());
         assert_eq!(mx.mean_iou.to_bits(), my.mean_iou.to_bits(), "{}", x.label);

@@ -1,6 +1,6 @@
 //! Sharded evaluations merge exactly: the demo evaluated in 1, 2, 3 and 7 shards (explicit `I/N`, and `--shard
 //! auto` from Slurm and Kubernetes variables), merged with `segq merge`, gives the confusion matrices, agreement
-//! matrices, counts and every score of one unsharded run.
+//! matrices, per-image counts, counts, every score and the bootstrap intervals of one unsharded run.
 
 mod eval_support;
 
@@ -101,6 +101,7 @@ fn assert_same_scores(merged: &EvalResults, whole: &EvalResults, what: &str) {
         (whole.counts.read, whole.counts.evaluated, whole.counts.skipped),
         "{what}: counts"
     );
+    assert_eq!(merged.bootstrap, whole.bootstrap, "{what}: bootstrap settings");
     assert_eq!(merged.levels.len(), whole.levels.len());
     for (m, w) in merged.levels.iter().zip(&whole.levels) {
         let label = &w.label;
@@ -116,6 +117,15 @@ fn assert_same_scores(merged: &EvalResults, whole: &EvalResults, what: &str) {
             w.agreement_metrics(),
             "{what} {label}: agreement"
         );
+        // Per-image counts join by image index, so the bootstrap draws the same images: identical intervals.
+        assert_eq!(m.per_image, w.per_image, "{what} {label}: per-image counts");
+        assert_eq!(m.per_image.len(), whole.counts.evaluated as usize);
+        let intervals = |l: &segq::eval::results::LevelResult| {
+            let s = l.summary.as_ref().expect("summaries are filled on read");
+            (s.delta_miou_ci, s.agreement_miou_ci, s.delta_miou_significant)
+        };
+        assert!(intervals(w).0.is_some(), "{what} {label}: an interval");
+        assert_eq!(intervals(m), intervals(w), "{what} {label}: bootstrap intervals");
         assert_eq!(m.weight_bytes_memory, w.weight_bytes_memory);
         assert_eq!(m.bits_per_weight, w.bits_per_weight);
         assert_eq!(

@@ -104,6 +104,13 @@ pub struct EvalArgs {
     /// Accept a selection of zero examples (an empty shard) instead of failing.
     #[arg(long)]
     pub allow_empty: bool,
+    /// Resamples of the paired bootstrap over images behind the 95% intervals of Δ mIoU and agreement mIoU
+    /// (0: none, and no per-image counts in results.json) [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub bootstrap: Option<usize>,
+    /// Seed of the bootstrap's draws [default: 0].
+    #[arg(long, value_name = "S")]
+    pub bootstrap_seed: Option<u64>,
     /// Print every column of the results table (summary.md always has them all).
     #[arg(long)]
     pub wide: bool,
@@ -126,6 +133,8 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     }
     set(&mut config.eval.protocol, args.protocol);
     set(&mut config.output.dir, args.out.clone());
+    set(&mut config.eval.bootstrap_resamples, args.bootstrap);
+    set(&mut config.eval.bootstrap_seed, args.bootstrap_seed);
     config.quant.group_size = args.group_size.or(config.quant.group_size);
     config.eval.allow_empty |= args.allow_empty;
     config.quant.requantize |= args.requantize;

@@ -3,8 +3,10 @@
 //!
 //! Shard rule (shared with the data loader): shard `i` of `n` covers the contiguous rows
 //! `[i * len / n, (i + 1) * len / n)` of the selection, so concatenating shards in index order gives the
-//! unsharded order. Merging sums confusion matrices and counts and concatenates per-image latencies, so every
-//! count-derived number (mIoU, accuracies, agreement, latency quantiles) equals the unsharded run's exactly.
+//! unsharded order. Merging sums confusion matrices and counts and concatenates per-image latencies and per-image
+//! class counts, so every count-derived number (mIoU, accuracies, agreement, latency quantiles, and the bootstrap
+//! intervals, drawn over the images in index order with the shards' recorded seed) equals the unsharded run's
+//! exactly.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -145,8 +147,12 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         },
         machine: merge_machines(&parts),
         counts,
+        bootstrap: first.bootstrap,
         levels,
     };
+    let mut merged = merged;
+    merged.validate()?;
+    merged.refresh_summaries();
     tracing::info!(
         shards = parts.len(),
         of = count,
@@ -172,6 +178,9 @@ fn check_compatible(first: &EvalResults, part: &EvalResults) -> Result<()> {
     }
     if part.model != first.model {
         return mismatch("model", &first.model.source, &part.model.source);
+    }
+    if part.bootstrap != first.bootstrap {
+        return mismatch("bootstrap", &first.bootstrap, &part.bootstrap);
     }
     let (a, b) = (&first.dataset, &part.dataset);
     if (&a.source, &a.split, a.offset, a.limit) != (&b.source, &b.split, b.offset, b.limit) {
@@ -232,11 +241,16 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
         }
         Ok(merged)
     };
-    let (status, confusion, agreement) = if failures.is_empty() {
+    let (status, confusion, agreement, per_image) = if failures.is_empty() {
         (
             LevelStatus::Ok,
             merge_matrices(|l| &l.confusion)?,
             merge_matrices(|l| &l.agreement)?,
+            // Shards hold ascending, contiguous rows and come sorted by shard index: the concatenation ascends.
+            parts
+                .iter()
+                .flat_map(|part| part.levels[index].per_image.iter().cloned())
+                .collect(),
         )
     } else {
         // Scores of the shards that did run would pass for the whole dataset: keep none.
@@ -246,6 +260,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
             },
             None,
             None,
+            Vec::new(),
         )
     };
     let levels: Vec<&LevelResult> = parts.iter().map(|p| &p.levels[index]).collect();
@@ -260,6 +275,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
         status,
         confusion,
         agreement,
+        per_image,
         // Each shard loads and quantizes the model itself: report the typical (mean) cost per worker.
         load_time_s: mean(|l| l.load_time_s),
         quantize_time_s: mean(|l| l.quantize_time_s),
@@ -485,6 +501,35 @@ mod tests {
             assert_eq!(merged.delta_miou(&merged.levels[2]), whole.delta_miou(&whole.levels[2]));
             assert!(merged.config["eval"].get("shard").is_none(), "the shard key is dropped");
         }
+    }
+
+    #[test]
+    fn merged_shards_give_the_unsharded_intervals() {
+        const ROWS: usize = 23;
+        let whole = run(0..ROWS, ROWS, None);
+        let expected = whole.confidence_intervals();
+        assert!(expected[2].delta_miou.is_some() && expected[2].agreement_miou.is_some());
+        for count in [2, 3, 7] {
+            let mut parts = shards(ROWS, count);
+            parts.reverse();
+            let merged = merge(parts).unwrap();
+            for (m, w) in merged.levels.iter().zip(&whole.levels) {
+                assert_eq!(m.per_image, w.per_image, "{count} shards, level {}", m.label);
+            }
+            assert_eq!(merged.bootstrap, whole.bootstrap);
+            assert_eq!(merged.confidence_intervals(), expected, "{count} shards");
+            let summary = merged.levels[2].summary.as_ref().expect("merge fills the summaries");
+            assert_eq!(summary.delta_miou_ci, expected[2].delta_miou);
+            assert_eq!(summary.agreement_miou_ci, expected[2].agreement_miou);
+        }
+        // Shards drawn with another seed cannot make one interval.
+        let mut parts = shards(ROWS, 2);
+        parts[1].bootstrap = Some(crate::eval::bootstrap::BootstrapSettings {
+            resamples: 200,
+            seed: 43,
+        });
+        let error = merge(parts).unwrap_err().to_string();
+        assert!(error.contains("bootstrap"), "{error}");
     }
 
     #[test]

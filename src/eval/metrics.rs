@@ -267,27 +267,37 @@ impl ConfusionMatrix {
         Ok(())
     }
 
-    /// The `mean_iou` scores, with `evaluate`'s NaN rules (see [`MeanIou`]).
-    pub fn metrics(&self) -> MeanIou {
+    /// Per-class intersection, predicted area and label area: the sums `evaluate` builds its scores from.
+    pub fn class_areas(&self) -> ClassAreas {
         let n = self.num_labels;
         let side = self.side();
-        let mut intersect = vec![0u64; n];
-        let mut area_label = vec![0u64; n];
-        let mut area_pred = vec![0u64; n];
+        let mut areas = ClassAreas {
+            intersect: vec![0u64; n],
+            pred: vec![0u64; n],
+            label: vec![0u64; n],
+        };
         for class in 0..n {
-            intersect[class] = self.counts[class * side + class];
-            area_label[class] = self.counts[class * side..(class + 1) * side].iter().sum();
+            areas.intersect[class] = self.counts[class * side + class];
+            areas.label[class] = self.counts[class * side..(class + 1) * side].iter().sum();
         }
         for row in self.counts.chunks_exact(side) {
-            for (area, &count) in area_pred.iter_mut().zip(&row[..n]) {
+            for (area, &count) in areas.pred.iter_mut().zip(&row[..n]) {
                 *area += count;
             }
         }
+        areas
+    }
+
+    /// The `mean_iou` scores, with `evaluate`'s NaN rules (see [`MeanIou`]).
+    pub fn metrics(&self) -> MeanIou {
+        let n = self.num_labels;
+        let ClassAreas {
+            intersect,
+            pred: area_pred,
+            label: area_label,
+        } = self.class_areas();
         let union: Vec<u64> = (0..n).map(|c| area_pred[c] + area_label[c] - intersect[c]).collect();
-        let ratio = |num: u64, den: u64| {
-            if den == 0 { None } else { Some(num as f64 / den as f64) }
-        };
-        let per_category_iou: Vec<Option<f64>> = (0..n).map(|c| ratio(intersect[c], union[c])).collect();
+        let per_category_iou = iou_per_class(&intersect, &area_pred, &area_label);
         let per_category_accuracy: Vec<Option<f64>> = (0..n).map(|c| ratio(intersect[c], area_label[c])).collect();
         let total_intersect: u64 = intersect.iter().sum();
         let total_label: u64 = area_label.iter().sum();
@@ -320,6 +330,42 @@ impl ConfusionMatrix {
             miou: self.metrics().mean_iou,
         }
     }
+}
+
+/// Per-class pixel sums of one or many images: intersection (label and prediction agree), predicted area and label
+/// area. They add up image by image, and [`ClassAreas::mean_iou`] turns any sum of them into `evaluate`'s `mean_iou`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassAreas {
+    pub intersect: Vec<u64>,
+    pub pred: Vec<u64>,
+    pub label: Vec<u64>,
+}
+
+impl ClassAreas {
+    /// `evaluate`'s `mean_iou` of these sums, computed exactly as [`ConfusionMatrix::metrics`] computes it.
+    pub fn mean_iou(&self) -> f64 {
+        mean_iou_of_areas(&self.intersect, &self.pred, &self.label)
+    }
+}
+
+/// `evaluate`'s `mean_iou` from per-class intersection, predicted and label areas (equal lengths): the one
+/// formula behind [`ConfusionMatrix::metrics`] and the bootstrap's resampled scores.
+pub fn mean_iou_of_areas(intersect: &[u64], pred: &[u64], label: &[u64]) -> f64 {
+    nanmean(&iou_per_class(intersect, pred, label))
+}
+
+/// IoU per class, `None` where the class is absent from labels and predictions (union 0).
+fn iou_per_class(intersect: &[u64], pred: &[u64], label: &[u64]) -> Vec<Option<f64>> {
+    intersect
+        .iter()
+        .zip(pred)
+        .zip(label)
+        .map(|((&i, &p), &l)| ratio(i, p + l - i))
+        .collect()
+}
+
+fn ratio(num: u64, den: u64) -> Option<f64> {
+    if den == 0 { None } else { Some(num as f64 / den as f64) }
 }
 
 /// numpy's `nanmean`: `nansum` (NaN taken as 0) divided by the number of defined values; NaN when there are none.

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::bootstrap::{BootstrapSettings, LevelIntervals};
 use crate::eval::metrics::{Agreement, ConfusionMatrix, MeanIou, nan_as_null};
+use crate::eval::per_image::ImageCounts;
 use crate::quant::{Level, Method};
 use crate::{Error, Result};
 
@@ -27,6 +29,10 @@ pub struct EvalResults {
     pub dataset: DatasetInfo,
     pub machine: MachineInfo,
     pub counts: Counts,
+    /// How the confidence intervals are drawn (`eval.bootstrap_resamples`, `eval.bootstrap_seed`); absent when
+    /// the run kept no per-image counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSettings>,
     pub levels: Vec<LevelResult>,
 }
 
@@ -194,6 +200,10 @@ pub struct LevelResult {
     /// Wall-clock time of the whole level (for merged runs: summed over shards, i.e. worker-seconds).
     #[serde(with = "nan_as_null")]
     pub wall_time_s: f64,
+    /// Class counts of every scored image, by ascending image index (see [`crate::eval::per_image`]): what the
+    /// bootstrap resamples. Empty when the run keeps none (`eval.bootstrap_resamples = 0`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_image: Vec<ImageCounts>,
     /// Derived figures written for readers of the JSON; recomputed on every write, ignored on read.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub summary: Option<LevelSummary>,
@@ -206,6 +216,16 @@ pub struct LevelSummary {
     pub agreement: Option<Agreement>,
     #[serde(serialize_with = "nan_as_null::serialize")]
     pub delta_miou_vs_f32: f64,
+    /// 95% bootstrap interval of `delta_miou_vs_f32`, `[low, high]` (see [`crate::eval::bootstrap`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_miou_ci: Option<[f64; 2]>,
+    /// False when `delta_miou_ci` includes 0: the difference to the reference is not significant on these images.
+    /// Absent for the reference row and without an interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_miou_significant: Option<bool>,
+    /// 95% bootstrap interval of the agreement mIoU, `[low, high]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement_miou_ci: Option<[f64; 2]>,
     #[serde(serialize_with = "nan_as_null::serialize")]
     pub model_median_ms: f64,
     #[serde(serialize_with = "nan_as_null::serialize")]
@@ -286,11 +306,18 @@ impl LevelResult {
         }
     }
 
-    fn summarize(&self, baseline_miou: f64) -> LevelSummary {
+    fn summarize(&self, baseline_miou: f64, intervals: LevelIntervals) -> LevelSummary {
         let metrics = self.metrics();
         let miou = metrics.as_ref().map_or(f64::NAN, |m| m.mean_iou);
+        let reference = self.method.is_reference();
         LevelSummary {
             delta_miou_vs_f32: miou - baseline_miou,
+            delta_miou_ci: intervals.delta_miou,
+            delta_miou_significant: intervals
+                .delta_miou
+                .filter(|_| !reference)
+                .map(|[low, high]| !(low <= 0.0 && 0.0 <= high)),
+            agreement_miou_ci: intervals.agreement_miou,
             metrics,
             agreement: self.agreement_metrics(),
             model_median_ms: self.model_median_ms(),
@@ -339,12 +366,28 @@ impl EvalResults {
             .unwrap_or_else(|| format!("class {id}"))
     }
 
-    /// Fills every level's derived [`LevelSummary`] from the raw data.
+    /// Fills every level's derived [`LevelSummary`] from the raw data, confidence intervals included.
     pub fn refresh_summaries(&mut self) {
         let baseline_miou = self.baseline().map_or(f64::NAN, LevelResult::miou);
-        for level in &mut self.levels {
-            level.summary = Some(level.summarize(baseline_miou));
+        let intervals = self.confidence_intervals();
+        for (level, intervals) in self.levels.iter_mut().zip(intervals) {
+            level.summary = Some(level.summarize(baseline_miou, intervals));
         }
+    }
+
+    /// Every level's bootstrap intervals against the reference row (none without settings, per-image counts or a
+    /// reference that ran; none for a failed level).
+    pub fn confidence_intervals(&self) -> Vec<LevelIntervals> {
+        let none = vec![LevelIntervals::default(); self.levels.len()];
+        let (Some(settings), Some(reference)) = (self.bootstrap, self.baseline().filter(|b| b.is_ok())) else {
+            return none;
+        };
+        let levels: Vec<Option<&[ImageCounts]>> = self
+            .levels
+            .iter()
+            .map(|l| (l.is_ok() && l.confusion.is_some()).then_some(l.per_image.as_slice()))
+            .collect();
+        crate::eval::bootstrap::paired_intervals(&reference.per_image, &levels, self.model.num_labels, settings)
     }
 
     /// Reads a `results.json`.
@@ -374,8 +417,21 @@ impl EvalResults {
         Ok(())
     }
 
-    /// Consistency checks a hand-edited or truncated file could fail: unique labels, matrices sized for the model.
+    /// Consistency checks a hand-edited or truncated file could fail: unique labels, matrices sized for the model,
+    /// per-image counts that add up to the matrices, a bounded number of resamples.
     pub fn validate(&self) -> Result<()> {
+        if let Some(settings) = self.bootstrap
+            && settings.resamples > crate::eval::bootstrap::MAX_RESAMPLES
+        {
+            return Err(Error::invalid(
+                "bootstrap.resamples",
+                format!(
+                    "bootstrap.resamples is {}, more than the {} segq draws",
+                    settings.resamples,
+                    crate::eval::bootstrap::MAX_RESAMPLES
+                ),
+            ));
+        }
         for (index, level) in self.levels.iter().enumerate() {
             if self.levels[..index].iter().any(|l| l.label == level.label) {
                 let origin = format!("level label {:?}", level.label);
@@ -395,6 +451,13 @@ impl EvalResults {
                     ));
                 }
             }
+            crate::eval::per_image::validate(
+                &format!("level {:?}", level.label),
+                &level.per_image,
+                self.model.num_labels,
+                level.confusion.as_ref(),
+                level.agreement.as_ref(),
+            )?;
         }
         Ok(())
     }
@@ -537,6 +600,7 @@ pub(crate) mod test_support {
                 model_latency_ms: Vec::new(),
                 pipeline_latency_ms: Vec::new(),
                 wall_time_s: 0.25,
+                per_image: Vec::new(),
                 summary: None,
             })
             .collect();
@@ -550,6 +614,11 @@ pub(crate) mod test_support {
                         .add_agreement(prediction, &predictions[0], Some(&label), 255)
                         .unwrap();
                 }
+                let reference = (index > 0).then_some(predictions[0].as_slice());
+                level.per_image.push(
+                    crate::eval::per_image::ImageCounts::score(row, NUM_LABELS, prediction, &label, reference, 255)
+                        .unwrap(),
+                );
                 let latency = 100.0 + ((row * 37 + index * 11) % 53) as f64 / 4.0;
                 level.model_latency_ms.push(latency);
                 level.pipeline_latency_ms.push(latency * 1.5);
@@ -595,9 +664,16 @@ pub(crate) mod test_support {
                 skip_reasons: Vec::new(),
                 unreadable_files: 0,
             },
+            bootstrap: Some(BOOTSTRAP),
             levels,
         }
     }
+
+    /// The bootstrap of synthetic runs: few resamples keep tests fast.
+    pub const BOOTSTRAP: BootstrapSettings = BootstrapSettings {
+        resamples: 200,
+        seed: 42,
+    };
 }
 
 #[cfg(test)]
@@ -646,6 +722,94 @@ mod tests {
         assert_eq!(deltas.len(), test_support::NUM_LABELS);
         assert_eq!(results.class_name(2), "sky");
         assert_eq!(results.class_name(99), "class 99");
+    }
+
+    #[test]
+    fn bootstrap_intervals_are_paired_deterministic_and_seeded() {
+        let mut results = run(0..30, 30, None);
+        results.refresh_summaries();
+        let summary = |r: &EvalResults, i: usize| r.levels[i].summary.clone().unwrap();
+        // The reference against itself: every resample's difference is exactly 0.
+        assert_eq!(summary(&results, 0).delta_miou_ci, Some([0.0, 0.0]));
+        assert_eq!(summary(&results, 0).delta_miou_significant, None);
+        assert_eq!(summary(&results, 0).agreement_miou_ci, None);
+        // A level identical to the reference: [0, 0] too, and agreement [1, 1].
+        let mut same = results.clone();
+        same.levels[1].confusion = same.levels[0].confusion.clone();
+        let reference_images = same.levels[0].per_image.clone();
+        let mut agreement = crate::eval::metrics::ConfusionMatrix::new(test_support::NUM_LABELS);
+        for (mine, reference) in same.levels[1].per_image.iter_mut().zip(&reference_images) {
+            let (label, predictions) = test_support::image(reference.index);
+            mine.labels = reference.labels.clone();
+            let counts = ImageCounts::score(
+                0,
+                test_support::NUM_LABELS,
+                &predictions[0],
+                &label,
+                Some(&predictions[0]),
+                255,
+            )
+            .unwrap();
+            agreement
+                .add_agreement(&predictions[0], &predictions[0], Some(&label), 255)
+                .unwrap();
+            mine.agreement = counts.agreement;
+        }
+        same.levels[1].agreement = Some(agreement);
+        same.validate().unwrap();
+        let intervals = same.confidence_intervals();
+        assert_eq!(intervals[1].delta_miou, Some([0.0, 0.0]));
+        assert_eq!(intervals[1].agreement_miou, Some([1.0, 1.0]));
+
+        // The noisy level: an interval around its point value, below 0.
+        let int4 = summary(&results, 2);
+        let [low, high] = int4.delta_miou_ci.unwrap();
+        assert!(
+            low < int4.delta_miou_vs_f32 && int4.delta_miou_vs_f32 < high,
+            "{low} {high}"
+        );
+        assert!(high < 0.0, "int4 loses mIoU on every resample: [{low}, {high}]");
+        assert_eq!(int4.delta_miou_significant, Some(true));
+        let [a_low, a_high] = int4.agreement_miou_ci.unwrap();
+        let agreement = int4.agreement.unwrap().miou;
+        assert!(a_low < agreement && agreement < a_high && a_high <= 1.0);
+
+        // Same seed, same intervals, whatever the thread count; another seed, other intervals.
+        let on_threads = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| results.confidence_intervals())
+        };
+        assert_eq!(on_threads(1), on_threads(3));
+        assert_eq!(on_threads(1), results.confidence_intervals());
+        let mut reseeded = results.clone();
+        reseeded.bootstrap = Some(BootstrapSettings {
+            seed: 43,
+            ..test_support::BOOTSTRAP
+        });
+        assert_ne!(reseeded.confidence_intervals()[2], results.confidence_intervals()[2]);
+        // Off: no intervals.
+        reseeded.bootstrap = None;
+        assert!(
+            reseeded
+                .confidence_intervals()
+                .iter()
+                .all(|i| *i == LevelIntervals::default())
+        );
+    }
+
+    #[test]
+    fn per_image_counts_that_do_not_add_up_are_refused_with_the_level() {
+        let dir = std::env::temp_dir().join(format!("segq-results-per-image-{}", std::process::id()));
+        let mut results = run(0..5, 5, None);
+        results.levels[1].per_image.remove(2);
+        let path = dir.join("results.json");
+        results.write(&path).unwrap();
+        let error = EvalResults::read(&path).unwrap_err().to_string();
+        assert!(error.contains("int8") && error.contains("per-image counts"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

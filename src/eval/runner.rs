@@ -11,7 +11,9 @@ use image::{GrayImage, RgbImage};
 
 use crate::data::{Example, Loader};
 use crate::eval::auto::{AutoSearch, AutoSpec};
+use crate::eval::bootstrap::BootstrapSettings;
 use crate::eval::metrics::ConfusionMatrix;
+use crate::eval::per_image::ImageCounts;
 use crate::eval::plan::EvalPlan;
 use crate::eval::results::{
     Counts, DatasetInfo, EvalResults, LevelMethod, LevelResult, LevelStatus, MachineInfo, ModelInfo,
@@ -335,7 +337,16 @@ struct RunInfo<'a> {
 impl RunInfo<'_> {
     /// The results so far. `finished`: the loader has been run to its end (or to an error), rather than stopped
     /// or checkpointed mid-way. Complete only when finished and every selected example was evaluated or skipped.
-    fn results(&self, levels: Vec<LevelResult>, stats: &crate::data::LoadStats, finished: bool) -> Result<EvalResults> {
+    fn results(
+        &self,
+        mut levels: Vec<LevelResult>,
+        stats: &crate::data::LoadStats,
+        finished: bool,
+    ) -> Result<EvalResults> {
+        // The loader hands examples out in row order; sorting keeps the per-image counts' invariant regardless.
+        for level in &mut levels {
+            level.per_image.sort_by_key(|image| image.index);
+        }
         let mut skip_reasons = self.earlier.skip_reasons.clone();
         skip_reasons.extend(stats.skip_reasons.iter().cloned());
         let consumed = (stats.decoded + stats.skipped) as u64;
@@ -357,11 +368,21 @@ impl RunInfo<'_> {
             dataset: self.dataset.clone(),
             machine: self.machine.clone(),
             counts,
+            bootstrap: bootstrap_settings(self.plan),
             levels,
         };
         results.refresh_summaries();
         Ok(results)
     }
+}
+
+/// The run's bootstrap (`eval.bootstrap_*`); `None` when it is off, and then no per-image counts are kept.
+fn bootstrap_settings(plan: &EvalPlan) -> Option<BootstrapSettings> {
+    let eval = &plan.config.eval;
+    (eval.bootstrap_resamples > 0).then_some(BootstrapSettings {
+        resamples: eval.bootstrap_resamples,
+        seed: eval.bootstrap_seed,
+    })
 }
 
 /// Starts `variants` from the scores an interrupted run left in `partial`, after checking that it is the same
@@ -431,6 +452,7 @@ fn continue_from(
         } else {
             result.confusion = done.confusion.clone();
             result.agreement = done.agreement.clone();
+            result.per_image = done.per_image.clone();
         }
         result.model_latency_ms = done.model_latency_ms.clone();
         result.pipeline_latency_ms = done.pipeline_latency_ms.clone();
@@ -664,6 +686,7 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         model_latency_ms: Vec::new(),
         pipeline_latency_ms: Vec::new(),
         wall_time_s: 0.0,
+        per_image: Vec::new(),
         summary: None,
     }
 }
@@ -679,6 +702,7 @@ fn evaluate_batch(
 ) -> Result<()> {
     let n = batch.len();
     let ignore_index = plan.loader.labels.ignore_index;
+    let per_image = bootstrap_settings(plan).is_some();
     // Preprocess once for all levels; images of one size share a forward pass.
     let pre_start = Instant::now();
     let inputs: Vec<ModelInput> = batch
@@ -747,6 +771,17 @@ fn evaluate_batch(
                 && let Some(reference) = reference.get(i)
             {
                 agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), ignore_index)?;
+            }
+            if per_image && let Some(conf) = &result.confusion {
+                let reference = result.agreement.as_ref().and(reference.get(i));
+                result.per_image.push(ImageCounts::score(
+                    ex.index,
+                    conf.num_labels(),
+                    pred,
+                    ex.label.as_raw(),
+                    reference.map(Vec::as_slice),
+                    ignore_index,
+                )?);
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;

@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(miou, results.levels[2].miou());
         let delta: f64 = int4[4].parse().unwrap();
         assert_eq!(delta, results.delta_miou(&results.levels[2]));
-        assert_eq!(int4[18], "ok");
+        assert_eq!(*int4.last().unwrap(), "ok");
         // The failed level: empty score fields and its reason quoted (it holds a comma and quotes).
         assert!(lines[2].starts_with("int8,rtn,8.25,,,,,,,"), "{}", lines[2]);
         assert!(
@@ -227,6 +227,60 @@ mod tests {
     }
 
     #[test]
+    fn intervals_that_include_zero_are_flagged_not_significant() {
+        let mut results = run(0..8, 8, None);
+        results.refresh_summaries();
+        let markdown = summary_markdown(&results);
+        assert!(markdown.contains("Δ mIoU 95% CI") && markdown.contains("agreement mIoU 95% CI"));
+        assert!(markdown.contains("paired bootstrap over the 8 images"), "{markdown}");
+        let int8 = results.levels[1].summary.as_mut().unwrap();
+        int8.delta_miou_ci = Some([-0.01, 0.02]);
+        int8.delta_miou_significant = Some(false);
+        let markdown = summary_markdown(&results);
+        let row = markdown.lines().find(|l| l.starts_with("| int8")).unwrap();
+        assert!(row.contains("[-1.00, +2.00]†"), "{row}");
+        assert!(markdown.contains("† the interval includes 0"), "{markdown}");
+        // The reference row's [0, 0] is never flagged.
+        let f32_row = markdown.lines().find(|l| l.starts_with("| f32")).unwrap();
+        assert!(
+            f32_row.contains("[+0.00, +0.00]") && !f32_row.contains('†'),
+            "{f32_row}"
+        );
+        // CSV: bounds as fractions and the flag.
+        let csv = summary_csv(&results);
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let int8: Vec<&str> = csv
+            .lines()
+            .find(|l| l.starts_with("int8"))
+            .unwrap()
+            .split(',')
+            .collect();
+        let field = |name: &str| int8[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(
+            (
+                field("delta_miou_ci_low"),
+                field("delta_miou_ci_high"),
+                field("delta_miou_significant")
+            ),
+            ("-0.01", "0.02", "false")
+        );
+        // Without a bootstrap: dashes, empty CSV fields, no footnote.
+        results.bootstrap = None;
+        results.refresh_summaries();
+        let markdown = summary_markdown(&results);
+        assert!(!markdown.contains("paired bootstrap"), "{markdown}");
+        let csv = summary_csv(&results);
+        let int8: Vec<&str> = csv
+            .lines()
+            .find(|l| l.starts_with("int8"))
+            .unwrap()
+            .split(',')
+            .collect();
+        assert_eq!(int8.len(), header.len());
+        assert_eq!(int8[header.iter().position(|h| *h == "delta_miou_ci_low").unwrap()], "");
+    }
+
+    #[test]
     fn terminal_table_aligns_columns() {
         let results = run(0..5, 5, Some((0, 2)));
         let table = format_table(&results, TableWidth::Wide);
@@ -257,6 +311,7 @@ mod tests {
         results.levels[1].status = LevelStatus::Failed {
             reason: "forward pass failed: a reason long enough to wrap any terminal if it were put in a cell".into(),
         };
+        results.refresh_summaries();
         let table = format_table(&results, TableWidth::Compact);
         let lines: Vec<&str> = table.lines().collect();
         for line in &lines {
@@ -271,8 +326,8 @@ mod tests {
             "bits/w",
             "mIoU %",
             "Δ mIoU",
+            "95% CI",
             "agree mIoU %",
-            "weight MB",
             "model ms",
             "memory MB",
             "status",
@@ -283,6 +338,22 @@ mod tests {
             !header.contains("p95"),
             "the compact table leaves the latency tail to summary.md"
         );
+        // The intervals: the noisy int4 level's, in points, and the footnote saying how they were drawn.
+        let [low, high] = results.levels[2].summary.as_ref().unwrap().delta_miou_ci.unwrap();
+        let int4 = lines.iter().find(|l| l.starts_with("int4")).unwrap();
+        assert!(
+            int4.contains(&format!("[{:+.2}, {:+.2}]", low * 100.0, high * 100.0)),
+            "{int4}"
+        );
+        assert!(
+            table.contains("paired bootstrap over the 5 images (200 resamples, seed 42)"),
+            "{table}"
+        );
+        let mut without = results.clone();
+        without.bootstrap = None;
+        without.refresh_summaries();
+        let plain = format_table(&without, TableWidth::Compact);
+        assert!(!plain.contains("95% CI") && !plain.contains("bootstrap"), "{plain}");
         let failed = &results.levels[1].label;
         assert!(table.contains("FAILED"), "{table}");
         assert!(

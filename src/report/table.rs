@@ -1,7 +1,8 @@
 //! The per-level summary table, in three renderings: CSV (raw fractions and full precision, for programs),
 //! Markdown and aligned terminal text (percentages and rounded figures, for people). CSV, Markdown and the wide
 //! terminal table hold every column; the default terminal table holds the few a person reads first and fits 100
-//! columns.
+//! columns. Bootstrap intervals are one `[low, high]` column for people (marked `†` where a difference to f32 is
+//! not significant, with a footnote) and `_low`/`_high` fields in CSV.
 
 use crate::eval::results::{EvalResults, LevelResult, LevelStatus};
 
@@ -24,7 +25,17 @@ enum Style {
     /// A fraction difference shown in percentage points with a sign.
     SignedPoints,
     Decimals(usize),
+    /// A `[low, high]` interval of fractions: signed points (`signed`) or percentages; in CSV the fields `csv`
+    /// (low, high) and, where given, a `true`/`false` significance field.
+    Interval {
+        signed: bool,
+        csv: [&'static str; 2],
+        significant_csv: Option<&'static str>,
+    },
 }
+
+/// Marks an interval of Δ mIoU that includes 0.
+const NOT_SIGNIFICANT: &str = "†";
 
 const COLUMNS: &[Column] = &[
     Column {
@@ -58,6 +69,16 @@ const COLUMNS: &[Column] = &[
         compact: Some("Δ mIoU"),
     },
     Column {
+        csv: "delta_miou_ci",
+        header: "Δ mIoU 95% CI",
+        style: Style::Interval {
+            signed: true,
+            csv: ["delta_miou_ci_low", "delta_miou_ci_high"],
+            significant_csv: Some("delta_miou_significant"),
+        },
+        compact: Some("95% CI"),
+    },
+    Column {
         csv: "mean_accuracy",
         header: "mean acc %",
         style: Style::Percent,
@@ -82,10 +103,21 @@ const COLUMNS: &[Column] = &[
         compact: Some("agree mIoU %"),
     },
     Column {
+        csv: "agreement_miou_ci",
+        header: "agreement mIoU 95% CI",
+        style: Style::Interval {
+            signed: false,
+            csv: ["agreement_miou_ci_low", "agreement_miou_ci_high"],
+            significant_csv: None,
+        },
+        compact: None,
+    },
+    Column {
         csv: "weight_mb",
         header: "weight MB",
         style: Style::Decimals(2),
-        compact: Some("weight MB"),
+        // Left to the wide table for the interval's room; `bits/w` and `memory MB` tell the size.
+        compact: None,
     },
     Column {
         csv: "ratio_to_f32",
@@ -147,6 +179,8 @@ enum Cell {
     Text(String),
     /// NaN means "not available" and renders as an empty CSV field or a dash.
     Number(f64),
+    /// `[low, high]` and whether it excludes 0 (`None`: not asked, e.g. the reference row).
+    Interval(Option<[f64; 2]>, Option<bool>),
 }
 
 fn row(results: &EvalResults, level: &LevelResult) -> Vec<Cell> {
@@ -157,16 +191,22 @@ fn row(results: &EvalResults, level: &LevelResult) -> Vec<Cell> {
         LevelStatus::Ok => "ok".to_string(),
         LevelStatus::Failed { reason } => format!("failed: {reason}"),
     };
+    let summary = level.summary.as_ref();
     vec![
         Cell::Text(level.label.clone()),
         Cell::Text(level.method.to_string()),
         Cell::Number(level.bits_per_weight),
         Cell::Number(metric(|m| m.mean_iou)),
         Cell::Number(results.delta_miou(level)),
+        Cell::Interval(
+            summary.and_then(|s| s.delta_miou_ci),
+            summary.and_then(|s| s.delta_miou_significant),
+        ),
         Cell::Number(metric(|m| m.mean_accuracy)),
         Cell::Number(metric(|m| m.overall_accuracy)),
         Cell::Number(agreement.map_or(f64::NAN, |a| a.pixel_agreement)),
         Cell::Number(agreement.map_or(f64::NAN, |a| a.miou)),
+        Cell::Interval(summary.and_then(|s| s.agreement_miou_ci), None),
         Cell::Number(level.weight_bytes_memory as f64 / MB),
         Cell::Number(level.ratio_to_f32),
         Cell::Number(level.load_time_s),
@@ -188,9 +228,41 @@ fn human(cell: &Cell, style: Style) -> String {
             Style::Percent => format!("{:.2}", value * 100.0),
             Style::SignedPoints => format!("{:+.2}", value * 100.0),
             Style::Decimals(places) => format!("{value:.places$}"),
-            Style::Text => value.to_string(),
+            Style::Text | Style::Interval { .. } => value.to_string(),
         },
+        Cell::Interval(None, _) => "-".into(),
+        Cell::Interval(Some([low, high]), significant) => {
+            let (low, high) = (low * 100.0, high * 100.0);
+            let mark = if *significant == Some(false) {
+                NOT_SIGNIFICANT
+            } else {
+                ""
+            };
+            match style {
+                Style::Interval { signed: true, .. } => format!("[{low:+.2}, {high:+.2}]{mark}"),
+                _ => format!("[{low:.2}, {high:.2}]{mark}"),
+            }
+        }
     }
+}
+
+/// The line under a table that says how its intervals were drawn and what `†` means; `None` without intervals.
+fn interval_footnote(results: &EvalResults) -> Option<String> {
+    let settings = results.bootstrap?;
+    let images = results.baseline()?.per_image.len();
+    let any = results
+        .levels
+        .iter()
+        .any(|l| l.summary.as_ref().is_some_and(|s| s.delta_miou_ci.is_some()));
+    if !any {
+        return None;
+    }
+    let baseline = results.baseline().map_or("f32", |b| b.label.as_str());
+    Some(format!(
+        "95% CI: paired bootstrap over the {images} images ({} resamples, seed {}); {NOT_SIGNIFICANT} the interval \
+         includes 0: the difference to {baseline} is not significant on these images.",
+        settings.resamples, settings.seed
+    ))
 }
 
 fn human_rows(results: &EvalResults) -> Vec<Vec<String>> {
@@ -218,15 +290,28 @@ fn csv_field(text: &str) -> String {
 
 /// `summary.csv`: one row per level, fractions as fractions, full precision, empty fields for missing values.
 pub fn summary_csv(results: &EvalResults) -> String {
-    let mut out = COLUMNS.iter().map(|c| c.csv).collect::<Vec<_>>().join(",");
+    let mut out = csv_columns().join(",");
     out.push('\n');
     for level in &results.levels {
         let fields: Vec<String> = row(results, level)
             .iter()
-            .map(|cell| match cell {
-                Cell::Text(text) => csv_field(text),
-                Cell::Number(value) if value.is_finite() => value.to_string(),
-                Cell::Number(_) => String::new(),
+            .zip(COLUMNS)
+            .flat_map(|(cell, column)| match cell {
+                Cell::Text(text) => vec![csv_field(text)],
+                Cell::Number(value) if value.is_finite() => vec![value.to_string()],
+                Cell::Number(_) => vec![String::new()],
+                Cell::Interval(bounds, significant) => {
+                    let number = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+                    let mut fields = vec![number(bounds.map(|b| b[0])), number(bounds.map(|b| b[1]))];
+                    if let Style::Interval {
+                        significant_csv: Some(_),
+                        ..
+                    } = column.style
+                    {
+                        fields.push(significant.map_or(String::new(), |s| s.to_string()));
+                    }
+                    fields
+                }
             })
             .collect();
         out.push_str(&fields.join(","));
@@ -271,6 +356,9 @@ pub fn summary_markdown(results: &EvalResults) -> String {
         let cells: Vec<String> = cells.iter().map(|c| escape(c)).collect();
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
+    if let Some(footnote) = interval_footnote(results) {
+        out.push_str(&format!("\n{}\n", escape(&footnote)));
+    }
     out
 }
 
@@ -290,11 +378,14 @@ pub const COMPACT_WIDTH: usize = 100;
 /// The summary table for a terminal: caption, then columns aligned (text left, numbers right).
 pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
     let rows = human_rows(results);
+    let footnote = interval_footnote(results);
     let shown: Vec<(usize, &str)> = COLUMNS
         .iter()
         .enumerate()
         .filter_map(|(i, c)| match width {
             TableWidth::Wide => Some((i, c.header)),
+            // A run without intervals (bootstrap off, older files) keeps the compact table free of empty columns.
+            TableWidth::Compact if footnote.is_none() && matches!(c.style, Style::Interval { .. }) => None,
             TableWidth::Compact => c.compact.map(|short| (i, short)),
         })
         .collect();
@@ -343,6 +434,14 @@ pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
         out.push_str(&render(shown.iter().map(|&(i, _)| cell(r, i)).collect()));
         out.push('\n');
     }
+    if let Some(footnote) = footnote {
+        let footnote = match width {
+            TableWidth::Wide => footnote,
+            TableWidth::Compact => wrap_caption(&footnote, COMPACT_WIDTH),
+        };
+        out.push_str(&footnote);
+        out.push('\n');
+    }
     if width == TableWidth::Compact {
         for level in &results.levels {
             if let LevelStatus::Failed { reason } = &level.status {
@@ -371,7 +470,16 @@ pub(crate) fn wrap_caption(text: &str, width: usize) -> String {
     lines.join("\n")
 }
 
-/// Column names of `summary.csv`, in order.
+/// Column names of `summary.csv`, in order (an interval column is its `_low` and `_high` fields, and Δ mIoU's
+/// significance).
 pub fn csv_columns() -> Vec<&'static str> {
-    COLUMNS.iter().map(|c| c.csv).collect()
+    COLUMNS
+        .iter()
+        .flat_map(|c| match c.style {
+            Style::Interval {
+                csv, significant_csv, ..
+            } => csv.into_iter().chain(significant_csv).collect(),
+            _ => vec![c.csv],
+        })
+        .collect()
 }

@@ -51,6 +51,10 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             config.insert("threads".into(), json!(results.machine.threads));
             config.insert("segq_version".into(), json!(results.segq_version));
             config.insert("examples".into(), json!(results.counts.evaluated));
+            if let Some(bootstrap) = results.bootstrap {
+                config.insert("bootstrap_resamples".into(), json!(bootstrap.resamples));
+                config.insert("bootstrap_seed".into(), json!(bootstrap.seed));
+            }
             if let Some((index, count)) = results.dataset.shard {
                 config.insert("shard".into(), json!(format!("{index}/{count}")));
             }
@@ -94,6 +98,17 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             if let Some(a) = level.agreement_metrics() {
                 metrics.insert("agreement/pixel".into(), finite(a.pixel_agreement));
                 metrics.insert("agreement/mean_iou".into(), finite(a.miou));
+            }
+            // The 95% bootstrap intervals (results.json's `bootstrap` says how they were drawn).
+            let summary = level.summary.as_ref();
+            for (key, interval) in [
+                ("delta_mean_iou_vs_f32", summary.and_then(|s| s.delta_miou_ci)),
+                ("agreement/mean_iou", summary.and_then(|s| s.agreement_miou_ci)),
+            ] {
+                if let Some([low, high]) = interval {
+                    metrics.insert(format!("{key}_ci95_low"), finite(low));
+                    metrics.insert(format!("{key}_ci95_high"), finite(high));
+                }
             }
             metrics.insert("images_per_s".into(), finite(level.images_per_s_model()));
             metrics.insert("images_per_s_pipeline".into(), finite(level.images_per_s_pipeline()));
@@ -298,6 +313,24 @@ mod tests {
             url: url.map(String::from),
             upload_error: error.map(String::from),
         }
+    }
+
+    #[test]
+    fn level_runs_carry_the_bootstrap_intervals() {
+        let mut results = crate::eval::results::test_support::run(0..6, 6, None);
+        results.refresh_summaries();
+        let logs = run_logs(&results, &[], "group", &[]);
+        let int4 = logs.iter().find(|l| l.name == "int4-hqq-g64").unwrap();
+        let [low, high] = results.levels[2].summary.as_ref().unwrap().delta_miou_ci.unwrap();
+        assert_eq!(int4.summary["delta_mean_iou_vs_f32_ci95_low"], json!(low));
+        assert_eq!(int4.summary["delta_mean_iou_vs_f32_ci95_high"], json!(high));
+        assert!(int4.summary["agreement/mean_iou_ci95_low"].as_f64().unwrap() <= 1.0);
+        assert_eq!(int4.config["bootstrap_resamples"], json!(200));
+        assert_eq!(int4.config["bootstrap_seed"], json!(42));
+        // The reference row: its [0, 0] difference, and no agreement interval.
+        let f32 = logs.iter().find(|l| l.name == "f32").unwrap();
+        assert_eq!(f32.summary["delta_mean_iou_vs_f32_ci95_high"], json!(0.0));
+        assert!(!f32.summary.contains_key("agreement/mean_iou_ci95_low"));
     }
 
     #[test]
