@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{OnError, ShardSpec};
 use crate::preprocess::Protocol;
-use crate::quant::{Level, Method};
+use crate::quant::search::AutoTarget;
+use crate::quant::{LayerRule, Level, Method};
 use crate::track::TrackingSettings;
 use crate::{Error, Result};
 
@@ -99,6 +100,15 @@ pub struct QuantConfig {
     pub symmetric: Option<bool>,
     /// Glob patterns over weight names kept in float (mixed precision), e.g. "decode_head.classifier".
     pub skip: Vec<String>,
+    /// Per-layer rules applied to every quantized level (`[[quant.rules]]`: match, level, method, group_size,
+    /// symmetric); the first matching rule wins.
+    pub rules: Vec<LayerRule>,
+    /// Recipe files (`--recipe FILE.toml`) evaluated as rows of their own, after the levels.
+    pub recipes: Vec<PathBuf>,
+    /// Mixed-precision searches (`--quant auto:bits=3.5`, `auto:max-drop=0.5`), each evaluated as a row.
+    pub auto: Vec<AutoTarget>,
+    /// Images the search measures per-layer sensitivity on: the first N of the selection (before sharding).
+    pub auto_images: usize,
     /// A quantized checkpoint is evaluated as loaded, alone; true quantizes its dequantized weights again to the
     /// levels asked for (rows marked `requantized from ...`). Pass the float model to compare levels properly.
     pub requantize: bool,
@@ -119,6 +129,10 @@ impl Default for QuantConfig {
             group_size: None,
             symmetric: None,
             skip: Vec::new(),
+            rules: Vec::new(),
+            recipes: Vec::new(),
+            auto: Vec::new(),
+            auto_images: 32,
             requantize: false,
         }
     }
@@ -294,6 +308,12 @@ impl Config {
                 ),
             ));
         }
+        if !self.quant.auto.is_empty() && self.quant.auto_images == 0 {
+            return Err(Error::config(
+                "quant.auto_images",
+                "quant.auto_images must be at least 1 (the images the search measures layers on)",
+            ));
+        }
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
@@ -360,6 +380,10 @@ methods = ["rtn", "hqq"]
 # group_size = 64             # int4 default 64, int2 default 32
 # symmetric = false
 skip = []                     # weight-name globs kept in float, e.g. ["decode_head.classifier"]
+rules = []                    # per-layer levels, first match wins, e.g. [{ match = "decode_head.*", level = "int8" }]
+recipes = []                  # recipe files (--recipe) evaluated as rows of their own
+auto = []                     # mixed-precision searches, e.g. ["bits=3.5", "max-drop=0.5"] (--quant auto:bits=3.5)
+auto_images = 32              # images the search measures per-layer sensitivity on (first of the selection)
 requantize = false            # quantize a quantized checkpoint again (--requantize); else it is evaluated as loaded
 
 [eval]

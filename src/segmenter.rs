@@ -157,7 +157,7 @@ impl Segmenter {
         requantize: bool,
         protocol: Protocol,
     ) -> Result<(Segmenter, Option<crate::model::QuantizeReport>)> {
-        if recipe.level.is_float_baseline() {
+        if recipe.is_float_baseline() {
             return Ok((Segmenter::from_loaded(loaded, protocol), None));
         }
         if let Some(header) = &loaded.recipe

@@ -256,7 +256,7 @@ fn base_safetensors() -> Vec<u8> {
         .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
         .collect();
     stored.push(("b".into(), safetensors::Dtype::F16, vec![4], b));
-    let metadata = quant::checkpoint_metadata(&recipe, [("w", &q)]).unwrap();
+    let metadata = quant::checkpoint_metadata(&recipe, &recipe.label(), [("w", &q)]).unwrap();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = stored
         .iter()
         .map(|(n, d, s, b)| {

@@ -46,6 +46,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         group_size: config.quant.group_size,
         symmetric: config.quant.symmetric,
         skip: &config.quant.skip,
+        rules: &config.quant.rules,
     }
     .recipes();
     // The sweep always starts with f32 (eval's reference); bench times it only when asked.

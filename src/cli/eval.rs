@@ -13,6 +13,7 @@ use segq::data::{OnError, ShardSpec};
 use segq::eval::results::{EvalResults, LevelStatus};
 use segq::eval::{EvalObserver, EvalPlan};
 use segq::preprocess::Protocol;
+use segq::quant::search::LevelSpec;
 use segq::quant::{Level, Method};
 use segq::report::ReportWriter;
 use segq::report::wandb_runs::WandbPublisher;
@@ -61,9 +62,11 @@ pub struct EvalArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub data: DatasetArgs,
-    /// Quantization levels, comma-separated: f32,f16,bf16,f8,f8e5m2,int8,int8-dyn,int4,int2.
+    /// Quantization levels, comma-separated: f32,f16,bf16,f8,f8e5m2,int8,int8-dyn,int4,int2, and mixed-precision
+    /// searches auto:bits=B (best agreement within B bits per weight) or auto:max-drop=P (fewest bits within P
+    /// points of agreement mIoU).
     #[arg(long, value_delimiter = ',')]
-    pub quant: Option<Vec<Level>>,
+    pub quant: Option<Vec<LevelSpec>>,
     /// Methods, comma-separated: rtn,hqq.
     #[arg(long, value_delimiter = ',')]
     pub method: Option<Vec<Method>>,
@@ -73,6 +76,9 @@ pub struct EvalArgs {
     /// Weight-name glob patterns kept in float (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip: Option<Vec<String>>,
+    /// A recipe file (level, method, skips, [[rules]]) evaluated as a row of its own (repeatable).
+    #[arg(long, value_name = "FILE.toml")]
+    pub recipe: Vec<PathBuf>,
     /// With a quantized checkpoint as --model: quantize its dequantized weights again to the --quant levels
     /// (otherwise it is evaluated as loaded, alone).
     #[arg(long)]
@@ -107,9 +113,17 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     let d = &args.data;
     set(&mut config.model.source, args.model.clone());
     apply_dataset_args(config, d);
-    set(&mut config.quant.levels, args.quant.clone());
+    if let Some(specs) = &args.quant {
+        let (levels, auto) = LevelSpec::split(specs);
+        // Searches alone still have the float model as their reference row.
+        config.quant.levels = if levels.is_empty() { vec![Level::F32] } else { levels };
+        config.quant.auto = auto;
+    }
     set(&mut config.quant.methods, args.method.clone());
     set(&mut config.quant.skip, args.skip.clone());
+    if !args.recipe.is_empty() {
+        config.quant.recipes = args.recipe.clone();
+    }
     set(&mut config.eval.protocol, args.protocol);
     set(&mut config.output.dir, args.out.clone());
     config.quant.group_size = args.group_size.or(config.quant.group_size);

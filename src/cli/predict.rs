@@ -63,8 +63,11 @@ pub struct PredictArgs {
     /// Weight-name glob patterns kept in float with --quant (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',', requires = "quant")]
     pub skip: Option<Vec<String>>,
-    /// With a quantized checkpoint as --model, quantize its dequantized weights again to --quant.
-    #[arg(long, requires = "quant")]
+    /// A recipe file (level, method, skips, [[rules]]) instead of --quant/--method.
+    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["quant", "method", "group_size", "skip"])]
+    pub recipe: Option<PathBuf>,
+    /// With a quantized checkpoint as --model, quantize its dequantized weights again to --quant or --recipe.
+    #[arg(long)]
     pub requantize: bool,
 }
 
@@ -83,13 +86,19 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
     let out_dir = args.out.clone().unwrap_or(config.output.dir.clone());
     outputs::check_folder("--out", &out_dir)?;
     let plan = plan_outputs(&args.images, &out_dir, args.save_logits)?;
-    let recipe = Recipe::new(
-        args.quant.unwrap_or(Level::F32),
-        args.method.unwrap_or(Method::Rtn),
-        args.group_size,
-        config.quant.symmetric,
-        args.skip.clone().unwrap_or_default(),
-    )?;
+    if args.requantize && args.quant.is_none() && args.recipe.is_none() {
+        bail!("--requantize needs --quant LEVEL or --recipe FILE (the level to quantize to)");
+    }
+    let recipe = match &args.recipe {
+        Some(path) => Recipe::read_file(path)?,
+        None => Recipe::new(
+            args.quant.unwrap_or(Level::F32),
+            args.method.unwrap_or(Method::Rtn),
+            args.group_size,
+            config.quant.symmetric,
+            args.skip.clone().unwrap_or_default(),
+        )?,
+    };
     let protocol = args.protocol.unwrap_or(config.eval.protocol);
     // Quantizing logs its level, bits per weight and time.
     let (segmenter, _report) = Segmenter::quantized(model::load(&source)?, &recipe, args.requantize, protocol)?;

@@ -11,7 +11,7 @@ use super::{GlobalArgs, load_config};
 use segq::model::{self, ModelSource};
 use segq::outputs::{self, Input};
 use segq::preprocess::Protocol;
-use segq::quant::{Level, Method, SweepSpec};
+use segq::quant::{Level, Method, Recipe, SweepSpec};
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -19,8 +19,11 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Quantization levels, comma-separated (one level with --out).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "recipe")]
     pub quant: Vec<Level>,
+    /// A recipe file (level, method, skips, [[rules]]) instead of --quant/--method.
+    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["quant", "method", "group_size", "skip"])]
+    pub recipe: Option<PathBuf>,
     /// Methods, comma-separated (one method with --out).
     #[arg(long, value_delimiter = ',', default_value = "rtn")]
     pub method: Vec<Method>,
@@ -60,19 +63,23 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
         bail!("nothing to do: give --out DIR (a quantized checkpoint) and/or --error-report FILE");
     }
     let skip = args.skip.clone().unwrap_or_else(|| config.quant.skip.clone());
-    let recipes = SweepSpec {
-        levels: &args.quant,
-        methods: &args.method,
-        group_size: args.group_size.or(config.quant.group_size),
-        symmetric: config.quant.symmetric,
-        skip: &skip,
-    }
-    .recipes()
-    .into_iter()
-    .skip(1) // the f32 baseline
-    .collect::<std::result::Result<Vec<_>, _>>()
-    .map_err(|failed| segq::Error::config("--quant", failed.reason))?;
-    if recipes.is_empty() {
+    let recipes = match &args.recipe {
+        Some(path) => vec![Recipe::read_file(path)?],
+        None => SweepSpec {
+            levels: &args.quant,
+            methods: &args.method,
+            group_size: args.group_size.or(config.quant.group_size),
+            symmetric: config.quant.symmetric,
+            skip: &skip,
+            rules: &config.quant.rules,
+        }
+        .recipes()
+        .into_iter()
+        .skip(1) // the f32 baseline
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|failed| segq::Error::config("--quant", failed.reason))?,
+    };
+    if recipes.iter().all(Recipe::is_float_baseline) {
         bail!("--quant names no quantized level (f32 is the unquantized model)");
     }
     if args.out.is_some() && recipes.len() != 1 {

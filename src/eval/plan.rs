@@ -25,6 +25,22 @@ pub struct DatasetPlan {
     pub label_column: String,
 }
 
+/// `recipes` followed by those of the `--recipe` files, each read and checked now; a file whose recipe is already
+/// in the list is refused (its row would be a duplicate).
+pub fn with_recipe_files(mut recipes: Vec<Recipe>, files: &[PathBuf]) -> Result<Vec<Recipe>> {
+    for path in files {
+        let recipe = Recipe::read_file(path)?;
+        if let Some(same) = recipes.iter().find(|r| **r == recipe || r.label() == recipe.label()) {
+            return Err(Error::config(
+                "quant.recipes",
+                format!("{}: its recipe ({}) is already evaluated", path.display(), same.label()),
+            ));
+        }
+        recipes.push(recipe);
+    }
+    Ok(recipes)
+}
+
 /// One evaluation: every recipe over one dataset selection.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
@@ -62,6 +78,7 @@ impl EvalPlan {
             group_size: quant.group_size,
             symmetric: quant.symmetric,
             skip: &quant.skip,
+            rules: &quant.rules,
         }
         .recipes()
         .into_iter()
@@ -70,6 +87,7 @@ impl EvalPlan {
             recipe.map_err(|UnbuildableLevel { reason, .. }| Error::config("quant.levels", reason))
         })
         .collect::<Result<Vec<_>>>()?;
+        let recipes = with_recipe_files(recipes, &quant.recipes)?;
         let d = &config.dataset;
         let label_map = config.label_map()?;
         let loader = LoaderOptions {

@@ -159,6 +159,9 @@ pub struct LevelResult {
     /// Quantization method (`none`, `rtn`, `hqq`, `as loaded (...)`, `-`).
     pub method: LevelMethod,
     pub group_size: Option<usize>,
+    /// The whole recipe of a mixed-precision row (its per-layer rules); absent for uniform levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<crate::quant::Recipe>,
     /// Average stored bits per quantized weight, scales and zero points included.
     #[serde(with = "nan_as_null")]
     pub bits_per_weight: f64,
@@ -515,6 +518,7 @@ pub(crate) mod test_support {
                 level,
                 method,
                 group_size: (level == Level::Int4).then_some(64),
+                recipe: None,
                 bits_per_weight: bits,
                 status: LevelStatus::Ok,
                 confusion: Some(ConfusionMatrix::new(NUM_LABELS)),

@@ -466,7 +466,7 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
     let others: Vec<String> = plan
         .recipes
         .iter()
-        .filter(|r| !r.level.is_float_baseline())
+        .filter(|r| !r.is_float_baseline())
         .map(Recipe::label)
         .collect();
     let quant = &plan.config.quant;
@@ -495,12 +495,7 @@ fn recipes_for(loaded: &LoadedModel, plan: &EvalPlan) -> Result<Vec<Recipe>> {
         recipe = %header.label,
         "the model is a quantized checkpoint: evaluating it as loaded (pass the float model to compare levels)"
     );
-    Ok(plan
-        .recipes
-        .iter()
-        .filter(|r| r.level.is_float_baseline())
-        .cloned()
-        .collect())
+    Ok(plan.recipes.iter().filter(|r| r.is_float_baseline()).cloned().collect())
 }
 
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
@@ -512,7 +507,7 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f
         .map(|recipe| {
             let (m, report) = model::quantize(&loaded.model, recipe)
                 .map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
-            let baseline = recipe.level.is_float_baseline();
+            let baseline = recipe.is_float_baseline();
             // The reference row is the model as loaded: from a quantized checkpoint that is not float, and the row
             // says what it is (label, level, bits) rather than claim 32 bits per weight.
             let mut row = match (&loaded.recipe, baseline) {
@@ -550,6 +545,7 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f
                 }
             };
             row.group_size = recipe.requested_group_size();
+            row.recipe = recipe.is_mixed().then(|| recipe.clone());
             row.weight_bytes_memory = m.weight_bytes() as u64;
             row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
             row.load_time_s = loaded.load_time.as_secs_f64();
@@ -574,6 +570,7 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         level,
         method,
         group_size: None,
+        recipe: None,
         bits_per_weight: f64::NAN,
         status: LevelStatus::Ok,
         confusion: Some(ConfusionMatrix::new(num_labels)),

@@ -587,7 +587,7 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
 
     let start = Instant::now();
     let mut out = model.clone();
-    if recipe.level.is_float_baseline() {
+    if recipe.is_float_baseline() {
         let report = QuantizeReport {
             label: recipe.label(),
             quantized_layers: 0,
@@ -598,23 +598,24 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         };
         return Ok((out, report));
     }
-    let mut jobs: Vec<(String, Vec<f32>, usize, usize)> = Vec::new();
+    let mut jobs: Vec<(String, Vec<f32>, usize, usize, crate::quant::Recipe)> = Vec::new();
     let mut skipped = Vec::new();
     out.for_each_weight_mut(&mut |name, shape, weight| {
         let name = name.as_str();
-        if recipe.skips(name) {
-            skipped.push(name.to_string());
-        } else {
-            let rows = shape[0];
-            let cols = shape.iter().product::<usize>() / rows.max(1);
-            jobs.push((name.to_string(), weight.values().into_owned(), rows, cols));
+        match recipe.for_weight(name) {
+            None => skipped.push(name.to_string()),
+            Some(uniform) => {
+                let rows = shape[0];
+                let cols = shape.iter().product::<usize>() / rows.max(1);
+                jobs.push((name.to_string(), weight.values().into_owned(), rows, cols, uniform));
+            }
         }
         Ok(())
     })?;
     let results: Vec<(String, crate::quant::QuantTensor, f64, f64)> = jobs
         .par_iter()
-        .map(|(name, data, rows, cols)| {
-            let q = crate::quant::quantize_weight(name, data, *rows, *cols, recipe)?;
+        .map(|(name, data, rows, cols, uniform)| {
+            let q = crate::quant::quantize_weight(name, data, *rows, *cols, uniform)?;
             let deq = q.dequantize();
             let err: f64 = data.iter().zip(&deq).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let norm: f64 = data.iter().map(|a| (*a as f64).powi(2)).sum();
@@ -639,13 +640,14 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
     if w8a8 > 0 {
         tracing::info!(recipe = %recipe.label(), packed = w8a8, "weights packed for the int8 dynamic GEMM");
     }
+    let bits_per_weight = out.bits_per_weight();
     let report = QuantizeReport {
-        label: recipe.label(),
+        label: recipe.label_with_bits(bits_per_weight),
         quantized_layers,
         skipped_layers: skipped,
         seconds: start.elapsed().as_secs_f64(),
         weight_rel_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
-        bits_per_weight: out.bits_per_weight(),
+        bits_per_weight,
     };
     tracing::info!(
         "quantized {}: {:.2} bits/weight, weight error {:.4}, {:.2} s ({} layers{})",

@@ -168,8 +168,13 @@ pub fn recipe_header(map: &BTreeMap<String, QType>) -> RecipeHeader {
 }
 
 /// Refuses a recipe no quanto checkpoint can hold, before quantizing: float levels and `int8-dyn` (quanto's
-/// activation quantization is static and calibrated, not segq's dynamic per-row scheme).
+/// activation quantization is static and calibrated, not segq's dynamic per-row scheme). A mixed recipe is checked
+/// level by level (quanto's map has one qtype per module, so mixed levels are fine).
 pub fn check_recipe(recipe: &Recipe) -> Result<()> {
+    recipe.uniform_parts().iter().try_for_each(check_uniform_recipe)
+}
+
+fn check_uniform_recipe(recipe: &Recipe) -> Result<()> {
     let level = recipe.level;
     let why = match level {
         Level::F32 | Level::F16 | Level::Bf16 => format!("{level} weights have no quanto qtype (it has {QTYPE_NAMES})"),

@@ -78,7 +78,8 @@ pub fn save_quantized(
             }
         }
     }
-    let metadata = quant::checkpoint_metadata(recipe, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
+    let label = recipe.label_with_bits(model.bits_per_weight());
+    let metadata = quant::checkpoint_metadata(recipe, &label, quantized.iter().map(|(n, q)| (n.as_str(), q.as_ref())))?;
     // A quanto map left by an earlier `--format quanto` would make the folder read as a quanto checkpoint.
     let stale_map = dir.join(super::quanto::QUANTIZATION_MAP_FILE);
     if stale_map.exists() {

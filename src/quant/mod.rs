@@ -11,6 +11,7 @@ pub mod int;
 pub mod quanto;
 pub mod recipe;
 pub mod rtn;
+pub mod search;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,7 +20,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-pub use recipe::{Level, Method, Recipe, SweepSpec, UnbuildableLevel};
+pub use recipe::{LayerRule, Level, Method, Recipe, SweepSpec, UnbuildableLevel};
 
 use crate::{Error, Result};
 
@@ -549,15 +550,16 @@ pub fn relative_error(reference: &[f32], approx: &[f32]) -> f64 {
     if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
 }
 
-/// Safetensors metadata for a checkpoint of quantized weights: the recipe header under [`RECIPE_METADATA_KEY`] and
+/// Safetensors metadata for a checkpoint of quantized weights: the recipe header (`label` as rows show it) under [`RECIPE_METADATA_KEY`] and
 /// each weight's [`QuantTensorMeta`] under [`MAP_METADATA_KEY`].
 pub fn checkpoint_metadata<'a>(
     recipe: &Recipe,
+    label: &str,
     tensors: impl IntoIterator<Item = (&'a str, &'a QuantTensor)>,
 ) -> Result<HashMap<String, String>> {
     let header = RecipeHeader {
         version: STORAGE_VERSION,
-        label: recipe.label(),
+        label: label.to_string(),
         recipe: recipe.clone(),
     };
     let map: BTreeMap<&str, QuantTensorMeta> = tensors.into_iter().map(|(n, t)| (n, t.meta())).collect();
@@ -734,7 +736,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let metadata = checkpoint_metadata(&recipe, [(name.as_str(), &q)]).unwrap();
+            let metadata = checkpoint_metadata(&recipe, &recipe.label(), [(name.as_str(), &q)]).unwrap();
             let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
             let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -790,7 +792,7 @@ mod tests {
             "{err}"
         );
         let recipe = Recipe::level_default(Level::Int4);
-        let mut meta = checkpoint_metadata(&recipe, [("w", &q)]).unwrap();
+        let mut meta = checkpoint_metadata(&recipe, &recipe.label(), [("w", &q)]).unwrap();
         meta.insert(
             RECIPE_METADATA_KEY.into(),
             meta[RECIPE_METADATA_KEY].replace("\"version\":1", "\"version\":2"),

@@ -215,6 +215,8 @@ pub struct SweepSpec<'a> {
     pub group_size: Option<usize>,
     pub symmetric: Option<bool>,
     pub skip: &'a [String],
+    /// Per-layer rules added to every quantized recipe (`[[quant.rules]]`).
+    pub rules: &'a [LayerRule],
 }
 
 impl SweepSpec<'_> {
@@ -234,7 +236,9 @@ impl SweepSpec<'_> {
             let mut built = Vec::new();
             let mut errors = Vec::new();
             for &method in self.methods {
-                match Recipe::new(level, method, self.group_size, self.symmetric, self.skip.to_vec()) {
+                let recipe = Recipe::new(level, method, self.group_size, self.symmetric, self.skip.to_vec())
+                    .and_then(|r| r.with_rules(self.rules.iter().cloned()));
+                match recipe {
                     Ok(r) => built.push(r),
                     Err(e) => errors.push((method, e.to_string())),
                 }
@@ -279,8 +283,60 @@ pub struct Recipe {
     pub group_size: Option<usize>,
     /// Symmetric (no zero point) or affine; `None` means the level's and method's default.
     pub symmetric: Option<bool>,
-    /// Glob patterns over weight names that stay float (e.g. `decode_head.classifier*`).
+    /// Glob patterns over weight names that stay float (e.g. `decode_head.classifier*`); the same as rules with
+    /// level f32 placed before all others.
     pub skip: Vec<String>,
+    /// Per-layer rules (mixed precision): the first rule whose pattern matches a weight decides its level, method
+    /// and group size; weights no rule matches use the fields above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<LayerRule>,
+    /// A name for a mixed recipe, used in its label instead of the hash of its rules (`mixed-3.4b-<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Whether `pattern` names `layer`: its module path as `segq inspect` lists it (`decode_head.linear_fuse`), or that
+/// path with `.weight`, as a checkpoint names the tensor.
+fn matches_layer(pattern: &glob::Pattern, layer: &str) -> bool {
+    pattern.matches(layer) || pattern.matches(&format!("{layer}.weight"))
+}
+
+/// One rule of a mixed recipe (`[[quant.rules]]` in segq.toml, `[[rules]]` in a `--recipe` file).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRule {
+    /// Glob over layer names (module paths as `segq inspect` lists them, e.g. `decode_head.*` or
+    /// `segformer.encoder.block.0.*.attention.*`); the tensor name (`....weight`) matches too.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The level of the matching weights; `f32` keeps them float.
+    pub level: Level,
+    /// Default: the recipe's method when it applies to this level, else rtn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// Default: this level's default group size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<usize>,
+    /// Default: this level's and method's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric: Option<bool>,
+}
+
+impl LayerRule {
+    /// A rule giving the weights `pattern` matches `level` with its defaults.
+    pub fn new(pattern: impl Into<String>, level: Level) -> LayerRule {
+        LayerRule {
+            pattern: pattern.into(),
+            level,
+            method: None,
+            group_size: None,
+            symmetric: None,
+        }
+    }
+
+    fn matches(&self, layer: &str) -> bool {
+        glob::Pattern::new(&self.pattern).is_ok_and(|p| matches_layer(&p, layer))
+    }
 }
 
 impl Recipe {
@@ -298,9 +354,18 @@ impl Recipe {
             group_size,
             symmetric,
             skip,
+            rules: Vec::new(),
+            name: None,
         };
         recipe.validate()?;
         Ok(recipe)
+    }
+
+    /// This recipe with per-layer `rules` added after its own (validated: every rule's pattern and combination).
+    pub fn with_rules(mut self, rules: impl IntoIterator<Item = LayerRule>) -> Result<Recipe> {
+        self.rules.extend(rules);
+        self.validate()?;
+        Ok(self)
     }
 
     /// The plain recipe of a level: its default method (rtn), group size and symmetry, nothing skipped.
@@ -311,11 +376,114 @@ impl Recipe {
             group_size: None,
             symmetric: None,
             skip: Vec::new(),
+            rules: Vec::new(),
+            name: None,
         }
     }
 
-    /// Checks the combination of level, method, group size, symmetry and skip patterns.
+    /// True for the float model itself: level f32 with no rule quantizing any weight.
+    pub fn is_float_baseline(&self) -> bool {
+        self.level.is_float_baseline() && !self.is_mixed()
+    }
+
+    /// True when rules give some weights another quantized level or method than the recipe's own (rules that only
+    /// keep weights float are skips and leave the recipe uniform).
+    pub fn is_mixed(&self) -> bool {
+        self.rules.iter().any(|r| r.level != Level::F32)
+    }
+
+    /// The uniform recipe the weight of `layer` (its module path, e.g. `decode_head.linear_fuse`) is quantized with,
+    /// `None` when it stays float: skip patterns first, then the first matching rule, then the recipe's own level.
+    /// Patterns match the module path or the tensor name (`decode_head.linear_fuse.weight`).
+    pub fn for_weight(&self, layer: &str) -> Option<Recipe> {
+        if self.skips(layer) {
+            return None;
+        }
+        let uniform = match self.rules.iter().find(|r| r.matches(layer)) {
+            Some(rule) => self.rule_recipe(rule),
+            None => Recipe {
+                rules: Vec::new(),
+                skip: Vec::new(),
+                name: None,
+                ..self.clone()
+            },
+        };
+        (!uniform.level.is_float_baseline()).then_some(uniform)
+    }
+
+    /// The uniform recipes a mixed recipe can give weights (its own level unless f32, then each quantizing
+    /// rule's), for checks that apply per format; `[self]` for a uniform recipe.
+    pub fn uniform_parts(&self) -> Vec<Recipe> {
+        if !self.is_mixed() {
+            return vec![self.clone()];
+        }
+        let base = Recipe {
+            rules: Vec::new(),
+            skip: Vec::new(),
+            name: None,
+            ..self.clone()
+        };
+        let rules = self
+            .rules
+            .iter()
+            .filter(|r| r.level != Level::F32)
+            .map(|r| self.rule_recipe(r));
+        (!self.level.is_float_baseline())
+            .then_some(base)
+            .into_iter()
+            .chain(rules)
+            .collect()
+    }
+
+    /// The uniform recipe of a rule: unset fields take the level's defaults, and the recipe's method where it
+    /// applies to the rule's level (hqq does not apply to float levels).
+    fn rule_recipe(&self, rule: &LayerRule) -> Recipe {
+        let method = rule.method.unwrap_or(if rule.level.int_bits().is_some() {
+            self.method
+        } else {
+            Method::Rtn
+        });
+        Recipe {
+            level: rule.level,
+            method,
+            group_size: rule.group_size,
+            symmetric: rule.symmetric,
+            skip: Vec::new(),
+            rules: Vec::new(),
+            name: None,
+        }
+    }
+
+    /// What names a mixed recipe in labels: its name, else the first 8 hex digits of the SHA-256 of its JSON (so
+    /// the same rules always get the same label).
+    pub fn tag(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        use sha2::Digest;
+        let json = serde_json::to_string(self).unwrap_or_default();
+        let digest = sha2::Sha256::digest(json.as_bytes());
+        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The label of rows and checkpoints: [`Recipe::label`] for uniform recipes, `mixed-3.4b-<tag>` for mixed
+    /// ones (their bits per weight depend on the model, so they are passed in).
+    pub fn label_with_bits(&self, bits_per_weight: f64) -> String {
+        if self.is_mixed() {
+            format!("mixed-{bits_per_weight:.1}b-{}", self.tag())
+        } else {
+            self.label()
+        }
+    }
+
+    /// Checks the combination of level, method, group size, symmetry, skip patterns and rules.
     pub fn validate(&self) -> Result<()> {
+        self.validate_uniform()?;
+        self.validate_patterns()
+    }
+
+    /// Checks the combination of level, method, group size and symmetry.
+    fn validate_uniform(&self) -> Result<()> {
         let level = self.level;
         let label = format!("level {level}, method {}", self.method);
         if self.group_size == Some(0) {
@@ -382,9 +550,40 @@ impl Recipe {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Checks skip patterns, rules and the name.
+    fn validate_patterns(&self) -> Result<()> {
         for pattern in &self.skip {
             glob::Pattern::new(pattern)
                 .map_err(|e| Error::config("skip", format!("skip pattern '{pattern}' is not a valid glob: {e}")))?;
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let what = format!("rule {} (match = \"{}\")", i + 1, rule.pattern);
+            glob::Pattern::new(&rule.pattern)
+                .map_err(|e| Error::config(what.clone(), format!("{what}: not a valid glob: {e}")))?;
+            // Activations are quantized model-wide (int8 attention, the composed head): a layer cannot opt in.
+            if rule.level.dynamic_activations() && !self.level.dynamic_activations() {
+                return Err(Error::unsupported(
+                    what.clone(),
+                    format!(
+                        "{what}: int8-dyn quantizes activations for the whole model; make int8-dyn the recipe's \
+                         level and give the other layers rules"
+                    ),
+                ));
+            }
+            self.rule_recipe(rule)
+                .validate_uniform()
+                .map_err(|e| Error::config(what.clone(), format!("{what}: {e}")))?;
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return Err(Error::config(
+                "recipe name",
+                format!("recipe name '{name}': use letters, digits, '-', '_' or '.' (it becomes part of labels)"),
+            ));
         }
         Ok(())
     }
@@ -414,8 +613,12 @@ impl Recipe {
         }
     }
 
-    /// A short stable name such as `f32`, `f8`, `int8-rtn`, `int8-dyn-rtn`, `int4-hqq-g64`, `int4-rtn-g64-sym`.
+    /// A short stable name such as `f32`, `f8`, `int8-rtn`, `int8-dyn-rtn`, `int4-hqq-g64`, `int4-rtn-g64-sym`;
+    /// `mixed-<tag>` for a mixed recipe (rows and checkpoints use [`Recipe::label_with_bits`]).
     pub fn label(&self) -> String {
+        if self.is_mixed() {
+            return format!("mixed-{}", self.tag());
+        }
         let level = self.level;
         let Some(bits) = level.int_bits() else {
             return level.name().to_string();
@@ -433,12 +636,106 @@ impl Recipe {
         label
     }
 
-    /// True when the weight named `weight_name` matches a skip pattern and must stay float.
-    pub fn skips(&self, weight_name: &str) -> bool {
+    /// True when the layer (module path, with or without `.weight`) matches a skip pattern and must stay float.
+    pub fn skips(&self, layer: &str) -> bool {
         self.skip
             .iter()
             .filter_map(|p| glob::Pattern::new(p).ok())
-            .any(|p| p.matches(weight_name))
+            .any(|p| matches_layer(&p, layer))
+    }
+}
+
+/// A `--recipe FILE.toml`: a level with optional method, group size, symmetry, skips and `[[rules]]`, e.g.
+///
+/// ```toml
+/// name = "head8"
+/// level = "int4"
+/// method = "hqq"
+/// [[rules]]
+/// match = "decode_head.*"
+/// level = "int8"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeFile {
+    name: Option<String>,
+    level: Level,
+    method: Option<Method>,
+    group_size: Option<usize>,
+    symmetric: Option<bool>,
+    #[serde(default)]
+    skip: Vec<String>,
+    #[serde(default)]
+    rules: Vec<LayerRule>,
+}
+
+impl Recipe {
+    /// Parses a recipe file's text; `origin` (the file) and the line go into errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Recipe> {
+        let file: RecipeFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+            Error::config(format!("{origin} line {line}"), e.message().trim())
+        })?;
+        let recipe = Recipe {
+            level: file.level,
+            method: file.method.unwrap_or(Method::Rtn),
+            group_size: file.group_size,
+            symmetric: file.symmetric,
+            skip: file.skip,
+            rules: file.rules,
+            name: file.name,
+        };
+        recipe.validate().map_err(|e| e.within(origin))?;
+        Ok(recipe)
+    }
+
+    /// Reads a `--recipe` file.
+    pub fn read_file(path: &std::path::Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Recipe::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The recipe as a `--recipe` file (what [`Recipe::from_toml`] reads back to an equal recipe).
+    pub fn to_toml(&self) -> String {
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut out = String::new();
+        if let Some(name) = &self.name {
+            out.push_str(&format!("name = {}\n", quote(name)));
+        }
+        out.push_str(&format!(
+            "level = {}\nmethod = {}\n",
+            quote(self.level.name()),
+            quote(self.method.name())
+        ));
+        if let Some(g) = self.group_size {
+            out.push_str(&format!("group_size = {g}\n"));
+        }
+        if let Some(sym) = self.symmetric {
+            out.push_str(&format!("symmetric = {sym}\n"));
+        }
+        if !self.skip.is_empty() {
+            let skip: Vec<String> = self.skip.iter().map(|p| quote(p)).collect();
+            out.push_str(&format!("skip = [{}]\n", skip.join(", ")));
+        }
+        for rule in &self.rules {
+            out.push_str(&format!(
+                "\n[[rules]]\nmatch = {}\nlevel = {}\n",
+                quote(&rule.pattern),
+                quote(rule.level.name())
+            ));
+            if let Some(m) = rule.method {
+                out.push_str(&format!("method = {}\n", quote(m.name())));
+            }
+            if let Some(g) = rule.group_size {
+                out.push_str(&format!("group_size = {g}\n"));
+            }
+            if let Some(sym) = rule.symmetric {
+                out.push_str(&format!("symmetric = {sym}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -576,6 +873,148 @@ mod tests {
         assert!(recipe.skips("decode_head.classifier.weight"));
         assert!(recipe.skips("segformer.encoder.block.0.0.mlp.dwconv.dwconv.weight"));
         assert!(!recipe.skips("decode_head.linear_fuse.weight"));
+    }
+
+    #[test]
+    fn rules_pick_each_weights_recipe_first_match_wins() {
+        let head = "decode_head.linear_fuse.weight";
+        let query = "segformer.encoder.block.0.0.attention.self.query.weight";
+        let mut head8 = LayerRule::new("decode_head.*", Level::Int8);
+        head8.method = Some(Method::Rtn);
+        let recipe = Recipe::new(Level::Int4, Method::Hqq, None, None, vec!["*.classifier.*".into()])
+            .unwrap()
+            .with_rules([
+                head8,
+                LayerRule::new("decode_head.*", Level::Int2),
+                LayerRule::new("*.query.*", Level::F32),
+            ])
+            .unwrap();
+        assert!(recipe.is_mixed() && !recipe.is_float_baseline());
+        assert_eq!(
+            recipe.for_weight(head).unwrap().label(),
+            "int8-rtn",
+            "the first matching rule wins"
+        );
+        assert_eq!(recipe.for_weight(query), None, "an f32 rule keeps the weight float");
+        assert_eq!(
+            recipe.for_weight("decode_head.classifier.weight"),
+            None,
+            "skips come before rules"
+        );
+        let other = recipe
+            .for_weight("segformer.encoder.block.0.0.mlp.dense1.weight")
+            .unwrap();
+        assert_eq!(
+            other.label(),
+            "int4-hqq-g64",
+            "unmatched weights use the recipe's own level"
+        );
+        assert!(other.rules.is_empty() && other.skip.is_empty());
+        // A rule's level takes the recipe's method where it applies, else rtn.
+        let f8 = Recipe::new(Level::Int4, Method::Hqq, None, None, vec![])
+            .unwrap()
+            .with_rules([LayerRule::new("a*", Level::F8E4m3), LayerRule::new("b*", Level::Int2)])
+            .unwrap();
+        assert_eq!(f8.for_weight("a.weight").unwrap().method, Method::Rtn);
+        assert_eq!(f8.for_weight("b.weight").unwrap().label(), "int2-hqq-g32");
+        // One layer quantized on a float model: mixed, not the baseline.
+        let one = Recipe::level_default(Level::F32)
+            .with_rules([LayerRule::new(query, Level::Int4)])
+            .unwrap();
+        assert!(one.is_mixed() && !one.is_float_baseline());
+        assert_eq!(one.for_weight(head), None);
+        assert_eq!(one.for_weight(query).unwrap().level, Level::Int4);
+        // Rules that only keep weights float are skips: the recipe stays uniform and keeps its label.
+        let skip_like = Recipe::level_default(Level::Int8)
+            .with_rules([LayerRule::new("x*", Level::F32)])
+            .unwrap();
+        assert!(!skip_like.is_mixed());
+        assert_eq!(skip_like.label_with_bits(7.9), "int8-rtn");
+    }
+
+    #[test]
+    fn bad_rules_are_one_line_errors_naming_the_rule() {
+        let check = |rule: LayerRule, base: Level, expected: &str| {
+            let e = Recipe::level_default(base).with_rules([rule]).unwrap_err().to_string();
+            assert!(e.contains(expected) && e.contains("rule 1") && !e.contains('\n'), "{e}");
+        };
+        check(LayerRule::new("a[", Level::Int4), Level::Int8, "not a valid glob");
+        check(
+            LayerRule::new("a*", Level::Int8Dyn),
+            Level::Int4,
+            "int8-dyn quantizes activations",
+        );
+        let mut hqq_f16 = LayerRule::new("a*", Level::F16);
+        hqq_f16.method = Some(Method::Hqq);
+        check(hqq_f16, Level::Int4, "hqq applies to integer levels only");
+        let mut g0 = LayerRule::new("a*", Level::Int4);
+        g0.group_size = Some(0);
+        check(g0, Level::Int4, "group size 0");
+        let named = Recipe {
+            name: Some("has space".into()),
+            ..Recipe::level_default(Level::Int4)
+        };
+        assert!(
+            named
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("recipe name 'has space'")
+        );
+    }
+
+    #[test]
+    fn mixed_labels_carry_bits_and_a_stable_tag() {
+        let recipe = Recipe::level_default(Level::Int4)
+            .with_rules([LayerRule::new("decode_head.*", Level::Int8)])
+            .unwrap();
+        let label = recipe.label_with_bits(4.4321);
+        assert!(
+            label.starts_with("mixed-4.4b-") && label.len() == "mixed-4.4b-".len() + 8,
+            "{label}"
+        );
+        assert_eq!(recipe.clone().label_with_bits(4.4321), label, "same rules, same label");
+        let other = Recipe::level_default(Level::Int4)
+            .with_rules([LayerRule::new("decode_head.*", Level::Int2)])
+            .unwrap();
+        assert_ne!(other.label_with_bits(4.4321), label);
+        let named = Recipe {
+            name: Some("head8".into()),
+            ..recipe
+        };
+        assert_eq!(named.label_with_bits(4.4321), "mixed-4.4b-head8");
+    }
+
+    #[test]
+    fn recipe_files_round_trip_and_name_their_errors() {
+        let text = "name = \"head8\"\nlevel = \"int4\"\nmethod = \"hqq\"\nskip = [\"*.classifier.*\"]\n\n\
+                    [[rules]]\nmatch = \"decode_head.*\"\nlevel = \"int8\"\n\n[[rules]]\nmatch = \"*.query.*\"\n\
+                    level = \"int2\"\ngroup_size = 16\nmethod = \"rtn\"\nsymmetric = true\n";
+        let recipe = Recipe::from_toml(text, "r.toml").unwrap();
+        assert_eq!(recipe.name.as_deref(), Some("head8"));
+        assert_eq!(recipe.rules.len(), 2);
+        assert_eq!(recipe.rules[1].group_size, Some(16));
+        assert_eq!(Recipe::from_toml(&recipe.to_toml(), "again.toml").unwrap(), recipe);
+        let minimal = Recipe::from_toml("level = \"int8\"\n", "m.toml").unwrap();
+        assert_eq!(minimal, Recipe::level_default(Level::Int8));
+        let e = Recipe::from_toml("level = \"int8\"\nrules = 3\n", "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("bad.toml line 2"), "{e}");
+        let e = Recipe::from_toml(
+            "level = \"int4\"\n[[rules]]\nmatch = \"x\"\nlevel = \"int4\"\nbits = 3\n",
+            "u.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("u.toml") && e.contains("bits"), "{e}");
+        let e = Recipe::from_toml(
+            "level = \"int4\"\n[[rules]]\nmatch = \"a[\"\nlevel = \"int8\"\n",
+            "g.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("g.toml") && e.contains("not a valid glob"), "{e}");
     }
 
     #[test]
