@@ -542,7 +542,7 @@ pub fn run(
     let loaded = model::load(&plan.model)?;
     let mut opened = crate::eval::open_dataset(plan, &loaded)?;
     let mut inputs = Vec::new();
-    while let Some(batch) = opened.loader.next() {
+    for batch in opened.loader.by_ref() {
         if observer.should_stop() || crate::interrupt::stop_requested() {
             return Err(Error::Interrupted);
         }
