@@ -393,10 +393,10 @@ pub fn measure(
     let batches = batches(inputs, spec.batch_size);
     let classes = float.config().num_labels();
     let mut timing = SensitivityTiming::default();
-    let bases = if spec.reverse { recipes.len() } else { 1 };
     let variants = groups.len() * recipes.len();
-    let whole_passes = if spec.reverse { 0 } else { recipes.len() };
-    observer.started(inputs.len() * (bases + variants + whole_passes));
+    // The float pass, one whole-model pass per level (reversed: the one that saves the level's activations), and
+    // every variant, each over every image.
+    observer.started(inputs.len() * (1 + recipes.len() + variants));
 
     // The float pass: the reference outputs, and (forward mode) the activations every variant starts from.
     let clock = Instant::now();
