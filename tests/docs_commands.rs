@@ -73,6 +73,11 @@ const SKIPPED: &[(&str, &str, &str)] = &[
         "HF_HUB_OFFLINE=1 segq eval --model nvidia/segformer-b0-finetuned-ade-512-512",
         "needs the filled cache of the blocks before it",
     ),
+    (
+        "docs/sensitivity.md",
+        "demo32.txt",
+        "the 32-image benchmark: minutes in a release build, recorded in the page",
+    ),
 ];
 
 /// The longest a runnable block may take before the test calls it hung (the default demo eval takes well under).

@@ -65,6 +65,13 @@ pub fn run(global: &GlobalArgs, args: SensitivityArgs) -> Result<()> {
     config.eval.limit = Some(args.data.limit.unwrap_or(DEFAULT_LIMIT));
     set(&mut config.eval.protocol, args.protocol);
     set(&mut config.output.dir, args.out.clone());
+    // The evaluation plan supplies the model, the dataset and its selection; its levels are not evaluated (the
+    // variants come from the flags below), so segq.toml's [quant] levels, rules, recipes and searches stay out.
+    config.quant.levels = vec![Level::F32];
+    config.quant.skip.clear();
+    config.quant.rules.clear();
+    config.quant.recipes.clear();
+    config.quant.auto.clear();
     let threads = super::set_threads(config.eval.threads);
     let plan = EvalPlan::from_config(&config, threads)?;
     let spec = SensitivitySpec {

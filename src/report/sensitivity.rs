@@ -26,9 +26,10 @@ fn shorten(name: &str, width: usize) -> String {
     format!("…{tail}")
 }
 
-/// `12.3`, with NaN as `-`.
+/// `12.3`, with NaN as `-` (and no `-0.00` for an exact zero).
 fn number(value: f64, decimals: usize) -> String {
     if value.is_finite() {
+        let value = value + 0.0;
         format!("{value:.decimals$}")
     } else {
         "-".to_string()
@@ -205,7 +206,8 @@ fn damage_bars<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, report: &Sensit
         .flat_map(|g| g.levels.iter().map(|s| s.damage()))
         .filter(|d| d.is_finite())
         .fold(0.0f64, f64::max);
-    let x_max = if top > 0.0 { top * 1.08 } else { 1.0 };
+    // Room on the right for the legend, so it never hides a bar.
+    let x_max = if top > 0.0 { top * 1.3 } else { 1.0 };
     let title = format!(
         "Agreement mIoU lost when {} is quantized ({} images)",
         if report.reverse {
@@ -375,5 +377,97 @@ pub fn run_log(report: &SensitivityReport, group: &str, tags: &[String]) -> RunL
         }],
         images: Vec::new(),
         exit_code: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::sensitivity::{Granularity, Scores, SensitivityReuse, SensitivityTiming};
+    use crate::quant::{Level, Method};
+
+    fn scores(level: Level, miou: f64, kl: f64) -> Scores {
+        Scores {
+            level,
+            label: level.name().to_string(),
+            agreement_miou: miou,
+            pixel_agreement: miou,
+            kl_divergence: kl,
+            bits_per_weight: 4.0,
+        }
+    }
+
+    fn report() -> SensitivityReport {
+        let group = |name: &str, int2: f64| GroupSensitivity {
+            name: name.to_string(),
+            starts_at: "block 0.0".into(),
+            weights: vec![format!("{name}.weight")],
+            parameters: 123_456,
+            levels: vec![
+                scores(Level::Int8, 1.0, 0.0),
+                scores(Level::Int4, 0.999, 1e-5),
+                scores(Level::Int2, int2, 0.0123),
+            ],
+        };
+        SensitivityReport {
+            segq_version: "0".into(),
+            created_utc: "2026-12-02T00:00:00Z".into(),
+            model: "m".into(),
+            dataset: None,
+            granularity: Granularity::Layer,
+            reverse: false,
+            method: Method::Rtn,
+            group_size: None,
+            images: 2,
+            input_sizes: vec![[256, 256]],
+            whole_model: vec![
+                scores(Level::Int8, 1.0, 0.0),
+                scores(Level::Int4, 0.99, 1e-4),
+                scores(Level::Int2, 0.7, 0.03),
+            ],
+            groups: vec![
+                group("segformer.encoder.block.0.0.attention.self.query", 0.95),
+                group(
+                    "segformer.encoder.block.10.11.attention.output.dense.with.a.long.name",
+                    0.5,
+                ),
+            ],
+            timing: SensitivityTiming::default(),
+            reuse: SensitivityReuse::default(),
+        }
+    }
+
+    #[test]
+    fn the_table_ranks_worst_first_fits_100_columns_and_writes_no_negative_zero() {
+        let table = format_table(&report(), None);
+        for line in table.lines() {
+            assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
+        }
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].contains("-50.00") && rows[0].contains('…'), "{table}");
+        assert!(
+            rows[1].contains("block.0.0.attention.self.query") && rows[1].contains("-5.00"),
+            "{table}"
+        );
+        assert!(rows[1].contains(" 0.00 ") && !table.contains("-0.00 "), "{table}");
+        assert!(table.contains("(every layer)") && table.contains("-30.00"), "{table}");
+        let top = format_table(&report(), Some(1));
+        assert!(top.contains("1 of 2 groups shown"), "{top}");
+    }
+
+    #[test]
+    fn the_run_log_has_every_group_and_level() {
+        let run = run_log(&report(), "g", &[]);
+        assert_eq!(run.name, "sensitivity-layer");
+        assert_eq!(run.history.len(), 2);
+        assert_eq!(run.tables[0].rows.len(), 6);
+        assert_eq!(
+            run.summary["segformer.encoder.block.0.0.attention.self.query/int2/kl_divergence"],
+            json!(0.0123)
+        );
     }
 }
