@@ -1,6 +1,6 @@
 //! The job files under docs/examples and the configuration snippets in the docs, checked with segq itself: every
 //! `segq.toml` (the Kubernetes ConfigMap's, each ```` ```toml ```` block of README.md and docs/*.md) parses with
-//! segq's loader; the Kubernetes commands run as written (paths mapped into a scratch folder); the Slurm script
+//! segq's loader, and each ```` ```toml recipe ```` block as a `--recipe` file; the Kubernetes commands run as written (paths mapped into a scratch folder); the Slurm script
 //! runs with stand-ins for `sbatch` and `srun`, including the documented rerun of one failed task, and the merge
 //! it queues succeeds.
 
@@ -61,7 +61,9 @@ fn yaml_env(yaml: &str) -> Vec<(String, String)> {
 }
 
 /// The ```toml blocks of README.md and docs/*.md, as (where, text).
-fn toml_blocks() -> Vec<(String, String)> {
+/// Every ```` ```toml ```` block as (origin, text, is a recipe file): ```` ```toml recipe ```` marks a `--recipe`
+/// file, every other block is a `segq.toml`.
+fn toml_blocks() -> Vec<(String, String, bool)> {
     let root = repo_root();
     let mut files = vec![root.join("README.md")];
     files.extend(
@@ -73,18 +75,20 @@ fn toml_blocks() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        let mut current: Option<(usize, String)> = None;
+        let mut current: Option<(usize, String, bool)> = None;
         for (i, line) in text.lines().enumerate() {
             match &mut current {
-                Some((start, body)) if line.trim() == "```" => {
-                    out.push((format!("{}:{start}", file.display()), std::mem::take(body)));
+                Some((start, body, recipe)) if line.trim() == "```" => {
+                    out.push((format!("{}:{start}", file.display()), std::mem::take(body), *recipe));
                     current = None;
                 }
-                Some((_, body)) => {
+                Some((_, body, _)) => {
                     body.push_str(line);
                     body.push('\n');
                 }
-                None if line.trim_start().starts_with("```toml") => current = Some((i + 1, String::new())),
+                None if line.trim_start().starts_with("```toml") => {
+                    current = Some((i + 1, String::new(), line.trim() == "```toml recipe"))
+                }
                 None => {}
             }
         }
@@ -140,8 +144,14 @@ fn output(mut command: Command) -> (bool, String, String) {
 fn every_documented_configuration_parses_with_segqs_loader() {
     let blocks = toml_blocks();
     assert!(blocks.len() >= 2, "the docs lost their configuration examples");
-    for (origin, text) in &blocks {
-        if let Err(e) = Config::from_toml(text, origin) {
+    assert!(blocks.iter().any(|b| b.2), "the docs lost their recipe file example");
+    for (origin, text, recipe) in &blocks {
+        let parsed = if *recipe {
+            segq::quant::Recipe::from_toml(text, origin).map(drop)
+        } else {
+            Config::from_toml(text, origin).map(drop)
+        };
+        if let Err(e) = parsed {
             panic!("{origin}: {e}\n{text}");
         }
     }
