@@ -148,6 +148,9 @@ pub struct EvalConfig {
     /// levels, the f32 model running in every pass for agreement: memory bounded by the f32 model plus that many
     /// levels, time up by the f32 forward passes repeated. Checkpoints and --resume need a single pass.
     pub levels_at_once: usize,
+    /// Per quantized level, the images whose prediction disagrees most with the reference's, listed in
+    /// results.json and saved as overlays in `samples/worst/<level>/` (0: off).
+    pub worst_images: usize,
 }
 
 impl Default for EvalConfig {
@@ -163,6 +166,7 @@ impl Default for EvalConfig {
             checkpoint_seconds: 120,
             allow_empty: false,
             levels_at_once: 0,
+            worst_images: 4,
         }
     }
 }
@@ -294,6 +298,16 @@ impl Config {
                 ),
             ));
         }
+        if self.eval.worst_images > crate::eval::worst::MAX_WORST_IMAGES {
+            return Err(Error::config(
+                "eval.worst_images",
+                format!(
+                    "eval.worst_images (--worst-images) = {} is more than the {} segq keeps in memory per level",
+                    self.eval.worst_images,
+                    crate::eval::worst::MAX_WORST_IMAGES
+                ),
+            ));
+        }
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
@@ -373,6 +387,7 @@ samples = 3                   # overlay images saved per level
 checkpoint_seconds = 120      # partial results.json written this often (0 = every batch); see --resume
 allow_empty = false           # true: a selection of zero examples is not an error
 levels_at_once = 0            # quantized levels held at once (0 = all); fewer: one pass per group, f32 rerun
+worst_images = 4              # per level, the images that disagree most with f32: listed + overlays (0 = off)
 
 [output]
 dir = "segq-out"

@@ -98,6 +98,10 @@ pub struct EvalArgs {
     /// Accept a selection of zero examples (an empty shard) instead of failing.
     #[arg(long)]
     pub allow_empty: bool,
+    /// Per quantized level, list the N images that disagree most with the f32 model and save their overlays in
+    /// samples/worst/<level>/ (0: off) [default: 4, eval.worst_images].
+    #[arg(long, value_name = "N")]
+    pub worst_images: Option<usize>,
     /// Print every column of the results table (summary.md always has them all).
     #[arg(long)]
     pub wide: bool,
@@ -116,6 +120,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     set(&mut config.quant.skip, args.skip.clone());
     set(&mut config.eval.protocol, args.protocol);
     set(&mut config.output.dir, args.out.clone());
+    set(&mut config.eval.worst_images, args.worst_images);
     config.eval.limit = d.limit.or(config.eval.limit);
     config.eval.shard = d.shard.or(config.eval.shard);
     config.quant.group_size = args.group_size.or(config.quant.group_size);

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{Agreement, ConfusionMatrix, MeanIou, nan_as_null};
+use crate::eval::worst::WorstImage;
 use crate::quant::{Level, Method};
 use crate::{Error, Result};
 
@@ -188,6 +189,11 @@ pub struct LevelResult {
     /// Wall-clock time of the whole level (for merged runs: summed over shards, i.e. worker-seconds).
     #[serde(with = "nan_as_null")]
     pub wall_time_s: f64,
+    /// The images whose prediction disagrees most with the reference row's, worst first (`eval.worst_images`
+    /// of them at most; see [`crate::eval::worst`]). Empty for the reference row, for failed levels, and for a
+    /// level that agrees with the reference on every scored pixel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worst_images: Vec<WorstImage>,
     /// Derived figures written for readers of the JSON; recomputed on every write, ignored on read.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub summary: Option<LevelSummary>,
@@ -447,8 +453,11 @@ pub fn format_utc(unix_seconds: u64) -> String {
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
+    use crate::eval::worst::{WorstPixels, WorstTracker, disagreement};
 
     pub const NUM_LABELS: usize = 6;
+    /// Worst images kept per level.
+    pub const WORST: usize = 4;
     pub const LEVELS: [(&str, Level, LevelMethod, f64); 3] = [
         ("f32", Level::F32, LevelMethod::None, 32.0),
         ("int8", Level::Int8, LevelMethod::Method(Method::Rtn), 8.25),
@@ -529,9 +538,11 @@ pub(crate) mod test_support {
                 model_latency_ms: Vec::new(),
                 pipeline_latency_ms: Vec::new(),
                 wall_time_s: 0.25,
+                worst_images: Vec::new(),
                 summary: None,
             })
             .collect();
+        let mut worst: Vec<WorstTracker> = levels.iter().map(|_| WorstTracker::new(WORST)).collect();
         for row in rows.clone() {
             let (label, predictions) = image(row);
             for (index, level) in levels.iter_mut().enumerate() {
@@ -541,12 +552,22 @@ pub(crate) mod test_support {
                     agreement
                         .add_agreement(prediction, &predictions[0], Some(&label), 255)
                         .unwrap();
+                    let counts = disagreement(prediction, &predictions[0], &label, 255).unwrap();
+                    worst[index].offer(row, &format!("row{row}"), counts, || WorstPixels {
+                        image: image::RgbImage::new(1, 1),
+                        scored: image::GrayImage::new(1, 1),
+                        reference: vec![0],
+                        prediction: vec![0],
+                    });
                 }
                 let latency = 100.0 + ((row * 37 + index * 11) % 53) as f64 / 4.0;
                 level.model_latency_ms.push(latency);
                 level.pipeline_latency_ms.push(latency * 1.5);
                 level.wall_time_s += latency * 1.5 / 1000.0;
             }
+        }
+        for (level, worst) in levels.iter_mut().zip(&worst) {
+            level.worst_images = worst.list(&level.label);
         }
         EvalResults {
             segq_version: crate::VERSION.into(),

@@ -1,10 +1,11 @@
 //! Class masks as pictures: a fixed palette of distinct colours, coloured masks, masks blended over the input
-//! image, and class-id PNGs (the form W&B and most tools read).
+//! image, class-id PNGs (the form W&B and most tools read), and the worst images' side-by-side overlays.
 
 use std::path::Path;
 
 use image::{ImageBuffer, Luma, Rgb, RgbImage};
 
+use crate::eval::worst::{WorstImage, WorstOfLevel, WorstPixels};
 use crate::{Error, Result};
 
 /// Number of distinct colours in the palette; class ids repeat colours beyond it.
@@ -120,6 +121,187 @@ pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Resu
         }
     }
     Ok(written)
+}
+
+/// Longest side of one panel of a worst-image overlay: small images are enlarged (nearest neighbour, so
+/// pixels stay sharp) and large ones reduced, so every overlay reads the same.
+const WORST_PANEL: u32 = 320;
+/// Heights of the header (two lines of text) and of each panel's title.
+const WORST_HEADER: u32 = 58;
+const WORST_TITLE: u32 = 26;
+const WORST_GAP: u32 = 8;
+/// Colour of the pixels whose prediction differs from the reference's.
+const DISAGREE: [u8; 3] = [230, 0, 40];
+
+/// One worst image as a picture: a header naming the image and its loss, then four panels side by side: the
+/// image, the reference prediction over it, the level's prediction over it, and where the two disagree (red on
+/// the dimmed image; pixels that are not scored are darkened with a checker pattern).
+pub fn worst_overlay(
+    pixels: &WorstPixels,
+    image: &WorstImage,
+    rank: usize,
+    level_label: &str,
+    reference_label: &str,
+) -> Result<RgbImage> {
+    let (width, height) = pixels.image.dimensions();
+    check_size(&pixels.reference, width, height)?;
+    check_size(&pixels.prediction, width, height)?;
+    if pixels.scored.dimensions() != (width, height) {
+        return Err(Error::shape_mismatch(
+            "scored-pixel mask",
+            &[height as usize, width as usize],
+            &[pixels.scored.height() as usize, pixels.scored.width() as usize],
+        ));
+    }
+    let mut differences = pixels.image.clone();
+    for (((pixel, &r), &p), scored) in differences
+        .pixels_mut()
+        .zip(&pixels.reference)
+        .zip(&pixels.prediction)
+        .zip(pixels.scored.pixels())
+    {
+        let grey = (f32::from(pixel.0[0]) * 0.3 + f32::from(pixel.0[1]) * 0.59 + f32::from(pixel.0[2]) * 0.11) as u8;
+        pixel.0 = if scored.0[0] == 0 {
+            [grey / 5; 3]
+        } else if r != p {
+            DISAGREE
+        } else {
+            [grey / 2 + 64; 3]
+        };
+    }
+    // Unscored pixels: a checker pattern, so they read as "not counted" rather than as a dark class.
+    for (x, y, pixel) in differences.enumerate_pixels_mut() {
+        if pixels.scored.get_pixel(x, y).0[0] == 0 && (x / 4 + y / 4) % 2 == 0 {
+            pixel.0 = [90, 90, 90];
+        }
+    }
+    let panels = [
+        ("image".to_string(), pixels.image.clone()),
+        (
+            format!("{reference_label} (reference)"),
+            overlay(&pixels.image, &pixels.reference, 0.55)?,
+        ),
+        (
+            level_label.to_string(),
+            overlay(&pixels.image, &pixels.prediction, 0.55)?,
+        ),
+        ("red: differs, checked: not scored".to_string(), differences),
+    ];
+    let scale = f64::from(WORST_PANEL) / f64::from(width.max(height));
+    let panel_w = ((f64::from(width) * scale).round() as u32).max(1);
+    let panel_h = ((f64::from(height) * scale).round() as u32).max(1);
+    let filter = if scale >= 1.0 {
+        image::imageops::FilterType::Nearest
+    } else {
+        image::imageops::FilterType::Triangle
+    };
+    let total_w = WORST_GAP + panels.len() as u32 * (panel_w + WORST_GAP);
+    let total_h = WORST_HEADER + WORST_TITLE + panel_h + WORST_GAP;
+    let mut canvas = RgbImage::from_pixel(total_w, total_h, Rgb([255, 255, 255]));
+    for (i, (_, panel)) in panels.iter().enumerate() {
+        let resized = image::imageops::resize(panel, panel_w, panel_h, filter);
+        let x = WORST_GAP + i as u32 * (panel_w + WORST_GAP);
+        image::imageops::replace(
+            &mut canvas,
+            &resized,
+            i64::from(x),
+            i64::from(WORST_HEADER + WORST_TITLE),
+        );
+    }
+    let header = [
+        format!(
+            "#{} worst of {level_label}: {} (row {})",
+            rank + 1,
+            image.id,
+            image.index
+        ),
+        format!(
+            "{:.2}% of scored pixels differ from {reference_label} ({} of {})",
+            image.loss * 100.0,
+            image.disagreeing_pixels,
+            image.pixels
+        ),
+    ];
+    let titles: Vec<(u32, &str)> = panels
+        .iter()
+        .enumerate()
+        .map(|(i, (title, _))| (WORST_GAP + i as u32 * (panel_w + WORST_GAP), title.as_str()))
+        .collect();
+    draw_text(&mut canvas, &header, &titles, panel_w)
+        .map_err(|e| Error::internal(format!("cannot draw the worst-image caption: {e}")))?;
+    Ok(canvas)
+}
+
+/// Writes the header lines and the panel titles onto `canvas` with the embedded font.
+fn draw_text(
+    canvas: &mut RgbImage,
+    header: &[String],
+    titles: &[(u32, &str)],
+    panel_w: u32,
+) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    crate::report::plots::register_font();
+    let (width, height) = canvas.dimensions();
+    let family = crate::report::plots::FAMILY;
+    let root = BitMapBackend::with_buffer(canvas.as_mut(), (width, height)).into_drawing_area();
+    for (line, text) in header.iter().enumerate() {
+        let size = if line == 0 { 20 } else { 17 };
+        let style = (family, size).into_font().color(&BLACK);
+        root.draw(&Text::new(
+            text.clone(),
+            (WORST_GAP as i32, 6 + 26 * line as i32),
+            style,
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    for (x, title) in titles {
+        // Titles longer than their panel are cut, so neighbours never overlap.
+        let style = (family, 15).into_font().color(&BLACK);
+        let mut text = title.to_string();
+        while text.chars().count() > 3 && root.estimate_text_size(&text, &style).map_or(0, |(w, _)| w) > panel_w {
+            text.pop();
+            text.pop();
+            text.push('…');
+        }
+        root.draw(&Text::new(text, (*x as i32, WORST_HEADER as i32 + 4), style))
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Saves every worst image's overlay at its listed path under `dir` (the results folder). Entries without pixels
+/// (carried over from an interrupted run) are skipped.
+pub fn save_worst_overlays(worst: &[WorstOfLevel], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut written = Vec::new();
+    for level in worst {
+        for (rank, entry) in level.entries.iter().enumerate() {
+            let (Some(pixels), Some(relative)) = (&entry.pixels, &entry.image.overlay) else {
+                continue;
+            };
+            let picture = worst_overlay(pixels, &entry.image, rank, &level.label, &level.reference_label)?;
+            let path = dir.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            picture.save(&path).map_err(|e| Error::write(&path, e.to_string()))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// Removes the `.png` files directly in `folder` (segq's own overlays from an earlier run), if it exists.
+pub(crate) fn clear_pngs(folder: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(folder, e))?.path();
+        if path.extension().is_some_and(|e| e == "png") && path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
-//! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks; and
+//! history and summary, a per-class IoU table, sample images with ground-truth and predicted masks, and the
+//! level's worst images (a table from results.json, and when the pixels are at hand the images with the reference
+//! and predicted masks); and
 //! [`WandbPublisher`], the evaluation observer that logs them when the run is over (and `segq merge`'s publisher
 //! of merged shards), with what it tells the user on the console.
 //!
@@ -12,8 +14,19 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use crate::eval::results::EvalResults;
+use crate::eval::worst::WorstOfLevel;
 use crate::eval::{EvalObserver, EvalOutput, Sample};
 use crate::track::{MaskedImage, RunLog, Table, TrackOutcome, TrackingMode, TrackingSettings};
+
+/// A prediction as a W&B mask of `image`'s size (class ids above 255 shown as 255, as W&B masks are 8-bit).
+fn class_mask(prediction: &[u16], image: &image::RgbImage) -> image::GrayImage {
+    let width = image.width();
+    image::GrayImage::from_fn(width, image.height(), |x, y| {
+        image::Luma([prediction
+            .get((y * width + x) as usize)
+            .map_or(0, |&c| c.min(255) as u8)])
+    })
+}
 
 fn finite(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }
@@ -22,7 +35,13 @@ fn finite(v: f64) -> Value {
 /// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason), named by
 /// the level's label (the `tracking.name` prefix is added by the tracker). A shard's runs are named
 /// `<label>-shard-I-of-N` and tagged `shard-I-of-N` (I 0-based, as `--shard I/N`).
-pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[String]) -> Vec<RunLog> {
+pub fn run_logs(
+    results: &EvalResults,
+    samples: &[Sample],
+    worst: &[WorstOfLevel],
+    group: &str,
+    tags: &[String],
+) -> Vec<RunLog> {
     let class_names = &results.model.class_names;
     let class_labels: BTreeMap<u32, String> = class_names
         .iter()
@@ -101,6 +120,61 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             if let crate::eval::results::LevelStatus::Failed { reason } = &level.status {
                 metrics.insert("failure".into(), json!(reason));
             }
+            if !level.worst_images.is_empty() {
+                tables.push(Table {
+                    key: "worst_images".into(),
+                    columns: [
+                        "rank",
+                        "row",
+                        "image",
+                        "loss",
+                        "pixel_agreement",
+                        "disagreeing_pixels",
+                        "pixels",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    rows: level
+                        .worst_images
+                        .iter()
+                        .enumerate()
+                        .map(|(rank, w)| {
+                            vec![
+                                json!(rank + 1),
+                                json!(w.index),
+                                json!(w.id),
+                                finite(w.loss),
+                                finite(w.pixel_agreement),
+                                json!(w.disagreeing_pixels),
+                                json!(w.pixels),
+                            ]
+                        })
+                        .collect(),
+                });
+            }
+            let worst_images = worst
+                .iter()
+                .filter(|w| w.label == level.label)
+                .flat_map(|w| w.entries.iter().enumerate())
+                .filter_map(|(rank, entry)| {
+                    let pixels = entry.pixels.as_ref()?;
+                    let image = &entry.image;
+                    Some(MaskedImage {
+                        key: format!("worst/{:02}_{}", rank + 1, image.id),
+                        caption: format!(
+                            "#{} {}: {:.2}% of pixels differ from the reference",
+                            rank + 1,
+                            image.id,
+                            image.loss * 100.0
+                        ),
+                        rgb: pixels.image.clone(),
+                        masks: vec![
+                            ("reference".into(), class_mask(&pixels.reference, &pixels.image)),
+                            ("predictions".into(), class_mask(&pixels.prediction, &pixels.image)),
+                        ],
+                        class_labels: class_labels.clone(),
+                    })
+                });
             let images = samples
                 .iter()
                 .filter_map(|s| {
@@ -120,6 +194,7 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
                         class_labels: class_labels.clone(),
                     })
                 })
+                .chain(worst_images)
                 .collect();
             let mut tags = tags.to_vec();
             let name = match results.dataset.shard {
@@ -197,14 +272,14 @@ impl WandbPublisher {
     /// they are, the `wandb sync` command, and why they are offline when no key was found); online, each run's
     /// URL, or for a failed upload the reason and the run folder to sync. `Error::Interrupted` when a stop request
     /// cut the uploads short (every run is on disk).
-    pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
+    pub fn publish(&self, results: &EvalResults, samples: &[Sample], worst: &[WorstOfLevel]) -> crate::Result<()> {
         let settings = &self.settings;
         let group = settings
             .group
             .clone()
             .unwrap_or_else(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
         let tags = settings.tags.clone().unwrap_or_default();
-        let runs = run_logs(results, samples, &group, &tags);
+        let runs = run_logs(results, samples, worst, &group, &tags);
         let outcome = crate::track::log_runs(settings, &runs)?;
         for line in console_lines(&outcome) {
             if line.warning {
@@ -262,7 +337,7 @@ pub fn console_lines(outcome: &TrackOutcome) -> Vec<ConsoleLine> {
 
 impl EvalObserver for WandbPublisher {
     fn finished(&mut self, output: &EvalOutput) -> crate::Result<()> {
-        self.publish(&output.results, &output.samples)
+        self.publish(&output.results, &output.samples, &output.worst)
     }
 }
 
