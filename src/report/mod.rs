@@ -235,7 +235,7 @@ mod tests {
         assert!(markdown.contains(&percent), "{percent} not in\n{markdown}");
 
         for (plot, size) in [
-            ("miou_vs_bits", (1000, 650)),
+            ("miou_vs_bits", plots::BITS_PLOT_SIZE),
             ("throughput", (1000, 700)),
             ("class_iou_drop", (1000, 650)),
         ] {

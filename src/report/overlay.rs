@@ -353,6 +353,55 @@ mod tests {
     }
 
     #[test]
+    fn worst_overlay_shows_four_panels_and_marks_the_differences() {
+        let (w, h) = (40u32, 30u32);
+        let image = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, 120]));
+        let reference: Vec<u16> = (0..w * h).map(|i| (i % w / 10) as u16).collect();
+        let mut prediction = reference.clone();
+        // The left half of the top row differs; one pixel of it is not scored.
+        prediction[..20].iter_mut().for_each(|c| *c = 7);
+        let scored = image::GrayImage::from_fn(w, h, |x, y| image::Luma([if (x, y) == (3, 0) { 0 } else { 255 }]));
+        let pixels = WorstPixels {
+            image,
+            scored,
+            reference,
+            prediction,
+        };
+        let entry = WorstImage {
+            index: 12,
+            id: "SYN_val_00000013".into(),
+            pixels: u64::from(w * h) - 1,
+            disagreeing_pixels: 19,
+            loss: 19.0 / 1199.0,
+            pixel_agreement: 1.0 - 19.0 / 1199.0,
+            overlay: None,
+        };
+        let picture = worst_overlay(&pixels, &entry, 0, "int2-rtn-g32", "f32").unwrap();
+        // Panels of 320 x 240 (the longest side enlarged to WORST_PANEL), four side by side under the captions.
+        assert_eq!(picture.width(), WORST_GAP + 4 * (320 + WORST_GAP));
+        assert_eq!(picture.height(), WORST_HEADER + WORST_TITLE + 240 + WORST_GAP);
+        let panel_x = |i: u32| WORST_GAP + i * (320 + WORST_GAP);
+        let top = WORST_HEADER + WORST_TITLE;
+        // In the difference panel, source pixel (x, 0) is an 8 x 8 block: red where the classes differ.
+        assert_eq!(picture.get_pixel(panel_x(3) + 8 * 10 + 4, top + 4).0, DISAGREE);
+        assert_ne!(picture.get_pixel(panel_x(3) + 8 * 30 + 4, top + 4).0, DISAGREE);
+        assert_ne!(
+            picture.get_pixel(panel_x(3) + 8 * 3 + 4, top + 4).0,
+            DISAGREE,
+            "not scored: not red"
+        );
+        // The caption was drawn: dark pixels in the header.
+        let dark = (0..picture.width())
+            .flat_map(|x| (0..WORST_HEADER).map(move |y| (x, y)))
+            .filter(|&(x, y)| picture.get_pixel(x, y).0.iter().all(|&c| c < 80))
+            .count();
+        assert!(dark > 200, "{dark} dark pixels in the header");
+        let mut bad = pixels.clone();
+        bad.prediction.pop();
+        assert!(worst_overlay(&bad, &entry, 0, "int2", "f32").is_err());
+    }
+
+    #[test]
     fn mask_png_round_trips_in_8_and_16_bits() {
         let dir = std::env::temp_dir().join(format!("segq-mask-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -263,14 +263,15 @@ impl LabelBox {
 }
 
 /// Places one label per point (greedy, in `order`): tries boxes around the point on rings of growing distance,
-/// in eight directions (right first), and keeps the first that stays inside `area` and overlaps neither a label
-/// already placed nor any point's marker (a square of `2 * marker` pixels). `None` for a label that fits
-/// nowhere. `anchors` and `sizes` are in pixels.
+/// in eight directions (right first), and keeps the first that stays inside `area` and overlaps no label already
+/// placed, no point's marker (a square of `2 * marker` pixels) and no `obstacles` (e.g. the front's line).
+/// `None` for a label that fits nowhere. Everything is in pixels.
 pub fn place_labels(
     anchors: &[(f64, f64)],
     sizes: &[(f64, f64)],
     area: LabelBox,
     marker: f64,
+    obstacles: &[LabelBox],
     order: &[usize],
 ) -> Vec<Option<LabelBox>> {
     const RINGS: [f64; 10] = [3.0, 10.0, 20.0, 32.0, 46.0, 64.0, 86.0, 112.0, 145.0, 185.0];
@@ -301,20 +302,19 @@ pub fn place_labels(
         });
         placed[i] = candidates.map(|(x, y)| LabelBox { x, y, w, h }).find(|candidate| {
             candidate.inside(&area)
-                && !markers.iter().any(|m| m.overlaps(candidate))
+                && !markers.iter().chain(obstacles).any(|m| m.overlaps(candidate))
                 && !placed.iter().flatten().any(|p| p.overlaps(candidate))
         });
     }
     placed
 }
 
-/// `2^v` as a tick label: whole bit counts plainly, others with two decimals.
+/// `2^v` as a tick label, only at whole octaves (1, 2, 4, 8, ... bits); the grid lines between stay unlabelled.
 fn bits_tick(log2_bits: &f64) -> String {
-    let bits = log2_bits.exp2();
-    if (bits - bits.round()).abs() < 0.005 {
-        format!("{}", bits.round())
+    if (log2_bits - log2_bits.round()).abs() < 1e-6 {
+        format!("{}", log2_bits.round().exp2())
     } else {
-        format!("{bits:.2}")
+        String::new()
     }
 }
 
@@ -349,6 +349,7 @@ fn bits_panel<DB: DrawingBackend>(
         .y_desc(y_desc)
         .x_labels(8)
         .x_label_formatter(&bits_tick)
+        .light_line_style(RGBColor(238, 238, 238))
         .label_style((FAMILY, 15))
         .axis_desc_style((FAMILY, 16))
         .draw()
@@ -368,9 +369,10 @@ fn bits_panel<DB: DrawingBackend>(
     }
     let front = pareto_front(&log_bits);
     let front_color = RGBColor(204, 0, 0);
+    let steps = pareto_steps(&log_bits, &front, x_range.end);
     chart
         .draw_series(LineSeries::new(
-            pareto_steps(&log_bits, &front, x_range.end),
+            steps.iter().copied(),
             ShapeStyle::from(&front_color).stroke_width(2),
         ))
         .map_err(text_error)?
@@ -398,13 +400,11 @@ fn bits_panel<DB: DrawingBackend>(
         w: f64::from(xs.end - xs.start),
         h: f64::from(ys.end - ys.start),
     };
-    let anchors: Vec<(f64, f64)> = log_bits
-        .iter()
-        .map(|p| {
-            let (x, y) = chart.backend_coord(p);
-            (f64::from(x - base.0), f64::from(y - base.1))
-        })
-        .collect();
+    let to_pixels = |p: &(f64, f64)| {
+        let (x, y) = chart.backend_coord(p);
+        (f64::from(x - base.0), f64::from(y - base.1))
+    };
+    let anchors: Vec<(f64, f64)> = log_bits.iter().map(to_pixels).collect();
     let style = (FAMILY, 14).into_font().color(&BLACK);
     let sizes: Vec<(f64, f64)> = points
         .iter()
@@ -412,14 +412,27 @@ fn bits_panel<DB: DrawingBackend>(
             let (w, h) = area
                 .estimate_text_size(&p.label, &style)
                 .unwrap_or((7 * p.label.len() as u32, 14));
-            (f64::from(w) + 2.0, f64::from(h) + 2.0)
+            (f64::from(w) + 8.0, f64::from(h) + 4.0)
         })
         .collect();
     let mut order: Vec<usize> = front.clone();
     let mut rest: Vec<usize> = (0..points.len()).filter(|i| !front.contains(i)).collect();
     rest.sort_by(|&a, &b| log_bits[a].0.total_cmp(&log_bits[b].0).then(a.cmp(&b)));
     order.extend(rest);
-    let boxes = place_labels(&anchors, &sizes, plot_box, MARKER, &order);
+    // Labels keep off the front's line: each of its segments as a box a few pixels thick.
+    let line: Vec<LabelBox> = steps
+        .windows(2)
+        .map(|pair| {
+            let ((x0, y0), (x1, y1)) = (to_pixels(&pair[0]), to_pixels(&pair[1]));
+            LabelBox {
+                x: x0.min(x1) - 2.0,
+                y: y0.min(y1) - 2.0,
+                w: (x1 - x0).abs() + 4.0,
+                h: (y1 - y0).abs() + 4.0,
+            }
+        })
+        .collect();
+    let boxes = place_labels(&anchors, &sizes, plot_box, MARKER, &line, &order);
     for (index, placed) in boxes.iter().enumerate() {
         let Some(b) = placed else {
             tracing::debug!(label = %points[index].label, "no room for the label on the bits plot");
@@ -666,11 +679,19 @@ mod tests {
             h: 600.0,
         };
         let order: Vec<usize> = (0..14).collect();
-        let boxes = place_labels(&anchors, &sizes, area, 6.0, &order);
+        // The front's line runs right through the crowd.
+        let line = [LabelBox {
+            x: 100.0,
+            y: 208.0,
+            w: 500.0,
+            h: 4.0,
+        }];
+        let boxes = place_labels(&anchors, &sizes, area, 6.0, &line, &order);
         let placed: Vec<LabelBox> = boxes.iter().flatten().copied().collect();
         assert_eq!(placed.len(), 14, "every label found a place: {boxes:?}");
         for (i, a) in placed.iter().enumerate() {
             assert!(a.inside(&area), "{a:?} leaves the plot");
+            assert!(!a.overlaps(&line[0]), "{a:?} covers the front's line");
             for b in &placed[i + 1..] {
                 assert!(!a.overlaps(b), "{a:?} overlaps {b:?}");
             }
@@ -685,7 +706,7 @@ mod tests {
             }
         }
         // A point alone in the corner gets its label inside the plot, on the side with room.
-        let corner = place_labels(&[(795.0, 5.0)], &[(100.0, 16.0)], area, 6.0, &[0]);
+        let corner = place_labels(&[(795.0, 5.0)], &[(100.0, 16.0)], area, 6.0, &[], &[0]);
         let b = corner[0].expect("placed");
         assert!(b.inside(&area) && b.x + b.w <= 789.0, "{b:?}");
         // No room at all: no label rather than an overlapping one.
@@ -696,7 +717,7 @@ mod tests {
             h: 50.0,
         };
         assert_eq!(
-            place_labels(&[(25.0, 25.0)], &[(200.0, 16.0)], tiny, 6.0, &[0]),
+            place_labels(&[(25.0, 25.0)], &[(200.0, 16.0)], tiny, 6.0, &[], &[0]),
             vec![None]
         );
     }

@@ -344,7 +344,48 @@ impl EvalObserver for WandbPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::worst::{WorstEntry, WorstPixels};
     use crate::track::RunOutcome;
+
+    #[test]
+    fn worst_images_are_logged_as_a_table_and_as_masked_images() {
+        let results = crate::eval::results::test_support::run(0..10, 10, None);
+        let int4 = &results.levels[2];
+        assert!(!int4.worst_images.is_empty());
+        let pixels = WorstPixels {
+            image: image::RgbImage::new(3, 2),
+            scored: image::GrayImage::new(3, 2),
+            reference: vec![0, 1, 2, 3, 4, 5],
+            prediction: vec![0, 1, 2, 3, 4, 300],
+        };
+        let worst = [WorstOfLevel {
+            label: int4.label.clone(),
+            reference_label: "f32".into(),
+            entries: vec![WorstEntry {
+                image: int4.worst_images[0].clone(),
+                pixels: Some(pixels),
+            }],
+        }];
+        let runs = run_logs(&results, &[], &worst, "g", &[]);
+        let table = runs[2]
+            .tables
+            .iter()
+            .find(|t| t.key == "worst_images")
+            .expect("a worst_images table");
+        assert_eq!(table.rows.len(), int4.worst_images.len());
+        assert_eq!(table.rows[0][1], json!(int4.worst_images[0].index));
+        assert_eq!(runs[2].images.len(), 1);
+        let image = &runs[2].images[0];
+        assert_eq!(image.key, format!("worst/01_{}", int4.worst_images[0].id));
+        let names: Vec<&str> = image.masks.iter().map(|m| m.0.as_str()).collect();
+        assert_eq!(names, ["reference", "predictions"]);
+        assert_eq!(image.masks[1].1.get_pixel(2, 1).0[0], 255, "class 300 shown as 255");
+        // The reference row lists none; the merge (no pixels) still logs the table.
+        assert!(runs[0].tables.iter().all(|t| t.key != "worst_images"));
+        let merged = run_logs(&results, &[], &[], "g", &[]);
+        assert!(merged[2].images.is_empty());
+        assert!(merged[2].tables.iter().any(|t| t.key == "worst_images"));
+    }
 
     fn run(name: &str, mode: TrackingMode, url: Option<&str>, error: Option<&str>) -> RunOutcome {
         RunOutcome {
