@@ -153,28 +153,6 @@ pub fn worst_overlay(
             &[pixels.scored.height() as usize, pixels.scored.width() as usize],
         ));
     }
-    let mut differences = pixels.image.clone();
-    for (((pixel, &r), &p), scored) in differences
-        .pixels_mut()
-        .zip(&pixels.reference)
-        .zip(&pixels.prediction)
-        .zip(pixels.scored.pixels())
-    {
-        let grey = (f32::from(pixel.0[0]) * 0.3 + f32::from(pixel.0[1]) * 0.59 + f32::from(pixel.0[2]) * 0.11) as u8;
-        pixel.0 = if scored.0[0] == 0 {
-            [grey / 5; 3]
-        } else if r != p {
-            DISAGREE
-        } else {
-            [grey / 2 + 64; 3]
-        };
-    }
-    // Unscored pixels: a checker pattern, so they read as "not counted" rather than as a dark class.
-    for (x, y, pixel) in differences.enumerate_pixels_mut() {
-        if pixels.scored.get_pixel(x, y).0[0] == 0 && (x / 4 + y / 4) % 2 == 0 {
-            pixel.0 = [90, 90, 90];
-        }
-    }
     let panels = [
         ("image".to_string(), pixels.image.clone()),
         (
@@ -185,7 +163,6 @@ pub fn worst_overlay(
             level_label.to_string(),
             overlay(&pixels.image, &pixels.prediction, 0.55)?,
         ),
-        ("red: differs, checked: not scored".to_string(), differences),
     ];
     let scale = f64::from(WORST_PANEL) / f64::from(width.max(height));
     let panel_w = ((f64::from(width) * scale).round() as u32).max(1);
@@ -195,18 +172,20 @@ pub fn worst_overlay(
     } else {
         image::imageops::FilterType::Triangle
     };
+    let mut panels: Vec<(String, RgbImage)> = panels
+        .into_iter()
+        .map(|(title, panel)| (title, image::imageops::resize(&panel, panel_w, panel_h, filter)))
+        .collect();
+    panels.push((
+        "red: differs, checkered: not scored".to_string(),
+        difference_panel(pixels, panel_w, panel_h),
+    ));
     let total_w = WORST_GAP + panels.len() as u32 * (panel_w + WORST_GAP);
     let total_h = WORST_HEADER + WORST_TITLE + panel_h + WORST_GAP;
     let mut canvas = RgbImage::from_pixel(total_w, total_h, Rgb([255, 255, 255]));
     for (i, (_, panel)) in panels.iter().enumerate() {
-        let resized = image::imageops::resize(panel, panel_w, panel_h, filter);
         let x = WORST_GAP + i as u32 * (panel_w + WORST_GAP);
-        image::imageops::replace(
-            &mut canvas,
-            &resized,
-            i64::from(x),
-            i64::from(WORST_HEADER + WORST_TITLE),
-        );
+        image::imageops::replace(&mut canvas, panel, i64::from(x), i64::from(WORST_HEADER + WORST_TITLE));
     }
     let header = [
         format!(
@@ -230,6 +209,40 @@ pub fn worst_overlay(
     draw_text(&mut canvas, &header, &titles, panel_w)
         .map_err(|e| Error::internal(format!("cannot draw the worst-image caption: {e}")))?;
     Ok(canvas)
+}
+
+/// Where the predictions differ, drawn at the panel's size: an output pixel is red when any scored source pixel
+/// it covers differs (so a single differing pixel of a large image stays visible when reduced), else the dimmed
+/// grey image, with a checker pattern over pixels that are not scored.
+fn difference_panel(pixels: &WorstPixels, panel_w: u32, panel_h: u32) -> RgbImage {
+    let (width, height) = pixels.image.dimensions();
+    let span = |out: u32, out_size: u32, size: u32| {
+        let start = (u64::from(out) * u64::from(size) / u64::from(out_size)) as u32;
+        let end = ((u64::from(out + 1) * u64::from(size) / u64::from(out_size)) as u32).max(start + 1);
+        start..end.min(size)
+    };
+    RgbImage::from_fn(panel_w, panel_h, |ox, oy| {
+        let (xs, ys) = (span(ox, panel_w, width), span(oy, panel_h, height));
+        let differs = ys.clone().any(|y| {
+            xs.clone().any(|x| {
+                let at = (y * width + x) as usize;
+                pixels.scored.get_pixel(x, y).0[0] != 0 && pixels.reference[at] != pixels.prediction[at]
+            })
+        });
+        if differs {
+            return Rgb(DISAGREE);
+        }
+        let (x, y) = (xs.start, ys.start);
+        let [r, g, b] = pixels.image.get_pixel(x, y).0;
+        let grey = (f32::from(r) * 0.3 + f32::from(g) * 0.59 + f32::from(b) * 0.11) as u8;
+        if pixels.scored.get_pixel(x, y).0[0] != 0 {
+            Rgb([grey / 2 + 64; 3])
+        } else if (ox / 5 + oy / 5) % 2 == 0 {
+            Rgb([90, 90, 90])
+        } else {
+            Rgb([grey / 5; 3])
+        }
+    })
 }
 
 /// Writes the header lines and the panel titles onto `canvas` with the embedded font.
@@ -396,6 +409,20 @@ mod tests {
             .filter(|&(x, y)| picture.get_pixel(x, y).0.iter().all(|&c| c < 80))
             .count();
         assert!(dark > 200, "{dark} dark pixels in the header");
+        // Reduced 1000 x 20 -> 320 x 6: the one differing pixel still shows.
+        let wide = WorstPixels {
+            image: RgbImage::new(1000, 20),
+            scored: image::GrayImage::from_pixel(1000, 20, image::Luma([255])),
+            reference: vec![1; 20_000],
+            prediction: (0..20_000).map(|i| if i == 10 * 1000 + 777 { 2 } else { 1 }).collect(),
+        };
+        let panel = difference_panel(&wide, 320, 6);
+        let red: Vec<(u32, u32)> = panel
+            .enumerate_pixels()
+            .filter(|p| p.2.0 == DISAGREE)
+            .map(|p| (p.0, p.1))
+            .collect();
+        assert_eq!(red, [(248, 3)], "777 * 320 / 1000 = 248, 10 * 6 / 20 = 3");
         let mut bad = pixels.clone();
         bad.prediction.pop();
         assert!(worst_overlay(&bad, &entry, 0, "int2", "f32").is_err());

@@ -475,18 +475,14 @@ fn miou_vs_bits<DB: DrawingBackend>(
     baseline: Option<(&str, f64)>,
 ) -> DrawResult {
     root.fill(&WHITE).map_err(text_error)?;
-    let mut panels: Vec<(&str, &str, &[BitsPoint], Option<(&str, f64)>)> = Vec::new();
-    if !dataset.is_empty() {
-        panels.push(("mIoU against bits per weight", "mIoU %", dataset, baseline));
-    }
-    if !agreement.is_empty() {
-        panels.push((
-            "Agreement with the reference against bits per weight",
-            "agreement mIoU %",
-            agreement,
-            None,
-        ));
-    }
+    let dataset_panel = (!dataset.is_empty()).then_some(("mIoU against bits per weight", "mIoU %", dataset, baseline));
+    let agreement_panel = (!agreement.is_empty()).then_some((
+        "Agreement with the reference against bits per weight",
+        "agreement mIoU %",
+        agreement,
+        None,
+    ));
+    let panels: Vec<_> = dataset_panel.into_iter().chain(agreement_panel).collect();
     let areas = if panels.len() == 2 {
         let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
         vec![left, right]
