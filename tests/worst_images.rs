@@ -139,11 +139,11 @@ fn a_level_identical_to_the_reference_lists_no_image() {
 #[test]
 fn merged_shards_list_the_worst_images_of_one_run() {
     let dir = scratch("worst-merge");
-    let whole = eval(&dir.join("whole"), "3", &[]);
+    let whole = eval(&dir.join("whole"), "4", &[]);
     for index in 0..2 {
         eval(
             &dir.join(format!("shard-{index}")),
-            "3",
+            "4",
             &["--shard", &format!("{index}/2")],
         );
     }
@@ -160,9 +160,21 @@ fn merged_shards_list_the_worst_images_of_one_run() {
         &merged.level("int2-rtn-g32").unwrap().worst_images,
         &whole.level("int2-rtn-g32").unwrap().worst_images,
     );
-    assert_eq!(m.len(), 3);
+    assert_eq!(m.len(), 4);
     assert_eq!(m, w, "merged list equals the unsharded run's");
     // The overlays were copied from the shards under their merged rank: the same files as the unsharded run's.
+    // (Some image ranks differently in its shard than in the whole run, so a copy must not depend on the rank.)
+    let shard_paths: Vec<String> = (0..2)
+        .flat_map(|i| {
+            let part = EvalResults::read(&dir.join(format!("shard-{i}/results.json"))).unwrap();
+            let level = part.level("int2-rtn-g32").unwrap().clone();
+            level.worst_images.into_iter().filter_map(|w| w.overlay)
+        })
+        .collect();
+    assert!(
+        m.iter().any(|w| !shard_paths.contains(w.overlay.as_ref().unwrap())),
+        "every merged rank equals its shard rank: the test would not notice a rank-dependent copy"
+    );
     for worst in m {
         let overlay = worst.overlay.as_deref().unwrap();
         assert_eq!(
@@ -184,6 +196,6 @@ fn merged_shards_list_the_worst_images_of_one_run() {
     ]);
     let bare_results = EvalResults::read(&bare.join("results.json")).unwrap();
     let listed = &bare_results.level("int2-rtn-g32").unwrap().worst_images;
-    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.len(), 4);
     assert!(listed.iter().all(|w| w.overlay.is_none()), "{listed:?}");
 }

@@ -85,9 +85,10 @@ pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
             );
             return Ok(());
         }
-        // The sample and worst images stay with the shards: results.json holds scores, tables and counts only (the
-        // worst-image lists are logged as tables).
-        wandb.publish(&merged, &[], &[])?;
+        // The sample images stay with the shards: results.json holds scores, tables and counts only. The worst
+        // images' overlays were copied here: they are logged as an unsharded eval logs them.
+        let worst = segq::report::wandb_runs::worst_pictures_in(&merged, &args.out);
+        wandb.publish(&merged, &[], &worst)?;
     }
     Ok(())
 }

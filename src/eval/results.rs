@@ -339,11 +339,13 @@ impl EvalResults {
             .unwrap_or_else(|| format!("class {id}"))
     }
 
-    /// Fills every level's derived [`LevelSummary`] from the raw data.
+    /// Fills every level's derived [`LevelSummary`] from the raw data, and recomputes each worst image's loss
+    /// from its pixel counts (a float read back from JSON may differ in its last bit).
     pub fn refresh_summaries(&mut self) {
         let baseline_miou = self.baseline().map_or(f64::NAN, LevelResult::miou);
         for level in &mut self.levels {
             level.summary = Some(level.summarize(baseline_miou));
+            level.worst_images.iter_mut().for_each(WorstImage::refresh);
         }
     }
 
@@ -377,6 +379,19 @@ impl EvalResults {
     /// Consistency checks a hand-edited or truncated file could fail: unique labels, matrices sized for the model.
     pub fn validate(&self) -> Result<()> {
         for (index, level) in self.levels.iter().enumerate() {
+            if let Some(bad) = level
+                .worst_images
+                .iter()
+                .find(|w| w.pixels == 0 || w.disagreeing_pixels > w.pixels)
+            {
+                return Err(Error::invalid(
+                    format!("level {:?}", level.label),
+                    format!(
+                        "worst image {:?} has {} disagreeing of {} scored pixels",
+                        bad.id, bad.disagreeing_pixels, bad.pixels
+                    ),
+                ));
+            }
             if self.levels[..index].iter().any(|l| l.label == level.label) {
                 let origin = format!("level label {:?}", level.label);
                 return Err(Error::invalid(&origin, format!("{origin} appears twice")));

@@ -53,6 +53,12 @@ impl WorstImage {
         }
     }
 
+    /// Recomputes `loss` and `pixel_agreement` from the pixel counts.
+    pub fn refresh(&mut self) {
+        let exact = WorstImage::new(self.index, String::new(), self.pixels, self.disagreeing_pixels);
+        (self.loss, self.pixel_agreement) = (exact.loss, exact.pixel_agreement);
+    }
+
     /// Worse first: the larger disagreeing fraction (compared exactly, in integers), then the lower index.
     pub fn rank_order(&self, other: &WorstImage) -> Ordering {
         let mine = u128::from(self.disagreeing_pixels) * u128::from(other.pixels.max(1));

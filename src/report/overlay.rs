@@ -133,13 +133,13 @@ const WORST_GAP: u32 = 8;
 /// Colour of the pixels whose prediction differs from the reference's.
 const DISAGREE: [u8; 3] = [230, 0, 40];
 
-/// One worst image as a picture: a header naming the image and its loss, then four panels side by side: the
+/// One worst image as a picture: a header naming the level, the image and its loss (not its rank, which the file
+/// name carries: a merge copies a shard's picture to another rank), then four panels side by side: the
 /// image, the reference prediction over it, the level's prediction over it, and where the two disagree (red on
 /// the dimmed image; pixels that are not scored are darkened with a checker pattern).
 pub fn worst_overlay(
     pixels: &WorstPixels,
     image: &WorstImage,
-    rank: usize,
     level_label: &str,
     reference_label: &str,
 ) -> Result<RgbImage> {
@@ -188,12 +188,7 @@ pub fn worst_overlay(
         image::imageops::replace(&mut canvas, panel, i64::from(x), i64::from(WORST_HEADER + WORST_TITLE));
     }
     let header = [
-        format!(
-            "#{} worst of {level_label}: {} (row {})",
-            rank + 1,
-            image.id,
-            image.index
-        ),
+        format!("{level_label}: {} (row {})", image.id, image.index),
         format!(
             "{:.2}% of scored pixels differ from {reference_label} ({} of {})",
             image.loss * 100.0,
@@ -287,11 +282,11 @@ fn draw_text(
 pub fn save_worst_overlays(worst: &[WorstOfLevel], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut written = Vec::new();
     for level in worst {
-        for (rank, entry) in level.entries.iter().enumerate() {
+        for entry in &level.entries {
             let (Some(pixels), Some(relative)) = (&entry.pixels, &entry.image.overlay) else {
                 continue;
             };
-            let picture = worst_overlay(pixels, &entry.image, rank, &level.label, &level.reference_label)?;
+            let picture = worst_overlay(pixels, &entry.image, &level.label, &level.reference_label)?;
             let path = dir.join(relative);
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -389,7 +384,7 @@ mod tests {
             pixel_agreement: 1.0 - 19.0 / 1199.0,
             overlay: None,
         };
-        let picture = worst_overlay(&pixels, &entry, 0, "int2-rtn-g32", "f32").unwrap();
+        let picture = worst_overlay(&pixels, &entry, "int2-rtn-g32", "f32").unwrap();
         // Panels of 320 x 240 (the longest side enlarged to WORST_PANEL), four side by side under the captions.
         assert_eq!(picture.width(), WORST_GAP + 4 * (320 + WORST_GAP));
         assert_eq!(picture.height(), WORST_HEADER + WORST_TITLE + 240 + WORST_GAP);
@@ -425,7 +420,7 @@ mod tests {
         assert_eq!(red, [(248, 3)], "777 * 320 / 1000 = 248, 10 * 6 / 20 = 3");
         let mut bad = pixels.clone();
         bad.prediction.pop();
-        assert!(worst_overlay(&bad, &entry, 0, "int2", "f32").is_err());
+        assert!(worst_overlay(&bad, &entry, "int2", "f32").is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
 //! history and summary, a per-class IoU table, sample images with ground-truth and predicted masks, and the
-//! level's worst images (a table from results.json, and when the pixels are at hand the images with the reference
-//! and predicted masks); and
+//! level's worst images (a table, and their overlay pictures as in `samples/worst/`, which `segq merge` reads back
+//! from the files it copied, so merged runs log what an unsharded eval logs); and
 //! [`WandbPublisher`], the evaluation observer that logs them when the run is over (and `segq merge`'s publisher
 //! of merged shards), with what it tells the user on the console.
 //!
@@ -16,16 +16,52 @@ use serde_json::{Map, Value, json};
 use crate::eval::results::EvalResults;
 use crate::eval::worst::WorstOfLevel;
 use crate::eval::{EvalObserver, EvalOutput, Sample};
+use crate::report::overlay::worst_overlay;
 use crate::track::{MaskedImage, RunLog, Table, TrackOutcome, TrackingMode, TrackingSettings};
 
-/// A prediction as a W&B mask of `image`'s size (class ids above 255 shown as 255, as W&B masks are 8-bit).
-fn class_mask(prediction: &[u16], image: &image::RgbImage) -> image::GrayImage {
-    let width = image.width();
-    image::GrayImage::from_fn(width, image.height(), |x, y| {
-        image::Luma([prediction
-            .get((y * width + x) as usize)
-            .map_or(0, |&c| c.min(255) as u8)])
-    })
+/// The overlay picture of a level's `rank`-th (0-based) worst image, as in `samples/worst/<level>/`.
+#[derive(Debug, Clone)]
+pub struct WorstPicture {
+    pub label: String,
+    pub rank: usize,
+    pub picture: image::RgbImage,
+}
+
+/// Draws the overlays of an evaluation's worst images (the pictures `ReportWriter` saves).
+pub fn worst_pictures(worst: &[WorstOfLevel]) -> crate::Result<Vec<WorstPicture>> {
+    let mut pictures = Vec::new();
+    for level in worst {
+        for (rank, entry) in level.entries.iter().enumerate() {
+            let Some(pixels) = &entry.pixels else { continue };
+            pictures.push(WorstPicture {
+                label: level.label.clone(),
+                rank,
+                picture: worst_overlay(pixels, &entry.image, &level.label, &level.reference_label)?,
+            });
+        }
+    }
+    Ok(pictures)
+}
+
+/// Reads back the overlays `results` lists from the folder `dir` (a merge's, after
+/// [`crate::report::copy_worst_overlays`]); files that are missing or unreadable are skipped with a warning.
+pub fn worst_pictures_in(results: &EvalResults, dir: &std::path::Path) -> Vec<WorstPicture> {
+    let mut pictures = Vec::new();
+    for level in &results.levels {
+        for (rank, image) in level.worst_images.iter().enumerate() {
+            let Some(relative) = &image.overlay else { continue };
+            let path = dir.join(relative);
+            match image::open(&path) {
+                Ok(picture) => pictures.push(WorstPicture {
+                    label: level.label.clone(),
+                    rank,
+                    picture: picture.to_rgb8(),
+                }),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "worst-image overlay not logged to W&B"),
+            }
+        }
+    }
+    pictures
 }
 
 fn finite(v: f64) -> Value {
@@ -38,7 +74,7 @@ fn finite(v: f64) -> Value {
 pub fn run_logs(
     results: &EvalResults,
     samples: &[Sample],
-    worst: &[WorstOfLevel],
+    worst: &[WorstPicture],
     group: &str,
     tags: &[String],
 ) -> Vec<RunLog> {
@@ -152,29 +188,21 @@ pub fn run_logs(
                         .collect(),
                 });
             }
-            let worst_images = worst
-                .iter()
-                .filter(|w| w.label == level.label)
-                .flat_map(|w| w.entries.iter().enumerate())
-                .filter_map(|(rank, entry)| {
-                    let pixels = entry.pixels.as_ref()?;
-                    let image = &entry.image;
-                    Some(MaskedImage {
-                        key: format!("worst/{:02}_{}", rank + 1, image.id),
-                        caption: format!(
-                            "#{} {}: {:.2}% of pixels differ from the reference",
-                            rank + 1,
-                            image.id,
-                            image.loss * 100.0
-                        ),
-                        rgb: pixels.image.clone(),
-                        masks: vec![
-                            ("reference".into(), class_mask(&pixels.reference, &pixels.image)),
-                            ("predictions".into(), class_mask(&pixels.prediction, &pixels.image)),
-                        ],
-                        class_labels: class_labels.clone(),
-                    })
-                });
+            let worst_images = worst.iter().filter(|w| w.label == level.label).filter_map(|w| {
+                let image = level.worst_images.get(w.rank)?;
+                Some(MaskedImage {
+                    key: format!("worst/{:02}_{}", w.rank + 1, image.id),
+                    caption: format!(
+                        "#{} {}: {:.2}% of pixels differ from the reference",
+                        w.rank + 1,
+                        image.id,
+                        image.loss * 100.0
+                    ),
+                    rgb: w.picture.clone(),
+                    masks: Vec::new(),
+                    class_labels: BTreeMap::new(),
+                })
+            });
             let images = samples
                 .iter()
                 .filter_map(|s| {
@@ -272,7 +300,7 @@ impl WandbPublisher {
     /// they are, the `wandb sync` command, and why they are offline when no key was found); online, each run's
     /// URL, or for a failed upload the reason and the run folder to sync. `Error::Interrupted` when a stop request
     /// cut the uploads short (every run is on disk).
-    pub fn publish(&self, results: &EvalResults, samples: &[Sample], worst: &[WorstOfLevel]) -> crate::Result<()> {
+    pub fn publish(&self, results: &EvalResults, samples: &[Sample], worst: &[WorstPicture]) -> crate::Result<()> {
         let settings = &self.settings;
         let group = settings
             .group
@@ -337,7 +365,7 @@ pub fn console_lines(outcome: &TrackOutcome) -> Vec<ConsoleLine> {
 
 impl EvalObserver for WandbPublisher {
     fn finished(&mut self, output: &EvalOutput) -> crate::Result<()> {
-        self.publish(&output.results, &output.samples, &output.worst)
+        self.publish(&output.results, &output.samples, &worst_pictures(&output.worst)?)
     }
 }
 
@@ -348,13 +376,13 @@ mod tests {
     use crate::track::RunOutcome;
 
     #[test]
-    fn worst_images_are_logged_as_a_table_and_as_masked_images() {
+    fn worst_images_are_logged_as_a_table_and_as_their_overlays() {
         let results = crate::eval::results::test_support::run(0..10, 10, None);
         let int4 = &results.levels[2];
         assert!(!int4.worst_images.is_empty());
         let pixels = WorstPixels {
             image: image::RgbImage::new(3, 2),
-            scored: image::GrayImage::new(3, 2),
+            scored: image::GrayImage::from_pixel(3, 2, image::Luma([255])),
             reference: vec![0, 1, 2, 3, 4, 5],
             prediction: vec![0, 1, 2, 3, 4, 300],
         };
@@ -366,7 +394,9 @@ mod tests {
                 pixels: Some(pixels),
             }],
         }];
-        let runs = run_logs(&results, &[], &worst, "g", &[]);
+        let pictures = worst_pictures(&worst).unwrap();
+        assert_eq!(pictures.len(), 1);
+        let runs = run_logs(&results, &[], &pictures, "g", &[]);
         let table = runs[2]
             .tables
             .iter()
@@ -377,14 +407,23 @@ mod tests {
         assert_eq!(runs[2].images.len(), 1);
         let image = &runs[2].images[0];
         assert_eq!(image.key, format!("worst/01_{}", int4.worst_images[0].id));
-        let names: Vec<&str> = image.masks.iter().map(|m| m.0.as_str()).collect();
-        assert_eq!(names, ["reference", "predictions"]);
-        assert_eq!(image.masks[1].1.get_pixel(2, 1).0[0], 255, "class 300 shown as 255");
-        // The reference row lists none; the merge (no pixels) still logs the table.
+        assert_eq!(image.rgb, pictures[0].picture, "the overlay as saved in samples/worst/");
+        // The reference row lists none; without pictures the table is still logged.
         assert!(runs[0].tables.iter().all(|t| t.key != "worst_images"));
-        let merged = run_logs(&results, &[], &[], "g", &[]);
-        assert!(merged[2].images.is_empty());
-        assert!(merged[2].tables.iter().any(|t| t.key == "worst_images"));
+        let bare = run_logs(&results, &[], &[], "g", &[]);
+        assert!(bare[2].images.is_empty());
+        assert!(bare[2].tables.iter().any(|t| t.key == "worst_images"));
+        // A merge reads the pictures back from the files: the same pixels.
+        let dir = std::env::temp_dir().join(format!("segq-worst-wandb-{}", std::process::id()));
+        let mut listed = results.clone();
+        listed.levels[2].worst_images.truncate(1);
+        let path = dir.join(listed.levels[2].worst_images[0].overlay.as_ref().unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        pictures[0].picture.save(&path).unwrap();
+        let read = worst_pictures_in(&listed, &dir);
+        assert_eq!(read.len(), 1);
+        assert_eq!((read[0].rank, read[0].picture == pictures[0].picture), (0, true));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn run(name: &str, mode: TrackingMode, url: Option<&str>, error: Option<&str>) -> RunOutcome {
