@@ -199,3 +199,14 @@ fn merged_shards_list_the_worst_images_of_one_run() {
     assert_eq!(listed.len(), 4);
     assert!(listed.iter().all(|w| w.overlay.is_none()), "{listed:?}");
 }
+
+#[test]
+fn too_many_worst_images_is_an_argument_error() {
+    let dir = scratch("worst-too-many");
+    let stderr = eval_support::segq_fails(&["eval", "--worst-images", "33", "--out", dir.to_str().unwrap()]);
+    assert!(
+        stderr.contains("eval.worst_images") && stderr.contains("32"),
+        "{stderr}"
+    );
+    assert!(!dir.join("results.json").exists());
+}

@@ -700,6 +700,10 @@ fn evaluate_batch(
                 && let Some(reference) = reference.get(i)
             {
                 agreement.add_agreement(pred, reference, Some(ex.label.as_raw()), ignore_index)?;
+            }
+            if variant.worst.is_on()
+                && let Some(reference) = reference.get(i)
+            {
                 let counts = disagreement(pred, reference, ex.label.as_raw(), ignore_index)?;
                 variant.worst.offer(ex.index, &ex.id, counts, || WorstPixels {
                     image: ex.image.clone(),
