@@ -167,6 +167,9 @@ pub struct EvalConfig {
     pub bootstrap_resamples: usize,
     /// Seed of the bootstrap's draws: the same seed, resamples and images give the same intervals.
     pub bootstrap_seed: u64,
+    /// Per quantized level, the images whose prediction disagrees most with the reference's, listed in
+    /// results.json and saved as overlays in `samples/worst/<level>/` (0: off).
+    pub worst_images: usize,
 }
 
 impl Default for EvalConfig {
@@ -184,6 +187,7 @@ impl Default for EvalConfig {
             levels_at_once: 0,
             bootstrap_resamples: 1000,
             bootstrap_seed: 0,
+            worst_images: 4,
         }
     }
 }
@@ -321,6 +325,16 @@ impl Config {
                 "quant.auto_images must be at least 1 (the images the search measures layers on)",
             ));
         }
+        if self.eval.worst_images > crate::eval::worst::MAX_WORST_IMAGES {
+            return Err(Error::config(
+                "eval.worst_images",
+                format!(
+                    "eval.worst_images (--worst-images) = {} is more than the {} segq keeps in memory per level",
+                    self.eval.worst_images,
+                    crate::eval::worst::MAX_WORST_IMAGES
+                ),
+            ));
+        }
         if self.quant.levels.is_empty() {
             return Err(Error::config("quant.levels", "quant.levels is empty"));
         }
@@ -416,6 +430,7 @@ allow_empty = false           # true: a selection of zero examples is not an err
 levels_at_once = 0            # quantized levels held at once (0 = all); fewer: one pass per group, f32 rerun
 bootstrap_resamples = 1000    # paired bootstrap over images for 95% intervals of Δ mIoU (0 = off); --bootstrap
 bootstrap_seed = 0            # the bootstrap's seed; --bootstrap-seed
+worst_images = 4              # per level, the images that disagree most with f32: listed + overlays (0 = off)
 
 [output]
 dir = "segq-out"

@@ -430,6 +430,7 @@ fn levels_one_at_a_time_give_the_scores_of_one_pass() {
                     l.confusion.clone(),
                     l.agreement.clone(),
                     l.images(),
+                    l.worst_images.clone(),
                 )
             })
             .collect();

@@ -64,6 +64,14 @@ fn assert_same_scores(a: &EvalResults, b: &EvalResults) {
             (s.delta_miou_ci, s.agreement_miou_ci)
         };
         assert_eq!(intervals(x), intervals(y), "{}: bootstrap intervals differ", x.label);
+        // The worst images rank the same (a resumed run has no overlays for those the interrupted part listed).
+        let ranked = |l: &segq::eval::results::LevelResult| -> Vec<(usize, String, u64, u64)> {
+            l.worst_images
+                .iter()
+                .map(|w| (w.index, w.id.clone(), w.pixels, w.disagreeing_pixels))
+                .collect()
+        };
+        assert_eq!(ranked(x), ranked(y), "{}: worst images differ", x.label);
         assert_eq!(x.model_latency_ms.len(), y.model_latency_ms.len());
         let (mx, my) = (x.metrics().unwrap(), y.metrics().unwrap());
         assert_eq!(mx.mean_iou.to_bits(), my.mean_iou.to_bits(), "{}", x.label);

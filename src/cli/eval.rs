@@ -111,6 +111,10 @@ pub struct EvalArgs {
     /// Seed of the bootstrap's draws [default: 0].
     #[arg(long, value_name = "S")]
     pub bootstrap_seed: Option<u64>,
+    /// Per quantized level, list the N images that disagree most with the f32 model and save their overlays in
+    /// samples/worst/<level>/ (0: off) [default: 4, eval.worst_images].
+    #[arg(long, value_name = "N")]
+    pub worst_images: Option<usize>,
     /// Print every column of the results table (summary.md always has them all).
     #[arg(long)]
     pub wide: bool,
@@ -135,6 +139,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
     set(&mut config.output.dir, args.out.clone());
     set(&mut config.eval.bootstrap_resamples, args.bootstrap);
     set(&mut config.eval.bootstrap_seed, args.bootstrap_seed);
+    set(&mut config.eval.worst_images, args.worst_images);
     config.quant.group_size = args.group_size.or(config.quant.group_size);
     config.eval.allow_empty |= args.allow_empty;
     config.quant.requantize |= args.requantize;

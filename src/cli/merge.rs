@@ -1,5 +1,5 @@
 //! `segq merge DIR...`: sums the confusion matrices and counts of sharded runs into one result, identical to an
-//! unsharded run, writes the same reports, and publishes the merged runs to W&B as an unsharded eval would.
+//! unsharded run, writes the same reports (the worst images' overlays copied from the shard folders), and publishes the merged runs to W&B as an unsharded eval would.
 
 use std::path::PathBuf;
 
@@ -50,6 +50,7 @@ fn tracking_settings(global: &GlobalArgs, merged: &EvalResults) -> Result<Tracki
 pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
     segq::eval::merge::check_out_dir(&args.out, &args.inputs)?;
     let mut parts = Vec::new();
+    let mut part_dirs = Vec::new();
     for input in &args.inputs {
         let path = if input.is_dir() {
             input.join("results.json")
@@ -57,17 +58,20 @@ pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
             input.clone()
         };
         parts.push(EvalResults::read(&path)?);
+        // Overlay paths in a results.json are relative to its folder.
+        part_dirs.push(path.parent().map_or_else(PathBuf::new, PathBuf::from));
     }
     let options = segq::eval::merge::MergeOptions {
         allow_partial: args.allow_partial,
     };
-    let merged = segq::eval::merge::merge_with(parts, options)?;
+    let mut merged = segq::eval::merge::merge_with(parts.clone(), options)?;
     // W&B settings are checked before anything is written, as eval checks them before evaluating.
     let wandb = WandbPublisher::new(&tracking_settings(global, &merged)?, args.wandb, &args.out, None)?;
     if args.out.join("results.json").exists() {
         tracing::warn!(out = %args.out.display(), "replacing the results already in this folder");
     }
     std::fs::create_dir_all(&args.out).map_err(|e| segq::Error::io(&args.out, e))?;
+    segq::report::copy_worst_overlays(&mut merged, &parts, &part_dirs, &args.out)?;
     segq::report::write_all(&merged, &args.out)?;
     println!(
         "{}",
@@ -81,8 +85,10 @@ pub fn run(global: &GlobalArgs, args: MergeArgs) -> Result<()> {
             );
             return Ok(());
         }
-        // The sample images stay with the shards: results.json holds scores, tables and counts only.
-        wandb.publish(&merged, &[])?;
+        // The sample images stay with the shards: results.json holds scores, tables and counts only. The worst
+        // images' overlays were copied here: they are logged as an unsharded eval logs them.
+        let worst = segq::report::wandb_runs::worst_pictures_in(&merged, &args.out);
+        wandb.publish(&merged, &[], &worst)?;
     }
     Ok(())
 }

@@ -6,13 +6,15 @@
 //! unsharded order. Merging sums confusion matrices and counts and concatenates per-image latencies and per-image
 //! class counts, so every count-derived number (mIoU, accuracies, agreement, latency quantiles, and the bootstrap
 //! intervals, drawn over the images in index order with the shards' recorded seed) equals the unsharded run's
-//! exactly.
+//! exactly. Each level's worst images are the global top-K of the shards' lists (each shard's top-K holds every
+//! image of the global top-K it saw); [`worst_overlay_sources`] says which shard's overlay file each one is.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::eval::metrics::ConfusionMatrix;
 use crate::eval::results::{Counts, DatasetInfo, EvalResults, LevelResult, LevelStatus, MachineInfo, utc_now};
+use crate::eval::worst::{WorstImage, merge_lists};
 use crate::outputs::Input;
 use crate::{Error, Result};
 
@@ -121,8 +123,9 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
     }
 
     let first = &parts[0];
+    let worst_capacity = worst_capacity(&parts);
     let levels = (0..first.levels.len())
-        .map(|index| merge_level(&parts, index, count))
+        .map(|index| merge_level(&parts, index, count, worst_capacity))
         .collect::<Result<Vec<_>>>()?;
     let mut counts = Counts::default();
     for part in &parts {
@@ -215,8 +218,52 @@ fn check_compatible(first: &EvalResults, part: &EvalResults) -> Result<()> {
     Ok(())
 }
 
+/// How many worst images a level lists: the shards' `eval.worst_images`, else (files that do not record it) the
+/// longest list a shard holds.
+fn worst_capacity(parts: &[EvalResults]) -> usize {
+    let configured = parts[0]
+        .config
+        .get("eval")
+        .and_then(|e| e.get("worst_images"))
+        .and_then(|k| k.as_u64());
+    match configured {
+        Some(k) => k as usize,
+        None => parts
+            .iter()
+            .flat_map(|p| p.levels.iter().map(|l| l.worst_images.len()))
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+/// Where the merged worst images' overlays are in the shards: `(shard position in the sorted parts, overlay path
+/// in that shard's folder, overlay path in the merged folder)` for every merged entry that has one.
+pub fn worst_overlay_sources(merged: &EvalResults, parts: &[EvalResults]) -> Vec<(usize, String, String)> {
+    let mut sorted: Vec<(usize, &EvalResults)> = parts.iter().enumerate().collect();
+    sorted.sort_by_key(|(_, p)| p.dataset.shard.map_or(0, |s| s.0));
+    let mut sources = Vec::new();
+    for (index, level) in merged.levels.iter().enumerate() {
+        for image in &level.worst_images {
+            let Some(target) = &image.overlay else { continue };
+            let found = sorted.iter().find_map(|(position, part)| {
+                let listed = part
+                    .levels
+                    .get(index)?
+                    .worst_images
+                    .iter()
+                    .find(|w| w.index == image.index)?;
+                Some((*position, listed.overlay.clone()?))
+            });
+            if let Some((position, source)) = found {
+                sources.push((position, source, target.clone()));
+            }
+        }
+    }
+    sources
+}
+
 /// Level `index` of every part (sorted by shard), combined.
-fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<LevelResult> {
+fn merge_level(parts: &[EvalResults], index: usize, count: usize, worst_capacity: usize) -> Result<LevelResult> {
     let first = &parts[0].levels[index];
     let failures: Vec<String> = parts
         .iter()
@@ -241,7 +288,8 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
         }
         Ok(merged)
     };
-    let (status, confusion, agreement, per_image) = if failures.is_empty() {
+    let (status, confusion, agreement, per_image, worst_images) = if failures.is_empty() {
+        let lists: Vec<&[WorstImage]> = parts.iter().map(|p| p.levels[index].worst_images.as_slice()).collect();
         (
             LevelStatus::Ok,
             merge_matrices(|l| &l.confusion)?,
@@ -250,6 +298,10 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
             parts
                 .iter()
                 .flat_map(|part| part.levels[index].per_image.iter().cloned())
+                .collect(),
+            merge_lists(&lists, worst_capacity, &first.label)
+                .into_iter()
+                .map(|(image, _)| image)
                 .collect(),
         )
     } else {
@@ -260,6 +312,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
             },
             None,
             None,
+            Vec::new(),
             Vec::new(),
         )
     };
@@ -287,6 +340,7 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize) -> Result<Leve
             .flat_map(|l| l.pipeline_latency_ms.iter().copied())
             .collect(),
         wall_time_s: levels.iter().map(|l| l.wall_time_s).sum(),
+        worst_images,
         summary: None,
         ..first.clone()
     })
@@ -497,7 +551,12 @@ mod tests {
                 assert_eq!(m.model_p95_ms(), w.model_p95_ms());
                 assert!((m.images_per_s_model() - w.images_per_s_model()).abs() < 1e-9);
                 assert_eq!(m.status, LevelStatus::Ok);
+                assert_eq!(m.worst_images, w.worst_images, "{count} shards, level {}", m.label);
             }
+            assert!(
+                !whole.levels[2].worst_images.is_empty(),
+                "the test data has disagreeing images"
+            );
             assert_eq!(merged.delta_miou(&merged.levels[2]), whole.delta_miou(&whole.levels[2]));
             assert!(merged.config["eval"].get("shard").is_none(), "the shard key is dropped");
         }

@@ -53,6 +53,8 @@ pub struct EvalPlan {
     pub protocol: Protocol,
     /// The first `samples` examples are kept with every level's prediction (overlays, W&B images).
     pub samples: usize,
+    /// Per quantized level, how many of the images that disagree most with the reference are kept (0: none).
+    pub worst_images: usize,
     /// Compute threads the process runs with (recorded in the results).
     pub threads: usize,
     pub output_dir: PathBuf,
@@ -129,6 +131,7 @@ impl EvalPlan {
             loader,
             protocol: config.eval.protocol,
             samples: config.eval.samples,
+            worst_images: config.eval.worst_images,
             threads,
             output_dir: config.output.dir.clone(),
             checkpoint_every: Duration::from_secs(config.eval.checkpoint_seconds),

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::eval::bootstrap::{BootstrapSettings, LevelIntervals};
 use crate::eval::metrics::{Agreement, ConfusionMatrix, MeanIou, nan_as_null};
 use crate::eval::per_image::ImageCounts;
+use crate::eval::worst::WorstImage;
 use crate::quant::{Level, Method};
 use crate::{Error, Result};
 
@@ -204,6 +205,11 @@ pub struct LevelResult {
     /// bootstrap resamples. Empty when the run keeps none (`eval.bootstrap_resamples = 0`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_image: Vec<ImageCounts>,
+    /// The images whose prediction disagrees most with the reference row's, worst first (`eval.worst_images`
+    /// of them at most; see [`crate::eval::worst`]). Empty for the reference row, for failed levels, and for a
+    /// level that agrees with the reference on every scored pixel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worst_images: Vec<WorstImage>,
     /// Derived figures written for readers of the JSON; recomputed on every write, ignored on read.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub summary: Option<LevelSummary>,
@@ -366,12 +372,15 @@ impl EvalResults {
             .unwrap_or_else(|| format!("class {id}"))
     }
 
-    /// Fills every level's derived [`LevelSummary`] from the raw data, confidence intervals included.
+    /// Fills every level's derived [`LevelSummary`] from the raw data, confidence intervals included, and
+    /// recomputes each worst image's loss from its pixel counts (a float read back from JSON may differ in its
+    /// last bit).
     pub fn refresh_summaries(&mut self) {
         let baseline_miou = self.baseline().map_or(f64::NAN, LevelResult::miou);
         let intervals = self.confidence_intervals();
         for (level, intervals) in self.levels.iter_mut().zip(intervals) {
             level.summary = Some(level.summarize(baseline_miou, intervals));
+            level.worst_images.iter_mut().for_each(WorstImage::refresh);
         }
     }
 
@@ -433,6 +442,19 @@ impl EvalResults {
             ));
         }
         for (index, level) in self.levels.iter().enumerate() {
+            if let Some(bad) = level
+                .worst_images
+                .iter()
+                .find(|w| w.pixels == 0 || w.disagreeing_pixels > w.pixels)
+            {
+                return Err(Error::invalid(
+                    format!("level {:?}", level.label),
+                    format!(
+                        "worst image {:?} has {} disagreeing of {} scored pixels",
+                        bad.id, bad.disagreeing_pixels, bad.pixels
+                    ),
+                ));
+            }
             if self.levels[..index].iter().any(|l| l.label == level.label) {
                 let origin = format!("level label {:?}", level.label);
                 return Err(Error::invalid(&origin, format!("{origin} appears twice")));
@@ -516,8 +538,11 @@ pub fn format_utc(unix_seconds: u64) -> String {
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
+    use crate::eval::worst::{WorstPixels, WorstTracker, disagreement};
 
     pub const NUM_LABELS: usize = 6;
+    /// Worst images kept per level.
+    pub const WORST: usize = 4;
     pub const LEVELS: [(&str, Level, LevelMethod, f64); 3] = [
         ("f32", Level::F32, LevelMethod::None, 32.0),
         ("int8", Level::Int8, LevelMethod::Method(Method::Rtn), 8.25),
@@ -601,9 +626,11 @@ pub(crate) mod test_support {
                 pipeline_latency_ms: Vec::new(),
                 wall_time_s: 0.25,
                 per_image: Vec::new(),
+                worst_images: Vec::new(),
                 summary: None,
             })
             .collect();
+        let mut worst: Vec<WorstTracker> = levels.iter().map(|_| WorstTracker::new(WORST)).collect();
         for row in rows.clone() {
             let (label, predictions) = image(row);
             for (index, level) in levels.iter_mut().enumerate() {
@@ -613,6 +640,13 @@ pub(crate) mod test_support {
                     agreement
                         .add_agreement(prediction, &predictions[0], Some(&label), 255)
                         .unwrap();
+                    let counts = disagreement(prediction, &predictions[0], &label, 255).unwrap();
+                    worst[index].offer(row, &format!("row{row}"), counts, || WorstPixels {
+                        image: image::RgbImage::new(1, 1),
+                        scored: image::GrayImage::new(1, 1),
+                        reference: vec![0],
+                        prediction: vec![0],
+                    });
                 }
                 let reference = (index > 0).then_some(predictions[0].as_slice());
                 level.per_image.push(
@@ -624,6 +658,9 @@ pub(crate) mod test_support {
                 level.pipeline_latency_ms.push(latency * 1.5);
                 level.wall_time_s += latency * 1.5 / 1000.0;
             }
+        }
+        for (level, worst) in levels.iter_mut().zip(&worst) {
+            level.worst_images = worst.list(&level.label);
         }
         EvalResults {
             segq_version: crate::VERSION.into(),

@@ -18,6 +18,7 @@ use crate::eval::plan::EvalPlan;
 use crate::eval::results::{
     Counts, DatasetInfo, EvalResults, LevelMethod, LevelResult, LevelStatus, MachineInfo, ModelInfo,
 };
+use crate::eval::worst::{WorstOfLevel, WorstPixels, WorstTracker, disagreement};
 use crate::model::segformer::Segformer;
 use crate::model::{self, LoadedModel};
 use crate::preprocess::PreprocessorConfig;
@@ -74,6 +75,36 @@ impl EvalObserver for Vec<Box<dyn EvalObserver + '_>> {
 struct Variant {
     model: Option<Segformer>,
     result: LevelResult,
+    /// The images that disagree most with the reference (capacity 0 for the reference itself).
+    worst: WorstTracker,
+}
+
+impl Variant {
+    /// The result row so far, with its worst-image list (none once the level has failed).
+    fn snapshot(&self) -> LevelResult {
+        let mut row = self.result.clone();
+        if row.is_ok() {
+            row.worst_images = self.worst.list(&row.label);
+        }
+        row
+    }
+
+    /// The finished row; the worst images with their pixels go to `worst` (levels that ran and list some).
+    fn finish(self, reference_label: &str, worst: &mut Vec<WorstOfLevel>) -> LevelResult {
+        let mut row = self.result;
+        if row.is_ok() {
+            let entries = self.worst.into_entries(&row.label);
+            row.worst_images = entries.iter().map(|e| e.image.clone()).collect();
+            if !entries.is_empty() {
+                worst.push(WorstOfLevel {
+                    label: row.label.clone(),
+                    reference_label: reference_label.to_string(),
+                    entries,
+                });
+            }
+        }
+        row
+    }
 }
 
 /// A kept example with every level's prediction, keyed by level label.
@@ -84,10 +115,12 @@ pub struct Sample {
     pub predictions: BTreeMap<String, Vec<u16>>,
 }
 
-/// A finished evaluation: the result file's contents and the kept samples.
+/// A finished evaluation: the result file's contents, the kept samples, and each level's worst images with the
+/// pixels of their overlays.
 pub struct EvalOutput {
     pub results: EvalResults,
     pub samples: Vec<Sample>,
+    pub worst: Vec<WorstOfLevel>,
 }
 
 /// Runs `plan`: loads the model and the dataset, builds every level, evaluates them all in one pass over the
@@ -170,11 +203,18 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         None => loaded.weight_bytes().max(1) as f64,
         Some(_) => (loaded.model.layers().iter().map(|l| l.parameters).sum::<usize>() * 4).max(1) as f64,
     };
-    let mut variants = build_variants(&loaded, &recipes[..groups[0].end], model_info.num_labels, f32_bytes)?;
+    let worst_capacity = plan.worst_images;
+    let mut variants = build_variants(
+        &loaded,
+        &recipes[..groups[0].end],
+        model_info.num_labels,
+        f32_bytes,
+        worst_capacity,
+    )?;
     attach_searches(&mut variants, &searched);
     let mut earlier = Counts::default();
     if let Some(partial) = plan.resume.as_deref() {
-        continue_from(partial, &mut variants, &model_info, &dataset_info)?;
+        continue_from(partial, &mut variants, &model_info, &dataset_info, worst_capacity)?;
         earlier = partial.counts.clone();
         tracing::info!(
             done = earlier.evaluated + earlier.skipped,
@@ -193,6 +233,8 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let mut samples: Vec<Sample> = Vec::new();
     let mut stopped = false;
     let mut rows: Vec<LevelResult> = Vec::new();
+    let mut worst: Vec<WorstOfLevel> = Vec::new();
+    let reference_label = variants[0].result.label.clone();
     let mut first_pass_stats = None;
     for (pass, group) in groups.iter().enumerate() {
         if pass > 0 {
@@ -203,6 +245,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
                 &recipes[group.clone()],
                 model_info.num_labels,
                 f32_bytes,
+                worst_capacity,
             )?);
             attach_searches(&mut variants, &searched);
             loader = Loader::new(&spec, loader_options.clone())?;
@@ -237,11 +280,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             observer.batch_done(batch.len());
             // Partial results are resumable only from a single pass.
             if passes == 1 && last_checkpoint.elapsed() >= plan.checkpoint_every {
-                let partial = run.results(
-                    variants.iter().map(|v| v.result.clone()).collect(),
-                    &loader.stats(),
-                    false,
-                )?;
+                let partial = run.results(variants.iter().map(Variant::snapshot).collect(), &loader.stats(), false)?;
                 observer.checkpoint(&partial)?;
                 last_checkpoint = Instant::now();
             }
@@ -250,12 +289,12 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         if pass == 0 {
             first_pass_stats = Some(loader.stats());
         }
-        rows.extend(variants.drain(1..).map(|v| v.result));
+        rows.extend(variants.drain(1..).map(|v| v.finish(&reference_label, &mut worst)));
         if stopped {
             break;
         }
     }
-    rows.insert(0, variants.remove(0).result);
+    rows.insert(0, variants.remove(0).finish(&reference_label, &mut worst));
     let stats = first_pass_stats.unwrap_or_else(|| loader.stats());
     if stats.skipped > 0 {
         tracing::warn!(skipped = stats.skipped, first = ?stats.skip_reasons.first(), "examples skipped");
@@ -267,7 +306,11 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         );
     }
     let results = run.results(rows, &stats, !stopped)?;
-    let output = EvalOutput { results, samples };
+    let output = EvalOutput {
+        results,
+        samples,
+        worst,
+    };
     observer.finished(&output)?;
     Ok(output)
 }
@@ -392,6 +435,7 @@ fn continue_from(
     variants: &mut [Variant],
     model: &ModelInfo,
     dataset: &DatasetInfo,
+    worst_capacity: usize,
 ) -> Result<()> {
     let origin = "--resume";
     if partial.model != *model {
@@ -453,6 +497,9 @@ fn continue_from(
             result.confusion = done.confusion.clone();
             result.agreement = done.agreement.clone();
             result.per_image = done.per_image.clone();
+            if !result.method.is_reference() {
+                variant.worst = WorstTracker::continuing(worst_capacity, &done.worst_images);
+            }
         }
         result.model_latency_ms = done.model_latency_ms.clone();
         result.pipeline_latency_ms = done.pipeline_latency_ms.clone();
@@ -601,7 +648,14 @@ fn attach_searches(variants: &mut [Variant], searched: &[(Recipe, AutoSearch)]) 
 /// Builds the model of every recipe from the loaded model, with its result row. The first row is the f32
 /// baseline: its predictions are the reference for every other level's agreement. A recipe that cannot be built
 /// for this model is an error naming it, before any example is read. Ratios are to `f32_bytes`, the float size.
-fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f32_bytes: f64) -> Result<Vec<Variant>> {
+/// Every level but the reference keeps its `worst_capacity` worst images.
+fn build_variants(
+    loaded: &LoadedModel,
+    recipes: &[Recipe],
+    num_labels: usize,
+    f32_bytes: f64,
+    worst_capacity: usize,
+) -> Result<Vec<Variant>> {
     let mut variants: Vec<Variant> = recipes
         .iter()
         .map(|recipe| {
@@ -650,9 +704,11 @@ fn build_variants(loaded: &LoadedModel, recipes: &[Recipe], num_labels: usize, f
             row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
             row.load_time_s = loaded.load_time.as_secs_f64();
             row.quantize_time_s = report.seconds;
+            let worst = WorstTracker::new(if baseline { 0 } else { worst_capacity });
             Ok(Variant {
                 model: Some(m),
                 result: row,
+                worst,
             })
         })
         .collect::<Result<_>>()?;
@@ -687,6 +743,7 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         pipeline_latency_ms: Vec::new(),
         wall_time_s: 0.0,
         per_image: Vec::new(),
+        worst_images: Vec::new(),
         summary: None,
     }
 }
@@ -782,6 +839,23 @@ fn evaluate_batch(
                     reference.map(Vec::as_slice),
                     ignore_index,
                 )?);
+            }
+            if variant.worst.is_on()
+                && let Some(reference) = reference.get(i)
+            {
+                let counts = disagreement(pred, reference, ex.label.as_raw(), ignore_index)?;
+                variant.worst.offer(ex.index, &ex.id, counts, || WorstPixels {
+                    image: ex.image.clone(),
+                    scored: GrayImage::from_fn(ex.label.width(), ex.label.height(), |x, y| {
+                        image::Luma([if ex.label.get_pixel(x, y).0[0] == ignore_index {
+                            0
+                        } else {
+                            255
+                        }])
+                    }),
+                    reference: reference.clone(),
+                    prediction: pred.clone(),
+                });
             }
         }
         let post_ms = post_start.elapsed().as_secs_f64() * 1000.0 / n as f64;

@@ -87,13 +87,19 @@ impl ReportWriter {
         Ok(ReportWriter { dir })
     }
 
-    /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays; returns the files written.
+    /// `results.json`, summaries and plots ([`write_all`]) plus `samples/` overlays (the first examples, and each
+    /// level's worst images in `samples/worst/<level>/`); returns the files written.
     pub fn write(&self, output: &EvalOutput) -> Result<Vec<PathBuf>> {
         let mut written = write_all(&output.results, &self.dir)?;
         written.extend(overlay::save_sample_overlays(
             &output.samples,
             &self.dir.join("samples"),
         )?);
+        // Overlays an earlier run left in this folder would pass for this run's worst images.
+        for level in &output.results.levels {
+            overlay::clear_pngs(&self.dir.join("samples").join("worst").join(&level.label))?;
+        }
+        written.extend(overlay::save_worst_overlays(&output.worst, &self.dir)?);
         tracing::debug!(
             out = %self.dir.display(),
             files = written.len(),
@@ -112,6 +118,55 @@ impl EvalObserver for ReportWriter {
     fn finished(&mut self, output: &EvalOutput) -> Result<()> {
         self.write(output).map(drop)
     }
+}
+
+/// Copies the overlays of a merge's worst images from the shard folders into `out`, renamed to their merged
+/// rank (so the merged folder reads like an unsharded run's); `part_dirs[i]` is the folder of `parts[i]`. An
+/// overlay missing from its shard (results.json copied without its samples/) is warned about once and listed
+/// without an overlay. Call before writing the merged results. Returns the files copied.
+pub fn copy_worst_overlays(
+    merged: &mut EvalResults,
+    parts: &[EvalResults],
+    part_dirs: &[PathBuf],
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    for level in &merged.levels {
+        overlay::clear_pngs(&out.join("samples").join("worst").join(&level.label))?;
+    }
+    let mut copied = Vec::new();
+    for (position, source, target) in crate::eval::merge::worst_overlay_sources(merged, parts) {
+        let from = part_dirs[position].join(&source);
+        let to = out.join(&target);
+        if !from.is_file() {
+            continue;
+        }
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        copied.push(to);
+    }
+    let unresolved: Vec<String> = merged
+        .levels
+        .iter()
+        .flat_map(|l| l.worst_images.iter().filter_map(|w| w.overlay.clone()))
+        .filter(|path| !copied.iter().any(|c| c == &out.join(path)))
+        .collect();
+    if !unresolved.is_empty() {
+        tracing::warn!(
+            overlays = unresolved.len(),
+            first = %unresolved[0],
+            "worst-image overlays not found in the shard folders; listed without overlays"
+        );
+        for level in &mut merged.levels {
+            for image in &mut level.worst_images {
+                if image.overlay.as_ref().is_some_and(|p| unresolved.contains(p)) {
+                    image.overlay = None;
+                }
+            }
+        }
+    }
+    Ok(copied)
 }
 
 /// Writes a little-endian float32 C-order `.npy` (format version 1.0), as `numpy.load` reads it.
@@ -206,7 +261,7 @@ mod tests {
         assert!(markdown.contains(&percent), "{percent} not in\n{markdown}");
 
         for (plot, size) in [
-            ("miou_vs_bits", (1000, 650)),
+            ("miou_vs_bits", plots::BITS_PLOT_SIZE),
             ("throughput", (1000, 700)),
             ("class_iou_drop", (1000, 650)),
         ] {

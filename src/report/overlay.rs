@@ -1,10 +1,11 @@
 //! Class masks as pictures: a fixed palette of distinct colours, coloured masks, masks blended over the input
-//! image, and class-id PNGs (the form W&B and most tools read).
+//! image, class-id PNGs (the form W&B and most tools read), and the worst images' side-by-side overlays.
 
 use std::path::Path;
 
 use image::{ImageBuffer, Luma, Rgb, RgbImage};
 
+use crate::eval::worst::{WorstImage, WorstOfLevel, WorstPixels};
 use crate::{Error, Result};
 
 /// Number of distinct colours in the palette; class ids repeat colours beyond it.
@@ -122,6 +123,195 @@ pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Resu
     Ok(written)
 }
 
+/// Longest side of one panel of a worst-image overlay: small images are enlarged (nearest neighbour, so
+/// pixels stay sharp) and large ones reduced, so every overlay reads the same.
+const WORST_PANEL: u32 = 320;
+/// Heights of the header (two lines of text) and of each panel's title.
+const WORST_HEADER: u32 = 58;
+const WORST_TITLE: u32 = 26;
+const WORST_GAP: u32 = 8;
+/// Colour of the pixels whose prediction differs from the reference's.
+const DISAGREE: [u8; 3] = [230, 0, 40];
+
+/// One worst image as a picture: a header naming the level, the image and its loss (not its rank, which the file
+/// name carries: a merge copies a shard's picture to another rank), then four panels side by side: the
+/// image, the reference prediction over it, the level's prediction over it, and where the two disagree (red on
+/// the dimmed image; pixels that are not scored are darkened with a checker pattern).
+pub fn worst_overlay(
+    pixels: &WorstPixels,
+    image: &WorstImage,
+    level_label: &str,
+    reference_label: &str,
+) -> Result<RgbImage> {
+    let (width, height) = pixels.image.dimensions();
+    check_size(&pixels.reference, width, height)?;
+    check_size(&pixels.prediction, width, height)?;
+    if pixels.scored.dimensions() != (width, height) {
+        return Err(Error::shape_mismatch(
+            "scored-pixel mask",
+            &[height as usize, width as usize],
+            &[pixels.scored.height() as usize, pixels.scored.width() as usize],
+        ));
+    }
+    let panels = [
+        ("image".to_string(), pixels.image.clone()),
+        (
+            format!("{reference_label} (reference)"),
+            overlay(&pixels.image, &pixels.reference, 0.55)?,
+        ),
+        (
+            level_label.to_string(),
+            overlay(&pixels.image, &pixels.prediction, 0.55)?,
+        ),
+    ];
+    let scale = f64::from(WORST_PANEL) / f64::from(width.max(height));
+    let panel_w = ((f64::from(width) * scale).round() as u32).max(1);
+    let panel_h = ((f64::from(height) * scale).round() as u32).max(1);
+    let filter = if scale >= 1.0 {
+        image::imageops::FilterType::Nearest
+    } else {
+        image::imageops::FilterType::Triangle
+    };
+    let mut panels: Vec<(String, RgbImage)> = panels
+        .into_iter()
+        .map(|(title, panel)| (title, image::imageops::resize(&panel, panel_w, panel_h, filter)))
+        .collect();
+    panels.push((
+        "red: differs, checkered: not scored".to_string(),
+        difference_panel(pixels, panel_w, panel_h),
+    ));
+    let total_w = WORST_GAP + panels.len() as u32 * (panel_w + WORST_GAP);
+    let total_h = WORST_HEADER + WORST_TITLE + panel_h + WORST_GAP;
+    let mut canvas = RgbImage::from_pixel(total_w, total_h, Rgb([255, 255, 255]));
+    for (i, (_, panel)) in panels.iter().enumerate() {
+        let x = WORST_GAP + i as u32 * (panel_w + WORST_GAP);
+        image::imageops::replace(&mut canvas, panel, i64::from(x), i64::from(WORST_HEADER + WORST_TITLE));
+    }
+    let header = [
+        format!("{level_label}: {} (row {})", image.id, image.index),
+        format!(
+            "{:.2}% of scored pixels differ from {reference_label} ({} of {})",
+            image.loss * 100.0,
+            image.disagreeing_pixels,
+            image.pixels
+        ),
+    ];
+    let titles: Vec<(u32, &str)> = panels
+        .iter()
+        .enumerate()
+        .map(|(i, (title, _))| (WORST_GAP + i as u32 * (panel_w + WORST_GAP), title.as_str()))
+        .collect();
+    draw_text(&mut canvas, &header, &titles, panel_w)
+        .map_err(|e| Error::internal(format!("cannot draw the worst-image caption: {e}")))?;
+    Ok(canvas)
+}
+
+/// Where the predictions differ, drawn at the panel's size: an output pixel is red when any scored source pixel
+/// it covers differs (so a single differing pixel of a large image stays visible when reduced), else the dimmed
+/// grey image, with a checker pattern over pixels that are not scored.
+fn difference_panel(pixels: &WorstPixels, panel_w: u32, panel_h: u32) -> RgbImage {
+    let (width, height) = pixels.image.dimensions();
+    let span = |out: u32, out_size: u32, size: u32| {
+        let start = (u64::from(out) * u64::from(size) / u64::from(out_size)) as u32;
+        let end = ((u64::from(out + 1) * u64::from(size) / u64::from(out_size)) as u32).max(start + 1);
+        start..end.min(size)
+    };
+    RgbImage::from_fn(panel_w, panel_h, |ox, oy| {
+        let (xs, ys) = (span(ox, panel_w, width), span(oy, panel_h, height));
+        let differs = ys.clone().any(|y| {
+            xs.clone().any(|x| {
+                let at = (y * width + x) as usize;
+                pixels.scored.get_pixel(x, y).0[0] != 0 && pixels.reference[at] != pixels.prediction[at]
+            })
+        });
+        if differs {
+            return Rgb(DISAGREE);
+        }
+        let (x, y) = (xs.start, ys.start);
+        let [r, g, b] = pixels.image.get_pixel(x, y).0;
+        let grey = (f32::from(r) * 0.3 + f32::from(g) * 0.59 + f32::from(b) * 0.11) as u8;
+        if pixels.scored.get_pixel(x, y).0[0] != 0 {
+            Rgb([grey / 2 + 64; 3])
+        } else if (ox / 5 + oy / 5) % 2 == 0 {
+            Rgb([90, 90, 90])
+        } else {
+            Rgb([grey / 5; 3])
+        }
+    })
+}
+
+/// Writes the header lines and the panel titles onto `canvas` with the embedded font.
+fn draw_text(
+    canvas: &mut RgbImage,
+    header: &[String],
+    titles: &[(u32, &str)],
+    panel_w: u32,
+) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    crate::report::plots::register_font();
+    let (width, height) = canvas.dimensions();
+    let family = crate::report::plots::FAMILY;
+    let root = BitMapBackend::with_buffer(canvas.as_mut(), (width, height)).into_drawing_area();
+    for (line, text) in header.iter().enumerate() {
+        let size = if line == 0 { 20 } else { 17 };
+        let style = (family, size).into_font().color(&BLACK);
+        root.draw(&Text::new(
+            text.clone(),
+            (WORST_GAP as i32, 6 + 26 * line as i32),
+            style,
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    for (x, title) in titles {
+        // Titles longer than their panel are cut, so neighbours never overlap.
+        let style = (family, 15).into_font().color(&BLACK);
+        let mut text = title.to_string();
+        while text.chars().count() > 3 && root.estimate_text_size(&text, &style).map_or(0, |(w, _)| w) > panel_w {
+            text.pop();
+            text.pop();
+            text.push('…');
+        }
+        root.draw(&Text::new(text, (*x as i32, WORST_HEADER as i32 + 4), style))
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Saves every worst image's overlay at its listed path under `dir` (the results folder). Entries without pixels
+/// (carried over from an interrupted run) are skipped.
+pub fn save_worst_overlays(worst: &[WorstOfLevel], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut written = Vec::new();
+    for level in worst {
+        for entry in &level.entries {
+            let (Some(pixels), Some(relative)) = (&entry.pixels, &entry.image.overlay) else {
+                continue;
+            };
+            let picture = worst_overlay(pixels, &entry.image, &level.label, &level.reference_label)?;
+            let path = dir.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            picture.save(&path).map_err(|e| Error::write(&path, e.to_string()))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// Removes the `.png` files directly in `folder` (segq's own overlays from an earlier run), if it exists.
+pub(crate) fn clear_pngs(folder: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(folder, e))?.path();
+        if path.extension().is_some_and(|e| e == "png") && path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +358,69 @@ mod tests {
         assert_eq!(half.get_pixel(1, 0).0, expected.map(|v| v.round() as u8));
         assert!(colorize(&mask, 4, 2).is_err());
         assert!(overlay(&image, &mask[..5], 0.5).is_err());
+    }
+
+    #[test]
+    fn worst_overlay_shows_four_panels_and_marks_the_differences() {
+        let (w, h) = (40u32, 30u32);
+        let image = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, 120]));
+        let reference: Vec<u16> = (0..w * h).map(|i| (i % w / 10) as u16).collect();
+        let mut prediction = reference.clone();
+        // The left half of the top row differs; one pixel of it is not scored.
+        prediction[..20].iter_mut().for_each(|c| *c = 7);
+        let scored = image::GrayImage::from_fn(w, h, |x, y| image::Luma([if (x, y) == (3, 0) { 0 } else { 255 }]));
+        let pixels = WorstPixels {
+            image,
+            scored,
+            reference,
+            prediction,
+        };
+        let entry = WorstImage {
+            index: 12,
+            id: "SYN_val_00000013".into(),
+            pixels: u64::from(w * h) - 1,
+            disagreeing_pixels: 19,
+            loss: 19.0 / 1199.0,
+            pixel_agreement: 1.0 - 19.0 / 1199.0,
+            overlay: None,
+        };
+        let picture = worst_overlay(&pixels, &entry, "int2-rtn-g32", "f32").unwrap();
+        // Panels of 320 x 240 (the longest side enlarged to WORST_PANEL), four side by side under the captions.
+        assert_eq!(picture.width(), WORST_GAP + 4 * (320 + WORST_GAP));
+        assert_eq!(picture.height(), WORST_HEADER + WORST_TITLE + 240 + WORST_GAP);
+        let panel_x = |i: u32| WORST_GAP + i * (320 + WORST_GAP);
+        let top = WORST_HEADER + WORST_TITLE;
+        // In the difference panel, source pixel (x, 0) is an 8 x 8 block: red where the classes differ.
+        assert_eq!(picture.get_pixel(panel_x(3) + 8 * 10 + 4, top + 4).0, DISAGREE);
+        assert_ne!(picture.get_pixel(panel_x(3) + 8 * 30 + 4, top + 4).0, DISAGREE);
+        assert_ne!(
+            picture.get_pixel(panel_x(3) + 8 * 3 + 4, top + 4).0,
+            DISAGREE,
+            "not scored: not red"
+        );
+        // The caption was drawn: dark pixels in the header.
+        let dark = (0..picture.width())
+            .flat_map(|x| (0..WORST_HEADER).map(move |y| (x, y)))
+            .filter(|&(x, y)| picture.get_pixel(x, y).0.iter().all(|&c| c < 80))
+            .count();
+        assert!(dark > 200, "{dark} dark pixels in the header");
+        // Reduced 1000 x 20 -> 320 x 6: the one differing pixel still shows.
+        let wide = WorstPixels {
+            image: RgbImage::new(1000, 20),
+            scored: image::GrayImage::from_pixel(1000, 20, image::Luma([255])),
+            reference: vec![1; 20_000],
+            prediction: (0..20_000).map(|i| if i == 10 * 1000 + 777 { 2 } else { 1 }).collect(),
+        };
+        let panel = difference_panel(&wide, 320, 6);
+        let red: Vec<(u32, u32)> = panel
+            .enumerate_pixels()
+            .filter(|p| p.2.0 == DISAGREE)
+            .map(|p| (p.0, p.1))
+            .collect();
+        assert_eq!(red, [(248, 3)], "777 * 320 / 1000 = 248, 10 * 6 / 20 = 3");
+        let mut bad = pixels.clone();
+        bad.prediction.pop();
+        assert!(worst_overlay(&bad, &entry, "int2", "f32").is_err());
     }
 
     #[test]

@@ -359,6 +359,47 @@ pub fn summary_markdown(results: &EvalResults) -> String {
     if let Some(footnote) = interval_footnote(results) {
         out.push_str(&format!("\n{}\n", escape(&footnote)));
     }
+    out.push_str(&worst_images_markdown(results));
+    out
+}
+
+/// The "Worst images" section of summary.md: per level, its listed images worst first, linked to their overlays;
+/// empty when no level lists any.
+pub fn worst_images_markdown(results: &EvalResults) -> String {
+    let escape = |text: &str| text.replace('|', "\\|");
+    let listed: Vec<_> = results.levels.iter().filter(|l| !l.worst_images.is_empty()).collect();
+    if listed.is_empty() {
+        return String::new();
+    }
+    let reference = results.baseline().map_or("the reference", |b| b.label.as_str());
+    let mut out = format!(
+        "\n## Worst images\n\nPer level, the images whose prediction differs from {} on the largest fraction of scored \
+         pixels. Each overlay shows the image, the {} prediction, the level's, and in red where they differ.\n",
+        escape(reference),
+        escape(reference)
+    );
+    for level in listed {
+        out.push_str(&format!(
+            "\n### {}\n\n| rank | image | row | pixels differing | overlay |\n| ---: | --- | ---: | ---: | --- |\n",
+            escape(&level.label)
+        ));
+        for (rank, image) in level.worst_images.iter().enumerate() {
+            let overlay = match &image.overlay {
+                Some(path) => format!("[{}](<{}>)", escape(path.rsplit('/').next().unwrap_or(path)), path),
+                None => "-".to_string(),
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.2}% ({} of {}) | {} |\n",
+                rank + 1,
+                escape(&image.id),
+                image.index,
+                image.loss * 100.0,
+                image.disagreeing_pixels,
+                image.pixels,
+                overlay
+            ));
+        }
+    }
     out
 }
 

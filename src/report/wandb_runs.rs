@@ -1,5 +1,7 @@
 //! Turns an evaluation's results into W&B runs (one per level and method, all in one group): config, metrics as
-//! history and summary, a per-class IoU table, and sample images with ground-truth and predicted masks; and
+//! history and summary, a per-class IoU table, sample images with ground-truth and predicted masks, and the
+//! level's worst images (a table, and their overlay pictures as in `samples/worst/`, which `segq merge` reads back
+//! from the files it copied, so merged runs log what an unsharded eval logs); and
 //! [`WandbPublisher`], the evaluation observer that logs them when the run is over (and `segq merge`'s publisher
 //! of merged shards), with what it tells the user on the console.
 //!
@@ -12,8 +14,55 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use crate::eval::results::EvalResults;
+use crate::eval::worst::WorstOfLevel;
 use crate::eval::{EvalObserver, EvalOutput, Sample};
+use crate::report::overlay::worst_overlay;
 use crate::track::{MaskedImage, RunLog, Table, TrackOutcome, TrackingMode, TrackingSettings};
+
+/// The overlay picture of a level's `rank`-th (0-based) worst image, as in `samples/worst/<level>/`.
+#[derive(Debug, Clone)]
+pub struct WorstPicture {
+    pub label: String,
+    pub rank: usize,
+    pub picture: image::RgbImage,
+}
+
+/// Draws the overlays of an evaluation's worst images (the pictures `ReportWriter` saves).
+pub fn worst_pictures(worst: &[WorstOfLevel]) -> crate::Result<Vec<WorstPicture>> {
+    let mut pictures = Vec::new();
+    for level in worst {
+        for (rank, entry) in level.entries.iter().enumerate() {
+            let Some(pixels) = &entry.pixels else { continue };
+            pictures.push(WorstPicture {
+                label: level.label.clone(),
+                rank,
+                picture: worst_overlay(pixels, &entry.image, &level.label, &level.reference_label)?,
+            });
+        }
+    }
+    Ok(pictures)
+}
+
+/// Reads back the overlays `results` lists from the folder `dir` (a merge's, after
+/// [`crate::report::copy_worst_overlays`]); files that are missing or unreadable are skipped with a warning.
+pub fn worst_pictures_in(results: &EvalResults, dir: &std::path::Path) -> Vec<WorstPicture> {
+    let mut pictures = Vec::new();
+    for level in &results.levels {
+        for (rank, image) in level.worst_images.iter().enumerate() {
+            let Some(relative) = &image.overlay else { continue };
+            let path = dir.join(relative);
+            match image::open(&path) {
+                Ok(picture) => pictures.push(WorstPicture {
+                    label: level.label.clone(),
+                    rank,
+                    picture: picture.to_rgb8(),
+                }),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "worst-image overlay not logged to W&B"),
+            }
+        }
+    }
+    pictures
+}
 
 fn finite(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }
@@ -22,7 +71,13 @@ fn finite(v: f64) -> Value {
 /// One `RunLog` per evaluated level (failed levels are logged too, with exit code 1 and their reason), named by
 /// the level's label (the `tracking.name` prefix is added by the tracker). A shard's runs are named
 /// `<label>-shard-I-of-N` and tagged `shard-I-of-N` (I 0-based, as `--shard I/N`).
-pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[String]) -> Vec<RunLog> {
+pub fn run_logs(
+    results: &EvalResults,
+    samples: &[Sample],
+    worst: &[WorstPicture],
+    group: &str,
+    tags: &[String],
+) -> Vec<RunLog> {
     let class_names = &results.model.class_names;
     let class_labels: BTreeMap<u32, String> = class_names
         .iter()
@@ -123,6 +178,53 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
             if let crate::eval::results::LevelStatus::Failed { reason } = &level.status {
                 metrics.insert("failure".into(), json!(reason));
             }
+            if !level.worst_images.is_empty() {
+                tables.push(Table {
+                    key: "worst_images".into(),
+                    columns: [
+                        "rank",
+                        "row",
+                        "image",
+                        "loss",
+                        "pixel_agreement",
+                        "disagreeing_pixels",
+                        "pixels",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    rows: level
+                        .worst_images
+                        .iter()
+                        .enumerate()
+                        .map(|(rank, w)| {
+                            vec![
+                                json!(rank + 1),
+                                json!(w.index),
+                                json!(w.id),
+                                finite(w.loss),
+                                finite(w.pixel_agreement),
+                                json!(w.disagreeing_pixels),
+                                json!(w.pixels),
+                            ]
+                        })
+                        .collect(),
+                });
+            }
+            let worst_images = worst.iter().filter(|w| w.label == level.label).filter_map(|w| {
+                let image = level.worst_images.get(w.rank)?;
+                Some(MaskedImage {
+                    key: format!("worst/{:02}_{}", w.rank + 1, image.id),
+                    caption: format!(
+                        "#{} {}: {:.2}% of pixels differ from the reference",
+                        w.rank + 1,
+                        image.id,
+                        image.loss * 100.0
+                    ),
+                    rgb: w.picture.clone(),
+                    masks: Vec::new(),
+                    class_labels: BTreeMap::new(),
+                })
+            });
             let images = samples
                 .iter()
                 .filter_map(|s| {
@@ -142,6 +244,7 @@ pub fn run_logs(results: &EvalResults, samples: &[Sample], group: &str, tags: &[
                         class_labels: class_labels.clone(),
                     })
                 })
+                .chain(worst_images)
                 .collect();
             let mut tags = tags.to_vec();
             let name = match results.dataset.shard {
@@ -219,9 +322,9 @@ impl WandbPublisher {
     /// they are, the `wandb sync` command, and why they are offline when no key was found); online, each run's
     /// URL, or for a failed upload the reason and the run folder to sync. `Error::Interrupted` when a stop request
     /// cut the uploads short (every run is on disk).
-    pub fn publish(&self, results: &EvalResults, samples: &[Sample]) -> crate::Result<()> {
+    pub fn publish(&self, results: &EvalResults, samples: &[Sample], worst: &[WorstPicture]) -> crate::Result<()> {
         let group = self.group(|| format!("segq-eval-{}", results.created_utc.replace([':', '-'], "")));
-        let runs = run_logs(results, samples, &group, &self.tags());
+        let runs = run_logs(results, samples, worst, &group, &self.tags());
         self.publish_runs(&runs)
     }
 
@@ -295,14 +398,66 @@ pub fn console_lines(outcome: &TrackOutcome) -> Vec<ConsoleLine> {
 
 impl EvalObserver for WandbPublisher {
     fn finished(&mut self, output: &EvalOutput) -> crate::Result<()> {
-        self.publish(&output.results, &output.samples)
+        self.publish(&output.results, &output.samples, &worst_pictures(&output.worst)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::worst::{WorstEntry, WorstPixels};
     use crate::track::RunOutcome;
+
+    #[test]
+    fn worst_images_are_logged_as_a_table_and_as_their_overlays() {
+        let results = crate::eval::results::test_support::run(0..10, 10, None);
+        let int4 = &results.levels[2];
+        assert!(!int4.worst_images.is_empty());
+        let pixels = WorstPixels {
+            image: image::RgbImage::new(3, 2),
+            scored: image::GrayImage::from_pixel(3, 2, image::Luma([255])),
+            reference: vec![0, 1, 2, 3, 4, 5],
+            prediction: vec![0, 1, 2, 3, 4, 300],
+        };
+        let worst = [WorstOfLevel {
+            label: int4.label.clone(),
+            reference_label: "f32".into(),
+            entries: vec![WorstEntry {
+                image: int4.worst_images[0].clone(),
+                pixels: Some(pixels),
+            }],
+        }];
+        let pictures = worst_pictures(&worst).unwrap();
+        assert_eq!(pictures.len(), 1);
+        let runs = run_logs(&results, &[], &pictures, "g", &[]);
+        let table = runs[2]
+            .tables
+            .iter()
+            .find(|t| t.key == "worst_images")
+            .expect("a worst_images table");
+        assert_eq!(table.rows.len(), int4.worst_images.len());
+        assert_eq!(table.rows[0][1], json!(int4.worst_images[0].index));
+        assert_eq!(runs[2].images.len(), 1);
+        let image = &runs[2].images[0];
+        assert_eq!(image.key, format!("worst/01_{}", int4.worst_images[0].id));
+        assert_eq!(image.rgb, pictures[0].picture, "the overlay as saved in samples/worst/");
+        // The reference row lists none; without pictures the table is still logged.
+        assert!(runs[0].tables.iter().all(|t| t.key != "worst_images"));
+        let bare = run_logs(&results, &[], &[], "g", &[]);
+        assert!(bare[2].images.is_empty());
+        assert!(bare[2].tables.iter().any(|t| t.key == "worst_images"));
+        // A merge reads the pictures back from the files: the same pixels.
+        let dir = std::env::temp_dir().join(format!("segq-worst-wandb-{}", std::process::id()));
+        let mut listed = results.clone();
+        listed.levels[2].worst_images.truncate(1);
+        let path = dir.join(listed.levels[2].worst_images[0].overlay.as_ref().unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        pictures[0].picture.save(&path).unwrap();
+        let read = worst_pictures_in(&listed, &dir);
+        assert_eq!(read.len(), 1);
+        assert_eq!((read[0].rank, read[0].picture == pictures[0].picture), (0, true));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn run(name: &str, mode: TrackingMode, url: Option<&str>, error: Option<&str>) -> RunOutcome {
         RunOutcome {
@@ -319,7 +474,7 @@ mod tests {
     fn level_runs_carry_the_bootstrap_intervals() {
         let mut results = crate::eval::results::test_support::run(0..6, 6, None);
         results.refresh_summaries();
-        let logs = run_logs(&results, &[], "group", &[]);
+        let logs = run_logs(&results, &[], &[], "group", &[]);
         let int4 = logs.iter().find(|l| l.name == "int4-hqq-g64").unwrap();
         let [low, high] = results.levels[2].summary.as_ref().unwrap().delta_miou_ci.unwrap();
         assert_eq!(int4.summary["delta_mean_iou_vs_f32_ci95_low"], json!(low));
