@@ -206,10 +206,6 @@ impl Default for OutputConfig {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
-}
-
 fn find_secret(table: &toml::Table, path: &str) -> Option<String> {
     for (k, v) in table {
         let here = if path.is_empty() {
@@ -233,7 +229,7 @@ impl Config {
     /// Parses `segq.toml` text; `origin` names the file in errors ("segq.toml line 7: unknown field ...").
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            let line = e.span().map(|s| crate::error::line_of(text, s.start)).unwrap_or(0);
             Error::config(format!("{origin} line {line}"), e.message())
         })?;
         if let Some(key) = find_secret(&table, "") {
@@ -244,7 +240,7 @@ impl Config {
             return Err(Error::config(key, message));
         }
         let config: Config = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            let line = e.span().map(|s| crate::error::line_of(text, s.start)).unwrap_or(0);
             Error::config(format!("{origin} line {line}"), e.message().trim())
         })?;
         config.validate().map_err(|e| e.within(origin))?;

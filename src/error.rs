@@ -239,6 +239,11 @@ impl std::fmt::Display for IoCause<'_> {
     }
 }
 
+/// The 1-based line of byte `offset` in `text`, for errors that name the line of a TOML file.
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
 /// Joins the lines of a message that quotes another library's multi-line error, so the error stays one line.
 fn one_line(text: String) -> String {
     if !text.contains(['\n', '\r']) {

@@ -3,6 +3,7 @@
 //! quantize and predict like uniform levels; `--quant auto:...` searches a recipe under a budget.
 
 mod eval_support;
+mod wandb_support;
 
 use std::path::{Path, PathBuf};
 
@@ -349,7 +350,7 @@ fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from
     assert!(recipe_file.exists(), "{}", recipe_file.display());
     // The row's W&B run carries the recipe and the search in its config.
     let logged = |needle: &str| {
-        walk(&out.join("wandb")).iter().any(|f| {
+        wandb_support::all_files(&out.join("wandb")).iter().any(|f| {
             let bytes = std::fs::read(f).unwrap();
             bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
         })
@@ -391,18 +392,4 @@ fn an_auto_row_is_evaluated_written_as_a_recipe_reused_by_recipe_and_merged_from
     assert_eq!(level(&m, label)["agreement"], row["agreement"]);
     assert!(merged.join("recipes").join(format!("{label}.toml")).exists());
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

@@ -407,12 +407,7 @@ impl Recipe {
         }
         let uniform = match self.rules.iter().find(|r| r.matches(layer)) {
             Some(rule) => self.rule_recipe(rule),
-            None => Recipe {
-                rules: Vec::new(),
-                skip: Vec::new(),
-                name: None,
-                ..self.clone()
-            },
+            None => self.own_level(),
         };
         (!uniform.level.is_float_baseline()).then_some(uniform)
     }
@@ -423,12 +418,7 @@ impl Recipe {
         if !self.is_mixed() {
             return vec![self.clone()];
         }
-        let base = Recipe {
-            rules: Vec::new(),
-            skip: Vec::new(),
-            name: None,
-            ..self.clone()
-        };
+        let base = self.own_level();
         let rules = self
             .rules
             .iter()
@@ -439,6 +429,16 @@ impl Recipe {
             .into_iter()
             .chain(rules)
             .collect()
+    }
+
+    /// The uniform recipe of the weights no rule matches: this recipe without its skips, rules and name.
+    fn own_level(&self) -> Recipe {
+        Recipe {
+            rules: Vec::new(),
+            skip: Vec::new(),
+            name: None,
+            ..self.clone()
+        }
     }
 
     /// The uniform recipe of a rule: unset fields take the level's defaults, and the recipe's method where it
@@ -687,9 +687,7 @@ impl Recipe {
     /// Parses a recipe file's text; `origin` (the file) and the line go into errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Recipe> {
         let file: RecipeFile = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map_or(0, |s| crate::error::line_of(text, s.start));
             Error::config(format!("{origin} line {line}"), e.message().trim())
         })?;
         let recipe = Recipe {

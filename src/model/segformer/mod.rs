@@ -157,7 +157,8 @@ mod tests {
     use crate::quant::{Level, Recipe};
     use candle_core::Device;
 
-    fn fixture(name: &str) -> Segformer {
+    /// A fixture model from tests/fixtures/models (the resume tests load theirs here too).
+    pub(super) fn fixture(name: &str) -> Segformer {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/models")
             .join(name);

@@ -220,17 +220,11 @@ impl Segformer {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::fixture;
     use super::*;
-    use crate::model::{self, ModelSource};
+    use crate::model;
     use crate::quant::{LayerRule, Level, Recipe};
     use candle_core::Device;
-
-    fn fixture(name: &str) -> Segformer {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/models")
-            .join(name);
-        model::load(&ModelSource::Local(dir)).unwrap().model
-    }
 
     /// Two noisy image-like inputs of `h x w`.
     fn pixels(h: usize, w: usize) -> Tensor {
