@@ -136,6 +136,7 @@ impl W8A8Weight {
             data,
             scales: self.panels.scales().to_vec(),
             zeros: Vec::new(),
+            col_scales: Vec::new(),
         }
     }
 

@@ -50,7 +50,13 @@ impl Default for HqqOptions {
 
 /// Quantizes a row-major `[rows, cols]` weight with affine codes whose per-group scale and zero point are found by
 /// [`optimize_group`] (HQQ needs no data).
-pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    recipe: &Recipe,
+    _stats: Option<&super::LayerStats>,
+) -> Result<QuantTensor> {
     let bits = recipe
         .level
         .int_bits()

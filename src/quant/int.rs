@@ -267,6 +267,7 @@ where
         data,
         scales,
         zeros,
+        col_scales: Vec::new(),
     }
 }
 

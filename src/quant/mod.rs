@@ -5,13 +5,17 @@
 //! Weights arrive as row-major `[out, in]` matrices (convolutions flattened to `[out, in * kh * kw]`); scales and
 //! zero points are per output row, or per group of `group_size` consecutive inputs within a row.
 
+pub mod act;
+pub mod awq;
 pub mod f8;
+pub mod gptq;
 pub mod hqq;
 pub mod int;
 pub mod quanto;
 pub mod recipe;
 pub mod rtn;
 pub mod search;
+pub mod stats;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,6 +25,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 pub use recipe::{LayerRule, Level, Method, Recipe, SweepSpec, UnbuildableLevel};
+pub use stats::{LayerStats, ModelStats, StatsNeeds};
 
 use crate::{Error, Result};
 
@@ -180,6 +185,9 @@ pub struct QuantTensor {
     pub data: Vec<u8>,
     pub scales: Vec<f32>,
     pub zeros: Vec<f32>,
+    /// Per input column, a multiplier applied to the dequantized values (AWQ's inverse activation scale `1 / s_j`,
+    /// folded into the weight so that no other layer changes); empty when the tensor has none.
+    pub col_scales: Vec<f32>,
 }
 
 /// What must be known besides the stored tensors to rebuild a [`QuantTensor`]; serialised in checkpoint metadata.
@@ -193,6 +201,9 @@ pub struct QuantTensorMeta {
     pub cols: usize,
     pub group_size: usize,
     pub param_dtype: ParamDtype,
+    /// True when the tensor carries per-column multipliers ([`QuantTensor::col_scales`], stored as `name.col_scale`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub col_scales: bool,
 }
 
 /// One tensor to store: (name, dtype, shape, little-endian bytes).
@@ -251,6 +262,7 @@ impl QuantTensor {
             cols: self.cols,
             group_size: self.group_size,
             param_dtype: self.param_dtype,
+            col_scales: !self.col_scales.is_empty(),
         }
     }
 
@@ -428,6 +440,7 @@ impl QuantTensor {
             data: Vec::new(),
             scales: Vec::new(),
             zeros: Vec::new(),
+            col_scales: Vec::new(),
         };
         if meta.format.has_scales() && (meta.group_size == 0 || meta.group_size > meta.cols.max(1)) {
             return Err(Error::invalid(
@@ -499,20 +512,55 @@ impl Format {
     }
 }
 
-/// The signature every method implements: quantize a row-major `[rows, cols]` weight under a validated recipe.
-pub type QuantizeFn = fn(&[f32], usize, usize, &Recipe) -> Result<QuantTensor>;
+/// The signature every method implements: quantize a row-major `[rows, cols]` weight under a validated recipe,
+/// given the calibration statistics of the layer's input when there are any (calibration-free methods ignore them).
+pub type QuantizeFn = fn(&[f32], usize, usize, &Recipe, Option<&LayerStats>) -> Result<QuantTensor>;
 
 /// The function implementing `method`.
 pub fn quantizer(method: Method) -> QuantizeFn {
     match method {
         Method::Rtn => rtn::quantize,
         Method::Hqq => hqq::quantize,
+        Method::Gptq => gptq::quantize,
+        Method::Awq | Method::AwqGptq => awq::quantize,
+    }
+}
+
+/// A weight quantized by another method than its recipe's, and why (a calibrated method on a layer without
+/// statistics, such as a depthwise convolution).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    pub layer: String,
+    pub method: Method,
+    pub reason: String,
+}
+
+/// The method a calibrated method falls back to on a layer it cannot use: hqq for affine formats, rtn otherwise.
+pub fn fallback_method(recipe: &Recipe) -> Method {
+    if recipe.level.int_bits().is_some() && !recipe.is_symmetric() {
+        Method::Hqq
+    } else {
+        Method::Rtn
     }
 }
 
 /// Quantizes the weight `name` (row-major `[rows, cols]`) with the recipe's method. Checks the shape, finiteness and
-/// recipe first so that errors name the weight.
+/// recipe first so that errors name the weight. A calibrated method needs `stats` (an error otherwise).
 pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
+    quantize_weight_with(name, w, rows, cols, recipe, None, false).map(|(q, _)| q)
+}
+
+/// [`quantize_weight`] with the layer's calibration statistics. Without statistics a calibrated method is an error,
+/// unless `allow_fallback`: then the weight is quantized by [`fallback_method`] and the [`Fallback`] says so.
+pub fn quantize_weight_with(
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    recipe: &Recipe,
+    stats: Option<&LayerStats>,
+    allow_fallback: bool,
+) -> Result<(QuantTensor, Option<Fallback>)> {
     if w.len() != rows * cols {
         return Err(Error::invalid(
             name,
@@ -530,15 +578,53 @@ pub fn quantize_weight(name: &str, w: &[f32], rows: usize, cols: usize, recipe: 
             ),
         ));
     }
+    if let Some(s) = stats
+        && s.cols != cols
+    {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "calibration statistics have {} input columns, the weight {cols}",
+                s.cols
+            ),
+        ));
+    }
     recipe.validate().map_err(|e| e.within(name))?;
-    let tensor = quantizer(recipe.method)(w, rows, cols, recipe).map_err(|e| e.within(name))?;
+    let usable = stats.filter(|s| s.rows > 0 && (!recipe.method.stats_needs().hessian || s.hessian.is_some()));
+    let (method, fallback) = match (recipe.method.needs_calibration(), usable) {
+        (true, None) if allow_fallback => {
+            let method = fallback_method(recipe);
+            let reason = "no calibration statistics for this layer".to_string();
+            let fallback = Fallback {
+                layer: name.to_string(),
+                method,
+                reason,
+            };
+            (method, Some(fallback))
+        }
+        (true, None) => {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{} needs calibration statistics of the layer's inputs (pass a calibration set)",
+                    recipe.method
+                ),
+            ));
+        }
+        _ => (recipe.method, None),
+    };
+    let effective = Recipe {
+        method,
+        ..recipe.clone()
+    };
+    let tensor = quantizer(method)(w, rows, cols, &effective, usable).map_err(|e| e.within(name))?;
     tracing::debug!(
         weight = name,
         format = %tensor.format_name(),
         bits_per_weight = tensor.bits_per_weight(),
         "quantized"
     );
-    Ok(tensor)
+    Ok((tensor, fallback))
 }
 
 /// Relative Frobenius error `||a - b|| / ||a||` (0 when both are zero).

@@ -228,6 +228,7 @@ pub fn from_quanto<'a>(
             data: data.2.to_vec(),
             scales,
             zeros: Vec::new(),
+            col_scales: Vec::new(),
         });
     };
     // qint4 / qint2: one scale and shift per group; the group size follows from the number of scales.
@@ -289,6 +290,7 @@ pub fn from_quanto<'a>(
         data: int::pack(&codes, rows, cols, bits),
         scales,
         zeros,
+        col_scales: Vec::new(),
     })
 }
 

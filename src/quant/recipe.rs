@@ -156,17 +156,32 @@ pub enum Method {
     Rtn,
     /// Calibration-free half-quadratic optimisation of scale and zero point per group (Badri & Shaji 2023).
     Hqq,
+    /// GPTQ (Frantar et al. 2022): columns rounded one by one, each one's error spread over the columns not yet
+    /// rounded through the inverse Hessian of the layer's calibration inputs.
+    Gptq,
+    /// AWQ (Lin et al. 2023): per-input-channel scales from calibration activation magnitudes, searched per layer to
+    /// minimise the layer's output error, then round to nearest; the inverse scale folds into dequantization.
+    Awq,
+    /// AWQ's scales with GPTQ's rounding.
+    #[serde(rename = "awq+gptq")]
+    AwqGptq,
 }
 
 impl Method {
-    /// Parses a method as users write it (`rtn`, `hqq`).
+    /// Every method, in the order reports list them.
+    pub const ALL: [Method; 5] = [Method::Rtn, Method::Hqq, Method::Gptq, Method::Awq, Method::AwqGptq];
+
+    /// Parses a method as users write it (`rtn`, `hqq`, `gptq`, `awq`, `awq+gptq`).
     pub fn parse(text: &str) -> Result<Method> {
         match text.trim().to_ascii_lowercase().as_str() {
             "rtn" | "minmax" | "round" => Ok(Method::Rtn),
             "hqq" => Ok(Method::Hqq),
+            "gptq" => Ok(Method::Gptq),
+            "awq" => Ok(Method::Awq),
+            "awq+gptq" | "awq-gptq" | "gptq+awq" => Ok(Method::AwqGptq),
             other => Err(Error::unsupported(
                 format!("quantization method '{other}'"),
-                format!("unknown quantization method '{other}': expected rtn or hqq"),
+                format!("unknown quantization method '{other}': expected rtn, hqq, gptq, awq or awq+gptq"),
             )),
         }
     }
@@ -176,7 +191,28 @@ impl Method {
         match self {
             Method::Rtn => "rtn",
             Method::Hqq => "hqq",
+            Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::AwqGptq => "awq+gptq",
         }
+    }
+
+    /// True for the methods that read calibration statistics of the layer inputs.
+    pub fn needs_calibration(self) -> bool {
+        self.stats_needs().hessian
+    }
+
+    /// The statistics this method reads (both GPTQ and AWQ's output-error search use `X^T X`).
+    pub fn stats_needs(self) -> super::stats::StatsNeeds {
+        super::stats::StatsNeeds {
+            hessian: matches!(self, Method::Gptq | Method::Awq | Method::AwqGptq),
+            histogram: false,
+        }
+    }
+
+    /// True for the methods whose weights carry per-input-column scales (AWQ's folded inverse scale).
+    pub fn scales_columns(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
     }
 }
 
@@ -530,6 +566,11 @@ impl Recipe {
                 if level.dynamic_activations() {
                     let why = if self.method == Method::Hqq {
                         Some("hqq weights are affine (they have a zero point)".to_string())
+                    } else if self.method.scales_columns() {
+                        Some(format!(
+                            "{} weights carry a scale per input column, which the int8 GEMM cannot apply",
+                            self.method
+                        ))
                     } else if self.symmetric == Some(false) {
                         Some("affine weights (symmetric = false) have a zero point".to_string())
                     } else {
@@ -599,7 +640,9 @@ impl Recipe {
     pub fn is_symmetric(&self) -> bool {
         match self.level.int_bits() {
             None => true,
-            Some(8) => self.symmetric.unwrap_or(self.method == Method::Rtn),
+            Some(8) => self
+                .symmetric
+                .unwrap_or(matches!(self.method, Method::Rtn | Method::Gptq)),
             Some(_) => self.symmetric.unwrap_or(false),
         }
     }
@@ -641,7 +684,7 @@ impl Recipe {
         if let Some(g) = self.requested_group_size() {
             label.push_str(&format!("-g{g}"));
         }
-        let default_symmetric = bits == 8 && self.method == Method::Rtn;
+        let default_symmetric = bits == 8 && matches!(self.method, Method::Rtn | Method::Gptq);
         match (self.is_symmetric(), default_symmetric) {
             (true, false) => label.push_str("-sym"),
             (false, true) => label.push_str("-asym"),

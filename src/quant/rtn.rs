@@ -9,7 +9,13 @@ use super::{Format, Level, ParamDtype, QuantTensor, Recipe, f8};
 use crate::Result;
 
 /// Quantizes a row-major `[rows, cols]` weight by round to nearest.
-pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<QuantTensor> {
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    recipe: &Recipe,
+    _stats: Option<&super::LayerStats>,
+) -> Result<QuantTensor> {
     let format = Format::of_level(recipe.level);
     let float = |data: Vec<u8>| QuantTensor {
         format,
@@ -22,6 +28,7 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, recipe: &Recipe) -> Result<
         data,
         scales: Vec::new(),
         zeros: Vec::new(),
+        col_scales: Vec::new(),
     };
     let tensor = match recipe.level {
         Level::F32 => float(w.iter().flat_map(|v| v.to_le_bytes()).collect()),
@@ -83,6 +90,7 @@ fn quantize_f8(w: &[f32], rows: usize, cols: usize, format: Format, spec: f8::F8
         data,
         scales,
         zeros: Vec::new(),
+        col_scales: Vec::new(),
     }
 }
 
