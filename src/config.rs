@@ -112,6 +112,30 @@ pub struct QuantConfig {
     /// A quantized checkpoint is evaluated as loaded, alone; true quantizes its dequantized weights again to the
     /// levels asked for (rows marked `requantized from ...`). Pass the float model to compare levels properly.
     pub requantize: bool,
+    /// Calibration images for the calibrated methods (gptq, awq, awq+gptq) and static levels: a dataset source as
+    /// `dataset.source` takes it; unset: the evaluated dataset's `calib_split`.
+    pub calib: Option<String>,
+    /// The split of the calibration source.
+    pub calib_split: String,
+    /// Images drawn (uniformly, without replacement) from the calibration source.
+    pub calib_size: usize,
+    /// Seed of that draw.
+    pub calib_seed: u64,
+    /// Allow drawing calibration images among the evaluated ones (else they are left out of the draw).
+    pub calib_allow_overlap: bool,
+}
+
+impl QuantConfig {
+    /// The calibration request these keys describe.
+    pub fn calib_spec(&self) -> crate::calib::CalibSpec {
+        crate::calib::CalibSpec {
+            source: self.calib.clone(),
+            split: self.calib_split.clone(),
+            size: self.calib_size,
+            seed: self.calib_seed,
+            allow_overlap: self.calib_allow_overlap,
+        }
+    }
 }
 
 impl Default for QuantConfig {
@@ -134,6 +158,11 @@ impl Default for QuantConfig {
             auto: Vec::new(),
             auto_images: 32,
             requantize: false,
+            calib: None,
+            calib_split: "train".into(),
+            calib_size: 128,
+            calib_seed: 0,
+            calib_allow_overlap: false,
         }
     }
 }
@@ -315,6 +344,12 @@ impl Config {
                 ),
             ));
         }
+        if self.quant.calib_size == 0 {
+            return Err(Error::config(
+                "quant.calib_size",
+                "quant.calib_size must be at least 1 (the images calibration draws)",
+            ));
+        }
         if !self.quant.auto.is_empty() && self.quant.auto_images == 0 {
             return Err(Error::config(
                 "quant.auto_images",
@@ -412,6 +447,11 @@ recipes = []                  # recipe files (--recipe) evaluated as rows of the
 auto = []                     # mixed-precision searches, e.g. ["bits=3.5", "max-drop=0.5"] (--quant auto:bits=3.5)
 auto_images = 32              # images the search measures per-layer sensitivity on (first of the selection)
 requantize = false            # quantize a quantized checkpoint again (--requantize); else it is evaluated as loaded
+# calib = "path/or/hub-id"    # calibration images for gptq/awq and static levels (--calib); default: the dataset's calib_split
+calib_split = "train"         # split of the calibration source
+calib_size = 128              # calibration images, drawn uniformly without replacement (--calib-size)
+calib_seed = 0                # seed of that draw (--calib-seed)
+calib_allow_overlap = false   # allow calibrating on evaluated images (--calib-allow-overlap); else they are excluded
 
 [eval]
 batch_size = 4

@@ -5,6 +5,7 @@
 //! The `segq` binary (src/main.rs + `cli`) only parses arguments, merges them with `segq.toml` and calls this library.
 
 pub mod bench;
+pub mod calib;
 pub mod config;
 pub mod data;
 pub mod error;

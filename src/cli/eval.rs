@@ -55,6 +55,38 @@ pub struct DatasetArgs {
     pub no_exif_orientation: bool,
 }
 
+/// Flags that choose calibration images (eval, quantize): each overrides its `quant.calib*` key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CalibArgs {
+    /// Calibration images for gptq/awq and the static levels: any dataset source (default: the evaluated
+    /// dataset's train split, see --calib-split).
+    #[arg(long, value_name = "DATASET")]
+    pub calib: Option<String>,
+    /// Split of the calibration source [default: train].
+    #[arg(long, value_name = "NAME")]
+    pub calib_split: Option<String>,
+    /// Calibration images, drawn uniformly without replacement [default: 128].
+    #[arg(long, value_name = "N")]
+    pub calib_size: Option<usize>,
+    /// Seed of the calibration draw [default: 0].
+    #[arg(long, value_name = "S")]
+    pub calib_seed: Option<u64>,
+    /// Allow calibration images among the evaluated ones (else they are left out of the draw; the overlap is
+    /// reported).
+    #[arg(long)]
+    pub calib_allow_overlap: bool,
+}
+
+pub(super) fn apply_calib_args(config: &mut Config, c: &CalibArgs) {
+    if c.calib.is_some() {
+        config.quant.calib = c.calib.clone();
+    }
+    set(&mut config.quant.calib_split, c.calib_split.clone());
+    set(&mut config.quant.calib_size, c.calib_size);
+    set(&mut config.quant.calib_seed, c.calib_seed);
+    config.quant.calib_allow_overlap |= c.calib_allow_overlap;
+}
+
 #[derive(Args, Debug, Default)]
 pub struct EvalArgs {
     /// Model: folder, Hub id[@revision], URL, or "embedded".
@@ -67,9 +99,11 @@ pub struct EvalArgs {
     /// points of agreement mIoU).
     #[arg(long, value_delimiter = ',')]
     pub quant: Option<Vec<LevelSpec>>,
-    /// Methods, comma-separated: rtn,hqq.
+    /// Methods, comma-separated: rtn, hqq, and the calibrated gptq, awq, awq+gptq (see --calib).
     #[arg(long, value_delimiter = ',')]
     pub method: Option<Vec<Method>>,
+    #[command(flatten)]
+    pub calib: CalibArgs,
     /// Weights per group for int4/int2.
     #[arg(long)]
     pub group_size: Option<usize>,
@@ -131,6 +165,7 @@ fn apply_eval_args(config: &mut Config, args: &EvalArgs) {
         config.quant.auto = auto;
     }
     set(&mut config.quant.methods, args.method.clone());
+    apply_calib_args(config, &args.calib);
     set(&mut config.quant.skip, args.skip.clone());
     if !args.recipe.is_empty() {
         config.quant.recipes = args.recipe.clone();

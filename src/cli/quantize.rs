@@ -24,9 +24,12 @@ pub struct QuantizeArgs {
     /// A recipe file (level, method, skips, [[rules]]) instead of --quant/--method.
     #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["quant", "method", "group_size", "skip"])]
     pub recipe: Option<PathBuf>,
-    /// Methods, comma-separated (one method with --out).
+    /// Methods, comma-separated (one method with --out): rtn, hqq, gptq, awq, awq+gptq (the last three calibrate,
+    /// see --calib).
     #[arg(long, value_delimiter = ',', default_value = "rtn")]
     pub method: Vec<Method>,
+    #[command(flatten)]
+    pub calib: super::eval::CalibArgs,
     #[arg(long)]
     pub group_size: Option<usize>,
     /// Weight-name glob patterns kept in float.
@@ -57,7 +60,8 @@ pub enum CheckpointFormat {
 }
 
 pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
-    let config = load_config(global)?;
+    let mut config = load_config(global)?;
+    super::eval::apply_calib_args(&mut config, &args.calib);
     super::set_threads(config.eval.threads);
     if args.out.is_none() && args.error_report.is_none() {
         bail!("nothing to do: give --out DIR (a quantized checkpoint) and/or --error-report FILE");
@@ -98,11 +102,20 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
     let source = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
     check_outputs(&source, &args)?;
     let loaded = model::load(&source)?;
+    // The calibrated methods' statistics, from `--calib` (default: the configured dataset's train split).
+    let calibration = match segq::eval::runner::calibration_needs(&recipes) {
+        None => None,
+        Some(_) => {
+            let plan = segq::eval::plan::EvalPlan::from_config(&config, config.eval.threads)?;
+            segq::eval::runner::calibrate_for(&loaded, &plan, &recipes, &plan.loader, None)?
+        }
+    };
+    let stats = calibration.as_ref().map(|c| &c.stats);
     if let Some(out) = &args.out {
         if out.join("model.safetensors").exists() {
             tracing::warn!(out = %out.display(), "replacing the checkpoint already in this folder");
         }
-        let (quantized, report) = model::quantize(&loaded.model, &recipes[0])?;
+        let (quantized, report) = model::quantize_calibrated(&loaded.model, &recipes[0], stats)?;
         let save = match args.format {
             CheckpointFormat::Segq => model::checkpoint::save_quantized,
             CheckpointFormat::Quanto => model::quanto::save_quanto,
@@ -130,7 +143,8 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             .map(|p| segq::data::decode::read_rgb(p))
             .collect::<segq::Result<Vec<_>>>()?;
         let names = args.images.iter().map(|p| p.display().to_string()).collect();
-        let report = segq::eval::error_report::error_report(&loaded, &recipes, &images, names, Protocol::Transformers)?;
+        let report =
+            segq::eval::error_report::error_report(&loaded, &recipes, stats, &images, names, Protocol::Transformers)?;
         let json = serde_json::to_string_pretty(&report)?;
         outputs::write_atomically(path, |tmp| {
             std::fs::write(tmp, &json).map_err(|e| segq::Error::io(path, e))

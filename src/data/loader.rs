@@ -59,6 +59,10 @@ pub struct LoaderOptions {
     pub skip_first: usize,
     /// Pixel limit and EXIF orientation.
     pub decode: DecodeOptions,
+    /// Explicit global rows in ascending order, taken instead of the selection's window (a calibration sample
+    /// spread over the dataset, see [`super::shard::sample_rows`]).
+    #[serde(skip)]
+    pub rows: Option<Vec<usize>>,
     /// A check of each decoded image's size by a higher layer (the model's smallest input), run in the decode
     /// workers so that a refused image fails or is skipped like any other bad example.
     #[serde(skip)]
@@ -91,6 +95,7 @@ impl Default for LoaderOptions {
             skip_first: 0,
             decode: DecodeOptions::default(),
             image_check: None,
+            rows: None,
         }
     }
 }
@@ -119,8 +124,8 @@ pub struct LoadStats {
 pub struct Loader {
     /// Rows of the dataset (all of it, before the selection).
     dataset_rows: usize,
-    /// The rows still to read: the selection, less `skip_first`.
-    rows: Range<usize>,
+    /// The global rows still to read, ascending: the selection, less `skip_first`.
+    rows: Vec<usize>,
     batch_size: usize,
     on_error: OnError,
     next_seq: usize,
@@ -187,7 +192,21 @@ impl Loader {
         let mut stats = LoadStats::default();
         let source = open_source(spec, options.on_error, &mut stats)?;
         let total = source.len();
-        let mut rows = options.selection.rows(total);
+        let mut rows: Vec<usize> = match &options.rows {
+            Some(list) => {
+                if let Some(&bad) = list.iter().find(|&&r| r >= total) {
+                    return Err(Error::invalid(
+                        "row selection",
+                        format!("row {bad} is past the end of a dataset of {total} rows"),
+                    ));
+                }
+                if list.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(Error::internal("explicit rows must be strictly ascending"));
+                }
+                list.clone()
+            }
+            None => options.selection.rows(total).collect(),
+        };
         stats.selected = rows.len();
         if options.skip_first > rows.len() {
             return Err(Error::invalid(
@@ -199,13 +218,13 @@ impl Loader {
                 ),
             ));
         }
-        rows.start += options.skip_first;
+        rows.drain(..options.skip_first);
         let bound = options.batch_size * (options.prefetch_batches + 1);
         stats.in_flight_bound = bound;
         tracing::debug!(
-            "dataset: {total} rows, selected {}..{} ({} rows), batch {}, {} workers, at most {bound} examples in flight",
-            rows.start,
-            rows.end,
+            "dataset: {total} rows, selected {}..={} ({} rows), batch {}, {} workers, at most {bound} examples in flight",
+            rows.first().copied().unwrap_or(0),
+            rows.last().copied().unwrap_or(0),
             rows.len(),
             options.batch_size,
             options.workers.max(1)
@@ -326,7 +345,7 @@ impl Iterator for Loader {
         let mut batch = Vec::with_capacity(self.batch_size);
         while batch.len() < self.batch_size && self.next_seq < self.rows.len() {
             let Some(outcome) = self.next_outcome() else {
-                let row = self.rows.start + self.next_seq;
+                let row = self.rows[self.next_seq];
                 self.shutdown();
                 return Some(Err(Error::internal(format!(
                     "data loader stopped before row {row} (a loader thread ended)"
@@ -439,7 +458,7 @@ fn open_source(spec: &DatasetSpec, on_error: OnError, stats: &mut LoadStats) -> 
 /// The reader thread: takes the selected rows in order, one token per example.
 fn read_source(
     source: &Source,
-    rows: Range<usize>,
+    rows: Vec<usize>,
     tokens: &Receiver<()>,
     out: &Sender<RawExample>,
     counters: &Counters,
@@ -476,12 +495,23 @@ fn read_source(
             }
         }
         Source::Parquet { files, starts, .. } => {
-            for (file, &start) in files.iter().zip(starts) {
-                let local =
-                    rows.start.max(start).saturating_sub(start)..rows.end.min(start + file.rows).saturating_sub(start);
-                if local.is_empty() {
+            // The rows as runs of consecutive rows within one file, read a run at a time.
+            let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
+            for &row in &rows {
+                let Some(f) = starts.iter().rposition(|&s| s <= row) else {
+                    continue;
+                };
+                if row >= starts[f] + files[f].rows {
                     continue;
                 }
+                let local = row - starts[f];
+                match runs.last_mut() {
+                    Some((last, run)) if *last == f && run.end == local => run.end += 1,
+                    _ => runs.push((f, local..local + 1)),
+                }
+            }
+            for (f, local) in runs {
+                let (file, start) = (&files[f], starts[f]);
                 let name = file
                     .path
                     .file_name()

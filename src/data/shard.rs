@@ -96,6 +96,35 @@ impl Selection {
     }
 }
 
+/// SplitMix64 (Steele, Lea and Flood): a tiny generator whose stream is fixed by its seed on every platform.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `count` rows drawn without replacement, uniformly and fixed by `seed`, from `0..total` less the rows of
+/// `exclude` (an evaluation's window, which a calibration sample must not touch), in ascending order. Fewer when
+/// fewer remain.
+pub fn sample_rows(total: usize, count: usize, seed: u64, exclude: Option<Range<usize>>) -> Vec<usize> {
+    let mut candidates: Vec<usize> = (0..total)
+        .filter(|r| !exclude.as_ref().is_some_and(|e| e.contains(r)))
+        .collect();
+    let take = count.min(candidates.len());
+    let mut state = seed;
+    // A partial Fisher-Yates shuffle: the first `take` places become the sample.
+    for i in 0..take {
+        let span = (candidates.len() - i) as u128;
+        let j = i + ((u128::from(splitmix64(&mut state)) * span) >> 64) as usize;
+        candidates.swap(i, j);
+    }
+    candidates.truncate(take);
+    candidates.sort_unstable();
+    candidates
+}
+
 impl FromStr for Selection {
     type Err = Error;
 
@@ -111,6 +140,18 @@ impl FromStr for Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_are_spread_seeded_and_avoid_the_excluded_window() {
+        let a = sample_rows(1000, 50, 7, Some(100..900));
+        assert_eq!(a.len(), 50);
+        assert!(a.iter().all(|r| !(100..900).contains(r)));
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(a, sample_rows(1000, 50, 7, Some(100..900)));
+        assert_ne!(a, sample_rows(1000, 50, 8, Some(100..900)));
+        assert_eq!(sample_rows(10, 50, 1, Some(2..10)), vec![0, 1]);
+        assert_eq!(sample_rows(10, 3, 1, Some(0..10)), Vec::<usize>::new());
+    }
 
     #[test]
     fn shards_cover_every_row_once_for_many_counts() {

@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::shard::splitmix64;
 use crate::eval::metrics::ClassAreas;
 use crate::eval::per_image::ImageCounts;
 use crate::eval::results::quantile;
@@ -112,15 +113,6 @@ impl Flat {
             )
             .collect()
     }
-}
-
-/// SplitMix64 (Steele, Lea and Flood): a tiny generator whose stream is fixed by its seed on every platform.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// How many times resample `resample` draws each of `images` images: `images` draws, uniform, with replacement.

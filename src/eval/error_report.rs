@@ -36,10 +36,11 @@ pub struct ErrorReport {
 }
 
 /// Quantizes `loaded` with each recipe and measures it against the float model on `images` (named by `names`),
-/// preprocessed under `protocol`.
+/// preprocessed under `protocol`. `stats`: calibration statistics for the calibrated methods.
 pub fn error_report(
     loaded: &LoadedModel,
     recipes: &[Recipe],
+    stats: Option<&crate::quant::ModelStats>,
     images: &[RgbImage],
     names: Vec<String>,
     protocol: Protocol,
@@ -59,7 +60,7 @@ pub fn error_report(
     let reference_classes: Vec<Vec<u16>> = reference.iter().map(Logits::argmax).collect();
     let mut rows = Vec::with_capacity(recipes.len());
     for recipe in recipes {
-        let (quantized, report) = model::quantize(&loaded.model, recipe)?;
+        let (quantized, report) = model::quantize_calibrated(&loaded.model, recipe, stats)?;
         let (mut err, mut norm, mut agree, mut pixels) = (0f64, 0f64, 0usize, 0usize);
         for ((q, r), r_classes) in logits_of(&quantized)?.iter().zip(&reference).zip(&reference_classes) {
             err += q

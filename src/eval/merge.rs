@@ -151,6 +151,7 @@ pub fn merge_with(mut parts: Vec<EvalResults>, options: MergeOptions) -> Result<
         machine: merge_machines(&parts),
         counts,
         bootstrap: first.bootstrap,
+        calibration: merge_calibrations(&parts)?,
         levels,
     };
     let mut merged = merged;
@@ -344,6 +345,39 @@ fn merge_level(parts: &[EvalResults], index: usize, count: usize, worst_capacity
         summary: None,
         ..first.clone()
     })
+}
+
+/// The calibration every shard used: the same set (shards draw it from the same source, seed and size), else an
+/// error; its time is the mean per worker, like quantization's.
+fn merge_calibrations(parts: &[EvalResults]) -> Result<Option<crate::calib::CalibrationInfo>> {
+    let Some(first) = parts.iter().find_map(|p| p.calibration.as_ref()) else {
+        return Ok(None);
+    };
+    for (i, part) in parts.iter().enumerate() {
+        let same = part.calibration.as_ref().is_some_and(|c| c.set_id == first.set_id);
+        if !same {
+            return Err(Error::invalid(
+                format!("result {}", i + 1),
+                format!(
+                    "calibrated on {}, but another shard on set {}: shards must share one calibration set (same \
+                     --calib, --calib-size and --calib-seed)",
+                    part.calibration
+                        .as_ref()
+                        .map_or("nothing".to_string(), |c| format!("set {}", c.set_id)),
+                    first.set_id
+                ),
+            ));
+        }
+    }
+    let seconds = parts
+        .iter()
+        .filter_map(|p| p.calibration.as_ref())
+        .map(|c| c.seconds)
+        .sum::<f64>();
+    Ok(Some(crate::calib::CalibrationInfo {
+        seconds: seconds / parts.len() as f64,
+        ..first.clone()
+    }))
 }
 
 /// The first shard's machine; CPU models and systems of differing machines are listed, separated by " | ".

@@ -105,6 +105,7 @@ impl EvalPlan {
                 d.workers
             },
             prefetch_batches: 2,
+            rows: None,
             skip_first: 0,
             on_error: d.on_error,
             labels: LabelOptions {

@@ -34,6 +34,10 @@ pub struct EvalResults {
     /// the run kept no per-image counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapSettings>,
+    /// The calibration images the calibrated methods and static levels used (one set for every level); absent when
+    /// no level needed calibration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calib::CalibrationInfo>,
     pub levels: Vec<LevelResult>,
 }
 
@@ -188,6 +192,9 @@ pub struct LevelResult {
     pub load_time_s: f64,
     #[serde(with = "nan_as_null")]
     pub quantize_time_s: f64,
+    /// Layers a calibrated method left to a calibration-free one (no statistics: depthwise convolutions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<crate::quant::Fallback>,
     pub peak_rss_bytes: u64,
     /// Heap high-water mark of this level's forward passes above what was live before them (activations and
     /// scratch; 0 where the binary counts no heap). With `weight_bytes_memory` it is the level's own inference
@@ -620,6 +627,7 @@ pub(crate) mod test_support {
                 ratio_to_f32: bits / 32.0,
                 load_time_s: 0.5 + rows.start as f64 * 0.01,
                 quantize_time_s: if level == Level::F32 { 0.0 } else { 1.5 },
+                fallbacks: Vec::new(),
                 peak_rss_bytes: 200_000_000 + rows.start as u64 * 1000,
                 working_bytes: 30_000_000 + rows.start as u64 * 100,
                 model_latency_ms: Vec::new(),
@@ -702,6 +710,7 @@ pub(crate) mod test_support {
                 unreadable_files: 0,
             },
             bootstrap: Some(BOOTSTRAP),
+            calibration: None,
             levels,
         }
     }

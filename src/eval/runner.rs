@@ -141,6 +141,8 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     // Mixed-precision searches run before any level is built: their recipes are rows like the others.
     let searched = search_recipes(&loaded, plan, &loader_options)?;
     recipes.extend(searched.iter().map(|(recipe, _)| recipe.clone()));
+    let calibration = calibrate_for(&loaded, plan, &recipes, &loader_options, Some(&spec))?;
+    let stats = calibration.as_ref().map(|c| &c.stats);
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!("dataset ready: {dataset_description}, {selected} examples");
     let selection = &plan.loader.selection;
@@ -207,6 +209,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let mut variants = build_variants(
         &loaded,
         &recipes[..groups[0].end],
+        stats,
         model_info.num_labels,
         f32_bytes,
         worst_capacity,
@@ -228,6 +231,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         dataset: &dataset_info,
         machine: &machine,
         earlier: &earlier,
+        calibration: calibration.as_ref().map(|c| &c.info),
     };
     observer.started(loader.total() * passes);
     let mut samples: Vec<Sample> = Vec::new();
@@ -243,6 +247,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             variants.extend(build_variants(
                 &loaded,
                 &recipes[group.clone()],
+                stats,
                 model_info.num_labels,
                 f32_bytes,
                 worst_capacity,
@@ -375,6 +380,7 @@ struct RunInfo<'a> {
     dataset: &'a DatasetInfo,
     machine: &'a MachineInfo,
     earlier: &'a Counts,
+    calibration: Option<&'a crate::calib::CalibrationInfo>,
 }
 
 impl RunInfo<'_> {
@@ -412,6 +418,7 @@ impl RunInfo<'_> {
             machine: self.machine.clone(),
             counts,
             bootstrap: bootstrap_settings(self.plan),
+            calibration: self.calibration.cloned(),
             levels,
         };
         results.refresh_summaries();
@@ -615,11 +622,12 @@ fn search_recipes(
             "the mixed-precision search has no images: the selection is empty",
         ));
     }
-    // hqq rounds int2/int4 better than rtn: the search uses it when the sweep compares it.
+    // hqq rounds int2/int4 better than rtn: the search uses it when the sweep compares it. The search measures
+    // sensitivity with calibration-free methods only.
     let method = if quant.methods.contains(&crate::quant::Method::Hqq) {
         crate::quant::Method::Hqq
     } else {
-        quant.methods.first().copied().unwrap_or(crate::quant::Method::Rtn)
+        crate::quant::Method::Rtn
     };
     let auto_spec = AutoSpec {
         targets: quant.auto.clone(),
@@ -629,6 +637,53 @@ fn search_recipes(
         ignore_index: plan.loader.labels.ignore_index,
     };
     crate::eval::auto::search_all(loaded, &inputs, Some(&labels), &auto_spec)
+}
+
+/// What the recipes' methods (and levels) need from calibration; `None` when nothing does.
+pub fn calibration_needs(recipes: &[Recipe]) -> Option<crate::quant::StatsNeeds> {
+    let needs = recipes
+        .iter()
+        .flat_map(Recipe::uniform_parts)
+        .fold(crate::quant::StatsNeeds::default(), |n, r| {
+            n.union(r.method.stats_needs())
+        });
+    (needs != crate::quant::StatsNeeds::default()).then_some(needs)
+}
+
+/// Calibrates once for every recipe that needs it (`None` when none does), as `plan.config.quant.calib*` say.
+/// `evaluated`: the dataset being evaluated, whose window (`plan`'s offset and limit) the draw leaves out (see
+/// [`crate::calib`]).
+pub fn calibrate_for(
+    loaded: &LoadedModel,
+    plan: &EvalPlan,
+    recipes: &[Recipe],
+    loader_options: &crate::data::LoaderOptions,
+    evaluated: Option<&crate::data::DatasetSpec>,
+) -> Result<Option<crate::calib::Calibration>> {
+    let Some(needs) = calibration_needs(recipes) else {
+        return Ok(None);
+    };
+    let d = &plan.dataset;
+    let columns = crate::calib::SourceColumns {
+        subset: d.subset.clone(),
+        image_column: d.image_column.clone(),
+        label_column: d.label_column.clone(),
+    };
+    let window = evaluated.map(|spec| crate::calib::EvalWindow {
+        spec,
+        selection: plan.loader.selection,
+    });
+    crate::calib::calibrate(
+        loaded,
+        &plan.config.quant.calib_spec(),
+        &d.source,
+        &columns,
+        loader_options,
+        plan.protocol,
+        window,
+        needs,
+    )
+    .map(Some)
 }
 
 /// Records on each searched row how its recipe was found.
@@ -652,6 +707,7 @@ fn attach_searches(variants: &mut [Variant], searched: &[(Recipe, AutoSearch)]) 
 fn build_variants(
     loaded: &LoadedModel,
     recipes: &[Recipe],
+    stats: Option<&crate::quant::ModelStats>,
     num_labels: usize,
     f32_bytes: f64,
     worst_capacity: usize,
@@ -659,7 +715,7 @@ fn build_variants(
     let mut variants: Vec<Variant> = recipes
         .iter()
         .map(|recipe| {
-            let (m, report) = model::quantize(&loaded.model, recipe)
+            let (m, report) = model::quantize_calibrated(&loaded.model, recipe, stats)
                 .map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
             let baseline = recipe.is_float_baseline();
             // The reference row is the model as loaded: from a quantized checkpoint that is not float, and the row
@@ -704,6 +760,7 @@ fn build_variants(
             row.weight_bytes_disk = Some(crate::model::checkpoint::stored_bytes(&m));
             row.load_time_s = loaded.load_time.as_secs_f64();
             row.quantize_time_s = report.seconds;
+            row.fallbacks = report.fallbacks;
             let worst = WorstTracker::new(if baseline { 0 } else { worst_capacity });
             Ok(Variant {
                 model: Some(m),
@@ -737,6 +794,7 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
         ratio_to_f32: f64::NAN,
         load_time_s: f64::NAN,
         quantize_time_s: f64::NAN,
+        fallbacks: Vec::new(),
         peak_rss_bytes: 0,
         working_bytes: 0,
         model_latency_ms: Vec::new(),

@@ -4,10 +4,12 @@
 //! weight changes only through the crate's loading, quantization and `prepare`, which keep the plan in step.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::plan::{Activations, Columns, MatMul};
+use super::probe::Probe;
 use super::tokens::{Tokens, with_f32};
 use crate::kernels;
 use crate::{Error, Result};
@@ -86,6 +88,8 @@ pub struct Linear {
     bias: Option<Vec<f32>>,
     /// `[out, in]`.
     shape: [usize; 2],
+    /// Records the inputs during calibration (a calibration copy of the model only).
+    probe: Option<Arc<Probe>>,
 }
 
 impl Linear {
@@ -95,7 +99,13 @@ impl Linear {
             weight: MatMul::empty(),
             bias: Some(vec![0.0; out_features]),
             shape: [out_features, in_features],
+            probe: None,
         }
+    }
+
+    /// Installs the calibration probe that records this layer's inputs.
+    pub(crate) fn set_probe(&mut self, probe: Arc<Probe>) {
+        self.probe = Some(probe);
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -140,6 +150,9 @@ impl Linear {
                 residual.map(|r| (r.batch(), r.height(), r.width(), r.channels()))
             )));
         }
+        if let Some(probe) = &self.probe {
+            probe.observe_rows(x.data(), in_features)?;
+        }
         let out = self.weight.apply(
             x.data(),
             x.rows(),
@@ -175,6 +188,8 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     groups: usize,
+    /// Records the inputs during calibration (a calibration copy of the model only).
+    probe: Option<Arc<Probe>>,
 }
 
 impl Conv2d {
@@ -195,7 +210,23 @@ impl Conv2d {
             stride,
             padding,
             groups,
+            probe: None,
         }
+    }
+
+    /// Installs the calibration probe that records this layer's inputs; `false` (nothing installed) for a
+    /// convolution whose input is not one matrix (depthwise, grouped).
+    pub(crate) fn set_probe(&mut self, probe: Arc<Probe>) -> bool {
+        let dense = self.is_dense();
+        if dense {
+            self.probe = Some(probe);
+        }
+        dense
+    }
+
+    /// Columns of the matrix the weight multiplies (`in * kh * kw`).
+    pub fn input_columns(&self) -> usize {
+        self.shape[1] * self.shape[2] * self.shape[3]
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -234,6 +265,15 @@ impl Conv2d {
     /// weights through the W8A8 GEMM on channels-last pixels, every other through candle.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let out_c = self.shape[0];
+        if let Some(probe) = &self.probe {
+            if !self.is_pointwise() {
+                return Err(Error::internal(format!(
+                    "Conv2d {:?}: calibration records NCHW inputs of 1x1 convolutions only",
+                    self.shape
+                )));
+            }
+            probe.observe_nchw(x)?;
+        }
         if self.is_pointwise() && matches!(self.weight, MatMul::W8A8(_)) {
             let (b, c, h, wd) = x.dims4()?;
             let tokens = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
@@ -280,6 +320,9 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
         };
+        if let Some(probe) = &self.probe {
+            probe.observe_patches(x, shape)?;
+        }
         let (out_h, out_w) = shape.out_size();
         let out = self.weight.conv_tokens(x.data(), x.batch(), shape, self.bias())?;
         Tokens::new(out, x.batch(), out_h, out_w, out_c)

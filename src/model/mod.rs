@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod layers;
 pub mod plan;
+pub mod probe;
 pub mod quanto;
 pub mod save;
 pub mod segformer;
@@ -577,12 +578,27 @@ pub struct QuantizeReport {
     pub weight_rel_error: f64,
     /// Stored bits per weight over all Linear/Conv weights (float ones count 32).
     pub bits_per_weight: f64,
+    /// Layers a calibrated method could not quantize itself (no statistics: depthwise convolutions), with the method
+    /// used instead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<crate::quant::Fallback>,
 }
 
 /// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
 /// changed; weights are shared until replaced), prepared for the recipe's level. Layers run in parallel; each error
 /// names its weight.
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
+    quantize_calibrated(model, recipe, None)
+}
+
+/// [`quantize`] with the calibration statistics of the float model's layer inputs (`calib::calibrate`), which
+/// the calibrated methods need: a layer without statistics (a depthwise convolution) falls back to a
+/// calibration-free method, listed in the report. Without statistics a calibrated recipe is an error.
+pub fn quantize_calibrated(
+    model: &Segformer,
+    recipe: &crate::quant::Recipe,
+    stats: Option<&crate::quant::ModelStats>,
+) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
 
     let start = Instant::now();
@@ -595,8 +611,20 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
             seconds: 0.0,
             weight_rel_error: 0.0,
             bits_per_weight: 32.0,
+            fallbacks: Vec::new(),
         };
         return Ok((out, report));
+    }
+    if stats.is_none()
+        && let Some(part) = recipe.uniform_parts().iter().find(|r| r.method.needs_calibration())
+    {
+        return Err(Error::config(
+            recipe.label(),
+            format!(
+                "{} needs calibration statistics: pass calibration images (--calib DATASET; see docs/quantization.md)",
+                part.method
+            ),
+        ));
     }
     let mut jobs: Vec<(String, Vec<f32>, usize, usize, crate::quant::Recipe)> = Vec::new();
     let mut skipped = Vec::new();
@@ -612,22 +640,48 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         }
         Ok(())
     })?;
-    let results: Vec<(String, crate::quant::QuantTensor, f64, f64)> = jobs
+    type Quantized = (
+        String,
+        crate::quant::QuantTensor,
+        Option<crate::quant::Fallback>,
+        f64,
+        f64,
+    );
+    let results: Vec<Quantized> = jobs
         .par_iter()
         .map(|(name, data, rows, cols, uniform)| {
-            let q = crate::quant::quantize_weight(name, data, *rows, *cols, uniform)?;
+            let layer_stats = stats.and_then(|s| s.get(name));
+            let (q, fallback) =
+                crate::quant::quantize_weight_with(name, data, *rows, *cols, uniform, layer_stats, true)?;
             let deq = q.dequantize();
             let err: f64 = data.iter().zip(&deq).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let norm: f64 = data.iter().map(|a| (*a as f64).powi(2)).sum();
-            Ok((name.clone(), q, err, norm))
+            Ok((name.clone(), q, fallback, err, norm))
         })
         .collect::<Result<Vec<_>>>()?;
     let (mut err, mut norm) = (0.0, 0.0);
+    let mut fallbacks = Vec::new();
     let mut by_name: std::collections::HashMap<String, crate::quant::QuantTensor> = std::collections::HashMap::new();
-    for (name, q, e, n) in results {
+    for (name, q, fallback, e, n) in results {
         err += e;
         norm += n;
+        fallbacks.extend(fallback);
         by_name.insert(name, q);
+    }
+    if !fallbacks.is_empty() {
+        tracing::info!(
+            "{}: {} layers without calibration statistics quantized by {} instead ({})",
+            recipe.label(),
+            fallbacks.len(),
+            fallbacks[0].method,
+            fallbacks
+                .iter()
+                .take(3)
+                .map(|f| f.layer.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+                + if fallbacks.len() > 3 { ", ..." } else { "" }
+        );
     }
     let quantized_layers = by_name.len();
     out.for_each_weight_mut(&mut |name, _, weight| {
@@ -648,6 +702,7 @@ pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Seg
         seconds: start.elapsed().as_secs_f64(),
         weight_rel_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
         bits_per_weight,
+        fallbacks,
     };
     tracing::info!(
         "quantized {}: {:.2} bits/weight, weight error {:.4}, {:.2} s ({} layers{})",

@@ -42,6 +42,8 @@ pub struct LayerStats {
     pub cols: usize,
     /// Rows of `X` seen (tokens, or output pixels of a convolution).
     pub rows: u64,
+    /// Rows that entered the Hessian (a subsample of `rows` on large maps).
+    pub hessian_rows: u64,
     /// `sum X^T X`, row-major `[cols, cols]` (symmetric), when [`StatsNeeds::hessian`].
     pub hessian: Option<Vec<f64>>,
     /// Per column, `sum |x|` (AWQ's activation magnitude is `abs_sum / rows`).
@@ -58,6 +60,7 @@ impl LayerStats {
         LayerStats {
             cols,
             rows: 0,
+            hessian_rows: 0,
             hessian: needs.hessian.then(|| vec![0.0; cols * cols]),
             abs_sum: vec![0.0; cols],
             abs_max: vec![0.0; cols],
@@ -75,18 +78,28 @@ impl LayerStats {
                 *m = m.max(v.abs());
             }
         }
-        self.rows += (x.len() / cols) as u64;
-        if let (Some(h), Some(g)) = (self.hessian.as_mut(), gram) {
-            h.iter_mut().zip(g).for_each(|(h, &g)| *h += g as f64);
+        let rows = (x.len() / cols) as u64;
+        self.rows += rows;
+        if let Some(g) = gram {
+            self.add_gram(g, rows);
         }
         if let Some(hist) = self.histogram.as_mut() {
             hist.observe(x);
         }
     }
 
+    /// Adds `X_s^T X_s` of `rows` rows (all of an observation's rows, or a subsample of them) to the Hessian.
+    pub fn add_gram(&mut self, gram: &[f32], rows: u64) {
+        if let Some(h) = self.hessian.as_mut() {
+            h.iter_mut().zip(gram).for_each(|(h, &g)| *h += g as f64);
+            self.hessian_rows += rows;
+        }
+    }
+
     /// Adds another accumulator of the same layer (shards of the calibration set).
     pub fn merge(&mut self, other: &LayerStats) {
         self.rows += other.rows;
+        self.hessian_rows += other.hessian_rows;
         self.abs_sum.iter_mut().zip(&other.abs_sum).for_each(|(a, b)| *a += b);
         self.abs_max
             .iter_mut()
@@ -106,9 +119,10 @@ impl LayerStats {
         self.abs_sum.iter().map(|s| (s / n) as f32).collect()
     }
 
-    /// The Hessian of the layer's squared output error, `H = 2 X^T X / rows` (GPTQ's normalisation), when kept.
+    /// The Hessian of the layer's squared output error, `H = 2 X^T X / n` over the `n` rows that entered it (GPTQ's
+    /// normalisation), when kept.
     pub fn hessian_mean(&self) -> Option<Vec<f64>> {
-        let n = self.rows.max(1) as f64;
+        let n = self.hessian_rows.max(1) as f64;
         self.hessian.as_ref().map(|h| h.iter().map(|v| 2.0 * v / n).collect())
     }
 }

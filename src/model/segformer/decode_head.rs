@@ -141,6 +141,12 @@ impl DecodeHead {
         Ok(())
     }
 
+    /// Drops the composed form: `forward` then runs the head as transformers writes it (calibration, whose probes
+    /// must see `linear_fuse`'s and `classifier`'s real inputs).
+    pub(super) fn decompose(&mut self) {
+        self.composed = None;
+    }
+
     /// From NCHW stage maps, as transformers' module takes them.
     pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         match &self.composed {

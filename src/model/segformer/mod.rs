@@ -8,6 +8,7 @@ pub mod decode_head;
 pub mod encoder;
 pub mod resume;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -19,9 +20,10 @@ pub use resume::{ResumePoint, SavedActivations, Section};
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
 use super::plan::{Activations, AttentionKernel, MatMul};
+use super::probe::Probe;
 use super::tree::{Leaf, LeafMut, Node, NodeMut, Path, node};
 use crate::Result;
-use crate::quant::Level;
+use crate::quant::{Level, StatsNeeds};
 
 /// What [`Segformer::for_each_weight_mut`] calls: `(layer path, shape, weight)`.
 pub(crate) type WeightVisitor<'v> = dyn FnMut(&Path, &[usize], &mut MatMul) -> Result<()> + 'v;
@@ -132,6 +134,33 @@ impl Segformer {
             Ok(())
         });
         out
+    }
+
+    /// A copy of this model that records the inputs of every Linear and dense convolution while it runs, with the
+    /// probes by layer path (see [`super::probe`]). The decode head runs in transformers' form, so its 1x1
+    /// convolutions see their real inputs. Only for calibration: the copy is slower than the prepared model.
+    pub fn with_probes(&self, needs: StatsNeeds, row_cap: usize) -> Result<(Segformer, Vec<(String, Arc<Probe>)>)> {
+        let mut copy = self.clone();
+        let mut probes = Vec::new();
+        copy.visit_mut(&Path::root(), &mut |path, leaf| {
+            match leaf {
+                LeafMut::Linear(l) => {
+                    let probe = Arc::new(Probe::new(l.shape()[1], needs, row_cap));
+                    l.set_probe(probe.clone());
+                    probes.push((path.to_string(), probe));
+                }
+                LeafMut::Conv2d(c) => {
+                    let probe = Arc::new(Probe::new(c.input_columns(), needs, row_cap));
+                    if c.set_probe(probe.clone()) {
+                        probes.push((path.to_string(), probe));
+                    }
+                }
+                LeafMut::LayerNorm(_) | LeafMut::BatchNorm2d(_) | LeafMut::Attention(_) => {}
+            }
+            Ok(())
+        })?;
+        copy.decode_head.decompose();
+        Ok((copy, probes))
     }
 
     /// Calls `f(layer path, shape, weight)` for every Linear and Conv2d weight. The kernels and the composed head
