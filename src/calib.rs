@@ -239,3 +239,141 @@ pub fn calibrate(
     );
     Ok(Calibration { stats, info })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelSource;
+
+    fn columns() -> SourceColumns {
+        SourceColumns {
+            subset: String::new(),
+            image_column: crate::data::DEFAULT_IMAGE_COLUMN.into(),
+            label_column: crate::data::DEFAULT_LABEL_COLUMN.into(),
+        }
+    }
+
+    fn spec(size: usize, allow_overlap: bool) -> CalibSpec {
+        CalibSpec {
+            source: Some("embedded".into()),
+            split: "train".into(),
+            size,
+            seed: 3,
+            allow_overlap,
+        }
+    }
+
+    fn needs() -> StatsNeeds {
+        StatsNeeds {
+            hessian: true,
+            histogram: true,
+        }
+    }
+
+    #[test]
+    fn calibration_leaves_the_evaluated_rows_out_unless_allowed() {
+        let loaded = crate::model::load(&ModelSource::Embedded).unwrap();
+        let (demo, _) = crate::data::resolve_source(
+            "embedded",
+            "validation",
+            "",
+            "image",
+            "annotation",
+            &Selection::default(),
+        )
+        .unwrap();
+        let options = LoaderOptions::default();
+        // Rows 0..10 are evaluated (sharded: every shard leaves the whole window out): 2 rows remain.
+        let window = EvalWindow {
+            spec: &demo,
+            selection: Selection {
+                shard: Some((1, 3)),
+                offset: 0,
+                limit: Some(10),
+            },
+        };
+        let run = |spec: &CalibSpec, window: Option<EvalWindow<'_>>| {
+            calibrate(
+                &loaded,
+                spec,
+                "embedded",
+                &columns(),
+                &options,
+                Protocol::Transformers,
+                window,
+                needs(),
+            )
+        };
+        let held_out = run(&spec(4, false), Some(window)).unwrap();
+        assert_eq!(held_out.info.images, 2);
+        assert_eq!(held_out.info.overlap, 0);
+        assert_eq!(held_out.info.dataset_rows, 12);
+        let shared = run(&spec(4, true), Some(window)).unwrap();
+        assert_eq!(shared.info.images, 4);
+        assert!(shared.info.overlap >= 2, "{:?}", shared.info);
+        assert_ne!(held_out.info.set_id, shared.info.set_id);
+        // The same request draws the same set and the same statistics.
+        let again = run(&spec(4, false), Some(window)).unwrap();
+        assert_eq!(again.info.set_id, held_out.info.set_id);
+        assert_eq!(again.stats, held_out.stats);
+
+        // Every Linear and dense convolution has statistics; depthwise convolutions none.
+        let layers = loaded.model.layers();
+        let dense: Vec<&str> = layers
+            .iter()
+            .filter(|l| !l.name.ends_with("dwconv.dwconv"))
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(
+            held_out.stats.keys().map(String::as_str).collect::<Vec<_>>().len(),
+            dense.len()
+        );
+        for name in dense {
+            let s = &held_out.stats[name];
+            assert!(s.rows > 0 && s.hessian_rows > 0, "{name}");
+            let h = s.hessian.as_ref().unwrap();
+            let n = s.cols;
+            assert!((0..n).all(|i| h[i * n + i] >= 0.0), "{name}");
+            assert!(
+                (0..n)
+                    .all(|i| (0..i).all(|j| (h[i * n + j] - h[j * n + i]).abs() <= 1e-6 * (1.0 + h[i * n + j].abs()))),
+                "{name}: X^T X is not symmetric"
+            );
+            assert_eq!(s.histogram.as_ref().unwrap().count, s.rows * s.cols as u64, "{name}");
+        }
+
+        let everything = EvalWindow {
+            spec: &demo,
+            selection: Selection::default(),
+        };
+        let err = run(&spec(4, false), Some(everything)).unwrap_err().to_string();
+        assert!(
+            err.contains("--calib-allow-overlap") && err.contains("12 rows"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_default_split_says_what_to_pass() {
+        let loaded = crate::model::load(&ModelSource::Embedded).unwrap();
+        let dir = std::env::temp_dir().join(format!("segq-calib-nosplit-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("images/validation")).unwrap();
+        std::fs::create_dir_all(dir.join("annotations/validation")).unwrap();
+        let mut request = spec(4, false);
+        request.source = None;
+        let err = calibrate(
+            &loaded,
+            &request,
+            dir.to_str().unwrap(),
+            &columns(),
+            &LoaderOptions::default(),
+            Protocol::Transformers,
+            None,
+            needs(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--calib DATASET") && err.contains("'train'"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -754,3 +754,40 @@ fn offline_hub_listing_reads_the_cache_layout() {
     assert!(e.contains("not cached") && e.contains("HF_HUB_OFFLINE"), "{e}");
     std::fs::remove_dir_all(cache_dir).unwrap();
 }
+
+#[test]
+fn explicit_rows_are_read_in_order_across_parquet_files_and_folders() {
+    let parquet = resolve_local(
+        demo().join("parquet").to_str().unwrap(),
+        "validation",
+        "image",
+        "annotation",
+    )
+    .unwrap();
+    let ade = DatasetSpec::AdeFolder {
+        root: ade_root(),
+        split: "validation".into(),
+    };
+    let (reference, _) = load_all(&ade, options(4, 2));
+    // Runs of consecutive rows, single rows, and rows in both Parquet files.
+    let rows = vec![0, 3, 4, 5, 9, 11];
+    for spec in [&parquet, &ade] {
+        let opts = LoaderOptions {
+            rows: Some(rows.clone()),
+            ..options(4, 2)
+        };
+        let (got, stats) = load_all(spec, opts);
+        assert_eq!(stats.selected, rows.len());
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), rows, "{spec:?}");
+        for e in &got {
+            assert_eq!(e.id, reference[e.index].id);
+            assert!(e.image == reference[e.index].image);
+        }
+    }
+    let past_end = LoaderOptions {
+        rows: Some(vec![2, 12]),
+        ..options(4, 2)
+    };
+    let err = Loader::new(&ade, past_end).err().unwrap().to_string();
+    assert!(err.contains("row 12") && err.contains("12 rows"), "{err}");
+}

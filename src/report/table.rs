@@ -265,6 +265,41 @@ fn interval_footnote(results: &EvalResults) -> Option<String> {
     ))
 }
 
+/// The calibration images of the calibrated rows (gptq, awq, static levels), when any row used them.
+fn calibration_footnote(results: &EvalResults) -> Option<String> {
+    let c = results.calibration.as_ref()?;
+    let shared = if c.overlap > 0 {
+        format!(", {} of them also evaluated (--calib-allow-overlap)", c.overlap)
+    } else {
+        ", none evaluated".to_string()
+    };
+    let skipped = if c.skipped > 0 {
+        format!(", {} unreadable skipped", c.skipped)
+    } else {
+        String::new()
+    };
+    let fallbacks = results.levels.iter().map(|l| l.fallbacks.len()).max().unwrap_or(0);
+    let fallbacks = if fallbacks > 0 {
+        format!(
+            "; layers without statistics (depthwise convolutions, {fallbacks}) use {}",
+            results
+                .levels
+                .iter()
+                .flat_map(|l| l.fallbacks.iter().map(|f| f.method.name()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join("/")
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "Calibrated rows: {} images of {} ({} split, seed {}, set {}{shared}{skipped}), {:.1} s{fallbacks}.",
+        c.images, c.source, c.split, c.seed, c.set_id, c.seconds
+    ))
+}
+
 fn human_rows(results: &EvalResults) -> Vec<Vec<String>> {
     results
         .levels
@@ -357,6 +392,9 @@ pub fn summary_markdown(results: &EvalResults) -> String {
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     if let Some(footnote) = interval_footnote(results) {
+        out.push_str(&format!("\n{}\n", escape(&footnote)));
+    }
+    if let Some(footnote) = calibration_footnote(results) {
         out.push_str(&format!("\n{}\n", escape(&footnote)));
     }
     out.push_str(&worst_images_markdown(results));
@@ -476,6 +514,14 @@ pub fn format_table(results: &EvalResults, width: TableWidth) -> String {
         out.push('\n');
     }
     if let Some(footnote) = footnote {
+        let footnote = match width {
+            TableWidth::Wide => footnote,
+            TableWidth::Compact => wrap_caption(&footnote, COMPACT_WIDTH),
+        };
+        out.push_str(&footnote);
+        out.push('\n');
+    }
+    if let Some(footnote) = calibration_footnote(results) {
         let footnote = match width {
             TableWidth::Wide => footnote,
             TableWidth::Compact => wrap_caption(&footnote, COMPACT_WIDTH),

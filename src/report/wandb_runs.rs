@@ -103,6 +103,11 @@ pub fn run_logs(
             if let Some(auto) = &level.auto {
                 config.insert("auto".into(), json!(auto));
             }
+            // Calibrated rows: the images their statistics came from, and the layers left to another method.
+            if let (true, Some(calibration)) = (level.is_calibrated(), &results.calibration) {
+                config.insert("calibration".into(), json!(calibration));
+                config.insert("fallback_layers".into(), json!(level.fallbacks.len()));
+            }
             config.insert("threads".into(), json!(results.machine.threads));
             config.insert("segq_version".into(), json!(results.segq_version));
             config.insert("examples".into(), json!(results.counts.evaluated));
