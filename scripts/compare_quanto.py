@@ -1,12 +1,14 @@
 """Compare segq's weight quantization with optimum-quanto's on the same checkpoint (dev-only; not needed to build segq).
 
-For each model folder (default: the demo model and the tiny_a fixture) and each weight level W in qint8, qfloat8
-(e4m3fn), qint4, qint2, the model is loaded in float32 with transformers, quantized with optimum-quanto
-`quantize(model, weights=W)` + `freeze(model)` (no include/exclude: quanto replaces every nn.Linear AND every
-nn.Conv2d; the script prints how many of each were replaced and checks that none was left float. Note that
-transformers' `QuantoConfig(weights=...)` would only replace nn.Linear.) quanto's defaults apply: qint8/qfloat8
-symmetric per output channel, qint4/qint2 affine min/max (MaxOptimizer, no HQQ) in groups of 128 (else 96, 64, 32
-when that divides the row, else per output channel).
+For each model (default: the demo model, the tiny_a fixture, and a SegFormer-B0-shaped model with 150 classes and
+random weights generated at run time from the demo's config, seed 0: "random-b0-150") and each weight level W in
+qint8, qfloat8 (e4m3fn), qint4, qint2, the model is loaded in float32 with transformers, quantized with
+optimum-quanto `quantize(model, weights=W)` + `freeze(model)` (no include/exclude: quanto replaces every nn.Linear
+AND every nn.Conv2d; the script prints how many of each were replaced and checks that none was left float. Note
+that transformers' `QuantoConfig(weights=...)` would only replace nn.Linear.) quanto's defaults apply: qint8/qfloat8
+symmetric per output channel, qint4/qint2 affine min/max (MaxOptimizer) in groups of 128 (else 96, 64, 32 when that
+divides the row, else per output channel). qint4 and qint2 also run with quanto's own HQQ optimizer
+(`quantize(model, weights=W, optimizer=HqqOptimizer())`, rows "qint4+hqq", "qint2+hqq").
 
 Metrics, identical for quanto and segq:
   weight_rel_error  sqrt(sum_l ||W_l - deq(Q(W_l))||_F^2) / sqrt(sum_l ||W_l||_F^2) over the weights of all
@@ -14,18 +16,24 @@ Metrics, identical for quanto and segq:
   logits_rel_error  ||L_q - L_f32||_F / ||L_f32||_F over the logits of all N images together (the images go
                     through SegformerImageProcessor with the model's preprocessor_config.json).
   pixel_agreement   fraction of logits-resolution pixels (all images) where argmax(L_q) == argmax(L_f32).
+  agreement_miou    mean IoU of argmax(L_q) against argmax(L_f32) as ground truth, over the classes either predicts
+                    (classes with an empty union are skipped, as evaluate's mean_iou does), all images together.
   bits_per_weight   storage bits of the quantized weights (data + scales + shifts, counted from the QTensors'
                     actual storage, float32 scales/shifts as quanto keeps them) / number of weights.
 
 segq is then run through its CLI (binary: $SEGQ_BIN, else target/release/segq, else target/debug/segq):
-  segq quantize --model DIR --quant f8,int8,int4,int2 --method rtn,hqq --error-report OUT.json --images I1 I2 ...
+  segq quantize --model DIR --quant f8,int8,int4,int2 --method rtn,hqq,gptq,awq,awq+gptq --calib LIST
+      --calib-size N --error-report OUT.json --images I1 I2 ...
 which must write {"recipes": [{"label", "level", "method", "bits_per_weight", "weight_rel_error",
-"logits_rel_error", "pixel_agreement"}, ...]} with the definitions above. If the binary is missing, the command
+"logits_rel_error", "pixel_agreement", "agreement_miou"}, ...]} with the definitions above. The calibrated methods
+(gptq, awq, awq+gptq) calibrate on LIST, a list file of the demo images that are NOT among the compared images
+(--calib-images to choose others), so no compared image is seen during calibration. If the binary is missing, the command
 fails or its report is malformed, the script prints "segq: not available (<reason>)" and still prints quanto's
 table. segq level "f8" is compared with quanto's qfloat8.
 
-Output: one markdown table per model (rows: level x engine), printed and written to docs/quanto-comparison.md
-with a header (machine, versions, date, command). Takes well under a minute on 2 cores.
+Output: one markdown table per model (rows: level x engine), then per level the best quanto row (lowest logits
+error) against the best segq row at no more bits per weight, printed and written to docs/quanto-comparison.md with
+a header (machine, versions, date, command). Takes a few minutes on 2 cores.
 
 Run from the repository root:
   /work/venv/bin/python scripts/compare_quanto.py
@@ -40,6 +48,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,13 +62,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+RANDOM_B0 = "random-b0-150"
 DEFAULT_MODELS = [
     os.path.join(ROOT, "assets", "demo", "model"),
     os.path.join(ROOT, "tests", "fixtures", "models", "tiny_a"),
+    RANDOM_B0,
 ]
 DEMO_IMAGES = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016", "images", "validation")
-# quanto qtype name -> segq level name
-LEVELS = [("qint8", "int8"), ("qfloat8", "f8"), ("qint4", "int4"), ("qint2", "int2")]
+DEMO_MASKS = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016", "annotations", "validation")
+# quanto row name -> segq level name
+LEVELS = [("qint8", "int8"), ("qfloat8", "f8"), ("qint4", "int4"), ("qint4+hqq", "int4"), ("qint2", "int2"),
+          ("qint2+hqq", "int2")]
+SEGQ_METHODS = "rtn,hqq,gptq,awq,awq+gptq"
 SEGQ_LEVEL_ALIASES = {"f8": "f8", "fp8": "f8", "float8": "f8", "f8e4m3": "f8", "int8": "int8", "int4": "int4",
                       "int2": "int2"}
 
@@ -145,14 +159,45 @@ def storage_bits(t):
     return sum(storage_bits(getattr(t, n)) for n in names)
 
 
+def agreement_miou(pred, ref):
+    """Mean IoU of `pred` against `ref` as ground truth over classes with a non-empty union (evaluate's nanmean)."""
+    pred, ref = pred.flatten(), ref.flatten()
+    n = int(max(pred.max(), ref.max())) + 1
+    inter = torch.bincount(pred[pred == ref], minlength=n).double()
+    union = torch.bincount(pred, minlength=n).double() + torch.bincount(ref, minlength=n).double() - inter
+    keep = union > 0
+    return float((inter[keep] / union[keep]).mean())
+
+
+def make_random_b0(out_dir):
+    """A SegFormer-B0-shaped model with 150 classes and random weights (seed 0), from the demo model's config."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    demo = os.path.join(ROOT, "assets", "demo", "model")
+    config = SegformerConfig.from_pretrained(demo)
+    config.num_labels = 150
+    config.id2label = {i: f"class_{i}" for i in range(150)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    pre = os.path.join(demo, "preprocessor_config.json")
+    if os.path.exists(pre):
+        shutil.copy(pre, os.path.join(out_dir, "preprocessor_config.json"))
+    return out_dir
+
+
 def quanto_level(model_dir, qname, pv, ref_logits):
-    from optimum.quanto import QModuleMixin, freeze, qfloat8, qint2, qint4, qint8, quantize
-    qtype = {"qint8": qint8, "qfloat8": qfloat8, "qint4": qint4, "qint2": qint2}[qname]
+    from optimum.quanto import HqqOptimizer, QModuleMixin, freeze, qfloat8, qint2, qint4, qint8, quantize
+    base, _, optimizer = qname.partition("+")
+    qtype = {"qint8": qint8, "qfloat8": qfloat8, "qint4": qint4, "qint2": qint2}[base]
     model = load_model(model_dir)
     orig = {n: m.weight.detach().clone() for n, m in model.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     t0 = time.perf_counter()
-    quantize(model, weights=qtype)
+    if optimizer == "hqq":
+        quantize(model, weights=qtype, optimizer=HqqOptimizer())
+    else:
+        quantize(model, weights=qtype)
     freeze(model)
     t_quant = time.perf_counter() - t0
     n_lin = n_conv = 0
@@ -178,20 +223,38 @@ def quanto_level(model_dir, qname, pv, ref_logits):
     lq = logits_of(model, pv)
     diff = (lq.double() - ref_logits.double()).norm() / ref_logits.double().norm()
     agree = (lq.argmax(1) == ref_logits.argmax(1)).double().mean()
+    miou = agreement_miou(lq.argmax(1), ref_logits.argmax(1))
     return {
         "level": qname, "linear": n_lin, "conv": n_conv, "quantize_s": t_quant, "group_sizes": group_sizes,
         "bits_per_weight": bits / numel, "weight_rel_error": (err2 / ref2) ** 0.5,
-        "logits_rel_error": float(diff), "pixel_agreement": float(agree), "num_weights": numel,
+        "logits_rel_error": float(diff), "pixel_agreement": float(agree), "agreement_miou": miou,
+        "num_weights": numel,
     }
 
 
-def run_segq(segq, model_dir, images, timeout, extra):
+def calib_list(calib_images, path):
+    """A segq list file (image<TAB>mask) of the calibration images; masks are the demo annotations."""
+    with open(path, "w") as f:
+        for img in calib_images:
+            stem = os.path.splitext(os.path.basename(img))[0]
+            mask = os.path.join(DEMO_MASKS, stem + ".png")
+            f.write(f"{os.path.abspath(img)}\t{mask}\n")
+    return path
+
+
+def run_segq(segq, model_dir, images, timeout, extra, methods, calib_images):
     """Returns (recipes, command string, None) or (None, command string, reason)."""
     with tempfile.TemporaryDirectory(prefix="segq-cmp-") as tmp:
         report = os.path.join(tmp, "error-report.json")
-        cmd = [segq, "quantize", "--model", model_dir, "--quant", "f8,int8,int4,int2", "--method", "rtn,hqq",
-               "--error-report", report, "--images", *images] + extra
+        cmd = [segq, "quantize", "--model", model_dir, "--quant", "f8,int8,int4,int2", "--method", methods]
+        calibrated = any(m in methods.split(",") for m in ("gptq", "awq", "awq+gptq"))
+        if calibrated:
+            listing = calib_list(calib_images, os.path.join(tmp, "calib.txt"))
+            cmd += ["--calib", listing, "--calib-size", str(len(calib_images))]
+        cmd += ["--error-report", report, "--images", *images] + extra
         shown = " ".join(shlex.quote(rel(c)) for c in cmd).replace(shlex.quote(report), "OUT.json")
+        if calibrated:
+            shown = shown.replace(shlex.quote(listing), "CALIB.txt")
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
         except subprocess.TimeoutExpired:
@@ -209,7 +272,7 @@ def run_segq(segq, model_dir, images, timeout, extra):
         if not isinstance(recipes, list) or not recipes:
             return None, shown, "report has no non-empty 'recipes' list"
         need = ["label", "level", "method", "bits_per_weight", "weight_rel_error", "logits_rel_error",
-                "pixel_agreement"]
+                "pixel_agreement", "agreement_miou"]
         for rc in recipes:
             missing = [k for k in need if not isinstance(rc, dict) or k not in rc]
             if missing:
@@ -227,41 +290,68 @@ def fmt(v, kind):
     return f"{v:.3e}"
 
 
-def table(quanto_rows, recipes):
-    head = ("| level | engine | recipe | bits/weight | weight rel. error | logits rel. error | pixel agreement |\n"
-            "|---|---|---|---:|---:|---:|---:|")
-    lines = [head]
+def row_line(lvl, engine, recipe, r):
+    return (f"| {lvl} | {engine} | {recipe} | {fmt(r['bits_per_weight'], 'bits')} | {fmt(r['weight_rel_error'], 'e')} | "
+            f"{fmt(r['logits_rel_error'], 'e')} | {fmt(r['pixel_agreement'], 'pct')} | "
+            f"{fmt(r.get('agreement_miou'), 'pct')} |")
+
+
+def segq_levels(recipes):
     by_level = {}
     for rc in recipes or []:
         lvl = SEGQ_LEVEL_ALIASES.get(str(rc["level"]).lower(), str(rc["level"]))
         by_level.setdefault(lvl, []).append(rc)
-    levels = [s for _, s in LEVELS] + [lvl for lvl in by_level if lvl not in {s for _, s in LEVELS}]
-    qmap = {s: quanto_rows.get(q) for q, s in LEVELS}
+    return by_level
+
+
+def table(quanto_rows, recipes, methods):
+    head = ("| level | engine | recipe | bits/weight | weight rel. error | logits rel. error | pixel agreement | "
+            "agreement mIoU |\n|---|---|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    by_level = segq_levels(recipes)
+    ordered = []
+    for _, s_ in LEVELS:
+        if s_ not in ordered:
+            ordered.append(s_)
+    levels = ordered + [lvl for lvl in by_level if lvl not in ordered]
     for lvl in levels:
-        q = qmap.get(lvl)
-        qname = {s: q_ for q_, s in LEVELS}.get(lvl, "-")
-        if q:
-            gs = ", ".join(f"{k}: {v}" for k, v in sorted(q["group_sizes"].items(), key=lambda kv: str(kv[0])))
-            lines.append(f"| {lvl} | quanto | {qname} (groups {gs}) | {fmt(q['bits_per_weight'], 'bits')} | "
-                         f"{fmt(q['weight_rel_error'], 'e')} | {fmt(q['logits_rel_error'], 'e')} | "
-                         f"{fmt(q['pixel_agreement'], 'pct')} |")
-        else:
-            lines.append(f"| {lvl} | quanto | n/a | n/a | n/a | n/a | n/a |")
+        for qname in [q for q, s_ in LEVELS if s_ == lvl]:
+            q = quanto_rows.get(qname)
+            if q:
+                gs = ", ".join(f"{k}: {v}" for k, v in sorted(q["group_sizes"].items(), key=lambda kv: str(kv[0])))
+                lines.append(row_line(lvl, "quanto", f"{qname} (groups {gs})", q))
+            else:
+                lines.append(f"| {lvl} | quanto | {qname}: n/a | n/a | n/a | n/a | n/a | n/a |")
         if recipes is None:  # segq not available: quanto's rows only
             continue
-        for method in ("rtn", "hqq"):
+        for method in methods:
             rows = [rc for rc in by_level.get(lvl, []) if str(rc["method"]).lower() == method]
-            if not rows:
-                lines.append(f"| {lvl} | segq {method} | n/a | n/a | n/a | n/a | n/a |")
             for rc in rows:
-                lines.append(f"| {lvl} | segq {method} | {rc['label']} | {fmt(rc['bits_per_weight'], 'bits')} | "
-                             f"{fmt(rc['weight_rel_error'], 'e')} | {fmt(rc['logits_rel_error'], 'e')} | "
-                             f"{fmt(rc['pixel_agreement'], 'pct')} |")
-        others = [rc for rc in by_level.get(lvl, []) if str(rc["method"]).lower() not in ("rtn", "hqq")]
-        for rc in others:
-            lines.append(f"| {lvl} | segq {rc['method']} | {rc['label']} | {fmt(rc['bits_per_weight'], 'bits')} | "
-                         f"{fmt(rc['weight_rel_error'], 'e')} | {fmt(rc['logits_rel_error'], 'e')} | "
-                         f"{fmt(rc['pixel_agreement'], 'pct')} |")
+                lines.append(row_line(lvl, f"segq {method}", rc["label"], rc))
+    return "\n".join(lines)
+
+
+def best_of(quanto_rows, recipes):
+    """Per integer level: quanto's best row (lowest logits error) against segq's best at no more bits per weight."""
+    lines = ["| level | quanto best | bits | logits err. | agreement mIoU | segq best (<= bits) | bits | logits err. | "
+             "agreement mIoU | segq better on both |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    by_level = segq_levels(recipes)
+    for lvl in ("int4", "int2"):
+        qs = [(q, r) for q, r in quanto_rows.items() if dict(LEVELS).get(q) == lvl]
+        if not qs or lvl not in by_level:
+            continue
+        qname, q = min(qs, key=lambda kv: kv[1]["logits_rel_error"])
+        within = [rc for rc in by_level[lvl] if rc["bits_per_weight"] <= q["bits_per_weight"] + 1e-9]
+        if not within:
+            lines.append(f"| {lvl} | {qname} | {fmt(q['bits_per_weight'], 'bits')} | {fmt(q['logits_rel_error'], 'e')} "
+                         f"| {fmt(q['agreement_miou'], 'pct')} | none at <= {q['bits_per_weight']:.3f} bits | | | | no |")
+            continue
+        best = min(within, key=lambda rc: rc["logits_rel_error"])
+        wins = best["logits_rel_error"] < q["logits_rel_error"] and best["agreement_miou"] > q["agreement_miou"]
+        lines.append(f"| {lvl} | {qname} | {fmt(q['bits_per_weight'], 'bits')} | {fmt(q['logits_rel_error'], 'e')} | "
+                     f"{fmt(q['agreement_miou'], 'pct')} | {best['label']} | {fmt(best['bits_per_weight'], 'bits')} | "
+                     f"{fmt(best['logits_rel_error'], 'e')} | {fmt(best['agreement_miou'], 'pct')} | "
+                     f"{'yes' if wins else 'no'} |")
     return "\n".join(lines)
 
 
@@ -270,11 +360,14 @@ def main():
     ap.add_argument("--model", nargs="+", default=DEFAULT_MODELS, help="model folder(s) (default: demo + tiny_a)")
     ap.add_argument("--images", nargs="+", help="image files (default: the first --num-images demo JPEGs)")
     ap.add_argument("--num-images", type=int, default=4)
-    ap.add_argument("--levels", default="qint8,qfloat8,qint4,qint2", help="quanto levels to run")
+    ap.add_argument("--levels", default=",".join(q for q, _ in LEVELS), help="quanto rows to run")
+    ap.add_argument("--methods", default=SEGQ_METHODS, help="segq methods (comma-separated)")
+    ap.add_argument("--calib-images", nargs="+",
+                    help="calibration images for segq's gptq/awq (default: the demo JPEGs not compared)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "quanto-comparison.md"),
                     help="markdown file to write ('' or '-' to skip)")
     ap.add_argument("--segq-bin", help="segq binary (default $SEGQ_BIN, target/release/segq, target/debug/segq)")
-    ap.add_argument("--segq-timeout", type=int, default=120, help="seconds per segq run")
+    ap.add_argument("--segq-timeout", type=int, default=600, help="seconds per segq run")
     ap.add_argument("--segq-extra", default="", help="extra arguments appended to the segq command (shell-split)")
     ap.add_argument("--no-segq", action="store_true", help="skip segq")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -288,6 +381,9 @@ def main():
     if not images:
         sys.exit(f"no images (looked in {DEMO_IMAGES})")
     images = [os.path.abspath(p) for p in images]
+    calib_images = [os.path.abspath(p) for p in (args.calib_images or sorted(glob.glob(os.path.join(DEMO_IMAGES, "*.jpg"))))
+                    if os.path.abspath(p) not in images]
+    methods = [m for m in args.methods.split(",") if m]
     wanted = [q for q in args.levels.split(",") if q]
     for q in wanted:
         if q not in dict(LEVELS):
@@ -303,17 +399,23 @@ def main():
         f"- Versions: {versions()}; segq: {rel(segq) if segq else 'not available'}",
         f"- Command: `{command}` (from the repository root)",
         f"- Images ({len(images)}): {', '.join(os.path.basename(p) for p in images)}",
+        f"- segq's calibrated methods (gptq, awq, awq+gptq) calibrate on {len(calib_images)} other images: "
+        f"{', '.join(os.path.basename(p) for p in calib_images)}",
         "- quanto: `quantize(model, weights=W)` + `freeze(model)`, all Linear and Conv2d layers, default optimizers "
         "(qint8/qfloat8 e4m3fn symmetric per output channel; qint4/qint2 affine min/max in groups of 128/96/64/32 "
-        "dividing the row, else per channel); float32 scales and shifts.",
+        "dividing the row, else per channel); rows `+hqq` pass `optimizer=HqqOptimizer()`; float32 scales and "
+        "shifts.",
         "- weight rel. error = sqrt(sum ||W - deq(W)||_F^2) / sqrt(sum ||W||_F^2) over all Linear+Conv2d weights; "
         "logits rel. error = ||L_q - L_f32||_F / ||L_f32||_F over all images; pixel agreement = share of "
         "logits-resolution pixels whose argmax is unchanged; bits/weight = stored bits of data, scales and shifts "
-        "per weight.",
+        "per weight; agreement mIoU = mean IoU of the quantized argmax against the f32 argmax as ground truth.",
         "",
     ]
     body = []
+    scratch = tempfile.mkdtemp(prefix="segq-cmp-models-")
     for model_dir in args.model:
+        if model_dir == RANDOM_B0:
+            model_dir = make_random_b0(os.path.join(scratch, RANDOM_B0))
         model_dir = os.path.abspath(model_dir)
         print(f"== {rel(model_dir)}", flush=True)
         pv = pixel_values(model_dir, images)
@@ -335,7 +437,8 @@ def main():
         if segq:
             extra = shlex.split(args.segq_extra)
             t0 = time.perf_counter()
-            recipes, shown, why = run_segq(segq, model_dir, images, args.segq_timeout, extra)
+            recipes, shown, why = run_segq(segq, model_dir, images, args.segq_timeout, extra, ",".join(methods),
+                                           calib_images)
             if why:
                 segq_note = f"segq: not available ({why}); command: `{shown}`"
             else:
@@ -345,8 +448,14 @@ def main():
         print(f"   {segq_note}", flush=True)
         n_weights = next(iter(rows.values()))["num_weights"] if rows else 0
         counts = next(iter(rows.values())) if rows else None
-        tbl = table(rows, recipes)
-        section = [f"## {rel(model_dir)}", "",
+        tbl = table(rows, recipes, methods)
+        best = best_of(rows, recipes) if recipes else ""
+        if best:
+            tbl += "\n\nBest per level (quanto: lowest logits error of its rows; segq: lowest logits error at no more "\
+                   "bits per weight):\n\n" + best
+        name = RANDOM_B0 + " (B0 shape, 150 classes, random weights, seed 0)" if RANDOM_B0 in model_dir \
+            else rel(model_dir)
+        section = [f"## {name}", "",
                    f"pixel_values {list(pv.shape)}, logits {list(ref.shape)}; "
                    + (f"quanto replaced {counts['linear']} Linear + {counts['conv']} Conv2d layers "
                       f"({n_weights} weights); " if counts else "")
@@ -355,6 +464,7 @@ def main():
         print(tbl)
         print()
         body += section
+    shutil.rmtree(scratch, ignore_errors=True)
     total = time.perf_counter() - t_start
     body.append(f"Total run time: {total:.1f} s.")
     if args.out and args.out != "-":

@@ -24,6 +24,11 @@ pub struct RecipeError {
     pub logits_rel_error: f64,
     /// Fraction of logit pixels whose argmax class equals the float model's; NaN without images.
     pub pixel_agreement: f64,
+    /// Mean IoU of the argmax classes against the float model's taken as ground truth, over the classes either
+    /// predicts (as `evaluate`'s mean_iou skips classes with an empty union), at the logits' resolution.
+    pub agreement_miou: f64,
+    /// Layers a calibrated method left to a calibration-free one.
+    pub fallback_layers: usize,
     pub quantized_layers: usize,
 }
 
@@ -62,6 +67,8 @@ pub fn error_report(
     for recipe in recipes {
         let (quantized, report) = model::quantize_calibrated(&loaded.model, recipe, stats)?;
         let (mut err, mut norm, mut agree, mut pixels) = (0f64, 0f64, 0usize, 0usize);
+        let classes = reference.first().map_or(0, |l| l.classes);
+        let (mut intersection, mut union) = (vec![0u64; classes], vec![0u64; classes]);
         for ((q, r), r_classes) in logits_of(&quantized)?.iter().zip(&reference).zip(&reference_classes) {
             err += q
                 .data
@@ -73,6 +80,16 @@ pub fn error_report(
             let q_classes = q.argmax();
             agree += q_classes.iter().zip(r_classes).filter(|(a, b)| a == b).count();
             pixels += q_classes.len();
+            for (&a, &b) in q_classes.iter().zip(r_classes) {
+                let (a, b) = (a as usize, b as usize);
+                if a == b {
+                    intersection[a] += 1;
+                    union[a] += 1;
+                } else {
+                    union[a] += 1;
+                    union[b] += 1;
+                }
+            }
         }
         rows.push(RecipeError {
             label: report.label,
@@ -86,6 +103,20 @@ pub fn error_report(
             } else {
                 f64::NAN
             },
+            agreement_miou: {
+                let ious: Vec<f64> = intersection
+                    .iter()
+                    .zip(&union)
+                    .filter(|(_, u)| **u > 0)
+                    .map(|(i, u)| *i as f64 / *u as f64)
+                    .collect();
+                if ious.is_empty() {
+                    f64::NAN
+                } else {
+                    ious.iter().sum::<f64>() / ious.len() as f64
+                }
+            },
+            fallback_layers: report.fallbacks.len(),
             quantized_layers: report.quantized_layers,
         });
     }
