@@ -37,6 +37,9 @@ pub struct CalibSpec {
     pub seed: u64,
     /// Draw from the evaluated images too (reported as overlap).
     pub allow_overlap: bool,
+    /// Reuse statistics saved by an earlier run of the same model on the same images (and save new ones) in
+    /// `segq_cache_dir()/calib/`.
+    pub cache: bool,
 }
 
 /// How a dataset is addressed besides its source: what `resolve_source` needs.
@@ -76,6 +79,193 @@ pub struct CalibrationInfo {
     /// The first 16 hex digits of the SHA-256 over the source, split and drawn rows: the identity of the set.
     pub set_id: String,
     pub seconds: f64,
+    /// True when the statistics were read from the cache of an earlier run (`seconds` is then the time to read
+    /// them).
+    #[serde(default)]
+    pub cached: bool,
+}
+
+/// The cache key of a calibration: segq's version, the float model's tensors, the preprocessing, the protocol, the
+/// Hessian's row sampling and the calibration set. What is accumulated is checked when reading (a file with more
+/// statistics than asked for serves too).
+fn cache_key(loaded: &LoadedModel, set_id: &str, protocol: Protocol) -> String {
+    let mut h = Sha256::new();
+    h.update(crate::VERSION.as_bytes());
+    h.update(set_id.as_bytes());
+    h.update(format!("{protocol:?} {HESSIAN_ROWS_PER_IMAGE}").as_bytes());
+    h.update(serde_json::to_vec(&loaded.preprocessor).unwrap_or_default());
+    for (name, tensor) in crate::model::save::state_dict(&loaded.model) {
+        h.update(name.as_bytes());
+        match tensor {
+            crate::model::save::StateTensor::Float { shape, values } => {
+                h.update(format!("{shape:?}").as_bytes());
+                for v in values {
+                    h.update(v.to_le_bytes());
+                }
+            }
+            crate::model::save::StateTensor::Quantized(q) => {
+                for (_, _, shape, bytes) in q.to_tensors(&name) {
+                    h.update(format!("{shape:?}").as_bytes());
+                    h.update(&bytes);
+                }
+            }
+        }
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The calibration cache file: one safetensors file per (model, set), per layer `{layer}.hessian` (F64 `[c, c]`),
+/// `{layer}.abs_sum` (F64 `[c]`), `{layer}.abs_max` (F32 `[c]`), `{layer}.histogram` (U64 bins), and in its
+/// metadata the counts of every layer and the [`CalibrationInfo`].
+mod cache {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::Path;
+
+    use safetensors::{Dtype, SafeTensors};
+    use serde::{Deserialize, Serialize};
+
+    use super::CalibrationInfo;
+    use crate::quant::act::{AbsHistogram, HISTOGRAM_BINS};
+    use crate::quant::{LayerStats, ModelStats, StatsNeeds};
+    use crate::{Error, Result};
+
+    #[derive(Serialize, Deserialize)]
+    struct LayerCounts {
+        cols: usize,
+        rows: u64,
+        hessian_rows: u64,
+        /// `(range, max, count)` of the histogram, when kept.
+        histogram: Option<(f32, f32, u64)>,
+    }
+
+    pub(super) fn write(path: &Path, stats: &ModelStats, info: &CalibrationInfo) -> Result<()> {
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut counts = BTreeMap::new();
+        for (name, s) in stats {
+            let c = s.cols;
+            if let Some(h) = &s.hessian {
+                tensors.push((format!("{name}.hessian"), Dtype::F64, vec![c, c], bytes_f64(h)));
+            }
+            tensors.push((format!("{name}.abs_sum"), Dtype::F64, vec![c], bytes_f64(&s.abs_sum)));
+            let abs_max = s.abs_max.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((format!("{name}.abs_max"), Dtype::F32, vec![c], abs_max));
+            if let Some(hist) = &s.histogram {
+                let bins = hist.bins.iter().flat_map(|v| v.to_le_bytes()).collect();
+                tensors.push((format!("{name}.histogram"), Dtype::U64, vec![hist.bins.len()], bins));
+            }
+            counts.insert(
+                name.clone(),
+                LayerCounts {
+                    cols: c,
+                    rows: s.rows,
+                    hessian_rows: s.hessian_rows,
+                    histogram: s.histogram.as_ref().map(|h| (h.range, h.max, h.count)),
+                },
+            );
+        }
+        let json = |v: serde_json::Result<String>| v.map_err(|e| Error::internal(e.to_string()));
+        let metadata = HashMap::from([
+            ("layers".to_string(), json(serde_json::to_string(&counts))?),
+            ("info".to_string(), json(serde_json::to_string(info))?),
+        ]);
+        let views = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::internal(format!("calibration tensor {n}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        crate::model::save::write_atomically(path, |out| crate::model::save::write_safetensors(out, &views, metadata))
+    }
+
+    fn bytes_f64(values: &[f64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The cached statistics when the file exists and holds at least `needs`; `Ok(None)` when there is none to use.
+    pub(super) fn read(path: &Path, needs: StatsNeeds) -> Result<Option<(ModelStats, CalibrationInfo)>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let bad = |why: String| Error::invalid(path.display().to_string(), why);
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |key: &str| meta.get(key).ok_or_else(|| bad(format!("metadata '{key}' is missing")));
+        let info: CalibrationInfo = serde_json::from_str(get("info")?).map_err(|e| bad(e.to_string()))?;
+        if !info.statistics.covers(needs) {
+            return Ok(None);
+        }
+        let counts: BTreeMap<String, LayerCounts> =
+            serde_json::from_str(get("layers")?).map_err(|e| bad(e.to_string()))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let tensor = |name: String, dtype: Dtype, shape: Vec<usize>| -> Result<Vec<u8>> {
+            let t = file.tensor(&name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != dtype || t.shape() != shape.as_slice() {
+                return Err(bad(format!(
+                    "{name}: expected {dtype:?} {shape:?}, found {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data().to_vec())
+        };
+        let f64s = |b: Vec<u8>| -> Vec<f64> {
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        };
+        let mut stats = ModelStats::new();
+        for (name, c) in counts {
+            let cols = c.cols;
+            let hessian = if info.statistics.hessian {
+                Some(f64s(tensor(format!("{name}.hessian"), Dtype::F64, vec![cols, cols])?))
+            } else {
+                None
+            };
+            let abs_sum = f64s(tensor(format!("{name}.abs_sum"), Dtype::F64, vec![cols])?);
+            let abs_max = tensor(format!("{name}.abs_max"), Dtype::F32, vec![cols])?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
+                .collect();
+            let histogram = match c.histogram {
+                Some((range, max, count)) => {
+                    let bins = tensor(format!("{name}.histogram"), Dtype::U64, vec![HISTOGRAM_BINS])?
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect();
+                    Some(AbsHistogram {
+                        bins,
+                        range,
+                        max,
+                        count,
+                    })
+                }
+                None => None,
+            };
+            if needs.histogram && histogram.is_none() {
+                return Ok(None);
+            }
+            stats.insert(
+                name,
+                LayerStats {
+                    cols,
+                    rows: c.rows,
+                    hessian_rows: c.hessian_rows,
+                    hessian,
+                    abs_sum,
+                    abs_max,
+                    histogram,
+                },
+            );
+        }
+        Ok(Some((stats, info)))
+    }
 }
 
 /// A calibration's statistics and what it used.
@@ -182,6 +372,30 @@ pub fn calibrate(
         let digest = h.finalize();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
+    let cache_file = spec.cache.then(|| {
+        let key = cache_key(loaded, &set_id, protocol);
+        crate::hub::segq_cache_dir()
+            .join("calib")
+            .join(format!("{key}.safetensors"))
+    });
+    if let Some(path) = &cache_file {
+        match cache::read(path, needs) {
+            Ok(Some((stats, mut info))) => {
+                tracing::info!(
+                    "calibration statistics of set {set_id} reused from {} ({} images)",
+                    path.display(),
+                    info.images
+                );
+                info.overlap = overlap;
+                info.requested = spec.size;
+                info.seconds = start.elapsed().as_secs_f64();
+                info.cached = true;
+                return Ok(Calibration { stats, info });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("ignoring the calibration cache: {e}"),
+        }
+    }
     tracing::info!(
         "calibrating on {} images of {description} (seed {}, set {set_id})",
         rows.len(),
@@ -230,7 +444,14 @@ pub fn calibrate(
         statistics: needs,
         set_id,
         seconds: start.elapsed().as_secs_f64(),
+        cached: false,
     };
+    if let Some(path) = &cache_file {
+        match cache::write(path, &stats, &info) {
+            Ok(()) => tracing::debug!(cache = %path.display(), "calibration statistics saved"),
+            Err(e) => tracing::warn!("calibration statistics not cached: {e}"),
+        }
+    }
     tracing::info!(
         "calibration: {} images, {} layers, {:.1} s",
         info.images,
@@ -260,6 +481,7 @@ mod tests {
             size,
             seed: 3,
             allow_overlap,
+            cache: false,
         }
     }
 
@@ -351,6 +573,62 @@ mod tests {
             err.contains("--calib-allow-overlap") && err.contains("12 rows"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cached_statistics_read_back_identically_and_only_when_they_suffice() {
+        let dir = std::env::temp_dir().join(format!("segq-calib-cache-{}", std::process::id()));
+        let path = dir.join("calib").join("k.safetensors");
+        let mut stats = ModelStats::new();
+        for (name, cols) in [("a.query", 3usize), ("b.proj", 2)] {
+            let mut s = crate::quant::LayerStats::new(cols, needs());
+            let x: Vec<f32> = (0..cols * 5).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+            let mut gram = vec![0f32; cols * cols];
+            for row in x.chunks(cols) {
+                for i in 0..cols {
+                    for j in 0..cols {
+                        gram[i * cols + j] += row[i] * row[j];
+                    }
+                }
+            }
+            s.observe(&x, Some(&gram));
+            stats.insert(name.to_string(), s);
+        }
+        let info = CalibrationInfo {
+            source: "demo".into(),
+            split: "train".into(),
+            requested: 5,
+            images: 5,
+            seed: 1,
+            dataset_rows: 12,
+            overlap: 0,
+            skipped: 0,
+            statistics: needs(),
+            set_id: "abc".into(),
+            seconds: 1.0,
+            cached: false,
+        };
+        cache::write(&path, &stats, &info).unwrap();
+        let (read, read_info) = cache::read(&path, needs()).unwrap().unwrap();
+        assert_eq!(read, stats);
+        assert_eq!(read_info, info);
+        // A file without histograms does not serve a request for them.
+        let hessian_only = StatsNeeds {
+            hessian: true,
+            histogram: false,
+        };
+        let mut less = info.clone();
+        less.statistics = hessian_only;
+        let mut stripped = stats.clone();
+        stripped.values_mut().for_each(|s| s.histogram = None);
+        cache::write(&path, &stripped, &less).unwrap();
+        assert!(cache::read(&path, needs()).unwrap().is_none());
+        assert!(cache::read(&path, hessian_only).unwrap().is_some());
+        // A damaged file is an error (the caller warns and recalibrates), a missing one nothing.
+        std::fs::write(&path, b"not safetensors").unwrap();
+        assert!(cache::read(&path, needs()).is_err());
+        assert!(cache::read(&dir.join("none.safetensors"), needs()).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

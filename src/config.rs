@@ -123,6 +123,8 @@ pub struct QuantConfig {
     pub calib_seed: u64,
     /// Allow drawing calibration images among the evaluated ones (else they are left out of the draw).
     pub calib_allow_overlap: bool,
+    /// Keep calibration statistics in segq's cache folder and reuse them for the same model and images.
+    pub calib_cache: bool,
 }
 
 impl QuantConfig {
@@ -134,6 +136,7 @@ impl QuantConfig {
             size: self.calib_size,
             seed: self.calib_seed,
             allow_overlap: self.calib_allow_overlap,
+            cache: self.calib_cache,
         }
     }
 }
@@ -163,6 +166,7 @@ impl Default for QuantConfig {
             calib_size: 128,
             calib_seed: 0,
             calib_allow_overlap: false,
+            calib_cache: true,
         }
     }
 }
@@ -452,6 +456,7 @@ calib_split = "train"         # split of the calibration source
 calib_size = 128              # calibration images, drawn uniformly without replacement (--calib-size)
 calib_seed = 0                # seed of that draw (--calib-seed)
 calib_allow_overlap = false   # allow calibrating on evaluated images (--calib-allow-overlap); else they are excluded
+calib_cache = true            # reuse calibration statistics of the same model and images (~/.cache/segq/calib)
 
 [eval]
 batch_size = 4

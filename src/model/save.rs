@@ -123,7 +123,7 @@ pub(super) fn write_model_files(
 /// Writes `path` through `fill` atomically ([`crate::outputs::write_atomically`]), flushed and synced before the
 /// rename, so a reader (or a run killed half-way) never sees half a file. The file is created as every other file
 /// segq writes (mode 0666 less the umask: 0644 usually), not 0600 as a temporary-file library would make it.
-pub(super) fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
     crate::outputs::write_atomically(path, |temporary| {
         let file = std::fs::File::create(temporary).map_err(|e| Error::io(temporary, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -136,7 +136,7 @@ pub(super) fn write_atomically(path: &Path, fill: impl FnOnce(&mut dyn Write) ->
 /// The safetensors format, streamed: 8 bytes of header length (little endian), the JSON header (tensor dtypes,
 /// shapes and data offsets, then `__metadata__`) padded with spaces to a multiple of 8, then the tensors' bytes,
 /// widest dtype first (as the safetensors library orders them) so every tensor starts aligned to its element size.
-pub(super) fn write_safetensors(
+pub(crate) fn write_safetensors(
     out: &mut dyn Write,
     views: &[(String, safetensors::tensor::TensorView<'_>)],
     metadata: std::collections::HashMap<String, String>,
