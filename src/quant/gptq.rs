@@ -1003,8 +1003,8 @@ mod tests {
                 let q = (int::affine_code(cur[j] as f32, s, z, qmax) - z) * s;
                 out[r * n + j] = q;
                 let err = (cur[j] - q as f64) / u(j, j);
-                for k in j + 1..n {
-                    cur[k] -= err * u(j, k);
+                for (k, c) in cur.iter_mut().enumerate().skip(j + 1) {
+                    *c -= err * u(j, k);
                 }
             }
         }
@@ -1167,6 +1167,11 @@ mod tests {
         assert!(e.contains("gptq") && e.contains("31 weight values"), "{e}");
         let e = message(&identity(cols), &w, &Recipe::level_default(Level::F16), &options);
         assert!(e.contains("gptq") && e.contains("integer levels only"), "{e}");
+        // The recipe itself refuses gptq for float levels, before any weight is seen.
+        let e = Recipe::new(Level::F8E4m3, Method::Gptq, None, None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gptq applies to integer levels only"), "{e}");
         let bad = GptqOptions {
             damp: -1.0,
             ..GptqOptions::default()
