@@ -693,12 +693,24 @@ mod tests {
         let pixels = Tensor::from_vec(v, (1, 3, 40, 36), &Device::Cpu).unwrap();
         let logits = |m: &crate::model::Segformer| m.forward(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>();
         let dir = std::env::temp_dir().join(format!("segq-col-scales-{}", std::process::id()));
-        save_quantized(&q, &recipe, &loaded.config_json, loaded.preprocessor_json.as_deref(), &dir).unwrap();
+        save_quantized(
+            &q,
+            &recipe,
+            &loaded.config_json,
+            loaded.preprocessor_json.as_deref(),
+            &dir,
+        )
+        .unwrap();
         let back = model::load(&ModelSource::Local(dir.clone()));
         std::fs::remove_dir_all(&dir).ok();
         let back = back.unwrap();
         assert_eq!(logits(&back.model).unwrap(), logits(&q).unwrap());
-        let awq_layers = back.model.layers().iter().filter(|l| l.format.ends_with("-awq")).count();
+        let awq_layers = back
+            .model
+            .layers()
+            .iter()
+            .filter(|l| l.format.ends_with("-awq"))
+            .count();
         assert_eq!(awq_layers, 4);
     }
 

@@ -23,9 +23,12 @@
 //! `W' = W diag(s)` with the Hessian of the scaled input `X diag(1/s)`, `H' = diag(1/s) H diag(1/s)`, and keeps it
 //! when its error is below plain GPTQ's (also computed), else plain GPTQ.
 //!
-//! Not implemented: llm-awq's second step, a per-group clipping search (shrinking each group's range). Its score is
-//! the error of each group's partial output, which the Hessian's diagonal blocks would give; for affine formats
-//! `hqq` already searches shrunk ranges per group.
+//! `awq` then runs llm-awq's second step, a clipping search: each group's range is clipped to `f` times its
+//! absolute maximum for `f` in [`AwqOptions::clip`] (1 down to 0.55), scored by the error of the group's partial
+//! output, `e^T H'_gg e` with `H'_gg` the Hessian's diagonal block of the group's columns (what llm-awq measures on
+//! the activations). The clipped tensor is kept only when its whole-layer error `E` is lower. On the synthetic
+//! layer of the tests it lowers `E` by 12% at int4 g64 and by 31% at int2 g32 (after the scales). `awq+gptq` does not
+//! clip: GPTQ chooses its own ranges.
 
 use rayon::prelude::*;
 
@@ -123,7 +126,13 @@ pub fn quantize_with_options(
                 (q, search.error, search.clipped) = (clipped, clipped_error, true);
             }
         }
-        tracing::debug!(alpha, error = search.error, base_error = rtn_base_error, clipped = search.clipped, "awq");
+        tracing::debug!(
+            alpha,
+            error = search.error,
+            base_error = rtn_base_error,
+            clipped = search.clipped,
+            "awq"
+        );
         return Ok((q, search));
     }
     // awq+gptq: GPTQ at the chosen scales against plain GPTQ.
@@ -203,13 +212,7 @@ struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
-    fn new(
-        w: &'a [f32],
-        rows: usize,
-        cols: usize,
-        recipe: &Recipe,
-        stats: Option<&LayerStats>,
-    ) -> Result<Layer<'a>> {
+    fn new(w: &'a [f32], rows: usize, cols: usize, recipe: &Recipe, stats: Option<&LayerStats>) -> Result<Layer<'a>> {
         let what = recipe.method.name();
         if !recipe.method.scales_columns() {
             return Err(Error::internal(format!("awq called for method {}", recipe.method)));
@@ -241,15 +244,12 @@ impl<'a> Layer<'a> {
                 ),
             ));
         }
-        let hessian = stats
-            .hessian_mean()
-            .filter(|h| h.len() == cols * cols)
-            .ok_or_else(|| {
-                Error::invalid(
-                    what,
-                    "the calibration statistics hold no Hessian (X^T X) of the layer's inputs",
-                )
-            })?;
+        let hessian = stats.hessian_mean().filter(|h| h.len() == cols * cols).ok_or_else(|| {
+            Error::invalid(
+                what,
+                "the calibration statistics hold no Hessian (X^T X) of the layer's inputs",
+            )
+        })?;
         let magnitude = stats.mean_abs();
         let bad_magnitude = magnitude.iter().position(|v| !v.is_finite());
         let bad_hessian = hessian.iter().position(|v| !v.is_finite()).map(|i| i / cols);
@@ -289,7 +289,9 @@ impl<'a> Layer<'a> {
             .iter()
             .map(|&m| (m as f64).max(floor).powf(alpha as f64))
             .collect();
-        let (lo, hi) = s.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = s
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         let norm = (lo * hi).sqrt();
         let inv: Vec<f64> = s.iter().map(|v| norm / v).collect();
         if let Some(j) = inv.iter().position(|v| !v.is_finite() || *v <= 0.0) {
@@ -331,7 +333,9 @@ impl<'a> Layer<'a> {
     }
 
     fn rtn_at(&self, inv: &[f32]) -> Result<QuantTensor> {
-        self.quantize_scaled(inv, |w, _| rtn::quantize(w, self.rows, self.cols, &self.rtn_recipe, None))
+        self.quantize_scaled(inv, |w, _| {
+            rtn::quantize(w, self.rows, self.cols, &self.rtn_recipe, None)
+        })
     }
 
     /// Round to nearest at scales `inv` with each group's range clipped to the factor of `factors` (times the
@@ -346,50 +350,58 @@ impl<'a> Layer<'a> {
         let layout = int::GroupLayout { cols, group_size };
         self.quantize_scaled(inv, |w, inv| {
             let col_scale = |j: usize| inv.map_or(1.0, |inv| inv[j]);
-            Ok(int::quantize_grouped_at(w, rows, cols, bits, symmetric, group_size, |_, g, group| {
-                let c0 = layout.range(g).start;
-                let n = group.len();
-                let mut block = vec![0f64; n * n];
-                for (a, row) in block.chunks_mut(n).enumerate() {
-                    let h = &self.hessian[(c0 + a) * cols + c0..][..n];
-                    for (b, v) in row.iter_mut().enumerate() {
-                        *v = h[b] * col_scale(c0 + a) * col_scale(c0 + b);
+            Ok(int::quantize_grouped_at(
+                w,
+                rows,
+                cols,
+                bits,
+                symmetric,
+                group_size,
+                |_, g, group| {
+                    let c0 = layout.range(g).start;
+                    let n = group.len();
+                    let mut block = vec![0f64; n * n];
+                    for (a, row) in block.chunks_mut(n).enumerate() {
+                        let h = &self.hessian[(c0 + a) * cols + c0..][..n];
+                        for (b, v) in row.iter_mut().enumerate() {
+                            *v = h[b] * col_scale(c0 + a) * col_scale(c0 + b);
+                        }
                     }
-                }
-                let (min, max) = group
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-                let absmax = min.abs().max(max.abs());
-                let mut best = (f64::INFINITY, (1f32, 0f32));
-                for &f in factors {
-                    let limit = absmax * f;
-                    let (scale, zero) = if symmetric {
-                        (int::absmax_scale(&[limit], bits), 0.0)
-                    } else {
-                        int::minmax_params(&[min.max(-limit), max.min(limit)], bits)
-                    };
-                    let err: Vec<f64> = group
-                        .iter()
-                        .map(|&x| {
-                            let deq = if symmetric {
-                                int::symmetric_code(x, scale, int::symmetric_qmax(bits) as f32) * scale
-                            } else {
-                                (int::affine_code(x, scale, zero, int::affine_qmax(bits) as f32) - zero) * scale
-                            };
-                            x as f64 - deq as f64
-                        })
-                        .collect();
-                    let score: f64 = block
-                        .chunks(n)
-                        .zip(&err)
-                        .map(|(h, ea)| ea * h.iter().zip(&err).map(|(h, eb)| h * eb).sum::<f64>())
-                        .sum();
-                    if score < best.0 {
-                        best = (score, (scale, zero));
+                    let (min, max) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                        (lo.min(v), hi.max(v))
+                    });
+                    let absmax = min.abs().max(max.abs());
+                    let mut best = (f64::INFINITY, (1f32, 0f32));
+                    for &f in factors {
+                        let limit = absmax * f;
+                        let (scale, zero) = if symmetric {
+                            (int::absmax_scale(&[limit], bits), 0.0)
+                        } else {
+                            int::minmax_params(&[min.max(-limit), max.min(limit)], bits)
+                        };
+                        let err: Vec<f64> = group
+                            .iter()
+                            .map(|&x| {
+                                let deq = if symmetric {
+                                    int::symmetric_code(x, scale, int::symmetric_qmax(bits) as f32) * scale
+                                } else {
+                                    (int::affine_code(x, scale, zero, int::affine_qmax(bits) as f32) - zero) * scale
+                                };
+                                x as f64 - deq as f64
+                            })
+                            .collect();
+                        let score: f64 = block
+                            .chunks(n)
+                            .zip(&err)
+                            .map(|(h, ea)| ea * h.iter().zip(&err).map(|(h, eb)| h * eb).sum::<f64>())
+                            .sum();
+                        if score < best.0 {
+                            best = (score, (scale, zero));
+                        }
                     }
-                }
-                best.1
-            }))
+                    best.1
+                },
+            ))
         })
     }
 
@@ -406,14 +418,7 @@ impl<'a> Layer<'a> {
                     .map(|(k, h)| h * inv[k / cols] * inv[k % cols])
                     .collect(),
             };
-            gptq::quantize_with_hessian(
-                w,
-                self.rows,
-                cols,
-                &self.gptq_recipe,
-                &hessian,
-                &GptqOptions::default(),
-            )
+            gptq::quantize_with_hessian(w, self.rows, cols, &self.gptq_recipe, &hessian, &GptqOptions::default())
         })
     }
 
@@ -485,7 +490,12 @@ mod tests {
             let rtn = Recipe::new(level, Method::Rtn, g, Some(awq.is_symmetric()), vec![]).unwrap();
             let q = quantize_at_alpha(&w, rows, cols, &awq, Some(&stats), 0.0).unwrap();
             assert!(q.col_scales.is_empty(), "{}", awq.label());
-            assert_eq!(q, quantize_weight("w", &w, rows, cols, &rtn).unwrap(), "{}", awq.label());
+            assert_eq!(
+                q,
+                quantize_weight("w", &w, rows, cols, &rtn).unwrap(),
+                "{}",
+                awq.label()
+            );
             // A search restricted to exponent 0 and no clipping returns it too.
             let options = AwqOptions {
                 alphas: vec![0.0],
@@ -516,9 +526,17 @@ mod tests {
         // (level, group size, awq error / rtn error must be below)
         for (level, g, factor) in [(Level::Int4, 64, 0.3), (Level::Int2, 32, 0.3)] {
             let quantized = |method| {
-                quantize_weight_with("w", &w, rows, cols, &recipe(level, method, Some(g)), Some(&stats), false)
-                    .unwrap()
-                    .0
+                quantize_weight_with(
+                    "w",
+                    &w,
+                    rows,
+                    cols,
+                    &recipe(level, method, Some(g)),
+                    Some(&stats),
+                    false,
+                )
+                .unwrap()
+                .0
             };
             let (awq, rtn) = (quantized(Method::Awq), quantized(Method::Rtn));
             let hqq = hqq::quantize(&w, rows, cols, &recipe(level, Method::Hqq, Some(g)), None).unwrap();
@@ -528,7 +546,10 @@ mod tests {
                     ..AwqOptions::default()
                 };
                 let r = recipe(level, Method::Awq, Some(g));
-                quantize_with_options(&w, rows, cols, &r, Some(&stats), &options).unwrap().1.error
+                quantize_with_options(&w, rows, cols, &r, Some(&stats), &options)
+                    .unwrap()
+                    .1
+                    .error
             };
             let [e_awq, e_rtn, e_hqq] = [&awq, &rtn, &hqq].map(|q| relative_output_error(&w, q, &stats));
             eprintln!("{level}-g{g}: relative output error awq {e_awq:.5}, rtn {e_rtn:.5}, hqq {e_hqq:.5}");
@@ -547,12 +568,43 @@ mod tests {
                 search.alpha, search.clipped
             );
             // Measured 1.12 (int4) and 1.31 (int2).
-            assert!(search.clipped && clip_gain > 1.05, "{level}: clipping gained {clip_gain}");
+            assert!(
+                search.clipped && clip_gain > 1.05,
+                "{level}: clipping gained {clip_gain}"
+            );
             assert!(search.alpha > 0.0, "{level}: no exponent beat rtn");
             assert!(!awq.col_scales.is_empty());
             assert!(
                 e_awq < factor * e_rtn,
                 "{level}-g{g}: awq {e_awq} is not below {factor} x rtn {e_rtn}"
+            );
+        }
+    }
+
+    /// awq+gptq at exponent 0 is GPTQ itself, and its search is never worse than GPTQ alone.
+    #[test]
+    #[ignore = "needs gptq::quantize_with_hessian from branch h-gptq (a stub here): un-ignore when merging"]
+    fn awq_gptq_starts_from_gptq_and_beats_rtn() {
+        let (rows, cols) = (64, 256);
+        let w = trained_like(rows, cols, 8);
+        let stats = correlated_stats(1024, cols, 9);
+        let h = stats.hessian_mean().unwrap();
+        for (level, g) in [(Level::Int4, 64), (Level::Int2, 32)] {
+            let r = recipe(level, Method::AwqGptq, Some(g));
+            let gptq_recipe = Recipe::new(level, Method::Gptq, Some(g), Some(r.is_symmetric()), vec![]).unwrap();
+            let gptq = gptq::quantize_with_hessian(&w, rows, cols, &gptq_recipe, &h, &GptqOptions::default()).unwrap();
+            let at_zero = quantize_at_alpha(&w, rows, cols, &r, Some(&stats), 0.0).unwrap();
+            assert_eq!(at_zero, gptq, "{level}");
+            let (q, search) = quantize_with_options(&w, rows, cols, &r, Some(&stats), &AwqOptions::default()).unwrap();
+            let rtn = quantize_weight("w", &w, rows, cols, &recipe(level, Method::Rtn, Some(g))).unwrap();
+            let [e, e_gptq, e_rtn] = [&q, &gptq, &rtn].map(|q| relative_output_error(&w, q, &stats));
+            eprintln!(
+                "{level}-g{g}: awq+gptq {e:.5} (alpha {}), gptq {e_gptq:.5}, rtn {e_rtn:.5}",
+                search.alpha
+            );
+            assert!(
+                e <= e_gptq && e < 0.3 * e_rtn,
+                "{level}: awq+gptq {e}, gptq {e_gptq}, rtn {e_rtn}"
             );
         }
     }
@@ -573,13 +625,19 @@ mod tests {
         };
         let r = recipe(Level::Int4, Method::Awq, None);
         let err = quantize(&w, 4, 64, &r, Some(&no_hessian)).unwrap_err().to_string();
-        assert!(err.starts_with("awq: the calibration statistics hold no Hessian"), "{err}");
+        assert!(
+            err.starts_with("awq: the calibration statistics hold no Hessian"),
+            "{err}"
+        );
         let other = correlated_stats(16, 32, 2);
         let err = quantize(&w, 4, 64, &r, Some(&other)).unwrap_err().to_string();
         assert!(err.contains("32 input columns over 16 rows"), "{err}");
         // Through the table of methods the weight is named.
         let err = quantize_weight("enc.q.weight", &w, 4, 64, &r).unwrap_err().to_string();
-        assert!(err.starts_with("enc.q.weight: awq needs calibration statistics"), "{err}");
+        assert!(
+            err.starts_with("enc.q.weight: awq needs calibration statistics"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -614,7 +672,12 @@ mod tests {
         );
         let views: Vec<(String, safetensors::tensor::TensorView)> = stored
             .iter()
-            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         let metadata = crate::quant::checkpoint_metadata(&r, &r.label(), [(name, &q)]).unwrap();
         let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
@@ -629,6 +692,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(back, q);
-        assert!(back.dequantize().iter().zip(q.dequantize()).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            back.dequantize()
+                .iter()
+                .zip(q.dequantize())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 }

@@ -419,7 +419,12 @@ impl QuantTensor {
         for (suffix, values, stored, shape) in [
             ("scale", &self.scales, self.format.has_scales(), &param_shape),
             ("zero", &self.zeros, affine, &param_shape),
-            ("col_scale", &self.col_scales, !self.col_scales.is_empty(), &vec![self.cols]),
+            (
+                "col_scale",
+                &self.col_scales,
+                !self.col_scales.is_empty(),
+                &vec![self.cols],
+            ),
         ] {
             if !stored {
                 continue;
@@ -526,7 +531,11 @@ impl QuantTensor {
         }
         if meta.col_scales {
             let tensor_name = format!("{name}.col_scale");
-            let bytes = fetch(tensor_name.clone(), meta.param_dtype.safetensors_dtype(), vec![meta.cols])?;
+            let bytes = fetch(
+                tensor_name.clone(),
+                meta.param_dtype.safetensors_dtype(),
+                vec![meta.cols],
+            )?;
             let values = meta.param_dtype.decode(&bytes);
             // A zero or non-finite multiplier would silently zero or poison a whole input column.
             if let Some(j) = values.iter().position(|v| !v.is_finite() || *v == 0.0) {
@@ -1003,7 +1012,10 @@ mod tests {
         assert_eq!(q.format_name(), "int4-g32-affine-awq");
         // One f16 per column on top of codes, scales and zeros.
         assert_eq!(q.weight_bytes(), rows * 48 + 2 * (2 * rows * 3 + cols));
-        assert_eq!(q.bits_per_weight(), q.weight_bytes() as f64 * 8.0 / (rows * cols) as f64);
+        assert_eq!(
+            q.bits_per_weight(),
+            q.weight_bytes() as f64 * 8.0 / (rows * cols) as f64
+        );
         let mut wrong = q.clone();
         wrong.col_scales.pop();
         assert!(wrong.dequantize_rows_into(0, &mut tile).is_err());
@@ -1028,7 +1040,12 @@ mod tests {
         }
         let back = QuantTensor::from_tensors("m.w", &meta, lookup_in(&stored)).unwrap();
         assert_eq!(back, q);
-        assert!(back.dequantize().iter().zip(q.dequantize()).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            back.dequantize()
+                .iter()
+                .zip(q.dequantize())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
         // The metadata says col_scales only when there are some (older checkpoints read as before).
         let json = serde_json::to_string(&meta).unwrap();
         assert!(json.contains("\"col_scales\":true"), "{json}");
@@ -1057,7 +1074,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "m.w.col_scale: expected F16 [64], found F16 [63]");
-        for (bad, shown) in [(half::f16::INFINITY, "inf"), (half::f16::ZERO, "0"), (half::f16::NAN, "NaN")] {
+        for (bad, shown) in [
+            (half::f16::INFINITY, "inf"),
+            (half::f16::ZERO, "0"),
+            (half::f16::NAN, "NaN"),
+        ] {
             let poisoned = replaced(&|t| t.3[6..8].copy_from_slice(&bad.to_le_bytes()));
             let err = QuantTensor::from_tensors("m.w", &meta, lookup_in(&poisoned))
                 .unwrap_err()

@@ -310,7 +310,13 @@ mod tests {
             let mut s = LayerStats::new(cols, StatsNeeds::default());
             s.rows = 1;
             s.abs_max = (0..cols)
-                .map(|j| if j % 7 == 5 { 0.0 } else { 10f64.powf(4.0 * rng.uniform() - 2.0) as f32 })
+                .map(|j| {
+                    if j % 7 == 5 {
+                        0.0
+                    } else {
+                        10f64.powf(4.0 * rng.uniform() - 2.0) as f32
+                    }
+                })
                 .collect();
             stats.insert(layer.name, s);
         }
@@ -337,8 +343,14 @@ mod tests {
                 m.prepare(Level::F32).unwrap();
                 let logits = values(&m.forward(&input).unwrap());
                 let max_ref = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = logits.iter().zip(&reference).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                assert!(diff <= 1e-4 * max_ref, "{name} alpha {alpha}: logits moved by {diff} (max {max_ref})");
+                let diff = logits
+                    .iter()
+                    .zip(&reference)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-4 * max_ref,
+                    "{name} alpha {alpha}: logits moved by {diff} (max {max_ref})"
+                );
                 // Every block's two LayerNorms, plus the reduction's where sr_ratio > 1.
                 let config = original.config();
                 let expected: usize = (0..config.num_encoder_blocks)
@@ -384,7 +396,10 @@ mod tests {
             let (x_after, w_after) = (x_max[j] / s, col_max(&w1, j));
             assert!((col_max(&w0, j) * s / w_after - 1.0).abs() < 1e-5, "channel {j}");
             if (MIN_SCALE * 1.01..MAX_SCALE * 0.99).contains(&s) {
-                assert!((x_after / w_after - 1.0).abs() < 1e-4, "channel {j}: {x_after} vs {w_after}");
+                assert!(
+                    (x_after / w_after - 1.0).abs() < 1e-4,
+                    "channel {j}: {x_after} vs {w_after}"
+                );
             }
         }
     }
@@ -411,7 +426,9 @@ mod tests {
         let (mut q, _) = model::quantize(&original, &Recipe::level_default(Level::Int8)).unwrap();
         let err = smooth(&mut q, &stats, 0.5).unwrap_err().to_string();
         assert!(
-            err.starts_with("segformer.encoder.block.0.0.attention.self.query: smoothquant needs float weights, this one is int8"),
+            err.starts_with(
+                "segformer.encoder.block.0.0.attention.self.query: smoothquant needs float weights, this one is int8"
+            ),
             "{err}"
         );
     }
