@@ -39,7 +39,8 @@ pub const MAX_SCALE: f32 = 1e3;
 /// What [`smooth`] did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SmoothReport {
-    /// The migration strength: 0 leaves activations as they are, 1 moves all of their range into the weights.
+    /// The migration strength: 0.5 (SmoothQuant's default) equalises each channel's activation and weight maxima;
+    /// larger values move more of the activations' range into the weights.
     pub alpha: f32,
     /// Every LayerNorm smoothed, in model order.
     pub norms: Vec<SmoothedNorm>,
