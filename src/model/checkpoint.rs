@@ -218,7 +218,7 @@ impl TensorStore {
         {
             let (header, map) = quant::read_checkpoint_metadata(origin, meta)?;
             for name in map.keys() {
-                for suffix in ["qdata", "scale", "zero"] {
+                for suffix in ["qdata", "scale", "zero", "col_scale"] {
                     quantized_parts.insert(format!("{name}.{suffix}"));
                 }
             }
@@ -366,7 +366,7 @@ impl TensorStore {
             raw.get(part).map(|(d, s, b)| (*d, s.clone(), b.as_slice()))
         })
         .map_err(|e| e.within(&self.origin))?;
-        for suffix in ["qdata", "scale", "zero"] {
+        for suffix in ["qdata", "scale", "zero", "col_scale"] {
             self.raw.remove(&format!("{name}.{suffix}"));
         }
         for (suffix, params) in [("scale", &q.scales), ("zero", &q.zeros)] {
@@ -662,6 +662,57 @@ const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    /// A weight with column scales (AWQ) saves its `col_scale` beside its codes and loads back to the same logits.
+    #[test]
+    fn weights_with_column_scales_reload_bit_identical() {
+        use crate::model::plan::MatMul;
+        use crate::model::{self, ModelSource};
+        use crate::quant::{Level, Recipe};
+        use std::sync::Arc;
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny_a");
+        let loaded = model::load(&ModelSource::Local(fixture)).unwrap();
+        let recipe = Recipe::level_default(Level::Int4);
+        let (mut q, _) = model::quantize(&loaded.model, &recipe).unwrap();
+        let mut scaled = 0;
+        q.for_each_weight_mut(&mut |path, _, weight| {
+            if let MatMul::Dequant(t) = weight
+                && path.as_str().ends_with("attention.self.query")
+            {
+                let mut t = (**t).clone();
+                t.col_scales = (0..t.cols).map(|j| [0.5, 2.0, 0.75][j % 3]).collect();
+                *weight = MatMul::Dequant(Arc::new(t));
+                scaled += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(scaled, 4, "one query per stage");
+        q.prepare(Level::Int4).unwrap();
+        let v: Vec<f32> = (0..3 * 40 * 36).map(|i| (i * 31 % 97) as f32 / 97.0 - 0.5).collect();
+        let pixels = Tensor::from_vec(v, (1, 3, 40, 36), &Device::Cpu).unwrap();
+        let logits = |m: &crate::model::Segformer| m.forward(&pixels).unwrap().flatten_all().unwrap().to_vec1::<f32>();
+        let dir = std::env::temp_dir().join(format!("segq-col-scales-{}", std::process::id()));
+        save_quantized(
+            &q,
+            &recipe,
+            &loaded.config_json,
+            loaded.preprocessor_json.as_deref(),
+            &dir,
+        )
+        .unwrap();
+        let back = model::load(&ModelSource::Local(dir.clone()));
+        std::fs::remove_dir_all(&dir).ok();
+        let back = back.unwrap();
+        assert_eq!(logits(&back.model).unwrap(), logits(&q).unwrap());
+        let awq_layers = back
+            .model
+            .layers()
+            .iter()
+            .filter(|l| l.format.ends_with("-awq"))
+            .count();
+        assert_eq!(awq_layers, 4);
+    }
 
     /// Reading a dtype straight to f32 gives the values candle's `to_dtype` gave when the store held tensors.
     #[test]

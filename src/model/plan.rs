@@ -82,9 +82,15 @@ pub struct W8A8Weight {
 
 impl W8A8Weight {
     /// Packs `q` when it is int8, symmetric and per channel (one scale per output row) with codes in [-127, 127];
-    /// otherwise `None` and the weight stays on the dequantize path.
+    /// otherwise `None` and the weight stays on the dequantize path. A weight with column scales (AWQ) stays there
+    /// too: the int8 GEMM has no per-input-column multiplier.
     pub fn pack(q: &QuantTensor, columns: Columns) -> Option<W8A8Weight> {
-        if q.format != Format::Int8 || !q.symmetric || q.group_size < q.cols || q.scales.len() != q.rows {
+        if q.format != Format::Int8
+            || !q.symmetric
+            || q.group_size < q.cols
+            || q.scales.len() != q.rows
+            || !q.col_scales.is_empty()
+        {
             return None;
         }
         let codes: Vec<i8> = match columns {
@@ -378,5 +384,23 @@ impl AttentionKernel {
             AttentionKernel::F32 => kernels::attention(q, k, v, shape, out),
             AttentionKernel::Int8 => kernels::attention_i8(q, k, v, shape, out),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Level, Recipe, quantize_weight};
+
+    #[test]
+    fn weights_with_column_scales_stay_off_the_int8_gemm() {
+        let (rows, cols) = (4, 32);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 17) as f32 - 8.0) / 10.0).collect();
+        let mut q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Int8Dyn)).unwrap();
+        assert!(W8A8Weight::pack(&q, Columns::Rows).is_some());
+        q.col_scales = vec![0.5; cols];
+        assert!(W8A8Weight::pack(&q, Columns::Rows).is_none());
+        let planned = MatMul::Dequant(Arc::new(q)).planned(Some(Columns::Rows));
+        assert!(matches!(planned, MatMul::Dequant(_)));
     }
 }

@@ -187,6 +187,10 @@ fn check_uniform_recipe(recipe: &Recipe) -> Result<()> {
         _ if level.int_bits() == Some(8) && recipe.group_size.is_some() => {
             "quanto's qint8 has one scale per output channel (drop --group-size)".to_string()
         }
+        _ if recipe.method.scales_columns() => format!(
+            "{} weights carry a scale per input column, which quanto's weight types cannot hold",
+            recipe.method
+        ),
         _ => return Ok(()),
     };
     Err(Error::unsupported(
@@ -332,5 +336,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("int8-dyn quantizes activations"), "{err}");
+        let awq = Recipe::new(Level::Int4, crate::quant::Method::Awq, Some(128), None, vec![]).unwrap();
+        let err = check_recipe(&awq).unwrap_err().to_string();
+        assert!(err.contains("awq weights carry a scale per input column"), "{err}");
     }
 }

@@ -206,13 +206,30 @@ pub fn quantize_grouped<F>(
 where
     F: Fn(&[f32]) -> (f32, f32) + Sync,
 {
+    quantize_grouped_at(w, rows, cols, bits, symmetric, group_size, |_, _, g| params(g))
+}
+
+/// [`quantize_grouped`] with `params(row, group index, group values)`, for searches that score a group against
+/// data of its columns (AWQ's clipping search).
+pub fn quantize_grouped_at<F>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    symmetric: bool,
+    group_size: usize,
+    params: F,
+) -> QuantTensor
+where
+    F: Fn(usize, usize, &[f32]) -> (f32, f32) + Sync,
+{
     let layout = GroupLayout { cols, group_size };
     let groups = layout.groups_per_row();
     let mut pairs = vec![(0f32, 0f32); rows * groups];
     if groups > 0 {
         pairs.par_chunks_mut(groups).enumerate().for_each(|(r, row_params)| {
             for (g, p) in row_params.iter_mut().enumerate() {
-                *p = params(&w[r * cols..][layout.range(g)]);
+                *p = params(r, g, &w[r * cols..][layout.range(g)]);
             }
         });
     }

@@ -135,6 +135,20 @@ impl ParamDtype {
         }
     }
 
+    /// Little-endian stored values back to floats.
+    fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            ParamDtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            ParamDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        }
+    }
+
     fn safetensors_dtype(self) -> Dtype {
         match self {
             ParamDtype::F16 => Dtype::F16,
@@ -186,7 +200,8 @@ pub struct QuantTensor {
     pub scales: Vec<f32>,
     pub zeros: Vec<f32>,
     /// Per input column, a multiplier applied to the dequantized values (AWQ's inverse activation scale `1 / s_j`,
-    /// folded into the weight so that no other layer changes); empty when the tensor has none.
+    /// folded into the weight so that no other layer changes), rounded to `param_dtype`; empty when the tensor has
+    /// none.
     pub col_scales: Vec<f32>,
 }
 
@@ -277,19 +292,20 @@ impl QuantTensor {
             (false, ZeroPoint::Codes) => "affine",
             (false, ZeroPoint::Shift) => "shift",
         };
+        let awq = if self.col_scales.is_empty() { "" } else { "-awq" };
         if self.group_size < self.cols {
-            format!("{base}-g{}-{kind}", self.group_size)
+            format!("{base}-g{}-{kind}{awq}", self.group_size)
         } else {
-            format!("{base}-{kind}")
+            format!("{base}-{kind}{awq}")
         }
     }
 
-    /// Bytes as stored: codes plus scales plus zero points.
+    /// Bytes as stored: codes plus scales, zero points and column scales.
     pub fn weight_bytes(&self) -> usize {
-        self.data.len() + (self.scales.len() + self.zeros.len()) * self.param_dtype.bytes()
+        self.data.len() + (self.scales.len() + self.zeros.len() + self.col_scales.len()) * self.param_dtype.bytes()
     }
 
-    /// Stored bits per weight, scales, zero points and row padding included.
+    /// Stored bits per weight, scales, zero points, column scales and row padding included.
     pub fn bits_per_weight(&self) -> f64 {
         if self.is_empty() {
             0.0
@@ -306,11 +322,23 @@ impl QuantTensor {
         out
     }
 
-    /// Dequantizes rows `row_start .. row_start + out.len() / cols` into `out` (for tiled consumers).
+    /// Dequantizes rows `row_start .. row_start + out.len() / cols` into `out` (for tiled consumers). Column `j`
+    /// is multiplied by `col_scales[j]` when the tensor has column scales.
     pub fn dequantize_rows_into(&self, row_start: usize, out: &mut [f32]) -> Result<()> {
         let cols = self.cols;
         if cols == 0 {
             return Ok(());
+        }
+        if !self.col_scales.is_empty() && self.col_scales.len() != cols {
+            return Err(Error::invalid(
+                "dequantize",
+                format!(
+                    "{} column scales for a [{}, {cols}] {} tensor",
+                    self.col_scales.len(),
+                    self.rows,
+                    self.format_name()
+                ),
+            ));
         }
         let n_rows = out.len() / cols;
         if !out.len().is_multiple_of(cols) || row_start + n_rows > self.rows {
@@ -372,21 +400,31 @@ impl QuantTensor {
                         }
                     }
                 }
+                if !self.col_scales.is_empty() {
+                    dst.iter_mut().zip(&self.col_scales).for_each(|(d, s)| *d *= s);
+                }
             });
         Ok(())
     }
 
     /// The tensors that store this weight under `name`: `name.qdata` (codes; dtype F32/F16/BF16/F8_E4M3/F8_E5M2,
     /// I8 for symmetric int8, U8 otherwise; shape `[rows, cols]`, or `[rows, row_bytes]` for packed int4/int2),
-    /// `name.scale` and, for affine formats, `name.zero` (shape `[rows, groups]`, dtype f16 or f32).
+    /// `name.scale` and, for affine formats, `name.zero` (shape `[rows, groups]`, dtype f16 or f32), and with column
+    /// scales `name.col_scale` (shape `[cols]`, same dtype).
     pub fn to_tensors(&self, name: &str) -> Vec<StoredTensor> {
         let (dtype, shape) = self.qdata_dtype_shape();
         let mut out = vec![(format!("{name}.qdata"), dtype, shape, self.data.clone())];
         let param_shape = vec![self.rows, self.groups_per_row()];
         let affine = self.format.is_int() && !self.symmetric;
-        for (suffix, values, stored) in [
-            ("scale", &self.scales, self.format.has_scales()),
-            ("zero", &self.zeros, affine),
+        for (suffix, values, stored, shape) in [
+            ("scale", &self.scales, self.format.has_scales(), &param_shape),
+            ("zero", &self.zeros, affine, &param_shape),
+            (
+                "col_scale",
+                &self.col_scales,
+                !self.col_scales.is_empty(),
+                &vec![self.cols],
+            ),
         ] {
             if !stored {
                 continue;
@@ -401,7 +439,7 @@ impl QuantTensor {
             out.push((
                 format!("{name}.{suffix}"),
                 self.param_dtype.safetensors_dtype(),
-                param_shape.clone(),
+                shape.clone(),
                 bytes,
             ));
         }
@@ -485,22 +523,31 @@ impl QuantTensor {
         if meta.format.has_scales() {
             let shape = vec![meta.rows, tensor.groups_per_row()];
             let dtype = meta.param_dtype.safetensors_dtype();
-            let decode = |bytes: Vec<u8>| -> Vec<f32> {
-                match meta.param_dtype {
-                    ParamDtype::F16 => bytes
-                        .chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                        .collect(),
-                    ParamDtype::F32 => bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                }
-            };
+            let decode = |bytes: Vec<u8>| meta.param_dtype.decode(&bytes);
             tensor.scales = decode(fetch(format!("{name}.scale"), dtype, shape.clone())?);
             if meta.format.is_int() && !tensor.symmetric {
                 tensor.zeros = decode(fetch(format!("{name}.zero"), dtype, shape)?);
             }
+        }
+        if meta.col_scales {
+            let tensor_name = format!("{name}.col_scale");
+            let bytes = fetch(
+                tensor_name.clone(),
+                meta.param_dtype.safetensors_dtype(),
+                vec![meta.cols],
+            )?;
+            let values = meta.param_dtype.decode(&bytes);
+            // A zero or non-finite multiplier would silently zero or poison a whole input column.
+            if let Some(j) = values.iter().position(|v| !v.is_finite() || *v == 0.0) {
+                return Err(Error::invalid(
+                    &tensor_name,
+                    format!(
+                        "column scale {j} is {} (column scales must be finite and non-zero)",
+                        values[j]
+                    ),
+                ));
+            }
+            tensor.col_scales = values;
         }
         Ok(tensor)
     }
@@ -930,6 +977,117 @@ mod tests {
         assert_eq!(q.data.len(), 3 * 5);
         assert_eq!(q.group_size, 9);
         assert_eq!(q.format_name(), "int4-affine");
+    }
+
+    /// An int4 tensor with hand-made column scales (f16-exact powers of two and thirds rounded to f16).
+    fn with_col_scales(rows: usize, cols: usize) -> (Vec<f32>, QuantTensor) {
+        let w = testing::trained_like(rows, cols, 17);
+        let r = Recipe::new(Level::Int4, Method::Rtn, Some(32), None, vec![]).unwrap();
+        let mut q = quantize_weight("w", &w, rows, cols, &r).unwrap();
+        assert_eq!(q.param_dtype, ParamDtype::F16);
+        q.col_scales = (0..cols)
+            .map(|j| ParamDtype::F16.round([0.5, 1.0 / 3.0, 4.0, 1.25][j % 4]))
+            .collect();
+        (w, q)
+    }
+
+    #[test]
+    fn column_scales_multiply_the_dequantized_columns() {
+        let (rows, cols) = (5, 96);
+        let (_, q) = with_col_scales(rows, cols);
+        let plain = QuantTensor {
+            col_scales: Vec::new(),
+            ..q.clone()
+        }
+        .dequantize();
+        let manual: Vec<f32> = plain
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * q.col_scales[i % cols])
+            .collect();
+        assert_eq!(q.dequantize(), manual);
+        let mut tile = vec![0f32; 2 * cols];
+        q.dequantize_rows_into(3, &mut tile).unwrap();
+        assert_eq!(tile, manual[3 * cols..]);
+        assert_eq!(q.format_name(), "int4-g32-affine-awq");
+        // One f16 per column on top of codes, scales and zeros.
+        assert_eq!(q.weight_bytes(), rows * 48 + 2 * (2 * rows * 3 + cols));
+        assert_eq!(
+            q.bits_per_weight(),
+            q.weight_bytes() as f64 * 8.0 / (rows * cols) as f64
+        );
+        let mut wrong = q.clone();
+        wrong.col_scales.pop();
+        assert!(wrong.dequantize_rows_into(0, &mut tile).is_err());
+    }
+
+    #[test]
+    fn column_scales_round_trip_and_bad_ones_are_refused() {
+        let (rows, cols) = (4, 64);
+        let (_, q) = with_col_scales(rows, cols);
+        let meta = q.meta();
+        assert!(meta.col_scales);
+        let stored = q.to_tensors("m.w");
+        let col = stored.iter().find(|t| t.0 == "m.w.col_scale").unwrap();
+        assert_eq!((col.1, col.2.clone()), (Dtype::F16, vec![cols]));
+        fn lookup_in<'a>(stored: &'a [StoredTensor]) -> impl Fn(&str) -> Option<(Dtype, Vec<usize>, &'a [u8])> + 'a {
+            move |n| {
+                stored
+                    .iter()
+                    .find(|t| t.0 == n)
+                    .map(|t| (t.1, t.2.clone(), t.3.as_slice()))
+            }
+        }
+        let back = QuantTensor::from_tensors("m.w", &meta, lookup_in(&stored)).unwrap();
+        assert_eq!(back, q);
+        assert!(
+            back.dequantize()
+                .iter()
+                .zip(q.dequantize())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        // The metadata says col_scales only when there are some (older checkpoints read as before).
+        let json = serde_json::to_string(&meta).unwrap();
+        assert!(json.contains("\"col_scales\":true"), "{json}");
+        let plain_meta = QuantTensor {
+            col_scales: Vec::new(),
+            ..q.clone()
+        }
+        .meta();
+        assert!(!serde_json::to_string(&plain_meta).unwrap().contains("col_scales"));
+
+        let without: Vec<StoredTensor> = stored.iter().filter(|t| t.0 != "m.w.col_scale").cloned().collect();
+        let err = QuantTensor::from_tensors("m.w", &meta, lookup_in(&without))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "m.w.col_scale: missing from the checkpoint");
+        let replaced = |f: &dyn Fn(&mut StoredTensor)| -> Vec<StoredTensor> {
+            let mut out = stored.clone();
+            f(out.iter_mut().find(|t| t.0 == "m.w.col_scale").unwrap());
+            out
+        };
+        let short = replaced(&|t| {
+            t.2 = vec![cols - 1];
+            t.3.truncate(2 * (cols - 1));
+        });
+        let err = QuantTensor::from_tensors("m.w", &meta, lookup_in(&short))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "m.w.col_scale: expected F16 [64], found F16 [63]");
+        for (bad, shown) in [
+            (half::f16::INFINITY, "inf"),
+            (half::f16::ZERO, "0"),
+            (half::f16::NAN, "NaN"),
+        ] {
+            let poisoned = replaced(&|t| t.3[6..8].copy_from_slice(&bad.to_le_bytes()));
+            let err = QuantTensor::from_tensors("m.w", &meta, lookup_in(&poisoned))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!("m.w.col_scale: column scale 3 is {shown} (column scales must be finite and non-zero)")
+            );
+        }
     }
 
     #[test]

@@ -310,6 +310,13 @@ pub fn to_quanto(name: &str, q: &QuantTensor, shape: &[usize]) -> Result<(QType,
         )));
     }
     let refuse = |why: String| Error::unsupported(name, format!("cannot be written for optimum-quanto: {why}"));
+    if !q.col_scales.is_empty() {
+        return Err(refuse(format!(
+            "it is {} with a scale per input column (AWQ), which quanto's weight types cannot hold; export it as \
+             segq's format instead",
+            q.format_name()
+        )));
+    }
     let f32_bytes = |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
     let per_channel_shape = {
         let mut s = vec![rows];
@@ -526,6 +533,18 @@ mod tests {
         let err = to_quanto("enc.weight", &q, &[4, 256]).unwrap_err().to_string();
         assert!(
             err.contains("qint8 is symmetric with one scale per output channel"),
+            "{err}"
+        );
+        // AWQ's per-column multipliers have no place in quanto's weights.
+        let r = Recipe::new(Level::Int4, Method::Rtn, Some(128), None, vec![]).unwrap();
+        let mut q = quantize_weight("w", &w, 4, 256, &r).unwrap();
+        q.col_scales = vec![0.5; 256];
+        let err = to_quanto("enc.weight", &q, &[4, 256]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "enc.weight: cannot be written for optimum-quanto: it is int4-g128-affine-awq with a scale per input \
+                 column (AWQ)"
+            ),
             "{err}"
         );
         // Import: a packed tensor of the wrong shape is named with both shapes.

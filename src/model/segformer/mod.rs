@@ -2,11 +2,13 @@
 //! weight names (`segformer.encoder.block.{i}.{j}.attention.self.query`, `decode_head.linear_fuse`, ...), the same
 //! arithmetic (LayerNorm/BatchNorm eps 1e-5, bilinear upsampling in the decode head, exact GELU). [`Segformer`] owns
 //! the module tree ([`encoder`], [`decode_head`]), its one walk ([`Node`]), the step that decides its kernels
-//! ([`Segformer::prepare`]) and passes that start part-way from saved activations ([`resume`]).
+//! ([`Segformer::prepare`]), passes that start part-way from saved activations ([`resume`]) and SmoothQuant's
+//! migration of activation range into weights ([`smooth`]).
 
 pub mod decode_head;
 pub mod encoder;
 pub mod resume;
+pub mod smooth;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use candle_core::Tensor;
 pub use decode_head::{ComposedHead, DecodeHead};
 pub use encoder::Encoder;
 pub use resume::{ResumePoint, SavedActivations, Section};
+pub use smooth::{SmoothReport, SmoothedNorm, smooth};
 
 use super::config::SegformerConfig;
 use super::layers::LayerInfo;
