@@ -597,7 +597,6 @@ mod tests {
 
     /// awq+gptq at exponent 0 is GPTQ itself, and its search is never worse than GPTQ alone.
     #[test]
-    #[ignore = "needs gptq::quantize_with_hessian from branch h-gptq (a stub here): un-ignore when merging"]
     fn awq_gptq_starts_from_gptq_and_beats_rtn() {
         let (rows, cols) = (64, 256);
         let w = trained_like(rows, cols, 8);

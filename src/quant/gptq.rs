@@ -1306,22 +1306,3 @@ mod tests {
         }
     }
 }
-
-/// Tuning of GPTQ's column-by-column rounding. Placeholder on this branch so that `awq+gptq` compiles; the GPTQ
-/// branch defines the real options.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GptqOptions {}
-
-/// GPTQ on a row-major `[rows, cols]` weight given the layer's mean Hessian `hessian = 2 X^T X / n`
-/// (`[cols * cols]`, row-major). Placeholder on this branch (the GPTQ branch implements it).
-pub fn quantize_with_hessian(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    recipe: &Recipe,
-    hessian: &[f64],
-    options: &GptqOptions,
-) -> Result<QuantTensor> {
-    let _ = (w, rows, cols, recipe, hessian, options);
-    Err(Error::unsupported("gptq", "not implemented yet"))
-}

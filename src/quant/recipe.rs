@@ -825,7 +825,7 @@ mod tests {
         assert!(Level::F32.is_float_baseline() && !Level::F16.is_float_baseline());
         assert!(Level::Int8Dyn.dynamic_activations() && !Level::Int8.dynamic_activations());
         assert_eq!(Method::parse("HQQ").unwrap(), Method::Hqq);
-        assert!(Method::parse("gptq").unwrap_err().to_string().contains("'gptq'"));
+        assert!(Method::parse("smoothquant").unwrap_err().to_string().contains("'smoothquant'"));
     }
 
     #[test]
