@@ -28,7 +28,7 @@
 //!
 //! Defaults ([`GptqOptions::default`]) are the variant with the lowest output error `tr(dW H dW^T) / tr(W H W^T)`
 //! measured by `measure_options` in the tests (run it with `--ignored --nocapture`): trained-like weights
-//! ([`crate::quant::testing::trained_like`], 256 x 1024 and 128 x 2048) and `4 x cols` correlated calibration inputs
+//! (`quant::testing::trained_like`, 256 x 1024 and 128 x 2048) and `4 x cols` correlated calibration inputs
 //! (a low-rank common part, a mean and a log-normal scale per channel, 2% or none of the channels 10x larger):
 //! - `act_order = true` (hence static groups): 1.25-1.8x lower error than the plain column order on every format
 //!   and data set measured, with or without the large channels; without act-order, static and dynamic groups were
