@@ -556,6 +556,7 @@ fn from_store(config: &SegformerConfig, store: &mut TensorStore) -> Result<Segfo
                 ParamMut::Vector(values) => {
                     *values = store.take(name.as_str(), &[values.len()])?;
                 }
+                ParamMut::OptionalScalar(value) => *value = store.take_scale(name.as_str())?,
                 ParamMut::Unused => store.discard(name.as_str()),
             }
         }
@@ -579,9 +580,33 @@ pub struct QuantizeReport {
     pub bits_per_weight: f64,
 }
 
+/// [`quantize`] for a level with static activations (`int8-static`, `w8a8-f8`, `w4a8`;
+/// [`crate::quant::Level::needs_calibration`]): the input scale of every Linear and dense convolution is set from
+/// `stats` (histograms captured on a calibration set, [`crate::quant::Level::stats_needs`]) by `calib` for the
+/// level's activation format, then the weights are quantized by `recipe` and the model prepared. `model` is not
+/// changed. Errors when the level has no static activations, or when a quantized layer has no statistics.
+pub fn quantize_static(
+    model: &Segformer,
+    recipe: &crate::quant::Recipe,
+    stats: &crate::quant::ModelStats,
+    calib: crate::quant::act::ActCalib,
+) -> Result<(Segformer, QuantizeReport)> {
+    let level = recipe.level;
+    let Some(format) = level.static_activations() else {
+        return Err(Error::invalid(
+            format!("level {level}"),
+            format!("{level} has no static activation scales to calibrate (int8-static, w8a8-f8 and w4a8 have)"),
+        ));
+    };
+    let mut calibrated = model.clone();
+    let set = calibrated.set_activation_scales(stats, calib, format)?;
+    tracing::info!(level = %level, calib = %calib, layers = set, "static activation scales calibrated");
+    quantize(&calibrated, recipe)
+}
+
 /// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
 /// changed; weights are shared until replaced), prepared for the recipe's level. Layers run in parallel; each error
-/// names its weight.
+/// names its weight. A static level needs the model's input scales set first ([`quantize_static`]).
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
 
