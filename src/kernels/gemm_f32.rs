@@ -609,10 +609,14 @@ mod tests {
 
     #[test]
     fn static_int8_conv_matches_its_scalar_reference_and_stays_near_f32() {
-        for (i, &(height, width, in_channels, out_channels, kernel, stride, padding)) in
-            [(13, 11, 3, 8, 7, 4, 3), (16, 12, 4, 4, 8, 8, 0), (9, 10, 5, 19, 3, 2, 1), (5, 4, 33, 17, 1, 1, 0)]
-                .iter()
-                .enumerate()
+        for (i, &(height, width, in_channels, out_channels, kernel, stride, padding)) in [
+            (13, 11, 3, 8, 7, 4, 3),
+            (16, 12, 4, 4, 8, 8, 0),
+            (9, 10, 5, 19, 3, 2, 1),
+            (5, 4, 33, 17, 1, 1, 0),
+        ]
+        .iter()
+        .enumerate()
         {
             let s = ConvShape {
                 height,
@@ -637,7 +641,10 @@ mod tests {
             let float = conv2d_nhwc(&x, s, &w, Some(&b)).unwrap();
             let range = float.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (j, (q, f)) in fast.iter().zip(&float).enumerate() {
-                assert!((q - f).abs() <= 0.03 * range, "static int8 conv {s:?} [{j}]: {q} vs f32 {f}");
+                assert!(
+                    (q - f).abs() <= 0.03 * range,
+                    "static int8 conv {s:?} [{j}]: {q} vs f32 {f}"
+                );
             }
             // A zero scale quantizes every patch to zero codes: the bias alone.
             let zero = conv2d_nhwc_i8_static(&x, s, &packed, 0.0, Some(&b)).unwrap();

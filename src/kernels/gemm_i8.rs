@@ -994,7 +994,14 @@ pub(crate) mod tests {
 
     #[test]
     fn static_gemm_matches_scalar_and_float_reference_on_awkward_sizes() {
-        for &(m, k, n) in &[(1, 9, 1), (3, 27, 7), (17, 33, 19), (257, 147, 150), (70, 1000, 17), (5, 2, 33)] {
+        for &(m, k, n) in &[
+            (1, 9, 1),
+            (3, 27, 7),
+            (17, 33, 19),
+            (257, 147, 150),
+            (70, 1000, 17),
+            (5, 2, 33),
+        ] {
             let x = random_vec(m * k, (7 * m + k + n) as u64, 2.0);
             let (codes, scales) = random_weight(n, k, (5 * k + n) as u64);
             let bias = random_vec(n, 98, 1.0);
@@ -1014,16 +1021,24 @@ pub(crate) mod tests {
                         for c in 0..n {
                             let wrow = |i: usize| codes[c * k + i] as f64 * scales[c] as f64;
                             let bias = b.map_or(0.0, |b| b[c] as f64);
-                            let exact: f64 =
-                                (0..k).map(|i| xq[r * k + i] as f64 * act_scale as f64 * wrow(i)).sum::<f64>() + bias;
+                            let exact: f64 = (0..k)
+                                .map(|i| xq[r * k + i] as f64 * act_scale as f64 * wrow(i))
+                                .sum::<f64>()
+                                + bias;
                             let got = fast[r * n + c] as f64;
-                            assert!((got - exact).abs() < 1e-5 * (1.0 + exact.abs()), "({r},{c}) {got} vs {exact}");
+                            assert!(
+                                (got - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                                "({r},{c}) {got} vs {exact}"
+                            );
                             if act_scale == absmax / 127.0 {
                                 // Against the float product: at most half a step per input.
                                 let float: f64 = (0..k).map(|i| x[r * k + i] as f64 * wrow(i)).sum::<f64>() + bias;
                                 let bound: f64 =
                                     (0..k).map(|i| 0.5 * act_scale as f64 * wrow(i).abs()).sum::<f64>() + 1e-4;
-                                assert!((got - float).abs() <= bound, "({r},{c}) {got} vs f32 {float} (bound {bound})");
+                                assert!(
+                                    (got - float).abs() <= bound,
+                                    "({r},{c}) {got} vs f32 {float} (bound {bound})"
+                                );
                             }
                         }
                     }

@@ -137,7 +137,9 @@ impl Linear {
     /// Sets the kernel for `activations` (int8 activations: the W8A8 GEMM for a symmetric per-channel int8 weight,
     /// with the calibrated input scale at `int8-static`; simulated levels fake-quantize the input).
     pub(crate) fn plan(&mut self, activations: Activations) {
-        let int8 = activations.int8_gemm(self.input.scale).map(|scale| (Columns::Rows, scale));
+        let int8 = activations
+            .int8_gemm(self.input.scale)
+            .map(|scale| (Columns::Rows, scale));
         self.weight = std::mem::replace(&mut self.weight, MatMul::empty()).planned(int8);
         self.input.plan(activations, &self.weight);
     }

@@ -135,7 +135,11 @@ impl ActFormat {
     /// `x` quantized with `scale` and dequantized (fake quantization); a zero scale gives zero.
     #[inline]
     pub fn fake_quant(self, x: f32, scale: f32) -> f32 {
-        if scale > 0.0 { self.round(x / scale) * scale } else { 0.0 }
+        if scale > 0.0 {
+            self.round(x / scale) * scale
+        } else {
+            0.0
+        }
     }
 
     /// The format's name in reports.
@@ -151,14 +155,19 @@ impl ActFormat {
 /// this is as fast as int8's rounding and equal to encoding then decoding with [`super::f8::E4M3FN`].
 #[inline]
 fn round_e4m3(v: f32) -> f32 {
+    if v.is_nan() {
+        return v;
+    }
     let magnitude = v.abs();
-    if !(magnitude < 448.0) {
-        return if v.is_nan() { v } else { 448f32.copysign(v) };
+    if magnitude >= 448.0 {
+        return 448f32.copysign(v);
     }
     // Below the smallest normal (2^-6) the spacing is that of the subnormals, 2^-9.
     let exponent = (((magnitude.to_bits() >> 23) & 0xFF) as i32 - 127).max(-6);
     let quantum = f32::from_bits(((exponent - 3 + 127) as u32) << 23);
-    ((magnitude / quantum).round_ties_even() * quantum).min(448.0).copysign(v)
+    ((magnitude / quantum).round_ties_even() * quantum)
+        .min(448.0)
+        .copysign(v)
 }
 
 /// Bins of [`AbsHistogram`].
@@ -166,6 +175,9 @@ pub const HISTOGRAM_BINS: usize = 2048;
 
 /// Thresholds the MSE and entropy searches try per histogram.
 const MAX_CANDIDATES: usize = 512;
+
+/// Values per used bin the entropy method wants on average before it trusts the histogram's full resolution.
+const ENTROPY_MIN_MEAN_COUNT: f64 = 16.0;
 
 /// A histogram of `|x|` over `[0, range]` in [`HISTOGRAM_BINS`] equal bins. When a value beyond the range arrives,
 /// the range doubles and pairs of bins merge, so memory stays fixed and no count is lost; `max` is the exact
@@ -299,20 +311,9 @@ impl AbsHistogram {
         self.max
     }
 
-    /// Candidate thresholds: the upper edges of bins `first..used` (the last one replaced by the exact max), as
-    /// (bins below the threshold, threshold).
-    /// At most [`MAX_CANDIDATES`] of them, evenly spaced, always ending with the max, so a layer's search costs a
-    /// bounded time whatever the histogram.
+    /// This histogram's candidate thresholds from bin `first` on ([`candidates`]).
     fn candidates(&self, first: usize) -> Vec<(usize, f32)> {
-        let used = self.used_bins();
-        let width = self.bin_width();
-        let first = first.clamp(1, used.max(1));
-        let step = (used - first).div_ceil(MAX_CANDIDATES).max(1);
-        let mut out: Vec<usize> = (first..used).step_by(step).collect();
-        out.push(used);
-        out.into_iter()
-            .map(|i| (i, if i == used { self.max } else { i as f32 * width }))
-            .collect()
+        candidates(self.used_bins(), self.bin_width(), self.max, first)
     }
 
     /// Minimises the expected squared error of fake-quantizing the histogram with each candidate threshold: every
@@ -348,22 +349,31 @@ impl AbsHistogram {
     /// group's total spread evenly over its non-empty bins; the threshold with the smallest KL(P || Q) wins. For
     /// int8 the groups are TensorRT's 128 equal runs of bins; for e4m3 they follow its non-uniform grid.
     fn entropy_threshold(&self, format: ActFormat) -> f32 {
+        // A histogram with a handful of values per bin (a small calibration set) makes the divergence of every
+        // candidate mostly sampling noise; pairs of bins merge until the used ones hold ENTROPY_MIN_MEAN_COUNT
+        // values on average, or only 256 of them remain (so the deepest clip is then half the range).
+        let mut factor = 1;
         let used = self.used_bins();
+        while used / (2 * factor) >= 256 && (self.count as f64) < ENTROPY_MIN_MEAN_COUNT * used.div_ceil(factor) as f64
+        {
+            factor *= 2;
+        }
+        let mut bins: Vec<u64> = self.bins[..used].chunks(factor).map(|c| c.iter().sum()).collect();
+        let used = bins.len();
         if used <= 128 {
             // The whole range fits in the smallest candidate: nothing to gain by clipping.
             return self.max;
         }
-        let width = self.bin_width();
+        let width = self.bin_width() * factor as f32;
         // The first bin holds the exact zeros of ReLU outputs and convolution padding, a spike that no threshold
         // represents better than another but that would dominate the divergence: it counts as its neighbour, as
         // NVIDIA's pytorch-quantization entropy calibrator does.
-        let mut bins = self.bins.clone();
         bins[0] = bins[1];
         let bins = &bins;
         let mut best = (f64::INFINITY, self.max);
         let mut p = Vec::with_capacity(used);
         let mut q = Vec::with_capacity(used);
-        for (i, t) in self.candidates(128) {
+        for (i, t) in candidates(used, width, self.max, 128) {
             let scale = format.scale_of(t);
             p.clear();
             p.extend(bins[..i].iter().map(|&n| n as f64));
@@ -399,6 +409,19 @@ impl AbsHistogram {
         }
         best.1
     }
+}
+
+/// Candidate thresholds over a histogram of `used` bins of `width`: the upper edges of bins `first..used` (the last
+/// one replaced by the exact `max`), as (bins below the threshold, threshold). At most [`MAX_CANDIDATES`] of them,
+/// evenly spaced, always ending with the max, so a layer's search costs a bounded time whatever the histogram.
+fn candidates(used: usize, width: f32, max: f32, first: usize) -> Vec<(usize, f32)> {
+    let first = first.clamp(1, used.max(1));
+    let step = (used - first).div_ceil(MAX_CANDIDATES).max(1);
+    let mut out: Vec<usize> = (first..used).step_by(step).collect();
+    out.push(used);
+    out.into_iter()
+        .map(|i| (i, if i == used { max } else { i as f32 * width }))
+        .collect()
 }
 
 /// KL(P || Q) of two unnormalised histograms; a bin where P has mass and Q none (a group whose only mass is the
@@ -467,7 +490,12 @@ mod tests {
         assert_eq!(ActCalib::parse("percentile:99.9").unwrap(), ActCalib::Percentile(99.9));
         assert_eq!(ActCalib::parse("mse").unwrap(), ActCalib::Mse);
         assert_eq!(ActCalib::parse("entropy").unwrap(), ActCalib::Entropy);
-        for calib in [ActCalib::MinMax, ActCalib::Percentile(99.99), ActCalib::Mse, ActCalib::Entropy] {
+        for calib in [
+            ActCalib::MinMax,
+            ActCalib::Percentile(99.99),
+            ActCalib::Mse,
+            ActCalib::Entropy,
+        ] {
             assert_eq!(ActCalib::parse(&calib.name()).unwrap(), calib);
             let json = serde_json::to_string(&calib).unwrap();
             assert_eq!(json, format!("\"{}\"", calib.name()));
@@ -475,7 +503,10 @@ mod tests {
         }
         for bad in ["percentile:0", "percentile:101", "percentile:x", "mse:3", "kmeans", ""] {
             let e = ActCalib::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("act-calib") || e.contains("activation calibration"), "{bad}: {e}");
+            assert!(
+                e.contains("act-calib") || e.contains("activation calibration"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -508,8 +539,15 @@ mod tests {
         assert_eq!(h.threshold(ActCalib::Percentile(50.05), ActFormat::Int8), 501.25);
         assert_eq!(h.threshold(ActCalib::Percentile(100.0), ActFormat::Int8), 1000.0);
         // Signs do not matter: |x|.
-        let signed: Vec<f32> = values.iter().enumerate().map(|(i, v)| if i % 2 == 0 { -v } else { *v }).collect();
-        assert_eq!(histogram_of(&signed).threshold(ActCalib::Percentile(99.0), ActFormat::Int8), 990.5);
+        let signed: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 2 == 0 { -v } else { *v })
+            .collect();
+        assert_eq!(
+            histogram_of(&signed).threshold(ActCalib::Percentile(99.0), ActFormat::Int8),
+            990.5
+        );
     }
 
     #[test]
@@ -527,6 +565,10 @@ mod tests {
         }
         let p = h.threshold(ActCalib::Percentile(99.99), ActFormat::Int8);
         assert!(p > 3.0 && p < 5.0, "{p}");
+        // A small sample (a few values per bin): entropy does not read sampling noise as a reason to clip deep.
+        let sparse = histogram_of(&normal(2_000, 5));
+        let t = sparse.threshold(ActCalib::Entropy, ActFormat::Int8);
+        assert!(t >= 0.5 * sparse.max, "sparse entropy: {t} (max {})", sparse.max);
         // Uniform values: nothing to clip, the threshold stays within 2% of the max.
         let uniform: Vec<f32> = (0..100_000).map(|i| (i as f32 / 100_000.0) * 2.0 - 1.0).collect();
         let h = histogram_of(&uniform);
@@ -537,7 +579,10 @@ mod tests {
         // MSE's pick has no larger estimated error than the max's on the heavy-tailed data (measured directly).
         let mse = |t: f32| {
             let s = ActFormat::Int8.scale_of(t);
-            heavy.iter().map(|&x| ((ActFormat::Int8.fake_quant(x, s) - x) as f64).powi(2)).sum::<f64>()
+            heavy
+                .iter()
+                .map(|&x| ((ActFormat::Int8.fake_quant(x, s) - x) as f64).powi(2))
+                .sum::<f64>()
         };
         let h = histogram_of(&heavy);
         assert!(mse(h.threshold(ActCalib::Mse, ActFormat::Int8)) < 0.5 * mse(h.max));
@@ -545,7 +590,12 @@ mod tests {
 
     #[test]
     fn degenerate_histograms_give_finite_thresholds() {
-        let all = [ActCalib::MinMax, ActCalib::Percentile(99.999), ActCalib::Mse, ActCalib::Entropy];
+        let all = [
+            ActCalib::MinMax,
+            ActCalib::Percentile(99.999),
+            ActCalib::Mse,
+            ActCalib::Entropy,
+        ];
         for format in [ActFormat::Int8, ActFormat::F8E4m3] {
             for calib in all {
                 assert_eq!(AbsHistogram::new().threshold(calib, format), 0.0);

@@ -492,7 +492,12 @@ mod tests {
         let (dynamic, _) = model::quantize(&m, &Recipe::level_default(Level::Int8Dyn)).unwrap();
         let dyn_logits = values(&dynamic.forward(&input).unwrap());
         let recipe = Recipe::level_default(Level::Int8Static);
-        for calib in [ActCalib::MinMax, ActCalib::Percentile(99.99), ActCalib::Mse, ActCalib::Entropy] {
+        for calib in [
+            ActCalib::MinMax,
+            ActCalib::Percentile(99.99),
+            ActCalib::Mse,
+            ActCalib::Entropy,
+        ] {
             let (q, report) = model::quantize_static(&m, &recipe, &stats, calib).unwrap();
             assert_eq!(report.label, "int8-static-rtn");
             let stage = &q.encoder.stages[0];
@@ -502,7 +507,11 @@ mod tests {
                 matches!(a.query.weight(), MatMul::W8A8(p) if p.act_scale() == Some(query_scale)),
                 "{calib}: query on the int8 GEMM with its static scale"
             );
-            assert_eq!(a.kernel, AttentionKernel::Int8, "attention products per row, as int8-dyn");
+            assert_eq!(
+                a.kernel,
+                AttentionKernel::Int8,
+                "attention products per row, as int8-dyn"
+            );
             let proj = &stage.patch_embeddings.proj;
             assert!(matches!(proj.weight(), MatMul::W8A8(p) if p.act_scale().is_some()));
             let classifier = &q.decode_head.classifier;
@@ -513,7 +522,10 @@ mod tests {
             let (vs_f32, vs_dyn) = (rel_diff(&logits, &f32_logits), rel_diff(&logits, &dyn_logits));
             eprintln!("int8-static {calib}: vs f32 {vs_f32:.4}, vs int8-dyn {vs_dyn:.4}");
             assert!(vs_dyn > 0.0, "{calib}: the static scales changed nothing");
-            assert!(vs_f32 < 0.08 && vs_dyn < 0.08, "{calib}: vs f32 {vs_f32}, vs int8-dyn {vs_dyn}");
+            assert!(
+                vs_f32 < 0.08 && vs_dyn < 0.08,
+                "{calib}: vs f32 {vs_f32}, vs int8-dyn {vs_dyn}"
+            );
             // The composed head runs each stage at linear_c.i.proj's scale: the reference head agrees closely.
             let features = q.encoder.forward(&input).unwrap();
             let composed = values(&q.decode_head.forward(&features).unwrap());
@@ -534,7 +546,9 @@ mod tests {
     fn a_static_level_without_scales_names_the_first_layer_missing_one() {
         let m = fixture("tiny_a");
         for level in [Level::Int8Static, Level::W8A8F8, Level::W4A8] {
-            let e = model::quantize(&m, &Recipe::level_default(level)).unwrap_err().to_string();
+            let e = model::quantize(&m, &Recipe::level_default(level))
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains("`segformer.encoder.patch_embeddings.0.proj` has no input activation scale"),
                 "{level}: {e}"
@@ -551,7 +565,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("`segformer.encoder.block.0.0.attention.self.query` has no input"), "{e}");
+        assert!(
+            e.contains("`segformer.encoder.block.0.0.attention.self.query` has no input"),
+            "{e}"
+        );
         // Statistics without histograms, or of another width, are refused by name.
         let mut stats = calibration_stats(&m);
         stats.get_mut("decode_head.classifier").unwrap().histogram = None;
@@ -568,7 +585,10 @@ mod tests {
             .set_activation_scales(&stats, crate::quant::act::ActCalib::MinMax, fmt)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("decode_head.classifier") && e.contains("3 input columns"), "{e}");
+        assert!(
+            e.contains("decode_head.classifier") && e.contains("3 input columns"),
+            "{e}"
+        );
         // Weight-only levels need none; the f32 baseline neither.
         assert!(model::quantize(&m, &Recipe::level_default(Level::Int8)).is_ok());
     }
@@ -621,7 +641,10 @@ mod tests {
             assert!(scales.contains_key("decode_head.classifier") && !scales.contains_key(decode_head::FOLDED_LAYER));
             let names: Vec<String> = state_dict(&q).into_iter().map(|(k, _)| k).collect();
             for layer in scales.keys() {
-                assert!(names.contains(&format!("{layer}.input_scale")), "{level}: {layer}.input_scale saved");
+                assert!(
+                    names.contains(&format!("{layer}.input_scale")),
+                    "{level}: {layer}.input_scale saved"
+                );
             }
             let out = std::env::temp_dir().join(format!("segq-static-{}-{}", level, std::process::id()));
             let _ = std::fs::remove_dir_all(&out);
