@@ -3,19 +3,27 @@
 //!
 //! - [`MatMul`]: a Linear or convolution weight *is* its kernel: float32 through the f32 GEMM, weight-only quantized
 //!   (dequantized per call into a short-lived buffer, so a quantized model keeps no float copy) through the same
-//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time.
+//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time
+//!   or with a calibrated per-tensor scale.
 //! - [`AttentionKernel`]: f32 or int8 attention products.
 //! - [`InputQuant`]: a layer input's calibrated per-tensor scale, and whether the input is fake-quantized before a
 //!   float product (the simulated levels).
 //! - [`Activations`]: what the level says about activations, from which the choices above follow.
 //!
-//! | level                     | Linear, dense conv (patch, `sr`, 1x1)      | depthwise conv | attention     | composed head        |
-//! |---------------------------|--------------------------------------------|----------------|---------------|----------------------|
-//! | f32                       | `F32`                                      | f32            | f32           | f32                  |
-//! | f16 .. int2 (weight-only) | `Dequant`                                  | dequantized    | f32           | f32                  |
-//! | int8-dyn                  | `W8A8` (symmetric per-channel int8)        | dequantized    | int8, per row | int8, per row        |
-//! | int8-static               | `W8A8`, input scale fixed by calibration   | dequantized, f32 input | int8, per row (as int8-dyn) | int8, each stage at `linear_c.i.proj`'s input scale, classifier at its own |
-//! | w8a8-f8, w4a8 (simulated) | `Dequant`, input fake-quantized (e4m3 / int8) with its calibrated scale | dequantized, f32 input | f32 | f32, inputs fake-quantized as `linear_c.i.proj`'s and the classifier's |
+//! | level                     | Linear, dense conv (patch, `sr`, 1x1)   | depthwise conv | attention | composed head |
+//! |---------------------------|-----------------------------------------|----------------|-----------|---------------|
+//! | f32                       | `F32`                                   | f32            | f32       | f32           |
+//! | f16 .. int2 (weight-only) | `Dequant`                               | dequantized    | f32       | f32           |
+//! | int8-dyn                  | `W8A8` (symmetric per-channel int8)     | dequantized    | int8      | int8          |
+//! | int8-static               | `W8A8`, static input scale              | dequantized    | int8      | int8, static  |
+//! | w8a8-f8, w4a8 (simulated) | `Dequant`, input fake-quantized         | dequantized    | f32       | f32, fake-q   |
+//!
+//! int8 activations are quantized per row at run time at `int8-dyn`. At `int8-static` the input of every Linear
+//! and dense convolution is quantized with the one scale calibration fixed for it ([`InputQuant`]); the composed
+//! head's stage `i` uses `linear_c.i.proj`'s scale (the same input), the classifier its own; the attention products
+//! stay per row at run time, as at `int8-dyn` (scores and probabilities are no layer's input). The simulated levels
+//! quantize and dequantize those same inputs (e4m3 for `w8a8-f8`, int8 for `w4a8`) before the float GEMM. Depthwise
+//! convolutions keep float inputs at every level.
 //!
 //! Weights a recipe keeps in float (`--skip`) stay `F32` at every level, with float inputs.
 

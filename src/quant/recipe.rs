@@ -77,7 +77,7 @@ impl Level {
             "f8e5m2" | "fp8e5m2" | "float8_e5m2" => Level::F8E5m2,
             "int8" | "i8" | "qint8" => Level::Int8,
             "int8-dyn" | "int8dyn" | "int8_dyn" => Level::Int8Dyn,
-            "int8-static" | "int8static" | "int8_static" | "w8a8" => Level::Int8Static,
+            "int8-static" | "int8static" | "int8_static" => Level::Int8Static,
             "w8a8-f8" | "w8a8f8" | "w8a8_f8" | "w8a8-fp8" => Level::W8A8F8,
             "w4a8" | "w4a8-int8" => Level::W4A8,
             "int4" | "i4" | "qint4" => Level::Int4,
@@ -891,7 +891,64 @@ mod tests {
         assert!(Level::F32.is_float_baseline() && !Level::F16.is_float_baseline());
         assert!(Level::Int8Dyn.dynamic_activations() && !Level::Int8.dynamic_activations());
         assert_eq!(Method::parse("HQQ").unwrap(), Method::Hqq);
-        assert!(Method::parse("gptq").unwrap_err().to_string().contains("'gptq'"));
+        assert_eq!(Method::parse("gptq").unwrap(), Method::Gptq);
+        assert!(Method::parse("gptq2").unwrap_err().to_string().contains("'gptq2'"));
+    }
+
+    #[test]
+    fn static_levels_need_calibration_and_refuse_what_their_kernels_cannot_run() {
+        use crate::quant::act::ActFormat;
+        assert_eq!(Level::parse("int8_static").unwrap(), Level::Int8Static);
+        assert_eq!(Level::parse("W8A8-FP8").unwrap(), Level::W8A8F8);
+        for (level, format, simulated) in [
+            (Level::Int8Static, ActFormat::Int8, false),
+            (Level::W8A8F8, ActFormat::F8E4m3, true),
+            (Level::W4A8, ActFormat::Int8, true),
+        ] {
+            assert_eq!(level.static_activations(), Some(format));
+            assert!(level.needs_calibration() && level.quantizes_activations());
+            assert_eq!(level.simulated_activations(), simulated);
+            let needs = level.stats_needs();
+            assert!(needs.histogram && !needs.hessian);
+        }
+        for level in [Level::F32, Level::Int8, Level::Int8Dyn, Level::Int4] {
+            assert!(!level.needs_calibration() && level.stats_needs() == Default::default());
+        }
+        assert_eq!(
+            crate::quant::Format::of_level(Level::W8A8F8),
+            crate::quant::Format::F8E4m3
+        );
+        assert_eq!(crate::quant::Format::of_level(Level::W4A8), crate::quant::Format::Int4);
+        let label = |level, method| Recipe::new(level, method, None, None, vec![]).unwrap().label();
+        assert_eq!(label(Level::Int8Static, Method::Rtn), "int8-static-rtn");
+        assert_eq!(label(Level::W4A8, Method::Hqq), "w4a8-hqq-g64");
+        assert_eq!(label(Level::W8A8F8, Method::Rtn), "w8a8-f8");
+        // int8-static runs the int8 GEMM: symmetric per-channel weights only, as int8-dyn.
+        for (method, g, sym, why) in [
+            (Method::Hqq, None, None, "hqq weights are affine"),
+            (Method::Awq, None, None, "scale per input column"),
+            (Method::Rtn, Some(64), None, "group size 64"),
+            (Method::Rtn, None, Some(false), "affine weights"),
+        ] {
+            let e = Recipe::new(Level::Int8Static, method, g, sym, vec![])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("int8-static multiplies int8 activations") && e.contains(why),
+                "{e}"
+            );
+        }
+        assert!(Recipe::new(Level::W8A8F8, Method::Hqq, None, None, vec![]).is_err());
+        // Activations are quantized model-wide: no rule switches a layer to another activation scheme.
+        let mixed = |level, rule| Recipe::level_default(level).with_rules([LayerRule::new("decode_head.*", rule)]);
+        assert!(mixed(Level::Int8Static, Level::Int4).is_ok());
+        for (level, rule) in [(Level::Int8, Level::Int8Static), (Level::Int8Static, Level::Int8Dyn)] {
+            let e = mixed(level, rule).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{rule} quantizes activations for the whole model")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
