@@ -1,6 +1,11 @@
 //! Speed of the model alone per quantization level (`segq bench`): a deterministic synthetic input of a chosen
 //! size, warm-up passes, then timed forward passes; median, p95, images/s, weight bytes, memory, and per-stage times
 //! when profiling. Returns typed results; the CLI prints them.
+//!
+//! The static activation levels (`int8-static`, and the simulated `w8a8-f8`, `w4a8`) need calibrated input scales
+//! and the bench has no calibration set: it calibrates them on its own synthetic input (one float pass recording
+//! each layer input's histogram, `minmax` thresholds). That fixes the kernels and their cost exactly as a real
+//! calibration would; only the scale values differ, and speed does not depend on them.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,9 @@ pub struct BenchPlan {
     pub profile: bool,
 }
 
+/// How the bench calibrates the static levels' input scales (on its own input; see the module doc).
+pub const BENCH_ACT_CALIB: crate::quant::act::ActCalib = crate::quant::act::ActCalib::MinMax;
+
 /// One level's timings and memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchLevel {
@@ -45,6 +53,9 @@ pub struct BenchLevel {
     pub inference_bytes: f64,
     /// Mean ms per pass of each encoder stage, then the decode head (zeros unless profiling).
     pub stage_ms: Vec<f64>,
+    /// True for a level whose activation quantization is simulated (`w8a8-f8`, `w4a8`): quantize-dequantize passes
+    /// before float GEMMs, so its time is no kernel's speed.
+    pub simulated: bool,
 }
 
 /// Everything `segq bench` measured, with the machine it ran on.
@@ -131,6 +142,8 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
     check_sizes(loaded.model.config(), plan)?;
     let f32_bytes = loaded.weight_bytes() as f64;
     let input = synthetic_input(plan.batch_size, plan.height, plan.width)?;
+    // The static levels' histograms, recorded once on the bench's input when a static level is asked for.
+    let mut act_stats: Option<crate::quant::ModelStats> = None;
     let mut levels = Vec::new();
     for recipe in &plan.recipes {
         let recipe = match recipe {
@@ -141,7 +154,17 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
                 continue;
             }
         };
-        let (m, report) = model::quantize(&loaded.model, recipe)?;
+        let (m, report) = if recipe.level.needs_calibration() {
+            let stats = match act_stats.take() {
+                Some(stats) => stats,
+                None => loaded.model.observe_input_histograms(std::slice::from_ref(&input))?,
+            };
+            let quantized = model::quantize_static(&loaded.model, recipe, &stats, BENCH_ACT_CALIB);
+            act_stats = Some(stats);
+            quantized?
+        } else {
+            model::quantize(&loaded.model, recipe)?
+        };
         let bytes = m.weight_bytes() as f64;
         crate::sysinfo::reset_peak_rss();
         // Working memory: the heap high-water mark during the passes above what was live before them (the source
@@ -180,6 +203,7 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
                 .iter()
                 .map(|d| d.as_secs_f64() * 1000.0 / plan.iters as f64)
                 .collect(),
+            simulated: recipe.level.simulated_activations(),
         });
     }
     Ok(BenchReport {
@@ -214,6 +238,8 @@ mod tests {
             recipes: vec![
                 Ok(Recipe::level_default(Level::F32)),
                 Ok(Recipe::level_default(Level::Int8Dyn)),
+                Ok(Recipe::level_default(Level::Int8Static)),
+                Ok(Recipe::level_default(Level::W4A8)),
             ],
             width: 64,
             height: 48,
@@ -225,7 +251,9 @@ mod tests {
         let report = run(&plan).unwrap();
         assert_eq!(report.size, [64, 48]);
         let labels: Vec<&str> = report.levels.iter().map(|l| l.label.as_str()).collect();
-        assert_eq!(labels, ["f32", "int8-dyn-rtn"]);
+        assert_eq!(labels, ["f32", "int8-dyn-rtn", "int8-static-rtn", "w4a8-rtn-g64"]);
+        let simulated: Vec<bool> = report.levels.iter().map(|l| l.simulated).collect();
+        assert_eq!(simulated, [false, false, false, true]);
         for level in &report.levels {
             assert!(level.median_ms > 0.0 && level.p95_ms >= level.median_ms, "{level:?}");
             assert!(

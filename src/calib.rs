@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use crate::data::{DatasetSpec, Loader, LoaderOptions, Selection};
 use crate::model::LoadedModel;
 use crate::preprocess::{self, Protocol};
-use crate::quant::{ModelStats, StatsNeeds};
+use crate::quant::act::ActCalib;
+use crate::quant::{Level, ModelStats, Recipe, StatsNeeds};
 use crate::segmenter::ModelInput;
 use crate::{Error, Result};
 
@@ -83,18 +84,24 @@ pub struct CalibrationInfo {
     /// them).
     #[serde(default)]
     pub cached: bool,
+    /// How the static levels' activation scales were chosen from the histograms (when a static level ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_calib: Option<ActCalib>,
+    /// SmoothQuant's migration strength applied to the int8-dyn and int8-static rows (when asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth: Option<f32>,
 }
 
 /// The cache key of a calibration: segq's version, the float model's tensors, the preprocessing, the protocol, the
 /// Hessian's row sampling and the calibration set. What is accumulated is checked when reading (a file with more
 /// statistics than asked for serves too).
-fn cache_key(loaded: &LoadedModel, set_id: &str, protocol: Protocol) -> String {
+fn cache_key(loaded: &ModelToCalibrate<'_>, set_id: &str, protocol: Protocol) -> String {
     let mut h = Sha256::new();
     h.update(crate::VERSION.as_bytes());
     h.update(set_id.as_bytes());
     h.update(format!("{protocol:?} {HESSIAN_ROWS_PER_IMAGE}").as_bytes());
-    h.update(serde_json::to_vec(&loaded.preprocessor).unwrap_or_default());
-    for (name, tensor) in crate::model::save::state_dict(&loaded.model) {
+    h.update(serde_json::to_vec(loaded.preprocessor).unwrap_or_default());
+    for (name, tensor) in crate::model::save::state_dict(loaded.model) {
         h.update(name.as_bytes());
         match tensor {
             crate::model::save::StateTensor::Float { shape, values } => {
@@ -275,11 +282,153 @@ pub struct Calibration {
     pub info: CalibrationInfo,
 }
 
+/// Whether SmoothQuant applies to a level: the int8 levels whose activations are quantized (`int8-dyn`,
+/// `int8-static`).
+pub fn smooths(level: Level) -> bool {
+    matches!(level, Level::Int8Dyn | Level::Int8Static)
+}
+
+/// A float model smoothed by SmoothQuant (`--smooth ALPHA`), with the statistics recaptured on it when a static
+/// level needs its activation histograms (smoothing changes them).
+#[derive(Debug, Clone)]
+pub struct Smoothed {
+    pub model: crate::model::Segformer,
+    pub report: crate::model::segformer::SmoothReport,
+    pub stats: Option<ModelStats>,
+}
+
+/// Calibration as quantization uses it: the float model's statistics, how static activation scales are chosen,
+/// and the smoothed model when SmoothQuant is asked for.
+#[derive(Debug, Clone)]
+pub struct CalibratedModels {
+    pub calibration: Calibration,
+    pub act_calib: ActCalib,
+    pub smoothed: Option<Smoothed>,
+}
+
+impl CalibratedModels {
+    /// Quantizes `float` (the model that was calibrated) by `recipe`: from the smoothed model for the levels
+    /// SmoothQuant applies to, with the matching statistics.
+    pub fn quantize(
+        &self,
+        float: &crate::model::Segformer,
+        recipe: &Recipe,
+    ) -> Result<(crate::model::Segformer, crate::model::QuantizeReport)> {
+        let (model, stats) = match self.smoothed.as_ref().filter(|_| smooths(recipe.level)) {
+            Some(s) => (&s.model, s.stats.as_ref().unwrap_or(&self.calibration.stats)),
+            None => (float, &self.calibration.stats),
+        };
+        crate::model::quantize_calibrated(
+            model,
+            recipe,
+            Some(crate::model::Calibrated {
+                stats,
+                act_calib: self.act_calib,
+            }),
+        )
+    }
+
+    /// True when `recipe`'s model is built from the smoothed model.
+    pub fn smoothed_for(&self, recipe: &Recipe) -> bool {
+        self.smoothed.is_some() && smooths(recipe.level)
+    }
+}
+
+/// What a set of recipes needs from calibration: the union of their methods' and levels' statistics, and whether
+/// any needs calibrating at all (`smooth`: SmoothQuant on an int8 level reads the magnitudes every calibration
+/// keeps). `None` when nothing does.
+pub fn needs_of(recipes: &[Recipe], smooth: Option<f32>) -> Option<StatsNeeds> {
+    let parts: Vec<Recipe> = recipes.iter().flat_map(Recipe::uniform_parts).collect();
+    let needs = parts.iter().fold(StatsNeeds::default(), |n, r| {
+        n.union(r.method.stats_needs()).union(r.level.stats_needs())
+    });
+    let any = parts
+        .iter()
+        .any(|r| r.method.needs_calibration() || r.level.needs_calibration())
+        || (smooth.is_some() && recipes.iter().any(|r| smooths(r.level)));
+    any.then_some(needs)
+}
+
+/// Calibrates for `recipes` ([`calibrate`] with their [`needs_of`]), then smooths the float model when `smooth` is
+/// set and an int8 level will use it, capturing the statistics again on the smoothed model for static levels.
+/// `None` when no recipe needs calibration.
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate_for_recipes(
+    loaded: &LoadedModel,
+    recipes: &[Recipe],
+    spec: &CalibSpec,
+    act_calib: ActCalib,
+    smooth: Option<f32>,
+    eval_source: &str,
+    columns: &SourceColumns,
+    loader_options: &LoaderOptions,
+    protocol: Protocol,
+    eval: Option<EvalWindow<'_>>,
+) -> Result<Option<CalibratedModels>> {
+    let Some(needs) = needs_of(recipes, smooth) else {
+        return Ok(None);
+    };
+    let run = |model: ModelToCalibrate<'_>, needs| {
+        calibrate(
+            &model,
+            spec,
+            eval_source,
+            columns,
+            loader_options,
+            protocol,
+            eval,
+            needs,
+        )
+    };
+    let mut calibration = run(loaded.into(), needs)?;
+    calibration.info.act_calib = recipes.iter().any(|r| r.level.needs_calibration()).then_some(act_calib);
+    let smoothed = match smooth {
+        Some(alpha) if recipes.iter().any(|r| smooths(r.level)) => {
+            let mut model = loaded.model.clone();
+            let report = crate::model::segformer::smooth(&mut model, &calibration.stats, alpha)?;
+            tracing::info!("SmoothQuant alpha {alpha}: {} LayerNorms folded", report.norms.len());
+            let stats = if recipes.iter().any(|r| smooths(r.level) && r.level.needs_calibration()) {
+                let smoothed_input = ModelToCalibrate {
+                    model: &model,
+                    preprocessor: &loaded.preprocessor,
+                };
+                Some(run(smoothed_input, needs)?.stats)
+            } else {
+                None
+            };
+            calibration.info.smooth = Some(alpha);
+            Some(Smoothed { model, report, stats })
+        }
+        _ => None,
+    };
+    Ok(Some(CalibratedModels {
+        calibration,
+        act_calib,
+        smoothed,
+    }))
+}
+
+/// The model a calibration runs: the float model (or a smoothed copy of it) and its preprocessing.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelToCalibrate<'a> {
+    pub model: &'a crate::model::Segformer,
+    pub preprocessor: &'a crate::preprocess::PreprocessorConfig,
+}
+
+impl<'a> From<&'a LoadedModel> for ModelToCalibrate<'a> {
+    fn from(loaded: &'a LoadedModel) -> Self {
+        ModelToCalibrate {
+            model: &loaded.model,
+            preprocessor: &loaded.preprocessor,
+        }
+    }
+}
+
 /// Draws the calibration images from `spec`'s source and accumulates every layer's input statistics over them with
 /// `loaded`'s model, in one streaming pass (one image at a time in memory). `eval` is the evaluated window, left out
 /// of the draw when the calibration source resolves to the same dataset.
 pub fn calibrate(
-    loaded: &LoadedModel,
+    loaded: &ModelToCalibrate<'_>,
     spec: &CalibSpec,
     eval_source: &str,
     columns: &SourceColumns,
@@ -407,7 +556,7 @@ pub fn calibrate(
     options.skip_first = 0;
     options.batch_size = 1;
     let mut loader = Loader::new(&data, options)?;
-    let preprocessor = &loaded.preprocessor;
+    let preprocessor = loaded.preprocessor;
     let mut images = 0usize;
     let batches = std::iter::from_fn(|| {
         loop {
@@ -424,7 +573,7 @@ pub fn calibrate(
             return Some(preprocess::batch_tensor(vec![input.pixels], input.height, input.width));
         }
     });
-    let stats = crate::model::probe::capture(&loaded.model, needs, HESSIAN_ROWS_PER_IMAGE, batches)?;
+    let stats = crate::model::probe::capture(loaded.model, needs, HESSIAN_ROWS_PER_IMAGE, batches)?;
     let skipped = loader.stats().skipped;
     if images == 0 {
         return Err(Error::invalid(
@@ -445,6 +594,8 @@ pub fn calibrate(
         set_id,
         seconds: start.elapsed().as_secs_f64(),
         cached: false,
+        act_calib: None,
+        smooth: None,
     };
     if let Some(path) = &cache_file {
         match cache::write(path, &stats, &info) {
@@ -516,7 +667,7 @@ mod tests {
         };
         let run = |spec: &CalibSpec, window: Option<EvalWindow<'_>>| {
             calibrate(
-                &loaded,
+                &(&loaded).into(),
                 spec,
                 "embedded",
                 &columns(),
@@ -607,6 +758,8 @@ mod tests {
             set_id: "abc".into(),
             seconds: 1.0,
             cached: false,
+            act_calib: None,
+            smooth: None,
         };
         cache::write(&path, &stats, &info).unwrap();
         let (read, read_info) = cache::read(&path, needs()).unwrap().unwrap();
@@ -640,7 +793,7 @@ mod tests {
         let mut request = spec(4, false);
         request.source = None;
         let err = calibrate(
-            &loaded,
+            &(&loaded).into(),
             &request,
             dir.to_str().unwrap(),
             &columns(),

@@ -125,6 +125,11 @@ pub struct QuantConfig {
     pub calib_allow_overlap: bool,
     /// Keep calibration statistics in segq's cache folder and reuse them for the same model and images.
     pub calib_cache: bool,
+    /// How the static levels (int8-static, w8a8-f8, w4a8) choose their activation scales from the calibration
+    /// histograms: minmax, percentile[:P], mse, entropy.
+    pub act_calib: crate::quant::act::ActCalib,
+    /// SmoothQuant migration strength (0..1) for the int8-dyn and int8-static rows; unset: none.
+    pub smooth: Option<f32>,
 }
 
 impl QuantConfig {
@@ -167,6 +172,8 @@ impl Default for QuantConfig {
             calib_seed: 0,
             calib_allow_overlap: false,
             calib_cache: true,
+            act_calib: crate::quant::act::ActCalib::default(),
+            smooth: None,
         }
     }
 }
@@ -348,6 +355,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(alpha) = self.quant.smooth
+            && !(0.0..=1.0).contains(&alpha)
+        {
+            return Err(Error::config(
+                "quant.smooth",
+                format!("quant.smooth = {alpha}: SmoothQuant's migration strength is between 0 and 1"),
+            ));
+        }
         if self.quant.calib_size == 0 {
             return Err(Error::config(
                 "quant.calib_size",
@@ -457,6 +472,8 @@ calib_size = 128              # calibration images, drawn uniformly without repl
 calib_seed = 0                # seed of that draw (--calib-seed)
 calib_allow_overlap = false   # allow calibrating on evaluated images (--calib-allow-overlap); else they are excluded
 calib_cache = true            # reuse calibration statistics of the same model and images (~/.cache/segq/calib)
+act_calib = "minmax"          # static levels' activation scales: minmax, percentile[:P], mse, entropy (--act-calib)
+# smooth = 0.5                # SmoothQuant strength for int8-dyn and int8-static (--smooth)
 
 [eval]
 batch_size = 4

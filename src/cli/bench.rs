@@ -13,7 +13,8 @@ pub struct BenchArgs {
     /// Model: folder, Hub id[@revision], URL, or "embedded".
     #[arg(long)]
     pub model: Option<String>,
-    /// Levels, comma-separated.
+    /// Levels, comma-separated (also int8-static, and the simulated w8a8-f8 and w4a8: their activation scales are
+    /// calibrated on the bench's own input).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,f8,int8,int8-dyn,int4,int2")]
     pub quant: Vec<Level>,
     /// Methods, comma-separated (speed does not depend on the method; rtn by default).
@@ -83,7 +84,7 @@ fn print_table(report: &BenchReport, profile: bool) {
     );
     for r in &report.levels {
         println!(
-            "{:<16} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.3} {:>12.1} {:>12.1}",
+            "{:<16} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.3} {:>12.1} {:>12.1}{}",
             r.label,
             r.median_ms,
             r.p95_ms,
@@ -92,6 +93,7 @@ fn print_table(report: &BenchReport, profile: bool) {
             r.ratio_to_f32,
             r.inference_bytes / 1e6,
             r.peak_rss_bytes as f64 / 1e6,
+            if r.simulated { "  simulated" } else { "" },
         );
         if profile {
             let last = r.stage_ms.len().saturating_sub(1);

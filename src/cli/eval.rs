@@ -75,6 +75,13 @@ pub struct CalibArgs {
     /// reported).
     #[arg(long)]
     pub calib_allow_overlap: bool,
+    /// Static levels' activation scales from the calibration histograms: minmax, percentile[:P], mse, entropy
+    /// [default: minmax].
+    #[arg(long, value_name = "METHOD")]
+    pub act_calib: Option<segq::quant::act::ActCalib>,
+    /// SmoothQuant migration strength (0..1) for the int8-dyn and int8-static rows.
+    #[arg(long, value_name = "ALPHA")]
+    pub smooth: Option<f32>,
 }
 
 pub(super) fn apply_calib_args(config: &mut Config, c: &CalibArgs) {
@@ -85,6 +92,10 @@ pub(super) fn apply_calib_args(config: &mut Config, c: &CalibArgs) {
     set(&mut config.quant.calib_size, c.calib_size);
     set(&mut config.quant.calib_seed, c.calib_seed);
     config.quant.calib_allow_overlap |= c.calib_allow_overlap;
+    set(&mut config.quant.act_calib, c.act_calib);
+    if c.smooth.is_some() {
+        config.quant.smooth = c.smooth;
+    }
 }
 
 #[derive(Args, Debug, Default)]

@@ -103,19 +103,21 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
     check_outputs(&source, &args)?;
     let loaded = model::load(&source)?;
     // The calibrated methods' statistics, from `--calib` (default: the configured dataset's train split).
-    let calibration = match segq::eval::runner::calibration_needs(&recipes) {
+    let calibration = match segq::calib::needs_of(&recipes, config.quant.smooth) {
         None => None,
         Some(_) => {
             let plan = segq::eval::plan::EvalPlan::from_config(&config, config.eval.threads)?;
             segq::eval::runner::calibrate_for(&loaded, &plan, &recipes, &plan.loader, None)?
         }
     };
-    let stats = calibration.as_ref().map(|c| &c.stats);
     if let Some(out) = &args.out {
         if out.join("model.safetensors").exists() {
             tracing::warn!(out = %out.display(), "replacing the checkpoint already in this folder");
         }
-        let (quantized, report) = model::quantize_calibrated(&loaded.model, &recipes[0], stats)?;
+        let (quantized, report) = match &calibration {
+            Some(c) => c.quantize(&loaded.model, &recipes[0])?,
+            None => model::quantize(&loaded.model, &recipes[0])?,
+        };
         let save = match args.format {
             CheckpointFormat::Segq => model::checkpoint::save_quantized,
             CheckpointFormat::Quanto => model::quanto::save_quanto,
@@ -143,8 +145,14 @@ pub fn run(global: &GlobalArgs, args: QuantizeArgs) -> Result<()> {
             .map(|p| segq::data::decode::read_rgb(p))
             .collect::<segq::Result<Vec<_>>>()?;
         let names = args.images.iter().map(|p| p.display().to_string()).collect();
-        let report =
-            segq::eval::error_report::error_report(&loaded, &recipes, stats, &images, names, Protocol::Transformers)?;
+        let report = segq::eval::error_report::error_report(
+            &loaded,
+            &recipes,
+            calibration.as_ref(),
+            &images,
+            names,
+            Protocol::Transformers,
+        )?;
         let json = serde_json::to_string_pretty(&report)?;
         outputs::write_atomically(path, |tmp| {
             std::fs::write(tmp, &json).map_err(|e| segq::Error::io(path, e))

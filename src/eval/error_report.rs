@@ -41,11 +41,11 @@ pub struct ErrorReport {
 }
 
 /// Quantizes `loaded` with each recipe and measures it against the float model on `images` (named by `names`),
-/// preprocessed under `protocol`. `stats`: calibration statistics for the calibrated methods.
+/// preprocessed under `protocol`. `calibration`: for the calibrated methods and static levels.
 pub fn error_report(
     loaded: &LoadedModel,
     recipes: &[Recipe],
-    stats: Option<&crate::quant::ModelStats>,
+    calibration: Option<&crate::calib::CalibratedModels>,
     images: &[RgbImage],
     names: Vec<String>,
     protocol: Protocol,
@@ -65,7 +65,10 @@ pub fn error_report(
     let reference_classes: Vec<Vec<u16>> = reference.iter().map(Logits::argmax).collect();
     let mut rows = Vec::with_capacity(recipes.len());
     for recipe in recipes {
-        let (quantized, report) = model::quantize_calibrated(&loaded.model, recipe, stats)?;
+        let (quantized, report) = match calibration {
+            Some(c) => c.quantize(&loaded.model, recipe)?,
+            None => model::quantize(&loaded.model, recipe)?,
+        };
         let (mut err, mut norm, mut agree, mut pixels) = (0f64, 0f64, 0usize, 0usize);
         let classes = reference.first().map_or(0, |l| l.classes);
         let (mut intersection, mut union) = (vec![0u64; classes], vec![0u64; classes]);

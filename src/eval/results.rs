@@ -252,7 +252,8 @@ pub struct LevelSummary {
 impl LevelResult {
     /// True when this row's model was built from calibration statistics (a calibrated method).
     pub fn is_calibrated(&self) -> bool {
-        matches!(&self.method, LevelMethod::Method(m) | LevelMethod::Requantized { method: m, .. } if m.needs_calibration())
+        self.level.needs_calibration()
+            || matches!(&self.method, LevelMethod::Method(m) | LevelMethod::Requantized { method: m, .. } if m.needs_calibration())
     }
     pub fn is_ok(&self) -> bool {
         self.status == LevelStatus::Ok

@@ -142,7 +142,6 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let searched = search_recipes(&loaded, plan, &loader_options)?;
     recipes.extend(searched.iter().map(|(recipe, _)| recipe.clone()));
     let calibration = calibrate_for(&loaded, plan, &recipes, &loader_options, Some(&spec))?;
-    let stats = calibration.as_ref().map(|c| &c.stats);
     let selected = loader.total() + plan.loader.skip_first;
     tracing::info!("dataset ready: {dataset_description}, {selected} examples");
     let selection = &plan.loader.selection;
@@ -209,7 +208,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
     let mut variants = build_variants(
         &loaded,
         &recipes[..groups[0].end],
-        stats,
+        calibration.as_ref(),
         model_info.num_labels,
         f32_bytes,
         worst_capacity,
@@ -231,7 +230,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         dataset: &dataset_info,
         machine: &machine,
         earlier: &earlier,
-        calibration: calibration.as_ref().map(|c| &c.info),
+        calibration: calibration.as_ref().map(|c| &c.calibration.info),
     };
     observer.started(loader.total() * passes);
     let mut samples: Vec<Sample> = Vec::new();
@@ -247,7 +246,7 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
             variants.extend(build_variants(
                 &loaded,
                 &recipes[group.clone()],
-                stats,
+                calibration.as_ref(),
                 model_info.num_labels,
                 f32_bytes,
                 worst_capacity,
@@ -639,31 +638,18 @@ fn search_recipes(
     crate::eval::auto::search_all(loaded, &inputs, Some(&labels), &auto_spec)
 }
 
-/// What the recipes' methods (and levels) need from calibration; `None` when nothing does.
-pub fn calibration_needs(recipes: &[Recipe]) -> Option<crate::quant::StatsNeeds> {
-    let needs = recipes
-        .iter()
-        .flat_map(Recipe::uniform_parts)
-        .fold(crate::quant::StatsNeeds::default(), |n, r| {
-            n.union(r.method.stats_needs())
-        });
-    (needs != crate::quant::StatsNeeds::default()).then_some(needs)
-}
-
-/// Calibrates once for every recipe that needs it (`None` when none does), as `plan.config.quant.calib*` say.
-/// `evaluated`: the dataset being evaluated, whose window (`plan`'s offset and limit) the draw leaves out (see
-/// [`crate::calib`]).
+/// Calibrates once for every recipe that needs it (`None` when none does), as `plan.config.quant` says
+/// (`calib*`, `act_calib`, `smooth`). `evaluated`: the dataset being evaluated, whose window (`plan`'s offset and
+/// limit) the draw leaves out (see [`crate::calib`]).
 pub fn calibrate_for(
     loaded: &LoadedModel,
     plan: &EvalPlan,
     recipes: &[Recipe],
     loader_options: &crate::data::LoaderOptions,
     evaluated: Option<&crate::data::DatasetSpec>,
-) -> Result<Option<crate::calib::Calibration>> {
-    let Some(needs) = calibration_needs(recipes) else {
-        return Ok(None);
-    };
+) -> Result<Option<crate::calib::CalibratedModels>> {
     let d = &plan.dataset;
+    let quant = &plan.config.quant;
     let columns = crate::calib::SourceColumns {
         subset: d.subset.clone(),
         image_column: d.image_column.clone(),
@@ -673,17 +659,18 @@ pub fn calibrate_for(
         spec,
         selection: plan.loader.selection,
     });
-    crate::calib::calibrate(
+    crate::calib::calibrate_for_recipes(
         loaded,
-        &plan.config.quant.calib_spec(),
+        recipes,
+        &quant.calib_spec(),
+        quant.act_calib,
+        quant.smooth,
         &d.source,
         &columns,
         loader_options,
         plan.protocol,
         window,
-        needs,
     )
-    .map(Some)
 }
 
 /// Records on each searched row how its recipe was found.
@@ -707,7 +694,7 @@ fn attach_searches(variants: &mut [Variant], searched: &[(Recipe, AutoSearch)]) 
 fn build_variants(
     loaded: &LoadedModel,
     recipes: &[Recipe],
-    stats: Option<&crate::quant::ModelStats>,
+    calibration: Option<&crate::calib::CalibratedModels>,
     num_labels: usize,
     f32_bytes: f64,
     worst_capacity: usize,
@@ -715,8 +702,12 @@ fn build_variants(
     let mut variants: Vec<Variant> = recipes
         .iter()
         .map(|recipe| {
-            let (m, report) = model::quantize_calibrated(&loaded.model, recipe, stats)
-                .map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
+            let built = match calibration {
+                Some(c) => c.quantize(&loaded.model, recipe),
+                None => model::quantize(&loaded.model, recipe),
+            };
+            let (m, report) =
+                built.map_err(|e| Error::config("quant.levels", format!("{} cannot be built: {e}", recipe.label())))?;
             let baseline = recipe.is_float_baseline();
             // The reference row is the model as loaded: from a quantized checkpoint that is not float, and the row
             // says what it is (label, level, bits) rather than claim 32 bits per weight.
@@ -754,6 +745,13 @@ fn build_variants(
                     row
                 }
             };
+            // SmoothQuant rows say so: the same recipe without it would be another row.
+            if let Some(alpha) = calibration
+                .filter(|c| c.smoothed_for(recipe))
+                .and_then(|c| c.calibration.info.smooth)
+            {
+                row.label = format!("{}-sq{alpha}", row.label);
+            }
             row.group_size = recipe.requested_group_size();
             row.recipe = recipe.is_custom().then(|| recipe.clone());
             row.weight_bytes_memory = m.weight_bytes() as u64;

@@ -380,12 +380,39 @@ pub fn conv2d_nhwc_i8_scalar(
     conv2d_nhwc_i8_with(x, s, weight, bias, super::gemm_i8_dynamic_scalar)
 }
 
+/// [`conv2d_nhwc_i8`] for level `int8-static`: every patch quantized with the one calibrated scale of the
+/// convolution's input ([`super::gemm_i8_static`]; padding zeros quantize to zero codes), no absmax pass.
+pub fn conv2d_nhwc_i8_static(
+    x: &[f32],
+    s: ConvShape,
+    weight: &super::I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    conv2d_nhwc_i8_with(x, s, weight, bias, |col, rows, k, w, b, dst| {
+        super::gemm_i8_static(col, rows, k, w, act_scale, b, dst)
+    })
+}
+
+/// Scalar reference of [`conv2d_nhwc_i8_static`] (the products through the scalar int8 GEMM).
+pub fn conv2d_nhwc_i8_static_scalar(
+    x: &[f32],
+    s: ConvShape,
+    weight: &super::I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    conv2d_nhwc_i8_with(x, s, weight, bias, |col, rows, k, w, b, dst| {
+        super::gemm_i8::gemm_i8_static_scalar(col, rows, k, w, act_scale, b, dst)
+    })
+}
+
 fn conv2d_nhwc_i8_with(
     x: &[f32],
     s: ConvShape,
     weight: &super::I8Panels,
     bias: Option<&[f32]>,
-    gemm_i8: super::gemm_i8::GemmI8Fn,
+    gemm_i8: impl Fn(&[f32], usize, usize, &super::I8Panels, Option<&[f32]>, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<Vec<f32>> {
     s.check(x.len(), weight.n() * weight.k(), bias.map(<[f32]>::len))?;
     if weight.n() != s.out_channels || weight.k() != s.patch() {
@@ -578,6 +605,52 @@ mod tests {
             }
         }
         compared_against_scalar("conv2d_nhwc_i8", &gemm_i8_path());
+    }
+
+    #[test]
+    fn static_int8_conv_matches_its_scalar_reference_and_stays_near_f32() {
+        for (i, &(height, width, in_channels, out_channels, kernel, stride, padding)) in [
+            (13, 11, 3, 8, 7, 4, 3),
+            (16, 12, 4, 4, 8, 8, 0),
+            (9, 10, 5, 19, 3, 2, 1),
+            (5, 4, 33, 17, 1, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = ConvShape {
+                height,
+                width,
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            };
+            let x = random_vec(height * width * in_channels, 70 + i as u64, 1.0);
+            let patch = kernel * kernel * in_channels;
+            let w = random_vec(out_channels * patch, 80 + i as u64, 0.3);
+            let b = random_vec(out_channels, 90 + i as u64, 0.1);
+            let (codes, scales) = crate::kernels::quantize_rows_i8(&w, out_channels, patch).unwrap();
+            let packed = crate::kernels::I8Panels::pack(&codes, &scales, out_channels, patch).unwrap();
+            // The scale of the whole input's absmax: nothing clips.
+            let act_scale = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            let fast = conv2d_nhwc_i8_static(&x, s, &packed, act_scale, Some(&b)).unwrap();
+            let slow = conv2d_nhwc_i8_static_scalar(&x, s, &packed, act_scale, Some(&b)).unwrap();
+            assert_eq!(fast, slow, "static int8 conv {s:?}");
+            let float = conv2d_nhwc(&x, s, &w, Some(&b)).unwrap();
+            let range = float.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, (q, f)) in fast.iter().zip(&float).enumerate() {
+                assert!(
+                    (q - f).abs() <= 0.03 * range,
+                    "static int8 conv {s:?} [{j}]: {q} vs f32 {f}"
+                );
+            }
+            // A zero scale quantizes every patch to zero codes: the bias alone.
+            let zero = conv2d_nhwc_i8_static(&x, s, &packed, 0.0, Some(&b)).unwrap();
+            assert!(zero.chunks_exact(out_channels).all(|px| px == &b[..]));
+        }
+        compared_against_scalar("conv2d_nhwc_i8_static", &gemm_i8_path());
     }
 
     #[test]

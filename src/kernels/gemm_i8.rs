@@ -1,6 +1,7 @@
-//! W8A8 dynamic int8 GEMM for quantized Linear and 1x1-conv layers: `out[M,N] = x[M,K] * W[N,K]^T + bias`, with
-//! `x` quantized per row at run time (symmetric absmax, codes in [-127, 127]) and `W` int8 codes with one f32 scale
-//! per output row, packed once at load time ([`I8Panels::pack`]).
+//! W8A8 int8 GEMM for quantized Linear and 1x1-conv layers: `out[M,N] = x[M,K] * W[N,K]^T + bias`, with `W` int8
+//! codes with one f32 scale per output row, packed once at load time ([`I8Panels::pack`]), and `x` quantized to
+//! codes in [-127, 127] either per row at run time (symmetric absmax, [`gemm_i8_dynamic`], level `int8-dyn`) or with
+//! one per-tensor scale fixed by calibration ([`gemm_i8_static`], level `int8-static`: no absmax pass).
 //!
 //! AVX2 has no signed x signed byte multiply: `_mm256_maddubs_epi16` multiplies unsigned by signed bytes and sums
 //! pairs into saturating i16. The kernel feeds it `|x|` and `w * sign(x)` (`_mm256_sign_epi8`), whose pair sums are at
@@ -152,17 +153,52 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
         codes.fill(0);
         return 0.0;
     }
-    let inv = 127.0 / absmax;
+    quantize_with_inverse_scalar(x, 127.0 / absmax, codes);
+    absmax / 127.0
+}
+
+/// `codes = clamp(round_half_even(x * inv), -127, 127)`: the step both quantizers end with. AVX2 when available;
+/// same results either way (NaN inputs give some code in [-127, 127]).
+fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 (checked above); `codes` is as long as `x`.
+        return unsafe { avx2::quantize_with_inverse(x, inv, codes) };
+    }
+    quantize_with_inverse_scalar(x, inv, codes)
+}
+
+fn quantize_with_inverse_scalar(x: &[f32], inv: f32, codes: &mut [i8]) {
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
-    absmax / 127.0
+}
+
+/// The multiplier [`gemm_i8_static`] quantizes by: `1 / scale`, or 0 for a zero scale (an input calibrated as
+/// always zero quantizes to zero codes). Errors on a negative or non-finite scale.
+fn static_inverse(act_scale: f32) -> Result<f32> {
+    if !(act_scale.is_finite() && act_scale >= 0.0) {
+        return Err(Error::invalid(
+            "gemm_i8_static",
+            format!("activation scale {act_scale} (want a finite scale >= 0)"),
+        ));
+    }
+    Ok(if act_scale > 0.0 { 1.0 / act_scale } else { 0.0 })
+}
+
+/// Quantizes `x` with one fixed scale, as [`gemm_i8_static`] does: `code = clamp(round_half_even(x / scale), -127,
+/// 127)` (0 everywhere for a zero scale).
+pub fn quantize_static_i8(x: &[f32], act_scale: f32) -> Result<Vec<i8>> {
+    let inv = static_inverse(act_scale)?;
+    let mut codes = vec![0i8; x.len()];
+    quantize_with_inverse(x, inv, &mut codes);
+    Ok(codes)
 }
 
 fn check_gemm(x: usize, m: usize, k: usize, w: &I8Panels, bias: Option<&[f32]>, out: usize) -> Result<()> {
     if k != w.k || x != m * k || out != m * w.n || bias.is_some_and(|b| b.len() != w.n) {
         return Err(Error::invalid(
-            "gemm_i8_dynamic",
+            "gemm_i8",
             format!(
                 "shapes disagree: x has {x} values for M={m} K={k}, weight is N={} K={}, output has \
              {out} values (want {}), bias has {} (want {})",
@@ -192,44 +228,83 @@ pub fn gemm_i8_dynamic(
     out: &mut [f32],
 ) -> Result<()> {
     check_gemm(x.len(), m, k, w, bias, out.len())?;
-    if m == 0 || w.n == 0 {
-        return Ok(());
-    }
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        let vnni = vnni_kind();
-        let n = w.n;
-        out.par_chunks_mut(MB * n).enumerate().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(xq, sx): &mut (Vec<i8>, Vec<f32>), (blk, dst)| {
-                let rows = dst.len() / n;
-                let r0 = blk * MB;
-                xq.clear();
-                xq.resize(rows * w.k4, 0);
-                sx.resize(rows, 0.0);
-                for r in 0..rows {
-                    let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let codes = &mut xq[r * w.k4..r * w.k4 + k];
-                    sx[r] = quantize_row(src, codes);
-                    if vnni.is_some() {
-                        // code + 128 as an unsigned byte is the code with its top bit flipped.
-                        codes.iter_mut().for_each(|c| *c ^= i8::MIN);
-                    }
-                }
-                // SAFETY: the CPU supports the instructions of the path taken (detected); buffers hold `rows` rows of
-                // k4 codes and `rows * n` outputs.
-                unsafe {
-                    match vnni {
-                        Some(Vnni::Avx) => vnni_avx::gemm_block(xq, sx, rows, w, bias, dst),
-                        Some(Vnni::Avx512) => vnni_avx512::gemm_block(xq, sx, rows, w, bias, dst),
-                        None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
-                    }
-                }
-            },
-        );
+        gemm_blocks(x, k, w, bias, out, quantize_row);
         return Ok(());
     }
     gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+}
+
+/// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * act_scale * sw[n] + bias[n]` with every activation quantized by the
+/// same calibrated scale ([`quantize_static_i8`]: round half to even, saturate to [-127, 127]): no absmax pass.
+/// The same blocks and micro-kernels as [`gemm_i8_dynamic`].
+pub fn gemm_i8_static(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_gemm(x.len(), m, k, w, bias, out.len())?;
+    let inv = static_inverse(act_scale)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        gemm_blocks(x, k, w, bias, out, |src, codes| {
+            quantize_with_inverse(src, inv, codes);
+            act_scale
+        });
+        return Ok(());
+    }
+    gemm_i8_static_scalar(x, m, k, w, act_scale, bias, out)
+}
+
+/// The SIMD GEMM over blocks of [`MB`] rows in parallel: `quantize(row, codes)` fills a row's codes and returns its
+/// scale, then the VNNI or AVX2 micro-kernels run on the block. Shapes are checked by the caller.
+#[cfg(target_arch = "x86_64")]
+fn gemm_blocks(
+    x: &[f32],
+    k: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync,
+) {
+    let n = w.n;
+    if out.is_empty() || n == 0 {
+        return;
+    }
+    let vnni = vnni_kind();
+    out.par_chunks_mut(MB * n).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(xq, sx): &mut (Vec<i8>, Vec<f32>), (blk, dst)| {
+            let rows = dst.len() / n;
+            let r0 = blk * MB;
+            xq.clear();
+            xq.resize(rows * w.k4, 0);
+            sx.resize(rows, 0.0);
+            for r in 0..rows {
+                let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let codes = &mut xq[r * w.k4..r * w.k4 + k];
+                sx[r] = quantize(src, codes);
+                if vnni.is_some() {
+                    // code + 128 as an unsigned byte is the code with its top bit flipped.
+                    codes.iter_mut().for_each(|c| *c ^= i8::MIN);
+                }
+            }
+            // SAFETY: the CPU supports the instructions of the path taken (detected); buffers hold `rows` rows of
+            // k4 codes and `rows * n` outputs.
+            unsafe {
+                match vnni {
+                    Some(Vnni::Avx) => vnni_avx::gemm_block(xq, sx, rows, w, bias, dst),
+                    Some(Vnni::Avx512) => vnni_avx512::gemm_block(xq, sx, rows, w, bias, dst),
+                    None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
+                }
+            }
+        },
+    );
 }
 
 /// Which `vpdpbusd` the CPU has (when [`super::simd`] allows VNNI).
@@ -262,10 +337,43 @@ pub fn gemm_i8_dynamic_scalar(
     out: &mut [f32],
 ) -> Result<()> {
     check_gemm(x.len(), m, k, w, bias, out.len())?;
-    if m == 0 || w.n == 0 {
-        return Ok(());
-    }
+    gemm_rows_scalar(x, k, w, bias, out, quantize_row_scalar);
+    Ok(())
+}
+
+/// Scalar reference of [`gemm_i8_static`] (and the fallback on CPUs without AVX2).
+pub fn gemm_i8_static_scalar(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_gemm(x.len(), m, k, w, bias, out.len())?;
+    let inv = static_inverse(act_scale)?;
+    gemm_rows_scalar(x, k, w, bias, out, |src, codes| {
+        quantize_with_inverse_scalar(src, inv, codes);
+        act_scale
+    });
+    Ok(())
+}
+
+/// The scalar GEMM, one output row per task: `quantize(row, codes)` gives the row's codes and scale, then plain dot
+/// products with the unpacked weight codes and the shared epilogue.
+fn gemm_rows_scalar(
+    x: &[f32],
+    k: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync,
+) {
     let n = w.n;
+    if out.is_empty() || n == 0 {
+        return;
+    }
     // Unpack once to row-major codes so the inner loop is a plain dot product.
     let wt: Vec<i8> = (0..n)
         .flat_map(|row| (0..k).map(move |col| (row, col)))
@@ -273,13 +381,12 @@ pub fn gemm_i8_dynamic_scalar(
         .collect();
     out.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
         let mut xq = vec![0i8; k];
-        let sx = quantize_row_scalar(&x[r * k..(r + 1) * k], &mut xq);
+        let sx = quantize(&x[r * k..(r + 1) * k], &mut xq);
         for (col, o) in dst.iter_mut().enumerate() {
             let acc = dot_i8(&xq, &wt[col * k..(col + 1) * k]);
             *o = epilogue(acc, sx, w.scales[col], bias.map_or(0.0, |b| b[col]));
         }
     });
-    Ok(())
 }
 
 fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
@@ -366,8 +473,22 @@ mod avx2 {
             codes.fill(0);
             return 0.0;
         }
-        let inv = 127.0 / absmax;
+        // SAFETY: AVX2 is available (caller's contract); `codes` is as long as `x`.
+        unsafe { quantize_with_inverse(x, 127.0 / absmax, codes) };
+        absmax / 127.0
+    }
+
+    /// See [`super::quantize_with_inverse_scalar`]; bit-identical results (same multiply, round-half-even
+    /// conversion; clamping before or after rounding to the integer bounds gives the same codes). Clamped in float
+    /// first so that values past the i32 range (a static scale's outliers) saturate instead of wrapping.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `codes.len() == x.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
+        let n = x.len();
         let vinv = _mm256_set1_ps(inv);
+        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
         let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let mut i = 0;
@@ -376,6 +497,7 @@ mod avx2 {
             unsafe {
                 let q = |o: usize| {
                     let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + o)), vinv);
+                    let v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
                     _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
                 };
                 let ab = _mm256_packs_epi32(q(0), q(8));
@@ -385,10 +507,7 @@ mod avx2 {
             }
             i += 32;
         }
-        for (c, &v) in codes[i..].iter_mut().zip(&x[i..]) {
-            *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-        }
-        absmax / 127.0
+        super::quantize_with_inverse_scalar(&x[i..], inv, &mut codes[i..]);
     }
 
     /// i32 accumulators of `ROWS` rows (`ROWS <= MR`) of `xq` (rows `k4` apart) against one 16-column panel.
@@ -841,6 +960,96 @@ pub(crate) mod tests {
             }
         }
         compared_against_scalar("gemm_i8_dynamic", &dispatched_path());
+    }
+
+    #[test]
+    fn static_quantizer_rounds_and_saturates_like_its_scalar_reference() {
+        for (len, scale) in [(1usize, 0.01f32), (31, 0.02), (33, 0.005), (100, 1e-3), (257, 0.1)] {
+            let mut x = random_vec(len, len as u64, 3.0);
+            x[0] = 1e30; // far past the i32 range once divided by the scale: must saturate, not wrap
+            if len > 40 {
+                x[40] = -f32::INFINITY;
+                x[39] = 2.5 * scale; // a tie, to even
+            }
+            let codes = quantize_static_i8(&x, scale).unwrap();
+            let mut want = vec![0i8; len];
+            quantize_with_inverse_scalar(&x, 1.0 / scale, &mut want);
+            assert_eq!(codes, want, "len {len}");
+            assert_eq!(codes[0], 127);
+            if len > 40 {
+                assert_eq!((codes[40], codes[39]), (-127, 2));
+            }
+            for (c, &v) in codes.iter().zip(&x) {
+                if v.abs() < 127.0 * scale {
+                    assert!((*c as f32 * scale - v).abs() <= 0.5 * scale * 1.0001, "{v} -> {c}");
+                }
+            }
+        }
+        assert_eq!(quantize_static_i8(&[1.0, -2.0], 0.0).unwrap(), vec![0, 0]);
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            assert!(quantize_static_i8(&[1.0], bad).is_err());
+        }
+        compared_against_scalar("quantize_static_i8", &avx2_path());
+    }
+
+    #[test]
+    fn static_gemm_matches_scalar_and_float_reference_on_awkward_sizes() {
+        for &(m, k, n) in &[
+            (1, 9, 1),
+            (3, 27, 7),
+            (17, 33, 19),
+            (257, 147, 150),
+            (70, 1000, 17),
+            (5, 2, 33),
+        ] {
+            let x = random_vec(m * k, (7 * m + k + n) as u64, 2.0);
+            let (codes, scales) = random_weight(n, k, (5 * k + n) as u64);
+            let bias = random_vec(n, 98, 1.0);
+            let w = I8Panels::pack(&codes, &scales, n, k).unwrap();
+            let absmax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // The absmax's scale (nothing clips), and a third of it (a third of the values saturate).
+            for act_scale in [absmax / 127.0, absmax / 381.0] {
+                for b in [None, Some(&bias[..])] {
+                    let mut fast = vec![f32::NAN; m * n];
+                    let mut slow = vec![f32::NAN; m * n];
+                    gemm_i8_static(&x, m, k, &w, act_scale, b, &mut fast).unwrap();
+                    gemm_i8_static_scalar(&x, m, k, &w, act_scale, b, &mut slow).unwrap();
+                    // Exact accumulators and the same epilogue: the same floats.
+                    assert_eq!(fast, slow, "M={m} K={k} N={n} scale {act_scale}");
+                    let xq = quantize_static_i8(&x, act_scale).unwrap();
+                    for r in 0..m {
+                        for c in 0..n {
+                            let wrow = |i: usize| codes[c * k + i] as f64 * scales[c] as f64;
+                            let bias = b.map_or(0.0, |b| b[c] as f64);
+                            let exact: f64 = (0..k)
+                                .map(|i| xq[r * k + i] as f64 * act_scale as f64 * wrow(i))
+                                .sum::<f64>()
+                                + bias;
+                            let got = fast[r * n + c] as f64;
+                            assert!(
+                                (got - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                                "({r},{c}) {got} vs {exact}"
+                            );
+                            if act_scale == absmax / 127.0 {
+                                // Against the float product: at most half a step per input.
+                                let float: f64 = (0..k).map(|i| x[r * k + i] as f64 * wrow(i)).sum::<f64>() + bias;
+                                let bound: f64 =
+                                    (0..k).map(|i| 0.5 * act_scale as f64 * wrow(i).abs()).sum::<f64>() + 1e-4;
+                                assert!(
+                                    (got - float).abs() <= bound,
+                                    "({r},{c}) {got} vs f32 {float} (bound {bound})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let w = I8Panels::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
+        let mut out = vec![0f32; 4];
+        assert!(gemm_i8_static(&[0.0; 6], 3, 2, &w, 1.0, None, &mut out).is_err());
+        assert!(gemm_i8_static(&[0.0; 6], 2, 3, &w, -1.0, None, &mut out).is_err());
+        compared_against_scalar("gemm_i8_static", &dispatched_path());
     }
 
     #[test]

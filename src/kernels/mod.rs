@@ -5,8 +5,9 @@
 //!   SegFormer's Mix-FFN, on channels-last tokens (`[H*W, C]`).
 //! - [`gemm_f32`]: float GEMMs with the bias/residual written first: Linear, and dense convolutions on
 //!   channels-last tokens via im2col per block of output pixels.
-//! - [`gemm_i8`]: W8A8 dynamic int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at
-//!   run time, weights packed once at load time, f32 output with per-row and per-column scales and bias.
+//! - [`gemm_i8`]: W8A8 int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at run time
+//!   (`int8-dyn`) or with one calibrated per-tensor scale (`int8-static`), weights packed once at load time, f32
+//!   output with per-row and per-column scales and bias.
 //! - [`gelu`]: f32 `erf`, `erfc` and exact GELU (PyTorch's `approximate="none"`).
 //! - [`layer_norm`]: layer normalisation over the last dimension of a `[rows, C]` matrix.
 //! - [`softmax`]: row-wise softmax of scaled attention scores in one pass.
@@ -29,10 +30,14 @@ pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar
 pub use dwconv::dwconv3x3_nhwc;
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{
-    ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_scalar, linear_f32, linear_f32_scalar,
-    matmul, matmul_accumulate, matmul_accumulate_scalar, matmul_scalar,
+    ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_i8_static, conv2d_nhwc_i8_static_scalar,
+    conv2d_nhwc_scalar, linear_f32, linear_f32_scalar, matmul, matmul_accumulate, matmul_accumulate_scalar,
+    matmul_scalar,
 };
-pub use gemm_i8::{I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, quantize_rows_i8};
+pub use gemm_i8::{
+    I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, gemm_i8_static, gemm_i8_static_scalar, quantize_rows_i8,
+    quantize_static_i8,
+};
 pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, UpsampleSum, upsample_sum_nhwc};
 pub use softmax::softmax_rows;

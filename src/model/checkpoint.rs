@@ -328,6 +328,22 @@ impl TensorStore {
         Ok(t.values)
     }
 
+    /// Takes an optional scalar (a layer's calibrated `input_scale`, shape `[]`): `None` when the checkpoint has
+    /// none; an error for another shape or a value that is not a finite scale >= 0.
+    pub fn take_scale(&mut self, name: &str) -> Result<Option<f32>> {
+        if !self.tensors.contains_key(name) {
+            return Ok(None);
+        }
+        let value = self.take(name, &[])?.first().copied().unwrap_or(f32::NAN);
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(Error::invalid(
+                &self.origin,
+                format!("tensor `{name}` is {value} (an activation scale must be finite and >= 0)"),
+            ));
+        }
+        Ok(Some(value))
+    }
+
     /// Takes a layer weight by name: quantized when the checkpoint stores it quantized, else float.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<StoredWeight> {
         if let Some(qtype) = self.quanto.remove(name) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::plan::{Activations, Columns, MatMul};
+use super::plan::{Activations, Columns, InputQuant, MatMul};
 use super::probe::Probe;
 use super::tokens::{Tokens, with_f32};
 use crate::kernels;
@@ -20,6 +20,8 @@ pub enum Param<'a> {
     Weight(&'a MatMul, &'a [usize]),
     /// A float vector: bias, norm weight, BatchNorm statistic.
     Vector(&'a [f32]),
+    /// A scalar that only some checkpoints hold (a calibrated `input_scale`): saved as a shape-`[]` tensor when set.
+    OptionalScalar(Option<&'a f32>),
     /// In checkpoints but not used by the model (BatchNorm's `num_batches_tracked`): dropped when loading, not saved.
     Unused,
 }
@@ -28,6 +30,7 @@ pub enum Param<'a> {
 pub(crate) enum ParamMut<'a> {
     Weight(&'a mut MatMul, &'a [usize]),
     Vector(&'a mut Vec<f32>),
+    OptionalScalar(&'a mut Option<f32>),
     Unused,
 }
 
@@ -61,11 +64,13 @@ fn weight_and_bias<'a>(
     weight: &'a MatMul,
     shape: &'a [usize],
     bias: &'a Option<Vec<f32>>,
+    input: &'a InputQuant,
 ) -> Vec<(&'static str, Param<'a>)> {
     let mut out = vec![("weight", Param::Weight(weight, shape))];
     if let Some(b) = bias {
         out.push(("bias", Param::Vector(b)));
     }
+    out.push(("input_scale", Param::OptionalScalar(input.scale.as_ref())));
     out
 }
 
@@ -73,11 +78,13 @@ fn weight_and_bias_mut<'a>(
     weight: &'a mut MatMul,
     shape: &'a [usize],
     bias: &'a mut Option<Vec<f32>>,
+    input: &'a mut InputQuant,
 ) -> Vec<(&'static str, ParamMut<'a>)> {
     let mut out = vec![("weight", ParamMut::Weight(weight, shape))];
     if let Some(b) = bias {
         out.push(("bias", ParamMut::Vector(b)));
     }
+    out.push(("input_scale", ParamMut::OptionalScalar(&mut input.scale)));
     out
 }
 
@@ -90,6 +97,8 @@ pub struct Linear {
     shape: [usize; 2],
     /// Records the inputs during calibration (a calibration copy of the model only).
     probe: Option<Arc<Probe>>,
+    /// Static quantization of the input (levels `int8-static`, `w8a8-f8`, `w4a8`).
+    input: InputQuant,
 }
 
 impl Linear {
@@ -100,6 +109,7 @@ impl Linear {
             bias: Some(vec![0.0; out_features]),
             shape: [out_features, in_features],
             probe: None,
+            input: InputQuant::default(),
         }
     }
 
@@ -120,10 +130,28 @@ impl Linear {
         self.bias.as_deref()
     }
 
-    /// Sets the kernel for `activations` (int8 activations: the W8A8 GEMM for a symmetric per-channel int8 weight).
+    /// The input's calibrated scale and simulated format.
+    pub fn input_quant(&self) -> &InputQuant {
+        &self.input
+    }
+
+    /// Sets the calibrated per-tensor scale of the input (takes effect at the next `prepare`).
+    pub(crate) fn set_input_scale(&mut self, scale: Option<f32>) {
+        self.input.scale = scale;
+    }
+
+    pub(crate) fn input_quant_mut(&mut self) -> &mut InputQuant {
+        &mut self.input
+    }
+
+    /// Sets the kernel for `activations` (int8 activations: the W8A8 GEMM for a symmetric per-channel int8 weight,
+    /// with the calibrated input scale at `int8-static`; simulated levels fake-quantize the input).
     pub(crate) fn plan(&mut self, activations: Activations) {
-        let int8 = (activations == Activations::Int8Dynamic).then_some(Columns::Rows);
+        let int8 = activations
+            .int8_gemm(self.input.scale)
+            .map(|scale| (Columns::Rows, scale));
         self.weight = std::mem::replace(&mut self.weight, MatMul::empty()).planned(int8);
+        self.input.plan(activations, &self.weight);
     }
 
     /// Over the tokens' channels.
@@ -154,7 +182,7 @@ impl Linear {
             probe.observe_rows(x.data(), in_features)?;
         }
         let out = self.weight.apply(
-            x.data(),
+            &self.input.apply(x.data()),
             x.rows(),
             in_features,
             out_features,
@@ -169,11 +197,11 @@ impl Linear {
     }
 
     pub fn params(&self) -> Vec<(&'static str, Param<'_>)> {
-        weight_and_bias(&self.weight, &self.shape, &self.bias)
+        weight_and_bias(&self.weight, &self.shape, &self.bias, &self.input)
     }
 
     pub(crate) fn params_mut(&mut self) -> Vec<(&'static str, ParamMut<'_>)> {
-        weight_and_bias_mut(&mut self.weight, &self.shape, &mut self.bias)
+        weight_and_bias_mut(&mut self.weight, &self.shape, &mut self.bias, &mut self.input)
     }
 }
 
@@ -190,6 +218,8 @@ pub struct Conv2d {
     groups: usize,
     /// Records the inputs during calibration (a calibration copy of the model only).
     probe: Option<Arc<Probe>>,
+    /// Static quantization of the input (levels `int8-static`, `w8a8-f8`, `w4a8`; dense convolutions only).
+    input: InputQuant,
 }
 
 impl Conv2d {
@@ -211,6 +241,7 @@ impl Conv2d {
             padding,
             groups,
             probe: None,
+            input: InputQuant::default(),
         }
     }
 
@@ -246,19 +277,48 @@ impl Conv2d {
         self.shape[2] == 1 && self.shape[3] == 1 && self.stride == 1 && self.padding == 0 && self.groups == 1
     }
 
-    /// True for a convolution the im2col GEMM runs (groups = 1, square kernel).
-    fn is_dense(&self) -> bool {
+    /// True for a convolution the im2col GEMM runs (groups = 1, square kernel): the convolutions whose input a
+    /// static level quantizes (depthwise ones keep float inputs).
+    pub fn is_dense(&self) -> bool {
         self.groups == 1 && self.shape[2] == self.shape[3]
     }
 
     /// Sets the kernel for `activations`: with int8 activations a dense convolution's symmetric per-channel int8
     /// weight is packed in patch order for the int8 im2col GEMM; depthwise convolutions keep the dequantize path.
     pub(crate) fn plan(&mut self, activations: Activations) {
-        let int8 = (activations == Activations::Int8Dynamic && self.is_dense()).then_some(Columns::Patch {
+        let columns = Columns::Patch {
             kernel: self.shape[2],
             in_channels: self.shape[1],
-        });
+        };
+        let int8 = match self.is_dense() {
+            true => activations.int8_gemm(self.input.scale).map(|scale| (columns, scale)),
+            false => None,
+        };
         self.weight = std::mem::replace(&mut self.weight, MatMul::empty()).planned(int8);
+        if self.is_dense() {
+            self.input.plan(activations, &self.weight);
+        } else {
+            self.input.plan(Activations::F32, &self.weight);
+        }
+    }
+
+    /// The input's calibrated scale and simulated format.
+    pub fn input_quant(&self) -> &InputQuant {
+        &self.input
+    }
+
+    /// Sets the calibrated per-tensor scale of the input (takes effect at the next `prepare`).
+    pub(crate) fn set_input_scale(&mut self, scale: Option<f32>) {
+        self.input.scale = scale;
+    }
+
+    pub(crate) fn input_quant_mut(&mut self) -> &mut InputQuant {
+        &mut self.input
+    }
+
+    /// `x` as the product reads it (fake-quantized at a simulated level), for the composed decode head.
+    pub(crate) fn quantize_input<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        self.input.apply(x)
     }
 
     /// NCHW in and out, as transformers runs it (the decode head's reference forward): 1x1 convolutions with int8
@@ -278,7 +338,8 @@ impl Conv2d {
             let (b, c, h, wd) = x.dims4()?;
             let tokens = x.permute((0, 2, 3, 1))?.reshape((b * h * wd, c))?;
             let out = with_f32(&tokens, |xs| {
-                self.weight.apply(xs, b * h * wd, c, out_c, self.bias(), None)
+                self.weight
+                    .apply(&self.input.apply(xs), b * h * wd, c, out_c, self.bias(), None)
             })?;
             let y = Tensor::from_vec(out, (b, h, wd, out_c), &Device::Cpu)?;
             return Ok(y.permute((0, 3, 1, 2))?);
@@ -324,7 +385,9 @@ impl Conv2d {
             probe.observe_patches(x, shape)?;
         }
         let (out_h, out_w) = shape.out_size();
-        let out = self.weight.conv_tokens(x.data(), x.batch(), shape, self.bias())?;
+        let out = self
+            .weight
+            .conv_tokens(&self.input.apply(x.data()), x.batch(), shape, self.bias())?;
         Tokens::new(out, x.batch(), out_h, out_w, out_c)
     }
 
@@ -350,11 +413,11 @@ impl Conv2d {
     }
 
     pub fn params(&self) -> Vec<(&'static str, Param<'_>)> {
-        weight_and_bias(&self.weight, &self.shape, &self.bias)
+        weight_and_bias(&self.weight, &self.shape, &self.bias, &self.input)
     }
 
     pub(crate) fn params_mut(&mut self) -> Vec<(&'static str, ParamMut<'_>)> {
-        weight_and_bias_mut(&mut self.weight, &self.shape, &mut self.bias)
+        weight_and_bias_mut(&mut self.weight, &self.shape, &mut self.bias, &mut self.input)
     }
 }
 

@@ -557,6 +557,7 @@ fn from_store(config: &SegformerConfig, store: &mut TensorStore) -> Result<Segfo
                 ParamMut::Vector(values) => {
                     *values = store.take(name.as_str(), &[values.len()])?;
                 }
+                ParamMut::OptionalScalar(value) => *value = store.take_scale(name.as_str())?,
                 ParamMut::Unused => store.discard(name.as_str()),
             }
         }
@@ -584,25 +585,76 @@ pub struct QuantizeReport {
     pub fallbacks: Vec<crate::quant::Fallback>,
 }
 
+/// [`quantize`] for a level with static activations (`int8-static`, `w8a8-f8`, `w4a8`;
+/// [`crate::quant::Level::needs_calibration`]): the input scale of every Linear and dense convolution is set from
+/// `stats` (histograms captured on a calibration set, [`crate::quant::Level::stats_needs`]) by `calib` for the
+/// level's activation format, then the weights are quantized by `recipe` and the model prepared. `model` is not
+/// changed. Errors when the level has no static activations, or when a quantized layer has no statistics.
+pub fn quantize_static(
+    model: &Segformer,
+    recipe: &crate::quant::Recipe,
+    stats: &crate::quant::ModelStats,
+    calib: crate::quant::act::ActCalib,
+) -> Result<(Segformer, QuantizeReport)> {
+    let level = recipe.level;
+    if level.static_activations().is_none() {
+        return Err(Error::invalid(
+            format!("level {level}"),
+            format!("{level} has no static activation scales to calibrate (int8-static, w8a8-f8 and w4a8 have)"),
+        ));
+    }
+    quantize_calibrated(
+        model,
+        recipe,
+        Some(Calibrated {
+            stats,
+            act_calib: calib,
+        }),
+    )
+}
+
 /// Returns a copy of `model` whose Linear and Conv2d weights are quantized by `recipe` (the float model is not
 /// changed; weights are shared until replaced), prepared for the recipe's level. Layers run in parallel; each error
-/// names its weight.
+/// names its weight. A static level needs the model's input scales set first ([`quantize_static`]).
 pub fn quantize(model: &Segformer, recipe: &crate::quant::Recipe) -> Result<(Segformer, QuantizeReport)> {
     quantize_calibrated(model, recipe, None)
 }
 
-/// [`quantize`] with the calibration statistics of the float model's layer inputs (`calib::calibrate`), which
-/// the calibrated methods need: a layer without statistics (a depthwise convolution) falls back to a
-/// calibration-free method, listed in the report. Without statistics a calibrated recipe is an error.
+/// What calibration gives quantization: the statistics of the model's layer inputs (`calib::calibrate`) and how a
+/// static level's activation scales are chosen from them.
+#[derive(Debug, Clone, Copy)]
+pub struct Calibrated<'a> {
+    pub stats: &'a crate::quant::ModelStats,
+    pub act_calib: crate::quant::act::ActCalib,
+}
+
+/// [`quantize`] with calibration, which the calibrated methods and the static levels need: a layer without
+/// statistics (a depthwise convolution) falls back to a calibration-free method, listed in the report; a static
+/// level's input scales are set from the statistics. Without calibration such a recipe is an error.
 pub fn quantize_calibrated(
     model: &Segformer,
     recipe: &crate::quant::Recipe,
-    stats: Option<&crate::quant::ModelStats>,
+    calibrated: Option<Calibrated<'_>>,
 ) -> Result<(Segformer, QuantizeReport)> {
     use rayon::prelude::*;
 
     let start = Instant::now();
+    let stats = calibrated.map(|c| c.stats);
     let mut out = model.clone();
+    if let Some(format) = recipe.level.static_activations() {
+        let Some(c) = calibrated else {
+            return Err(Error::config(
+                recipe.label(),
+                format!(
+                    "{} fixes activation scales from calibration: pass calibration images (--calib DATASET; see \
+                     docs/quantization.md)",
+                    recipe.level
+                ),
+            ));
+        };
+        let set = out.set_activation_scales(c.stats, c.act_calib, format)?;
+        tracing::info!(level = %recipe.level, calib = %c.act_calib, layers = set, "static activation scales calibrated");
+    }
     if recipe.is_float_baseline() {
         let report = QuantizeReport {
             label: recipe.label(),

@@ -3,24 +3,37 @@
 //!
 //! - [`MatMul`]: a Linear or convolution weight *is* its kernel: float32 through the f32 GEMM, weight-only quantized
 //!   (dequantized per call into a short-lived buffer, so a quantized model keeps no float copy) through the same
-//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time.
+//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time
+//!   or with a calibrated per-tensor scale.
 //! - [`AttentionKernel`]: f32 or int8 attention products.
+//! - [`InputQuant`]: a layer input's calibrated per-tensor scale, and whether the input is fake-quantized before a
+//!   float product (the simulated levels).
 //! - [`Activations`]: what the level says about activations, from which the choices above follow.
 //!
-//! | level                     | Linear, dense conv (patch, `sr`, 1x1) | depthwise conv | attention | composed head |
-//! |---------------------------|----------------------------------------|----------------|-----------|---------------|
-//! | f32                       | `F32`                                  | f32            | f32       | f32           |
-//! | f16 .. int2 (weight-only) | `Dequant`                              | dequantized    | f32       | f32           |
-//! | int8-dyn                  | `W8A8` (symmetric per-channel int8)    | dequantized    | int8      | int8          |
+//! | level                     | Linear, dense conv (patch, `sr`, 1x1)   | depthwise conv | attention | composed head |
+//! |---------------------------|-----------------------------------------|----------------|-----------|---------------|
+//! | f32                       | `F32`                                   | f32            | f32       | f32           |
+//! | f16 .. int2 (weight-only) | `Dequant`                               | dequantized    | f32       | f32           |
+//! | int8-dyn                  | `W8A8` (symmetric per-channel int8)     | dequantized    | int8      | int8          |
+//! | int8-static               | `W8A8`, static input scale              | dequantized    | int8      | int8, static  |
+//! | w8a8-f8, w4a8 (simulated) | `Dequant`, input fake-quantized         | dequantized    | f32       | f32, fake-q   |
 //!
-//! Weights a recipe keeps in float (`--skip`) stay `F32` at every level.
+//! int8 activations are quantized per row at run time at `int8-dyn`. At `int8-static` the input of every Linear
+//! and dense convolution is quantized with the one scale calibration fixed for it ([`InputQuant`]); the composed
+//! head's stage `i` uses `linear_c.i.proj`'s scale (the same input), the classifier its own; the attention products
+//! stay per row at run time, as at `int8-dyn` (scores and probabilities are no layer's input). The simulated levels
+//! quantize and dequantize those same inputs (e4m3 for `w8a8-f8`, int8 for `w4a8`) before the float GEMM. Depthwise
+//! convolutions keep float inputs at every level.
+//!
+//! Weights a recipe keeps in float (`--skip`) stay `F32` at every level, with float inputs.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
 use crate::kernels::{self, ConvShape, I8Panels};
+use crate::quant::act::{AbsHistogram, ActFormat};
 use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta};
 use crate::{Error, Result};
 
@@ -31,14 +44,87 @@ pub enum Activations {
     F32,
     /// Activations quantized to int8 per row at run time (`int8-dyn`): int8 GEMMs and int8 attention.
     Int8Dynamic,
+    /// The inputs of Linear layers and dense convolutions quantized to int8 with per-tensor scales fixed by
+    /// calibration (`int8-static`): int8 GEMMs without an absmax pass; attention as `Int8Dynamic`.
+    Int8Static,
+    /// Simulated static quantization (`w8a8-f8`, `w4a8`): the same inputs quantized to the format with their
+    /// calibrated scales and dequantized, then the float GEMM.
+    Simulated(ActFormat),
 }
 
 impl Activations {
     pub fn of_level(level: Level) -> Activations {
-        if level.dynamic_activations() {
-            Activations::Int8Dynamic
-        } else {
-            Activations::F32
+        match (level.dynamic_activations(), level.static_activations()) {
+            (true, _) => Activations::Int8Dynamic,
+            (false, Some(_)) if level.int8_gemm() => Activations::Int8Static,
+            (false, Some(format)) => Activations::Simulated(format),
+            (false, None) => Activations::F32,
+        }
+    }
+
+    /// True when every quantized Linear and dense convolution needs a calibrated input scale.
+    pub fn needs_input_scales(self) -> bool {
+        matches!(self, Activations::Int8Static | Activations::Simulated(_))
+    }
+
+    /// What the int8 GEMM of a layer with calibrated input scale `scale` runs: `None` for no int8 GEMM (float
+    /// activations), `Some(None)` for activations quantized per row at run time, `Some(Some(s))` for scale `s`.
+    pub(crate) fn int8_gemm(self, scale: Option<f32>) -> Option<Option<f32>> {
+        match self {
+            Activations::Int8Dynamic => Some(None),
+            Activations::Int8Static => scale.map(Some),
+            Activations::F32 | Activations::Simulated(_) => None,
+        }
+    }
+}
+
+/// A layer input's static quantization: the per-tensor scale calibration gave it (saved in checkpoints as
+/// `<layer>.input_scale`, as optimum-quanto names it; `None` until calibrated, and for layers the levels keep in
+/// float such as depthwise convolutions), and at the simulated levels the format the input is quantized to and
+/// dequantized before the float product (decided by `Segformer::prepare`).
+#[derive(Debug, Clone, Default)]
+pub struct InputQuant {
+    pub(crate) scale: Option<f32>,
+    simulated: Option<ActFormat>,
+    /// While `Segformer::observe_input_histograms` runs: the histogram every input passing through is added to.
+    pub(crate) observer: Option<Arc<Mutex<AbsHistogram>>>,
+}
+
+impl InputQuant {
+    /// The calibrated per-tensor scale.
+    pub fn scale(&self) -> Option<f32> {
+        self.scale
+    }
+
+    /// The format the input is fake-quantized to before the product, at a simulated level.
+    pub fn simulated(&self) -> Option<ActFormat> {
+        self.simulated.filter(|_| self.scale.is_some())
+    }
+
+    /// Plans the input for `activations` for a layer whose weight is `weight`: simulated levels fake-quantize the
+    /// inputs of quantized weights (float ones, kept by `--skip`, keep float inputs as at every level).
+    pub(crate) fn plan(&mut self, activations: Activations, weight: &MatMul) {
+        self.simulated = match activations {
+            Activations::Simulated(format) if !matches!(weight, MatMul::F32(_)) => Some(format),
+            _ => None,
+        };
+    }
+
+    /// `x` as the layer's product reads it: borrowed as it is, or quantized and dequantized with the calibrated
+    /// scale at a simulated level.
+    pub fn apply<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        if let Some(observer) = &self.observer {
+            // A poisoned lock only means another observation panicked; the counts stay usable.
+            observer.lock().unwrap_or_else(|e| e.into_inner()).observe(x);
+        }
+        match (self.simulated(), self.scale) {
+            (Some(format), Some(scale)) => Cow::Owned(
+                x.par_iter()
+                    .with_min_len(4096)
+                    .map(|&v| format.fake_quant(v, scale))
+                    .collect(),
+            ),
+            _ => Cow::Borrowed(x),
         }
     }
 }
@@ -78,6 +164,8 @@ pub struct W8A8Weight {
     panels: I8Panels,
     meta: QuantTensorMeta,
     columns: Columns,
+    /// The calibrated per-tensor activation scale (`int8-static`); `None` quantizes activations per row at run time.
+    act_scale: Option<f32>,
 }
 
 impl W8A8Weight {
@@ -113,11 +201,17 @@ impl W8A8Weight {
             panels,
             meta: q.meta(),
             columns,
+            act_scale: None,
         })
     }
 
     pub fn panels(&self) -> &I8Panels {
         &self.panels
+    }
+
+    /// The static activation scale the GEMM quantizes inputs with; `None` for per-row scales at run time.
+    pub fn act_scale(&self) -> Option<f32> {
+        self.act_scale
     }
 
     pub fn columns(&self) -> Columns {
@@ -164,7 +258,8 @@ pub enum MatMul {
     F32(Arc<Vec<f32>>),
     /// Weight-only quantized: dequantized into a buffer that lives for the call, then the f32 GEMM.
     Dequant(Arc<QuantTensor>),
-    /// Level `int8-dyn`: int8 codes packed for [`kernels::gemm_i8_dynamic`], activations quantized per row.
+    /// Levels `int8-dyn` and `int8-static`: int8 codes packed for the int8 GEMM, activations quantized per row
+    /// ([`kernels::gemm_i8_dynamic`]) or with the weight's static activation scale ([`kernels::gemm_i8_static`]).
     W8A8(Arc<W8A8Weight>),
 }
 
@@ -180,15 +275,25 @@ impl MatMul {
         MatMul::F32(Arc::new(Vec::new()))
     }
 
-    /// This weight with the kernel for `int8`: `Some(columns)` packs a symmetric per-channel int8 weight for the
-    /// W8A8 GEMM in that column order; `None` (float activations, or a layer with no int8 kernel) keeps or returns
-    /// it to the float kernels. Other weights are returned as they are.
-    pub(crate) fn planned(self, int8: Option<Columns>) -> MatMul {
+    /// This weight with the kernel for `int8`: `Some((columns, act_scale))` packs a symmetric per-channel int8
+    /// weight for the W8A8 GEMM in that column order, with activations quantized per row at run time (`None`) or
+    /// by that static scale; `None` (float activations, or a layer with no int8 kernel) keeps or returns it to the
+    /// float kernels. Other weights are returned as they are.
+    pub(crate) fn planned(self, int8: Option<(Columns, Option<f32>)>) -> MatMul {
         match (self, int8) {
-            (MatMul::W8A8(p), Some(columns)) if p.columns == columns => MatMul::W8A8(p),
+            (MatMul::W8A8(p), Some((columns, act_scale))) if p.columns == columns => {
+                if p.act_scale == act_scale {
+                    MatMul::W8A8(p)
+                } else {
+                    MatMul::W8A8(Arc::new(W8A8Weight {
+                        act_scale,
+                        ..(*p).clone()
+                    }))
+                }
+            }
             (MatMul::W8A8(p), int8) => MatMul::Dequant(Arc::new(p.to_quant())).planned(int8),
-            (MatMul::Dequant(q), Some(columns)) => match W8A8Weight::pack(&q, columns) {
-                Some(p) => MatMul::W8A8(Arc::new(p)),
+            (MatMul::Dequant(q), Some((columns, act_scale))) => match W8A8Weight::pack(&q, columns) {
+                Some(p) => MatMul::W8A8(Arc::new(W8A8Weight { act_scale, ..p })),
                 None => MatMul::Dequant(q),
             },
             (weight, _) => weight,
@@ -283,9 +388,12 @@ impl MatMul {
                         p.columns
                     )));
                 }
-                // Patches quantized per row at run time, W8A8 GEMM.
+                // Patches quantized per row at run time, or with the static scale; W8A8 GEMM.
                 x.chunks_exact(image)
-                    .map(|image| kernels::conv2d_nhwc_i8(image, shape, &p.panels, bias))
+                    .map(|image| match p.act_scale {
+                        None => kernels::conv2d_nhwc_i8(image, shape, &p.panels, bias),
+                        Some(scale) => kernels::conv2d_nhwc_i8_static(image, shape, &p.panels, scale, bias),
+                    })
                     .collect::<Result<Vec<_>>>()?
             }
             other => {
@@ -335,7 +443,10 @@ impl ResolvedMatMul<'_> {
                     )));
                 }
                 let mut out = vec![0f32; rows * n];
-                kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?;
+                match p.act_scale {
+                    None => kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?,
+                    Some(scale) => kernels::gemm_i8_static(x, rows, k, &p.panels, scale, bias, &mut out)?,
+                }
                 if let Some(r) = residual {
                     if r.len() != out.len() {
                         return Err(Error::internal(format!(
@@ -366,16 +477,16 @@ pub enum Stored<'a> {
 pub enum AttentionKernel {
     /// [`kernels::attention`].
     F32,
-    /// [`kernels::attention_i8`]: both products in int8 with activations quantized at run time, like the level's
-    /// Linear layers.
+    /// [`kernels::attention_i8`]: both products in int8 with activations quantized at run time, like `int8-dyn`'s
+    /// Linear layers (at `int8-static` too: scores and probabilities have no layer input to calibrate).
     Int8,
 }
 
 impl AttentionKernel {
     pub fn for_activations(activations: Activations) -> AttentionKernel {
         match activations {
-            Activations::F32 => AttentionKernel::F32,
-            Activations::Int8Dynamic => AttentionKernel::Int8,
+            Activations::F32 | Activations::Simulated(_) => AttentionKernel::F32,
+            Activations::Int8Dynamic | Activations::Int8Static => AttentionKernel::Int8,
         }
     }
 
@@ -400,7 +511,7 @@ mod tests {
         assert!(W8A8Weight::pack(&q, Columns::Rows).is_some());
         q.col_scales = vec![0.5; cols];
         assert!(W8A8Weight::pack(&q, Columns::Rows).is_none());
-        let planned = MatMul::Dequant(Arc::new(q)).planned(Some(Columns::Rows));
+        let planned = MatMul::Dequant(Arc::new(q)).planned(Some((Columns::Rows, None)));
         assert!(matches!(planned, MatMul::Dequant(_)));
     }
 }

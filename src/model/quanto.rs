@@ -181,6 +181,10 @@ fn check_uniform_recipe(recipe: &Recipe) -> Result<()> {
         Level::Int8Dyn => "int8-dyn quantizes activations at run time per row, which quanto cannot express; use int8 \
                            (weights only)"
             .to_string(),
+        Level::Int8Static | Level::W8A8F8 | Level::W4A8 => format!(
+            "{level} quantizes activations with calibrated scales, which segq does not write in quanto's format yet; \
+             save it in segq's format (the scales are stored as `<layer>.input_scale`)"
+        ),
         _ if level.int_bits() == Some(8) && !recipe.is_symmetric() => {
             "quanto's qint8 is symmetric (drop the asymmetric option)".to_string()
         }
@@ -249,7 +253,9 @@ pub fn save_quanto(
                     }
                 },
                 Param::Vector(values) => stored.push((memory, Dtype::F32, vec![values.len()], f32_bytes(values))),
-                Param::Unused => {}
+                // Quantized modules get quanto's own `input_scale` of 1.0 above (activations "none"); static
+                // levels are refused by `check_recipe`.
+                Param::OptionalScalar(_) | Param::Unused => {}
             }
         }
         Ok(())

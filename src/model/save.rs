@@ -45,7 +45,15 @@ pub fn state_dict(model: &Segformer) -> Vec<(String, StateTensor<'_>)> {
                         values,
                     },
                 )),
-                Param::Unused => {}
+                // A calibrated input scale as a scalar (shape `[]`), as optimum-quanto stores `input_scale`.
+                Param::OptionalScalar(Some(value)) => out.push((
+                    name,
+                    StateTensor::Float {
+                        shape: Vec::new(),
+                        values: std::slice::from_ref(value),
+                    },
+                )),
+                Param::OptionalScalar(None) | Param::Unused => {}
             }
         }
         Ok(())

@@ -59,7 +59,8 @@ pub enum Format {
 }
 
 impl Format {
-    /// The storage format of a level's weights (`int8-dyn` stores int8 weights).
+    /// The storage format of a level's weights (`int8-dyn` and `int8-static` store int8 weights, `w8a8-f8` e4m3,
+    /// `w4a8` int4).
     pub fn of_level(level: Level) -> Format {
         match level {
             Level::F32 => Format::F32,
@@ -67,8 +68,9 @@ impl Format {
             Level::Bf16 => Format::Bf16,
             Level::F8E4m3 => Format::F8E4m3,
             Level::F8E5m2 => Format::F8E5m2,
-            Level::Int8 | Level::Int8Dyn => Format::Int8,
-            Level::Int4 => Format::Int4,
+            Level::Int8 | Level::Int8Dyn | Level::Int8Static => Format::Int8,
+            Level::W8A8F8 => Format::F8E4m3,
+            Level::Int4 | Level::W4A8 => Format::Int4,
             Level::Int2 => Format::Int2,
         }
     }

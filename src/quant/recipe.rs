@@ -30,9 +30,21 @@ pub enum Level {
     /// 8-bit integer weights and dynamic per-row int8 activation quantization at run time.
     #[serde(rename = "int8-dyn")]
     Int8Dyn,
+    /// W8A8 with static activations: symmetric per-channel int8 weights, and the input of every Linear and dense
+    /// convolution quantized to int8 with one per-tensor scale fixed by calibration (the int8 GEMM, no absmax pass).
+    #[serde(rename = "int8-static")]
+    Int8Static,
+    /// Simulated: float8 e4m3 weights per channel (as `f8`), activations quantized and dequantized to e4m3 with a
+    /// calibrated per-tensor scale before the float GEMM (no kernel: the accuracy is real, the speed is not).
+    #[serde(rename = "w8a8-f8")]
+    W8A8F8,
     /// 4-bit integer weights, two per byte.
     #[serde(rename = "int4")]
     Int4,
+    /// Simulated: int4 weights (groups of 64, as `int4`), activations quantized and dequantized to int8 with a
+    /// calibrated per-tensor scale before the float GEMM.
+    #[serde(rename = "w4a8")]
+    W4A8,
     /// 2-bit integer weights, four per byte.
     #[serde(rename = "int2")]
     Int2,
@@ -40,7 +52,7 @@ pub enum Level {
 
 impl Level {
     /// Every level, in the order reports list them.
-    pub const ALL: [Level; 9] = [
+    pub const ALL: [Level; 12] = [
         Level::F32,
         Level::F16,
         Level::Bf16,
@@ -48,7 +60,10 @@ impl Level {
         Level::F8E5m2,
         Level::Int8,
         Level::Int8Dyn,
+        Level::Int8Static,
+        Level::W8A8F8,
         Level::Int4,
+        Level::W4A8,
         Level::Int2,
     ];
 
@@ -62,6 +77,9 @@ impl Level {
             "f8e5m2" | "fp8e5m2" | "float8_e5m2" => Level::F8E5m2,
             "int8" | "i8" | "qint8" => Level::Int8,
             "int8-dyn" | "int8dyn" | "int8_dyn" => Level::Int8Dyn,
+            "int8-static" | "int8static" | "int8_static" => Level::Int8Static,
+            "w8a8-f8" | "w8a8f8" | "w8a8_f8" | "w8a8-fp8" => Level::W8A8F8,
+            "w4a8" | "w4a8-int8" => Level::W4A8,
             "int4" | "i4" | "qint4" => Level::Int4,
             "int2" | "i2" | "qint2" => Level::Int2,
             other => {
@@ -69,7 +87,7 @@ impl Level {
                     format!("quantization level '{other}'"),
                     format!(
                         "unknown quantization level '{other}': expected one of f32, f16, bf16, f8 (float8, fp8, \
-                         f8e4m3), f8e5m2, int8, int8-dyn, int4, int2"
+                         f8e4m3), f8e5m2, int8, int8-dyn, int8-static, w8a8-f8, int4, w4a8, int2"
                     ),
                 ));
             }
@@ -92,6 +110,9 @@ impl Level {
             Level::F8E5m2 => "f8e5m2",
             Level::Int8 => "int8",
             Level::Int8Dyn => "int8-dyn",
+            Level::Int8Static => "int8-static",
+            Level::W8A8F8 => "w8a8-f8",
+            Level::W4A8 => "w4a8",
             Level::Int4 => "int4",
             Level::Int2 => "int2",
         }
@@ -107,20 +128,62 @@ impl Level {
         self == Level::Int8Dyn
     }
 
+    /// The format of a static level's activations, quantized with per-tensor scales fixed by calibration
+    /// (`int8-static`, `w4a8`: int8; `w8a8-f8`: e4m3); `None` for every other level.
+    pub fn static_activations(self) -> Option<super::act::ActFormat> {
+        match self {
+            Level::Int8Static | Level::W4A8 => Some(super::act::ActFormat::Int8),
+            Level::W8A8F8 => Some(super::act::ActFormat::F8E4m3),
+            _ => None,
+        }
+    }
+
+    /// True for the levels that need calibration data before they can run: the static activation scales come from
+    /// histograms of every Linear and dense convolution input ([`Level::stats_needs`]).
+    pub fn needs_calibration(self) -> bool {
+        self.static_activations().is_some()
+    }
+
+    /// The layer-input statistics the level reads (histograms for the static levels; nothing otherwise). A
+    /// calibrated method's own needs come from [`Method::stats_needs`]; the capture takes their union.
+    pub fn stats_needs(self) -> super::stats::StatsNeeds {
+        super::stats::StatsNeeds {
+            hessian: false,
+            histogram: self.needs_calibration(),
+        }
+    }
+
+    /// True for the levels whose activation quantization is simulated (quantized then dequantized before a float
+    /// GEMM, `w8a8-f8` and `w4a8`): their accuracy is what the format gives, their speed is not a kernel's.
+    pub fn simulated_activations(self) -> bool {
+        matches!(self, Level::W8A8F8 | Level::W4A8)
+    }
+
+    /// True for the levels that run Linear layers and dense convolutions through the int8 GEMM, which needs
+    /// symmetric int8 weights with one scale per output channel (`int8-dyn`, `int8-static`).
+    pub fn int8_gemm(self) -> bool {
+        matches!(self, Level::Int8Dyn | Level::Int8Static)
+    }
+
+    /// True when the level quantizes activations in any way (run time, static or simulated).
+    pub fn quantizes_activations(self) -> bool {
+        self.dynamic_activations() || self.static_activations().is_some()
+    }
+
     /// Bits of an integer level's codes; `None` for float levels.
     pub fn int_bits(self) -> Option<u32> {
         match self {
-            Level::Int8 | Level::Int8Dyn => Some(8),
-            Level::Int4 => Some(4),
+            Level::Int8 | Level::Int8Dyn | Level::Int8Static => Some(8),
+            Level::Int4 | Level::W4A8 => Some(4),
             Level::Int2 => Some(2),
             _ => None,
         }
     }
 
-    /// Group size used when the recipe names none: 64 for int4, 32 for int2, per channel otherwise.
+    /// Group size used when the recipe names none: 64 for int4 (and w4a8), 32 for int2, per channel otherwise.
     pub fn default_group_size(self) -> Option<usize> {
         match self {
-            Level::Int4 => Some(64),
+            Level::Int4 | Level::W4A8 => Some(64),
             Level::Int2 => Some(32),
             _ => None,
         }
@@ -563,7 +626,7 @@ impl Recipe {
             Some(_) => {
                 // The W8A8 kernels multiply int8 activations by symmetric per-channel int8 codes; any other weight
                 // would fall back to dequantizing with float activations: weight-only int8 under the int8-dyn name.
-                if level.dynamic_activations() {
+                if level.int8_gemm() {
                     let why = if self.method == Method::Hqq {
                         Some("hqq weights are affine (they have a zero point)".to_string())
                     } else if self.method.scales_columns() {
@@ -581,9 +644,9 @@ impl Recipe {
                         return Err(Error::unsupported(
                             label,
                             format!(
-                                "int8-dyn multiplies int8 activations by symmetric int8 weights with one scale per \
-                                 output channel; {why}, so it would run weight-only: use int8-dyn with rtn and no \
-                                 group size, or int8 with {}",
+                                "{level} multiplies int8 activations by symmetric int8 weights with one scale per \
+                                 output channel; {why}, so it would run weight-only: use {level} with rtn or gptq \
+                                 and no group size, or int8 with {}",
                                 self.method
                             ),
                         ));
@@ -610,12 +673,15 @@ impl Recipe {
             let what = format!("rule {} (match = \"{}\")", i + 1, rule.pattern);
             glob::Pattern::new(&rule.pattern)
                 .map_err(|e| Error::config(what.clone(), format!("{what}: not a valid glob: {e}")))?;
-            // Activations are quantized model-wide (int8 attention, the composed head): a layer cannot opt in.
-            if rule.level.dynamic_activations() && !self.level.dynamic_activations() {
+            // Activations are quantized model-wide (int8 attention, the composed head, calibrated scales): a layer
+            // cannot opt in, nor switch to another activation scheme.
+            let activations = |l: Level| (l.dynamic_activations(), l.static_activations());
+            if rule.level.quantizes_activations() && activations(rule.level) != activations(self.level) {
+                let level = rule.level;
                 return Err(Error::unsupported(
                     what.clone(),
                     format!(
-                        "{what}: int8-dyn quantizes activations for the whole model; make int8-dyn the recipe's \
+                        "{what}: {level} quantizes activations for the whole model; make {level} the recipe's \
                          level and give the other layers rules"
                     ),
                 ));
@@ -825,7 +891,64 @@ mod tests {
         assert!(Level::F32.is_float_baseline() && !Level::F16.is_float_baseline());
         assert!(Level::Int8Dyn.dynamic_activations() && !Level::Int8.dynamic_activations());
         assert_eq!(Method::parse("HQQ").unwrap(), Method::Hqq);
-        assert!(Method::parse("smoothquant").unwrap_err().to_string().contains("'smoothquant'"));
+        assert_eq!(Method::parse("gptq").unwrap(), Method::Gptq);
+        assert!(Method::parse("gptq2").unwrap_err().to_string().contains("'gptq2'"));
+    }
+
+    #[test]
+    fn static_levels_need_calibration_and_refuse_what_their_kernels_cannot_run() {
+        use crate::quant::act::ActFormat;
+        assert_eq!(Level::parse("int8_static").unwrap(), Level::Int8Static);
+        assert_eq!(Level::parse("W8A8-FP8").unwrap(), Level::W8A8F8);
+        for (level, format, simulated) in [
+            (Level::Int8Static, ActFormat::Int8, false),
+            (Level::W8A8F8, ActFormat::F8E4m3, true),
+            (Level::W4A8, ActFormat::Int8, true),
+        ] {
+            assert_eq!(level.static_activations(), Some(format));
+            assert!(level.needs_calibration() && level.quantizes_activations());
+            assert_eq!(level.simulated_activations(), simulated);
+            let needs = level.stats_needs();
+            assert!(needs.histogram && !needs.hessian);
+        }
+        for level in [Level::F32, Level::Int8, Level::Int8Dyn, Level::Int4] {
+            assert!(!level.needs_calibration() && level.stats_needs() == Default::default());
+        }
+        assert_eq!(
+            crate::quant::Format::of_level(Level::W8A8F8),
+            crate::quant::Format::F8E4m3
+        );
+        assert_eq!(crate::quant::Format::of_level(Level::W4A8), crate::quant::Format::Int4);
+        let label = |level, method| Recipe::new(level, method, None, None, vec![]).unwrap().label();
+        assert_eq!(label(Level::Int8Static, Method::Rtn), "int8-static-rtn");
+        assert_eq!(label(Level::W4A8, Method::Hqq), "w4a8-hqq-g64");
+        assert_eq!(label(Level::W8A8F8, Method::Rtn), "w8a8-f8");
+        // int8-static runs the int8 GEMM: symmetric per-channel weights only, as int8-dyn.
+        for (method, g, sym, why) in [
+            (Method::Hqq, None, None, "hqq weights are affine"),
+            (Method::Awq, None, None, "scale per input column"),
+            (Method::Rtn, Some(64), None, "group size 64"),
+            (Method::Rtn, None, Some(false), "affine weights"),
+        ] {
+            let e = Recipe::new(Level::Int8Static, method, g, sym, vec![])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("int8-static multiplies int8 activations") && e.contains(why),
+                "{e}"
+            );
+        }
+        assert!(Recipe::new(Level::W8A8F8, Method::Hqq, None, None, vec![]).is_err());
+        // Activations are quantized model-wide: no rule switches a layer to another activation scheme.
+        let mixed = |level, rule| Recipe::level_default(level).with_rules([LayerRule::new("decode_head.*", rule)]);
+        assert!(mixed(Level::Int8Static, Level::Int4).is_ok());
+        for (level, rule) in [(Level::Int8, Level::Int8Static), (Level::Int8Static, Level::Int8Dyn)] {
+            let e = mixed(level, rule).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{rule} quantizes activations for the whole model")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

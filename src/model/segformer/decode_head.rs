@@ -8,11 +8,15 @@ use rayon::prelude::*;
 
 use super::super::config::{NORM_EPS, SegformerConfig};
 use super::super::layers::{BatchNorm2d, Conv2d, Linear};
-use super::super::plan::Activations;
+use super::super::plan::{Activations, InputQuant};
 use super::super::tokens::Tokens;
 use super::super::tree::node;
 use crate::kernels::{self, I8Panels};
 use crate::{Error, Result};
+
+/// The layer the composed head folds into its per-stage products: its input is never computed, so no level
+/// quantizes it and calibration has no statistics for it.
+pub(crate) const FOLDED_LAYER: &str = "decode_head.linear_fuse";
 
 /// `SegformerMLP`: one stage's projection to the decoder size.
 #[derive(Debug, Clone)]
@@ -57,6 +61,8 @@ node!(DecodeHead, |s, p| {
 #[derive(Debug, Clone)]
 pub struct ComposedHead {
     products: StageProducts,
+    /// Per stage, the static quantization of its input: `linear_c.i.proj`'s, whose input the product multiplies.
+    inputs: Vec<InputQuant>,
     /// `[D]`.
     bias: Vec<f32>,
 }
@@ -66,9 +72,10 @@ pub struct ComposedHead {
 enum StageProducts {
     /// Per stage, `(s F_i W_i)^T` as row-major `[C_i, D]` in f32, so tokens `[pixels, C_i]` multiply it directly.
     F32(Vec<Vec<f32>>),
-    /// Level `int8-dyn`: the same matrices quantized per output channel (symmetric int8) for the W8A8 GEMM, so the
-    /// head's products run in int8 like the rest of the level.
-    Int8(Vec<I8Panels>),
+    /// Levels `int8-dyn` and `int8-static`: the same matrices quantized per output channel (symmetric int8) for the
+    /// W8A8 GEMM, so the head's products run in int8 like the rest of the level; per stage, the static input scale
+    /// (`linear_c.i.proj`'s) or `None` for per-row scales at run time.
+    Int8(Vec<(I8Panels, Option<f32>)>),
 }
 
 impl DecodeHead {
@@ -114,28 +121,37 @@ impl DecodeHead {
                 bias = (bias + f_i.matmul(&b)?.flatten_all()?)?;
             }
         }
+        let inputs: Vec<InputQuant> = self.linear_c.iter().map(|l| l.proj.input_quant().clone()).collect();
         let products = match activations {
-            Activations::F32 => StageProducts::F32(
+            Activations::F32 | Activations::Simulated(_) => StageProducts::F32(
                 weights
                     .iter()
                     .map(|w| Ok(w.flatten_all()?.to_vec1::<f32>()?))
                     .collect::<Result<Vec<_>>>()?,
             ),
-            // Every stage matrix quantized per output channel and packed for the W8A8 GEMM.
-            Activations::Int8Dynamic => StageProducts::Int8(
+            // Every stage matrix quantized per output channel and packed for the W8A8 GEMM; at int8-static a stage's
+            // input is quantized with the scale calibrated on that same input, `linear_c.i.proj`'s (`prepare` made
+            // sure it has one when its weight is quantized; a float one keeps per-row scales).
+            Activations::Int8Dynamic | Activations::Int8Static => StageProducts::Int8(
                 weights
                     .iter()
-                    .map(|w| {
+                    .zip(&inputs)
+                    .map(|(w, input)| {
                         let (c, d) = w.dims2()?;
                         let rows = w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // [D, C_i]
                         let (codes, scales) = kernels::quantize_rows_i8(&rows, d, c)?;
-                        I8Panels::pack(&codes, &scales, d, c)
+                        let scale = match activations {
+                            Activations::Int8Static => input.scale(),
+                            _ => None,
+                        };
+                        Ok((I8Panels::pack(&codes, &scales, d, c)?, scale))
                     })
                     .collect::<Result<Vec<_>>>()?,
             ),
         };
         self.composed = Some(ComposedHead {
             products,
+            inputs,
             bias: bias.to_vec1::<f32>()?,
         });
         Ok(())
@@ -183,11 +199,17 @@ impl DecodeHead {
         for b in 0..batch {
             let mut low_maps = Vec::new();
             let mut full_res = Vec::new();
+            // Simulated levels: each stage's input fake-quantized as its `linear_c.i.proj` would quantize it.
+            let stage_inputs: Vec<std::borrow::Cow<'_, [f32]>> = features
+                .iter()
+                .zip(&composed.inputs)
+                .map(|(stage, input)| input.apply(stage.image(b)))
+                .collect();
             for (i, stage) in features.iter().enumerate() {
-                let (x, hw, c) = (stage.image(b), stage.height() * stage.width(), stage.channels());
+                let (x, hw, c) = (&stage_inputs[i][..], stage.height() * stage.width(), stage.channels());
                 let product = match &composed.products {
                     StageProducts::F32(weights) => StageProduct::F32(&weights[i]),
-                    StageProducts::Int8(panels) => StageProduct::Int8(&panels[i]),
+                    StageProducts::Int8(panels) => StageProduct::Int8(&panels[i].0, panels[i].1),
                 };
                 if (stage.height(), stage.width()) == (h0, w0) {
                     full_res.push((x, c, product));
@@ -195,9 +217,9 @@ impl DecodeHead {
                 }
                 let map = match product {
                     StageProduct::F32(w) => kernels::matmul(x, hw, c, w, d)?,
-                    StageProduct::Int8(p) => {
+                    StageProduct::Int8(p, scale) => {
                         let mut out = vec![0f32; hw * d];
-                        kernels::gemm_i8_dynamic(x, hw, c, p, None, &mut out)?;
+                        stage_gemm_i8(x, hw, c, p, scale, &mut out)?;
                         out
                     }
                 };
@@ -224,18 +246,19 @@ impl DecodeHead {
                         for &(tokens, c, stage) in &full_res {
                             let x = &tokens[y0 * w0 * c..(y0 * w0 + rows) * c];
                             match stage {
-                                StageProduct::Int8(p) => {
+                                StageProduct::Int8(p, scale) => {
                                     product.resize(rows * d, 0.0);
-                                    kernels::gemm_i8_dynamic(x, rows, c, p, None, product)?;
+                                    stage_gemm_i8(x, rows, c, p, scale, product)?;
                                     fused.iter_mut().zip(product.iter()).for_each(|(f, v)| *f += v);
                                 }
                                 StageProduct::F32(weight) => kernels::matmul_accumulate(x, rows, c, weight, d, fused)?,
                             }
                         }
                         fused.iter_mut().for_each(|v| *v = v.max(0.0));
+                        let fused = self.classifier.quantize_input(fused);
                         Ok((
                             y0 * w0,
-                            classifier.apply(fused, rows, d, labels, classifier_bias, None)?,
+                            classifier.apply(&fused, rows, d, labels, classifier_bias, None)?,
                         ))
                     },
                 )
@@ -283,5 +306,14 @@ impl DecodeHead {
 #[derive(Clone, Copy)]
 enum StageProduct<'a> {
     F32(&'a [f32]),
-    Int8(&'a I8Panels),
+    /// Int8 panels with the stage's static input scale (`None`: per row at run time).
+    Int8(&'a I8Panels, Option<f32>),
+}
+
+/// A stage's int8 product: with its static input scale when it has one, else per-row scales.
+fn stage_gemm_i8(x: &[f32], rows: usize, c: usize, p: &I8Panels, scale: Option<f32>, out: &mut [f32]) -> Result<()> {
+    match scale {
+        Some(s) => kernels::gemm_i8_static(x, rows, c, p, s, None, out),
+        None => kernels::gemm_i8_dynamic(x, rows, c, p, None, out),
+    }
 }
