@@ -51,6 +51,18 @@ pub struct SourceColumns {
     pub label_column: String,
 }
 
+/// Where calibration images are drawn from besides the request: the evaluated dataset's source (the default
+/// calibration source), how its files are addressed and read, the resize protocol, and the evaluated window to
+/// leave out.
+#[derive(Debug, Clone, Copy)]
+pub struct DrawFrom<'a> {
+    pub eval_source: &'a str,
+    pub columns: &'a SourceColumns,
+    pub loader_options: &'a LoaderOptions,
+    pub protocol: Protocol,
+    pub eval: Option<EvalWindow<'a>>,
+}
+
 /// The images being evaluated, which calibration must not use: the resolved dataset and its window of rows.
 #[derive(Debug, Clone, Copy)]
 pub struct EvalWindow<'a> {
@@ -352,34 +364,18 @@ pub fn needs_of(recipes: &[Recipe], smooth: Option<f32>) -> Option<StatsNeeds> {
 /// Calibrates for `recipes` ([`calibrate`] with their [`needs_of`]), then smooths the float model when `smooth` is
 /// set and an int8 level will use it, capturing the statistics again on the smoothed model for static levels.
 /// `None` when no recipe needs calibration.
-#[allow(clippy::too_many_arguments)]
 pub fn calibrate_for_recipes(
     loaded: &LoadedModel,
     recipes: &[Recipe],
     spec: &CalibSpec,
     act_calib: ActCalib,
     smooth: Option<f32>,
-    eval_source: &str,
-    columns: &SourceColumns,
-    loader_options: &LoaderOptions,
-    protocol: Protocol,
-    eval: Option<EvalWindow<'_>>,
+    from: &DrawFrom<'_>,
 ) -> Result<Option<CalibratedModels>> {
     let Some(needs) = needs_of(recipes, smooth) else {
         return Ok(None);
     };
-    let run = |model: ModelToCalibrate<'_>, needs| {
-        calibrate(
-            &model,
-            spec,
-            eval_source,
-            columns,
-            loader_options,
-            protocol,
-            eval,
-            needs,
-        )
-    };
+    let run = |model: ModelToCalibrate<'_>, needs| calibrate(&model, spec, from, needs);
     let mut calibration = run(loaded.into(), needs)?;
     calibration.info.act_calib = recipes.iter().any(|r| r.level.needs_calibration()).then_some(act_calib);
     let smoothed = match smooth {
@@ -430,13 +426,16 @@ impl<'a> From<&'a LoadedModel> for ModelToCalibrate<'a> {
 pub fn calibrate(
     loaded: &ModelToCalibrate<'_>,
     spec: &CalibSpec,
-    eval_source: &str,
-    columns: &SourceColumns,
-    loader_options: &LoaderOptions,
-    protocol: Protocol,
-    eval: Option<EvalWindow<'_>>,
+    from: &DrawFrom<'_>,
     needs: StatsNeeds,
 ) -> Result<Calibration> {
+    let DrawFrom {
+        eval_source,
+        columns,
+        loader_options,
+        protocol,
+        eval,
+    } = *from;
     let start = Instant::now();
     if spec.size == 0 {
         return Err(Error::config("quant.calib_size", "calibration needs at least 1 image"));
@@ -665,17 +664,16 @@ mod tests {
                 limit: Some(10),
             },
         };
+        let columns = columns();
         let run = |spec: &CalibSpec, window: Option<EvalWindow<'_>>| {
-            calibrate(
-                &(&loaded).into(),
-                spec,
-                "embedded",
-                &columns(),
-                &options,
-                Protocol::Transformers,
-                window,
-                needs(),
-            )
+            let from = DrawFrom {
+                eval_source: "embedded",
+                columns: &columns,
+                loader_options: &options,
+                protocol: Protocol::Transformers,
+                eval: window,
+            };
+            calibrate(&(&loaded).into(), spec, &from, needs())
         };
         let held_out = run(&spec(4, false), Some(window)).unwrap();
         assert_eq!(held_out.info.images, 2);
@@ -792,18 +790,17 @@ mod tests {
         std::fs::create_dir_all(dir.join("annotations/validation")).unwrap();
         let mut request = spec(4, false);
         request.source = None;
-        let err = calibrate(
-            &(&loaded).into(),
-            &request,
-            dir.to_str().unwrap(),
-            &columns(),
-            &LoaderOptions::default(),
-            Protocol::Transformers,
-            None,
-            needs(),
-        )
-        .unwrap_err()
-        .to_string();
+        let (columns, options) = (columns(), LoaderOptions::default());
+        let from = DrawFrom {
+            eval_source: dir.to_str().unwrap(),
+            columns: &columns,
+            loader_options: &options,
+            protocol: Protocol::Transformers,
+            eval: None,
+        };
+        let err = calibrate(&(&loaded).into(), &request, &from, needs())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--calib DATASET") && err.contains("'train'"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -659,17 +659,20 @@ pub fn calibrate_for(
         spec,
         selection: plan.loader.selection,
     });
+    let from = crate::calib::DrawFrom {
+        eval_source: &d.source,
+        columns: &columns,
+        loader_options,
+        protocol: plan.protocol,
+        eval: window,
+    };
     crate::calib::calibrate_for_recipes(
         loaded,
         recipes,
         &quant.calib_spec(),
         quant.act_calib,
         quant.smooth,
-        &d.source,
-        &columns,
-        loader_options,
-        plan.protocol,
-        window,
+        &from,
     )
 }
 

@@ -18,6 +18,9 @@ use crate::kernels::{self, ConvShape};
 use crate::quant::{LayerStats, StatsNeeds};
 use crate::{Error, Result};
 
+/// The probes of a model by layer path, as [`super::Segformer::with_probes`] installs them.
+pub type Probes = Vec<(String, std::sync::Arc<Probe>)>;
+
 /// Records one layer's inputs into its [`LayerStats`].
 #[derive(Debug)]
 pub struct Probe {
@@ -165,7 +168,7 @@ mod tests {
         let stats = probe.stats();
         assert_eq!(stats.rows, 16);
         // Column (ci=1, ky=1, kx=1) sees pixel (oy, ox) channel 1 for oy, ox < 3: values 2, 4, ..., 18.
-        let col = (1 * 2 + 1) * 2 + 1;
+        let col = (2 + 1) * 2 + 1;
         let expected: f64 = (0..9).map(|p| data[p * 2 + 1] as f64).sum();
         assert_eq!(stats.abs_sum[col], expected);
         // Column (ci=0, ky=0, kx=0) sees pixel (oy-1, ox-1) channel 0: rows with oy, ox >= 1.

@@ -298,7 +298,7 @@ impl Segformer {
     /// A copy of this model that records the inputs of every Linear and dense convolution while it runs, with the
     /// probes by layer path (see [`super::probe`]). The decode head runs in transformers' form, so its 1x1
     /// convolutions see their real inputs. Only for calibration: the copy is slower than the prepared model.
-    pub fn with_probes(&self, needs: StatsNeeds, row_cap: usize) -> Result<(Segformer, Vec<(String, Arc<Probe>)>)> {
+    pub fn with_probes(&self, needs: StatsNeeds, row_cap: usize) -> Result<(Segformer, super::probe::Probes)> {
         let mut copy = self.clone();
         let mut probes = Vec::new();
         copy.visit_mut(&Path::root(), &mut |path, leaf| {
@@ -581,8 +581,9 @@ mod tests {
             let e = model::quantize(&m, &Recipe::level_default(level))
                 .unwrap_err()
                 .to_string();
+            // Without calibration: one line saying what to pass.
             assert!(
-                e.contains("`segformer.encoder.patch_embeddings.0.proj` has no input activation scale"),
+                e.contains("fixes activation scales from calibration") && e.contains("--calib"),
                 "{level}: {e}"
             );
         }
