@@ -242,11 +242,11 @@ def calib_list(calib_images, path):
     return path
 
 
-def run_segq(segq, model_dir, images, timeout, extra, methods, calib_images):
+def run_segq(segq, model_dir, images, timeout, extra, methods, calib_images, levels="f8,int8,int4,int2"):
     """Returns (recipes, command string, None) or (None, command string, reason)."""
     with tempfile.TemporaryDirectory(prefix="segq-cmp-") as tmp:
         report = os.path.join(tmp, "error-report.json")
-        cmd = [segq, "quantize", "--model", model_dir, "--quant", "f8,int8,int4,int2", "--method", methods]
+        cmd = [segq, "quantize", "--model", model_dir, "--quant", levels, "--method", methods]
         calibrated = any(m in methods.split(",") for m in ("gptq", "awq", "awq+gptq"))
         if calibrated:
             listing = calib_list(calib_images, os.path.join(tmp, "calib.txt"))
@@ -443,6 +443,15 @@ def main():
                 segq_note = f"segq: not available ({why}); command: `{shown}`"
             else:
                 segq_note = f"segq command ({time.perf_counter() - t0:.1f} s): `{shown}`"
+                # int2 with groups of 64 (2.5 bits + column scales), to compare with quanto's int2 at equal or fewer
+                # bits per weight (quanto's groups of 128 spend 2.8).
+                more, shown2, why2 = run_segq(segq, model_dir, images, args.segq_timeout, extra + ["--group-size", "64"],
+                                              ",".join(m for m in methods if m != "rtn"), calib_images, "int2")
+                if why2:
+                    segq_note += f"; int2 g64: not available ({why2})"
+                else:
+                    recipes += more
+                    segq_note += f"; and `{shown2}`"
         else:
             segq_note = f"segq: not available ({segq_missing})"
         print(f"   {segq_note}", flush=True)
