@@ -646,8 +646,8 @@ pub fn quantize_calibrated(
             return Err(Error::config(
                 recipe.label(),
                 format!(
-                    "{} fixes activation scales from calibration: pass calibration images (--calib DATASET; see \
-                     docs/quantization.md)",
+                    "{} fixes activation scales from calibration: calibrate with `segq eval` or `segq quantize` \
+                     --calib DATASET (see docs/quantization.md)",
                     recipe.level
                 ),
             ));
@@ -673,7 +673,8 @@ pub fn quantize_calibrated(
         return Err(Error::config(
             recipe.label(),
             format!(
-                "{} needs calibration statistics: pass calibration images (--calib DATASET; see docs/quantization.md)",
+                "{} needs calibration statistics: calibrate with `segq eval` or `segq quantize` --calib DATASET (see \
+                 docs/quantization.md; `segq quantize --out DIR` saves a checkpoint any command loads)",
                 part.method
             ),
         ));
