@@ -598,7 +598,11 @@ pub fn calibrate(
     };
     if let Some(path) = &cache_file {
         match cache::write(path, &stats, &info) {
-            Ok(()) => tracing::debug!(cache = %path.display(), "calibration statistics saved"),
+            Ok(()) => tracing::info!(
+                "calibration statistics cached in {} ({:.0} MB; quant.calib_cache = false turns this off)",
+                path.display(),
+                std::fs::metadata(path).map_or(0.0, |m| m.len() as f64 / 1e6)
+            ),
             Err(e) => tracing::warn!("calibration statistics not cached: {e}"),
         }
     }
