@@ -157,7 +157,13 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
         let (m, report) = if recipe.level.needs_calibration() {
             let stats = match act_stats.take() {
                 Some(stats) => stats,
-                None => loaded.model.observe_input_histograms(std::slice::from_ref(&input))?,
+                None => {
+                    let needs = crate::quant::StatsNeeds {
+                        hessian: false,
+                        histogram: true,
+                    };
+                    crate::model::probe::capture(&loaded.model, needs, usize::MAX, [Ok(input.clone())])?
+                }
             };
             let quantized = model::quantize_static(&loaded.model, recipe, &stats, BENCH_ACT_CALIB);
             act_stats = Some(stats);

@@ -140,10 +140,6 @@ impl Linear {
         self.input.scale = scale;
     }
 
-    pub(crate) fn input_quant_mut(&mut self) -> &mut InputQuant {
-        &mut self.input
-    }
-
     /// Sets the kernel for `activations` (int8 activations: the W8A8 GEMM for a symmetric per-channel int8 weight,
     /// with the calibrated input scale at `int8-static`; simulated levels fake-quantize the input).
     pub(crate) fn plan(&mut self, activations: Activations) {
@@ -310,10 +306,6 @@ impl Conv2d {
     /// Sets the calibrated per-tensor scale of the input (takes effect at the next `prepare`).
     pub(crate) fn set_input_scale(&mut self, scale: Option<f32>) {
         self.input.scale = scale;
-    }
-
-    pub(crate) fn input_quant_mut(&mut self) -> &mut InputQuant {
-        &mut self.input
     }
 
     /// `x` as the product reads it (fake-quantized at a simulated level), for the composed decode head.

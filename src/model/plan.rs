@@ -28,12 +28,12 @@
 //! Weights a recipe keeps in float (`--skip`) stay `F32` at every level, with float inputs.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::kernels::{self, ConvShape, I8Panels};
-use crate::quant::act::{AbsHistogram, ActFormat};
+use crate::quant::act::ActFormat;
 use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta};
 use crate::{Error, Result};
 
@@ -86,8 +86,6 @@ impl Activations {
 pub struct InputQuant {
     pub(crate) scale: Option<f32>,
     simulated: Option<ActFormat>,
-    /// While `Segformer::observe_input_histograms` runs: the histogram every input passing through is added to.
-    pub(crate) observer: Option<Arc<Mutex<AbsHistogram>>>,
 }
 
 impl InputQuant {
@@ -113,10 +111,6 @@ impl InputQuant {
     /// `x` as the layer's product reads it: borrowed as it is, or quantized and dequantized with the calibrated
     /// scale at a simulated level.
     pub fn apply<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
-        if let Some(observer) = &self.observer {
-            // A poisoned lock only means another observation panicked; the counts stay usable.
-            observer.lock().unwrap_or_else(|e| e.into_inner()).observe(x);
-        }
         match (self.simulated(), self.scale) {
             (Some(format), Some(scale)) => Cow::Owned(
                 x.par_iter()

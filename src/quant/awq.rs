@@ -192,25 +192,11 @@ pub fn output_error(w: &[f32], approx: &[f32], cols: usize, hessian: &[f64]) -> 
                 .chunks_exact(cols)
                 .zip(&d)
                 .filter(|(_, di)| **di != 0.0)
-                .map(|(h_row, di)| di * dot(h_row, &d))
+                .map(|(h_row, di)| di * gptq::dot(h_row, &d))
                 .sum()
         })
         .collect();
     per_row.iter().sum()
-}
-
-/// `a . b` with four running sums, so that the compiler can keep them in one SIMD register (a single sum is a
-/// chain of dependent additions). The search evaluates `rows * cols^2` of these products per candidate.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut sums = [0f64; 4];
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = a4.remainder().iter().zip(b4.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a4.zip(b4) {
-        for ((s, x), y) in sums.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    (sums[0] + sums[1]) + (sums[2] + sums[3]) + tail
 }
 
 /// One weight with its checked statistics.

@@ -484,8 +484,9 @@ fn cholesky_lower(a: &mut [f64], n: usize) -> std::result::Result<(), usize> {
     Ok(())
 }
 
-/// Dot product with four partial sums (lets the compiler vectorise it).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+/// Dot product with four partial sums (lets the compiler vectorise it; a single sum is a chain of dependent
+/// additions). AWQ's output-error search uses it too.
+pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();

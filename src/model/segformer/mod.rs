@@ -148,6 +148,10 @@ impl Segformer {
     pub fn set_activation_scales(&mut self, stats: &ModelStats, calib: ActCalib, format: ActFormat) -> Result<usize> {
         let mut set = 0;
         self.visit_mut(&Path::root(), &mut |path, leaf| {
+            // `linear_fuse` is folded into the composed head's products: its input never exists at run time.
+            if path.as_str() == decode_head::FOLDED_LAYER {
+                return Ok(());
+            }
             let Some(layer_stats) = stats.get(path.as_str()) else {
                 return Ok(());
             };
@@ -183,54 +187,6 @@ impl Segformer {
         })?;
         tracing::debug!(calib = %calib, format = format.name(), layers = set, "activation scales set");
         Ok(set)
-    }
-
-    /// Histograms of `|x|` of every Linear and dense convolution input over forward passes of the float model on
-    /// `pixels` (each `[B, 3, H, W]`), keyed by layer path, as [`Segformer::set_activation_scales`] reads them.
-    /// For `segq bench` and tests, which need static scales without a calibration set: it records histograms only
-    /// (no Hessian or per-column sums), and a convolution's histogram is of its input map rather than its im2col
-    /// patches (the same values, without the repeats and padding zeros, so the same max).
-    pub fn observe_input_histograms(&self, pixels: &[Tensor]) -> Result<ModelStats> {
-        use std::sync::{Arc, Mutex};
-        let mut observed = self.clone();
-        let mut observers: Vec<(String, usize, Arc<Mutex<crate::quant::act::AbsHistogram>>)> = Vec::new();
-        observed.visit_mut(&Path::root(), &mut |path, leaf| {
-            let (input, cols) = match leaf {
-                LeafMut::Linear(l) => {
-                    let cols = l.shape()[1];
-                    (l.input_quant_mut(), cols)
-                }
-                LeafMut::Conv2d(c) if c.is_dense() && path.as_str() != decode_head::FOLDED_LAYER => {
-                    let cols = c.shape()[1..].iter().product();
-                    (c.input_quant_mut(), cols)
-                }
-                _ => return Ok(()),
-            };
-            let observer = Arc::new(Mutex::new(crate::quant::act::AbsHistogram::new()));
-            input.observer = Some(observer.clone());
-            observers.push((path.to_string(), cols, observer));
-            Ok(())
-        })?;
-        // Float kernels, and a composed head that carries the stage observers.
-        observed.prepare(Level::F32)?;
-        for batch in pixels {
-            observed.forward(batch)?;
-        }
-        drop(observed);
-        let needs = crate::quant::StatsNeeds {
-            hessian: false,
-            histogram: true,
-        };
-        Ok(observers
-            .into_iter()
-            .map(|(path, cols, observer)| {
-                let histogram = observer.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let mut stats = crate::quant::LayerStats::new(cols, needs);
-                stats.rows = histogram.count / cols.max(1) as u64;
-                stats.histogram = Some(histogram);
-                (path, stats)
-            })
-            .collect())
     }
 
     /// Every layer's calibrated input activation scale, by layer path (layers without one are left out).
@@ -476,7 +432,12 @@ mod tests {
 
     /// Histograms of the fixture's layer inputs on two synthetic images other than the ones the tests evaluate.
     fn calibration_stats(m: &Segformer) -> crate::quant::ModelStats {
-        m.observe_input_histograms(&[pixels(48, 56), pixels(40, 64)]).unwrap()
+        let needs = crate::quant::StatsNeeds {
+            hessian: false,
+            histogram: true,
+        };
+        let batches = [pixels(48, 56), pixels(40, 64)].map(Ok);
+        crate::model::probe::capture(m, needs, usize::MAX, batches).unwrap()
     }
 
     #[test]
@@ -509,7 +470,8 @@ mod tests {
             eprintln!("{layer}: max {:.3}, {}", h.max, t.join(", "));
         }
         assert!(!stats.contains_key("segformer.encoder.block.0.0.mlp.dwconv.dwconv"));
-        assert!(!stats.contains_key(decode_head::FOLDED_LAYER));
+        // `linear_fuse` is recorded (GPTQ needs it) but gets no scale: its input is folded away at run time.
+        assert!(stats.contains_key(decode_head::FOLDED_LAYER));
         // The classifier reads the ReLU output: non-negative, so its histogram is of the values themselves.
         assert!(stats.keys().all(|k| !k.contains("layer_norm")));
     }
