@@ -75,12 +75,29 @@ pub fn quantize(
 }
 
 /// HQQ's generalised soft-thresholding: `sign(x) * max(|x| - |x|^(p-1) / beta, 0)`.
-fn shrink_lp(x: f32, beta: f32, p: f32) -> f32 {
+///
+/// `zero_below` is [`shrink_lp_zero_below`]`(beta, p)`: residuals under it shrink to zero, and `powf` (most of a
+/// proximal step's cost) is skipped for them; the result is the same as without the test.
+fn shrink_lp(x: f32, beta: f32, p: f32, zero_below: f32) -> f32 {
     let a = x.abs();
     if a == 0.0 {
         return 0.0;
     }
+    if a < zero_below {
+        return x.signum() * 0.0;
+    }
     x.signum() * (a - a.powf(p - 1.0) / beta).max(0.0)
+}
+
+/// A magnitude under which [`shrink_lp`] is zero for every residual: `|x| - |x|^(p-1) / beta <= 0` exactly when
+/// `|x|^(2-p) <= 1 / beta`, for `p < 2`. The bound keeps a 1e-3 relative margin, far above the rounding of `powf`
+/// and the division, so the skipped evaluations would have given zero too. 0 (never skip) for `p >= 2`.
+fn shrink_lp_zero_below(beta: f32, p: f32) -> f32 {
+    if p < 2.0 && beta > 0.0 {
+        (1.0 / beta as f64).powf(1.0 / (2.0 - p as f64)) as f32 * 0.999
+    } else {
+        0.0
+    }
 }
 
 /// Finds `(scale, zero)` for one group of `bits`-bit affine codes (see the module documentation).
@@ -121,11 +138,12 @@ fn proximal_zero(w: &[f32], bits: u32, s: f32, z0: f32, options: &HqqOptions) ->
     for _ in 0..options.iters {
         // One pass scores the current zero point and accumulates the next one.
         let (mut sum, mut err) = (0f64, 0f64);
+        let zero_below = shrink_lp_zero_below(beta, options.lp_norm);
         for &x in w {
             let q = affine_code(x, s, z, qmax);
             let residual = x - (q - z) * s;
             err += (residual as f64) * (residual as f64);
-            let e = shrink_lp(residual, beta, options.lp_norm);
+            let e = shrink_lp(residual, beta, options.lp_norm, zero_below);
             sum += (q - (x - e) / s) as f64;
         }
         if err < best.1 {
@@ -256,7 +274,7 @@ mod tests {
                             .iter()
                             .enumerate()
                             .map(|(k, &x)| {
-                                let e = shrink_lp(x - deq[gi * group_size + k], beta, 0.7);
+                                let e = shrink_lp(x - deq[gi * group_size + k], beta, 0.7, 0.0);
                                 q[gi][k] * s - (x - e)
                             })
                             .sum();
@@ -337,11 +355,34 @@ mod tests {
 
     #[test]
     fn shrink_operator_matches_its_definition() {
-        assert_eq!(shrink_lp(0.0, 10.0, 0.7), 0.0);
+        let t = shrink_lp_zero_below(10.0, 0.7);
+        assert_eq!(shrink_lp(0.0, 10.0, 0.7, t), 0.0);
         let x = 0.5f32;
-        assert!((shrink_lp(x, 10.0, 0.7) - (x - x.powf(-0.3) / 10.0)).abs() < 1e-7);
-        assert_eq!(shrink_lp(-0.01, 10.0, 0.7), 0.0, "small errors are zeroed");
-        assert!(shrink_lp(-2.0, 10.0, 0.7) < -1.8);
+        assert!((shrink_lp(x, 10.0, 0.7, t) - (x - x.powf(-0.3) / 10.0)).abs() < 1e-7);
+        assert_eq!(shrink_lp(-0.01, 10.0, 0.7, t), 0.0, "small errors are zeroed");
+        assert!(shrink_lp(-2.0, 10.0, 0.7, t) < -1.8);
+    }
+
+    #[test]
+    fn skipping_powf_below_the_bound_changes_no_bit() {
+        // Around the bound and far from it, for the betas a proximal run visits: bit-identical to evaluating powf.
+        for p in [0.5f32, 0.7, 1.0, 1.5] {
+            let mut beta = 10.0f32;
+            for _ in 0..60 {
+                let t = shrink_lp_zero_below(beta, p);
+                assert!(t > 0.0);
+                for i in 0..4000 {
+                    let a = t * (0.5 + i as f32 / 2000.0);
+                    for x in [a, -a, a * 1e-3, -a * 1e-6, f32::MIN_POSITIVE] {
+                        let skipped = shrink_lp(x, beta, p, t);
+                        let full = shrink_lp(x, beta, p, 0.0);
+                        assert_eq!(skipped.to_bits(), full.to_bits(), "x {x} beta {beta} p {p}");
+                    }
+                }
+                beta *= 1.01;
+            }
+        }
+        assert_eq!(shrink_lp_zero_below(10.0, 2.0), 0.0, "p = 2 never skips");
     }
 
     /// Prints the level x method error table of docs/quantization.md (run with `--nocapture`), and checks that more
