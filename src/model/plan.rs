@@ -3,8 +3,8 @@
 //!
 //! - [`MatMul`]: a Linear or convolution weight *is* its kernel: float32 through the f32 GEMM, weight-only quantized
 //!   (dequantized per call into a short-lived buffer, so a quantized model keeps no float copy) through the same
-//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time
-//!   or with a calibrated per-tensor scale.
+//!   GEMM, or int8 codes (int4 codes unpacked to int8 at `int4-dyn`) packed for the W8A8 GEMM ([`W8A8Weight`]),
+//!   which quantizes activations per row at run time or with a calibrated per-tensor scale.
 //! - [`AttentionKernel`]: f32 or int8 attention products.
 //! - [`InputQuant`]: a layer input's calibrated per-tensor scale, and whether the input is fake-quantized before a
 //!   float product (the simulated levels).
@@ -15,10 +15,11 @@
 //! | f32                       | `F32`                                   | f32            | f32       | f32           |
 //! | f16 .. int2 (weight-only) | `Dequant`                               | dequantized    | f32       | f32           |
 //! | int8-dyn                  | `W8A8` (symmetric per-channel int8)     | dequantized    | int8      | int8          |
+//! | int4-dyn                  | `W8A8` (int4 codes unpacked to int8)    | dequantized    | int8      | int8          |
 //! | int8-static               | `W8A8`, static input scale              | dequantized    | int8      | int8, static  |
 //! | w8a8-f8, w4a8 (simulated) | `Dequant`, input fake-quantized         | dequantized    | f32       | f32, fake-q   |
 //!
-//! int8 activations are quantized per row at run time at `int8-dyn`. At `int8-static` the input of every Linear
+//! int8 activations are quantized per row at run time at `int8-dyn` and `int4-dyn`. At `int8-static` the input of every Linear
 //! and dense convolution is quantized with the one scale calibration fixed for it ([`InputQuant`]); the composed
 //! head's stage `i` uses `linear_c.i.proj`'s scale (the same input), the classifier its own; the attention products
 //! stay per row at run time, as at `int8-dyn` (scores and probabilities are no layer's input). The simulated levels
@@ -34,7 +35,7 @@ use rayon::prelude::*;
 
 use crate::kernels::{self, ConvShape, I8Panels};
 use crate::quant::act::ActFormat;
-use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta};
+use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta, int};
 use crate::{Error, Result};
 
 /// What a level does with activations; every kernel choice follows from it.
@@ -150,9 +151,10 @@ fn patch_column(c: usize, kernel: usize, in_channels: usize) -> usize {
     (ky * kernel + kx) * in_channels + ci
 }
 
-/// A symmetric per-channel int8 weight as the W8A8 GEMM reads it: the codes in [`I8Panels`] (same bytes as the
-/// codes), the stored tensor's metadata, and the column order. The [`QuantTensor`] is rebuilt from it when the model
-/// is saved, so a checkpoint holds exactly the codes it was packed from.
+/// A symmetric per-channel int8 or int4 weight as the W8A8 GEMM reads it: the codes in [`I8Panels`] (int8 codes as
+/// they are, int4 codes sign-extended to int8 once, when the plan packs them), the stored tensor's metadata, and the
+/// column order. The [`QuantTensor`] is rebuilt from it when the model is saved (int4 codes packed two per byte
+/// again), so a checkpoint holds exactly the codes it was packed from.
 #[derive(Debug, Clone)]
 pub struct W8A8Weight {
     panels: I8Panels,
@@ -163,11 +165,11 @@ pub struct W8A8Weight {
 }
 
 impl W8A8Weight {
-    /// Packs `q` when it is int8, symmetric and per channel (one scale per output row) with codes in [-127, 127];
-    /// otherwise `None` and the weight stays on the dequantize path. A weight with column scales (AWQ) stays there
-    /// too: the int8 GEMM has no per-input-column multiplier.
+    /// Packs `q` when it is int8 or int4 (`int4-dyn`), symmetric and per channel (one scale per output row), with
+    /// int8 codes in [-127, 127] (every int4 code fits); otherwise `None` and the weight stays on the dequantize
+    /// path. A weight with column scales (AWQ) stays there too: the int8 GEMM has no per-input-column multiplier.
     pub fn pack(q: &QuantTensor, columns: Columns) -> Option<W8A8Weight> {
-        if q.format != Format::Int8
+        if !matches!(q.format, Format::Int8 | Format::Int4)
             || !q.symmetric
             || q.group_size < q.cols
             || q.scales.len() != q.rows
@@ -175,8 +177,12 @@ impl W8A8Weight {
         {
             return None;
         }
+        let stored: Cow<'_, [i8]> = match q.format {
+            Format::Int4 => Cow::Owned(unpack_int4_codes(&q.data, q.rows, q.cols)?),
+            _ => Cow::Owned(q.data.iter().map(|&b| b as i8).collect()),
+        };
         let codes: Vec<i8> = match columns {
-            Columns::Rows => q.data.iter().map(|&b| b as i8).collect(),
+            Columns::Rows => stored.into_owned(),
             Columns::Patch { kernel, in_channels } => {
                 if q.cols != kernel * kernel * in_channels {
                     return None;
@@ -184,7 +190,7 @@ impl W8A8Weight {
                 let mut codes = vec![0i8; q.rows * q.cols];
                 for r in 0..q.rows {
                     for c in 0..q.cols {
-                        codes[r * q.cols + columns.of(c)] = q.data[r * q.cols + c] as i8;
+                        codes[r * q.cols + columns.of(c)] = stored[r * q.cols + c];
                     }
                 }
                 codes
@@ -212,12 +218,16 @@ impl W8A8Weight {
         self.columns
     }
 
-    /// The stored form of the weight (row-major codes, per-row scales), identical to the one it was packed from.
+    /// The stored form of the weight (row-major codes, packed two per byte for int4, and per-row scales),
+    /// identical to the one it was packed from.
     pub fn to_quant(&self) -> QuantTensor {
         let (rows, cols) = (self.meta.rows, self.meta.cols);
         let mut data = Vec::with_capacity(rows * cols);
         for r in 0..rows {
             data.extend((0..cols).map(|c| self.panels.code(r, self.columns.of(c)) as u8));
+        }
+        if self.meta.format == Format::Int4 {
+            data = int::pack(&data, rows, cols, 4);
         }
         QuantTensor {
             format: self.meta.format,
@@ -243,6 +253,24 @@ impl W8A8Weight {
         }
         out
     }
+}
+
+/// Row-major packed int4 codes (two per byte, low nibble first, each row starting on a byte) sign-extended to one
+/// int8 code per weight; `None` when `packed` is not `rows` rows of `cols` codes.
+fn unpack_int4_codes(packed: &[u8], rows: usize, cols: usize) -> Option<Vec<i8>> {
+    let rb = int::row_bytes(cols, 4);
+    if packed.len() != rows * rb {
+        return None;
+    }
+    let mut codes = Vec::with_capacity(rows * cols);
+    for row in packed.chunks_exact(rb.max(1)).take(rows) {
+        codes.extend(
+            row.iter()
+                .flat_map(|&b| [int::sign_extend(b & 0x0f, 4), int::sign_extend(b >> 4, 4)])
+                .take(cols),
+        );
+    }
+    (codes.len() == rows * cols).then_some(codes)
 }
 
 /// A Linear or convolution weight together with the kernel that multiplies by it.
@@ -308,15 +336,22 @@ impl MatMul {
         match self {
             MatMul::F32(_) => "f32".into(),
             MatMul::Dequant(q) => q.format_name(),
-            // Packing requires symmetric per-channel int8, so the name follows from the format alone.
+            // Packing requires symmetric per-channel int8 or int4, so the name follows from the format alone.
             MatMul::W8A8(p) => format!("{}-sym-packed", p.meta.format.name()),
         }
     }
 
+    /// Bits per weight: as stored for float and weight-only weights; as held in memory for int8 W8A8 weights
+    /// (codes, f32 scales and the GEMM's column sums), and as stored for int4 ones (`int4-dyn`'s point is the
+    /// 4-bit checkpoint; in memory its codes take a byte each, as [`MatMul::bytes`] says).
     pub fn bits_per_weight(&self) -> f64 {
         match self {
             MatMul::F32(_) => 32.0,
             MatMul::Dequant(q) => q.bits_per_weight(),
+            MatMul::W8A8(p) if p.meta.format == Format::Int4 => {
+                let stored = int::row_bytes(p.meta.cols, 4) * p.meta.rows + p.meta.rows * p.meta.param_dtype.bytes();
+                stored as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64
+            }
             MatMul::W8A8(p) => p.panels.nbytes() as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64,
         }
     }
@@ -496,6 +531,78 @@ impl AttentionKernel {
 mod tests {
     use super::*;
     use crate::quant::{Level, Recipe, quantize_weight};
+
+    /// Scalar reference of the int4 unpacking: each stored code read with [`int::unpack`] and sign-extended.
+    fn int4_codes_scalar(q: &QuantTensor) -> Vec<i8> {
+        int::unpack(&q.data, q.rows, q.cols, 4)
+            .into_iter()
+            .map(|c| int::sign_extend(c, 4))
+            .collect()
+    }
+
+    #[test]
+    fn int4_dyn_layers_run_the_int8_gemm_on_their_unpacked_codes() {
+        // Odd columns (a half-used last byte per row), rows not a multiple of the GEMM's panel width.
+        for (rows, cols, m) in [(13, 37, 5), (8, 64, 3), (1, 1, 1), (33, 147, 17)] {
+            let w = crate::quant::testing::trained_like(rows, cols, 7 + cols as u64);
+            let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Int4Dyn)).unwrap();
+            assert_eq!((q.format, q.symmetric, q.group_size), (Format::Int4, true, cols));
+            assert_eq!(q.data.len(), rows * cols.div_ceil(2), "two codes per byte");
+            let codes = int4_codes_scalar(&q);
+            assert!(codes.iter().all(|c| (-7..=7).contains(c)), "symmetric int4 codes");
+            let planned = MatMul::Dequant(Arc::new(q.clone())).planned(Some((Columns::Rows, None)));
+            let MatMul::W8A8(packed) = &planned else {
+                panic!("int4-dyn weight {rows}x{cols} not packed for the int8 GEMM");
+            };
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(packed.panels().code(r, c), codes[r * cols + c], "code ({r}, {c})");
+                }
+            }
+            let reference = I8Panels::pack(&codes, &q.scales, rows, cols).unwrap();
+            let x = crate::kernels::test_util::random_vec(m * cols, 3, 1.0);
+            let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.01).collect();
+            let got = planned.apply(&x, m, cols, rows, Some(&bias), None).unwrap();
+            let mut want = vec![0f32; m * rows];
+            kernels::gemm_i8_dynamic(&x, m, cols, &reference, Some(&bias), &mut want).unwrap();
+            assert_eq!(got, want, "{rows}x{cols}: the same GEMM on the same codes");
+            let mut scalar = vec![0f32; m * rows];
+            kernels::gemm_i8_dynamic_scalar(&x, m, cols, &reference, Some(&bias), &mut scalar).unwrap();
+            for (i, (a, b)) in got.iter().zip(&scalar).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-6), "[{i}] {a} vs scalar {b}");
+            }
+            // Saved back exactly as quantized; 4 bits per code plus one f16 scale per row.
+            let Stored::Quantized(stored) = planned.stored() else {
+                panic!("int4-dyn weight stored as float");
+            };
+            assert_eq!(stored.as_ref(), &q);
+            assert_eq!(planned.format_name(), "int4-sym-packed");
+            let stored_bits = (rows * cols.div_ceil(2) + 2 * rows) as f64 * 8.0 / (rows * cols) as f64;
+            assert_eq!(planned.bits_per_weight(), stored_bits);
+            assert_eq!(planned.values().as_ref(), q.dequantize().as_slice());
+        }
+    }
+
+    #[test]
+    fn int4_dyn_convolutions_pack_in_patch_order() {
+        // A 3x3 convolution with 5 input channels: 45 columns, permuted to the channels-last patch order.
+        let (rows, kernel, in_channels) = (6, 3, 5);
+        let cols = kernel * kernel * in_channels;
+        let w = crate::quant::testing::trained_like(rows, cols, 21);
+        let q = quantize_weight("c", &w, rows, cols, &Recipe::level_default(Level::Int4Dyn)).unwrap();
+        let columns = Columns::Patch { kernel, in_channels };
+        let packed = W8A8Weight::pack(&q, columns).unwrap();
+        let codes = int4_codes_scalar(&q);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(packed.panels().code(r, columns.of(c)), codes[r * cols + c]);
+            }
+        }
+        assert_eq!(packed.to_quant(), q);
+        // Grouped or affine int4 stays weight-only.
+        let grouped = quantize_weight("c", &w, rows, cols, &Recipe::level_default(Level::Int4)).unwrap();
+        assert!(W8A8Weight::pack(&grouped, columns).is_none());
+    }
 
     #[test]
     fn weights_with_column_scales_stay_off_the_int8_gemm() {

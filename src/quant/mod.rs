@@ -60,7 +60,7 @@ pub enum Format {
 
 impl Format {
     /// The storage format of a level's weights (`int8-dyn` and `int8-static` store int8 weights, `w8a8-f8` e4m3,
-    /// `w4a8` int4).
+    /// `w4a8` and `int4-dyn` int4).
     pub fn of_level(level: Level) -> Format {
         match level {
             Level::F32 => Format::F32,
@@ -70,7 +70,7 @@ impl Format {
             Level::F8E5m2 => Format::F8E5m2,
             Level::Int8 | Level::Int8Dyn | Level::Int8Static => Format::Int8,
             Level::W8A8F8 => Format::F8E4m3,
-            Level::Int4 | Level::W4A8 => Format::Int4,
+            Level::Int4 | Level::Int4Dyn | Level::W4A8 => Format::Int4,
             Level::Int2 => Format::Int2,
         }
     }
