@@ -29,7 +29,7 @@
 //! Weights a recipe keeps in float (`--skip`) stay `F32` at every level, with float inputs.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
@@ -255,6 +255,26 @@ impl W8A8Weight {
     }
 }
 
+/// PyTorch's conv weight rows `[C_out, C_in, K, K]` into `dst` as `[C_out, K, K, C_in]` (value `(ci, ky, kx)` of a
+/// row to [`patch_column`]'s place): each destination pixel's channels gathered in one pass, rows in parallel.
+fn permute_to_patch_order(w: &[f32], kernel: usize, in_channels: usize, dst: &mut [f32]) {
+    let taps = kernel * kernel;
+    let patch = taps * in_channels;
+    if patch == 0 {
+        return;
+    }
+    dst.par_chunks_mut(patch)
+        .zip(w.par_chunks(patch))
+        .with_min_len(16)
+        .for_each(|(dst, row)| {
+            for (tap, channels) in dst.chunks_exact_mut(in_channels).enumerate() {
+                for (ci, d) in channels.iter_mut().enumerate() {
+                    *d = row[ci * taps + tap];
+                }
+            }
+        });
+}
+
 /// Row-major packed int4 codes (two per byte, low nibble first, each row starting on a byte) sign-extended to one
 /// int8 code per weight; `None` when `packed` is not `rows` rows of `cols` codes.
 fn unpack_int4_codes(packed: &[u8], rows: usize, cols: usize) -> Option<Vec<i8>> {
@@ -287,8 +307,95 @@ pub enum MatMul {
 
 /// A [`MatMul`] ready to be applied several times in a row (a quantized weight dequantized once, not per call).
 pub enum ResolvedMatMul<'a> {
-    F32(Cow<'a, [f32]>),
+    /// A float weight, borrowed.
+    F32(&'a [f32]),
+    /// A weight-only quantized weight dequantized into a reused buffer.
+    Dequantized(ScratchWeights),
     W8A8(&'a W8A8Weight),
+}
+
+/// A weight's float values for one forward pass ([`MatMul::run_values`]).
+pub enum RunValues<'a> {
+    Borrowed(&'a [f32]),
+    Scratch(ScratchWeights),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for RunValues<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            RunValues::Borrowed(v) => v,
+            RunValues::Scratch(v) => v,
+            RunValues::Owned(v) => v,
+        }
+    }
+}
+
+/// Float buffers that weight-only levels dequantize into on every call, kept between calls: a fresh allocation of a
+/// layer's size costs a zero-fill and, above the allocator's mmap threshold, page faults on pages the kernel zeroes
+/// too, on every weight of every forward pass. At most [`SCRATCH_BUFFERS`] are kept, each as large as the largest
+/// weight it has held (a few MB for a B0-sized model), so memory stays bounded.
+static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// How many dequantization buffers are kept between calls (more are allocated when more weights are resolved at
+/// once, and freed when returned to a full pool).
+const SCRATCH_BUFFERS: usize = 8;
+
+/// `len` floats of a reused buffer; contents are whatever the last user left (every user overwrites them all).
+pub struct ScratchWeights {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl ScratchWeights {
+    /// The smallest kept buffer of at least `len` floats, else the largest grown to `len`, else a new one.
+    fn take(len: usize) -> ScratchWeights {
+        let mut pool = SCRATCH.lock().unwrap_or_else(PoisonError::into_inner);
+        let fitting = (pool.iter().enumerate())
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .or_else(|| pool.iter().enumerate().max_by_key(|(_, b)| b.len()))
+            .map(|(i, _)| i);
+        let mut buf = fitting.map(|i| pool.swap_remove(i)).unwrap_or_default();
+        drop(pool);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        ScratchWeights { buf, len }
+    }
+
+    /// `q` dequantized (row-major, PyTorch's layout), as [`QuantTensor::dequantize`] gives it.
+    fn dequantized(q: &QuantTensor) -> ScratchWeights {
+        let mut out = ScratchWeights::take(q.len());
+        // Only inconsistent column scales fail (loading refuses them); `dequantize` leaves zeros then, and so here.
+        if q.dequantize_rows_into(0, &mut out).is_err() {
+            out.fill(0.0);
+        }
+        out
+    }
+}
+
+impl std::ops::Deref for ScratchWeights {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for ScratchWeights {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for ScratchWeights {
+    fn drop(&mut self) {
+        let mut pool = SCRATCH.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < SCRATCH_BUFFERS {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 impl MatMul {
@@ -365,6 +472,17 @@ impl MatMul {
         }
     }
 
+    /// The weight as float32 values for a float kernel on every forward pass (the depthwise convolutions): float
+    /// weights borrowed, weight-only ones dequantized into a reused buffer ([`ScratchWeights`]), int8 ones
+    /// dequantized.
+    pub fn run_values(&self) -> RunValues<'_> {
+        match self {
+            MatMul::F32(v) => RunValues::Borrowed(v.as_slice()),
+            MatMul::Dequant(q) => RunValues::Scratch(ScratchWeights::dequantized(q)),
+            MatMul::W8A8(p) => RunValues::Owned(p.dequantize()),
+        }
+    }
+
     /// What a checkpoint stores for this weight: float values, or the quantized tensor (rebuilt from packed codes).
     pub fn stored(&self) -> Stored<'_> {
         match self {
@@ -374,11 +492,13 @@ impl MatMul {
         }
     }
 
-    /// Dequantizes a weight-only quantized weight once, for several [`ResolvedMatMul::apply`] calls.
+    /// Dequantizes a weight-only quantized weight once (into a reused buffer), for several
+    /// [`ResolvedMatMul::apply`] calls.
     pub fn resolve(&self) -> ResolvedMatMul<'_> {
         match self {
+            MatMul::F32(v) => ResolvedMatMul::F32(v.as_slice()),
+            MatMul::Dequant(q) => ResolvedMatMul::Dequantized(ScratchWeights::dequantized(q)),
             MatMul::W8A8(p) => ResolvedMatMul::W8A8(p),
-            other => ResolvedMatMul::F32(other.values()),
         }
     }
 
@@ -427,16 +547,16 @@ impl MatMul {
             }
             other => {
                 // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the
-                // tokens; once per call, for every image.
-                let w = other.values();
+                // tokens; once per call, for every image, into a reused buffer (the permutation writes every value).
+                let resolved = other.resolve();
+                let w: &[f32] = match &resolved {
+                    ResolvedMatMul::F32(w) => w,
+                    ResolvedMatMul::Dequantized(w) => w,
+                    ResolvedMatMul::W8A8(_) => return Err(Error::internal("int8 weight on the float convolution")),
+                };
                 let (k, c) = (shape.kernel, shape.in_channels);
-                let patch = c * k * k;
-                let mut permuted = vec![0f32; w.len()];
-                for (row, dst) in w.chunks_exact(patch).zip(permuted.chunks_exact_mut(patch)) {
-                    for (col, &v) in row.iter().enumerate() {
-                        dst[patch_column(col, k, c)] = v;
-                    }
-                }
+                let mut permuted = ScratchWeights::take(w.len());
+                permute_to_patch_order(w, k, c, &mut permuted);
                 x.chunks_exact(image)
                     .map(|image| kernels::conv2d_nhwc(image, shape, &permuted, bias))
                     .collect::<Result<Vec<_>>>()?
@@ -464,6 +584,7 @@ impl ResolvedMatMul<'_> {
     ) -> Result<Vec<f32>> {
         match self {
             ResolvedMatMul::F32(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
+            ResolvedMatMul::Dequantized(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
             ResolvedMatMul::W8A8(p) => {
                 if p.panels.n() != n {
                     return Err(Error::internal(format!(
@@ -581,6 +702,51 @@ mod tests {
             assert_eq!(planned.bits_per_weight(), stored_bits);
             assert_eq!(planned.values().as_ref(), q.dequantize().as_slice());
         }
+    }
+
+    #[test]
+    fn patch_order_permutation_moves_each_value_to_its_patch_column() {
+        for (rows, kernel, in_channels) in [(3, 3, 5), (2, 7, 3), (4, 1, 9), (1, 2, 1)] {
+            let patch = kernel * kernel * in_channels;
+            let w: Vec<f32> = (0..rows * patch).map(|i| i as f32).collect();
+            let mut fast = vec![f32::NAN; w.len()];
+            permute_to_patch_order(&w, kernel, in_channels, &mut fast);
+            let mut reference = vec![f32::NAN; w.len()];
+            for (row, dst) in w.chunks_exact(patch).zip(reference.chunks_exact_mut(patch)) {
+                for (col, &v) in row.iter().enumerate() {
+                    dst[patch_column(col, kernel, in_channels)] = v;
+                }
+            }
+            assert_eq!(fast, reference, "{rows}x{in_channels}x{kernel}x{kernel}");
+        }
+    }
+
+    #[test]
+    fn scratch_buffers_are_reused_and_bounded() {
+        let q = quantize_weight(
+            "w",
+            &crate::quant::testing::trained_like(5, 70, 1),
+            5,
+            70,
+            &Recipe::level_default(Level::Int4),
+        )
+        .unwrap();
+        let weight = MatMul::Dequant(Arc::new(q.clone()));
+        // A buffer left dirty by a larger weight gives the same values as a fresh dequantization.
+        {
+            let mut big = ScratchWeights::take(10_000);
+            big.fill(f32::NAN);
+        }
+        for _ in 0..3 {
+            assert_eq!(weight.values().as_ref(), q.dequantize().as_slice());
+            let ResolvedMatMul::Dequantized(w) = weight.resolve() else {
+                panic!("a weight-only weight resolves to a dequantized buffer");
+            };
+            assert_eq!(&w[..], q.dequantize().as_slice());
+        }
+        let held: Vec<ScratchWeights> = (0..SCRATCH_BUFFERS + 3).map(|_| ScratchWeights::take(16)).collect();
+        drop(held);
+        assert!(SCRATCH.lock().unwrap().len() <= SCRATCH_BUFFERS);
     }
 
     #[test]
