@@ -800,11 +800,10 @@ const UNPACK_CHUNK: usize = 256;
 
 /// One row of packed `BITS`-bit codes (low bits first within a byte, as [`int::pack`] writes them) to floats:
 /// `code * scale` (symmetric, codes sign-extended), `(code - zero) * scale` or `code * scale - shift` per group.
-/// Weight-only levels run this on every weight of every forward pass, so the codes of a group are first unpacked
-/// byte by byte into a small buffer and then converted in a separate straight loop, both of which the compiler
-/// vectorises; the arithmetic per value is [`dequantize_int_row_scalar`]'s, so the floats are bit-identical. Rows
-/// whose groups start inside a byte (a group size that is not a multiple of the codes per byte) take the scalar
-/// reference.
+/// Weight-only levels run this on every weight of every forward pass, so the codes of a row are first unpacked
+/// byte by byte, [`UNPACK_CHUNK`] at a time, into a small buffer, then converted group piece by group piece in
+/// straight loops, both of which the compiler vectorises; the arithmetic per value is
+/// [`dequantize_int_row_scalar`]'s, so the floats are bit-identical.
 fn dequantize_int_row<const BITS: u32>(
     packed: &[u8],
     scales: &[f32],
@@ -814,32 +813,34 @@ fn dequantize_int_row<const BITS: u32>(
 ) {
     let per_byte = (8 / BITS) as usize;
     let group_size = group_size.max(1);
-    if !group_size.is_multiple_of(per_byte) && dst.len() > group_size {
-        return dequantize_int_row_scalar::<BITS>(packed, scales, zeros, group_size, dst);
-    }
     let mut codes = [0u8; UNPACK_CHUNK];
-    for (g, out) in dst.chunks_mut(group_size).enumerate() {
-        let s = scales[g];
-        let mut byte = g * group_size / per_byte;
-        for chunk in out.chunks_mut(UNPACK_CHUNK) {
-            let bytes = chunk.len().div_ceil(per_byte);
-            unpack_codes::<BITS>(&packed[byte..byte + bytes], &mut codes[..bytes * per_byte]);
-            byte += bytes;
-            let codes = &codes[..chunk.len()];
+    for (i, chunk) in dst.chunks_mut(UNPACK_CHUNK).enumerate() {
+        // A chunk starts on a byte (UNPACK_CHUNK is a multiple of the codes per byte), wherever groups start.
+        let start = i * UNPACK_CHUNK;
+        let (first, bytes) = (start / per_byte, chunk.len().div_ceil(per_byte));
+        unpack_codes::<BITS>(&packed[first..first + bytes], &mut codes[..bytes * per_byte]);
+        // The chunk's pieces, one per group it overlaps.
+        let mut at = 0;
+        while at < chunk.len() {
+            let g = (start + at) / group_size;
+            let end = ((g + 1) * group_size - start).min(chunk.len());
+            let (out, codes) = (&mut chunk[at..end], &codes[at..end]);
+            let s = scales[g];
             match zeros {
-                None => chunk
+                None => out
                     .iter_mut()
                     .zip(codes)
                     .for_each(|(d, &c)| *d = int::sign_extend(c, BITS) as f32 * s),
                 Some((z, ZeroPoint::Codes)) => {
                     let z = z[g];
-                    chunk.iter_mut().zip(codes).for_each(|(d, &c)| *d = (c as f32 - z) * s);
+                    out.iter_mut().zip(codes).for_each(|(d, &c)| *d = (c as f32 - z) * s);
                 }
                 Some((z, ZeroPoint::Shift)) => {
                     let z = z[g];
-                    chunk.iter_mut().zip(codes).for_each(|(d, &c)| *d = c as f32 * s - z);
+                    out.iter_mut().zip(codes).for_each(|(d, &c)| *d = c as f32 * s - z);
                 }
             }
+            at = end;
         }
     }
 }
@@ -1033,7 +1034,7 @@ mod tests {
                 assert!(same, "{BITS} bits, {cols} columns, groups of {group_size}, {mode:?}");
             }
         }
-        // Odd and short rows, trailing partial groups and chunks, groups starting inside a byte (scalar path).
+        // Odd and short rows, trailing partial groups and chunks, groups starting inside a byte or across chunks.
         for cols in [1, 2, 3, 5, 7, 9, 31, 63, 64, 65, 127, 255, 256, 257, 300, 515, 1024] {
             for g in [cols, 1, 3, 5, 16, 32, 64, 128, 300] {
                 let g = g.min(cols);
