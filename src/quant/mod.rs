@@ -861,6 +861,7 @@ fn unpack_codes<const BITS: u32>(bytes: &[u8], codes: &mut [u8]) {
 }
 
 /// Scalar reference of [`dequantize_int_row`]: each code read with its own shift and mask.
+#[cfg(test)]
 fn dequantize_int_row_scalar<const BITS: u32>(
     packed: &[u8],
     scales: &[f32],
