@@ -90,8 +90,8 @@ impl Default for DatasetConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantConfig {
-    /// Levels to evaluate: f32, f16, bf16, f8 (float8), f8e5m2, int8, int8-dyn, int8-static, int4, int2, w8a8-f8,
-    /// w4a8.
+    /// Levels to evaluate: f32, f16, bf16, f8 (float8), f8e5m2, int8, int8-dyn, int8-static, int4, int4-dyn, int2,
+    /// w8a8-f8, w4a8.
     pub levels: Vec<Level>,
     /// Methods to compare at each quantized level: rtn, hqq, gptq, awq, awq+gptq.
     pub methods: Vec<Method>,
@@ -457,7 +457,7 @@ max_image_pixels = 178956970  # larger images (and masks) are refused from their
 exif_orientation = true       # turn images and masks upright by their EXIF tag, as datasets/transformers do
 
 [quant]
-levels = ["f32", "f16", "f8", "int8", "int4", "int2"]   # also bf16, f8e5m2, int8-dyn, int8-static, w8a8-f8, w4a8
+levels = ["f32", "f16", "f8", "int8", "int4", "int2"]   # also bf16, f8e5m2, int8-dyn, int8-static, int4-dyn, w8a8-f8, w4a8
 methods = ["rtn", "hqq"]      # also gptq, awq, awq+gptq (calibrated: see calib below)
 # group_size = 64             # int4 default 64, int2 default 32
 # symmetric = false

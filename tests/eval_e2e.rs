@@ -275,6 +275,58 @@ fn writes_every_output_and_prints_the_table() {
 }
 
 #[test]
+fn int4_dyn_is_evaluated_and_reported_like_every_level() {
+    let out = scratch("int4-dyn");
+    let stdout = segq_ok(&[
+        "eval",
+        "--quant",
+        "f32,int8-dyn,int4-dyn",
+        "--limit",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "eval.samples=0",
+    ]);
+    let json = results(&out);
+    assert_eq!(eval_support::labels(&json), ["f32", "int8-dyn-rtn", "int4-dyn-rtn"]);
+    let parsed = EvalResults::read(&out.join("results.json")).unwrap();
+    for level in &parsed.levels {
+        assert_eq!(level.status, LevelStatus::Ok, "{}", level.label);
+        assert!(stdout.contains(&level.label), "{stdout}");
+    }
+    let int4_dyn = &parsed.levels[2];
+    let miou = int4_dyn.metrics().unwrap().mean_iou;
+    assert!(miou > 0.5, "int4-dyn mIoU {miou}");
+    assert!(int4_dyn.agreement_metrics().unwrap().pixel_agreement > 0.8);
+    // Stored bits: 4-bit codes, one f16 scale per output channel, depthwise rows of 9 and float biases aside.
+    let bits = int4_dyn.bits_per_weight;
+    assert!(bits > 4.0 && bits < 5.0, "int4-dyn {bits} bits per weight");
+    assert!(
+        bits < parsed.levels[1].bits_per_weight / 1.5,
+        "int8-dyn {}",
+        parsed.levels[1].bits_per_weight
+    );
+
+    // Per-channel only: a group size is refused in one line before anything runs.
+    let stderr = segq_fails(&[
+        "eval",
+        "--quant",
+        "int4-dyn",
+        "--group-size",
+        "64",
+        "--limit",
+        "1",
+        "--out",
+        scratch("int4-dyn-g64").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.contains("int4-dyn") && stderr.contains("group size 64 gives several scales per output channel"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_level_that_cannot_be_built_is_refused_before_evaluating() {
     // Asked for by name and impossible (f8 has no hqq; group size 0): an argument error in seconds, with the
     // level and the reason, and no results written. (A level that fails mid-run is a failed row: see the report

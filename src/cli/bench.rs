@@ -15,7 +15,11 @@ pub struct BenchArgs {
     pub model: Option<String>,
     /// Levels, comma-separated (also int8-static, and the simulated w8a8-f8 and w4a8: their activation scales are
     /// calibrated on the bench's own input).
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,f8,int8,int8-dyn,int4,int2")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,f16,f8,int8,int8-dyn,int4,int4-dyn,int2"
+    )]
     pub quant: Vec<Level>,
     /// Methods, comma-separated (speed does not depend on the method; rtn by default).
     #[arg(long, value_delimiter = ',', default_value = "rtn")]

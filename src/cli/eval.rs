@@ -105,7 +105,7 @@ pub struct EvalArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub data: DatasetArgs,
-    /// Quantization levels, comma-separated: f32,f16,bf16,f8,f8e5m2,int8,int8-dyn,int8-static,int4,int2, the
+    /// Quantization levels, comma-separated: f32,f16,bf16,f8,f8e5m2,int8,int8-dyn,int8-static,int4,int4-dyn,int2, the
     /// simulated w8a8-f8,w4a8 (static levels calibrate, see --calib), and mixed-precision
     /// searches auto:bits=B (best agreement within B bits per weight) or auto:max-drop=P (fewest bits within P
     /// points of agreement mIoU).

@@ -51,7 +51,7 @@ pub struct PredictArgs {
     #[arg(long, value_name = "fail|skip")]
     pub on_error: Option<OnError>,
     /// Quantize the model to this level first, as eval does (one level: f32, f16, bf16, f8, f8e5m2, int8,
-    /// int8-dyn, int4, int2) [default: the model as loaded].
+    /// int8-dyn, int4, int4-dyn, int2) [default: the model as loaded].
     #[arg(long, value_name = "LEVEL")]
     pub quant: Option<Level>,
     /// Quantization method for --quant: rtn or hqq [default: rtn].

@@ -388,7 +388,7 @@ impl Conv2d {
     pub fn depthwise3x3_tokens(&self, x: &Tokens, fuse_gelu: bool) -> Result<Tokens> {
         let c = x.channels();
         let plane = x.height() * x.width() * c;
-        let weight = self.weight.values();
+        let weight = self.weight.run_values();
         let bias = match self.bias() {
             Some(b) => Cow::Borrowed(b),
             None => Cow::Owned(vec![0.0; self.shape[0]]),

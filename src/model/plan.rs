@@ -3,8 +3,8 @@
 //!
 //! - [`MatMul`]: a Linear or convolution weight *is* its kernel: float32 through the f32 GEMM, weight-only quantized
 //!   (dequantized per call into a short-lived buffer, so a quantized model keeps no float copy) through the same
-//!   GEMM, or int8 codes packed for the W8A8 GEMM ([`W8A8Weight`]), which quantizes activations per row at run time
-//!   or with a calibrated per-tensor scale.
+//!   GEMM, or int8 codes (int4 codes unpacked to int8 at `int4-dyn`) packed for the W8A8 GEMM ([`W8A8Weight`]),
+//!   which quantizes activations per row at run time or with a calibrated per-tensor scale.
 //! - [`AttentionKernel`]: f32 or int8 attention products.
 //! - [`InputQuant`]: a layer input's calibrated per-tensor scale, and whether the input is fake-quantized before a
 //!   float product (the simulated levels).
@@ -15,10 +15,11 @@
 //! | f32                       | `F32`                                   | f32            | f32       | f32           |
 //! | f16 .. int2 (weight-only) | `Dequant`                               | dequantized    | f32       | f32           |
 //! | int8-dyn                  | `W8A8` (symmetric per-channel int8)     | dequantized    | int8      | int8          |
+//! | int4-dyn                  | `W8A8` (int4 codes unpacked to int8)    | dequantized    | int8      | int8          |
 //! | int8-static               | `W8A8`, static input scale              | dequantized    | int8      | int8, static  |
 //! | w8a8-f8, w4a8 (simulated) | `Dequant`, input fake-quantized         | dequantized    | f32       | f32, fake-q   |
 //!
-//! int8 activations are quantized per row at run time at `int8-dyn`. At `int8-static` the input of every Linear
+//! int8 activations are quantized per row at run time at `int8-dyn` and `int4-dyn`. At `int8-static` the input of every Linear
 //! and dense convolution is quantized with the one scale calibration fixed for it ([`InputQuant`]); the composed
 //! head's stage `i` uses `linear_c.i.proj`'s scale (the same input), the classifier its own; the attention products
 //! stay per row at run time, as at `int8-dyn` (scores and probabilities are no layer's input). The simulated levels
@@ -28,13 +29,13 @@
 //! Weights a recipe keeps in float (`--skip`) stay `F32` at every level, with float inputs.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
 use crate::kernels::{self, ConvShape, I8Panels};
 use crate::quant::act::ActFormat;
-use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta};
+use crate::quant::{Format, Level, QuantTensor, QuantTensorMeta, int};
 use crate::{Error, Result};
 
 /// What a level does with activations; every kernel choice follows from it.
@@ -150,9 +151,10 @@ fn patch_column(c: usize, kernel: usize, in_channels: usize) -> usize {
     (ky * kernel + kx) * in_channels + ci
 }
 
-/// A symmetric per-channel int8 weight as the W8A8 GEMM reads it: the codes in [`I8Panels`] (same bytes as the
-/// codes), the stored tensor's metadata, and the column order. The [`QuantTensor`] is rebuilt from it when the model
-/// is saved, so a checkpoint holds exactly the codes it was packed from.
+/// A symmetric per-channel int8 or int4 weight as the W8A8 GEMM reads it: the codes in [`I8Panels`] (int8 codes as
+/// they are, int4 codes sign-extended to int8 once, when the plan packs them), the stored tensor's metadata, and the
+/// column order. The [`QuantTensor`] is rebuilt from it when the model is saved (int4 codes packed two per byte
+/// again), so a checkpoint holds exactly the codes it was packed from.
 #[derive(Debug, Clone)]
 pub struct W8A8Weight {
     panels: I8Panels,
@@ -163,11 +165,11 @@ pub struct W8A8Weight {
 }
 
 impl W8A8Weight {
-    /// Packs `q` when it is int8, symmetric and per channel (one scale per output row) with codes in [-127, 127];
-    /// otherwise `None` and the weight stays on the dequantize path. A weight with column scales (AWQ) stays there
-    /// too: the int8 GEMM has no per-input-column multiplier.
+    /// Packs `q` when it is int8 or int4 (`int4-dyn`), symmetric and per channel (one scale per output row), with
+    /// int8 codes in [-127, 127] (every int4 code fits); otherwise `None` and the weight stays on the dequantize
+    /// path. A weight with column scales (AWQ) stays there too: the int8 GEMM has no per-input-column multiplier.
     pub fn pack(q: &QuantTensor, columns: Columns) -> Option<W8A8Weight> {
-        if q.format != Format::Int8
+        if !matches!(q.format, Format::Int8 | Format::Int4)
             || !q.symmetric
             || q.group_size < q.cols
             || q.scales.len() != q.rows
@@ -175,8 +177,12 @@ impl W8A8Weight {
         {
             return None;
         }
+        let stored: Cow<'_, [i8]> = match q.format {
+            Format::Int4 => Cow::Owned(unpack_int4_codes(&q.data, q.rows, q.cols)?),
+            _ => Cow::Owned(q.data.iter().map(|&b| b as i8).collect()),
+        };
         let codes: Vec<i8> = match columns {
-            Columns::Rows => q.data.iter().map(|&b| b as i8).collect(),
+            Columns::Rows => stored.into_owned(),
             Columns::Patch { kernel, in_channels } => {
                 if q.cols != kernel * kernel * in_channels {
                     return None;
@@ -184,7 +190,7 @@ impl W8A8Weight {
                 let mut codes = vec![0i8; q.rows * q.cols];
                 for r in 0..q.rows {
                     for c in 0..q.cols {
-                        codes[r * q.cols + columns.of(c)] = q.data[r * q.cols + c] as i8;
+                        codes[r * q.cols + columns.of(c)] = stored[r * q.cols + c];
                     }
                 }
                 codes
@@ -212,12 +218,16 @@ impl W8A8Weight {
         self.columns
     }
 
-    /// The stored form of the weight (row-major codes, per-row scales), identical to the one it was packed from.
+    /// The stored form of the weight (row-major codes, packed two per byte for int4, and per-row scales),
+    /// identical to the one it was packed from.
     pub fn to_quant(&self) -> QuantTensor {
         let (rows, cols) = (self.meta.rows, self.meta.cols);
         let mut data = Vec::with_capacity(rows * cols);
         for r in 0..rows {
             data.extend((0..cols).map(|c| self.panels.code(r, self.columns.of(c)) as u8));
+        }
+        if self.meta.format == Format::Int4 {
+            data = int::pack(&data, rows, cols, 4);
         }
         QuantTensor {
             format: self.meta.format,
@@ -245,6 +255,44 @@ impl W8A8Weight {
     }
 }
 
+/// PyTorch's conv weight rows `[C_out, C_in, K, K]` into `dst` as `[C_out, K, K, C_in]` (value `(ci, ky, kx)` of a
+/// row to [`patch_column`]'s place): each destination pixel's channels gathered in one pass, rows in parallel.
+fn permute_to_patch_order(w: &[f32], kernel: usize, in_channels: usize, dst: &mut [f32]) {
+    let taps = kernel * kernel;
+    let patch = taps * in_channels;
+    if patch == 0 {
+        return;
+    }
+    dst.par_chunks_mut(patch)
+        .zip(w.par_chunks(patch))
+        .with_min_len(16)
+        .for_each(|(dst, row)| {
+            for (tap, channels) in dst.chunks_exact_mut(in_channels).enumerate() {
+                for (ci, d) in channels.iter_mut().enumerate() {
+                    *d = row[ci * taps + tap];
+                }
+            }
+        });
+}
+
+/// Row-major packed int4 codes (two per byte, low nibble first, each row starting on a byte) sign-extended to one
+/// int8 code per weight; `None` when `packed` is not `rows` rows of `cols` codes.
+fn unpack_int4_codes(packed: &[u8], rows: usize, cols: usize) -> Option<Vec<i8>> {
+    let rb = int::row_bytes(cols, 4);
+    if packed.len() != rows * rb {
+        return None;
+    }
+    let mut codes = Vec::with_capacity(rows * cols);
+    for row in packed.chunks_exact(rb.max(1)).take(rows) {
+        codes.extend(
+            row.iter()
+                .flat_map(|&b| [int::sign_extend(b & 0x0f, 4), int::sign_extend(b >> 4, 4)])
+                .take(cols),
+        );
+    }
+    (codes.len() == rows * cols).then_some(codes)
+}
+
 /// A Linear or convolution weight together with the kernel that multiplies by it.
 #[derive(Debug, Clone)]
 pub enum MatMul {
@@ -259,8 +307,95 @@ pub enum MatMul {
 
 /// A [`MatMul`] ready to be applied several times in a row (a quantized weight dequantized once, not per call).
 pub enum ResolvedMatMul<'a> {
-    F32(Cow<'a, [f32]>),
+    /// A float weight, borrowed.
+    F32(&'a [f32]),
+    /// A weight-only quantized weight dequantized into a reused buffer.
+    Dequantized(ScratchWeights),
     W8A8(&'a W8A8Weight),
+}
+
+/// A weight's float values for one forward pass ([`MatMul::run_values`]).
+pub enum RunValues<'a> {
+    Borrowed(&'a [f32]),
+    Scratch(ScratchWeights),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for RunValues<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            RunValues::Borrowed(v) => v,
+            RunValues::Scratch(v) => v,
+            RunValues::Owned(v) => v,
+        }
+    }
+}
+
+/// Float buffers that weight-only levels dequantize into on every call, kept between calls: a fresh allocation of a
+/// layer's size costs a zero-fill and, above the allocator's mmap threshold, page faults on pages the kernel zeroes
+/// too, on every weight of every forward pass. At most [`SCRATCH_BUFFERS`] are kept, each as large as the largest
+/// weight it has held (a few MB for a B0-sized model), so memory stays bounded.
+static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// How many dequantization buffers are kept between calls (more are allocated when more weights are resolved at
+/// once, and freed when returned to a full pool).
+const SCRATCH_BUFFERS: usize = 8;
+
+/// `len` floats of a reused buffer; contents are whatever the last user left (every user overwrites them all).
+pub struct ScratchWeights {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl ScratchWeights {
+    /// The smallest kept buffer of at least `len` floats, else the largest grown to `len`, else a new one.
+    fn take(len: usize) -> ScratchWeights {
+        let mut pool = SCRATCH.lock().unwrap_or_else(PoisonError::into_inner);
+        let fitting = (pool.iter().enumerate())
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .or_else(|| pool.iter().enumerate().max_by_key(|(_, b)| b.len()))
+            .map(|(i, _)| i);
+        let mut buf = fitting.map(|i| pool.swap_remove(i)).unwrap_or_default();
+        drop(pool);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        ScratchWeights { buf, len }
+    }
+
+    /// `q` dequantized (row-major, PyTorch's layout), as [`QuantTensor::dequantize`] gives it.
+    fn dequantized(q: &QuantTensor) -> ScratchWeights {
+        let mut out = ScratchWeights::take(q.len());
+        // Only inconsistent column scales fail (loading refuses them); `dequantize` leaves zeros then, and so here.
+        if q.dequantize_rows_into(0, &mut out).is_err() {
+            out.fill(0.0);
+        }
+        out
+    }
+}
+
+impl std::ops::Deref for ScratchWeights {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for ScratchWeights {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for ScratchWeights {
+    fn drop(&mut self) {
+        let mut pool = SCRATCH.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < SCRATCH_BUFFERS {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 impl MatMul {
@@ -308,15 +443,22 @@ impl MatMul {
         match self {
             MatMul::F32(_) => "f32".into(),
             MatMul::Dequant(q) => q.format_name(),
-            // Packing requires symmetric per-channel int8, so the name follows from the format alone.
+            // Packing requires symmetric per-channel int8 or int4, so the name follows from the format alone.
             MatMul::W8A8(p) => format!("{}-sym-packed", p.meta.format.name()),
         }
     }
 
+    /// Bits per weight: as stored for float and weight-only weights; as held in memory for int8 W8A8 weights
+    /// (codes, f32 scales and the GEMM's column sums), and as stored for int4 ones (`int4-dyn`'s point is the
+    /// 4-bit checkpoint; in memory its codes take a byte each, as [`MatMul::bytes`] says).
     pub fn bits_per_weight(&self) -> f64 {
         match self {
             MatMul::F32(_) => 32.0,
             MatMul::Dequant(q) => q.bits_per_weight(),
+            MatMul::W8A8(p) if p.meta.format == Format::Int4 => {
+                let stored = int::row_bytes(p.meta.cols, 4) * p.meta.rows + p.meta.rows * p.meta.param_dtype.bytes();
+                stored as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64
+            }
             MatMul::W8A8(p) => p.panels.nbytes() as f64 * 8.0 / (p.meta.rows * p.meta.cols).max(1) as f64,
         }
     }
@@ -330,6 +472,17 @@ impl MatMul {
         }
     }
 
+    /// The weight as float32 values for a float kernel on every forward pass (the depthwise convolutions): float
+    /// weights borrowed, weight-only ones dequantized into a reused buffer ([`ScratchWeights`]), int8 ones
+    /// dequantized.
+    pub fn run_values(&self) -> RunValues<'_> {
+        match self {
+            MatMul::F32(v) => RunValues::Borrowed(v.as_slice()),
+            MatMul::Dequant(q) => RunValues::Scratch(ScratchWeights::dequantized(q)),
+            MatMul::W8A8(p) => RunValues::Owned(p.dequantize()),
+        }
+    }
+
     /// What a checkpoint stores for this weight: float values, or the quantized tensor (rebuilt from packed codes).
     pub fn stored(&self) -> Stored<'_> {
         match self {
@@ -339,11 +492,13 @@ impl MatMul {
         }
     }
 
-    /// Dequantizes a weight-only quantized weight once, for several [`ResolvedMatMul::apply`] calls.
+    /// Dequantizes a weight-only quantized weight once (into a reused buffer), for several
+    /// [`ResolvedMatMul::apply`] calls.
     pub fn resolve(&self) -> ResolvedMatMul<'_> {
         match self {
+            MatMul::F32(v) => ResolvedMatMul::F32(v.as_slice()),
+            MatMul::Dequant(q) => ResolvedMatMul::Dequantized(ScratchWeights::dequantized(q)),
             MatMul::W8A8(p) => ResolvedMatMul::W8A8(p),
-            other => ResolvedMatMul::F32(other.values()),
         }
     }
 
@@ -392,16 +547,16 @@ impl MatMul {
             }
             other => {
                 // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the
-                // tokens; once per call, for every image.
-                let w = other.values();
+                // tokens; once per call, for every image, into a reused buffer (the permutation writes every value).
+                let resolved = other.resolve();
+                let w: &[f32] = match &resolved {
+                    ResolvedMatMul::F32(w) => w,
+                    ResolvedMatMul::Dequantized(w) => w,
+                    ResolvedMatMul::W8A8(_) => return Err(Error::internal("int8 weight on the float convolution")),
+                };
                 let (k, c) = (shape.kernel, shape.in_channels);
-                let patch = c * k * k;
-                let mut permuted = vec![0f32; w.len()];
-                for (row, dst) in w.chunks_exact(patch).zip(permuted.chunks_exact_mut(patch)) {
-                    for (col, &v) in row.iter().enumerate() {
-                        dst[patch_column(col, k, c)] = v;
-                    }
-                }
+                let mut permuted = ScratchWeights::take(w.len());
+                permute_to_patch_order(w, k, c, &mut permuted);
                 x.chunks_exact(image)
                     .map(|image| kernels::conv2d_nhwc(image, shape, &permuted, bias))
                     .collect::<Result<Vec<_>>>()?
@@ -429,6 +584,7 @@ impl ResolvedMatMul<'_> {
     ) -> Result<Vec<f32>> {
         match self {
             ResolvedMatMul::F32(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
+            ResolvedMatMul::Dequantized(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
             ResolvedMatMul::W8A8(p) => {
                 if p.panels.n() != n {
                     return Err(Error::internal(format!(
@@ -496,6 +652,123 @@ impl AttentionKernel {
 mod tests {
     use super::*;
     use crate::quant::{Level, Recipe, quantize_weight};
+
+    /// Scalar reference of the int4 unpacking: each stored code read with [`int::unpack`] and sign-extended.
+    fn int4_codes_scalar(q: &QuantTensor) -> Vec<i8> {
+        int::unpack(&q.data, q.rows, q.cols, 4)
+            .into_iter()
+            .map(|c| int::sign_extend(c, 4))
+            .collect()
+    }
+
+    #[test]
+    fn int4_dyn_layers_run_the_int8_gemm_on_their_unpacked_codes() {
+        // Odd columns (a half-used last byte per row), rows not a multiple of the GEMM's panel width.
+        for (rows, cols, m) in [(13, 37, 5), (8, 64, 3), (1, 1, 1), (33, 147, 17)] {
+            let w = crate::quant::testing::trained_like(rows, cols, 7 + cols as u64);
+            let q = quantize_weight("w", &w, rows, cols, &Recipe::level_default(Level::Int4Dyn)).unwrap();
+            assert_eq!((q.format, q.symmetric, q.group_size), (Format::Int4, true, cols));
+            assert_eq!(q.data.len(), rows * cols.div_ceil(2), "two codes per byte");
+            let codes = int4_codes_scalar(&q);
+            assert!(codes.iter().all(|c| (-7..=7).contains(c)), "symmetric int4 codes");
+            let planned = MatMul::Dequant(Arc::new(q.clone())).planned(Some((Columns::Rows, None)));
+            let MatMul::W8A8(packed) = &planned else {
+                panic!("int4-dyn weight {rows}x{cols} not packed for the int8 GEMM");
+            };
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(packed.panels().code(r, c), codes[r * cols + c], "code ({r}, {c})");
+                }
+            }
+            let reference = I8Panels::pack(&codes, &q.scales, rows, cols).unwrap();
+            let x = crate::kernels::test_util::random_vec(m * cols, 3, 1.0);
+            let bias: Vec<f32> = (0..rows).map(|i| i as f32 * 0.01).collect();
+            let got = planned.apply(&x, m, cols, rows, Some(&bias), None).unwrap();
+            let mut want = vec![0f32; m * rows];
+            kernels::gemm_i8_dynamic(&x, m, cols, &reference, Some(&bias), &mut want).unwrap();
+            assert_eq!(got, want, "{rows}x{cols}: the same GEMM on the same codes");
+            let mut scalar = vec![0f32; m * rows];
+            kernels::gemm_i8_dynamic_scalar(&x, m, cols, &reference, Some(&bias), &mut scalar).unwrap();
+            for (i, (a, b)) in got.iter().zip(&scalar).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-6), "[{i}] {a} vs scalar {b}");
+            }
+            // Saved back exactly as quantized; 4 bits per code plus one f16 scale per row.
+            let Stored::Quantized(stored) = planned.stored() else {
+                panic!("int4-dyn weight stored as float");
+            };
+            assert_eq!(stored.as_ref(), &q);
+            assert_eq!(planned.format_name(), "int4-sym-packed");
+            let stored_bits = (rows * cols.div_ceil(2) + 2 * rows) as f64 * 8.0 / (rows * cols) as f64;
+            assert_eq!(planned.bits_per_weight(), stored_bits);
+            assert_eq!(planned.values().as_ref(), q.dequantize().as_slice());
+        }
+    }
+
+    #[test]
+    fn patch_order_permutation_moves_each_value_to_its_patch_column() {
+        for (rows, kernel, in_channels) in [(3, 3, 5), (2, 7, 3), (4, 1, 9), (1, 2, 1)] {
+            let patch = kernel * kernel * in_channels;
+            let w: Vec<f32> = (0..rows * patch).map(|i| i as f32).collect();
+            let mut fast = vec![f32::NAN; w.len()];
+            permute_to_patch_order(&w, kernel, in_channels, &mut fast);
+            let mut reference = vec![f32::NAN; w.len()];
+            for (row, dst) in w.chunks_exact(patch).zip(reference.chunks_exact_mut(patch)) {
+                for (col, &v) in row.iter().enumerate() {
+                    dst[patch_column(col, kernel, in_channels)] = v;
+                }
+            }
+            assert_eq!(fast, reference, "{rows}x{in_channels}x{kernel}x{kernel}");
+        }
+    }
+
+    #[test]
+    fn scratch_buffers_are_reused_and_bounded() {
+        let q = quantize_weight(
+            "w",
+            &crate::quant::testing::trained_like(5, 70, 1),
+            5,
+            70,
+            &Recipe::level_default(Level::Int4),
+        )
+        .unwrap();
+        let weight = MatMul::Dequant(Arc::new(q.clone()));
+        // A buffer left dirty by a larger weight gives the same values as a fresh dequantization.
+        {
+            let mut big = ScratchWeights::take(10_000);
+            big.fill(f32::NAN);
+        }
+        for _ in 0..3 {
+            assert_eq!(weight.values().as_ref(), q.dequantize().as_slice());
+            let ResolvedMatMul::Dequantized(w) = weight.resolve() else {
+                panic!("a weight-only weight resolves to a dequantized buffer");
+            };
+            assert_eq!(&w[..], q.dequantize().as_slice());
+        }
+        let held: Vec<ScratchWeights> = (0..SCRATCH_BUFFERS + 3).map(|_| ScratchWeights::take(16)).collect();
+        drop(held);
+        assert!(SCRATCH.lock().unwrap().len() <= SCRATCH_BUFFERS);
+    }
+
+    #[test]
+    fn int4_dyn_convolutions_pack_in_patch_order() {
+        // A 3x3 convolution with 5 input channels: 45 columns, permuted to the channels-last patch order.
+        let (rows, kernel, in_channels) = (6, 3, 5);
+        let cols = kernel * kernel * in_channels;
+        let w = crate::quant::testing::trained_like(rows, cols, 21);
+        let q = quantize_weight("c", &w, rows, cols, &Recipe::level_default(Level::Int4Dyn)).unwrap();
+        let columns = Columns::Patch { kernel, in_channels };
+        let packed = W8A8Weight::pack(&q, columns).unwrap();
+        let codes = int4_codes_scalar(&q);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(packed.panels().code(r, columns.of(c)), codes[r * cols + c]);
+            }
+        }
+        assert_eq!(packed.to_quant(), q);
+        // Grouped or affine int4 stays weight-only.
+        let grouped = quantize_weight("c", &w, rows, cols, &Recipe::level_default(Level::Int4)).unwrap();
+        assert!(W8A8Weight::pack(&grouped, columns).is_none());
+    }
 
     #[test]
     fn weights_with_column_scales_stay_off_the_int8_gemm() {

@@ -167,9 +167,9 @@ pub fn recipe_header(map: &BTreeMap<String, QType>) -> RecipeHeader {
     }
 }
 
-/// Refuses a recipe no quanto checkpoint can hold, before quantizing: float levels and `int8-dyn` (quanto's
-/// activation quantization is static and calibrated, not segq's dynamic per-row scheme). A mixed recipe is checked
-/// level by level (quanto's map has one qtype per module, so mixed levels are fine).
+/// Refuses a recipe no quanto checkpoint can hold, before quantizing: float levels, `int8-dyn` and `int4-dyn`
+/// (quanto's activation quantization is static and calibrated, not segq's dynamic per-row scheme). A mixed recipe is
+/// checked level by level (quanto's map has one qtype per module, so mixed levels are fine).
 pub fn check_recipe(recipe: &Recipe) -> Result<()> {
     recipe.uniform_parts().iter().try_for_each(check_uniform_recipe)
 }
@@ -178,9 +178,10 @@ fn check_uniform_recipe(recipe: &Recipe) -> Result<()> {
     let level = recipe.level;
     let why = match level {
         Level::F32 | Level::F16 | Level::Bf16 => format!("{level} weights have no quanto qtype (it has {QTYPE_NAMES})"),
-        Level::Int8Dyn => "int8-dyn quantizes activations at run time per row, which quanto cannot express; use int8 \
-                           (weights only)"
-            .to_string(),
+        Level::Int8Dyn | Level::Int4Dyn => format!(
+            "{level} quantizes activations at run time per row, which quanto cannot express; use {} (weights only)",
+            if level == Level::Int4Dyn { "int4" } else { "int8" }
+        ),
         Level::Int8Static | Level::W8A8F8 | Level::W4A8 => format!(
             "{level} quantizes activations with calibrated scales, which segq does not write in quanto's format yet; \
              save it in segq's format (the scales are stored as `<layer>.input_scale`)"
@@ -342,6 +343,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("int8-dyn quantizes activations"), "{err}");
+        let err = check_recipe(&Recipe::level_default(Level::Int4Dyn))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("int4-dyn quantizes activations") && err.contains("use int4 (weights only)"),
+            "{err}"
+        );
         let awq = Recipe::new(Level::Int4, crate::quant::Method::Awq, Some(128), None, vec![]).unwrap();
         let err = check_recipe(&awq).unwrap_err().to_string();
         assert!(err.contains("awq weights carry a scale per input column"), "{err}");

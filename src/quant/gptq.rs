@@ -1225,6 +1225,23 @@ mod tests {
         assert!(tensors.iter().any(|t| t.0 == "w.qdata") && tensors.iter().any(|t| t.0 == "w.zero"));
     }
 
+    #[test]
+    fn int4_dyn_gets_symmetric_per_channel_codes_the_int8_gemm_can_run() {
+        let (rows, cols, samples) = (16, 96, 400);
+        let w = trained_like(rows, cols, 51);
+        let x = calibration_inputs(samples, cols, 52);
+        let h = hessian_of(&x, samples, cols);
+        let r = recipe(Level::Int4Dyn, None, None);
+        assert_eq!(r.label(), "int4-dyn-gptq");
+        let q = quantize_with_hessian(&w, rows, cols, &r, &h, &GptqOptions::default()).unwrap();
+        // One scale per output channel, no zero point: what W8A8Weight packs for the int8 GEMM.
+        assert_eq!((q.format, q.symmetric, q.group_size), (Format::Int4, true, cols));
+        assert_eq!((q.scales.len(), q.zeros.len()), (rows, 0));
+        let rtn = method_error(&w, rows, cols, &rtn_recipe(Level::Int4Dyn, None, None), &h);
+        let gptq = gptq_error(&w, rows, cols, &r, &h, &GptqOptions::default());
+        assert!(gptq < rtn, "int4-dyn: gptq {gptq} not below rtn {rtn}");
+    }
+
     /// Prints the relative output error of rtn, hqq and GPTQ's variants on trained-like layers (the measurements
     /// behind the defaults in the module docs). `cargo test --lib gptq::tests::measure_options -- --ignored
     /// --nocapture`

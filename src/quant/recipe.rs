@@ -41,6 +41,11 @@ pub enum Level {
     /// 4-bit integer weights, two per byte.
     #[serde(rename = "int4")]
     Int4,
+    /// W4A8 on the int8 GEMM: symmetric per-channel int4 weights (codes in [-7, 7], one scale per output channel,
+    /// stored two per byte) unpacked to int8 once when the plan packs them, and activations quantized to int8 per
+    /// row at run time, as `int8-dyn`.
+    #[serde(rename = "int4-dyn")]
+    Int4Dyn,
     /// Simulated: int4 weights (groups of 64, as `int4`), activations quantized and dequantized to int8 with a
     /// calibrated per-tensor scale before the float GEMM.
     #[serde(rename = "w4a8")]
@@ -52,7 +57,7 @@ pub enum Level {
 
 impl Level {
     /// Every level, in the order reports list them.
-    pub const ALL: [Level; 12] = [
+    pub const ALL: [Level; 13] = [
         Level::F32,
         Level::F16,
         Level::Bf16,
@@ -63,6 +68,7 @@ impl Level {
         Level::Int8Static,
         Level::W8A8F8,
         Level::Int4,
+        Level::Int4Dyn,
         Level::W4A8,
         Level::Int2,
     ];
@@ -81,13 +87,14 @@ impl Level {
             "w8a8-f8" | "w8a8f8" | "w8a8_f8" | "w8a8-fp8" => Level::W8A8F8,
             "w4a8" | "w4a8-int8" => Level::W4A8,
             "int4" | "i4" | "qint4" => Level::Int4,
+            "int4-dyn" | "int4dyn" | "int4_dyn" => Level::Int4Dyn,
             "int2" | "i2" | "qint2" => Level::Int2,
             other => {
                 return Err(Error::unsupported(
                     format!("quantization level '{other}'"),
                     format!(
                         "unknown quantization level '{other}': expected one of f32, f16, bf16, f8 (float8, fp8, \
-                         f8e4m3), f8e5m2, int8, int8-dyn, int8-static, w8a8-f8, int4, w4a8, int2"
+                         f8e4m3), f8e5m2, int8, int8-dyn, int8-static, w8a8-f8, int4, int4-dyn, w4a8, int2"
                     ),
                 ));
             }
@@ -114,6 +121,7 @@ impl Level {
             Level::W8A8F8 => "w8a8-f8",
             Level::W4A8 => "w4a8",
             Level::Int4 => "int4",
+            Level::Int4Dyn => "int4-dyn",
             Level::Int2 => "int2",
         }
     }
@@ -123,9 +131,9 @@ impl Level {
         self == Level::F32
     }
 
-    /// True when activations are quantized at run time too (`int8-dyn`).
+    /// True when activations are quantized at run time too (`int8-dyn`, `int4-dyn`).
     pub fn dynamic_activations(self) -> bool {
-        self == Level::Int8Dyn
+        matches!(self, Level::Int8Dyn | Level::Int4Dyn)
     }
 
     /// The format of a static level's activations, quantized with per-tensor scales fixed by calibration
@@ -160,9 +168,10 @@ impl Level {
     }
 
     /// True for the levels that run Linear layers and dense convolutions through the int8 GEMM, which needs
-    /// symmetric int8 weights with one scale per output channel (`int8-dyn`, `int8-static`).
+    /// symmetric integer weights with one scale per output channel (`int8-dyn`, `int8-static`, and `int4-dyn`,
+    /// whose int4 codes are unpacked to int8 when the weight is packed).
     pub fn int8_gemm(self) -> bool {
-        matches!(self, Level::Int8Dyn | Level::Int8Static)
+        matches!(self, Level::Int8Dyn | Level::Int8Static | Level::Int4Dyn)
     }
 
     /// True when the level quantizes activations in any way (run time, static or simulated).
@@ -174,13 +183,14 @@ impl Level {
     pub fn int_bits(self) -> Option<u32> {
         match self {
             Level::Int8 | Level::Int8Dyn | Level::Int8Static => Some(8),
-            Level::Int4 | Level::W4A8 => Some(4),
+            Level::Int4 | Level::Int4Dyn | Level::W4A8 => Some(4),
             Level::Int2 => Some(2),
             _ => None,
         }
     }
 
-    /// Group size used when the recipe names none: 64 for int4 (and w4a8), 32 for int2, per channel otherwise.
+    /// Group size used when the recipe names none: 64 for int4 (and w4a8), 32 for int2, per channel otherwise
+    /// (`int4-dyn` included: the int8 GEMM has one scale per output channel).
     pub fn default_group_size(self) -> Option<usize> {
         match self {
             Level::Int4 | Level::W4A8 => Some(64),
@@ -627,6 +637,7 @@ impl Recipe {
                 // The W8A8 kernels multiply int8 activations by symmetric per-channel int8 codes; any other weight
                 // would fall back to dequantizing with float activations: weight-only int8 under the int8-dyn name.
                 if level.int8_gemm() {
+                    let bits = level.int_bits().unwrap_or(8);
                     let why = if self.method == Method::Hqq {
                         Some("hqq weights are affine (they have a zero point)".to_string())
                     } else if self.method.scales_columns() {
@@ -644,9 +655,9 @@ impl Recipe {
                         return Err(Error::unsupported(
                             label,
                             format!(
-                                "{level} multiplies int8 activations by symmetric int8 weights with one scale per \
-                                 output channel; {why}, so it would run weight-only: use {level} with rtn or gptq \
-                                 and no group size, or int8 with {}",
+                                "{level} multiplies int8 activations by symmetric int{bits} weights with one scale \
+                                 per output channel; {why}, so it would run weight-only: use {level} with rtn or \
+                                 gptq and no group size, or int{bits} with {}",
                                 self.method
                             ),
                         ));
@@ -702,11 +713,12 @@ impl Recipe {
     }
 
     /// Whether weights are stored without zero point: int8 with rtn is symmetric by default (absmax per channel),
-    /// int4/int2 and every hqq recipe are affine; float levels are always symmetric (scale only).
+    /// and so is every level on the int8 GEMM (`int4-dyn` included); int4/int2 and every hqq recipe are affine;
+    /// float levels are always symmetric (scale only).
     pub fn is_symmetric(&self) -> bool {
         match self.level.int_bits() {
             None => true,
-            Some(8) => self
+            Some(bits) if bits == 8 || self.level.int8_gemm() => self
                 .symmetric
                 .unwrap_or(matches!(self.method, Method::Rtn | Method::Gptq)),
             Some(_) => self.symmetric.unwrap_or(false),
@@ -750,7 +762,7 @@ impl Recipe {
         if let Some(g) = self.requested_group_size() {
             label.push_str(&format!("-g{g}"));
         }
-        let default_symmetric = bits == 8 && matches!(self.method, Method::Rtn | Method::Gptq);
+        let default_symmetric = (bits == 8 || level.int8_gemm()) && matches!(self.method, Method::Rtn | Method::Gptq);
         match (self.is_symmetric(), default_symmetric) {
             (true, false) => label.push_str("-sym"),
             (false, true) => label.push_str("-asym"),
@@ -969,6 +981,52 @@ mod tests {
             "int4-rtn-g128-sym"
         );
         assert_eq!(label(Level::Int2, Method::Rtn, None, None), "int2-rtn-g32");
+        assert_eq!(label(Level::Int4Dyn, Method::Rtn, None, None), "int4-dyn-rtn");
+        assert_eq!(label(Level::Int4Dyn, Method::Gptq, None, Some(true)), "int4-dyn-gptq");
+    }
+
+    #[test]
+    fn int4_dyn_runs_symmetric_per_channel_int4_on_the_int8_gemm() {
+        for alias in ["int4-dyn", "INT4_DYN", "int4dyn"] {
+            assert_eq!(Level::parse(alias).unwrap(), Level::Int4Dyn);
+        }
+        let level = Level::Int4Dyn;
+        assert!(Level::ALL.contains(&level) && level.name() == "int4-dyn");
+        assert!(level.dynamic_activations() && level.int8_gemm() && !level.needs_calibration());
+        assert_eq!((level.int_bits(), level.default_group_size()), (Some(4), None));
+        assert_eq!(crate::quant::Format::of_level(level), crate::quant::Format::Int4);
+        let rtn = Recipe::level_default(level);
+        assert!(rtn.is_symmetric());
+        assert_eq!(rtn.effective_group_size(256), 256, "one scale per output channel");
+        assert!(
+            Recipe::new(level, Method::Gptq, None, None, vec![])
+                .unwrap()
+                .is_symmetric()
+        );
+        for (method, g, sym, why) in [
+            (
+                Method::Rtn,
+                Some(64),
+                None,
+                "group size 64 gives several scales per output channel",
+            ),
+            (Method::Hqq, None, None, "hqq weights are affine"),
+            (Method::Awq, None, None, "scale per input column"),
+            (Method::AwqGptq, None, None, "scale per input column"),
+            (Method::Rtn, None, Some(false), "affine weights"),
+        ] {
+            let e = Recipe::new(level, method, g, sym, vec![]).unwrap_err().to_string();
+            assert!(
+                e.contains("int4-dyn multiplies int8 activations by symmetric int4 weights")
+                    && e.contains(why)
+                    && e.contains("or int4 with")
+                    && !e.contains('\n'),
+                "{e}"
+            );
+        }
+        // int8-dyn and int4-dyn quantize activations the same way: mixing them per layer is allowed.
+        let mixed = Recipe::level_default(Level::Int8Dyn).with_rules([LayerRule::new("decode_head.*", level)]);
+        assert!(mixed.is_ok());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn quantize(
         Level::Bf16 => float(w.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
         Level::F8E4m3 | Level::W8A8F8 => quantize_f8(w, rows, cols, format, f8::E4M3FN),
         Level::F8E5m2 => quantize_f8(w, rows, cols, format, f8::E5M2),
-        Level::Int8 | Level::Int8Dyn | Level::Int8Static | Level::Int4 | Level::W4A8 | Level::Int2 => {
+        Level::Int8 | Level::Int8Dyn | Level::Int8Static | Level::Int4 | Level::Int4Dyn | Level::W4A8 | Level::Int2 => {
             let bits = recipe.level.int_bits().unwrap_or(8);
             let symmetric = recipe.is_symmetric();
             let group_size = recipe.effective_group_size(cols);
