@@ -99,6 +99,25 @@ pub fn save_mask_png(mask: &[u16], width: u32, height: u32, num_labels: usize, p
     }
 }
 
+/// Writes what `segq predict` writes for one image besides its logits: the class-id mask PNG at `mask_path` and the
+/// mask blended over the image (alpha 0.5) at `overlay_path`, each through a temporary file renamed into place.
+pub fn write_prediction_pngs(
+    image: &RgbImage,
+    mask: &[u16],
+    num_labels: usize,
+    mask_path: &Path,
+    overlay_path: &Path,
+) -> Result<()> {
+    let (width, height) = image.dimensions();
+    crate::outputs::write_atomically(mask_path, |tmp| save_mask_png(mask, width, height, num_labels, tmp))?;
+    let blended = overlay(image, mask, 0.5)?;
+    crate::outputs::write_atomically(overlay_path, |tmp| {
+        blended
+            .save(tmp)
+            .map_err(|e| Error::write(overlay_path, format!("cannot write: {e}")))
+    })
+}
+
 /// Saves each sample's overlay per level under `dir/<level>/<id>.png`, plus the image with its ground truth once
 /// under `dir/ground_truth/`.
 pub fn save_sample_overlays(samples: &[crate::eval::Sample], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
