@@ -5,7 +5,8 @@
 //! With images ([`run_pipeline`], `segq bench --image`), it times instead what `segq predict` does per image, stage
 //! by stage: decoding the file, preprocessing (Pillow-exact resize, normalise), batching the input and unbatching
 //! the logits, the model's forward pass, postprocessing (bilinear upsampling to the image's size fused with argmax),
-//! and writing the mask and overlay PNGs; everything but the forward pass is the pipeline's fixed part.
+//! and writing the outputs (through the caller's writer: the CLI writes the mask and overlay PNGs as `segq predict`
+//! does); everything but the forward pass is the pipeline's fixed part.
 //!
 //! The static activation levels (`int8-static`, and the simulated `w8a8-f8`, `w4a8`) need calibrated input scales
 //! and the bench has no calibration set: it calibrates them on its own synthetic input (one float pass recording
@@ -254,7 +255,7 @@ pub struct PipelineStages {
     pub forward_ms: f64,
     /// Bilinear upsampling of the logits to the image's size fused with argmax.
     pub postprocess_ms: f64,
-    /// Encoding and writing the mask and overlay PNGs.
+    /// Writing the outputs (the mask and overlay PNGs from `segq bench --image`).
     pub write_ms: f64,
 }
 
@@ -286,9 +287,13 @@ pub struct PipelineReport {
     pub rows: Vec<PipelineRow>,
 }
 
+/// How the pipeline's last stage writes one image's outputs: given the image, its mask and the model's number of
+/// labels (`segq bench --image` writes the mask and overlay PNGs as `segq predict` does, into a scratch folder).
+pub type WriteOutputs<'a> = &'a dyn Fn(&image::RgbImage, &[u16], usize) -> Result<()>;
+
 /// Loads the model once and, per recipe and image, runs the predict pipeline `warmup + iters` times, timing each
-/// stage. Outputs go to a scratch folder under the system's temporary folder, removed afterwards.
-pub fn run_pipeline(plan: &PipelinePlan) -> Result<PipelineReport> {
+/// stage; `write` is the output stage.
+pub fn run_pipeline(plan: &PipelinePlan, write: WriteOutputs<'_>) -> Result<PipelineReport> {
     use crate::segmenter::{Segmenter, forward_inputs};
     if plan.iters == 0 {
         return Err(Error::config("--iters", "--iters must be at least 1"));
@@ -314,103 +319,89 @@ pub fn run_pipeline(plan: &PipelinePlan) -> Result<PipelineReport> {
         let (iw, ih) = crate::preprocess::target_size(&loaded.preprocessor, plan.protocol, w, h);
         model::check_forward_memory(loaded.model.config(), ih, iw, 1, &path.display().to_string())?;
     }
-    let scratch = std::env::temp_dir().join(format!("segq-bench-pipeline-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
-    let result = (|| {
-        let mut rows = Vec::new();
-        let num_labels = loaded.model.config().num_labels();
-        for recipe in plan.recipes.iter().flatten() {
-            if recipe.level.needs_calibration() {
-                return Err(Error::config(
-                    "--quant",
-                    format!(
-                        "{} needs calibrated activation scales; bench --image times levels that need no calibration",
-                        recipe.label()
-                    ),
-                ));
-            }
-            let (m, report) = model::quantize(&loaded.model, recipe)?;
-            let label = report.label;
-            let segmenter = Segmenter::new(m, loaded.preprocessor.clone(), plan.protocol);
-            for path in &plan.images {
-                let mask_path = scratch.join("image.mask.png");
-                let overlay_path = scratch.join("image.overlay.png");
-                let mut samples: [Vec<f64>; 7] = Default::default();
-                let mut sizes = ([0; 2], [0; 2]);
-                for pass in 0..plan.warmup + plan.iters {
-                    let start = Instant::now();
-                    let image = crate::data::decode::read_rgb_with(path, &plan.decode)?;
-                    let decoded = Instant::now();
-                    let input = segmenter.prepare(&image);
-                    let prepared = Instant::now();
-                    let timed = forward_inputs(segmenter.model(), &[&input])?.remove(0);
-                    let forwarded = Instant::now();
-                    let (width, height) = (image.width() as usize, image.height() as usize);
-                    let mask = timed.logits.mask(height, width);
-                    let postprocessed = Instant::now();
-                    crate::report::overlay::write_prediction_pngs(
-                        &image,
-                        &mask,
-                        num_labels,
-                        &mask_path,
-                        &overlay_path,
-                    )?;
-                    let written = Instant::now();
-                    sizes = ([width, height], [input.width, input.height]);
-                    if pass < plan.warmup {
-                        continue;
-                    }
-                    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
-                    let forward = timed.forward_ms;
-                    let stages = [
-                        ms(start, decoded),
-                        ms(decoded, prepared),
-                        (ms(prepared, forwarded) - forward).max(0.0),
-                        forward,
-                        ms(forwarded, postprocessed),
-                        ms(postprocessed, written),
-                    ];
-                    let total = ms(start, written);
-                    for (all, value) in samples.iter_mut().zip(stages.into_iter().chain([total])) {
-                        all.push(value);
-                    }
-                }
-                // The fixed part per pass, so that its median is one pass's, not a sum of medians.
-                let fixed = {
-                    let per_pass: Vec<f64> = (0..plan.iters).map(|i| samples[6][i] - samples[3][i]).collect();
-                    quantile(&per_pass, 0.5)
-                };
-                let [decode, preprocess, batching, forward, postprocess, write, total] =
-                    samples.map(|all| quantile(&all, 0.5));
-                tracing::info!(level = %label, image = %path.display(), total_ms = total, fixed_ms = fixed, "benchmarked");
-                rows.push(PipelineRow {
-                    label: label.clone(),
-                    image: path.display().to_string(),
-                    image_size: sizes.0,
-                    input_size: sizes.1,
-                    stages: PipelineStages {
-                        decode_ms: decode,
-                        preprocess_ms: preprocess,
-                        batching_ms: batching,
-                        forward_ms: forward,
-                        postprocess_ms: postprocess,
-                        write_ms: write,
-                    },
-                    total_ms: total,
-                    fixed_ms: fixed,
-                    fixed_percent_of_forward: fixed / forward * 100.0,
-                });
-            }
+    let mut rows = Vec::new();
+    let num_labels = loaded.model.config().num_labels();
+    for recipe in plan.recipes.iter().flatten() {
+        if recipe.level.needs_calibration() {
+            return Err(Error::config(
+                "--quant",
+                format!(
+                    "{} needs calibrated activation scales; bench --image times levels that need no calibration",
+                    recipe.label()
+                ),
+            ));
         }
-        Ok(rows)
-    })();
-    let _ = std::fs::remove_dir_all(&scratch);
+        let (m, report) = model::quantize(&loaded.model, recipe)?;
+        let label = report.label;
+        let segmenter = Segmenter::new(m, loaded.preprocessor.clone(), plan.protocol);
+        for path in &plan.images {
+            let mut samples: [Vec<f64>; 7] = Default::default();
+            let mut sizes = ([0; 2], [0; 2]);
+            for pass in 0..plan.warmup + plan.iters {
+                let start = Instant::now();
+                let image = crate::data::decode::read_rgb_with(path, &plan.decode)?;
+                let decoded = Instant::now();
+                let input = segmenter.prepare(&image);
+                let prepared = Instant::now();
+                let timed = forward_inputs(segmenter.model(), &[&input])?.remove(0);
+                let forwarded = Instant::now();
+                let (width, height) = (image.width() as usize, image.height() as usize);
+                let mask = timed.logits.mask(height, width);
+                let postprocessed = Instant::now();
+                write(&image, &mask, num_labels)?;
+                let written = Instant::now();
+                sizes = ([width, height], [input.width, input.height]);
+                if pass < plan.warmup {
+                    continue;
+                }
+                let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+                let forward = timed.forward_ms;
+                let stages = [
+                    ms(start, decoded),
+                    ms(decoded, prepared),
+                    (ms(prepared, forwarded) - forward).max(0.0),
+                    forward,
+                    ms(forwarded, postprocessed),
+                    ms(postprocessed, written),
+                ];
+                let total = ms(start, written);
+                for (all, value) in samples.iter_mut().zip(stages.into_iter().chain([total])) {
+                    all.push(value);
+                }
+            }
+            // The fixed part per pass, so that its median is one pass's, not a sum of medians.
+            let fixed = {
+                let per_pass: Vec<f64> = (0..plan.iters).map(|i| samples[6][i] - samples[3][i]).collect();
+                quantile(&per_pass, 0.5)
+            };
+            let [decode, preprocess, batching, forward, postprocess, write, total] =
+                samples.map(|all| quantile(&all, 0.5));
+            tracing::info!(level = %label, image = %path.display(), total_ms = total, fixed_ms = fixed, "benchmarked");
+            rows.push(PipelineRow {
+                label: label.clone(),
+                image: path.display().to_string(),
+                image_size: sizes.0,
+                input_size: sizes.1,
+                stages: PipelineStages {
+                    decode_ms: decode,
+                    preprocess_ms: preprocess,
+                    batching_ms: batching,
+                    forward_ms: forward,
+                    postprocess_ms: postprocess,
+                    write_ms: write,
+                },
+                total_ms: total,
+                fixed_ms: fixed,
+                fixed_percent_of_forward: fixed / forward * 100.0,
+            });
+        }
+    }
     Ok(PipelineReport {
         model: plan.model.to_string(),
         threads: rayon::current_num_threads(),
         cpu: crate::sysinfo::cpu_model(),
         kernels: crate::kernels::cpu_features(),
-        rows: result?,
+        rows,
     })
 }
 
@@ -477,7 +468,19 @@ mod tests {
             warmup: 0,
             iters: 2,
         };
-        let report = run_pipeline(&plan).unwrap();
+        let scratch = std::env::temp_dir().join(format!("segq-bench-pipeline-test-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let write = |image: &image::RgbImage, mask: &[u16], num_labels: usize| {
+            crate::report::overlay::write_prediction_pngs(
+                image,
+                mask,
+                num_labels,
+                &scratch.join("m.png"),
+                &scratch.join("o.png"),
+            )
+        };
+        let report = run_pipeline(&plan, &write).unwrap();
+        std::fs::remove_dir_all(&scratch).unwrap();
         let labels: Vec<&str> = report.rows.iter().map(|r| r.label.as_str()).collect();
         assert_eq!(labels, ["f32", "int8-dyn-rtn"]);
         for row in &report.rows {

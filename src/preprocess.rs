@@ -448,15 +448,15 @@ fn upsample_argmax_with(
             let mut horizontal = vec![0f32; ARGMAX_CLASS_GROUP * group_len];
             let mut best = vec![f32::NEG_INFINITY; n * out_w];
             let mut best_class = vec![0i32; n * out_w];
+            let mut sources: Vec<&[f32]> = Vec::with_capacity(ARGMAX_CLASS_GROUP * src_rows);
             for group_first in (0..classes).step_by(ARGMAX_CLASS_GROUP) {
                 let group = ARGMAX_CLASS_GROUP.min(classes - group_first);
-                for (j, rows_of_class) in horizontal.chunks_exact_mut(group_len).take(group).enumerate() {
-                    let source = &logits[(group_first + j) * plane..(group_first + j + 1) * plane];
-                    for (r, row) in rows_of_class.chunks_exact_mut(out_w).enumerate() {
-                        let y = src_first + r;
-                        xs.interpolate(&source[y * w..(y + 1) * w], row, avx2);
-                    }
+                sources.clear();
+                for c in group_first..group_first + group {
+                    let y = c * plane + src_first * w;
+                    sources.extend(logits[y..y + src_rows * w].chunks_exact(w));
                 }
+                xs.interpolate(&sources, &mut horizontal[..group * group_len], avx2);
                 let group = ClassGroup {
                     horizontal: &horizontal[..group * group_len],
                     group_len,
@@ -566,15 +566,18 @@ impl HorizontalTaps {
         }
     }
 
-    /// `out[ox] = row[x0] * wx0 + row[x1] * wx1` for every output column.
-    fn interpolate(&self, row: &[f32], out: &mut [f32], avx2: bool) {
+    /// `out[ox] = row[x0] * wx0 + row[x1] * wx1` for every output column of every row of `rows`, written to
+    /// consecutive rows of `out`.
+    fn interpolate(&self, rows: &[&[f32]], out: &mut [f32], avx2: bool) {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: `avx2` is true only when the CPU has AVX2.
-            unsafe { avx2::interpolate(self, row, out) };
+            unsafe { avx2::interpolate(self, rows, out) };
             return;
         }
-        self.interpolate_scalar(row, out, 0..out.len());
+        for (row, out) in rows.iter().zip(out.chunks_exact_mut(self.taps.len())) {
+            self.interpolate_scalar(row, out, 0..self.taps.len());
+        }
     }
 
     fn interpolate_scalar(&self, row: &[f32], out: &mut [f32], columns: std::ops::Range<usize>) {
@@ -591,33 +594,43 @@ mod avx2 {
 
     use super::{ClassGroup, HorizontalTaps, VerticalTaps};
 
-    /// [`HorizontalTaps::interpolate_scalar`] eight outputs at a time where the block's taps allow it.
+    /// [`HorizontalTaps::interpolate_scalar`] eight outputs at a time where the block's taps allow it, block by
+    /// block over all rows so that each block's offsets and weights are loaded once.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn interpolate(taps: &HorizontalTaps, row: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn interpolate(taps: &HorizontalTaps, rows: &[&[f32]], out: &mut [f32]) {
+        let out_w = taps.taps.len();
+        assert!(out.len() >= rows.len() * out_w);
         for (b, block) in taps.blocks.iter().enumerate() {
             let at = b * 8;
             let Some((base0, base1)) = *block else {
-                taps.interpolate_scalar(row, out, at..at + 8);
+                for (r, row) in rows.iter().enumerate() {
+                    taps.interpolate_scalar(row, &mut out[r * out_w..(r + 1) * out_w], at..at + 8);
+                }
                 continue;
             };
-            // SAFETY: `blocks` holds a base only when base + 8 <= row.len(); `at + 8 <= out.len()` for every block.
-            unsafe {
-                let a = _mm256_permutevar8x32_ps(
-                    _mm256_loadu_ps(row.as_ptr().add(base0)),
+            // SAFETY: `at + 8 <= out_w`, the length of every tap table.
+            let (offsets0, offsets1, wx0, wx1) = unsafe {
+                (
                     _mm256_loadu_si256(taps.offsets0.as_ptr().add(at).cast()),
-                );
-                let c = _mm256_permutevar8x32_ps(
-                    _mm256_loadu_ps(row.as_ptr().add(base1)),
                     _mm256_loadu_si256(taps.offsets1.as_ptr().add(at).cast()),
-                );
-                let v = _mm256_add_ps(
-                    _mm256_mul_ps(a, _mm256_loadu_ps(taps.wx0.as_ptr().add(at))),
-                    _mm256_mul_ps(c, _mm256_loadu_ps(taps.wx1.as_ptr().add(at))),
-                );
-                _mm256_storeu_ps(out.as_mut_ptr().add(at), v);
+                    _mm256_loadu_ps(taps.wx0.as_ptr().add(at)),
+                    _mm256_loadu_ps(taps.wx1.as_ptr().add(at)),
+                )
+            };
+            for (r, row) in rows.iter().enumerate() {
+                assert!(base0.max(base1) + 8 <= row.len());
+                // SAFETY: both eight-value loads lie inside the row (asserted), and the store inside `out`'s row r.
+                unsafe {
+                    let a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row.as_ptr().add(base0)), offsets0);
+                    let c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row.as_ptr().add(base1)), offsets1);
+                    let v = _mm256_add_ps(_mm256_mul_ps(a, wx0), _mm256_mul_ps(c, wx1));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(r * out_w + at), v);
+                }
             }
         }
-        taps.interpolate_scalar(row, out, taps.blocks.len() * 8..out.len());
+        for (r, row) in rows.iter().enumerate() {
+            taps.interpolate_scalar(row, &mut out[r * out_w..(r + 1) * out_w], taps.blocks.len() * 8..out_w);
+        }
     }
 
     /// [`super::blend_max_scalar`] eight pixels at a time, each block's maximum kept in registers over the group.

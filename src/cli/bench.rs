@@ -77,7 +77,16 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             warmup: args.warmup,
             iters: args.iters,
         };
-        let report = segq::bench::run_pipeline(&plan)?;
+        // Outputs are written as `segq predict` writes them, into a scratch folder removed afterwards.
+        let scratch = std::env::temp_dir().join(format!("segq-bench-pipeline-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).map_err(|e| segq::Error::io(&scratch, e))?;
+        let (mask, overlay) = (scratch.join("image.mask.png"), scratch.join("image.overlay.png"));
+        let write = |image: &image::RgbImage, prediction: &[u16], num_labels: usize| {
+            segq::report::overlay::write_prediction_pngs(image, prediction, num_labels, &mask, &overlay)
+        };
+        let report = segq::bench::run_pipeline(&plan, &write);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let report = report?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
