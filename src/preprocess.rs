@@ -766,13 +766,17 @@ mod tests {
         let img = RgbImage::from_fn(7, 3, |x, y| {
             image::Rgb([x as u8 * 40, y as u8 * 120, (x * y) as u8 * 9 + 1])
         });
-        let mut configs = vec![PreprocessorConfig::default()];
-        let mut other = PreprocessorConfig::default();
-        other.do_rescale = false;
-        configs.push(other);
-        let mut other = PreprocessorConfig::default();
-        other.do_normalize = false;
-        configs.push(other);
+        let configs = [
+            PreprocessorConfig::default(),
+            PreprocessorConfig {
+                do_rescale: false,
+                ..Default::default()
+            },
+            PreprocessorConfig {
+                do_normalize: false,
+                ..Default::default()
+            },
+        ];
         for config in configs {
             let out = normalize(&img, &config);
             for (i, p) in img.pixels().enumerate() {

@@ -128,13 +128,19 @@ pub fn write_prediction_pngs(
     overlay_path: &Path,
 ) -> Result<()> {
     let (width, height) = image.dimensions();
-    crate::outputs::write_atomically(mask_path, |tmp| save_mask_png(mask, width, height, num_labels, tmp))?;
-    let blended = overlay(image, mask, 0.5)?;
-    crate::outputs::write_atomically(overlay_path, |tmp| {
-        blended
-            .save(tmp)
-            .map_err(|e| Error::write(overlay_path, format!("cannot write: {e}")))
-    })
+    // The two files are independent: encoded on both threads at once.
+    let (mask_written, overlay_written) = rayon::join(
+        || crate::outputs::write_atomically(mask_path, |tmp| save_mask_png(mask, width, height, num_labels, tmp)),
+        || {
+            let blended = overlay(image, mask, 0.5)?;
+            crate::outputs::write_atomically(overlay_path, |tmp| {
+                blended
+                    .save(tmp)
+                    .map_err(|e| Error::write(overlay_path, format!("cannot write: {e}")))
+            })
+        },
+    );
+    mask_written.and(overlay_written)
 }
 
 /// Saves each sample's overlay per level under `dir/<level>/<id>.png`, plus the image with its ground truth once
