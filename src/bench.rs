@@ -2,6 +2,12 @@
 //! size, warm-up passes, then timed forward passes; median, p95, images/s, weight bytes, memory, and per-stage times
 //! when profiling. Returns typed results; the CLI prints them.
 //!
+//! With images ([`run_pipeline`], `segq bench --image`), it times instead what `segq predict` does per image, stage
+//! by stage: decoding the file, preprocessing (Pillow-exact resize, normalise), batching the input and unbatching
+//! the logits, the model's forward pass, postprocessing (bilinear upsampling to the image's size fused with argmax),
+//! and writing the outputs (through the caller's writer: the CLI writes the mask and overlay PNGs as `segq predict`
+//! does); everything but the forward pass is the pipeline's fixed part.
+//!
 //! The static activation levels (`int8-static`, and the simulated `w8a8-f8`, `w4a8`) need calibrated input scales
 //! and the bench has no calibration set: it calibrates them on its own synthetic input (one float pass recording
 //! each layer input's histogram, `minmax` thresholds). That fixes the kernels and their cost exactly as a real
@@ -223,6 +229,182 @@ pub fn run(plan: &BenchPlan) -> Result<BenchReport> {
     })
 }
 
+/// What `segq bench --image` times: the whole predict pipeline on real image files.
+#[derive(Debug, Clone)]
+pub struct PipelinePlan {
+    pub model: ModelSource,
+    /// Recipes in order, as for [`BenchPlan::recipes`].
+    pub recipes: Vec<std::result::Result<Recipe, UnbuildableLevel>>,
+    pub images: Vec<std::path::PathBuf>,
+    pub protocol: crate::preprocess::Protocol,
+    pub decode: crate::data::DecodeOptions,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+/// Median milliseconds of each stage of the predict pipeline for one image at one level.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineStages {
+    /// Reading and decoding the image file.
+    pub decode_ms: f64,
+    /// Resizing and normalising to the model's input.
+    pub preprocess_ms: f64,
+    /// Copying the input into a batch tensor and the logits out of the output tensor.
+    pub batching_ms: f64,
+    /// The model's forward pass.
+    pub forward_ms: f64,
+    /// Bilinear upsampling of the logits to the image's size fused with argmax.
+    pub postprocess_ms: f64,
+    /// Writing the outputs (the mask and overlay PNGs from `segq bench --image`).
+    pub write_ms: f64,
+}
+
+/// One image at one level through the whole pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineRow {
+    pub label: String,
+    pub image: String,
+    /// The image's `[width, height]`.
+    pub image_size: [usize; 2],
+    /// The model input's `[width, height]`.
+    pub input_size: [usize; 2],
+    pub stages: PipelineStages,
+    /// Median of the whole pipeline per pass.
+    pub total_ms: f64,
+    /// Median of everything but the forward pass per pass.
+    pub fixed_ms: f64,
+    /// `fixed_ms` as a percentage of the median forward pass.
+    pub fixed_percent_of_forward: f64,
+}
+
+/// Everything `segq bench --image` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineReport {
+    pub model: String,
+    pub threads: usize,
+    pub cpu: String,
+    pub kernels: String,
+    pub rows: Vec<PipelineRow>,
+}
+
+/// How the pipeline's last stage writes one image's outputs: given the image, its mask and the model's number of
+/// labels (`segq bench --image` writes the mask and overlay PNGs as `segq predict` does, into a scratch folder).
+pub type WriteOutputs<'a> = &'a dyn Fn(&image::RgbImage, &[u16], usize) -> Result<()>;
+
+/// Loads the model once and, per recipe and image, runs the predict pipeline `warmup + iters` times, timing each
+/// stage; `write` is the output stage.
+pub fn run_pipeline(plan: &PipelinePlan, write: WriteOutputs<'_>) -> Result<PipelineReport> {
+    use crate::segmenter::{Segmenter, forward_inputs};
+    if plan.iters == 0 {
+        return Err(Error::config("--iters", "--iters must be at least 1"));
+    }
+    if plan.iters > MAX_ITERS || plan.warmup > MAX_ITERS {
+        let key = if plan.iters > MAX_ITERS { "--iters" } else { "--warmup" };
+        return Err(Error::config(
+            key,
+            format!("{key} must be at most {MAX_ITERS} (a timing needs far fewer passes)"),
+        ));
+    }
+    if let Some(Err(UnbuildableLevel { reason, .. })) = plan.recipes.iter().find(|r| r.is_err()) {
+        return Err(Error::config("--quant", reason.clone()));
+    }
+    // Every image must decode and fit the model before anything is timed.
+    let loaded = model::load(&plan.model)?;
+    let min_side = loaded.model.config().min_input_side();
+    for path in &plan.images {
+        let image = crate::data::decode::read_rgb_with(path, &plan.decode)?;
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        crate::preprocess::check_input_size(&loaded.preprocessor, plan.protocol, w, h, min_side)
+            .map_err(|why| Error::invalid(path.display().to_string(), why))?;
+        let (iw, ih) = crate::preprocess::target_size(&loaded.preprocessor, plan.protocol, w, h);
+        model::check_forward_memory(loaded.model.config(), ih, iw, 1, &path.display().to_string())?;
+    }
+    let mut rows = Vec::new();
+    let num_labels = loaded.model.config().num_labels();
+    for recipe in plan.recipes.iter().flatten() {
+        if recipe.level.needs_calibration() {
+            return Err(Error::config(
+                "--quant",
+                format!(
+                    "{} needs calibrated activation scales; bench --image times levels that need no calibration",
+                    recipe.label()
+                ),
+            ));
+        }
+        let (m, report) = model::quantize(&loaded.model, recipe)?;
+        let label = report.label;
+        let segmenter = Segmenter::new(m, loaded.preprocessor.clone(), plan.protocol);
+        for path in &plan.images {
+            let mut samples: [Vec<f64>; 7] = Default::default();
+            let mut sizes = ([0; 2], [0; 2]);
+            for pass in 0..plan.warmup + plan.iters {
+                let start = Instant::now();
+                let image = crate::data::decode::read_rgb_with(path, &plan.decode)?;
+                let decoded = Instant::now();
+                let input = segmenter.prepare(&image);
+                let prepared = Instant::now();
+                let timed = forward_inputs(segmenter.model(), &[&input])?.remove(0);
+                let forwarded = Instant::now();
+                let (width, height) = (image.width() as usize, image.height() as usize);
+                let mask = timed.logits.mask(height, width);
+                let postprocessed = Instant::now();
+                write(&image, &mask, num_labels)?;
+                let written = Instant::now();
+                sizes = ([width, height], [input.width, input.height]);
+                if pass < plan.warmup {
+                    continue;
+                }
+                let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+                let forward = timed.forward_ms;
+                let stages = [
+                    ms(start, decoded),
+                    ms(decoded, prepared),
+                    (ms(prepared, forwarded) - forward).max(0.0),
+                    forward,
+                    ms(forwarded, postprocessed),
+                    ms(postprocessed, written),
+                ];
+                let total = ms(start, written);
+                for (all, value) in samples.iter_mut().zip(stages.into_iter().chain([total])) {
+                    all.push(value);
+                }
+            }
+            // The fixed part per pass, so that its median is one pass's, not a sum of medians.
+            let fixed = {
+                let per_pass: Vec<f64> = (0..plan.iters).map(|i| samples[6][i] - samples[3][i]).collect();
+                quantile(&per_pass, 0.5)
+            };
+            let [decode, preprocess, batching, forward, postprocess, write, total] =
+                samples.map(|all| quantile(&all, 0.5));
+            tracing::info!(level = %label, image = %path.display(), total_ms = total, fixed_ms = fixed, "benchmarked");
+            rows.push(PipelineRow {
+                label: label.clone(),
+                image: path.display().to_string(),
+                image_size: sizes.0,
+                input_size: sizes.1,
+                stages: PipelineStages {
+                    decode_ms: decode,
+                    preprocess_ms: preprocess,
+                    batching_ms: batching,
+                    forward_ms: forward,
+                    postprocess_ms: postprocess,
+                    write_ms: write,
+                },
+                total_ms: total,
+                fixed_ms: fixed,
+                fixed_percent_of_forward: fixed / forward * 100.0,
+            });
+        }
+    }
+    Ok(PipelineReport {
+        model: plan.model.to_string(),
+        threads: rayon::current_num_threads(),
+        cpu: crate::sysinfo::cpu_model(),
+        kernels: crate::kernels::cpu_features(),
+        rows,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +451,51 @@ mod tests {
             );
         }
         assert!(report.levels[1].weight_bytes < report.levels[0].weight_bytes);
+    }
+
+    #[test]
+    fn pipeline_times_every_stage_on_a_fixture_image() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let plan = PipelinePlan {
+            model: ModelSource::Local(root.join("models/tiny_a")),
+            recipes: vec![
+                Ok(Recipe::level_default(Level::F32)),
+                Ok(Recipe::level_default(Level::Int8Dyn)),
+            ],
+            images: vec![root.join("images/photo_61x47.jpg")],
+            protocol: crate::preprocess::Protocol::Transformers,
+            decode: crate::data::DecodeOptions::default(),
+            warmup: 0,
+            iters: 2,
+        };
+        let scratch = std::env::temp_dir().join(format!("segq-bench-pipeline-test-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let write = |image: &image::RgbImage, mask: &[u16], num_labels: usize| {
+            crate::report::overlay::write_prediction_pngs(
+                image,
+                mask,
+                num_labels,
+                &scratch.join("m.png"),
+                &scratch.join("o.png"),
+            )
+        };
+        let report = run_pipeline(&plan, &write).unwrap();
+        std::fs::remove_dir_all(&scratch).unwrap();
+        let labels: Vec<&str> = report.rows.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["f32", "int8-dyn-rtn"]);
+        for row in &report.rows {
+            assert_eq!(row.image_size, [61, 47]);
+            let s = &row.stages;
+            for (name, ms) in [
+                ("decode", s.decode_ms),
+                ("preprocess", s.preprocess_ms),
+                ("forward", s.forward_ms),
+                ("postprocess", s.postprocess_ms),
+                ("write", s.write_ms),
+            ] {
+                assert!(ms > 0.0, "{name}: {row:?}");
+            }
+            assert!(row.total_ms >= s.forward_ms && row.fixed_ms > 0.0, "{row:?}");
+        }
     }
 }

@@ -79,18 +79,26 @@ pub fn forward_inputs(model: &Segformer, inputs: &[&ModelInput]) -> Result<Vec<T
     let mut out: Vec<Option<TimedLogits>> = vec![None; inputs.len()];
     for group in group_by_size(inputs) {
         let (height, width) = (inputs[group[0]].height, inputs[group[0]].width);
-        let pixels: Vec<Vec<f32>> = group.iter().map(|&i| inputs[i].pixels.clone()).collect();
-        let tensor = preprocess::batch_tensor(pixels, height, width)?;
+        let mut pixels = Vec::with_capacity(group.iter().map(|&i| inputs[i].pixels.len()).sum());
+        for &i in &group {
+            pixels.extend_from_slice(&inputs[i].pixels);
+        }
+        let tensor = candle_core::Tensor::from_vec(pixels, (group.len(), 3, height, width), &candle_core::Device::Cpu)?;
         let start = Instant::now();
         let logits = model.forward(&tensor)?;
         let forward_ms = start.elapsed().as_secs_f64() * 1000.0 / group.len() as f64;
         let (_, classes, lh, lw) = logits.dims4()?;
-        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mut flat = logits.flatten_all()?.to_vec1::<f32>()?;
         let plane = classes * lh * lw;
-        for (j, &i) in group.iter().enumerate() {
+        // Split from the back so that the first image keeps the buffer itself (one image: no copy at all).
+        for (j, &i) in group.iter().enumerate().rev() {
             out[i] = Some(TimedLogits {
                 logits: Logits {
-                    data: flat[j * plane..(j + 1) * plane].to_vec(),
+                    data: if j == 0 {
+                        std::mem::take(&mut flat)
+                    } else {
+                        flat.split_off(j * plane)
+                    },
                     classes,
                     height: lh,
                     width: lw,

@@ -216,3 +216,71 @@ fn predict_writes_mask_overlay_and_logits() {
     // Every mask value is a class of the model.
     assert!(mask.to_luma8().pixels().all(|p| p.0[0] < 12));
 }
+
+#[test]
+fn bench_image_reports_every_pipeline_stage() {
+    let image = repo_root().join("assets/demo/ade/ADEChallengeData2016/images/validation/SYN_val_00000001.jpg");
+    let out = segq()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "--model",
+            "embedded",
+            "--quant",
+            "f32",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+        ])
+        .arg("--image")
+        .arg(&image)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report}");
+    let row = &rows[0];
+    assert_eq!(row["label"], "f32");
+    assert_eq!(row["image_size"], serde_json::json!([309, 365]));
+    for stage in ["decode_ms", "preprocess_ms", "forward_ms", "postprocess_ms", "write_ms"] {
+        let ms = row["stages"][stage].as_f64().unwrap();
+        assert!(ms > 0.0, "{stage}: {row}");
+    }
+    assert!(row["batching_ms"].is_null() && row["stages"]["batching_ms"].as_f64().unwrap() >= 0.0);
+    let (total, fixed) = (row["total_ms"].as_f64().unwrap(), row["fixed_ms"].as_f64().unwrap());
+    let forward = row["stages"]["forward_ms"].as_f64().unwrap();
+    assert!(fixed > 0.0 && total > forward, "{row}");
+    assert!(row["fixed_percent_of_forward"].as_f64().unwrap() > 0.0, "{row}");
+    // The table names each stage.
+    let out = segq()
+        .args([
+            "bench", "--model", "embedded", "--quant", "f32", "--iters", "1", "--warmup", "0",
+        ])
+        .arg("--image")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for column in ["decode", "preproc", "forward", "postproc", "write PNGs", "fixed %"] {
+        assert!(table.contains(column), "{column}: {table}");
+    }
+}
+
+#[test]
+fn bench_image_names_a_missing_image() {
+    let e = fails(&[
+        "bench",
+        "--model",
+        "embedded",
+        "--quant",
+        "f32",
+        "--image",
+        "no/such/image.jpg",
+    ]);
+    assert!(e.contains("no/such/image.jpg"), "{e}");
+}

@@ -1,10 +1,11 @@
-//! `segq bench`: flags -> [`segq::bench::run`] -> a table (or JSON) of latency, throughput and memory per level.
+//! `segq bench`: flags -> [`segq::bench::run`] -> a table (or JSON) of latency, throughput and memory per level;
+//! with `--image`, flags -> [`segq::bench::run_pipeline`] -> the predict pipeline's time per stage on those images.
 
 use anyhow::Result;
 use clap::Args;
 
 use super::{GlobalArgs, load_config};
-use segq::bench::{BenchPlan, BenchReport};
+use segq::bench::{BenchPlan, BenchReport, PipelinePlan, PipelineReport};
 use segq::model::ModelSource;
 use segq::quant::{Level, Method, SweepSpec};
 
@@ -36,6 +37,15 @@ pub struct BenchArgs {
     /// Per-stage times (each encoder stage, the decode head).
     #[arg(long)]
     pub profile: bool,
+    /// Time the whole predict pipeline on this image file instead of the model alone on a synthetic input
+    /// (repeatable): median ms of decoding, preprocessing, batching, the forward pass, postprocessing (upsampling +
+    /// argmax) and PNG writing, and the fixed part (all but the forward pass) as a percentage of the forward pass.
+    /// The input size is the model's own (--size and --batch-size do not apply).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["size", "batch_size", "profile"])]
+    pub image: Vec<std::path::PathBuf>,
+    /// Resize protocol for --image [default: eval.protocol].
+    #[arg(long, value_enum, requires = "image")]
+    pub protocol: Option<segq::preprocess::Protocol>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -44,7 +54,6 @@ pub struct BenchArgs {
 pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let config = load_config(global)?;
     super::set_threads(config.eval.threads);
-    let (width, height) = segq::bench::parse_size(&args.size)?;
     let mut recipes = SweepSpec {
         levels: &args.quant,
         methods: &args.method,
@@ -58,8 +67,40 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     if !args.quant.iter().any(|l| l.is_float_baseline()) {
         recipes = recipes.split_off(1);
     }
+    let model = ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?;
+    if !args.image.is_empty() {
+        let plan = PipelinePlan {
+            model,
+            recipes,
+            images: args.image,
+            protocol: args.protocol.unwrap_or(config.eval.protocol),
+            decode: segq::data::DecodeOptions {
+                max_image_pixels: config.dataset.max_image_pixels,
+                exif_orientation: config.dataset.exif_orientation,
+            },
+            warmup: args.warmup,
+            iters: args.iters,
+        };
+        // Outputs are written as `segq predict` writes them, into a scratch folder removed afterwards.
+        let scratch = std::env::temp_dir().join(format!("segq-bench-pipeline-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).map_err(|e| segq::Error::io(&scratch, e))?;
+        let (mask, overlay) = (scratch.join("image.mask.png"), scratch.join("image.overlay.png"));
+        let write = |image: &image::RgbImage, prediction: &[u16], num_labels: usize| {
+            segq::report::overlay::write_prediction_pngs(image, prediction, num_labels, &mask, &overlay)
+        };
+        let report = segq::bench::run_pipeline(&plan, &write);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let report = report?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_pipeline_table(&report);
+        }
+        return Ok(());
+    }
+    let (width, height) = segq::bench::parse_size(&args.size)?;
     let plan = BenchPlan {
-        model: ModelSource::parse(Some(args.model.as_deref().unwrap_or(&config.model.source)))?,
+        model,
         recipes,
         width,
         height,
@@ -112,5 +153,46 @@ fn print_table(report: &BenchReport, profile: bool) {
                 .collect();
             println!("{:<16} {}", "", stages.join(", "));
         }
+    }
+}
+
+fn print_pipeline_table(report: &PipelineReport) {
+    println!(
+        "model: {}; predict pipeline, median ms per stage, {} threads, {}",
+        report.model, report.threads, report.cpu
+    );
+    println!(
+        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10}  image",
+        "level",
+        "decode",
+        "preproc",
+        "batching",
+        "forward",
+        "postproc",
+        "write PNGs",
+        "total",
+        "fixed",
+        "fixed %",
+        "input"
+    );
+    for r in &report.rows {
+        let s = &r.stages;
+        println!(
+            "{:<16} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>9.2} {:>11.2} {:>9.2} {:>9.2} {:>8.1}% {:>10}  {} ({}x{})",
+            r.label,
+            s.decode_ms,
+            s.preprocess_ms,
+            s.batching_ms,
+            s.forward_ms,
+            s.postprocess_ms,
+            s.write_ms,
+            r.total_ms,
+            r.fixed_ms,
+            r.fixed_percent_of_forward,
+            format!("{}x{}", r.input_size[0], r.input_size[1]),
+            r.image,
+            r.image_size[0],
+            r.image_size[1]
+        );
     }
 }

@@ -150,16 +150,7 @@ pub fn run(global: &GlobalArgs, args: PredictArgs) -> Result<()> {
             .iter()
             .filter(|p| p.exists())
             .count();
-        let (w, h) = (prediction.width as u32, prediction.height as u32);
-        outputs::write_atomically(&names.mask, |tmp| {
-            overlay::save_mask_png(&prediction.mask, w, h, num_labels, tmp)
-        })?;
-        let overlay_image = overlay::overlay(&image, &prediction.mask, 0.5)?;
-        outputs::write_atomically(&names.overlay, |tmp| {
-            overlay_image
-                .save(tmp)
-                .map_err(|e| segq::Error::write(&names.overlay, format!("cannot write: {e}")))
-        })?;
+        overlay::write_prediction_pngs(&image, &prediction.mask, num_labels, &names.mask, &names.overlay)?;
         if args.save_logits {
             let l = &prediction.logits;
             outputs::write_atomically(&names.logits, |tmp| {

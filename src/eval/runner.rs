@@ -257,41 +257,46 @@ pub fn evaluate(plan: &EvalPlan, observer: &mut dyn EvalObserver) -> Result<Eval
         let mut wait_start = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut seen = 0usize;
+        // The next batch is decoded and preprocessed while the models run this one.
+        let mut batches = PreparedBatches::start(loader, loaded.preprocessor.clone(), plan.protocol)?;
+        // The loader's counts as of the last batch taken: a batch prepared ahead but not evaluated is not counted.
+        let mut taken_stats: Option<crate::data::LoadStats> = None;
         loop {
             if observer.should_stop() || crate::interrupt::stop_requested() {
                 tracing::warn!("interrupted: writing the results so far, marked incomplete");
                 stopped = true;
                 break;
             }
-            let Some(batch) = loader.next() else { break };
-            let batch = batch?;
+            let Some(prepared) = batches.next() else { break };
+            taken_stats = Some(prepared.stats);
+            let (batch, inputs) = prepared.batch?;
             let data_s = wait_start.elapsed().as_secs_f64();
             if batch.is_empty() {
                 wait_start = Instant::now();
                 continue;
             }
             let at = BatchAt { pass, first: seen };
-            evaluate_batch(
-                &batch,
-                &mut variants,
-                plan,
-                &loaded.preprocessor,
-                data_s,
-                &mut samples,
-                at,
-            )?;
+            evaluate_batch(&batch, &inputs, &mut variants, plan, data_s, &mut samples, at)?;
             seen += batch.len();
             observer.batch_done(batch.len());
             // Partial results are resumable only from a single pass.
             if passes == 1 && last_checkpoint.elapsed() >= plan.checkpoint_every {
-                let partial = run.results(variants.iter().map(Variant::snapshot).collect(), &loader.stats(), false)?;
+                let stats = taken_stats.clone().unwrap_or_default();
+                let partial = run.results(variants.iter().map(Variant::snapshot).collect(), &stats, false)?;
                 observer.checkpoint(&partial)?;
                 last_checkpoint = Instant::now();
             }
             wait_start = Instant::now();
         }
+        let (returned, ended) = batches.finish()?;
+        loader = returned;
+        // Run to its end, the loader's own counts are complete; stopped early, they are those of the batches taken.
+        let stats = match (ended, taken_stats) {
+            (false, Some(taken)) => taken,
+            _ => loader.stats(),
+        };
         if pass == 0 {
-            first_pass_stats = Some(loader.stats());
+            first_pass_stats = Some(stats);
         }
         rows.extend(variants.drain(1..).map(|v| v.finish(&reference_label, &mut worst)));
         if stopped {
@@ -807,11 +812,94 @@ fn level_row(label: String, level: Level, method: LevelMethod, num_labels: usize
     }
 }
 
+/// A batch with its model inputs (preprocessed once for all levels), and the loader's counts right after it.
+struct PreparedBatch {
+    batch: Result<(Vec<Example>, Vec<ModelInput>)>,
+    stats: crate::data::LoadStats,
+}
+
+/// The loader run on a background thread that also preprocesses each batch, one batch ahead of the models: the
+/// rendezvous channel lets the thread prepare batch k + 1 while batch k is evaluated, and no further. Batches
+/// arrive in the loader's order with its results unchanged; only where the preprocessing runs moves.
+struct PreparedBatches {
+    receiver: Option<crossbeam_channel::Receiver<PreparedBatch>>,
+    thread: Option<std::thread::JoinHandle<(Loader, bool)>>,
+}
+
+impl PreparedBatches {
+    fn start(
+        mut loader: Loader,
+        preprocessor: PreprocessorConfig,
+        protocol: crate::preprocess::Protocol,
+    ) -> Result<Self> {
+        let (sender, receiver) = crossbeam_channel::bounded(0);
+        let thread = std::thread::Builder::new()
+            .name("segq-prepare".into())
+            .spawn(move || {
+                // One thread of its own: the resize's parallel loops run here in turn instead of taking the
+                // model's threads from it.
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().ok();
+                let prepare = |batch: Vec<Example>| {
+                    let inputs = batch
+                        .iter()
+                        .map(|ex| ModelInput::new(&ex.image, &preprocessor, protocol))
+                        .collect();
+                    (batch, inputs)
+                };
+                loop {
+                    let Some(batch) = loader.next() else {
+                        return (loader, true);
+                    };
+                    let batch = batch.map(|b| match &pool {
+                        Some(pool) => pool.install(|| prepare(b)),
+                        None => prepare(b),
+                    });
+                    let stats = loader.stats();
+                    if sender.send(PreparedBatch { batch, stats }).is_err() {
+                        // The run stopped taking batches.
+                        return (loader, false);
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the batch preparing thread: {e}")))?;
+        Ok(PreparedBatches {
+            receiver: Some(receiver),
+            thread: Some(thread),
+        })
+    }
+
+    fn next(&mut self) -> Option<PreparedBatch> {
+        self.receiver.as_ref()?.recv().ok()
+    }
+
+    /// Stops the thread and returns the loader, with whether it was run to its end.
+    fn finish(mut self) -> Result<(Loader, bool)> {
+        self.receiver = None;
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| Error::internal("the batch preparing thread is gone"))?;
+        thread
+            .join()
+            .map_err(|_| Error::internal("the batch preparing thread panicked"))
+    }
+}
+
+impl Drop for PreparedBatches {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread at its next batch; waiting for it lets the loader shut down cleanly.
+        self.receiver = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn evaluate_batch(
     batch: &[Example],
+    inputs: &[ModelInput],
     variants: &mut [Variant],
     plan: &EvalPlan,
-    preprocessor: &PreprocessorConfig,
     data_s: f64,
     samples: &mut Vec<Sample>,
     at: BatchAt,
@@ -819,14 +907,10 @@ fn evaluate_batch(
     let n = batch.len();
     let ignore_index = plan.loader.labels.ignore_index;
     let per_image = bootstrap_settings(plan).is_some();
-    // Preprocess once for all levels; images of one size share a forward pass.
-    let pre_start = Instant::now();
-    let inputs: Vec<ModelInput> = batch
-        .iter()
-        .map(|ex| ModelInput::new(&ex.image, preprocessor, plan.protocol))
-        .collect();
+    // Images of one size share a forward pass. The inputs were preprocessed while the previous batch ran: what
+    // the run waited for them is the time shared by every level.
     let inputs: Vec<&ModelInput> = inputs.iter().collect();
-    let shared_per_image_ms = (data_s + pre_start.elapsed().as_secs_f64()) * 1000.0 / n as f64;
+    let shared_per_image_ms = data_s * 1000.0 / n as f64;
 
     let mut reference: Vec<Vec<u16>> = Vec::new();
     // The first `plan.samples` examples of the run are kept (in the first pass), with every level's prediction
@@ -951,5 +1035,76 @@ mod tests {
         assert_eq!(level_groups(9, 3), vec![1..4, 4..7, 7..9]);
         assert_eq!(level_groups(4, 1), vec![1..2, 2..3, 3..4]);
         assert_eq!(level_groups(1, 1), vec![1..1], "f32 alone: one pass");
+    }
+}
+
+#[cfg(test)]
+mod prepared_batches_tests {
+    use super::*;
+    use crate::data::{DatasetSpec, LoaderOptions};
+    use crate::preprocess::Protocol;
+
+    fn demo_spec() -> DatasetSpec {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/ade");
+        crate::data::resolve_local(root.to_str().unwrap(), "validation", "image", "annotation").unwrap()
+    }
+
+    fn options() -> LoaderOptions {
+        LoaderOptions {
+            batch_size: 5,
+            workers: 2,
+            prefetch_batches: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The background thread hands out the loader's batches in order with the inputs `ModelInput::new` gives, and
+    /// the loader's counts after each; run to its end, the loader comes back complete.
+    #[test]
+    fn prepared_batches_equal_the_loaders_with_their_inputs() {
+        let preprocessor = PreprocessorConfig::default();
+        let mut direct = Loader::new(&demo_spec(), options()).unwrap();
+        let mut prepared = PreparedBatches::start(
+            Loader::new(&demo_spec(), options()).unwrap(),
+            preprocessor.clone(),
+            Protocol::Transformers,
+        )
+        .unwrap();
+        let mut batches = 0;
+        while let Some(batch) = prepared.next() {
+            let (examples, inputs) = batch.batch.unwrap();
+            let want = direct.next().unwrap().unwrap();
+            assert_eq!(batch.stats.selected, direct.stats().selected);
+            assert_eq!(
+                examples.iter().map(|e| e.index).collect::<Vec<_>>(),
+                want.iter().map(|e| e.index).collect::<Vec<_>>()
+            );
+            for (ex, input) in want.iter().zip(&inputs) {
+                assert_eq!(
+                    *input,
+                    ModelInput::new(&ex.image, &preprocessor, Protocol::Transformers)
+                );
+            }
+            batches += 1;
+        }
+        assert!(direct.next().is_none());
+        assert_eq!(batches, 3, "12 demo images in batches of 5");
+        let (loader, ended) = prepared.finish().unwrap();
+        assert!(ended);
+        assert_eq!(loader.stats().skipped, direct.stats().skipped);
+    }
+
+    /// Stopped after one batch, the thread ends with the next batch prepared but not handed out.
+    #[test]
+    fn prepared_batches_stop_when_the_run_stops_taking_them() {
+        let mut prepared = PreparedBatches::start(
+            Loader::new(&demo_spec(), options()).unwrap(),
+            PreprocessorConfig::default(),
+            Protocol::Transformers,
+        )
+        .unwrap();
+        assert_eq!(prepared.next().unwrap().batch.unwrap().0.len(), 5);
+        let (_, ended) = prepared.finish().unwrap();
+        assert!(!ended);
     }
 }
