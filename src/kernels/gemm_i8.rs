@@ -119,6 +119,117 @@ impl I8Panels {
     }
 }
 
+/// Activations already quantized per row for the int8 GEMM ([`gemm_i8_quantized`]), written by the kernel that
+/// produces them (fused attention's softmax, Mix-FFN's depthwise conv + GELU) instead of by a separate pass over a
+/// float matrix. Codes and scales are exactly those of [`quantize_rows_i8`]; each row is padded to a multiple of
+/// four codes (the padding multiplies zero weights), and on the VNNI path rows hold the codes shifted to unsigned
+/// (`code + 128`, top bit flipped), as the micro-kernels read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedRows {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    rows: usize,
+    k: usize,
+    stride: usize,
+    shifted: bool,
+}
+
+impl QuantizedRows {
+    /// `rows` rows of `k` zero codes (scale 0), laid out for the int8 GEMM path this CPU takes.
+    pub fn zeros(rows: usize, k: usize) -> QuantizedRows {
+        let stride = k.div_ceil(4) * 4;
+        QuantizedRows {
+            codes: vec![0; rows * stride],
+            scales: vec![0.0; rows],
+            rows,
+            k,
+            stride,
+            shifted: codes_shifted(),
+        }
+    }
+
+    /// Quantizes each row of `x` `[rows, k]` as [`quantize_rows_i8`] does (the separate pass).
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Result<QuantizedRows> {
+        if x.len() != rows * k {
+            return Err(Error::invalid(
+                "QuantizedRows::quantize",
+                format!("input has {} values, want rows*K = {rows}*{k}", x.len()),
+            ));
+        }
+        let mut q = QuantizedRows::zeros(rows, k);
+        let shifted = q.shifted;
+        q.par_rows_mut(1).enumerate().for_each(|(r, (codes, scales))| {
+            scales[0] = quantize_row_for_gemm(&x[r * k..(r + 1) * k], &mut codes[..k], shifted);
+        });
+        Ok(q)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Codes per row (input features of the product).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// One scale per row: `absmax / 127`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// The signed code of row `row`, column `col`, whatever the layout.
+    pub fn code(&self, row: usize, col: usize) -> i8 {
+        let c = self.codes[row * self.stride + col];
+        if self.shifted { c ^ i8::MIN } else { c }
+    }
+
+    /// True when rows hold shifted codes (the VNNI layout); producers pass it to [`quantize_row_for_gemm`].
+    pub(crate) fn shifted(&self) -> bool {
+        self.shifted
+    }
+
+    /// Codes per row as stored (`k` rounded up to four).
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Blocks of `rows_per_block` rows in parallel: (their codes, `stride` per row, and their scales).
+    pub(crate) fn par_rows_mut(
+        &mut self,
+        rows_per_block: usize,
+    ) -> impl IndexedParallelIterator<Item = (&mut [i8], &mut [f32])> {
+        let block = rows_per_block.max(1);
+        self.codes
+            .par_chunks_mut((block * self.stride).max(1))
+            .zip(self.scales.par_chunks_mut(block))
+    }
+}
+
+/// Scalar reference of [`quantize_row_for_gemm`].
+pub(crate) fn quantize_row_for_gemm_scalar(x: &[f32], codes: &mut [i8], shifted: bool) -> f32 {
+    let scale = quantize_row_scalar(x, codes);
+    if shifted {
+        codes.iter_mut().for_each(|c| *c ^= i8::MIN);
+    }
+    scale
+}
+
+/// True when the int8 GEMM reads shifted (unsigned) activation codes: the VNNI path.
+pub(crate) fn codes_shifted() -> bool {
+    vnni_kind().is_some()
+}
+
+/// Quantizes one row as the GEMM reads it: [`quantize_row`]'s codes (flipped to unsigned when `shifted`) and scale.
+pub(crate) fn quantize_row_for_gemm(x: &[f32], codes: &mut [i8], shifted: bool) -> f32 {
+    let scale = quantize_row(x, codes);
+    if shifted {
+        // code + 128 as an unsigned byte is the code with its top bit flipped.
+        codes.iter_mut().for_each(|c| *c ^= i8::MIN);
+    }
+    scale
+}
+
 /// Quantizes each row of `x` `[m, k]` to int8: `scale = absmax / 127`, `code = round_half_even(x * 127 / absmax)`.
 /// Returns codes `[m, k]` and one scale per row (0 for an all-zero row, whose codes are all 0).
 pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f32>)> {
@@ -147,7 +258,7 @@ pub(super) fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
 }
 
 /// Scalar reference of the row quantizer.
-fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
+pub(crate) fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     if absmax == 0.0 {
         codes.fill(0);
@@ -168,7 +279,7 @@ fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
     quantize_with_inverse_scalar(x, inv, codes)
 }
 
-fn quantize_with_inverse_scalar(x: &[f32], inv: f32, codes: &mut [i8]) {
+pub(crate) fn quantize_with_inverse_scalar(x: &[f32], inv: f32, codes: &mut [i8]) {
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
@@ -307,6 +418,112 @@ fn gemm_blocks(
     );
 }
 
+/// `out[M,N] = (sum_k x.code[m,k] * w[n,k]) * x.scale[m] * sw[n] + bias[n] (+ residual[m,n])` for activations a
+/// producing kernel already quantized ([`QuantizedRows`]): the same blocks, micro-kernels and epilogue as
+/// [`gemm_i8_dynamic`], so the same floats as it gives for the float rows those codes came from; the residual is added
+/// to each finished block (the same sum as a separate pass).
+pub fn gemm_i8_quantized(
+    x: &QuantizedRows,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let n = w.n;
+    if x.k != w.k
+        || out.len() != x.rows * n
+        || bias.is_some_and(|b| b.len() != n)
+        || residual.is_some_and(|r| r.len() != out.len())
+    {
+        return Err(Error::invalid(
+            "gemm_i8_quantized",
+            format!(
+                "shapes disagree: {} rows of K={} codes, weight N={n} K={}, output {} values (want {}), bias {}, \
+                 residual {}",
+                x.rows,
+                x.k,
+                w.k,
+                out.len(),
+                x.rows * n,
+                bias.map_or(0, |b| b.len()),
+                residual.map_or(0, |r| r.len())
+            ),
+        ));
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
+        let rows = dst.len() / n;
+        let r0 = blk * MB;
+        let codes = &x.codes[r0 * x.stride..(r0 + rows) * x.stride];
+        gemm_codes_block(codes, x.shifted, &x.scales[r0..r0 + rows], rows, w, bias, dst);
+        if let Some(r) = residual {
+            dst.iter_mut()
+                .zip(&r[r0 * n..(r0 + rows) * n])
+                .for_each(|(o, r)| *o += r);
+        }
+    });
+    Ok(())
+}
+
+/// One block of `rows` pre-quantized rows (`codes`, rows `w.k4` apart, shifted when `shifted`) times `w` into `dst`
+/// `[rows, n]`, on this thread: the VNNI or AVX2 micro-kernels, else the scalar loop. Shifted codes come from
+/// [`codes_shifted`], so they are shifted exactly when a VNNI kernel runs.
+pub(crate) fn gemm_codes_block(
+    codes: &[i8],
+    shifted: bool,
+    scales: &[f32],
+    rows: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+) {
+    debug_assert!(codes.len() >= rows * w.k4 && scales.len() >= rows && dst.len() == rows * w.n);
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let vnni = vnni_kind();
+        if vnni.is_some() == shifted {
+            // SAFETY: the CPU supports the instructions of the path taken (detected); `codes` holds `rows` rows of
+            // k4 codes, shifted exactly when a VNNI kernel reads them; `dst` holds `rows * n` outputs.
+            unsafe {
+                match vnni {
+                    Some(Vnni::Avx) => vnni_avx::gemm_block(codes, scales, rows, w, bias, dst),
+                    Some(Vnni::Avx512) => vnni_avx512::gemm_block(codes, scales, rows, w, bias, dst),
+                    None => avx2::gemm_block(codes, scales, rows, w, bias, dst),
+                }
+            }
+            return;
+        }
+    }
+    gemm_codes_block_scalar(codes, shifted, scales, rows, w, bias, dst);
+}
+
+/// Scalar reference of [`gemm_codes_block`]: plain dot products and the shared epilogue.
+pub(crate) fn gemm_codes_block_scalar(
+    codes: &[i8],
+    shifted: bool,
+    scales: &[f32],
+    rows: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+) {
+    let (n, k) = (w.n, w.k);
+    let flip = if shifted { i8::MIN } else { 0 };
+    for r in 0..rows {
+        let row: Vec<i8> = codes[r * w.k4..r * w.k4 + k].iter().map(|&c| c ^ flip).collect();
+        for col in 0..n {
+            let acc: i32 = row
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as i32 * w.code(col, i) as i32)
+                .sum();
+            dst[r * n + col] = epilogue(acc, scales[r], w.scales[col], bias.map_or(0.0, |b| b[col]));
+        }
+    }
+}
+
 /// Which `vpdpbusd` the CPU has (when [`super::simd`] allows VNNI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vnni {
@@ -442,7 +659,7 @@ fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &I8Panels) -> Vec<(&'sta
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{I8Panels, MR, NR};
     use std::arch::x86_64::*;
 
@@ -488,26 +705,34 @@ mod avx2 {
     pub(super) unsafe fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
         let n = x.len();
         let vinv = _mm256_set1_ps(inv);
-        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let mut i = 0;
         while i + 32 <= n {
             // SAFETY: i + 32 <= n for both `x` and `codes`.
             unsafe {
-                let q = |o: usize| {
-                    let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + o)), vinv);
-                    let v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
-                    _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
-                };
-                let ab = _mm256_packs_epi32(q(0), q(8));
-                let cd = _mm256_packs_epi32(q(16), q(24));
-                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+                let v = |o: usize| _mm256_loadu_ps(x.as_ptr().add(i + o));
+                let bytes = codes32([v(0), v(8), v(16), v(24)], vinv);
                 _mm256_storeu_si256(codes.as_mut_ptr().add(i) as *mut __m256i, bytes);
             }
             i += 32;
         }
         super::quantize_with_inverse_scalar(&x[i..], inv, &mut codes[i..]);
+    }
+
+    /// The codes of 32 values (four vectors in order) times `vinv`: `clamp(round_half_even(v * inv), -127, 127)`
+    /// as 32 bytes in order, as [`quantize_with_inverse`] stores them; for kernels that quantize values they have
+    /// just computed (the fused softmax).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn codes32(v: [__m256; 4], vinv: __m256) -> __m256i {
+        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let q = |v: __m256| {
+            let v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), flo), fhi);
+            _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
+        };
+        let ab = _mm256_packs_epi32(q(v[0]), q(v[1]));
+        let cd = _mm256_packs_epi32(q(v[2]), q(v[3]));
+        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 
     /// i32 accumulators of `ROWS` rows (`ROWS <= MR`) of `xq` (rows `k4` apart) against one 16-column panel.
@@ -1050,6 +1275,50 @@ pub(crate) mod tests {
         assert!(gemm_i8_static(&[0.0; 6], 3, 2, &w, 1.0, None, &mut out).is_err());
         assert!(gemm_i8_static(&[0.0; 6], 2, 3, &w, -1.0, None, &mut out).is_err());
         compared_against_scalar("gemm_i8_static", &dispatched_path());
+    }
+
+    #[test]
+    fn prequantized_rows_give_the_dynamic_gemm_floats_on_awkward_sizes() {
+        for &(m, k, n) in &[
+            (1, 9, 1),
+            (3, 27, 7),
+            (17, 33, 19),
+            (130, 147, 150),
+            (70, 256, 17),
+            (5, 2, 33),
+        ] {
+            let x = random_vec(m * k, (11 * m + k + n) as u64, 2.0);
+            let (codes, scales) = random_weight(n, k, (7 * k + n) as u64);
+            let bias = random_vec(n, 97, 1.0);
+            let residual = random_vec(m * n, 96, 1.0);
+            let w = I8Panels::pack(&codes, &scales, n, k).unwrap();
+            let q = QuantizedRows::quantize(&x, m, k).unwrap();
+            let (want_codes, want_scales) = quantize_rows_i8(&x, m, k).unwrap();
+            assert_eq!(q.scales(), &want_scales[..]);
+            assert!((0..m * k).all(|i| q.code(i / k, i % k) == want_codes[i]));
+            for (b, r) in [(None, None), (Some(&bias[..]), Some(&residual[..]))] {
+                let mut want = vec![f32::NAN; m * n];
+                gemm_i8_dynamic(&x, m, k, &w, b, &mut want).unwrap();
+                if let Some(r) = r {
+                    want.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+                }
+                let mut got = vec![f32::NAN; m * n];
+                gemm_i8_quantized(&q, &w, b, r, &mut got).unwrap();
+                assert_eq!(got, want, "M={m} K={k} N={n}");
+                // The scalar block on the same codes: exact accumulators, the same epilogue.
+                let mut slow = vec![f32::NAN; m * n];
+                gemm_codes_block_scalar(&q.codes, q.shifted, q.scales(), m, &w, b, &mut slow);
+                if let Some(r) = r {
+                    slow.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+                }
+                assert_eq!(slow, got, "scalar M={m} K={k} N={n}");
+            }
+        }
+        let w = I8Panels::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
+        let q = QuantizedRows::zeros(2, 2);
+        assert!(gemm_i8_quantized(&q, &w, None, None, &mut [0.0; 4]).is_err());
+        assert!(QuantizedRows::quantize(&[0.0; 5], 2, 3).is_err());
+        compared_against_scalar("gemm_i8_quantized", &dispatched_path());
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod resize;
 pub mod softmax;
 
 pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar, attention_scalar};
-pub use dwconv::dwconv3x3_nhwc;
+pub use dwconv::{dwconv3x3_gelu_nhwc_i8, dwconv3x3_gelu_nhwc_i8_scalar, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{
     ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_i8_static, conv2d_nhwc_i8_static_scalar,
@@ -35,8 +35,8 @@ pub use gemm_f32::{
     matmul_scalar,
 };
 pub use gemm_i8::{
-    I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, gemm_i8_static, gemm_i8_static_scalar, quantize_rows_i8,
-    quantize_static_i8,
+    I8Panels, QuantizedRows, gemm_i8_dynamic, gemm_i8_dynamic_scalar, gemm_i8_quantized, gemm_i8_static,
+    gemm_i8_static_scalar, quantize_rows_i8, quantize_static_i8,
 };
 pub use layer_norm::layer_norm;
 pub use resize::{MapNhwc, UpsampleSum, upsample_sum_nhwc};

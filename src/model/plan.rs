@@ -339,6 +339,15 @@ impl MatMul {
         }
     }
 
+    /// The packed int8 weight when activations are quantized per row at run time (`int8-dyn`): callers that already
+    /// hold the input quantized ([`kernels::QuantizedRows`]) run [`kernels::gemm_i8_quantized`] on it.
+    pub fn dynamic_int8_panels(&self) -> Option<&kernels::I8Panels> {
+        match self {
+            MatMul::W8A8(p) if p.act_scale.is_none() => Some(&p.panels),
+            _ => None,
+        }
+    }
+
     /// Dequantizes a weight-only quantized weight once, for several [`ResolvedMatMul::apply`] calls.
     pub fn resolve(&self) -> ResolvedMatMul<'_> {
         match self {
