@@ -203,6 +203,7 @@ fn pack_heads(k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<(super:
 /// and its probabilities inside the softmax, into one per-thread code buffer the GEMM blocks read.
 #[cfg(target_arch = "x86_64")]
 fn attention_i8_fused(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    use super::as_uninit;
     use super::gemm_i8::{codes_shifted, gemm_codes_block, quantize_row_for_gemm};
     use super::softmax::softmax_row_quantized;
     shape.check(q.len(), k.len(), v.len(), out.len())?;
@@ -234,11 +235,16 @@ fn attention_i8_fused(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, ou
                 let dst = &mut codes[i * q_stride..i * q_stride + head_dim];
                 *s = quantize_row_for_gemm(&q[start..start + head_dim], dst, shifted);
             }
-            gemm_codes_block(codes, shifted, row_scales, rows, k_packed, None, scores);
+            // SAFETY (both products): the GEMM writes initialized floats only.
+            gemm_codes_block(codes, shifted, row_scales, rows, k_packed, None, unsafe {
+                as_uninit(scores)
+            });
             for (i, (row, s)) in scores.chunks_exact_mut(keys).zip(row_scales.iter_mut()).enumerate() {
                 *s = softmax_row_quantized(row, scale, &mut codes[i * p_stride..i * p_stride + keys], shifted);
             }
-            gemm_codes_block(codes, shifted, row_scales, rows, vt_packed, None, context);
+            gemm_codes_block(codes, shifted, row_scales, rows, vt_packed, None, unsafe {
+                as_uninit(context)
+            });
             for (i, row) in context.chunks_exact(head_dim).enumerate() {
                 // SAFETY: row r0 + i, columns of head h: this task's own tile of `out`, which outlives the loop.
                 unsafe {

@@ -14,8 +14,11 @@
 //! code sum, precomputed at pack time: `sum (x + 128) w = sum x w + 128 sum w`. One instruction replaces four, and
 //! the accumulators are the same integers as on the AVX2 path.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use super::{as_uninit, filled_vec};
 use crate::{Error, Result};
 
 /// Output columns per packed panel (two AVX2 vectors of eight i32 lanes).
@@ -341,10 +344,94 @@ pub fn gemm_i8_dynamic(
     check_gemm(x.len(), m, k, w, bias, out.len())?;
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        gemm_blocks(x, k, w, bias, out, quantize_row);
+        // SAFETY: the blocks write initialized floats only.
+        gemm_blocks(x, k, w, bias, None, unsafe { as_uninit(out) }, quantize_row);
         return Ok(());
     }
     gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+}
+
+/// [`gemm_i8_dynamic`] into a new vector, plus `residual` `[M, N]` when given (added to each finished block: the
+/// same sums as a separate pass). The SIMD path writes every output once, with no zeroing pass before.
+pub fn gemm_i8_dynamic_vec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_gemm(x.len(), m, k, w, bias, m * w.n)?;
+    check_residual("gemm_i8_dynamic", residual, m * w.n)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the blocks write every output (shapes checked above).
+        return unsafe {
+            filled_vec(m * w.n, |out| {
+                Ok(gemm_blocks(x, k, w, bias, residual, out, quantize_row))
+            })
+        };
+    }
+    let mut out = vec![0f32; m * w.n];
+    gemm_i8_dynamic_scalar(x, m, k, w, bias, &mut out)?;
+    add_residual(&mut out, residual);
+    Ok(out)
+}
+
+/// [`gemm_i8_static`] into a new vector, plus `residual` when given, as [`gemm_i8_dynamic_vec`].
+pub fn gemm_i8_static_vec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_gemm(x.len(), m, k, w, bias, m * w.n)?;
+    check_residual("gemm_i8_static", residual, m * w.n)?;
+    let inv = static_inverse(act_scale)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let quantize = |src: &[f32], codes: &mut [i8]| {
+            quantize_with_inverse(src, inv, codes);
+            act_scale
+        };
+        // SAFETY: the blocks write every output (shapes checked above).
+        return unsafe { filled_vec(m * w.n, |out| Ok(gemm_blocks(x, k, w, bias, residual, out, quantize))) };
+    }
+    let mut out = vec![0f32; m * w.n];
+    gemm_i8_static_scalar(x, m, k, w, act_scale, bias, &mut out)?;
+    add_residual(&mut out, residual);
+    Ok(out)
+}
+
+fn check_residual(what: &str, residual: Option<&[f32]>, out: usize) -> Result<()> {
+    match residual {
+        Some(r) if r.len() != out => Err(Error::invalid(
+            what,
+            format!("residual of {} values for an output of {out}", r.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn add_residual(out: &mut [f32], residual: Option<&[f32]>) {
+    if let Some(r) = residual {
+        out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+    }
+}
+
+/// Adds `residual` to a block of outputs the micro-kernels have written.
+///
+/// # Safety
+/// Every value of `dst` is initialized; `residual` is as long as `dst`.
+unsafe fn add_residual_written(dst: &mut [MaybeUninit<f32>], residual: &[f32]) {
+    for (o, r) in dst.iter_mut().zip(residual) {
+        // SAFETY: written by the block (caller's contract).
+        let v = unsafe { o.assume_init() } + r;
+        o.write(v);
+    }
 }
 
 /// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * act_scale * sw[n] + bias[n]` with every activation quantized by the
@@ -363,24 +450,28 @@ pub fn gemm_i8_static(
     let inv = static_inverse(act_scale)?;
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        gemm_blocks(x, k, w, bias, out, |src, codes| {
+        let quantize = |src: &[f32], codes: &mut [i8]| {
             quantize_with_inverse(src, inv, codes);
             act_scale
-        });
+        };
+        // SAFETY: the blocks write initialized floats only.
+        gemm_blocks(x, k, w, bias, None, unsafe { as_uninit(out) }, quantize);
         return Ok(());
     }
     gemm_i8_static_scalar(x, m, k, w, act_scale, bias, out)
 }
 
 /// The SIMD GEMM over blocks of [`MB`] rows in parallel: `quantize(row, codes)` fills a row's codes and returns its
-/// scale, then the VNNI or AVX2 micro-kernels run on the block. Shapes are checked by the caller.
+/// scale, then the VNNI or AVX2 micro-kernels run on the block, then `residual` is added to it. Every output is
+/// written. Shapes are checked by the caller.
 #[cfg(target_arch = "x86_64")]
 fn gemm_blocks(
     x: &[f32],
     k: usize,
     w: &I8Panels,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    residual: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
     quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync,
 ) {
     let n = w.n;
@@ -414,6 +505,10 @@ fn gemm_blocks(
                     None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
                 }
             }
+            if let Some(r) = residual {
+                // SAFETY: the block wrote all of `dst`; the residual has the output's shape (checked by callers).
+                unsafe { add_residual_written(dst, &r[r0 * n..(r0 + rows) * n]) };
+            }
         },
     );
 }
@@ -427,44 +522,39 @@ pub fn gemm_i8_quantized(
     w: &I8Panels,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
-    out: &mut [f32],
-) -> Result<()> {
+) -> Result<Vec<f32>> {
     let n = w.n;
-    if x.k != w.k
-        || out.len() != x.rows * n
-        || bias.is_some_and(|b| b.len() != n)
-        || residual.is_some_and(|r| r.len() != out.len())
-    {
+    let len = x.rows * n;
+    if x.k != w.k || bias.is_some_and(|b| b.len() != n) || residual.is_some_and(|r| r.len() != len) {
         return Err(Error::invalid(
             "gemm_i8_quantized",
             format!(
-                "shapes disagree: {} rows of K={} codes, weight N={n} K={}, output {} values (want {}), bias {}, \
-                 residual {}",
+                "shapes disagree: {} rows of K={} codes, weight N={n} K={}, bias {}, residual {} (want {len})",
                 x.rows,
                 x.k,
                 w.k,
-                out.len(),
-                x.rows * n,
                 bias.map_or(0, |b| b.len()),
                 residual.map_or(0, |r| r.len())
             ),
         ));
     }
-    if out.is_empty() {
-        return Ok(());
-    }
-    out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
-        let rows = dst.len() / n;
-        let r0 = blk * MB;
-        let codes = &x.codes[r0 * x.stride..(r0 + rows) * x.stride];
-        gemm_codes_block(codes, x.shifted, &x.scales[r0..r0 + rows], rows, w, bias, dst);
-        if let Some(r) = residual {
-            dst.iter_mut()
-                .zip(&r[r0 * n..(r0 + rows) * n])
-                .for_each(|(o, r)| *o += r);
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        if n > 0 {
+            out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
+                let rows = dst.len() / n;
+                let r0 = blk * MB;
+                let codes = &x.codes[r0 * x.stride..(r0 + rows) * x.stride];
+                gemm_codes_block(codes, x.shifted, &x.scales[r0..r0 + rows], rows, w, bias, dst);
+                if let Some(r) = residual {
+                    // SAFETY: the block wrote all of `dst`; the residual has the output's shape (checked).
+                    unsafe { add_residual_written(dst, &r[r0 * n..(r0 + rows) * n]) };
+                }
+            });
         }
-    });
-    Ok(())
+        Ok(())
+    };
+    // SAFETY: every block is written by `gemm_codes_block`.
+    unsafe { filled_vec(len, fill) }
 }
 
 /// One block of `rows` pre-quantized rows (`codes`, rows `w.k4` apart, shifted when `shifted`) times `w` into `dst`
@@ -477,7 +567,7 @@ pub(crate) fn gemm_codes_block(
     rows: usize,
     w: &I8Panels,
     bias: Option<&[f32]>,
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
 ) {
     debug_assert!(codes.len() >= rows * w.k4 && scales.len() >= rows && dst.len() == rows * w.n);
     #[cfg(target_arch = "x86_64")]
@@ -499,7 +589,7 @@ pub(crate) fn gemm_codes_block(
     gemm_codes_block_scalar(codes, shifted, scales, rows, w, bias, dst);
 }
 
-/// Scalar reference of [`gemm_codes_block`]: plain dot products and the shared epilogue.
+/// Scalar reference of [`gemm_codes_block`]: plain dot products and the shared epilogue; writes all of `dst`.
 pub(crate) fn gemm_codes_block_scalar(
     codes: &[i8],
     shifted: bool,
@@ -507,7 +597,7 @@ pub(crate) fn gemm_codes_block_scalar(
     rows: usize,
     w: &I8Panels,
     bias: Option<&[f32]>,
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
 ) {
     let (n, k) = (w.n, w.k);
     let flip = if shifted { i8::MIN } else { 0 };
@@ -519,7 +609,7 @@ pub(crate) fn gemm_codes_block_scalar(
                 .enumerate()
                 .map(|(i, &c)| c as i32 * w.code(col, i) as i32)
                 .sum();
-            dst[r * n + col] = epilogue(acc, scales[r], w.scales[col], bias.map_or(0.0, |b| b[col]));
+            dst[r * n + col].write(epilogue(acc, scales[r], w.scales[col], bias.map_or(0.0, |b| b[col])));
         }
     }
 }
@@ -662,6 +752,7 @@ fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &I8Panels) -> Vec<(&'sta
 pub(crate) mod avx2 {
     use super::{I8Panels, MR, NR};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// See [`super::quantize_row_scalar`]; bit-identical results (same multiply, round-half-even conversion).
     ///
@@ -815,7 +906,7 @@ pub(crate) mod avx2 {
         params: &[__m256; 4],
         n: usize,
         p: usize,
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
     ) {
         let [sw0, sw1, b0, b1] = *params;
         let c0 = p * NR;
@@ -828,14 +919,15 @@ pub(crate) mod avx2 {
             let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
             // SAFETY: a full-width row holds 16 values; otherwise the copy goes through a 16-value buffer.
             unsafe {
+                let out_ptr = out_row.as_mut_ptr() as *mut f32;
                 if width == NR {
-                    _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
-                    _mm256_storeu_ps(out_row.as_mut_ptr().add(8), v1);
+                    _mm256_storeu_ps(out_ptr, v0);
+                    _mm256_storeu_ps(out_ptr.add(8), v1);
                 } else {
                     let mut tmp = [0f32; NR];
                     _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
                     _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-                    out_row.copy_from_slice(&tmp[..width]);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), out_ptr, width);
                 }
             }
         }
@@ -852,7 +944,7 @@ pub(crate) mod avx2 {
         rows: usize,
         w: &I8Panels,
         bias: Option<&[f32]>,
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
     ) {
         let n = w.n;
         for p in 0..n.div_ceil(NR) {
@@ -975,7 +1067,7 @@ macro_rules! vnni_kernels {
                 rows: usize,
                 w: &I8Panels,
                 bias: Option<&[f32]>,
-                dst: &mut [f32],
+                dst: &mut [std::mem::MaybeUninit<f32>],
             ) {
                 for p in 0..w.n.div_ceil(NR) {
                     let params = super::avx2::panel_params(w, bias, p);
@@ -1238,6 +1330,7 @@ pub(crate) mod tests {
                     let mut fast = vec![f32::NAN; m * n];
                     let mut slow = vec![f32::NAN; m * n];
                     gemm_i8_static(&x, m, k, &w, act_scale, b, &mut fast).unwrap();
+                    assert_eq!(gemm_i8_static_vec(&x, m, k, &w, act_scale, b, None).unwrap(), fast);
                     gemm_i8_static_scalar(&x, m, k, &w, act_scale, b, &mut slow).unwrap();
                     // Exact accumulators and the same epilogue: the same floats.
                     assert_eq!(fast, slow, "M={m} K={k} N={n} scale {act_scale}");
@@ -1302,21 +1395,27 @@ pub(crate) mod tests {
                 if let Some(r) = r {
                     want.iter_mut().zip(r).for_each(|(o, r)| *o += r);
                 }
-                let mut got = vec![f32::NAN; m * n];
-                gemm_i8_quantized(&q, &w, b, r, &mut got).unwrap();
+                let got = gemm_i8_quantized(&q, &w, b, r).unwrap();
                 assert_eq!(got, want, "M={m} K={k} N={n}");
+                assert_eq!(
+                    gemm_i8_dynamic_vec(&x, m, k, &w, b, r).unwrap(),
+                    want,
+                    "M={m} K={k} N={n}"
+                );
                 // The scalar block on the same codes: exact accumulators, the same epilogue.
                 let mut slow = vec![f32::NAN; m * n];
-                gemm_codes_block_scalar(&q.codes, q.shifted, q.scales(), m, &w, b, &mut slow);
-                if let Some(r) = r {
-                    slow.iter_mut().zip(r).for_each(|(o, r)| *o += r);
-                }
+                // SAFETY: the scalar block writes initialized floats only.
+                gemm_codes_block_scalar(&q.codes, q.shifted, q.scales(), m, &w, b, unsafe {
+                    as_uninit(&mut slow)
+                });
+                add_residual(&mut slow, r);
                 assert_eq!(slow, got, "scalar M={m} K={k} N={n}");
             }
         }
         let w = I8Panels::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
         let q = QuantizedRows::zeros(2, 2);
-        assert!(gemm_i8_quantized(&q, &w, None, None, &mut [0.0; 4]).is_err());
+        assert!(gemm_i8_quantized(&q, &w, None, None).is_err());
+        assert!(gemm_i8_dynamic_vec(&[0.0; 6], 2, 3, &w, None, Some(&[0.0; 3])).is_err());
         assert!(QuantizedRows::quantize(&[0.0; 5], 2, 3).is_err());
         compared_against_scalar("gemm_i8_quantized", &dispatched_path());
     }

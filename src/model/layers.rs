@@ -218,8 +218,7 @@ impl Linear {
                 residual.channels()
             )));
         }
-        let mut out = vec![0f32; x.rows() * out_features];
-        kernels::gemm_i8_quantized(x, panels, self.bias(), Some(residual.data()), &mut out)?;
+        let out = kernels::gemm_i8_quantized(x, panels, self.bias(), Some(residual.data()))?;
         residual.with_channels(out, out_features)
     }
 
@@ -481,15 +480,13 @@ impl LayerNorm {
 
     /// Over the tokens' channels, through [`kernels::layer_norm`] (two-pass statistics, AVX2, parallel over rows).
     pub fn forward(&self, x: &Tokens) -> Result<Tokens> {
-        let mut out = vec![0f32; x.data().len()];
-        kernels::layer_norm(
+        let out = kernels::layer_norm_vec(
             x.data(),
             x.rows(),
             x.channels(),
             &self.weight,
             &self.bias,
             self.eps as f32,
-            &mut out,
         )?;
         x.with_channels(out, x.channels())
     }

@@ -445,25 +445,11 @@ impl ResolvedMatMul<'_> {
                         p.panels.n()
                     )));
                 }
-                let mut out = vec![0f32; rows * n];
+                // Written without a zeroing pass, the residual added per finished block.
                 match p.act_scale {
-                    None => kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?,
-                    Some(scale) => kernels::gemm_i8_static(x, rows, k, &p.panels, scale, bias, &mut out)?,
+                    None => kernels::gemm_i8_dynamic_vec(x, rows, k, &p.panels, bias, residual),
+                    Some(scale) => kernels::gemm_i8_static_vec(x, rows, k, &p.panels, scale, bias, residual),
                 }
-                if let Some(r) = residual {
-                    if r.len() != out.len() {
-                        return Err(Error::internal(format!(
-                            "residual of {} values for an output of {}",
-                            r.len(),
-                            out.len()
-                        )));
-                    }
-                    out.par_iter_mut()
-                        .zip(r.par_iter())
-                        .with_min_len(4096)
-                        .for_each(|(o, r)| *o += r);
-                }
-                Ok(out)
             }
         }
     }
