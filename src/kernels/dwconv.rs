@@ -258,11 +258,14 @@ fn dwconv_gelu_i8_with(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::gelu::{avx2::gelu_slice, gelu_f32};
+    use super::super::gelu::{avx2::gelu8, gelu_f32};
     use super::taps_at;
     use std::arch::x86_64::*;
 
-    /// One output row `y` of the channels-last conv; `taps_weight` is `[9, C]`.
+    /// One output row `y` of the channels-last conv; `taps_weight` is `[9, C]`. Blocks of eight channels slide
+    /// along the row with their nine tap weights held in registers (one load per multiply-add instead of two), and
+    /// GELU is applied to each block while it is in registers; every output gets the same operations in the same
+    /// order as one pixel at a time (bias, then the valid taps in window order), so the results are the same.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; shapes must have been checked by the caller.
@@ -280,33 +283,53 @@ mod avx2 {
         dst: &mut [f32],
     ) {
         let vec_end = channels / 8 * 8;
-        for x in 0..width {
-            let (taps, n) = taps_at(height, width, y, x);
-            let out_px = &mut dst[x * channels..(x + 1) * channels];
-            let mut c = 0;
-            while c < vec_end {
-                // SAFETY: c + 8 <= channels; pixel offsets are inside the image, taps inside [9, C].
-                unsafe {
-                    let mut acc = _mm256_loadu_ps(bias.as_ptr().add(c));
-                    for &(pix, t) in &taps[..n] {
-                        let v = _mm256_loadu_ps(input.as_ptr().add(pix * channels + c));
-                        let w = _mm256_loadu_ps(taps_weight.as_ptr().add(t * channels + c));
-                        acc = _mm256_fmadd_ps(w, v, acc);
+        // Pixels whose whole 3x3 window is inside the image take the nine taps at fixed offsets.
+        let interior_row = y >= 1 && y + 1 < height;
+        let window: [isize; 9] = std::array::from_fn(|t| {
+            let (dy, dx) = (t / 3, t % 3);
+            (dy as isize - 1) * width as isize + dx as isize - 1
+        });
+        let mut c = 0;
+        while c < vec_end {
+            // SAFETY: c + 8 <= channels; pixel offsets are inside the image (interior windows, or `taps_at`), taps
+            // inside [9, C]; the output pixel x lies in `dst` (one row of `width` pixels).
+            unsafe {
+                let w: [__m256; 9] =
+                    std::array::from_fn(|t| _mm256_loadu_ps(taps_weight.as_ptr().add(t * channels + c)));
+                let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+                for x in 0..width {
+                    let mut acc = b;
+                    if interior_row && x >= 1 && x + 1 < width {
+                        let center = input.as_ptr().add((y * width + x) * channels + c);
+                        for (wt, &off) in w.iter().zip(&window) {
+                            let v = _mm256_loadu_ps(center.offset(off * channels as isize));
+                            acc = _mm256_fmadd_ps(*wt, v, acc);
+                        }
+                    } else {
+                        let (taps, n) = taps_at(height, width, y, x);
+                        for &(pix, t) in &taps[..n] {
+                            let v = _mm256_loadu_ps(input.as_ptr().add(pix * channels + c));
+                            acc = _mm256_fmadd_ps(w[t], v, acc);
+                        }
                     }
-                    _mm256_storeu_ps(out_px.as_mut_ptr().add(c), acc);
+                    if fuse_gelu {
+                        acc = gelu8(acc);
+                    }
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(x * channels + c), acc);
                 }
-                c += 8;
             }
-            for c in vec_end..channels {
-                let mut acc = bias[c];
-                for &(pix, t) in &taps[..n] {
-                    acc += taps_weight[t * channels + c] * input[pix * channels + c];
+            c += 8;
+        }
+        if vec_end < channels {
+            for x in 0..width {
+                let (taps, n) = taps_at(height, width, y, x);
+                for c in vec_end..channels {
+                    let mut acc = bias[c];
+                    for &(pix, t) in &taps[..n] {
+                        acc += taps_weight[t * channels + c] * input[pix * channels + c];
+                    }
+                    dst[x * channels + c] = if fuse_gelu { gelu_f32(acc) } else { acc };
                 }
-                out_px[c] = if fuse_gelu { gelu_f32(acc) } else { acc };
-            }
-            if fuse_gelu {
-                // SAFETY: AVX2 and FMA are available (caller's contract).
-                unsafe { gelu_slice(&mut out_px[..vec_end]) };
             }
         }
     }
