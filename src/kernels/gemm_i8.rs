@@ -373,7 +373,8 @@ pub fn gemm_i8_dynamic_vec(
         // SAFETY: the blocks write every output (shapes checked above).
         return unsafe {
             filled_vec(m * w.n, |out| {
-                Ok(gemm_blocks(x, k, w, bias, residual, out, quantize_row_flipped))
+                gemm_blocks(x, k, w, bias, residual, out, quantize_row_flipped);
+                Ok(())
             })
         };
     }
@@ -403,7 +404,12 @@ pub fn gemm_i8_static_vec(
             act_scale
         };
         // SAFETY: the blocks write every output (shapes checked above).
-        return unsafe { filled_vec(m * w.n, |out| Ok(gemm_blocks(x, k, w, bias, residual, out, quantize))) };
+        return unsafe {
+            filled_vec(m * w.n, |out| {
+                gemm_blocks(x, k, w, bias, residual, out, quantize);
+                Ok(())
+            })
+        };
     }
     let mut out = vec![0f32; m * w.n];
     gemm_i8_static_scalar(x, m, k, w, act_scale, bias, &mut out)?;
