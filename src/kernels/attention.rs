@@ -147,36 +147,36 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
 
 /// W8A8 attention for the `int8-dyn` level: both products through the int8 GEMM. Per batch and head, keys are
 /// quantized per key (row of K) and values per channel (row of V^T), symmetric absmax; queries are quantized per
-/// row and the softmax probabilities per row by [`super::gemm_i8_dynamic`] as it runs. The softmax itself stays in
-/// f32. Same blocking and parallelism as [`attention`].
+/// row as each task gathers them, and the softmax quantizes its probabilities per row as it forms them
+/// ([`super::softmax::softmax_row_quantized`]: the codes a separate pass would give, without storing the
+/// probabilities). The softmax itself stays in f32. Same blocking and parallelism as [`attention`]; without AVX2,
+/// [`attention_i8_scalar`].
 pub fn attention_i8(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
-    attention_i8_with(q, k, v, shape, out, super::gemm_i8_dynamic)
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        return attention_i8_fused(q, k, v, shape, out);
+    }
+    attention_i8_scalar(q, k, v, shape, out)
 }
 
-/// Scalar reference of [`attention_i8`]: the same quantization, the products through the scalar int8 GEMM.
+/// Scalar reference of [`attention_i8`]: the same quantization in separate passes (the softmax's probabilities
+/// stored, then quantized by the scalar int8 GEMM), the products through the scalar int8 GEMM. The softmax is
+/// [`attention`]'s row kernel, so that only the int8 paths differ from [`attention_i8`].
 pub fn attention_i8_scalar(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
     attention_i8_with(q, k, v, shape, out, super::gemm_i8_dynamic_scalar)
 }
 
-fn attention_i8_with(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    shape: AttentionShape,
-    out: &mut [f32],
-    gemm_i8: super::gemm_i8::GemmI8Fn,
-) -> Result<()> {
-    shape.check(q.len(), k.len(), v.len(), out.len())?;
+/// K_h as `[keys, d]` and V_h^T as `[d, keys]` per (batch, head), quantized per row and packed for the int8 GEMM.
+fn pack_heads(k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<(super::I8Panels, super::I8Panels)>> {
     let AttentionShape {
-        batch,
-        queries,
         keys,
         heads,
         head_dim,
+        batch,
+        ..
     } = shape;
     let c = shape.width();
-    // K_h as [keys, d] and V_h^T as [d, keys], quantized and packed once per (batch, head).
-    let packed = (0..batch * heads)
+    (0..batch * heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / heads, bh % heads);
@@ -196,7 +196,85 @@ fn attention_i8_with(
                 super::I8Panels::pack(&vc, &vs, head_dim, keys)?,
             ))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// [`attention_i8`] with the SIMD GEMM: each task quantizes its query rows straight from `q` (no gathered copy),
+/// and its probabilities inside the softmax, into one per-thread code buffer the GEMM blocks read.
+#[cfg(target_arch = "x86_64")]
+fn attention_i8_fused(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) -> Result<()> {
+    use super::as_uninit;
+    use super::gemm_i8::{codes_shifted, gemm_codes_block, quantize_row_for_gemm};
+    use super::softmax::softmax_row_quantized;
+    shape.check(q.len(), k.len(), v.len(), out.len())?;
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
+    let c = shape.width();
+    let packed = pack_heads(k, v, shape)?;
+    let shifted = codes_shifted();
+    // Rows of codes are padded to four, as the packed weights' K.
+    let (q_stride, p_stride) = (head_dim.div_ceil(4) * 4, keys.div_ceil(4) * 4);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..batch * heads * shape.blocks()).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |(codes, row_scales, scores, context): &mut (Vec<i8>, Vec<f32>, Vec<f32>, Vec<f32>), item| {
+            let (b, h, r0, rows) = shape.task(item);
+            let (k_packed, vt_packed) = &packed[b * heads + h];
+            codes.resize(rows * q_stride.max(p_stride), 0);
+            row_scales.resize(rows, 0.0);
+            scores.resize(rows * keys, 0.0);
+            context.resize(rows * head_dim, 0.0);
+            for (i, s) in row_scales.iter_mut().enumerate() {
+                let start = (b * queries + r0 + i) * c + h * head_dim;
+                let dst = &mut codes[i * q_stride..i * q_stride + head_dim];
+                *s = quantize_row_for_gemm(&q[start..start + head_dim], dst, shifted);
+            }
+            // SAFETY (both products): the GEMM writes initialized floats only.
+            gemm_codes_block(codes, shifted, row_scales, rows, k_packed, None, unsafe {
+                as_uninit(scores)
+            });
+            for (i, (row, s)) in scores.chunks_exact_mut(keys).zip(row_scales.iter_mut()).enumerate() {
+                *s = softmax_row_quantized(row, scale, &mut codes[i * p_stride..i * p_stride + keys], shifted);
+            }
+            gemm_codes_block(codes, shifted, row_scales, rows, vt_packed, None, unsafe {
+                as_uninit(context)
+            });
+            for (i, row) in context.chunks_exact(head_dim).enumerate() {
+                // SAFETY: row r0 + i, columns of head h: this task's own tile of `out`, which outlives the loop.
+                unsafe {
+                    let dst = out_ptr.get().add((b * queries + r0 + i) * c + h * head_dim);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, head_dim);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+fn attention_i8_with(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    out: &mut [f32],
+    gemm_i8: super::gemm_i8::GemmI8Fn,
+) -> Result<()> {
+    shape.check(q.len(), k.len(), v.len(), out.len())?;
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
+    let c = shape.width();
+    let packed = pack_heads(k, v, shape)?;
     let blocks = shape.blocks();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -383,6 +461,10 @@ mod tests {
             let (mut fast, mut slow, mut float) =
                 (vec![f32::NAN; q.len()], vec![f32::NAN; q.len()], vec![0f32; q.len()]);
             attention_i8(&q, &k, &v, s, &mut fast).unwrap();
+            // The fused quantization gives exactly what separate passes over stored probabilities give.
+            let mut unfused = vec![f32::NAN; q.len()];
+            attention_i8_with(&q, &k, &v, s, &mut unfused, crate::kernels::gemm_i8_dynamic).unwrap();
+            assert_eq!(fast, unfused, "{s:?}");
             attention_i8_scalar(&q, &k, &v, s, &mut slow).unwrap();
             attention(&q, &k, &v, s, &mut float).unwrap();
             for j in 0..q.len() {

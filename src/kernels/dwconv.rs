@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm_i8::QuantizedRows;
 use crate::{Error, Result};
 
 #[allow(clippy::too_many_arguments)]
@@ -118,28 +119,153 @@ pub fn dwconv3x3_nhwc_scalar(
     if channels * height * width == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(width * channels).enumerate().for_each(|(y, dst)| {
-        for x in 0..width {
-            let (taps, n) = taps_at(height, width, y, x);
-            for c in 0..channels {
-                let mut acc = bias[c];
-                for &(pix, t) in &taps[..n] {
-                    acc += weight[c * 9 + t] * input[pix * channels + c];
-                }
-                dst[x * channels + c] = if fuse_gelu { super::gelu::gelu_f32(acc) } else { acc };
-            }
-        }
-    });
+    out.par_chunks_mut(width * channels)
+        .enumerate()
+        .for_each(|(y, dst)| row_scalar(input, channels, height, width, weight, bias, fuse_gelu, y, dst));
     Ok(())
+}
+
+/// One output row `y` of [`dwconv3x3_nhwc_scalar`]; `weight` is `[C, 9]`.
+#[allow(clippy::too_many_arguments)]
+fn row_scalar(
+    input: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    weight: &[f32],
+    bias: &[f32],
+    fuse_gelu: bool,
+    y: usize,
+    dst: &mut [f32],
+) {
+    for x in 0..width {
+        let (taps, n) = taps_at(height, width, y, x);
+        for c in 0..channels {
+            let mut acc = bias[c];
+            for &(pix, t) in &taps[..n] {
+                acc += weight[c * 9 + t] * input[pix * channels + c];
+            }
+            dst[x * channels + c] = if fuse_gelu { super::gelu::gelu_f32(acc) } else { acc };
+        }
+    }
+}
+
+/// Mix-FFN's depthwise 3x3 conv + exact GELU on `batch` channels-last images (`[batch, H*W, C]`), quantized per
+/// pixel for the int8 GEMM of the `dense2` that reads it (level `int8-dyn`): each task computes one image row into a
+/// per-thread buffer (it stays in cache) and quantizes its pixels from there, so the float map is never stored.
+/// The codes and scales are exactly those of [`dwconv3x3_nhwc`] (with GELU) followed by
+/// [`super::QuantizedRows::quantize`]. AVX2 when the CPU has it.
+#[allow(clippy::too_many_arguments)]
+pub fn dwconv3x3_gelu_nhwc_i8(
+    input: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    weight: &[f32],
+    bias: &[f32],
+) -> Result<QuantizedRows> {
+    dwconv_gelu_i8_with(
+        input,
+        batch,
+        channels,
+        height,
+        width,
+        weight,
+        bias,
+        super::has_avx2_fma(),
+    )
+}
+
+/// Scalar reference of [`dwconv3x3_gelu_nhwc_i8`]: the scalar conv and GELU, then the scalar row quantizer.
+#[allow(clippy::too_many_arguments)]
+pub fn dwconv3x3_gelu_nhwc_i8_scalar(
+    input: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    weight: &[f32],
+    bias: &[f32],
+) -> Result<QuantizedRows> {
+    dwconv_gelu_i8_with(input, batch, channels, height, width, weight, bias, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dwconv_gelu_i8_with(
+    input: &[f32],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    weight: &[f32],
+    bias: &[f32],
+    simd: bool,
+) -> Result<QuantizedRows> {
+    let plane = channels * height * width;
+    check_shapes(
+        "dwconv3x3_gelu_nhwc_i8",
+        input.len() / batch.max(1),
+        channels,
+        height,
+        width,
+        weight.len(),
+        bias.len(),
+        input.len() / batch.max(1),
+    )?;
+    if input.len() != batch * plane {
+        return Err(Error::internal(format!(
+            "dwconv3x3_gelu_nhwc_i8: {} input values for {batch} images of {plane}",
+            input.len()
+        )));
+    }
+    let mut q = QuantizedRows::zeros(batch * height * width, channels);
+    if plane == 0 {
+        return Ok(q);
+    }
+    let (shifted, stride) = (q.shifted(), q.stride());
+    // Tap-major weights, [9, C], so eight channels of one tap are contiguous (the AVX2 row's layout).
+    let mut taps_weight = vec![0f32; 9 * channels];
+    for c in 0..channels {
+        for t in 0..9 {
+            taps_weight[t * channels + c] = weight[c * 9 + t];
+        }
+    }
+    q.par_rows_mut(width)
+        .enumerate()
+        .for_each_init(Vec::new, |row, (by, (codes, scales))| {
+            let (b, y) = (by / height, by % height);
+            let image = &input[b * plane..(b + 1) * plane];
+            row.resize(width * channels, 0f32);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the caller saw AVX2 and FMA on this CPU; shapes were checked.
+                unsafe { avx2::nhwc_row(image, channels, height, width, &taps_weight, bias, true, y, row) };
+                for (x, s) in scales.iter_mut().enumerate() {
+                    let dst = &mut codes[x * stride..x * stride + channels];
+                    *s = super::gemm_i8::quantize_row_for_gemm(&row[x * channels..(x + 1) * channels], dst, shifted);
+                }
+                return;
+            }
+            row_scalar(image, channels, height, width, weight, bias, true, y, row);
+            for (x, s) in scales.iter_mut().enumerate() {
+                let dst = &mut codes[x * stride..x * stride + channels];
+                *s = super::gemm_i8::quantize_row_for_gemm_scalar(&row[x * channels..(x + 1) * channels], dst, shifted);
+            }
+        });
+    Ok(q)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::gelu::{avx2::gelu_slice, gelu_f32};
+    use super::super::gelu::{avx2::gelu8, gelu_f32};
     use super::taps_at;
     use std::arch::x86_64::*;
 
-    /// One output row `y` of the channels-last conv; `taps_weight` is `[9, C]`.
+    /// One output row `y` of the channels-last conv; `taps_weight` is `[9, C]`. Blocks of eight channels slide
+    /// along the row with their nine tap weights held in registers (one load per multiply-add instead of two), and
+    /// GELU is applied to each block while it is in registers; every output gets the same operations in the same
+    /// order as one pixel at a time (bias, then the valid taps in window order), so the results are the same.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; shapes must have been checked by the caller.
@@ -157,33 +283,53 @@ mod avx2 {
         dst: &mut [f32],
     ) {
         let vec_end = channels / 8 * 8;
-        for x in 0..width {
-            let (taps, n) = taps_at(height, width, y, x);
-            let out_px = &mut dst[x * channels..(x + 1) * channels];
-            let mut c = 0;
-            while c < vec_end {
-                // SAFETY: c + 8 <= channels; pixel offsets are inside the image, taps inside [9, C].
-                unsafe {
-                    let mut acc = _mm256_loadu_ps(bias.as_ptr().add(c));
-                    for &(pix, t) in &taps[..n] {
-                        let v = _mm256_loadu_ps(input.as_ptr().add(pix * channels + c));
-                        let w = _mm256_loadu_ps(taps_weight.as_ptr().add(t * channels + c));
-                        acc = _mm256_fmadd_ps(w, v, acc);
+        // Pixels whose whole 3x3 window is inside the image take the nine taps at fixed offsets.
+        let interior_row = y >= 1 && y + 1 < height;
+        let window: [isize; 9] = std::array::from_fn(|t| {
+            let (dy, dx) = (t / 3, t % 3);
+            (dy as isize - 1) * width as isize + dx as isize - 1
+        });
+        let mut c = 0;
+        while c < vec_end {
+            // SAFETY: c + 8 <= channels; pixel offsets are inside the image (interior windows, or `taps_at`), taps
+            // inside [9, C]; the output pixel x lies in `dst` (one row of `width` pixels).
+            unsafe {
+                let w: [__m256; 9] =
+                    std::array::from_fn(|t| _mm256_loadu_ps(taps_weight.as_ptr().add(t * channels + c)));
+                let b = _mm256_loadu_ps(bias.as_ptr().add(c));
+                for x in 0..width {
+                    let mut acc = b;
+                    if interior_row && x >= 1 && x + 1 < width {
+                        let center = input.as_ptr().add((y * width + x) * channels + c);
+                        for (wt, &off) in w.iter().zip(&window) {
+                            let v = _mm256_loadu_ps(center.offset(off * channels as isize));
+                            acc = _mm256_fmadd_ps(*wt, v, acc);
+                        }
+                    } else {
+                        let (taps, n) = taps_at(height, width, y, x);
+                        for &(pix, t) in &taps[..n] {
+                            let v = _mm256_loadu_ps(input.as_ptr().add(pix * channels + c));
+                            acc = _mm256_fmadd_ps(w[t], v, acc);
+                        }
                     }
-                    _mm256_storeu_ps(out_px.as_mut_ptr().add(c), acc);
+                    if fuse_gelu {
+                        acc = gelu8(acc);
+                    }
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(x * channels + c), acc);
                 }
-                c += 8;
             }
-            for c in vec_end..channels {
-                let mut acc = bias[c];
-                for &(pix, t) in &taps[..n] {
-                    acc += taps_weight[t * channels + c] * input[pix * channels + c];
+            c += 8;
+        }
+        if vec_end < channels {
+            for x in 0..width {
+                let (taps, n) = taps_at(height, width, y, x);
+                for c in vec_end..channels {
+                    let mut acc = bias[c];
+                    for &(pix, t) in &taps[..n] {
+                        acc += taps_weight[t * channels + c] * input[pix * channels + c];
+                    }
+                    dst[x * channels + c] = if fuse_gelu { gelu_f32(acc) } else { acc };
                 }
-                out_px[c] = if fuse_gelu { gelu_f32(acc) } else { acc };
-            }
-            if fuse_gelu {
-                // SAFETY: AVX2 and FMA are available (caller's contract).
-                unsafe { gelu_slice(&mut out_px[..vec_end]) };
             }
         }
     }
@@ -278,6 +424,38 @@ mod tests {
             }
         }
         compared_against_scalar("dwconv3x3_nhwc", &avx2_path());
+    }
+
+    #[test]
+    fn quantized_gelu_conv_equals_conv_then_row_quantizer_on_awkward_sizes() {
+        for (i, &(c, h, w)) in SHAPES.iter().enumerate() {
+            for batch in [1usize, 2] {
+                let input = random_vec(batch * c * h * w, 70 + i as u64, 2.0);
+                let k = random_vec(c * 9, 80 + i as u64, 1.0);
+                let b = random_vec(c, 90 + i as u64, 0.5);
+                // The separate passes: the float map, then the GEMM's row quantizer.
+                let mut map = vec![f32::NAN; input.len()];
+                let plane = c * h * w;
+                for (src, dst) in input.chunks_exact(plane).zip(map.chunks_exact_mut(plane)) {
+                    dwconv3x3_nhwc(src, c, h, w, &k, &b, true, dst).unwrap();
+                }
+                let want = QuantizedRows::quantize(&map, batch * h * w, c).unwrap();
+                let fast = dwconv3x3_gelu_nhwc_i8(&input, batch, c, h, w, &k, &b).unwrap();
+                assert_eq!(fast, want, "C={c} H={h} W={w} batch {batch}");
+                // The scalar reference: GELU may differ by an ulp, so a code by one step.
+                let slow = dwconv3x3_gelu_nhwc_i8_scalar(&input, batch, c, h, w, &k, &b).unwrap();
+                for r in 0..batch * h * w {
+                    let (sf, ss) = (fast.scales()[r], slow.scales()[r]);
+                    assert!((sf - ss).abs() <= 1e-5 * sf.abs().max(1e-6), "row {r}: {sf} vs {ss}");
+                    for col in 0..c {
+                        let (a, z) = (fast.code(r, col) as i32, slow.code(r, col) as i32);
+                        assert!((a - z).abs() <= 1, "C={c} H={h} W={w} ({r},{col}): {a} vs {z}");
+                    }
+                }
+            }
+        }
+        assert!(dwconv3x3_gelu_nhwc_i8(&[0.0; 12], 2, 1, 3, 4, &[0.0; 9], &[0.0]).is_err());
+        compared_against_scalar("dwconv3x3_gelu_nhwc_i8", &avx2_path());
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! code sum, precomputed at pack time: `sum (x + 128) w = sum x w + 128 sum w`. One instruction replaces four, and
 //! the accumulators are the same integers as on the AVX2 path.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use super::{as_uninit, filled_vec};
 use crate::{Error, Result};
 
 /// Output columns per packed panel (two AVX2 vectors of eight i32 lanes).
@@ -119,6 +122,113 @@ impl I8Panels {
     }
 }
 
+/// Activations already quantized per row for the int8 GEMM ([`gemm_i8_quantized`]), written by the kernel that
+/// produces them (fused attention's softmax, Mix-FFN's depthwise conv + GELU) instead of by a separate pass over a
+/// float matrix. Codes and scales are exactly those of [`quantize_rows_i8`]; each row is padded to a multiple of
+/// four codes (the padding multiplies zero weights), and on the VNNI path rows hold the codes shifted to unsigned
+/// (`code + 128`, top bit flipped), as the micro-kernels read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedRows {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    rows: usize,
+    k: usize,
+    stride: usize,
+    shifted: bool,
+}
+
+impl QuantizedRows {
+    /// `rows` rows of `k` zero codes (scale 0), laid out for the int8 GEMM path this CPU takes.
+    pub fn zeros(rows: usize, k: usize) -> QuantizedRows {
+        let stride = k.div_ceil(4) * 4;
+        QuantizedRows {
+            codes: vec![0; rows * stride],
+            scales: vec![0.0; rows],
+            rows,
+            k,
+            stride,
+            shifted: codes_shifted(),
+        }
+    }
+
+    /// Quantizes each row of `x` `[rows, k]` as [`quantize_rows_i8`] does (the separate pass).
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Result<QuantizedRows> {
+        if x.len() != rows * k {
+            return Err(Error::invalid(
+                "QuantizedRows::quantize",
+                format!("input has {} values, want rows*K = {rows}*{k}", x.len()),
+            ));
+        }
+        let mut q = QuantizedRows::zeros(rows, k);
+        let shifted = q.shifted;
+        q.par_rows_mut(1).enumerate().for_each(|(r, (codes, scales))| {
+            scales[0] = quantize_row_for_gemm(&x[r * k..(r + 1) * k], &mut codes[..k], shifted);
+        });
+        Ok(q)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Codes per row (input features of the product).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// One scale per row: `absmax / 127`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// The signed code of row `row`, column `col`, whatever the layout.
+    pub fn code(&self, row: usize, col: usize) -> i8 {
+        let c = self.codes[row * self.stride + col];
+        if self.shifted { c ^ i8::MIN } else { c }
+    }
+
+    /// True when rows hold shifted codes (the VNNI layout); producers pass it to [`quantize_row_for_gemm`].
+    pub(crate) fn shifted(&self) -> bool {
+        self.shifted
+    }
+
+    /// Codes per row as stored (`k` rounded up to four).
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Blocks of `rows_per_block` rows in parallel: (their codes, `stride` per row, and their scales).
+    pub(crate) fn par_rows_mut(
+        &mut self,
+        rows_per_block: usize,
+    ) -> impl IndexedParallelIterator<Item = (&mut [i8], &mut [f32])> {
+        let block = rows_per_block.max(1);
+        self.codes
+            .par_chunks_mut((block * self.stride).max(1))
+            .zip(self.scales.par_chunks_mut(block))
+    }
+}
+
+/// Scalar reference of [`quantize_row_for_gemm`].
+pub(crate) fn quantize_row_for_gemm_scalar(x: &[f32], codes: &mut [i8], shifted: bool) -> f32 {
+    let scale = quantize_row_scalar(x, codes);
+    if shifted {
+        codes.iter_mut().for_each(|c| *c ^= i8::MIN);
+    }
+    scale
+}
+
+/// True when the int8 GEMM reads shifted (unsigned) activation codes: the VNNI path.
+pub(crate) fn codes_shifted() -> bool {
+    vnni_kind().is_some()
+}
+
+/// Quantizes one row as the GEMM reads it: [`quantize_row`]'s codes (flipped to unsigned when `shifted`) and scale.
+pub(crate) fn quantize_row_for_gemm(x: &[f32], codes: &mut [i8], shifted: bool) -> f32 {
+    // code + 128 as an unsigned byte is the code with its top bit flipped.
+    quantize_row_flipped(x, codes, if shifted { i8::MIN } else { 0 })
+}
+
 /// Quantizes each row of `x` `[m, k]` to int8: `scale = absmax / 127`, `code = round_half_even(x * 127 / absmax)`.
 /// Returns codes `[m, k]` and one scale per row (0 for an all-zero row, whose codes are all 0).
 pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f32>)> {
@@ -138,16 +248,23 @@ pub fn quantize_rows_i8(x: &[f32], m: usize, k: usize) -> Result<(Vec<i8>, Vec<f
 
 /// Quantizes one row into `codes` (same length); returns its scale. AVX2 when available; same results either way.
 pub(super) fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
+    quantize_row_flipped(x, codes, 0)
+}
+
+/// [`quantize_row`] with every code XORed with `flip` as it is stored (`i8::MIN`: the VNNI path's unsigned codes).
+fn quantize_row_flipped(x: &[f32], codes: &mut [i8], flip: i8) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 (checked above); `codes` is as long as `x`.
-        return unsafe { avx2::quantize_row(x, codes) };
+        return unsafe { avx2::quantize_row(x, codes, flip) };
     }
-    quantize_row_scalar(x, codes)
+    let scale = quantize_row_scalar(x, codes);
+    codes.iter_mut().for_each(|c| *c ^= flip);
+    scale
 }
 
 /// Scalar reference of the row quantizer.
-fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
+pub(crate) fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     if absmax == 0.0 {
         codes.fill(0);
@@ -159,16 +276,18 @@ fn quantize_row_scalar(x: &[f32], codes: &mut [i8]) -> f32 {
 
 /// `codes = clamp(round_half_even(x * inv), -127, 127)`: the step both quantizers end with. AVX2 when available;
 /// same results either way (NaN inputs give some code in [-127, 127]).
-fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
+/// Codes are XORed with `flip` as they are stored.
+fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8], flip: i8) {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 (checked above); `codes` is as long as `x`.
-        return unsafe { avx2::quantize_with_inverse(x, inv, codes) };
+        return unsafe { avx2::quantize_with_inverse(x, inv, codes, flip) };
     }
-    quantize_with_inverse_scalar(x, inv, codes)
+    quantize_with_inverse_scalar(x, inv, codes);
+    codes.iter_mut().for_each(|c| *c ^= flip);
 }
 
-fn quantize_with_inverse_scalar(x: &[f32], inv: f32, codes: &mut [i8]) {
+pub(crate) fn quantize_with_inverse_scalar(x: &[f32], inv: f32, codes: &mut [i8]) {
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
@@ -191,7 +310,7 @@ fn static_inverse(act_scale: f32) -> Result<f32> {
 pub fn quantize_static_i8(x: &[f32], act_scale: f32) -> Result<Vec<i8>> {
     let inv = static_inverse(act_scale)?;
     let mut codes = vec![0i8; x.len()];
-    quantize_with_inverse(x, inv, &mut codes);
+    quantize_with_inverse(x, inv, &mut codes, 0);
     Ok(codes)
 }
 
@@ -230,10 +349,100 @@ pub fn gemm_i8_dynamic(
     check_gemm(x.len(), m, k, w, bias, out.len())?;
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        gemm_blocks(x, k, w, bias, out, quantize_row);
+        // SAFETY: the blocks write initialized floats only.
+        gemm_blocks(x, k, w, bias, None, unsafe { as_uninit(out) }, quantize_row_flipped);
         return Ok(());
     }
     gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+}
+
+/// [`gemm_i8_dynamic`] into a new vector, plus `residual` `[M, N]` when given (added to each finished block: the
+/// same sums as a separate pass). The SIMD path writes every output once, with no zeroing pass before.
+pub fn gemm_i8_dynamic_vec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_gemm(x.len(), m, k, w, bias, m * w.n)?;
+    check_residual("gemm_i8_dynamic", residual, m * w.n)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the blocks write every output (shapes checked above).
+        return unsafe {
+            filled_vec(m * w.n, |out| {
+                gemm_blocks(x, k, w, bias, residual, out, quantize_row_flipped);
+                Ok(())
+            })
+        };
+    }
+    let mut out = vec![0f32; m * w.n];
+    gemm_i8_dynamic_scalar(x, m, k, w, bias, &mut out)?;
+    add_residual(&mut out, residual);
+    Ok(out)
+}
+
+/// [`gemm_i8_static`] into a new vector, plus `residual` when given, as [`gemm_i8_dynamic_vec`].
+pub fn gemm_i8_static_vec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    act_scale: f32,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_gemm(x.len(), m, k, w, bias, m * w.n)?;
+    check_residual("gemm_i8_static", residual, m * w.n)?;
+    let inv = static_inverse(act_scale)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let quantize = |src: &[f32], codes: &mut [i8], flip: i8| {
+            quantize_with_inverse(src, inv, codes, flip);
+            act_scale
+        };
+        // SAFETY: the blocks write every output (shapes checked above).
+        return unsafe {
+            filled_vec(m * w.n, |out| {
+                gemm_blocks(x, k, w, bias, residual, out, quantize);
+                Ok(())
+            })
+        };
+    }
+    let mut out = vec![0f32; m * w.n];
+    gemm_i8_static_scalar(x, m, k, w, act_scale, bias, &mut out)?;
+    add_residual(&mut out, residual);
+    Ok(out)
+}
+
+fn check_residual(what: &str, residual: Option<&[f32]>, out: usize) -> Result<()> {
+    match residual {
+        Some(r) if r.len() != out => Err(Error::invalid(
+            what,
+            format!("residual of {} values for an output of {out}", r.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn add_residual(out: &mut [f32], residual: Option<&[f32]>) {
+    if let Some(r) = residual {
+        out.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+    }
+}
+
+/// Adds `residual` to a block of outputs the micro-kernels have written.
+///
+/// # Safety
+/// Every value of `dst` is initialized; `residual` is as long as `dst`.
+unsafe fn add_residual_written(dst: &mut [MaybeUninit<f32>], residual: &[f32]) {
+    for (o, r) in dst.iter_mut().zip(residual) {
+        // SAFETY: written by the block (caller's contract).
+        let v = unsafe { o.assume_init() } + r;
+        o.write(v);
+    }
 }
 
 /// `out[M,N] = (sum_k q(x)[m,k] * w[n,k]) * act_scale * sw[n] + bias[n]` with every activation quantized by the
@@ -252,31 +461,37 @@ pub fn gemm_i8_static(
     let inv = static_inverse(act_scale)?;
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        gemm_blocks(x, k, w, bias, out, |src, codes| {
-            quantize_with_inverse(src, inv, codes);
+        let quantize = |src: &[f32], codes: &mut [i8], flip: i8| {
+            quantize_with_inverse(src, inv, codes, flip);
             act_scale
-        });
+        };
+        // SAFETY: the blocks write initialized floats only.
+        gemm_blocks(x, k, w, bias, None, unsafe { as_uninit(out) }, quantize);
         return Ok(());
     }
     gemm_i8_static_scalar(x, m, k, w, act_scale, bias, out)
 }
 
 /// The SIMD GEMM over blocks of [`MB`] rows in parallel: `quantize(row, codes)` fills a row's codes and returns its
-/// scale, then the VNNI or AVX2 micro-kernels run on the block. Shapes are checked by the caller.
+/// scale (codes XORed with the flip it is given: the VNNI path's unsigned codes), then the VNNI or AVX2 micro-kernels run on the block, then `residual` is added to it. Every output is
+/// written. Shapes are checked by the caller.
 #[cfg(target_arch = "x86_64")]
 fn gemm_blocks(
     x: &[f32],
     k: usize,
     w: &I8Panels,
     bias: Option<&[f32]>,
-    out: &mut [f32],
-    quantize: impl Fn(&[f32], &mut [i8]) -> f32 + Sync,
+    residual: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+    quantize: impl Fn(&[f32], &mut [i8], i8) -> f32 + Sync,
 ) {
     let n = w.n;
     if out.is_empty() || n == 0 {
         return;
     }
     let vnni = vnni_kind();
+    // code + 128 as an unsigned byte is the code with its top bit flipped.
+    let flip = if vnni.is_some() { i8::MIN } else { 0 };
     out.par_chunks_mut(MB * n).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
         |(xq, sx): &mut (Vec<i8>, Vec<f32>), (blk, dst)| {
@@ -288,11 +503,7 @@ fn gemm_blocks(
             for r in 0..rows {
                 let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
                 let codes = &mut xq[r * w.k4..r * w.k4 + k];
-                sx[r] = quantize(src, codes);
-                if vnni.is_some() {
-                    // code + 128 as an unsigned byte is the code with its top bit flipped.
-                    codes.iter_mut().for_each(|c| *c ^= i8::MIN);
-                }
+                sx[r] = quantize(src, codes, flip);
             }
             // SAFETY: the CPU supports the instructions of the path taken (detected); buffers hold `rows` rows of
             // k4 codes and `rows * n` outputs.
@@ -303,8 +514,113 @@ fn gemm_blocks(
                     None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
                 }
             }
+            if let Some(r) = residual {
+                // SAFETY: the block wrote all of `dst`; the residual has the output's shape (checked by callers).
+                unsafe { add_residual_written(dst, &r[r0 * n..(r0 + rows) * n]) };
+            }
         },
     );
+}
+
+/// `out[M,N] = (sum_k x.code[m,k] * w[n,k]) * x.scale[m] * sw[n] + bias[n] (+ residual[m,n])` for activations a
+/// producing kernel already quantized ([`QuantizedRows`]): the same blocks, micro-kernels and epilogue as
+/// [`gemm_i8_dynamic`], so the same floats as it gives for the float rows those codes came from; the residual is added
+/// to each finished block (the same sum as a separate pass).
+pub fn gemm_i8_quantized(
+    x: &QuantizedRows,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let n = w.n;
+    let len = x.rows * n;
+    if x.k != w.k || bias.is_some_and(|b| b.len() != n) || residual.is_some_and(|r| r.len() != len) {
+        return Err(Error::invalid(
+            "gemm_i8_quantized",
+            format!(
+                "shapes disagree: {} rows of K={} codes, weight N={n} K={}, bias {}, residual {} (want {len})",
+                x.rows,
+                x.k,
+                w.k,
+                bias.map_or(0, |b| b.len()),
+                residual.map_or(0, |r| r.len())
+            ),
+        ));
+    }
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        if n > 0 {
+            out.par_chunks_mut(MB * n).enumerate().for_each(|(blk, dst)| {
+                let rows = dst.len() / n;
+                let r0 = blk * MB;
+                let codes = &x.codes[r0 * x.stride..(r0 + rows) * x.stride];
+                gemm_codes_block(codes, x.shifted, &x.scales[r0..r0 + rows], rows, w, bias, dst);
+                if let Some(r) = residual {
+                    // SAFETY: the block wrote all of `dst`; the residual has the output's shape (checked).
+                    unsafe { add_residual_written(dst, &r[r0 * n..(r0 + rows) * n]) };
+                }
+            });
+        }
+        Ok(())
+    };
+    // SAFETY: every block is written by `gemm_codes_block`.
+    unsafe { filled_vec(len, fill) }
+}
+
+/// One block of `rows` pre-quantized rows (`codes`, rows `w.k4` apart, shifted when `shifted`) times `w` into `dst`
+/// `[rows, n]`, on this thread: the VNNI or AVX2 micro-kernels, else the scalar loop. Shifted codes come from
+/// [`codes_shifted`], so they are shifted exactly when a VNNI kernel runs.
+pub(crate) fn gemm_codes_block(
+    codes: &[i8],
+    shifted: bool,
+    scales: &[f32],
+    rows: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    debug_assert!(codes.len() >= rows * w.k4 && scales.len() >= rows && dst.len() == rows * w.n);
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        let vnni = vnni_kind();
+        if vnni.is_some() == shifted {
+            // SAFETY: the CPU supports the instructions of the path taken (detected); `codes` holds `rows` rows of
+            // k4 codes, shifted exactly when a VNNI kernel reads them; `dst` holds `rows * n` outputs.
+            unsafe {
+                match vnni {
+                    Some(Vnni::Avx) => vnni_avx::gemm_block(codes, scales, rows, w, bias, dst),
+                    Some(Vnni::Avx512) => vnni_avx512::gemm_block(codes, scales, rows, w, bias, dst),
+                    None => avx2::gemm_block(codes, scales, rows, w, bias, dst),
+                }
+            }
+            return;
+        }
+    }
+    gemm_codes_block_scalar(codes, shifted, scales, rows, w, bias, dst);
+}
+
+/// Scalar reference of [`gemm_codes_block`]: plain dot products and the shared epilogue; writes all of `dst`.
+pub(crate) fn gemm_codes_block_scalar(
+    codes: &[i8],
+    shifted: bool,
+    scales: &[f32],
+    rows: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let (n, k) = (w.n, w.k);
+    let flip = if shifted { i8::MIN } else { 0 };
+    for r in 0..rows {
+        let row: Vec<i8> = codes[r * w.k4..r * w.k4 + k].iter().map(|&c| c ^ flip).collect();
+        for col in 0..n {
+            let acc: i32 = row
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as i32 * w.code(col, i) as i32)
+                .sum();
+            dst[r * n + col].write(epilogue(acc, scales[r], w.scales[col], bias.map_or(0.0, |b| b[col])));
+        }
+    }
 }
 
 /// Which `vpdpbusd` the CPU has (when [`super::simd`] allows VNNI).
@@ -442,16 +758,17 @@ fn accumulate_i32_all(xq: &[i8], m: usize, k: usize, w: &I8Panels) -> Vec<(&'sta
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{I8Panels, MR, NR};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// See [`super::quantize_row_scalar`]; bit-identical results (same multiply, round-half-even conversion).
     ///
     /// # Safety
     /// The CPU must support AVX2; `codes.len() == x.len()`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
+    pub(super) unsafe fn quantize_row(x: &[f32], codes: &mut [i8], flip: i8) -> f32 {
         let n = x.len();
         let sign = _mm256_set1_ps(-0.0);
         let mut vmax = _mm256_setzero_ps();
@@ -462,19 +779,20 @@ mod avx2 {
             vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
             i += 8;
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let mut absmax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        // The lanes' maximum in registers (rows are often 32 values: a store and a scalar fold cost as much as the
+        // row); the same value as a fold for numbers.
+        let m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps::<1>(vmax));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let mut absmax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
         for &v in &x[i..] {
             absmax = absmax.max(v.abs());
         }
         if absmax == 0.0 {
-            codes.fill(0);
+            codes.fill(flip);
             return 0.0;
         }
         // SAFETY: AVX2 is available (caller's contract); `codes` is as long as `x`.
-        unsafe { quantize_with_inverse(x, 127.0 / absmax, codes) };
+        unsafe { quantize_with_inverse(x, 127.0 / absmax, codes, flip) };
         absmax / 127.0
     }
 
@@ -485,29 +803,58 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2; `codes.len() == x.len()`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8]) {
+    pub(super) unsafe fn quantize_with_inverse(x: &[f32], inv: f32, codes: &mut [i8], flip: i8) {
         let n = x.len();
         let vinv = _mm256_set1_ps(inv);
-        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let vflip = _mm256_set1_epi8(flip);
         let mut i = 0;
         while i + 32 <= n {
             // SAFETY: i + 32 <= n for both `x` and `codes`.
             unsafe {
-                let q = |o: usize| {
-                    let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + o)), vinv);
-                    let v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
-                    _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
-                };
-                let ab = _mm256_packs_epi32(q(0), q(8));
-                let cd = _mm256_packs_epi32(q(16), q(24));
-                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
-                _mm256_storeu_si256(codes.as_mut_ptr().add(i) as *mut __m256i, bytes);
+                let v = |o: usize| _mm256_loadu_ps(x.as_ptr().add(i + o));
+                let bytes = codes32([v(0), v(8), v(16), v(24)], vinv);
+                _mm256_storeu_si256(
+                    codes.as_mut_ptr().add(i) as *mut __m256i,
+                    _mm256_xor_si256(bytes, vflip),
+                );
             }
             i += 32;
         }
+        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for both `x` and `codes`; the store writes eight bytes.
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vinv);
+                let v = _mm256_min_ps(_mm256_max_ps(v, flo), fhi);
+                let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi);
+                // i32 -> i16 (lanes 0-3 and 4-7 in each half's low quarter) -> bytes 0-7 in order.
+                let words = _mm256_permute4x64_epi64::<0b1000>(_mm256_packs_epi32(q, q));
+                let bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_castsi256_si128(words));
+                let bytes = _mm_xor_si128(bytes, _mm256_castsi256_si128(vflip));
+                _mm_storel_epi64(codes.as_mut_ptr().add(i) as *mut __m128i, bytes);
+            }
+            i += 8;
+        }
         super::quantize_with_inverse_scalar(&x[i..], inv, &mut codes[i..]);
+        codes[i..].iter_mut().for_each(|c| *c ^= flip);
+    }
+
+    /// The codes of 32 values (four vectors in order) times `vinv`: `clamp(round_half_even(v * inv), -127, 127)`
+    /// as 32 bytes in order, as [`quantize_with_inverse`] stores them; for kernels that quantize values they have
+    /// just computed (the fused softmax).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn codes32(v: [__m256; 4], vinv: __m256) -> __m256i {
+        let (flo, fhi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let q = |v: __m256| {
+            let v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), flo), fhi);
+            _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi)
+        };
+        let ab = _mm256_packs_epi32(q(v[0]), q(v[1]));
+        let cd = _mm256_packs_epi32(q(v[2]), q(v[3]));
+        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 
     /// i32 accumulators of `ROWS` rows (`ROWS <= MR`) of `xq` (rows `k4` apart) against one 16-column panel.
@@ -590,7 +937,7 @@ mod avx2 {
         params: &[__m256; 4],
         n: usize,
         p: usize,
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
     ) {
         let [sw0, sw1, b0, b1] = *params;
         let c0 = p * NR;
@@ -603,14 +950,15 @@ mod avx2 {
             let out_row = &mut dst[(r0 + i) * n + c0..(r0 + i) * n + c0 + width];
             // SAFETY: a full-width row holds 16 values; otherwise the copy goes through a 16-value buffer.
             unsafe {
+                let out_ptr = out_row.as_mut_ptr() as *mut f32;
                 if width == NR {
-                    _mm256_storeu_ps(out_row.as_mut_ptr(), v0);
-                    _mm256_storeu_ps(out_row.as_mut_ptr().add(8), v1);
+                    _mm256_storeu_ps(out_ptr, v0);
+                    _mm256_storeu_ps(out_ptr.add(8), v1);
                 } else {
                     let mut tmp = [0f32; NR];
                     _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
                     _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-                    out_row.copy_from_slice(&tmp[..width]);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), out_ptr, width);
                 }
             }
         }
@@ -627,7 +975,7 @@ mod avx2 {
         rows: usize,
         w: &I8Panels,
         bias: Option<&[f32]>,
-        dst: &mut [f32],
+        dst: &mut [MaybeUninit<f32>],
     ) {
         let n = w.n;
         for p in 0..n.div_ceil(NR) {
@@ -750,7 +1098,7 @@ macro_rules! vnni_kernels {
                 rows: usize,
                 w: &I8Panels,
                 bias: Option<&[f32]>,
-                dst: &mut [f32],
+                dst: &mut [std::mem::MaybeUninit<f32>],
             ) {
                 for p in 0..w.n.div_ceil(NR) {
                     let params = super::avx2::panel_params(w, bias, p);
@@ -847,7 +1195,7 @@ pub(crate) mod tests {
 
     #[test]
     fn quantize_simd_matches_scalar_and_bounds() {
-        for (m, k) in [(3, 1), (2, 31), (5, 33), (4, 97), (1, 1000)] {
+        for (m, k) in [(3, 1), (2, 31), (5, 33), (3, 40), (2, 45), (4, 97), (1, 1000)] {
             let mut x = random_vec(m * k, (m * 1000 + k) as u64, 3.0);
             x[0] = 0.5; // rows with a value on a rounding boundary do occur; the results must still agree
             let (codes, scales) = quantize_rows_i8(&x, m, k).unwrap();
@@ -857,6 +1205,17 @@ pub(crate) mod tests {
                 assert_eq!(s, scales[r]);
                 assert_eq!(&codes[r * k..(r + 1) * k], &want[..], "m={m} k={k} row {r}");
                 assert!(want.iter().any(|&c| c.abs() == 127));
+                // The GEMM's layouts: the same codes, flipped to unsigned for VNNI.
+                for shifted in [false, true] {
+                    let mut got = vec![0i8; k];
+                    let s2 = quantize_row_for_gemm(&x[r * k..(r + 1) * k], &mut got, shifted);
+                    let flip = if shifted { i8::MIN } else { 0 };
+                    assert_eq!(s2, s);
+                    assert!(
+                        got.iter().zip(&want).all(|(g, w)| g ^ flip == *w),
+                        "m={m} k={k} shifted"
+                    );
+                }
                 for (c, &v) in want.iter().zip(&x[r * k..]) {
                     assert!((*c as f32 * s - v).abs() <= s * 0.5 + 1e-6);
                 }
@@ -1013,6 +1372,7 @@ pub(crate) mod tests {
                     let mut fast = vec![f32::NAN; m * n];
                     let mut slow = vec![f32::NAN; m * n];
                     gemm_i8_static(&x, m, k, &w, act_scale, b, &mut fast).unwrap();
+                    assert_eq!(gemm_i8_static_vec(&x, m, k, &w, act_scale, b, None).unwrap(), fast);
                     gemm_i8_static_scalar(&x, m, k, &w, act_scale, b, &mut slow).unwrap();
                     // Exact accumulators and the same epilogue: the same floats.
                     assert_eq!(fast, slow, "M={m} K={k} N={n} scale {act_scale}");
@@ -1050,6 +1410,56 @@ pub(crate) mod tests {
         assert!(gemm_i8_static(&[0.0; 6], 3, 2, &w, 1.0, None, &mut out).is_err());
         assert!(gemm_i8_static(&[0.0; 6], 2, 3, &w, -1.0, None, &mut out).is_err());
         compared_against_scalar("gemm_i8_static", &dispatched_path());
+    }
+
+    #[test]
+    fn prequantized_rows_give_the_dynamic_gemm_floats_on_awkward_sizes() {
+        for &(m, k, n) in &[
+            (1, 9, 1),
+            (3, 27, 7),
+            (17, 33, 19),
+            (130, 147, 150),
+            (70, 256, 17),
+            (5, 2, 33),
+        ] {
+            let x = random_vec(m * k, (11 * m + k + n) as u64, 2.0);
+            let (codes, scales) = random_weight(n, k, (7 * k + n) as u64);
+            let bias = random_vec(n, 97, 1.0);
+            let residual = random_vec(m * n, 96, 1.0);
+            let w = I8Panels::pack(&codes, &scales, n, k).unwrap();
+            let q = QuantizedRows::quantize(&x, m, k).unwrap();
+            let (want_codes, want_scales) = quantize_rows_i8(&x, m, k).unwrap();
+            assert_eq!(q.scales(), &want_scales[..]);
+            assert!((0..m * k).all(|i| q.code(i / k, i % k) == want_codes[i]));
+            for (b, r) in [(None, None), (Some(&bias[..]), Some(&residual[..]))] {
+                let mut want = vec![f32::NAN; m * n];
+                gemm_i8_dynamic(&x, m, k, &w, b, &mut want).unwrap();
+                if let Some(r) = r {
+                    want.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+                }
+                let got = gemm_i8_quantized(&q, &w, b, r).unwrap();
+                assert_eq!(got, want, "M={m} K={k} N={n}");
+                assert_eq!(
+                    gemm_i8_dynamic_vec(&x, m, k, &w, b, r).unwrap(),
+                    want,
+                    "M={m} K={k} N={n}"
+                );
+                // The scalar block on the same codes: exact accumulators, the same epilogue.
+                let mut slow = vec![f32::NAN; m * n];
+                // SAFETY: the scalar block writes initialized floats only.
+                gemm_codes_block_scalar(&q.codes, q.shifted, q.scales(), m, &w, b, unsafe {
+                    as_uninit(&mut slow)
+                });
+                add_residual(&mut slow, r);
+                assert_eq!(slow, got, "scalar M={m} K={k} N={n}");
+            }
+        }
+        let w = I8Panels::pack(&[1; 6], &[1.0; 2], 2, 3).unwrap();
+        let q = QuantizedRows::zeros(2, 2);
+        assert!(gemm_i8_quantized(&q, &w, None, None).is_err());
+        assert!(gemm_i8_dynamic_vec(&[0.0; 6], 2, 3, &w, None, Some(&[0.0; 3])).is_err());
+        assert!(QuantizedRows::quantize(&[0.0; 5], 2, 3).is_err());
+        compared_against_scalar("gemm_i8_quantized", &dispatched_path());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `out = (x - mean) / sqrt(var + eps) * gamma + beta`, biased variance, two passes over each row (which stays in
 //! L1) so there is no cancellation.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -39,16 +41,44 @@ pub fn layer_norm(
     }
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        out.par_chunks_mut(cols)
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(r, dst)| {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above); all slices hold `cols` values.
-                unsafe { avx2::row(&x[r * cols..(r + 1) * cols], gamma, beta, eps, dst) };
-            });
+        // SAFETY: the rows write initialized floats only.
+        rows_avx2(x, cols, gamma, beta, eps, unsafe { super::as_uninit(out) });
         return Ok(());
     }
     layer_norm_scalar(x, rows, cols, gamma, beta, eps, out)
+}
+
+/// [`layer_norm`] into a new vector: the SIMD path writes every value once, with no zeroing pass before.
+pub fn layer_norm_vec(x: &[f32], rows: usize, cols: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Result<Vec<f32>> {
+    check(x.len(), rows, cols, gamma.len(), beta.len(), rows * cols)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: `rows_avx2` writes every row (shapes checked above).
+        return unsafe {
+            super::filled_vec(rows * cols, |out| {
+                rows_avx2(x, cols, gamma, beta, eps, out);
+                Ok(())
+            })
+        };
+    }
+    let mut out = vec![0f32; rows * cols];
+    layer_norm_scalar(x, rows, cols, gamma, beta, eps, &mut out)?;
+    Ok(out)
+}
+
+/// Every row of `x` into `out` (shapes checked by the caller; the CPU has AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
+fn rows_avx2(x: &[f32], cols: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    if out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(cols)
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            // SAFETY: the callers saw AVX2 and FMA on this CPU; all slices hold `cols` values.
+            unsafe { avx2::row(&x[r * cols..(r + 1) * cols], gamma, beta, eps, dst) };
+        });
 }
 
 /// Scalar reference of [`layer_norm`] (statistics accumulated in f64).
@@ -83,6 +113,7 @@ pub fn layer_norm_scalar(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -96,7 +127,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA; all slices hold the same number of values.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    pub(super) unsafe fn row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
         let n = x.len();
         let end = n / 8 * 8;
         let mut acc = _mm256_setzero_ps();
@@ -121,11 +152,11 @@ mod avx2 {
                 let d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vmean), vrstd);
                 let g = _mm256_loadu_ps(gamma.as_ptr().add(i));
                 let b = _mm256_loadu_ps(beta.as_ptr().add(i));
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fmadd_ps(d, g, b));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, _mm256_fmadd_ps(d, g, b));
             }
         }
         for i in end..n {
-            out[i] = ((x[i] - mean) * rstd).mul_add(gamma[i], beta[i]);
+            out[i].write(((x[i] - mean) * rstd).mul_add(gamma[i], beta[i]));
         }
     }
 }
@@ -149,6 +180,11 @@ mod tests {
             let mut slow = vec![f32::NAN; rows * cols];
             layer_norm(&x, rows, cols, &gamma, &beta, 1e-5, &mut fast).unwrap();
             layer_norm_scalar(&x, rows, cols, &gamma, &beta, 1e-5, &mut slow).unwrap();
+            assert_eq!(
+                layer_norm_vec(&x, rows, cols, &gamma, &beta, 1e-5).unwrap(),
+                fast,
+                "{rows}x{cols}"
+            );
             for i in 0..rows * cols {
                 assert!(
                     (fast[i] - slow[i]).abs() < 2e-4 * (1.0 + slow[i].abs()),

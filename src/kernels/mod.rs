@@ -17,6 +17,8 @@
 //! uses AVX2+FMA through `std::arch::x86_64`, chosen at run time by [`has_avx2_fma`]; elsewhere (other CPUs, other
 //! architectures) the scalar path runs. Work is spread over the rayon thread pool.
 
+use crate::Result;
+
 pub mod attention;
 pub mod dwconv;
 pub mod gelu;
@@ -27,7 +29,7 @@ pub mod resize;
 pub mod softmax;
 
 pub use attention::{AttentionShape, attention, attention_i8, attention_i8_scalar, attention_scalar};
-pub use dwconv::dwconv3x3_nhwc;
+pub use dwconv::{dwconv3x3_gelu_nhwc_i8, dwconv3x3_gelu_nhwc_i8_scalar, dwconv3x3_nhwc};
 pub use gelu::{erf_f32, erfc_f32, gelu_f32, gelu_inplace};
 pub use gemm_f32::{
     ConvShape, conv2d_nhwc, conv2d_nhwc_i8, conv2d_nhwc_i8_scalar, conv2d_nhwc_i8_static, conv2d_nhwc_i8_static_scalar,
@@ -35,12 +37,37 @@ pub use gemm_f32::{
     matmul_scalar,
 };
 pub use gemm_i8::{
-    I8Panels, gemm_i8_dynamic, gemm_i8_dynamic_scalar, gemm_i8_static, gemm_i8_static_scalar, quantize_rows_i8,
-    quantize_static_i8,
+    I8Panels, QuantizedRows, gemm_i8_dynamic, gemm_i8_dynamic_scalar, gemm_i8_dynamic_vec, gemm_i8_quantized,
+    gemm_i8_static, gemm_i8_static_scalar, gemm_i8_static_vec, quantize_rows_i8, quantize_static_i8,
 };
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, layer_norm_vec};
 pub use resize::{MapNhwc, UpsampleSum, upsample_sum_nhwc};
 pub use softmax::softmax_rows;
+
+/// A new vector of `len` floats that `fill` writes, without a zeroing pass first (zeroed fresh buffers cost about
+/// a tenth of an int8 SegFormer pass, in memset and in the kernel's page clearing).
+///
+/// # Safety
+/// `fill` must write every one of the `len` values when it returns `Ok`.
+pub(crate) unsafe fn filled_vec(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len])?;
+    // SAFETY: `fill` wrote all `len` values (caller's contract) within the capacity.
+    unsafe { v.set_len(len) };
+    Ok(v)
+}
+
+/// An initialized float buffer as the kernels that fill fresh buffers take it.
+///
+/// # Safety
+/// The user must write initialized floats only (never `MaybeUninit::uninit()`).
+pub(crate) unsafe fn as_uninit(out: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; initialized values stay initialized (caller's contract).
+    unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
 
 /// An output buffer's base pointer shared by parallel tasks that each write their own disjoint tile of it (rows of
 /// a block, or one head's columns): slices cannot express tiles that interleave.

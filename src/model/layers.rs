@@ -188,6 +188,40 @@ impl Linear {
         x.with_channels(out, out_features)
     }
 
+    /// The packed weight when this layer quantizes its input per row at run time (`int8-dyn`, no calibration
+    /// probe): then a producer may hand it the input already quantized ([`Linear::forward_quantized_residual`]).
+    pub fn dynamic_int8_panels(&self) -> Option<&kernels::I8Panels> {
+        match (&self.probe, self.input.simulated()) {
+            (None, None) => self.weight.dynamic_int8_panels(),
+            _ => None,
+        }
+    }
+
+    /// `forward(x) + residual` for an input its producer quantized per row (Mix-FFN's conv + GELU for `dense2`);
+    /// the same floats as [`Linear::forward_residual`] on the float input those codes came from. Errors unless
+    /// [`Linear::dynamic_int8_panels`] is set.
+    pub fn forward_quantized_residual(&self, x: &kernels::QuantizedRows, residual: &Tokens) -> Result<Tokens> {
+        let [out_features, in_features] = self.shape;
+        let panels = self.dynamic_int8_panels().ok_or_else(|| {
+            Error::internal(format!(
+                "Linear {:?}: pre-quantized input without a dynamic int8 weight",
+                self.shape
+            ))
+        })?;
+        if x.k() != in_features || residual.rows() != x.rows() || residual.channels() != out_features {
+            return Err(Error::internal(format!(
+                "Linear {:?}: pre-quantized input of {} rows x {} features, residual {} x {}",
+                self.shape,
+                x.rows(),
+                x.k(),
+                residual.rows(),
+                residual.channels()
+            )));
+        }
+        let out = kernels::gemm_i8_quantized(x, panels, self.bias(), Some(residual.data()))?;
+        residual.with_channels(out, out_features)
+    }
+
     pub fn info(&self, name: &str) -> LayerInfo {
         layer_info(name, "Linear", &self.shape, &self.weight, self.bias())
     }
@@ -400,6 +434,19 @@ impl Conv2d {
         x.with_channels(out, c)
     }
 
+    /// Depthwise 3x3 + exact GELU on channels-last tokens, quantized per token for a `dense2` that quantizes its
+    /// input at run time ([`kernels::dwconv3x3_gelu_nhwc_i8`]): the codes [`Conv2d::depthwise3x3_tokens`] followed
+    /// by the GEMM's quantizer would give, without the float map.
+    pub fn depthwise3x3_gelu_tokens_i8(&self, x: &Tokens) -> Result<kernels::QuantizedRows> {
+        let weight = self.weight.values();
+        let bias = match self.bias() {
+            Some(b) => Cow::Borrowed(b),
+            None => Cow::Owned(vec![0.0; self.shape[0]]),
+        };
+        let (b, h, w, c) = (x.batch(), x.height(), x.width(), x.channels());
+        kernels::dwconv3x3_gelu_nhwc_i8(x.data(), b, c, h, w, &weight, &bias)
+    }
+
     pub fn info(&self, name: &str) -> LayerInfo {
         layer_info(name, "Conv2d", &self.shape, &self.weight, self.bias())
     }
@@ -433,15 +480,13 @@ impl LayerNorm {
 
     /// Over the tokens' channels, through [`kernels::layer_norm`] (two-pass statistics, AVX2, parallel over rows).
     pub fn forward(&self, x: &Tokens) -> Result<Tokens> {
-        let mut out = vec![0f32; x.data().len()];
-        kernels::layer_norm(
+        let out = kernels::layer_norm_vec(
             x.data(),
             x.rows(),
             x.channels(),
             &self.weight,
             &self.bias,
             self.eps as f32,
-            &mut out,
         )?;
         x.with_channels(out, x.channels())
     }

@@ -492,6 +492,15 @@ impl MatMul {
         }
     }
 
+    /// The packed int8 weight when activations are quantized per row at run time (`int8-dyn`): callers that already
+    /// hold the input quantized ([`kernels::QuantizedRows`]) run [`kernels::gemm_i8_quantized`] on it.
+    pub fn dynamic_int8_panels(&self) -> Option<&kernels::I8Panels> {
+        match self {
+            MatMul::W8A8(p) if p.act_scale.is_none() => Some(&p.panels),
+            _ => None,
+        }
+    }
+
     /// Dequantizes a weight-only quantized weight once (into a reused buffer), for several
     /// [`ResolvedMatMul::apply`] calls.
     pub fn resolve(&self) -> ResolvedMatMul<'_> {
@@ -592,25 +601,11 @@ impl ResolvedMatMul<'_> {
                         p.panels.n()
                     )));
                 }
-                let mut out = vec![0f32; rows * n];
+                // Written without a zeroing pass, the residual added per finished block.
                 match p.act_scale {
-                    None => kernels::gemm_i8_dynamic(x, rows, k, &p.panels, bias, &mut out)?,
-                    Some(scale) => kernels::gemm_i8_static(x, rows, k, &p.panels, scale, bias, &mut out)?,
+                    None => kernels::gemm_i8_dynamic_vec(x, rows, k, &p.panels, bias, residual),
+                    Some(scale) => kernels::gemm_i8_static_vec(x, rows, k, &p.panels, scale, bias, residual),
                 }
-                if let Some(r) = residual {
-                    if r.len() != out.len() {
-                        return Err(Error::internal(format!(
-                            "residual of {} values for an output of {}",
-                            r.len(),
-                            out.len()
-                        )));
-                    }
-                    out.par_iter_mut()
-                        .zip(r.par_iter())
-                        .with_min_len(4096)
-                        .for_each(|(o, r)| *o += r);
-                }
-                Ok(out)
             }
         }
     }

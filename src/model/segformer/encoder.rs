@@ -116,7 +116,12 @@ impl MixFfn {
     pub fn forward_residual(&self, hidden: &Tokens, residual: &Tokens) -> Result<Tokens> {
         let x = self.dense1.forward(hidden)?;
         // transformers reshapes the tokens to NCHW for the conv; the channels-last kernel computes the same values
-        // without the two transposes. GELU (exact erf, as nn.GELU()) is fused into it.
+        // without the two transposes. GELU (exact erf, as nn.GELU()) is fused into it, and so is dense2's per-row
+        // input quantization at int8-dyn (the same codes; the float map is never stored).
+        if self.dense2.dynamic_int8_panels().is_some() {
+            let codes = self.dwconv.depthwise3x3_gelu_tokens_i8(&x)?;
+            return self.dense2.forward_quantized_residual(&codes, residual);
+        }
         let x = self.dwconv.depthwise3x3_tokens(&x, true)?;
         self.dense2.forward_residual(&x, residual)
     }
