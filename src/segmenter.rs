@@ -85,10 +85,8 @@ pub fn forward_inputs(model: &Segformer, inputs: &[&ModelInput]) -> Result<Vec<T
         }
         let tensor = candle_core::Tensor::from_vec(pixels, (group.len(), 3, height, width), &candle_core::Device::Cpu)?;
         let start = Instant::now();
-        let logits = model.forward(&tensor)?;
+        let (mut flat, [_, classes, lh, lw]) = model.forward_flat(&tensor)?;
         let forward_ms = start.elapsed().as_secs_f64() * 1000.0 / group.len() as f64;
-        let (_, classes, lh, lw) = logits.dims4()?;
-        let mut flat = logits.flatten_all()?.to_vec1::<f32>()?;
         let plane = classes * lh * lw;
         // Split from the back so that the first image keeps the buffer itself (one image: no copy at all).
         for (j, &i) in group.iter().enumerate().rev() {

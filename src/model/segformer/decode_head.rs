@@ -168,7 +168,8 @@ impl DecodeHead {
         match &self.composed {
             Some(c) => {
                 let maps = features.iter().map(Tokens::from_nchw).collect::<Result<Vec<_>>>()?;
-                self.forward_composed(c, &maps)
+                let (logits, dims) = self.forward_composed(c, &maps)?;
+                Ok(Tensor::from_vec(logits, dims.to_vec(), &candle_core::Device::Cpu)?)
             }
             None => self.forward_reference(features),
         }
@@ -177,8 +178,24 @@ impl DecodeHead {
     /// From the encoder's stage outputs (no NCHW round trip when the head is composed).
     pub fn forward_maps(&self, maps: &[Tokens]) -> Result<Tensor> {
         match &self.composed {
-            Some(c) => self.forward_composed(c, maps),
+            Some(c) => {
+                let (logits, dims) = self.forward_composed(c, maps)?;
+                Ok(Tensor::from_vec(logits, dims.to_vec(), &candle_core::Device::Cpu)?)
+            }
             None => self.forward_reference(&maps.iter().map(Tokens::to_nchw).collect::<Result<Vec<_>>>()?),
+        }
+    }
+
+    /// [`DecodeHead::forward_maps`] as a flat NCHW vector and its dims: callers that want the numbers themselves get
+    /// the head's own buffer (a candle tensor can only be copied out).
+    pub fn forward_maps_flat(&self, maps: &[Tokens]) -> Result<(Vec<f32>, [usize; 4])> {
+        match &self.composed {
+            Some(c) => self.forward_composed(c, maps),
+            None => {
+                let logits = self.forward_maps(maps)?;
+                let (b, c, h, w) = logits.dims4()?;
+                Ok((logits.flatten_all()?.to_vec1::<f32>()?, [b, c, h, w]))
+            }
         }
     }
 
@@ -186,7 +203,7 @@ impl DecodeHead {
     /// the cache: stages below the output resolution are multiplied by their composed matrix at their own
     /// resolution first; then each band is their upsampled sum plus the bias, the full-resolution stage's product is
     /// accumulated onto it, ReLU, and the classifier turns it into logits.
-    fn forward_composed(&self, composed: &ComposedHead, features: &[Tokens]) -> Result<Tensor> {
+    fn forward_composed(&self, composed: &ComposedHead, features: &[Tokens]) -> Result<(Vec<f32>, [usize; 4])> {
         let (batch, h0, w0) = (features[0].batch(), features[0].height(), features[0].width());
         let d = composed.bias.len();
         let (labels, pixels) = (self.classifier.shape()[0], h0 * w0);
@@ -273,11 +290,7 @@ impl DecodeHead {
                 }
             }
         }
-        Ok(Tensor::from_vec(
-            logits,
-            (batch, labels, h0, w0),
-            &candle_core::Device::Cpu,
-        )?)
+        Ok((logits, [batch, labels, h0, w0]))
     }
 
     /// The head exactly as transformers writes it: materialises the four upsampled maps and their concatenation.

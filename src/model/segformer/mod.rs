@@ -212,6 +212,13 @@ impl Segformer {
         self.decode_head.forward_maps(&maps)
     }
 
+    /// [`Segformer::forward`] as a flat NCHW vector and its dims `[B, num_labels, H/4, W/4]`, without copying the
+    /// logits out of a tensor.
+    pub fn forward_flat(&self, pixels: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
+        let maps = self.encoder.forward_maps(pixels, &mut |_, _| {})?;
+        self.decode_head.forward_maps_flat(&maps)
+    }
+
     /// [`Segformer::forward`], calling `on_part(i, elapsed)` after encoder stage `i` and then after the decode head
     /// (`i` = number of stages) (`segq bench --profile`). Stage 0's time includes turning the pixels into tokens.
     pub fn forward_profiled(&self, pixels: &Tensor, on_part: &mut dyn FnMut(usize, Duration)) -> Result<Tensor> {
