@@ -6,8 +6,8 @@ Cases (--cases, default: the demo checkpoint at --size): NAME@HxW, comma-separat
 run time from the published configurations (hidden sizes, depths, decode-head width of nvidia/mit-b0 .. mit-b5;
 150 labels, random weights with seed 0, a processor at the case's size): speed and memory do not depend on the
 weights. Those cases run --large-iters timed runs (default 3) and the --large-engines (default PyTorch and ONNX
-Runtime: quanto takes minutes per pass there). 1024x1024 is a Cityscapes-sized input: stage 1 then has 65,536
-tokens, and segq's fused attention keeps its scores to one block of query rows (bounded memory).
+Runtime: quanto takes minutes per pass there); segq runs --segq-large-iters (default --iters). 1024x1024 is a
+Cityscapes-sized input: stage 1 then has 65,536 tokens, and segq's fused attention keeps its scores to one block of query rows (bounded memory).
 
 Each case: same checkpoint, same input (1x3xHxW: the first demo JPEG through the model's SegformerImageProcessor
 with the size overridden; random if there is no image), same thread count (--threads, default 2:
@@ -346,7 +346,7 @@ def run_segq(args, segq, env):
     h, w = args.size
     base = [segq, "bench", "--model", args.model]
     tail = ["--size", f"{h}x{w}" if h != w else f"{h}x{w}", "--threads", str(args.threads), "--warmup",
-            str(args.warmup), "--iters", str(args.iters), "--json"] + shlex.split(args.segq_extra)
+            str(args.warmup), "--iters", str(args.segq_iters), "--json"] + shlex.split(args.segq_extra)
     groups = [[lv] for lv in args.segq_levels] if args.segq_per_level else [args.segq_levels]
     rows, shown, notes = {}, [], []
     for g in groups:
@@ -407,7 +407,8 @@ def run_case(args, env, work):
     engines = list(args.engine_list)
     header = [
         f"- Model: {args.model_note}; input 1x3x{h}x{w}; threads {args.threads}; warm-up {args.warmup}, "
-        f"{args.iters} timed runs; each engine in its own process (peak RSS = its ru_maxrss)",
+        f"{args.iters} timed runs ({args.segq_iters} for segq); each engine in its own process "
+        f"(peak RSS = its ru_maxrss)",
     ]
     print(header[-1], flush=True)
     me = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--size", f"{h}x{w}",
@@ -588,7 +589,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--large-iters", type=int, default=3, help="timed runs for the b0..b5 cases (default 3)")
+    ap.add_argument("--large-iters", type=int, default=3,
+                    help="timed runs of the Python engines for the b0..b5 cases (default 3)")
+    ap.add_argument("--segq-large-iters", type=int, default=0,
+                    help="timed runs of segq for the b0..b5 cases (default: --iters; segq is fast enough for the "
+                         "medians to need no shortcut, and 3 runs swing by 30%% on a shared machine)")
     ap.add_argument("--engines", default=",".join(PY_ENGINES), help="Python engines to run (comma-separated)")
     ap.add_argument("--large-engines", default="torch-f32,ort-f32,ort-int8-dyn",
                     help="Python engines for the b0..b5 cases (default: no quanto, which takes minutes per run there)")
@@ -656,6 +661,7 @@ def main():
             h, w = size
             case = argparse.Namespace(**vars(args))
             case.size = size
+            case.segq_iters = args.iters
             work = os.path.join(root, f"{name}-{h}x{w}")
             os.makedirs(work, exist_ok=True)
             title = f"{'demo model' if name == 'demo' else name.upper() + ' (random weights, 150 labels)'} @ {h}x{w}"
@@ -674,6 +680,7 @@ def main():
                 case.model_note = (f"SegFormer-{name.upper()} published configuration, random weights (seed 0), "
                                    f"150 labels, {params / 1e6:.1f} M parameters, generated at run time")
                 case.iters = args.large_iters
+                case.segq_iters = args.segq_large_iters or args.iters
                 engines = args.large_engines
             case.engine_list = [e for e in engines.split(",") if e and not (args.skip_ort and e.startswith("ort-"))]
             case.memory_target = name != "demo" and (name == "b5" or h * w >= 1024 * 1024)

@@ -15,8 +15,9 @@ the metric), as the user waits for it; the script also records the in-process sp
 segq: `segq eval --model M --dataset D --quant L --threads T --out DIR` per level (same processes-per-level
 shape), and the whole default sweep as one command (`--quant f32,f16,f8,int8,int4,int2`, segq's default; segq
 also runs its default methods, rtn and hqq, draws plots and overlays, runs a bootstrap and writes W&B offline
-folders; nothing is turned off). segq's per-level rows are read from its results.json (the `rtn` row where a
-level has several methods).
+folders; nothing is turned off), then once more with `--method rtn`: the same six models the Python side runs
+(segq's default also runs hqq, nine models in all). segq's per-level rows are read from its results.json (the `rtn`
+row where a level has several methods); each per-level segq run also evaluates f32, for agreement.
 
 Data: --dataset DIR (a folder of Parquet files in Scene Parse 150's schema), or by default a Parquet file of
 --images rows (default 200) built at run time from the 12 demo validation images: each image and its annotation
@@ -314,8 +315,19 @@ def main():
             print(f"segq sweep FAILED: exit {rc}: {last_line(err)}", flush=True)
         else:
             print(f"segq sweep (one command, {len(sweep_rows)} rows): {sweep_wall:.1f} s", flush=True)
+        # The same models as the Python side (one method per level, rtn: what QuantoConfig does), in one command.
+        rtn_dir = os.path.join(work, "segq-sweep-rtn")
+        rtn_cmd = base + ["--quant", ",".join(levels), "--method", "rtn", "--out", rtn_dir]
+        rc, out, err, rtn_wall = run(rtn_cmd, env, args.timeout)
+        rtn_rows = segq_rows(os.path.join(rtn_dir, "results.json")) if rc == 0 else {}
+        if rc != 0:
+            print(f"segq rtn sweep FAILED: exit {rc}: {last_line(err)}", flush=True)
+        else:
+            print(f"segq sweep, rtn only (one command, {len(rtn_rows)} rows): {rtn_wall:.1f} s", flush=True)
         header.append("- segq per level: `" + " ".join(shlex.quote(rel(c)) for c in base) + " --quant LEVEL --out DIR`")
         header.append("- segq whole sweep: `" + " ".join(shlex.quote(rel(c)) for c in sweep_cmd[:-2]) + " --out DIR`")
+        header.append("- segq whole sweep, the Python side's models: `"
+                      + " ".join(shlex.quote(rel(c)) for c in rtn_cmd[:-2]) + " --out DIR`")
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -347,6 +359,10 @@ def main():
     if sweep_rows and not py_failed:
         table.append(f"| **all, segq's one command** ({len(sweep_rows)} rows: {', '.join(sorted(sweep_rows))}) | "
                      f"**{py_total:.1f}** | | **{sweep_wall:.1f}** | | | **{ratio(py_total, sweep_wall)}** |")
+    if rtn_rows and not py_failed:
+        table.append(f"| **all, segq's one command, rtn only** ({len(rtn_rows)} rows, the models the Python side runs: "
+                     f"{', '.join(sorted(rtn_rows))}) | **{py_total:.1f}** | | **{rtn_wall:.1f}** | | | "
+                     f"**{ratio(py_total, rtn_wall)}** |")
     total = time.perf_counter() - t_start
     header.append("- Load average at end (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     text = "\n".join(header + [""] + table + ["", f"Total run time: {total:.0f} s."])
@@ -359,7 +375,9 @@ def main():
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"header": header, "python": py, "segq": sq, "segq_sweep_s": sweep_wall,
-                       "segq_sweep_rows": {k: list(v) for k, v in sweep_rows.items()}}, f, indent=1)
+                       "segq_sweep_rows": {k: list(v) for k, v in sweep_rows.items()},
+                       "segq_sweep_rtn_s": rtn_wall,
+                       "segq_sweep_rtn_rows": {k: list(v) for k, v in rtn_rows.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
 //! - [`gemm_f32`]: float GEMMs with the bias/residual written first: Linear, and dense convolutions on
 //!   channels-last tokens via im2col per block of output pixels.
 //! - [`gemm_i8`]: W8A8 int8 GEMM for quantized Linear / 1x1 conv layers: activations quantized per row at run time
-//!   (`int8-dyn`) or with one calibrated per-tensor scale (`int8-static`), weights packed once at load time, f32
-//!   output with per-row and per-column scales and bias.
+//!   (`int8-dyn`, `int4-dyn`) or with one calibrated per-tensor scale (`int8-static`), weights packed once at load
+//!   time (int4 codes widened to int8 then), f32 output with per-row and per-column scales and bias.
 //! - [`gelu`]: f32 `erf`, `erfc` and exact GELU (PyTorch's `approximate="none"`).
 //! - [`layer_norm`]: layer normalisation over the last dimension of a `[rows, C]` matrix.
 //! - [`softmax`]: row-wise softmax of scaled attention scores in one pass.

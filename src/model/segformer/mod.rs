@@ -68,8 +68,9 @@ impl Segformer {
         &self.decode_head
     }
 
-    /// Decides every kernel for `level`, once: with int8 activations (`int8-dyn`, `int8-static`) the symmetric
-    /// per-channel int8 weights of Linear layers and dense convolutions are packed for the W8A8 GEMM (quantizing
+    /// Decides every kernel for `level`, once: with int8 activations (`int8-dyn`, `int4-dyn`, `int8-static`) the
+    /// symmetric per-channel integer weights of Linear layers and dense convolutions (int4 codes widened to int8) are
+    /// packed for the W8A8 GEMM (quantizing
     /// inputs per row at run time, or with each layer's calibrated input scale), attention runs in int8, and the
     /// composed decode head is quantized too; the simulated levels fake-quantize those inputs before the float
     /// GEMM; otherwise weights run through the f32 GEMM (quantized ones dequantized per call). The composed head is
