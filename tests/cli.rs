@@ -266,9 +266,17 @@ fn bench_image_reports_every_pipeline_stage() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
-    for column in ["decode", "preproc", "forward", "postproc", "write PNGs", "fixed %"] {
+    for column in ["decode", "preproc", "forward", "postproc", "PNGs", "fixed %"] {
         assert!(table.contains(column), "{column}: {table}");
     }
+    // The image is named once above the table, whose lines fit a 100-column terminal.
+    assert!(
+        table.contains("image: ") && table.contains("(309x365), model input"),
+        "{table}"
+    );
+    let table_lines: Vec<&str> = table.lines().skip_while(|l| !l.starts_with("level")).collect();
+    assert_eq!(table_lines.len(), 2, "{table}");
+    assert!(table_lines.iter().all(|l| l.len() <= 100), "{table}");
 }
 
 #[test]

@@ -157,28 +157,61 @@ fn print_table(report: &BenchReport, profile: bool) {
 }
 
 fn print_pipeline_table(report: &PipelineReport) {
+    println!("model: {}", report.model);
     println!(
-        "model: {}; predict pipeline, median ms per stage, {} threads, {}",
-        report.model, report.threads, report.cpu
+        "predict pipeline, median ms per stage, {} threads, {}",
+        report.threads, report.cpu
     );
+    // Images go in a legend above the table so that it fits a 100-column terminal; rows name theirs by number
+    // when there are several.
+    let mut images: Vec<&str> = Vec::new();
+    for r in &report.rows {
+        if !images.contains(&r.image.as_str()) {
+            images.push(&r.image);
+        }
+    }
+    for (n, image) in images.iter().enumerate() {
+        let r = report
+            .rows
+            .iter()
+            .find(|r| r.image == *image)
+            .expect("the image came from a row");
+        let number = if images.len() > 1 {
+            format!(" {}", n + 1)
+        } else {
+            String::new()
+        };
+        println!(
+            "image{number}: {image} ({}x{}), model input {}x{}",
+            r.image_size[0], r.image_size[1], r.input_size[0], r.input_size[1]
+        );
+    }
+    let several = images.len() > 1;
     println!(
-        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10}  image",
+        "{:<14} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8}{}",
         "level",
         "decode",
         "preproc",
         "batching",
         "forward",
         "postproc",
-        "write PNGs",
+        "PNGs",
         "total",
         "fixed",
         "fixed %",
-        "input"
+        if several { "  image" } else { "" }
     );
     for r in &report.rows {
         let s = &r.stages;
+        let image = match several {
+            true => format!(
+                "  {:>5}",
+                images.iter().position(|i| *i == r.image).map_or(0, |n| n + 1)
+            ),
+            false => String::new(),
+        };
         println!(
-            "{:<16} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>9.2} {:>11.2} {:>9.2} {:>9.2} {:>8.1}% {:>10}  {} ({}x{})",
+            "{:<14} {:>7.2} {:>8.2} {:>8.2} {:>8.1} {:>8.2} {:>7.2} {:>8.1} {:>7.2} {:>7.1}%{image}",
             r.label,
             s.decode_ms,
             s.preprocess_ms,
@@ -189,10 +222,6 @@ fn print_pipeline_table(report: &PipelineReport) {
             r.total_ms,
             r.fixed_ms,
             r.fixed_percent_of_forward,
-            format!("{}x{}", r.input_size[0], r.input_size[1]),
-            r.image,
-            r.image_size[0],
-            r.image_size[1]
         );
     }
 }
