@@ -307,23 +307,22 @@ def main():
                       "methods": sorted(rows)}
             print(f"segq {lv}: {wall:.1f} s ({', '.join(sorted(rows))}), mIoU {sq[lv]['mean_iou']:.4f}",
                   flush=True)
-        sweep_dir = os.path.join(work, "segq-sweep")
-        sweep_cmd = base + ["--quant", ",".join(levels), "--out", sweep_dir]
-        rc, out, err, sweep_wall = run(sweep_cmd, env, args.timeout)
-        sweep_rows = segq_rows(os.path.join(sweep_dir, "results.json")) if rc == 0 else {}
-        if rc != 0:
-            print(f"segq sweep FAILED: exit {rc}: {last_line(err)}", flush=True)
-        else:
-            print(f"segq sweep (one command, {len(sweep_rows)} rows): {sweep_wall:.1f} s", flush=True)
+
+        def one_command(name, extra, what):
+            """Runs the whole sweep as one segq command; returns (command, wall seconds, rows by label)."""
+            out_dir = os.path.join(work, name)
+            cmd = base + ["--quant", ",".join(levels)] + extra + ["--out", out_dir]
+            rc, out, err, wall = run(cmd, env, args.timeout)
+            if rc != 0:
+                print(f"{what} FAILED: exit {rc}: {last_line(err)}", flush=True)
+                return cmd, wall, {}
+            rows = segq_rows(os.path.join(out_dir, "results.json"))
+            print(f"{what} (one command, {len(rows)} rows): {wall:.1f} s", flush=True)
+            return cmd, wall, rows
+
+        sweep_cmd, sweep_wall, sweep_rows = one_command("segq-sweep", [], "segq sweep")
         # The same models as the Python side (one method per level, rtn: what QuantoConfig does), in one command.
-        rtn_dir = os.path.join(work, "segq-sweep-rtn")
-        rtn_cmd = base + ["--quant", ",".join(levels), "--method", "rtn", "--out", rtn_dir]
-        rc, out, err, rtn_wall = run(rtn_cmd, env, args.timeout)
-        rtn_rows = segq_rows(os.path.join(rtn_dir, "results.json")) if rc == 0 else {}
-        if rc != 0:
-            print(f"segq rtn sweep FAILED: exit {rc}: {last_line(err)}", flush=True)
-        else:
-            print(f"segq sweep, rtn only (one command, {len(rtn_rows)} rows): {rtn_wall:.1f} s", flush=True)
+        rtn_cmd, rtn_wall, rtn_rows = one_command("segq-sweep-rtn", ["--method", "rtn"], "segq sweep, rtn only")
         header.append("- segq per level: `" + " ".join(shlex.quote(rel(c)) for c in base) + " --quant LEVEL --out DIR`")
         header.append("- segq whole sweep: `" + " ".join(shlex.quote(rel(c)) for c in sweep_cmd[:-2]) + " --out DIR`")
         header.append("- segq whole sweep, the Python side's models: `"

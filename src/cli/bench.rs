@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{GlobalArgs, load_config};
-use segq::bench::{BenchPlan, BenchReport, PipelinePlan, PipelineReport};
+use segq::bench::{BenchPlan, BenchReport, PipelinePlan, PipelineReport, PipelineRow};
 use segq::model::ModelSource;
 use segq::quant::{Level, Method, SweepSpec};
 
@@ -164,29 +164,20 @@ fn print_pipeline_table(report: &PipelineReport) {
     );
     // Images go in a legend above the table so that it fits a 100-column terminal; rows name theirs by number
     // when there are several.
-    let mut images: Vec<&str> = Vec::new();
+    let mut firsts: Vec<&PipelineRow> = Vec::new();
     for r in &report.rows {
-        if !images.contains(&r.image.as_str()) {
-            images.push(&r.image);
+        if !firsts.iter().any(|f| f.image == r.image) {
+            firsts.push(r);
         }
     }
-    for (n, image) in images.iter().enumerate() {
-        let r = report
-            .rows
-            .iter()
-            .find(|r| r.image == *image)
-            .expect("the image came from a row");
-        let number = if images.len() > 1 {
-            format!(" {}", n + 1)
-        } else {
-            String::new()
-        };
+    let several = firsts.len() > 1;
+    for (n, r) in firsts.iter().enumerate() {
+        let number = if several { format!(" {}", n + 1) } else { String::new() };
         println!(
-            "image{number}: {image} ({}x{}), model input {}x{}",
-            r.image_size[0], r.image_size[1], r.input_size[0], r.input_size[1]
+            "image{number}: {} ({}x{}), model input {}x{}",
+            r.image, r.image_size[0], r.image_size[1], r.input_size[0], r.input_size[1]
         );
     }
-    let several = images.len() > 1;
     println!(
         "{:<14} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8}{}",
         "level",
@@ -206,7 +197,7 @@ fn print_pipeline_table(report: &PipelineReport) {
         let image = match several {
             true => format!(
                 "  {:>5}",
-                images.iter().position(|i| *i == r.image).map_or(0, |n| n + 1)
+                firsts.iter().position(|f| f.image == r.image).map_or(0, |n| n + 1)
             ),
             false => String::new(),
         };

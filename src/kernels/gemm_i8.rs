@@ -368,20 +368,9 @@ pub fn gemm_i8_dynamic_vec(
 ) -> Result<Vec<f32>> {
     check_gemm(x.len(), m, k, w, bias, m * w.n)?;
     check_residual("gemm_i8_dynamic", residual, m * w.n)?;
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
-        // SAFETY: the blocks write every output (shapes checked above).
-        return unsafe {
-            filled_vec(m * w.n, |out| {
-                gemm_blocks(x, k, w, bias, residual, out, quantize_row_flipped);
-                Ok(())
-            })
-        };
-    }
-    let mut out = vec![0f32; m * w.n];
-    gemm_i8_dynamic_scalar(x, m, k, w, bias, &mut out)?;
-    add_residual(&mut out, residual);
-    Ok(out)
+    gemm_vec_with(x, m, k, w, bias, residual, quantize_row_flipped, |out| {
+        gemm_i8_dynamic_scalar(x, m, k, w, bias, out)
+    })
 }
 
 /// [`gemm_i8_static`] into a new vector, plus `residual` when given, as [`gemm_i8_dynamic_vec`].
@@ -397,22 +386,43 @@ pub fn gemm_i8_static_vec(
     check_gemm(x.len(), m, k, w, bias, m * w.n)?;
     check_residual("gemm_i8_static", residual, m * w.n)?;
     let inv = static_inverse(act_scale)?;
+    let quantize = |src: &[f32], codes: &mut [i8], flip: i8| {
+        quantize_with_inverse(src, inv, codes, flip);
+        act_scale
+    };
+    gemm_vec_with(x, m, k, w, bias, residual, quantize, |out| {
+        gemm_i8_static_scalar(x, m, k, w, act_scale, bias, out)
+    })
+}
+
+/// The shared body of the `_vec` GEMMs (shapes checked by the caller): the SIMD blocks fill a fresh vector through
+/// its spare capacity with the residual added per block; otherwise `scalar` fills a zeroed one and the residual is
+/// added after.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn gemm_vec_with(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &I8Panels,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    quantize: impl Fn(&[f32], &mut [i8], i8) -> f32 + Sync,
+    scalar: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let len = m * w.n;
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2_fma() {
-        let quantize = |src: &[f32], codes: &mut [i8], flip: i8| {
-            quantize_with_inverse(src, inv, codes, flip);
-            act_scale
-        };
-        // SAFETY: the blocks write every output (shapes checked above).
+        // SAFETY: the blocks write every output (shapes checked by the caller).
         return unsafe {
-            filled_vec(m * w.n, |out| {
+            filled_vec(len, |out| {
                 gemm_blocks(x, k, w, bias, residual, out, quantize);
                 Ok(())
             })
         };
     }
-    let mut out = vec![0f32; m * w.n];
-    gemm_i8_static_scalar(x, m, k, w, act_scale, bias, &mut out)?;
+    let mut out = vec![0f32; len];
+    scalar(&mut out)?;
     add_residual(&mut out, residual);
     Ok(out)
 }

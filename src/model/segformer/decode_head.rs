@@ -168,8 +168,7 @@ impl DecodeHead {
         match &self.composed {
             Some(c) => {
                 let maps = features.iter().map(Tokens::from_nchw).collect::<Result<Vec<_>>>()?;
-                let (logits, dims) = self.forward_composed(c, &maps)?;
-                Ok(Tensor::from_vec(logits, dims.to_vec(), &candle_core::Device::Cpu)?)
+                logits_tensor(self.forward_composed(c, &maps)?)
             }
             None => self.forward_reference(features),
         }
@@ -178,10 +177,7 @@ impl DecodeHead {
     /// From the encoder's stage outputs (no NCHW round trip when the head is composed).
     pub fn forward_maps(&self, maps: &[Tokens]) -> Result<Tensor> {
         match &self.composed {
-            Some(c) => {
-                let (logits, dims) = self.forward_composed(c, maps)?;
-                Ok(Tensor::from_vec(logits, dims.to_vec(), &candle_core::Device::Cpu)?)
-            }
+            Some(c) => logits_tensor(self.forward_composed(c, maps)?),
             None => self.forward_reference(&maps.iter().map(Tokens::to_nchw).collect::<Result<Vec<_>>>()?),
         }
     }
@@ -329,4 +325,9 @@ fn stage_gemm_i8(x: &[f32], rows: usize, c: usize, p: &I8Panels, scale: Option<f
         Some(s) => kernels::gemm_i8_static(x, rows, c, p, s, None, out),
         None => kernels::gemm_i8_dynamic(x, rows, c, p, None, out),
     }
+}
+
+/// The composed head's flat NCHW logits as the tensor [`DecodeHead::forward`] returns.
+fn logits_tensor((logits, dims): (Vec<f32>, [usize; 4])) -> Result<Tensor> {
+    Ok(Tensor::from_vec(logits, dims.to_vec(), &candle_core::Device::Cpu)?)
 }

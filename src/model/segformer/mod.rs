@@ -70,11 +70,11 @@ impl Segformer {
 
     /// Decides every kernel for `level`, once: with int8 activations (`int8-dyn`, `int4-dyn`, `int8-static`) the
     /// symmetric per-channel integer weights of Linear layers and dense convolutions (int4 codes widened to int8) are
-    /// packed for the W8A8 GEMM (quantizing
-    /// inputs per row at run time, or with each layer's calibrated input scale), attention runs in int8, and the
-    /// composed decode head is quantized too; the simulated levels fake-quantize those inputs before the float
-    /// GEMM; otherwise weights run through the f32 GEMM (quantized ones dequantized per call). The composed head is
-    /// rebuilt from the current weights. Returns how many weights run on W8A8.
+    /// packed for the W8A8 GEMM (quantizing inputs per row at run time, or with each layer's calibrated input
+    /// scale), attention runs in int8, and the composed decode head is quantized too; the simulated levels
+    /// fake-quantize those inputs before the float GEMM; otherwise weights run through the f32 GEMM (quantized ones
+    /// dequantized per call). The composed head is rebuilt from the current weights. Returns how many weights run
+    /// on W8A8.
     ///
     /// A static level needs an input scale on every Linear and dense convolution with a quantized weight (see
     /// [`Segformer::set_activation_scales`]); the first one without is an error naming it.
