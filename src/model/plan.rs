@@ -307,10 +307,8 @@ pub enum MatMul {
 
 /// A [`MatMul`] ready to be applied several times in a row (a quantized weight dequantized once, not per call).
 pub enum ResolvedMatMul<'a> {
-    /// A float weight, borrowed.
-    F32(&'a [f32]),
-    /// A weight-only quantized weight dequantized into a reused buffer.
-    Dequantized(ScratchWeights),
+    /// A float weight (borrowed), or a weight-only quantized one dequantized into a reused buffer.
+    Float(RunValues<'a>),
     W8A8(&'a W8A8Weight),
 }
 
@@ -505,9 +503,8 @@ impl MatMul {
     /// [`ResolvedMatMul::apply`] calls.
     pub fn resolve(&self) -> ResolvedMatMul<'_> {
         match self {
-            MatMul::F32(v) => ResolvedMatMul::F32(v.as_slice()),
-            MatMul::Dequant(q) => ResolvedMatMul::Dequantized(ScratchWeights::dequantized(q)),
             MatMul::W8A8(p) => ResolvedMatMul::W8A8(p),
+            float => ResolvedMatMul::Float(float.run_values()),
         }
     }
 
@@ -557,15 +554,10 @@ impl MatMul {
             other => {
                 // PyTorch's [C_out, C_in, K, K] -> [C_out, K, K, C_in], so that a patch row is contiguous in the
                 // tokens; once per call, for every image, into a reused buffer (the permutation writes every value).
-                let resolved = other.resolve();
-                let w: &[f32] = match &resolved {
-                    ResolvedMatMul::F32(w) => w,
-                    ResolvedMatMul::Dequantized(w) => w,
-                    ResolvedMatMul::W8A8(_) => return Err(Error::internal("int8 weight on the float convolution")),
-                };
+                let w = other.run_values();
                 let (k, c) = (shape.kernel, shape.in_channels);
                 let mut permuted = ScratchWeights::take(w.len());
-                permute_to_patch_order(w, k, c, &mut permuted);
+                permute_to_patch_order(&w, k, c, &mut permuted);
                 x.chunks_exact(image)
                     .map(|image| kernels::conv2d_nhwc(image, shape, &permuted, bias))
                     .collect::<Result<Vec<_>>>()?
@@ -592,8 +584,7 @@ impl ResolvedMatMul<'_> {
         residual: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         match self {
-            ResolvedMatMul::F32(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
-            ResolvedMatMul::Dequantized(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
+            ResolvedMatMul::Float(w) => kernels::linear_f32(x, rows, k, w, n, bias, residual),
             ResolvedMatMul::W8A8(p) => {
                 if p.panels.n() != n {
                     return Err(Error::internal(format!(
@@ -734,7 +725,7 @@ mod tests {
         }
         for _ in 0..3 {
             assert_eq!(weight.values().as_ref(), q.dequantize().as_slice());
-            let ResolvedMatMul::Dequantized(w) = weight.resolve() else {
+            let ResolvedMatMul::Float(RunValues::Scratch(w)) = weight.resolve() else {
                 panic!("a weight-only weight resolves to a dequantized buffer");
             };
             assert_eq!(&w[..], q.dequantize().as_slice());
