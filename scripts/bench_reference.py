@@ -60,7 +60,6 @@ import datetime
 import glob
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -69,7 +68,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from report_env import ROOT, machine_info, package_versions, rel
+
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "demo", "model")
 DEMO_IMAGES = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016", "images", "validation")
 QUANTO = ["qint8", "qfloat8", "qint4", "qint2"]
@@ -86,11 +86,6 @@ ARCHS = {
     "b5": ([64, 128, 320, 512], [3, 6, 40, 3], 768),
 }
 DEFAULT_CASES = "demo@512x512,b2@512x512,b5@640x640,b0@1024x1024"
-
-
-def rel(path):
-    p = os.path.relpath(os.path.abspath(path), ROOT)
-    return path if p.startswith("..") else p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,28 +253,8 @@ def worker(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Parent side.
 
-def machine_info():
-    model, cores = platform.processor() or "unknown CPU", os.cpu_count()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        kv = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-        model = kv.get("Model name", model)
-        cores = f"{kv.get('CPU(s)', cores)} CPUs, {kv.get('Core(s) per socket', '?')} cores/socket x " \
-                f"{kv.get('Socket(s)', '?')} socket(s), {kv.get('Thread(s) per core', '?')} thread(s)/core"
-    except Exception:
-        cores = f"{cores} logical CPUs"
-    return f"{model}; {cores}"
-
-
 def versions():
-    out = subprocess.run([sys.executable, "-c", """
-import platform, importlib.metadata as md
-v = ["python " + platform.python_version()]
-for p in ["torch", "transformers", "optimum-quanto", "onnx", "onnxruntime", "onnxscript", "numpy"]:
-    try: v.append(p + " " + md.version(p))
-    except Exception: v.append(p + " missing")
-print(", ".join(v))"""], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    return package_versions(["torch", "transformers", "optimum-quanto", "onnx", "onnxruntime", "onnxscript", "numpy"])
 
 
 def run_child(cmd, timeout, env=None):

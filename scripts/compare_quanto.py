@@ -46,7 +46,6 @@ import datetime
 import glob
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -54,11 +53,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from report_env import ROOT, machine_info, package_versions, rel
+
 # quanto JIT-builds a C++ extension for qint4/qint2 and needs ninja, which lives next to the venv's python.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -78,34 +77,8 @@ SEGQ_LEVEL_ALIASES = {"f8": "f8", "fp8": "f8", "float8": "f8", "f8e4m3": "f8", "
                       "int2": "int2"}
 
 
-def rel(path):
-    p = os.path.relpath(os.path.abspath(path), ROOT)
-    return path if p.startswith("..") else p
-
-
-def machine_info():
-    model, cores = platform.processor() or "unknown CPU", os.cpu_count()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == "Model name":
-                model = v.strip()
-    except Exception:
-        pass
-    return f"{model}, {cores} logical CPUs ({platform.system()} {platform.machine()})"
-
-
 def versions():
-    import transformers
-    import optimum.quanto as oq
-    try:
-        from importlib.metadata import version
-        qv = version("optimum-quanto")
-    except Exception:
-        qv = getattr(oq, "__version__", "?")
-    return (f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},"
-            f" optimum-quanto {qv}, numpy {np.__version__}")
+    return package_versions(["torch", "transformers", "optimum-quanto", "numpy"])
 
 
 def error_line(text):

@@ -43,7 +43,6 @@ import glob
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -51,16 +50,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from report_env import ROOT, machine_info, package_versions, rel
+
 DEMO_MODEL = os.path.join(ROOT, "assets", "demo", "model")
 DEMO_ADE = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016")
 DEFAULT_LEVELS = ["f32", "f16", "f8", "int8", "int4", "int2"]
 QUANTO_WEIGHTS = {"f8": "float8", "int8": "int8", "int4": "int4", "int2": "int2"}
-
-
-def rel(path):
-    p = os.path.relpath(os.path.abspath(path), ROOT)
-    return path if p.startswith("..") else p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,24 +191,8 @@ def pick(rows, level):
     return cands[0] if cands else (None, None)
 
 
-def machine_info():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        kv = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-        return f"{kv.get('Model name', platform.processor())}; {kv.get('CPU(s)', os.cpu_count())} CPUs"
-    except Exception:
-        return f"{platform.processor()}; {os.cpu_count()} CPUs"
-
-
 def versions():
-    import importlib.metadata as md
-    v = ["python " + platform.python_version()]
-    for p in ["torch", "transformers", "optimum-quanto", "datasets", "evaluate", "numpy"]:
-        try:
-            v.append(p + " " + md.version(p))
-        except Exception:
-            v.append(p + " missing")
-    return ", ".join(v)
+    return package_versions(["torch", "transformers", "optimum-quanto", "datasets", "evaluate", "numpy"])
 
 
 def main():
