@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 
-from report_env import ROOT, machine_info, package_versions, rel
+from report_env import ROOT, command_line, machine_info, package_versions, rel
 
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "demo", "model")
 DEMO_IMAGES = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016", "images", "validation")
@@ -609,7 +609,7 @@ def main():
         for e in [e for e in getattr(args, flag).split(",") if e]:
             if e not in PY_ENGINES:
                 sys.exit(f"unknown engine {e}; choose from {PY_ENGINES}")
-    command = " ".join(shlex.quote(a) for a in ["python", rel(sys.argv[0])] + sys.argv[1:])
+    command = command_line()
     header = [
         "# segq speed and memory vs the Python reference engines (issues 7 and 14)",
         "",

@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from report_env import ROOT, machine_info, package_versions, rel
+from report_env import ROOT, command_line, machine_info, package_versions, rel
 
 # quanto JIT-builds a C++ extension for qint4/qint2 and needs ninja, which lives next to the venv's python.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -363,7 +363,7 @@ def main():
             sys.exit(f"unknown level {q}; choose from {[q_ for q_, _ in LEVELS]}")
 
     segq, segq_missing = (None, "--no-segq") if args.no_segq else find_segq(args.segq_bin)
-    command = " ".join(shlex.quote(a) for a in ["python", rel(sys.argv[0])] + sys.argv[1:])
+    command = command_line()
     header = [
         "# segq vs optimum-quanto: weight quantization error",
         "",

@@ -5,7 +5,9 @@ this folder is on the import path)."""
 import importlib.metadata as md
 import os
 import platform
+import shlex
 import subprocess
+import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -14,6 +16,11 @@ def rel(path):
     """`path` relative to the repository root when it lies inside it (reports name no home folders)."""
     p = os.path.relpath(os.path.abspath(path), ROOT)
     return path if p.startswith("..") else p
+
+
+def command_line():
+    """This script's command line as a report shows it: `python scripts/NAME.py ARGS`, run from the root."""
+    return " ".join(shlex.quote(a) for a in ["python", rel(sys.argv[0])] + sys.argv[1:])
 
 
 def machine_info():

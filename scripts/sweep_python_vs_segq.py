@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 
-from report_env import ROOT, machine_info, package_versions, rel
+from report_env import ROOT, command_line, machine_info, package_versions, rel
 
 DEMO_MODEL = os.path.join(ROOT, "assets", "demo", "model")
 DEMO_ADE = os.path.join(ROOT, "assets", "demo", "ade", "ADEChallengeData2016")
@@ -241,7 +241,7 @@ def main():
             f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"- Machine: {machine_info()}; threads {args.threads}",
             f"- Versions: {versions()}",
-            "- Command: `" + " ".join(shlex.quote(a) for a in ["python", rel(sys.argv[0])] + sys.argv[1:]) + "`",
+            f"- Command: `{command_line()}`",
             f"- Model: {rel(args.model)}; data: {data_note}; levels: {', '.join(levels)}; Python batch "
             f"{args.py_batch}",
             "- Load average at start (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()),
