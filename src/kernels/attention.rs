@@ -145,6 +145,23 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &m
     Ok(())
 }
 
+/// Copies a task's finished context rows (`[rows, head_dim]`) into its tile of the output: rows `r0..` of image `b`,
+/// the columns of head `h`.
+///
+/// # Safety
+/// `out` points at an output of `shape`'s size (checked), the tile belongs to the calling task alone, and the output
+/// outlives the parallel loop.
+unsafe fn store_tile(out: OutPtr, shape: &AttentionShape, (b, h, r0): (usize, usize, usize), context: &[f32]) {
+    let (c, d) = (shape.width(), shape.head_dim);
+    for (i, row) in context.chunks_exact(d).enumerate() {
+        // SAFETY: row r0 + i of image b starts inside the output and head h's d columns end within its row
+        // (caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.get().add((b * shape.queries + r0 + i) * c + h * d), d)
+        };
+    }
+}
+
 /// W8A8 attention for the `int8-dyn` level: both products through the int8 GEMM. Per batch and head, keys are
 /// quantized per key (row of K) and values per channel (row of V^T), symmetric absmax; queries are quantized per
 /// row as each task gathers them, and the softmax quantizes its probabilities per row as it forms them
@@ -245,13 +262,8 @@ fn attention_i8_fused(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, ou
             gemm_codes_block(codes, shifted, row_scales, rows, vt_packed, None, unsafe {
                 as_uninit(context)
             });
-            for (i, row) in context.chunks_exact(head_dim).enumerate() {
-                // SAFETY: row r0 + i, columns of head h: this task's own tile of `out`, which outlives the loop.
-                unsafe {
-                    let dst = out_ptr.get().add((b * queries + r0 + i) * c + h * head_dim);
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, head_dim);
-                }
-            }
+            // SAFETY: rows r0.. of image b, columns of head h: this task's own tile of `out`, which outlives the loop.
+            unsafe { store_tile(out_ptr, &shape, (b, h, r0), context) };
         },
     );
     Ok(())
@@ -296,13 +308,8 @@ fn attention_i8_with(
                 softmax_row(s, scale, p);
             }
             gemm_i8(probs, rows, keys, vt_packed, None, context)?;
-            for (i, row) in context.chunks_exact(head_dim).enumerate() {
-                // SAFETY: row r0 + i, columns of head h: this task's own tile of `out`, which outlives the loop.
-                unsafe {
-                    let dst = out_ptr.get().add((b * queries + r0 + i) * c + h * head_dim);
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, head_dim);
-                }
-            }
+            // SAFETY: rows r0.. of image b, columns of head h: this task's own tile of `out`, which outlives the loop.
+            unsafe { store_tile(out_ptr, &shape, (b, h, r0), context) };
             Ok(())
         },
     )
