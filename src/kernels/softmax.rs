@@ -111,6 +111,26 @@ mod avx2 {
     use super::exp_neg_split;
     use std::arch::x86_64::*;
 
+    /// The largest value of a row (the shift that keeps every exponential at most 1).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_max(x: &[f32]) -> f32 {
+        let n = x.len();
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+        x[i..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    }
+
     /// One row; see [`super::softmax_rows_scalar`].
     ///
     /// # Safety
@@ -118,17 +138,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row(src: &[f32], scale: f32, dst: &mut [f32]) {
         let n = src.len();
-        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n.
-            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) });
-            i += 8;
-        }
+        // SAFETY: AVX2 is available (caller's contract).
+        let max = unsafe { row_max(src) };
         let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let max = src[i..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let (vm, vs, zero) = (_mm256_set1_ps(max), _mm256_set1_ps(scale), _mm256_setzero_ps());
         let mut vsum = _mm256_setzero_ps();
         let mut i = 0;
@@ -175,17 +187,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_quantized(x: &mut [f32], scale: f32, codes: &mut [i8], shifted: bool) -> f32 {
         let n = x.len();
-        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n.
-            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
-            i += 8;
-        }
+        // SAFETY: AVX2 is available (caller's contract).
+        let max = unsafe { row_max(x) };
         let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let max = x[i..].iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let (vm, vs, zero) = (_mm256_set1_ps(max), _mm256_set1_ps(scale), _mm256_setzero_ps());
         let (mut vsum, mut vemax) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
