@@ -225,8 +225,13 @@ pub(crate) fn codes_shifted() -> bool {
 
 /// Quantizes one row as the GEMM reads it: [`quantize_row`]'s codes (flipped to unsigned when `shifted`) and scale.
 pub(crate) fn quantize_row_for_gemm(x: &[f32], codes: &mut [i8], shifted: bool) -> f32 {
-    // code + 128 as an unsigned byte is the code with its top bit flipped.
-    quantize_row_flipped(x, codes, if shifted { i8::MIN } else { 0 })
+    quantize_row_flipped(x, codes, code_flip(shifted))
+}
+
+/// What a signed code is XORed with to be stored in the layout the GEMM reads: `i8::MIN` when `shifted` (code + 128
+/// as an unsigned byte is the code with its top bit flipped), else 0.
+pub(crate) fn code_flip(shifted: bool) -> i8 {
+    if shifted { i8::MIN } else { 0 }
 }
 
 /// Quantizes each row of `x` `[m, k]` to int8: `scale = absmax / 127`, `code = round_half_even(x * 127 / absmax)`.
@@ -482,9 +487,10 @@ pub fn gemm_i8_static(
     gemm_i8_static_scalar(x, m, k, w, act_scale, bias, out)
 }
 
-/// The SIMD GEMM over blocks of [`MB`] rows in parallel: `quantize(row, codes)` fills a row's codes and returns its
-/// scale (codes XORed with the flip it is given: the VNNI path's unsigned codes), then the VNNI or AVX2 micro-kernels run on the block, then `residual` is added to it. Every output is
-/// written. Shapes are checked by the caller.
+/// The SIMD GEMM over blocks of [`MB`] rows in parallel: `quantize(row, codes, flip)` fills a row's codes (XORed
+/// with `flip`: the VNNI path's unsigned codes) and returns its scale, then [`gemm_codes_block`] runs the VNNI or
+/// AVX2 micro-kernels on the block and `residual` is added to it. Every output is written. Shapes are checked by
+/// the caller.
 #[cfg(target_arch = "x86_64")]
 fn gemm_blocks(
     x: &[f32],
@@ -499,9 +505,8 @@ fn gemm_blocks(
     if out.is_empty() || n == 0 {
         return;
     }
-    let vnni = vnni_kind();
-    // code + 128 as an unsigned byte is the code with its top bit flipped.
-    let flip = if vnni.is_some() { i8::MIN } else { 0 };
+    let shifted = codes_shifted();
+    let flip = code_flip(shifted);
     out.par_chunks_mut(MB * n).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
         |(xq, sx): &mut (Vec<i8>, Vec<f32>), (blk, dst)| {
@@ -515,15 +520,7 @@ fn gemm_blocks(
                 let codes = &mut xq[r * w.k4..r * w.k4 + k];
                 sx[r] = quantize(src, codes, flip);
             }
-            // SAFETY: the CPU supports the instructions of the path taken (detected); buffers hold `rows` rows of
-            // k4 codes and `rows * n` outputs.
-            unsafe {
-                match vnni {
-                    Some(Vnni::Avx) => vnni_avx::gemm_block(xq, sx, rows, w, bias, dst),
-                    Some(Vnni::Avx512) => vnni_avx512::gemm_block(xq, sx, rows, w, bias, dst),
-                    None => avx2::gemm_block(xq, sx, rows, w, bias, dst),
-                }
-            }
+            gemm_codes_block(xq, shifted, sx, rows, w, bias, dst);
             if let Some(r) = residual {
                 // SAFETY: the block wrote all of `dst`; the residual has the output's shape (checked by callers).
                 unsafe { add_residual_written(dst, &r[r0 * n..(r0 + rows) * n]) };
@@ -619,7 +616,7 @@ pub(crate) fn gemm_codes_block_scalar(
     dst: &mut [MaybeUninit<f32>],
 ) {
     let (n, k) = (w.n, w.k);
-    let flip = if shifted { i8::MIN } else { 0 };
+    let flip = code_flip(shifted);
     for r in 0..rows {
         let row: Vec<i8> = codes[r * w.k4..r * w.k4 + k].iter().map(|&c| c ^ flip).collect();
         for col in 0..n {
@@ -1219,7 +1216,7 @@ pub(crate) mod tests {
                 for shifted in [false, true] {
                     let mut got = vec![0i8; k];
                     let s2 = quantize_row_for_gemm(&x[r * k..(r + 1) * k], &mut got, shifted);
-                    let flip = if shifted { i8::MIN } else { 0 };
+                    let flip = code_flip(shifted);
                     assert_eq!(s2, s);
                     assert!(
                         got.iter().zip(&want).all(|(g, w)| g ^ flip == *w),

@@ -217,7 +217,7 @@ mod avx2 {
         }
         let inv = 1.0 / sum;
         let absmax = emax * inv;
-        let flip = if shifted { i8::MIN } else { 0 };
+        let flip = super::super::gemm_i8::code_flip(shifted);
         if absmax == 0.0 {
             codes.fill(flip);
             return 0.0;
