@@ -177,22 +177,18 @@ impl W8A8Weight {
         {
             return None;
         }
-        let stored: Cow<'_, [i8]> = match q.format {
-            Format::Int4 => Cow::Owned(unpack_int4_codes(&q.data, q.rows, q.cols)?),
-            _ => Cow::Owned(q.data.iter().map(|&b| b as i8).collect()),
+        let stored: Vec<i8> = match q.format {
+            Format::Int4 => unpack_int4_codes(&q.data, q.rows, q.cols)?,
+            _ => q.data.iter().map(|&b| b as i8).collect(),
         };
-        let codes: Vec<i8> = match columns {
-            Columns::Rows => stored.into_owned(),
+        let codes = match columns {
+            Columns::Rows => stored,
             Columns::Patch { kernel, in_channels } => {
                 if q.cols != kernel * kernel * in_channels {
                     return None;
                 }
                 let mut codes = vec![0i8; q.rows * q.cols];
-                for r in 0..q.rows {
-                    for c in 0..q.cols {
-                        codes[r * q.cols + columns.of(c)] = stored[r * q.cols + c];
-                    }
-                }
+                permute_to_patch_order(&stored, kernel, in_channels, &mut codes);
                 codes
             }
         };
@@ -257,7 +253,7 @@ impl W8A8Weight {
 
 /// PyTorch's conv weight rows `[C_out, C_in, K, K]` into `dst` as `[C_out, K, K, C_in]` (value `(ci, ky, kx)` of a
 /// row to [`patch_column`]'s place): each destination pixel's channels gathered in one pass, rows in parallel.
-fn permute_to_patch_order(w: &[f32], kernel: usize, in_channels: usize, dst: &mut [f32]) {
+fn permute_to_patch_order<T: Copy + Send + Sync>(w: &[T], kernel: usize, in_channels: usize, dst: &mut [T]) {
     let taps = kernel * kernel;
     let patch = taps * in_channels;
     if patch == 0 {
@@ -278,19 +274,11 @@ fn permute_to_patch_order(w: &[f32], kernel: usize, in_channels: usize, dst: &mu
 /// Row-major packed int4 codes (two per byte, low nibble first, each row starting on a byte) sign-extended to one
 /// int8 code per weight; `None` when `packed` is not `rows` rows of `cols` codes.
 fn unpack_int4_codes(packed: &[u8], rows: usize, cols: usize) -> Option<Vec<i8>> {
-    let rb = int::row_bytes(cols, 4);
-    if packed.len() != rows * rb {
+    if packed.len() != rows * int::row_bytes(cols, 4) {
         return None;
     }
-    let mut codes = Vec::with_capacity(rows * cols);
-    for row in packed.chunks_exact(rb.max(1)).take(rows) {
-        codes.extend(
-            row.iter()
-                .flat_map(|&b| [int::sign_extend(b & 0x0f, 4), int::sign_extend(b >> 4, 4)])
-                .take(cols),
-        );
-    }
-    (codes.len() == rows * cols).then_some(codes)
+    let codes = int::unpack(packed, rows, cols, 4);
+    Some(codes.into_iter().map(|c| int::sign_extend(c, 4)).collect())
 }
 
 /// A Linear or convolution weight together with the kernel that multiplies by it.

@@ -304,6 +304,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn round_ties_even_matches_std_bit_for_bit() {
@@ -354,7 +355,6 @@ mod tests {
             );
         }
     }
-    use super::*;
 
     #[test]
     fn pack_unpack_round_trips_on_awkward_lengths() {
