@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::plan::{Activations, Columns, InputQuant, MatMul};
+use super::plan::{Activations, Columns, InputQuant, MatMul, RunValues};
 use super::probe::Probe;
 use super::tokens::{Tokens, with_f32};
 use crate::kernels;
@@ -417,16 +417,22 @@ impl Conv2d {
         Tokens::new(out, x.batch(), out_h, out_w, out_c)
     }
 
+    /// The depthwise kernels' float weight `[C, 9]` for this call (weight-only levels dequantized into a reused
+    /// buffer) and bias (zeros when the layer has none).
+    fn depthwise_params(&self) -> (RunValues<'_>, Cow<'_, [f32]>) {
+        let bias = match self.bias() {
+            Some(b) => Cow::Borrowed(b),
+            None => Cow::Owned(vec![0.0; self.shape[0]]),
+        };
+        (self.weight.run_values(), bias)
+    }
+
     /// Depthwise 3x3 (stride 1, padding 1) on channels-last tokens (Mix-FFN's layout), so no transpose is
     /// materialised; the result has the same layout. Optionally fused with exact GELU.
     pub fn depthwise3x3_tokens(&self, x: &Tokens, fuse_gelu: bool) -> Result<Tokens> {
         let c = x.channels();
         let plane = x.height() * x.width() * c;
-        let weight = self.weight.run_values();
-        let bias = match self.bias() {
-            Some(b) => Cow::Borrowed(b),
-            None => Cow::Owned(vec![0.0; self.shape[0]]),
-        };
+        let (weight, bias) = self.depthwise_params();
         let mut out = vec![0f32; x.data().len()];
         for (input, dst) in x.data().chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
             kernels::dwconv3x3_nhwc(input, c, x.height(), x.width(), &weight, &bias, fuse_gelu, dst)?;
@@ -438,11 +444,7 @@ impl Conv2d {
     /// input at run time ([`kernels::dwconv3x3_gelu_nhwc_i8`]): the codes [`Conv2d::depthwise3x3_tokens`] followed
     /// by the GEMM's quantizer would give, without the float map.
     pub fn depthwise3x3_gelu_tokens_i8(&self, x: &Tokens) -> Result<kernels::QuantizedRows> {
-        let weight = self.weight.values();
-        let bias = match self.bias() {
-            Some(b) => Cow::Borrowed(b),
-            None => Cow::Owned(vec![0.0; self.shape[0]]),
-        };
+        let (weight, bias) = self.depthwise_params();
         let (b, h, w, c) = (x.batch(), x.height(), x.width(), x.channels());
         kernels::dwconv3x3_gelu_nhwc_i8(x.data(), b, c, h, w, &weight, &bias)
     }
