@@ -38,7 +38,10 @@ pub fn pack_row(codes: &[u8], bits: u32, out: &mut [u8]) {
     }
 }
 
-/// Unpacks `out.len()` codes of `bits` bits from one packed row.
+/// Unpacks `out.len()` codes of `bits` bits from one packed row. Inlined, so that a caller with a constant width
+/// (weight-only levels dequantize every weight on every forward pass) gets constant shifts in a loop the compiler
+/// vectorises.
+#[inline(always)]
 pub fn unpack_row(packed: &[u8], bits: u32, out: &mut [u8]) {
     debug_assert_eq!(packed.len(), row_bytes(out.len(), bits));
     if bits == 8 {
@@ -47,10 +50,19 @@ pub fn unpack_row(packed: &[u8], bits: u32, out: &mut [u8]) {
     }
     let per_byte = (8 / bits) as usize;
     let mask = ((1u16 << bits) - 1) as u8;
-    for (chunk, &byte) in out.chunks_mut(per_byte).zip(packed) {
-        for (k, code) in chunk.iter_mut().enumerate() {
+    let unpack_byte = |codes: &mut [u8], byte: u8| {
+        for (k, code) in codes.iter_mut().enumerate() {
             *code = (byte >> (k as u32 * bits)) & mask;
         }
+    };
+    // Whole bytes in exact chunks (a known trip count), then the codes of a last byte the row ends inside.
+    let last_byte = out.len() / per_byte;
+    let mut whole = out.chunks_exact_mut(per_byte);
+    for (codes, &byte) in (&mut whole).zip(packed) {
+        unpack_byte(codes, byte);
+    }
+    if let Some(&byte) = packed.get(last_byte) {
+        unpack_byte(whole.into_remainder(), byte);
     }
 }
 

@@ -818,7 +818,7 @@ fn dequantize_int_row<const BITS: u32>(
         // A chunk starts on a byte (UNPACK_CHUNK is a multiple of the codes per byte), wherever groups start.
         let start = i * UNPACK_CHUNK;
         let (first, bytes) = (start / per_byte, chunk.len().div_ceil(per_byte));
-        unpack_codes::<BITS>(&packed[first..first + bytes], &mut codes[..bytes * per_byte]);
+        int::unpack_row(&packed[first..first + bytes], BITS, &mut codes[..bytes * per_byte]);
         // The chunk's pieces, one per group it overlaps.
         let mut at = 0;
         while at < chunk.len() {
@@ -841,21 +841,6 @@ fn dequantize_int_row<const BITS: u32>(
                 }
             }
             at = end;
-        }
-    }
-}
-
-/// The codes of `bytes`, `8 / BITS` per byte, low bits first, into `codes` (`bytes.len() * 8 / BITS` of them).
-fn unpack_codes<const BITS: u32>(bytes: &[u8], codes: &mut [u8]) {
-    let per_byte = (8 / BITS) as usize;
-    if per_byte == 1 {
-        codes.copy_from_slice(bytes);
-        return;
-    }
-    let mask = ((1u16 << BITS) - 1) as u8;
-    for (out, &b) in codes.chunks_exact_mut(per_byte).zip(bytes) {
-        for (k, c) in out.iter_mut().enumerate() {
-            *c = (b >> (k as u32 * BITS)) & mask;
         }
     }
 }
